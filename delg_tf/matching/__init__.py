@@ -1,0 +1,1 @@
+"""delg_tf.matching."""

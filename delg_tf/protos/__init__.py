@@ -1,0 +1,1 @@
+"""Protocol buffers (generated at build time from ../../protos/*.proto)."""
