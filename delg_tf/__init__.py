@@ -28,6 +28,6 @@ __all__ = ["DelgExtractor", "__version__"]
 def __getattr__(name):
     # Lazy so that `import delg_tf` does not import TensorFlow.
     if name == "DelgExtractor":
-      from delg_tf.extraction.extractor import DelgExtractor  # pylint: disable=g-import-not-at-top
-      return DelgExtractor
+        from delg_tf.extraction.extractor import DelgExtractor
+        return DelgExtractor
     raise AttributeError(f"module 'delg_tf' has no attribute {name!r}")
