@@ -9,7 +9,7 @@ Rooms of the package:
     data/         GLDv2 TFRecords, embedded default data, CUB-200-2011, augmentation
     training/     trainer loop, checkpoints, distribution strategies
     extraction/   multi-scale pyramid extraction, DelgExtractor, feature stores
-    export/       SavedModel export for TF Serving
+    serving/      SavedModel export modules and signatures (TF Serving)
     matching/     putative correspondences and pycolmap RANSAC
     retrieval/    global search and re-ranking
     evaluation/   Revisited Oxford/Paris, GLDv2 and Recall@K metrics

@@ -1,0 +1,1 @@
+"""delg_tf.serving: SavedModel export modules and signatures for TF Serving."""
