@@ -1,0 +1,125 @@
+"""``python -m delg_tf.evaluate``: score retrieval results on Revisited Oxford/Paris.
+
+Precomputed ranking (revisitop layout, column q = ranked db indices of query q):
+
+    python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
+        --ranks_path=ranks.npy --output_json=out.json
+
+or a similarity matrix (higher = more similar), both [num_db, num_queries]:
+
+    python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
+        --scores_path=scores.npy --output_json=out.json
+
+Flags live only in this module; they are converted into the validated
+dataclasses of :mod:`delg_tf.evaluation.config` and passed to :func:`main`.
+Extraction from a SavedModel and evaluation from extracted features go through
+:func:`delg_tf.evaluation.pipeline.evaluate_features` (library function).
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+from delg_tf.evaluation.config import ConfigError, EvaluateConfig, EvaluatePaths
+
+
+def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
+    """Scores a precomputed ranking/score matrix and writes the JSON.
+
+    Args:
+        config: validated settings (kappas, truncation).
+        paths: gnd, ranking/scores and output paths.
+
+    Returns:
+        Path of the JSON written: ``{"easy": {"mAP", "mP@1", "mP@5", "mP@10"},
+        "medium": ..., "hard": ...}`` in percent.
+
+    Raises:
+        ConfigError: when neither a ranking nor scores were given.
+    """
+    from delg_tf.data.revisitop import load_gnd
+    from delg_tf.evaluation.ranks import load_array, score_ranking, write_json
+    from delg_tf.evaluation.revisitop import format_results_table
+
+    if paths.ranks_path is None and paths.scores_path is None:
+        raise ConfigError(
+            "nothing to evaluate: pass --ranks_path=ranks.npy or --scores_path=scores.npy "
+            "(arrays [num_db, num_queries]). Evaluation from features is available as "
+            "delg_tf.evaluation.pipeline.evaluate_features.")
+    cfg = load_gnd(paths.gnd_path, require_bbx=False)
+    num_db = len(cfg["imlist"])
+    if paths.ranks_path is not None:
+        results = score_ranking(cfg["gnd"], num_db, ranks=load_array(paths.ranks_path, "--ranks_path"),
+                                kappas=config.kappas, source=f"--ranks_path={paths.ranks_path}",
+                                allow_truncated=config.allow_truncated_ranks)
+    else:
+        results = score_ranking(cfg["gnd"], num_db, scores=load_array(paths.scores_path, "--scores_path"),
+                                kappas=config.kappas, source=f"--scores_path={paths.scores_path}")
+    print(format_results_table({"ranking": results}, config.kappas))
+    out = write_json(results, paths.output_json)
+    print(f"wrote {out}")
+    return out
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat.")
+    flags.DEFINE_string("ranks_path", None, "ranks.npy, int [num_db, num_queries], column q = ranked db indices.")
+    flags.DEFINE_string("scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar.")
+    flags.DEFINE_string("output_json", None, "Where to write the metrics JSON.")
+    flags.DEFINE_list("kappas", ["1", "5", "10"], "k values for mP@k.")
+    flags.DEFINE_boolean("allow_truncated_ranks", False,
+                         "Accept rankings with fewer rows than the database (missing = not retrieved).")
+    flags.DEFINE_integer("shortlist_size", 100, "Top-k of the global ranking re-ranked (paper: 100).")
+    flags.DEFINE_float("descriptor_threshold", 1.0, "Putative match L2 threshold (paper: 1.0; DELG*: 1.1).")
+    flags.DEFINE_float("ransac_residual_threshold", 20.0, "RANSAC residual threshold in px (paper: 20).")
+    flags.DEFINE_integer("ransac_iterations", 1000, "RANSAC iterations (paper: 1000).")
+    flags.DEFINE_integer("min_inliers", 0, "Minimum inliers to count a match (paper: 0).")
+    flags.DEFINE_integer("num_workers", 2, "Threads for re-ranking.")
+    flags.DEFINE_integer("seed", 0, "RANSAC seed.")
+    return flags.FLAGS
+
+
+def _config_from_flags(flag_values):
+    try:
+        kappas = tuple(int(k) for k in flag_values.kappas)
+    except ValueError as e:
+        raise ConfigError(f"--kappas must be a comma-separated list of integers, got {flag_values.kappas}") from e
+    config = EvaluateConfig(
+        shortlist_size=flag_values.shortlist_size, descriptor_threshold=flag_values.descriptor_threshold,
+        ransac_residual_threshold=flag_values.ransac_residual_threshold,
+        ransac_iterations=flag_values.ransac_iterations, min_inliers=flag_values.min_inliers,
+        num_workers=flag_values.num_workers, seed=flag_values.seed, kappas=kappas,
+        allow_truncated_ranks=flag_values.allow_truncated_ranks)
+    paths = EvaluatePaths(
+        gnd_path=flag_values.gnd_path, output_json=flag_values.output_json,
+        ranks_path=flag_values.ranks_path, scores_path=flag_values.scores_path)
+    return config, paths
+
+
+def _run(argv):
+    from absl import flags
+
+    del argv
+    try:
+        config, paths = _config_from_flags(flags.FLAGS)
+        main(config, paths)
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+        # ConfigError, GndFormatError, RankingShapeError are ValueErrors;
+        # UnsafePickleError is an UnpicklingError.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli():
+    """Console entry point."""
+    from absl import app
+
+    _define_flags()
+    app.run(_run)
+
+
+if __name__ == "__main__":
+    cli()
