@@ -1,0 +1,161 @@
+"""Training/validation datasets for the trainer, per `TrainConfig.data_source`.
+
+A thin adapter over the data room so that the trainer sees one interface:
+
+* "gldv2": TFRecords of the official DELF `build_image_dataset.py` format,
+  read with `delg_tf.data.gldv2.make_dataset`.
+* "embedded": the embedded default dataset (`delg_tf.data.embedded`) is built
+  (cached) under `data_dir`, turned into TFRecords with
+  `delg_tf.data.build_tfrecords` (80/20 train/val split), then read through the
+  same GLDv2 reader: the real-data path is exercised end to end.
+* "cub": CUB-200-2011 (`delg_tf.data.cub`), classes 1-100 for training.
+
+All batches are (images float32 [B, H, W, 3] in [0, 255], labels int32 [B]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import tensorflow as tf
+
+from delg_tf.data.errors import DataError
+from delg_tf.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_SUBDIR = "embedded"
+TFRECORD_SUFFIX = "tfrecords"
+EMBEDDED_NUM_SHARDS = 4
+EMBEDDED_SPLIT_SEED = 0
+# The paper's split of the landmark training set (Sec. 4.1).
+VALIDATION_FRACTION = 0.2
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Datasets handed to the trainer.
+
+    Attributes:
+        train: batched, repeated dataset of (images, labels), global batch size.
+        validation: batched finite dataset of (images, labels), or None.
+        num_classes: number of classes of the training labels (None = unknown).
+        description: one line saying where the data comes from (for the log).
+        num_examples: training examples per epoch, when known.
+    """
+    train: tf.data.Dataset
+    validation: Optional[tf.data.Dataset]
+    num_classes: Optional[int]
+    description: str
+    num_examples: Optional[int] = None
+
+
+def _summary(pattern: str) -> dict:
+    """The TFRecord builder's build_summary.json beside the shards ({} if absent)."""
+    from delg_tf.data import gldv2
+
+    for folder in sorted({Path(p).parent for p in tf.io.gfile.glob(pattern)}):
+        path = folder / gldv2.BUILD_SUMMARY_FILE
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+    return {}
+
+
+def _gldv2_datasets(config: TrainConfig, seed: int, train_pattern, validation_pattern,
+                    num_classes=None) -> TrainData:
+    from delg_tf.data import gldv2
+
+    train = gldv2.make_dataset(
+        train_pattern, config.batch_size, image_size=config.image_size,
+        augment=config.augment, shuffle=True, seed=seed, repeat=True, drop_remainder=True,
+        flag_name="train_file_pattern")
+    validation = None
+    if validation_pattern and config.validation_interval > 0:
+        validation = gldv2.make_dataset(
+            validation_pattern, config.batch_size, image_size=config.image_size,
+            augment=False, shuffle=False, seed=seed, repeat=False, drop_remainder=False,
+            flag_name="validation_file_pattern")
+    if num_classes is None and config.num_classes is None:
+        # Never scan the records (GLDv2 is ~1.2M images): metadata or --num_classes.
+        num_classes = gldv2.infer_num_classes(train_pattern, "train_file_pattern", scan=False)
+    summary = _summary(train_pattern)
+    return TrainData(train=train, validation=validation,
+                     num_classes=num_classes or config.num_classes,
+                     description=f"GLDv2 TFRecords --train_file_pattern={train_pattern}",
+                     num_examples=summary.get("num_train"))
+
+
+def _embedded_tfrecords(config: TrainConfig) -> Path:
+    """Builds (once) the embedded dataset and its TFRecords; returns the shard folder."""
+    from delg_tf.data import build_tfrecords, embedded, gldv2
+
+    data_dir = config.resolved_data_dir
+    name = f"{EMBEDDED_SUBDIR}-{config.embedded_preset}"
+    output = data_dir / f"{name}-{TFRECORD_SUFFIX}"
+    if (output / gldv2.BUILD_SUMMARY_FILE).is_file():
+        logger.info("embedded TFRecords already built in %s", output)
+        return output
+    paths = embedded.build_embedded_dataset(data_dir / name, preset=config.embedded_preset)
+    # Built aside and renamed, so a killed build never looks complete.
+    tmp = data_dir / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tfrecords.build_tfrecords(build_tfrecords.BuildConfig(
+        train_csv_path=str(paths.train_csv), train_directory=str(paths.train_images_dir),
+        output_directory=str(tmp), num_shards=EMBEDDED_NUM_SHARDS,
+        validation_split_proportion=VALIDATION_FRACTION, seed=EMBEDDED_SPLIT_SEED))
+    try:
+        os.rename(tmp, output)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # Built concurrently by another run.
+        if not (output / gldv2.BUILD_SUMMARY_FILE).is_file():
+            raise
+    return output
+
+
+def _embedded_datasets(config: TrainConfig, seed: int) -> TrainData:
+    output = _embedded_tfrecords(config)
+    data = _gldv2_datasets(config, seed, str(output / "train-*"),
+                           str(output / "validation-*"))
+    data.description = f"embedded dataset ({config.embedded_preset}) TFRecords in {output}"
+    return data
+
+
+def _cub_datasets(config: TrainConfig, seed: int) -> TrainData:
+    try:
+        from delg_tf.data import cub
+    except ImportError as e:
+        raise DataError("--data_source=cub needs delg_tf.data.cub, which is not available "
+                        f"({e}); use --data_source=gldv2 or embedded.") from e
+    result = cub.make_datasets(config.data_dir, batch_size=config.batch_size,
+                               image_size=config.image_size, augment=config.augment,
+                               seed=seed)
+    train, validation, num_classes = result[0], result[1], result[2]
+    return TrainData(train=train, validation=validation, num_classes=num_classes,
+                     description=f"CUB-200-2011 at --data_dir={config.data_dir}")
+
+
+def make_train_data(config: TrainConfig, seed: int) -> TrainData:
+    """Builds the datasets named by `config.data_source`.
+
+    Args:
+        config: validated training config.
+        seed: data-order/augmentation seed (the trainer varies it on resume when
+            the iterator position cannot be restored).
+
+    Raises:
+        DataError: missing/empty data, naming the flag and the fix.
+    """
+    if config.data_source == "gldv2":
+        return _gldv2_datasets(config, seed, config.train_file_pattern,
+                               config.validation_file_pattern)
+    if config.data_source == "embedded":
+        return _embedded_datasets(config, seed)
+    return _cub_datasets(config, seed)

@@ -1,0 +1,588 @@
+"""The training loop: `train(config, model_config) -> Path`.
+
+A custom loop around the model's own `train_step` (DELG, Cao et al. ECCV 2020,
+Sec. 3 and 4.1; Glocal Retriever, Kim et al. 2023): the model computes its
+losses and applies its gradients with tape-level gradient stopping; the loop
+adds distribution (`tf.distribute`), the learning-rate schedule, TensorBoard
+scalars, validation, checkpoints, resuming and the NaN guard.
+
+Model contract (see `delg_tf.models.registry.build_model`):
+
+* built with `model.build((None, H, W, 3))` (or by a forward pass on zeros);
+* `model.compile(optimizer=...)` is called by the trainer;
+* `model.train_step((images, labels))` applies the gradients once (one
+  `optimizer.apply_gradients` call per step) and returns a dict of scalar
+  metrics with at least "loss"; under a multi-replica strategy it scales its
+  loss by `1 / num_replicas_in_sync` before taking gradients;
+* `model.test_step((images, labels))` returns a dict of scalar metrics.
+
+Layout of `logdir`::
+
+    config.json        resolved TrainConfig + model config (resume check)
+    flags.txt          the same as a re-runnable flagfile
+    checkpoint, ckpt-<step>.*   tf.train.CheckpointManager files
+    train/, validation/        TensorBoard event files
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from delg_tf.training import config as config_lib
+from delg_tf.training.config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "ckpt"
+STEP_CHECKPOINT_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
+ITERATOR_CHECKPOINT_NAME = "data_iterator"
+TRAIN_SUMMARY_DIR = "train"
+VALIDATION_SUMMARY_DIR = "validation"
+LEARNING_RATE_SUMMARY = "learning_rate"
+STEPS_PER_SECOND_SUMMARY = "steps_per_second"
+LOSS_METRIC = "loss"
+SCALARS_PLUGIN_NAME = "scalars"
+# Added to the data seed per resumed step when the iterator position is not
+# checkpointed, so that a resumed run does not replay the first batches.
+RESEED_MULTIPLIER = 1_000_003
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message is one line naming the cause and the fix)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or Inf; nothing was saved from that state."""
+
+
+# --------------------------------------------------------------------------
+# Learning rate, optimizer, strategy
+# --------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="delg_tf")
+class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0, then linear/cosine decay to 0 at `decay_steps`, or constant.
+
+    DELG (Sec. 4.1): "a linearly decaying learning rate that reaches zero once
+    the desired number of steps is reached" = kind "linear", no warmup.
+
+    Args:
+        initial_learning_rate: rate reached at the end of warmup.
+        decay_steps: step at which the rate reaches 0 (`max_iters`).
+        warmup_steps: length of the linear warmup (0 = none).
+        kind: "linear", "cosine" or "constant".
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps, warmup_steps=0, kind="linear"):
+        if kind not in config_lib.LR_SCHEDULES:
+            raise ValueError(f"schedule kind must be one of {config_lib.LR_SCHEDULES}, "
+                             f"received {kind!r}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = int(decay_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.kind = kind
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        lr = tf.constant(self.initial_learning_rate, tf.float32)
+        warmup = float(self.warmup_steps)
+        span = max(float(self.decay_steps) - warmup, 1.0)
+        progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
+        if self.kind == "linear":
+            decayed = lr * (1.0 - progress)
+        elif self.kind == "cosine":
+            decayed = lr * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            decayed = lr
+        if self.warmup_steps > 0:
+            warm = lr * tf.minimum(step / warmup, 1.0)
+            return tf.where(step < warmup, warm, decayed)
+        return decayed
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "decay_steps": self.decay_steps, "warmup_steps": self.warmup_steps,
+                "kind": self.kind}
+
+
+def make_learning_rate_schedule(config: TrainConfig) -> WarmupDecaySchedule:
+    """The schedule named by `config.lr_schedule`, ending at `config.max_iters`."""
+    return WarmupDecaySchedule(config.initial_lr, config.max_iters, config.warmup_steps,
+                               config.lr_schedule)
+
+
+def make_optimizer(config: TrainConfig, schedule=None) -> keras.optimizers.Optimizer:
+    """Keras 3 optimizer: SGD with momentum (paper) or AdamW, with optional weight decay."""
+    schedule = schedule if schedule is not None else make_learning_rate_schedule(config)
+    weight_decay = config.weight_decay or None
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
+                                    weight_decay=weight_decay)
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                  beta_1=config_lib.DEFAULT_ADAMW_BETA_1,
+                                  beta_2=config_lib.DEFAULT_ADAMW_BETA_2)
+
+
+def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """The tf.distribute strategy for `--strategy`.
+
+    "mirrored" uses every GPU, or every logical CPU device when there is no GPU
+    (e.g. two devices made with `tf.config.set_logical_device_configuration`).
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ConfigError(f"--strategy must be one of {', '.join(config_lib.STRATEGIES)}; "
+                      f"received {name!r}.")
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+def model_config_class(family: str):
+    """The config dataclass of a registered model family."""
+    from delg_tf.models import registry
+
+    if hasattr(registry, "model_config_class"):
+        return registry.model_config_class(family)
+    return registry._lookup(family)[1]  # pylint: disable=protected-access
+
+
+def _config_fields(model_config) -> set:
+    if dataclasses.is_dataclass(model_config):
+        return {f.name for f in dataclasses.fields(model_config)}
+    return set()
+
+
+def resolve_model_config(config: TrainConfig, model_config, num_classes: int,
+                         num_examples: Optional[int] = None):
+    """Fills the model config from the training config and the data.
+
+    * None -> the family's defaults;
+    * `num_classes` (from --num_classes or the data);
+    * `imagenet_weights` from --imagenet_weights when the model config has it;
+    * `steps_per_epoch` (epoch-based schedules, e.g. Glocal's auxiliary loss) from the
+      number of training examples and the batch size, when unset (0) and known.
+    """
+    if model_config is None:
+        model_config = model_config_class(config.model_family)(num_classes=num_classes)
+    fields = _config_fields(model_config)
+    updates = {}
+    if "num_classes" in fields:
+        updates["num_classes"] = num_classes
+    if "imagenet_weights" in fields and config.imagenet_weights:
+        updates["imagenet_weights"] = config.imagenet_weights
+    if ("steps_per_epoch" in fields and not getattr(model_config, "steps_per_epoch")
+            and num_examples):
+        updates["steps_per_epoch"] = max(1, num_examples // config.batch_size)
+    return dataclasses.replace(model_config, **updates) if updates else model_config
+
+
+def _registry_model_fn(config: TrainConfig, model_config, load_imagenet: bool):
+    from delg_tf.models import registry
+
+    def build(num_classes):
+        del num_classes  # Already in model_config.
+        try:
+            return registry.build_model(config.model_family, model_config,
+                                        load_imagenet=load_imagenet)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"model flags: {e}") from e
+
+    return build
+
+
+def _ensure_built(model, image_size: int):
+    """Creates the model's variables before the optimizer and the checkpoint see them."""
+    input_shape = (None, image_size, image_size, 3)
+    if not model.built:
+        model.build(input_shape)
+    if not model.trainable_variables:
+        model(tf.zeros((1, image_size, image_size, 3)), training=False)
+    if not model.trainable_variables:
+        raise TrainingError(f"model {model.name} has no trainable variables after "
+                            f"build({input_shape}); its build() must create its weights.")
+
+
+def _latest_checkpoint(path: str) -> Optional[str]:
+    if tf.io.gfile.isdir(path):
+        return tf.train.latest_checkpoint(path)
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    return None
+
+
+def _initialise_from(model, init_from: str):
+    checkpoint_path = _latest_checkpoint(init_from)
+    if checkpoint_path is None:
+        raise ConfigError(f"--init_from={init_from} is not a delg_tf checkpoint (expected a "
+                          "folder with a 'checkpoint' file or a ckpt-N prefix); fix the path "
+                          "or drop the flag.")
+    try:
+        status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
+    except (ValueError, tf.errors.InvalidArgumentError) as e:
+        raise ConfigError(f"--init_from={init_from}: its weights do not fit this model "
+                          f"({str(e).splitlines()[0]}); check the model flags.") from e
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError:
+        logger.warning("--init_from=%s does not hold every model weight; the others keep "
+                       "their initial values.", checkpoint_path)
+    status.expect_partial()
+    logger.info("initialised the model from %s", checkpoint_path)
+
+
+def _load_imagenet_weights(model, weights: Optional[str]):
+    if not weights:
+        return
+    for owner in (model, getattr(model, "backbone", None)):
+        loader = getattr(owner, "load_imagenet_weights", None)
+        if loader is not None:
+            loader(weights)
+            logger.info("initialised the backbone from ImageNet weights %s", weights)
+            return
+    raise ConfigError(f"--imagenet_weights={weights}: model {model.name} has no "
+                      "load_imagenet_weights(); drop the flag or use --init_from.")
+
+
+# --------------------------------------------------------------------------
+# Config files and resume checks
+# --------------------------------------------------------------------------
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_config_files(logdir: Path, record: dict):
+    """Writes `config.json` and the re-runnable `flags.txt` into `logdir`."""
+    _atomic_write(logdir / config_lib.CONFIG_JSON_NAME,
+                  json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _atomic_write(logdir / config_lib.FLAGS_TXT_NAME, config_lib.flags_text(record))
+
+
+def check_resume_config(logdir: Path, record: dict):
+    """Compares the config of a run to the one saved in `logdir` that it resumes.
+
+    Rule: the model config must be identical; training fields may differ only in
+    `config.RESUMABLE_CHANGES` (durations, intervals, data paths, strategy).
+
+    Raises:
+        ConfigError: listing the differing flags (saved vs received) and the fix.
+    """
+    path = logdir / config_lib.CONFIG_JSON_NAME
+    if not path.is_file():
+        logger.warning("%s has checkpoints but no %s; resuming without a config check.",
+                       logdir, config_lib.CONFIG_JSON_NAME)
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new "
+                          "--logdir.") from e
+    diffs = (config_lib.resume_mismatches(saved.get("train", {}), record["train"],
+                                          config_lib.RESUMABLE_CHANGES)
+             + config_lib.resume_mismatches(saved.get("model", {}), record["model"],
+                                            config_lib.RESUMABLE_CHANGES))
+    if diffs:
+        listed = "; ".join(f"--{k}: saved {a!r}, received {b!r}" for k, a, b in diffs)
+        raise ConfigError(
+            f"--logdir={logdir} holds a run with another config ({listed}); resume it with "
+            f"--flagfile={logdir / config_lib.FLAGS_TXT_NAME}, or train in a new --logdir.")
+    changed = config_lib.resume_mismatches(saved.get("train", {}), record["train"])
+    for key, old, new in changed:
+        logger.info("resume: --%s changed from %r to %r", key, old, new)
+
+
+# --------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------
+
+def _to_float(value) -> float:
+    return float(tf.reduce_mean(tf.cast(value, tf.float32)).numpy())
+
+
+def _non_finite_losses(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items()
+            if LOSS_METRIC in k and not math.isfinite(v)}
+
+
+def _format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _current_learning_rate(optimizer, schedule, step: int) -> float:
+    del optimizer
+    return float(schedule(step).numpy())
+
+
+def _scalar_metadata() -> bytes:
+    # What TensorBoard's scalar plugin writes (plugin "scalars", empty content), so
+    # that scalars are written without the tensorboard package being installed.
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = SCALARS_PLUGIN_NAME
+    return metadata.SerializeToString()
+
+
+def _write_scalars(writer, metrics: dict, step: int):
+    """Writes float scalars as TensorBoard "scalars" summaries at `step`."""
+    if writer is None:
+        return
+    metadata = _scalar_metadata()
+    with writer.as_default(step=step):
+        for name, value in metrics.items():
+            tf.summary.write(name, tf.constant(float(value), tf.float32), metadata=metadata)
+    writer.flush()
+
+
+def train(config: TrainConfig, model_config=None, *,
+          model_fn: Optional[Callable] = None,
+          data_fn: Optional[Callable] = None,
+          strategy: Optional[tf.distribute.Strategy] = None) -> Path:
+    """Trains (or resumes training) until `config.max_iters`.
+
+    Args:
+        config: validated training config (`TrainConfig.validate()` is called again).
+        model_config: the model family's config (e.g. `DelgModelConfig`); None = the
+            family's defaults. Its `num_classes` is filled from the data when unset.
+        model_fn: optional `num_classes -> keras.Model` replacing the registry
+            (tests, custom models); the model must follow the contract above.
+        data_fn: optional `(config, seed) -> data.TrainData` replacing the data room.
+        strategy: optional ready-made strategy (else built from `config.strategy`).
+
+    Returns:
+        The logdir (holding the checkpoints, `config.json`, `flags.txt`, events).
+
+    Raises:
+        ConfigError: bad config or a resumed logdir with another config.
+        DataError: missing or empty data.
+        NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+    """
+    config.validate()
+    logdir = Path(config.logdir)
+    strategy = strategy or make_strategy(config.strategy, config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the "
+                          f"{replicas} replicas of --strategy={config.strategy}.")
+    chief = _is_chief(strategy)
+    # Non-chief workers of a multi-worker run write to a scratch folder.
+    write_dir = logdir if chief else logdir / f".worker-{os.getpid()}"
+    write_dir.mkdir(parents=True, exist_ok=True)
+
+    latest = tf.train.latest_checkpoint(str(logdir))
+    resumed_step = 0
+    if latest is not None:
+        resumed_step = int(tf.train.load_checkpoint(latest).get_tensor(STEP_CHECKPOINT_KEY))
+
+    keras.utils.set_random_seed(config.seed)
+    iterator_trackable = config.save_iterator_state and config.strategy == "default"
+    data_seed = config.seed
+    if resumed_step and not iterator_trackable:
+        data_seed = config.seed + RESEED_MULTIPLIER * resumed_step
+    if data_fn is None:
+        from delg_tf.training.data import make_train_data as data_fn
+    data = data_fn(config, data_seed)
+    num_classes = config.num_classes or data.num_classes
+    if num_classes is None:
+        raise ConfigError(f"cannot tell the number of classes of {data.description}; "
+                          "pass --num_classes.")
+    logger.info("data: %s, %d classes, global batch %d over %d replica(s)",
+                data.description, num_classes, config.batch_size, replicas)
+
+    resolved = dataclasses.replace(config, num_classes=num_classes)
+    fresh_start = latest is None
+    if model_fn is None:
+        model_config = resolve_model_config(config, model_config, num_classes,
+                                            data.num_examples)
+        build_fn = _registry_model_fn(config, model_config,
+                                      load_imagenet=fresh_start and not config.init_from)
+    else:
+        build_fn = model_fn
+    record = config_lib.config_record(resolved, model_config)
+    if latest is not None:
+        check_resume_config(logdir, record)
+    if chief:
+        write_config_files(logdir, record)
+
+    with strategy.scope():
+        model = build_fn(num_classes)
+        _ensure_built(model, config.image_size)
+        if hasattr(model, "global_batch_size"):
+            model.global_batch_size = config.batch_size
+        schedule = make_learning_rate_schedule(config)
+        optimizer = make_optimizer(config, schedule)
+        model.compile(optimizer=optimizer)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    train_iterator = iter(strategy.experimental_distribute_dataset(data.train))
+    objects = {"model": model, "optimizer": optimizer, "step": step}
+    if iterator_trackable:
+        objects[ITERATOR_CHECKPOINT_NAME] = train_iterator
+    checkpoint = tf.train.Checkpoint(**objects)
+    manager = tf.train.CheckpointManager(checkpoint, str(write_dir),
+                                         max_to_keep=config.max_checkpoints_to_keep,
+                                         checkpoint_name=CHECKPOINT_PREFIX,
+                                         step_counter=step)
+
+    if latest is not None:
+        _restore(latest, model, optimizer, step, train_iterator if iterator_trackable else None)
+        logger.info("resumed from checkpoint %s at step %d (training to step %d)%s", latest,
+                    int(step.numpy()), config.max_iters,
+                    "" if iterator_trackable else
+                    "; data position not restored, data order reseeded")
+        if config.init_from:
+            logger.info("--init_from=%s ignored: resuming %s", config.init_from, logdir)
+    else:
+        logger.info("starting a new run in %s", logdir)
+        if config.init_from:
+            _initialise_from(model, config.init_from)
+        elif model_fn is not None or "imagenet_weights" not in _config_fields(model_config):
+            _load_imagenet_weights(model, config.imagenet_weights)
+
+    start_step = int(step.numpy())
+    if start_step >= config.max_iters:
+        logger.info("already trained to step %d >= --max_iters=%d: nothing to do",
+                    start_step, config.max_iters)
+        return logdir
+
+    @tf.function
+    def train_one_step(iterator):
+        per_replica = strategy.run(model.train_step, args=(next(iterator),))
+        step.assign_add(1)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in per_replica.items()}
+
+    @tf.function
+    def validate_one_step(batch):
+        per_replica = strategy.run(model.test_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in per_replica.items()}
+
+    train_writer = validation_writer = None
+    if chief:
+        train_writer = tf.summary.create_file_writer(str(logdir / TRAIN_SUMMARY_DIR))
+        validation_writer = tf.summary.create_file_writer(
+            str(logdir / VALIDATION_SUMMARY_DIR))
+
+    last_saved = latest
+    tic, tic_step = time.perf_counter(), start_step
+    current = start_step
+    try:
+        while current < config.max_iters:
+            try:
+                metrics = train_one_step(train_iterator)
+            except (tf.errors.OutOfRangeError, StopIteration) as e:
+                raise _empty_data_error(data, config, current) from e
+            current = int(step.numpy())
+            values = {k: _to_float(v) for k, v in metrics.items()}
+            bad = _non_finite_losses(values)
+            if bad:
+                kept = (f"the last good checkpoint {last_saved} is kept"
+                        if last_saved else "no checkpoint was written")
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {current} ({_format_metrics(bad)}); training "
+                    f"stopped without saving, {kept}; lower --initial_lr or check the data.")
+            lr = _current_learning_rate(optimizer, schedule, current - 1)
+            if current % config.summary_interval == 0 or current == config.max_iters:
+                _write_scalars(train_writer, {**values, LEARNING_RATE_SUMMARY: lr}, current)
+            if current % config.log_interval == 0 or current == config.max_iters:
+                elapsed = max(time.perf_counter() - tic, 1e-9)
+                rate = (current - tic_step) / elapsed
+                tic, tic_step = time.perf_counter(), current
+                logger.info("step %d/%d: %s lr=%.4g steps/s=%.2f", current, config.max_iters,
+                            _format_metrics(values), lr, rate)
+                _write_scalars(train_writer, {STEPS_PER_SECOND_SUMMARY: rate}, current)
+            if (data.validation is not None and config.validation_interval
+                    and (current % config.validation_interval == 0
+                         or current == config.max_iters)):
+                _run_validation(strategy, validate_one_step, data.validation,
+                                config.validation_steps, validation_writer, current)
+            if current % config.checkpoint_interval == 0 or current == config.max_iters:
+                last_saved = manager.save(checkpoint_number=current)
+                logger.info("saved checkpoint %s", last_saved)
+    finally:
+        for writer in (train_writer, validation_writer):
+            if writer is not None:
+                writer.close()
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+    logger.info("training finished at step %d; checkpoints in %s", current, logdir)
+    return logdir
+
+
+def _restore(path, model, optimizer, step, iterator):
+    status = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step).restore(path)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise TrainingError(f"checkpoint {path} does not match this model "
+                            f"({str(e).splitlines()[0][:200]}); use a new --logdir.") from e
+    status.expect_partial()
+    if iterator is not None:
+        names = {name for name, _ in tf.train.list_variables(path)}
+        if any(n.startswith(ITERATOR_CHECKPOINT_NAME + "/") for n in names):
+            tf.train.Checkpoint(**{ITERATOR_CHECKPOINT_NAME: iterator}).restore(
+                path).expect_partial()
+            logger.info("restored the data iterator position")
+
+
+def _run_validation(strategy, step_fn, dataset, max_steps, writer, step):
+    totals, count = {}, 0
+    for batch in strategy.experimental_distribute_dataset(dataset.take(max_steps)):
+        metrics = step_fn(batch)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + _to_float(v)
+        count += 1
+    if not count:
+        logger.warning("validation at step %d: the validation data is empty", step)
+        return
+    means = {k: v / count for k, v in totals.items()}
+    logger.info("validation at step %d (%d batches): %s", step, count, _format_metrics(means))
+    _write_scalars(writer, means, step)
+
+
+def _empty_data_error(data, config, step):
+    from delg_tf.data.errors import DataError
+
+    return DataError(f"the training data ran out at step {step}: {data.description} yields "
+                     f"no batch of --batch_size={config.batch_size}; check that the "
+                     "TFRecords hold examples (at least one batch) or lower --batch_size.")
