@@ -1,0 +1,327 @@
+"""SavedModel export of DELG with the official signature (TF Serving ready).
+
+`export_saved_model(model, export_path, config)` writes a SavedModel with
+
+* `serving_default` -- identical to the official DELG export
+  (tensorflow/models research/delf `export_local_and_global_model.py`): inputs
+  `input_image` u8[H,W,3], `input_scales` f32[S], `input_max_feature_num` i32[],
+  `input_abs_thres` f32[], `input_global_scales_ind` i32[G]; outputs `boxes`
+  f32[N,4], `features` f32[N,128], `scales` f32[N], `scores` f32[N,1],
+  `global_descriptors` f32[G,D] (raw). The local-only / global-only variants have
+  the official local-only / global-only inputs and outputs.
+* `serving_image_bytes` -- one encoded image (JPEG/PNG/GIF/BMP string, input
+  `image_bytes`, for TF Serving REST `{"b64": ...}`), decoded in the graph, with
+  the config's resize rules (`max_image_size`, `min_image_size`,
+  `use_square_images`; resize with antialiasing, close to the official host-side
+  Pillow bilinear but not bit-identical) and defaults baked in; returns final
+  features: `global_descriptor` f32[D] (per-scale L2, sum, L2), `locations`
+  f32[N,2] (y, x) in original-image pixels, `descriptors` f32[N,128]
+  (L2-normalised), `scales` f32[N], `attention` f32[N].
+* `assets.extra/tf_serving_warmup_requests` (one request per signature) and
+  `assets.extra/delf_config.pbtxt` (the baked-in DelfConfig, `model_path` ".").
+
+Only `tf.Variable`s and traced functions are saved: loading needs TensorFlow
+only (no delg_tf, no Keras objects). The export is written to a temporary
+directory next to `export_path` and renamed when complete; an existing export is
+refused unless `overwrite=True`.
+"""
+
+import dataclasses
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+
+from delg_tf.extraction import geometry, pyramid
+from delg_tf.protos import delf_config_pb2
+from delg_tf.serving import warmup
+
+SIGNATURE_DEFAULT = "serving_default"
+SIGNATURE_IMAGE_BYTES = "serving_image_bytes"
+IMAGE_BYTES_INPUT = "image_bytes"
+CONFIG_ASSET = "delf_config.pbtxt"
+# Official DELG config values (r50delg_gld_config.pbtxt); score threshold of the
+# released trained models.
+DEFAULT_SCORE_THRESHOLD = 175.0
+DEFAULT_MAX_IMAGE_SIZE = 1024
+NO_SIZE_LIMIT = -1
+# The official extractor returns no features below this size (after resizing).
+MIN_EXTRACTION_SIDE = 10
+WARMUP_IMAGE_SIDE = 64
+WARMUP_JPEG_QUALITY = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What is baked into an export (defaults of the bytes signature and config asset).
+
+    Attributes:
+      mode: "local_and_global", "local" or "global".
+      image_scales: pyramid scales.
+      global_scales_ind: indices of `image_scales` used for the global descriptor.
+      max_feature_num: local features kept at most.
+      score_threshold: absolute attention threshold for local features.
+      iou_threshold: NMS IoU (1.0 = none).
+      max_image_size / min_image_size: host-side resize rules (-1 = none).
+      use_square_images: resize to a square of the largest side.
+      warmup: write the TF Serving warm-up file.
+    """
+
+    mode: str = "local_and_global"
+    image_scales: tuple = pyramid.DEFAULT_IMAGE_SCALES
+    global_scales_ind: tuple = pyramid.DEFAULT_GLOBAL_SCALES_IND
+    max_feature_num: int = pyramid.DEFAULT_MAX_FEATURE_NUM
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    iou_threshold: float = pyramid.DEFAULT_IOU_THRESHOLD
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    min_image_size: int = NO_SIZE_LIMIT
+    use_square_images: bool = False
+    warmup: bool = True
+
+    def __post_init__(self):
+        if self.mode not in pyramid.MODES:
+            raise ValueError(f"export mode must be one of {pyramid.MODES}, received "
+                             f"{self.mode!r}.")
+        if not self.image_scales or min(self.image_scales) <= 0:
+            raise ValueError("image_scales must be a non-empty list of positive floats, "
+                             f"received {list(self.image_scales)}.")
+        bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
+        if self.mode != "local" and bad:
+            raise ValueError(f"global_scales_ind {list(self.global_scales_ind)} has indices "
+                             f"{bad} outside [0, {len(self.image_scales)}) "
+                             f"(image_scales has {len(self.image_scales)} entries).")
+        if self.max_feature_num < 0:
+            raise ValueError(f"max_feature_num must be >= 0, received {self.max_feature_num}.")
+
+    @property
+    def use_local(self):
+        return self.mode in ("local_and_global", "local")
+
+    @property
+    def use_global(self):
+        return self.mode in ("local_and_global", "global")
+
+    def to_delf_config(self, model_path="."):
+        """The equivalent official DelfConfig proto."""
+        config = delf_config_pb2.DelfConfig()
+        config.model_path = model_path
+        config.use_local_features = self.use_local
+        config.use_global_features = self.use_global
+        config.is_tf2_exported = True
+        config.image_scales.extend(self.image_scales)
+        config.max_image_size = self.max_image_size
+        config.min_image_size = self.min_image_size
+        config.use_square_images = self.use_square_images
+        config.delf_local_config.use_pca = False
+        config.delf_local_config.max_feature_num = self.max_feature_num
+        config.delf_local_config.score_threshold = self.score_threshold
+        config.delf_local_config.iou_threshold = self.iou_threshold
+        config.delf_global_config.use_pca = False
+        config.delf_global_config.image_scales_ind.extend(self.global_scales_ind)
+        return config
+
+    @classmethod
+    def from_delf_config(cls, config, **overrides):
+        """ExportConfig from a DelfConfig proto (PCA is not supported in the graph)."""
+        if config.use_local_features and config.use_global_features:
+            mode = "local_and_global"
+        elif config.use_local_features:
+            mode = "local"
+        else:
+            mode = "global"
+        values = dict(
+            mode=mode, image_scales=tuple(config.image_scales) or pyramid.DEFAULT_IMAGE_SCALES,
+            global_scales_ind=(tuple(config.delf_global_config.image_scales_ind)
+                               or tuple(range(len(config.image_scales)))),
+            max_feature_num=config.delf_local_config.max_feature_num,
+            score_threshold=config.delf_local_config.score_threshold,
+            iou_threshold=config.delf_local_config.iou_threshold,
+            max_image_size=config.max_image_size, min_image_size=config.min_image_size,
+            use_square_images=config.use_square_images)
+        values.update(overrides)
+        return cls(**values)
+
+
+def resize_scale_factor_tf(height_width, max_image_size, min_image_size, use_square_images):
+    """In-graph version of the official `ResizeImage` decision (float64, like Python).
+
+    Returns:
+      (needs_resize bool[], new_size int32[2], scale_factors float64[2]).
+    """
+    hw = tf.cast(height_width, tf.float64)
+    largest = tf.reduce_max(hw)
+    max_size = tf.constant(max_image_size, tf.float64)
+    min_size = tf.constant(min_image_size, tf.float64)
+    too_large = tf.logical_and(max_size >= 0, largest > max_size)
+    too_small = tf.logical_and(min_size >= 0, largest < min_size)
+    not_square = tf.logical_and(tf.constant(use_square_images), hw[0] != hw[1])
+    factor = tf.where(too_large, max_size / largest,
+                      tf.where(too_small, min_size / largest, tf.constant(1.0, tf.float64)))
+    needs_resize = too_large | too_small | not_square
+    target = tf.fill([2], largest) if use_square_images else hw
+    new_size = tf.where(needs_resize, tf.round(target * factor), hw)
+    return needs_resize, tf.cast(new_size, tf.int32), new_size / hw
+
+
+def _postprocess(raw, scale_factors, use_local, use_global):
+    """Official extractor post-processing of raw outputs (TF)."""
+    outputs = {}
+    if use_global:
+        per_scale = tf.nn.l2_normalize(raw["global_descriptors"], axis=1)
+        outputs["global_descriptor"] = tf.nn.l2_normalize(tf.reduce_sum(per_scale, axis=0),
+                                                          axis=0)
+    if use_local:
+        centers = geometry.box_centers(raw["boxes"])
+        outputs["locations"] = centers / tf.cast(scale_factors, tf.float32)
+        outputs["descriptors"] = tf.nn.l2_normalize(raw["features"], axis=1)
+        outputs["scales"] = raw["scales"]
+        outputs["attention"] = tf.reshape(raw["scores"], [-1])
+    return outputs
+
+
+class DelgServingModule(tf.Module):
+    """The object saved by `export_saved_model` (variables + traced functions only).
+
+    Args:
+      model: DELG model with the inference API (see `delg_tf.extraction.pyramid`).
+      config: `ExportConfig`.
+    """
+
+    def __init__(self, model, config, name="delg_serving"):
+        super().__init__(name=name)
+        self._config = config
+        self._pyramid = pyramid.PyramidExtractor(model, mode=config.mode,
+                                                 iou_threshold=config.iou_threshold)
+        # Track the plain tf.Variables behind the (Keras) model weights; nothing
+        # else of the model is saved.
+        self.model_variables = [getattr(v, "value", v) if not isinstance(v, tf.Variable) else v
+                                for v in model.weights]
+        self.extract = self._pyramid.extract
+        self.extract_image_bytes = tf.function(
+            self._extract_image_bytes,
+            input_signature=[tf.TensorSpec([], tf.string, name=IMAGE_BYTES_INPUT)])
+
+    def _default_inputs(self):
+        config = self._config
+        inputs = {"input_scales": tf.constant(config.image_scales, tf.float32)}
+        if config.use_local:
+            inputs["input_max_feature_num"] = tf.constant(config.max_feature_num, tf.int32)
+            inputs["input_abs_thres"] = tf.constant(config.score_threshold, tf.float32)
+        if config.use_global:
+            inputs["input_global_scales_ind"] = tf.constant(config.global_scales_ind, tf.int32)
+        return inputs
+
+    def _empty_outputs(self):
+        config = self._config
+        outputs = {}
+        if config.use_global:
+            outputs["global_descriptor"] = tf.zeros([self._pyramid.global_dim], tf.float32)
+        if config.use_local:
+            outputs.update(locations=tf.zeros([0, 2]),
+                           descriptors=tf.zeros([0, self._pyramid.local_dim]),
+                           scales=tf.zeros([0]), attention=tf.zeros([0]))
+        return outputs
+
+    def _extract_image_bytes(self, image_bytes):
+        config = self._config
+        image = tf.io.decode_image(image_bytes, channels=pyramid.IMAGE_CHANNELS, dtype=tf.uint8,
+                                   expand_animations=False)
+        image.set_shape([None, None, pyramid.IMAGE_CHANNELS])
+        needs_resize, new_size, scale_factors = resize_scale_factor_tf(
+            tf.shape(image)[0:2], config.max_image_size, config.min_image_size,
+            config.use_square_images)
+
+        def resized():
+            # Bilinear with antialiasing (like Pillow's BILINEAR when shrinking), rounded.
+            out = tf.image.resize(image, new_size, method="bilinear", antialias=True)
+            return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+        image = tf.cond(needs_resize, resized, lambda: image)
+        large_enough = tf.reduce_min(tf.shape(image)[0:2]) >= MIN_EXTRACTION_SIDE
+
+        def extract():
+            inputs = self._default_inputs()
+            raw = self.extract(input_image=image, **inputs)
+            return _postprocess(raw, scale_factors, config.use_local, config.use_global)
+
+        return tf.cond(large_enough, extract, self._empty_outputs)
+
+    def signatures(self):
+        """The signatures dict for `tf.saved_model.save`."""
+        return {SIGNATURE_DEFAULT: self.extract.get_concrete_function(),
+                SIGNATURE_IMAGE_BYTES: self.extract_image_bytes.get_concrete_function()}
+
+
+def _warmup_requests(config):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (WARMUP_IMAGE_SIDE, WARMUP_IMAGE_SIDE, 3), dtype=np.uint8)
+    default_inputs = {"input_image": image,
+                      "input_scales": np.asarray(config.image_scales, np.float32)}
+    if config.use_local:
+        default_inputs["input_max_feature_num"] = np.int32(config.max_feature_num)
+        default_inputs["input_abs_thres"] = np.float32(config.score_threshold)
+    if config.use_global:
+        default_inputs["input_global_scales_ind"] = np.asarray(config.global_scales_ind,
+                                                               np.int32)
+    jpeg = tf.io.encode_jpeg(image, quality=WARMUP_JPEG_QUALITY).numpy()
+    return [(SIGNATURE_DEFAULT, default_inputs),
+            (SIGNATURE_IMAGE_BYTES, {IMAGE_BYTES_INPUT: np.array(jpeg, dtype=object)})]
+
+
+def export_saved_model(model, export_path, config=None, overwrite=False):
+    """Exports `model` as a DELG SavedModel (see the module doc).
+
+    Args:
+      model: DELG model with the inference API (`delg_tf.models.delg.DelgModel`).
+      export_path: target directory (must not exist unless `overwrite`).
+      config: `ExportConfig` (defaults: official DELG R50 values).
+      overwrite: replace an existing export.
+
+    Returns:
+      Path of the export.
+
+    Raises:
+      FileExistsError: `export_path` exists and `overwrite` is False.
+    """
+    config = config or ExportConfig()
+    export_path = Path(export_path).absolute()
+    if export_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"export path {export_path} already exists; expected a new directory. "
+            "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
+    export_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = export_path.parent / f".{export_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        module = DelgServingModule(model, config)
+        tf.saved_model.save(module, str(tmp), signatures=module.signatures())
+        extra = tmp / warmup.WARMUP_DIR
+        if config.warmup:
+            warmup.write_warmup_file(tmp, _warmup_requests(config))
+        extra.mkdir(exist_ok=True)
+        (extra / CONFIG_ASSET).write_text(text_format.MessageToString(config.to_delf_config()))
+        old = None
+        if export_path.exists():
+            old = export_path.parent / f".{export_path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(export_path, old)
+        os.replace(tmp, export_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return export_path
+
+
+def read_export_config(export_path):
+    """The DelfConfig baked into an export (`assets.extra/delf_config.pbtxt`), or None."""
+    path = Path(export_path) / warmup.WARMUP_DIR / CONFIG_ASSET
+    if not path.is_file():
+        return None
+    config = delf_config_pb2.DelfConfig()
+    text_format.Parse(path.read_text(), config)
+    config.model_path = str(Path(export_path))
+    return config
