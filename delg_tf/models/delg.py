@@ -398,6 +398,19 @@ class DelgModel(keras.Model):
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         return grads, variables
 
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`, then creates the optimizer's slot variables.
+
+        Creating them here (not lazily in the first `train_step`) is what makes
+        `train_step` work inside `tf.distribute.Strategy.run` and `tf.function`:
+        compile inside `strategy.scope()`.
+        """
+        super().compile(*args, **kwargs)
+        if not self.built:
+            self.build()
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
     def _unscaled(self, per_example):
         return tf.reduce_mean(per_example)
 
