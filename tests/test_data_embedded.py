@@ -195,3 +195,18 @@ def test_manifest_written(tiny):
     assert manifest["params"] == embedded.PRESETS["tiny"]
     assert manifest["counts"]["query"] == embedded.PRESETS["tiny"][
         "num_landmarks"]
+
+
+def test_default_root_depends_on_parameters(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded.ROOT_ENV_VAR, str(tmp_path))
+    tiny_root = embedded.default_root("tiny")
+    assert tiny_root.parent == tmp_path
+    assert tiny_root == embedded.default_root("tiny", seed=0)
+    assert tiny_root != embedded.default_root("tiny", seed=1)
+    assert tiny_root != embedded.default_root("default")
+
+
+def test_ground_truth_loads_with_the_evaluation_reader(tiny):
+    from delg_tf.data.revisitop import load_gnd
+    gnd = load_gnd(tiny.gnd)
+    assert len(gnd["gnd"]) == len(gnd["qimlist"])

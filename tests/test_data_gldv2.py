@@ -195,3 +195,18 @@ def test_clean_csv_and_cli(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bogus_flag" in err and "x.csv" in err
     assert all(len(line) < 400 for line in err.splitlines())
+
+
+def test_embedded_tfrecords_built_once(tiny, tmp_path):
+    out = btf.embedded_tfrecords(tiny, num_shards=2)
+    assert out == tiny.root / "tfrecords"
+    summary = btf.read_build_summary(out)
+    assert summary["num_classes"] == embedded.PRESETS["tiny"]["num_landmarks"]
+    assert gldv2.count_records(str(out / summary["train_files"])) == \
+        summary["num_train"]
+    stamp = (out / "build_summary.json").stat().st_mtime_ns
+    assert btf.embedded_tfrecords(tiny, num_shards=2) == out
+    assert (out / "build_summary.json").stat().st_mtime_ns == stamp
+    assert not list(tiny.root.glob("tfrecords.tmp-*"))
+    btf.embedded_tfrecords(tiny, num_shards=1)
+    assert len(list(out.glob("train-*"))) == 1

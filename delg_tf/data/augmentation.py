@@ -174,7 +174,7 @@ def color_jitter(image, seed, brightness=0.0, contrast=0.0, saturation=0.0,
 
 
 def augment_for_training(image, image_size, seed, config=AugmentationConfig()):
-    """DELG training augmentation: crop/aspect distortion, resize, flip, jitter.
+    """DELG training augmentation: crop/aspect distortion, resize, flip.
 
     Args:
         image: uint8 or float32 [H, W, 3] with values in [0, 255].
@@ -251,7 +251,8 @@ def metric_train_augment(image, seed, crop_size=METRIC_TRAIN_SIZE,
     Returns:
         float32 [crop_size, crop_size, 3] in [0, 255].
     """
-    config = AugmentationConfig(min_object_covered=0.0, resize_method="bilinear",
+    config = AugmentationConfig(min_object_covered=0.0,
+                                resize_method="bilinear",
                                 random_flip=random_flip_enabled)
     return augment_for_training(image, crop_size, seed, config)
 

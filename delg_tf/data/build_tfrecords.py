@@ -326,6 +326,66 @@ def _write_lines(path, lines):
         f.writelines(f"{line}\n" for line in lines)
 
 
+def _config_key(config):
+    """The config fields that determine the shards' content (for reuse)."""
+    key = dataclasses.asdict(config)
+    key.pop("output_directory")
+    for name in ("train_csv_path", "train_directory", "train_clean_csv_path"):
+        if key[name]:
+            key[name] = os.path.abspath(key[name])
+    return key
+
+
+def read_build_summary(output_directory):
+    """build_summary.json of a finished build, or None."""
+    path = Path(output_directory) / "build_summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_tfrecords(config):
+    """`build_tfrecords` unless the output already holds the same build.
+
+    The build happens in `<output>.tmp-<pid>` renamed to the output at the
+    end, so concurrent or killed runs never leave a half-written folder that
+    looks finished.
+
+    Args:
+        config: BuildConfig; `output_directory` must not exist or hold a
+            previous build (build_summary.json).
+
+    Returns:
+        Path of the output directory.
+    """
+    output = Path(config.output_directory).absolute()
+    summary = read_build_summary(output)
+    if summary is not None and summary.get("config") == _config_key(config):
+        logger.info("TFRecords already built in %s", output)
+        return output
+    if output.exists() and summary is None and any(output.iterdir()):
+        raise DataError(f"--output_directory={output} exists and holds no "
+                        "finished TFRecord build; remove it or choose another")
+    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build_tfrecords(dataclasses.replace(config, output_directory=str(tmp)))
+        if output.exists():
+            logger.info("replacing the previous build in %s", output)
+            shutil.rmtree(output)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            done = read_build_summary(output)
+            if done is None or done.get("config") != _config_key(config):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
 def build_tfrecords(config):
     """Builds train (and validation) TFRecord shards.
 
@@ -360,8 +420,8 @@ def build_tfrecords(config):
     if not records:
         raise DataError(f"no usable image: none of the {len(rows)} ids of the "
                         f"CSV has a readable <id>.jpg in --train_directory="
-                        f"{config.train_directory} (see {output / MISSING_LIST}"
-                        f" and {output / BAD_LIST})")
+                        f"{config.train_directory} (see "
+                        f"{output / MISSING_LIST} and {output / BAD_LIST})")
     if skipped > config.max_skipped_fraction * len(rows):
         example = missing[0] if missing else bad[0].split("\t")[0]
         raise DataError(
@@ -407,13 +467,42 @@ def build_tfrecords(config):
         write_split(split, [records[i] for i in indices], output,
                     config.num_shards)
         summary[f"num_{split}"] = len(indices)
-        summary[f"{split}_file_pattern"] = str(output / f"{split}-*-of-*")
+        # Relative to the output directory, so the folder can be moved.
+        summary[f"{split}_files"] = f"{split}-*-of-{config.num_shards:05d}"
+    summary["config"] = _config_key(config)
     tmp = output / "build_summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True),
                    encoding="utf-8")
     os.replace(tmp, output / "build_summary.json")
     logger.info("TFRecords ready in %s: %s", output, summary)
     return output
+
+
+EMBEDDED_TFRECORDS_DIR = "tfrecords"
+EMBEDDED_NUM_SHARDS = 4
+
+
+def embedded_tfrecords(paths, num_shards=EMBEDDED_NUM_SHARDS,
+                       validation_split_proportion=
+                       DEFAULT_VALIDATION_PROPORTION, seed=0):
+    """TFRecords of a built embedded dataset (built once, then reused).
+
+    Args:
+        paths: EmbeddedDatasetPaths (see delg_tf.data.embedded).
+        num_shards: shards per split.
+        validation_split_proportion: validation fraction per landmark.
+        seed: split seed.
+
+    Returns:
+        Path of `<root>/tfrecords` holding `train-*-of-*`,
+        `validation-*-of-*`, `relabeling.csv`, `build_summary.json`.
+    """
+    return ensure_tfrecords(BuildConfig(
+        train_csv_path=str(paths.train_csv),
+        train_directory=str(paths.train_images_dir),
+        output_directory=str(paths.root / EMBEDDED_TFRECORDS_DIR),
+        num_shards=num_shards,
+        validation_split_proportion=validation_split_proportion, seed=seed))
 
 
 # --------------------------------------------------------------------------

@@ -367,7 +367,7 @@ def make_metric_dataset(split, batch_size, training, seed=DEFAULT_SHUFFLE_SEED,
                                                         image_size)
         return image, tf.gather(labels, element)
 
-    dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE,
-                                      deterministic=True)
+    dataset = dataset.enumerate().map(
+        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,4 +1,4 @@
-"""The embedded default dataset: real photographs, synthetic views, known geometry.
+"""The embedded default dataset: real photos, synthetic views, known geometry.
 
 Built at run time from photographs that ship inside scikit-image
 (`skimage.data`), so the package trains, extracts and evaluates on a fresh
@@ -668,6 +668,29 @@ def homography_between(meta, name_a, name_b):
 # Build
 # --------------------------------------------------------------------------
 
+ROOT_ENV_VAR = "DELG_TF_DATA_DIR"
+_DEFAULT_CACHE = os.path.join("~", ".cache", "delg_tf")
+_PARAMS_HASH_CHARS = 10
+
+
+def default_root(preset="default", **overrides):
+    """A cache folder for a dataset with these parameters.
+
+    `$DELG_TF_DATA_DIR` (default ~/.cache/delg_tf) /
+    `embedded-<preset>-<hash of the parameters>`, so different parameters
+    never collide and the same ones are reused across runs.
+
+    Returns:
+        Path (not created).
+    """
+    import hashlib
+    params = _resolve_params(preset, overrides)
+    digest = hashlib.sha256(json.dumps(
+        [FORMAT_VERSION, params], sort_keys=True).encode()).hexdigest()
+    base = os.path.expanduser(os.environ.get(ROOT_ENV_VAR) or _DEFAULT_CACHE)
+    return Path(base) / f"embedded-{preset}-{digest[:_PARAMS_HASH_CHARS]}"
+
+
 def _save_jpeg(array, path, quality):
     Image.fromarray(array).save(path, format="JPEG", quality=quality)
 
@@ -770,7 +793,8 @@ def _render_all(tmp_paths, params):
     meta = {
         "convention": ("x = column, y = row, pixel centres at integers; "
                        "homographies map homogeneous source points to view "
-                       "points; homography_between(meta, a, b) = H_b inv(H_a)"),
+                       "points; homography_between(meta, a, b) = "
+                       "H_b inv(H_a)"),
         "sources": sources_meta,
         "images": images_meta,
     }
@@ -784,8 +808,9 @@ def _render_all(tmp_paths, params):
     return counts
 
 
-def build_embedded_dataset(root, preset="default", seed=None, image_size=None,
-                           source_size=None, num_landmarks=None,
+def build_embedded_dataset(root=None, preset="default", seed=None,
+                           image_size=None, source_size=None,
+                           num_landmarks=None,
                            num_train_views=None, num_queries=None,
                            num_easy=None, num_hard=None, num_junk=None,
                            num_distractor_photos=None,
@@ -799,7 +824,8 @@ def build_embedded_dataset(root, preset="default", seed=None, image_size=None,
     is deterministic (per-image seeds), so "resuming" means rebuilding.
 
     Args:
-        root: dataset folder (created).
+        root: dataset folder (created); None = `default_root(preset, ...)`
+            (under $DELG_TF_DATA_DIR or ~/.cache/delg_tf).
         preset: "default" (demo-sized) or "tiny" (tests); the other arguments
             override the preset when not None.
         seed: int seed; same seed and parameters give identical files.
@@ -819,13 +845,16 @@ def build_embedded_dataset(root, preset="default", seed=None, image_size=None,
     Raises:
         DataError: `root` exists with other parameters or is not a dataset.
     """
-    params = _resolve_params(preset, dict(
+    overrides = dict(
         seed=seed, image_size=image_size, source_size=source_size,
         num_landmarks=num_landmarks, num_train_views=num_train_views,
         num_queries=num_queries, num_easy=num_easy, num_hard=num_hard,
         num_junk=num_junk, num_distractor_photos=num_distractor_photos,
         num_views_per_distractor=num_views_per_distractor,
-        jpeg_quality=jpeg_quality))
+        jpeg_quality=jpeg_quality)
+    params = _resolve_params(preset, overrides)
+    if root is None:
+        root = default_root(preset, **overrides)
     paths = EmbeddedDatasetPaths.at(root)
     root = paths.root
     if _is_complete(paths, params):

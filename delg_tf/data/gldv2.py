@@ -320,8 +320,9 @@ def infer_num_classes(file_pattern, flag_name="file_pattern", scan=True):
         return len(rows)
     if not scan:
         raise DataError(f"cannot tell the number of classes of "
-                        f"--{flag_name}={file_pattern} (no {BUILD_SUMMARY_FILE}"
-                        f" or {RELABELING_FILE} beside it); set --num_classes")
+                        f"--{flag_name}={file_pattern} (no "
+                        f"{BUILD_SUMMARY_FILE} or {RELABELING_FILE} beside "
+                        "it); set --num_classes")
     max_label = _labels_from_records(files).reduce(
         tf.constant(-1, tf.int64), tf.maximum)
     return int(max_label.numpy()) + 1

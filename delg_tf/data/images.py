@@ -39,7 +39,8 @@ MAX_IMAGE_PIXELS = 100_000_000
 # Pillow's own bomb guard: warn above MAX_IMAGE_PIXELS, error above twice it.
 # Keep it at least as permissive as ours so that our explicit check (with a
 # clear message) is the one that fires.
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+if (Image.MAX_IMAGE_PIXELS is not None
+        and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS):
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 ALPHA_MODES = ("composite", "drop")

@@ -83,7 +83,7 @@ def write_png_rgb16(path, array):
 
 
 def write_png_header_bomb(path, side=BOMB_SIDE):
-    """Writes a tiny valid-looking PNG whose header claims side x side pixels."""
+    """Writes a tiny valid PNG whose header claims side x side pixels."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, _PNG_COLOR_TYPE_RGB, 0, 0, 0)
     data = (_PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr)
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
@@ -121,7 +121,8 @@ def write_bad_image_corpus(directory):
     good("rgb_16bit.png",
          lambda p: write_png_rgb16(p, rgb.astype(np.uint16) * 257))
     good("gray_16bit.png",
-         lambda p: Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(p))
+         lambda p: Image.fromarray(
+             rgb[..., 1].astype(np.uint16) * 257).save(p))
 
     def write_alpha(p):
         rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255,
