@@ -9,6 +9,10 @@ threshold 20 px, 1000 iterations, minimum inliers 0).
 
 Pairs are verified in a thread pool: numpy's matrix product and pycolmap's
 RANSAC both release the GIL, so threads use all cores without pickling features.
+While the pool runs, the BLAS library is limited to one thread per worker
+(:func:`limit_blas_threads`): OpenBLAS's own threads on these small products
+oversubscribe the cores, and their spin-waiting makes matching several times
+slower on a loaded machine (measured in ``bench/rerank.py``).
 
 Keypoint convention: ``LocalFeatures.keypoints`` are pixel coordinates in the
 original (uncropped/unscaled) image as **(y, x)** = (row, col), the DELF/DELG
@@ -17,7 +21,10 @@ long as query and database use the same order; only visualisation cares.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,6 +37,62 @@ DEFAULT_MIN_INLIERS = 0  # paper App. B: any returned match counts.
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_RATIO_TEST = 0.8
 KEYPOINT_DIM = 2
+
+
+# (setter, getter) symbol names of OpenBLAS builds numpy may bundle.
+_OPENBLAS_SYMBOLS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                     ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                     ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                     ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+def _openblas_controls():
+    """(set, get) functions of the loaded OpenBLAS, or None (non-Linux, MKL, ...)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so[\.\d]*)", f.read())))
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_SYMBOLS:
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                return getattr(lib, set_name), getattr(lib, get_name)
+    return None
+
+
+@contextlib.contextmanager
+def limit_blas_threads(num_threads: int = 1):
+    """Temporarily limits BLAS threads (process-wide), restoring them afterwards.
+
+    Uses threadpoolctl when installed, else OpenBLAS's own setter found among
+    the loaded libraries; does nothing if neither is available.
+
+    Args:
+        num_threads: BLAS threads while the context is active.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    if threadpool_limits is not None:
+        with threadpool_limits(limits=num_threads, user_api="blas"):
+            yield
+        return
+    controls = _openblas_controls()
+    if controls is None:
+        yield
+        return
+    set_threads, get_threads = controls
+    previous = int(get_threads())
+    set_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        set_threads(previous)
 
 
 @dataclasses.dataclass
@@ -206,9 +269,10 @@ class Reranker:
         self.close()
 
     def _map(self, fn, items):
-        if self._pool is None:
-            return list(map(fn, items))
-        return list(self._pool.map(fn, items))
+        with limit_blas_threads(1):
+            if self._pool is None:
+                return list(map(fn, items))
+            return list(self._pool.map(fn, items))
 
     def count_inliers(self, query: LocalFeatures, db_features: FeatureSource,
                       db_ids: Sequence[int]) -> np.ndarray:
