@@ -210,3 +210,13 @@ def test_ground_truth_loads_with_the_evaluation_reader(tiny):
     from delg_tf.data.revisitop import load_gnd
     gnd = load_gnd(tiny.gnd)
     assert len(gnd["gnd"]) == len(gnd["qimlist"])
+
+
+def test_stale_partial_build_is_removed(tmp_path):
+    import socket
+    root = tmp_path / "ds"
+    dead_pid = 2**22 + 12345  # above the default pid_max: never alive
+    stale = tmp_path / f"ds.tmp-{socket.gethostname()}-{dead_pid}"
+    (stale / "train").mkdir(parents=True)
+    embedded.build_embedded_dataset(root, preset="tiny", num_train_views=1)
+    assert not stale.exists() and root.is_dir()

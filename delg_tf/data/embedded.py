@@ -729,12 +729,12 @@ def _pid_alive(pid):
 
 def _clean_stale_temp_dirs(root):
     """Removes <root>.tmp-<host>-<pid> folders of dead builds on this host."""
-    host = socket.gethostname()
+    prefix = f"{root.name}.tmp-{socket.gethostname()}-"
     for candidate in root.parent.glob(f"{root.name}.tmp-*"):
-        parts = candidate.name.rsplit("-", 2)
-        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+        pid = candidate.name[len(prefix):]
+        if not candidate.name.startswith(prefix) or not pid.isdigit():
             continue
-        if not _pid_alive(int(parts[2])):
+        if not _pid_alive(int(pid)):
             logger.info("removing stale partial build %s", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
 
