@@ -101,6 +101,9 @@ class Tf1ExtractionFunction:
     in increasing scale index).
     """
 
+    use_local = True
+    use_global = True
+
     def __init__(self, path):
         import tensorflow as tf
 
@@ -139,3 +142,40 @@ def load_tf1_extraction_fn(path):
             f"received a {fmt.upper()} export. Use "
             f"delg_tf.extraction.raw_model.load_raw_extraction_fn, which handles both.")
     return Tf1ExtractionFunction(path)
+
+
+class Tf2SignatureFunction:
+    """Calls a TF2-format official DELG SavedModel through its ``serving_default`` signature.
+
+    Same call and outputs as `Tf1ExtractionFunction`.
+    """
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.path = str(path)
+        self._loaded = tf.saved_model.load(self.path)
+        signatures = getattr(self._loaded, "signatures", {})
+        if SERVING_SIGNATURE not in signatures:
+            raise OfficialModelError(
+                f"{path}: expected a {SERVING_SIGNATURE!r} signature (TF2 export), found "
+                f"{sorted(signatures)}.")
+        self._fn = signatures[SERVING_SIGNATURE]
+
+    def __call__(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
+        import tensorflow as tf
+
+        outputs = self._fn(
+            input_image=tf.convert_to_tensor(np.asarray(image, np.uint8)),
+            input_scales=tf.convert_to_tensor(np.asarray(scales, np.float32)),
+            input_max_feature_num=tf.convert_to_tensor(np.int32(max_feature_num)),
+            input_abs_thres=tf.convert_to_tensor(np.float32(abs_thres)),
+            input_global_scales_ind=tf.convert_to_tensor(np.asarray(global_scales_ind, np.int32)))
+        return {key: outputs[key].numpy() for key in OUTPUT_KEYS}
+
+
+def load_official_raw_fn(path):
+    """Raw extraction function of an official DELG SavedModel of either format."""
+    if detect_format(path) == FORMAT_TF1:
+        return Tf1ExtractionFunction(path)
+    return Tf2SignatureFunction(path)
