@@ -54,7 +54,7 @@ class TinyDelgStandIn(keras.Model):
         self.whitening = keras.layers.Dense(global_dim, kernel_initializer=init(4),
                                             name="whitening")
         channels = self.backbone.feature_channels
-        self.backbone.build((None, None, None, 3))
+        self.backbone(tf.zeros([1, 64, 64, 3]))  # Creates the backbone weights.
         self.attention_conv1.build((None, None, None, channels["conv4"]))
         self.attention_conv2.build((None, None, None, ATTENTION_HIDDEN))
         self.encoder.build((None, None, None, channels["conv4"]))

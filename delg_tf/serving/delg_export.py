@@ -196,14 +196,17 @@ class DelgServingModule(tf.Module):
         self._config = config
         self._pyramid = pyramid.PyramidExtractor(model, mode=config.mode,
                                                  iou_threshold=config.iou_threshold)
-        # Track the plain tf.Variables behind the (Keras) model weights; nothing
-        # else of the model is saved.
-        self.model_variables = [getattr(v, "value", v) if not isinstance(v, tf.Variable) else v
-                                for v in model.weights]
         self.extract = self._pyramid.extract
         self.extract_image_bytes = tf.function(
             self._extract_image_bytes,
             input_signature=[tf.TensorSpec([], tf.string, name=IMAGE_BYTES_INPUT)])
+        # Track only the plain tf.Variables the traced functions read (not the
+        # Keras objects, not training-only weights such as classifiers).
+        used = {}
+        for concrete in self.signatures().values():
+            for variable in concrete.variables:
+                used.setdefault(id(variable), variable)
+        self.model_variables = list(used.values())
 
     def _default_inputs(self):
         config = self._config

@@ -1,0 +1,172 @@
+"""Export a trained DELG model as a SavedModel: `python -m delg_tf.export`.
+
+    python -m delg_tf.export --checkpoint_dir=LOGDIR --export_path=OUT [--overwrite] \
+        [--delf_config=r50delg_gld_config.pbtxt] [--image_scales=0.25,...,2.0] \
+        [--global_scales_ind=3,4,5] [--max_feature_num=1000] [--score_threshold=175] \
+        [--max_image_size=1024] [--min_image_size=-1] [--use_square_images] \
+        [--noexport_local | --noexport_global]
+
+`--checkpoint_dir` is a `delg_tf.train` logdir (its `config.json` says how to
+build the model; the latest checkpoint, or `--checkpoint`, is restored). The
+export's `serving_default` signature is the official DELG one (see
+`delg_tf.serving.delg_export`); the config values are the defaults baked into
+the `serving_image_bytes` signature and `assets.extra/delf_config.pbtxt`
+(start from `--delf_config`, then the individual flags override).
+
+The library function is `main(config) -> Path`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+CONFIG_JSON = "config.json"
+
+
+class ExportConfigError(ValueError):
+    """Invalid export configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRunConfig:
+    """Validated configuration of `python -m delg_tf.export`.
+
+    Attributes:
+      checkpoint_dir: training logdir with `config.json` and checkpoints.
+      export_path: SavedModel directory to write.
+      checkpoint: optional explicit checkpoint prefix (default: latest in checkpoint_dir).
+      overwrite: replace an existing export.
+      export: `delg_tf.serving.delg_export.ExportConfig` (what is baked in).
+    """
+
+    checkpoint_dir: str
+    export_path: str
+    export: object
+    checkpoint: str = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.checkpoint_dir:
+            raise ExportConfigError("--checkpoint_dir is required (a delg_tf.train logdir).")
+        if not self.export_path:
+            raise ExportConfigError("--export_path is required (the SavedModel directory).")
+
+
+def load_trained_model(checkpoint_dir, checkpoint=None):
+    """Builds the model described by `checkpoint_dir/config.json` and restores its weights."""
+    import tensorflow as tf
+
+    from delg_tf.models import registry
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path = checkpoint_dir / CONFIG_JSON
+    if not config_path.is_file():
+        raise ExportConfigError(
+            f"{config_path} not found; --checkpoint_dir must be a delg_tf.train logdir "
+            "(config.json + ckpt-N files). For official DELG SavedModels use them directly "
+            "(DelgExtractor.from_saved_model) or convert them with delg_tf.convert_official.")
+    record = json.loads(config_path.read_text())
+    family = record.get("train", {}).get("model_family", "delg")
+    model = registry.build_model(family, record["model"], load_imagenet=False)
+    path = checkpoint or tf.train.latest_checkpoint(str(checkpoint_dir))
+    if path is None:
+        raise ExportConfigError(f"{checkpoint_dir} has no checkpoint (no 'checkpoint' file / "
+                                "ckpt-N); train first or pass --checkpoint=PREFIX.")
+    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ExportConfigError(f"checkpoint {path} does not match the model built from "
+                                f"{config_path}: {e}") from e
+    return model
+
+
+def main(config: ExportRunConfig) -> Path:
+    """Restores the trained model and writes the SavedModel. Returns its path."""
+    from delg_tf.serving import delg_export
+
+    model = load_trained_model(config.checkpoint_dir, config.checkpoint)
+    path = delg_export.export_saved_model(model, config.export_path, config.export,
+                                          overwrite=config.overwrite)
+    print(f"export: wrote {path} (mode {config.export.mode}, signatures "
+          f"{delg_export.SIGNATURE_DEFAULT}, {delg_export.SIGNATURE_IMAGE_BYTES})")
+    return path
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint_dir", None, "delg_tf.train logdir (config.json + ckpt-N).")
+    flags.DEFINE_string("checkpoint", None, "Explicit checkpoint prefix (default: latest).")
+    flags.DEFINE_string("export_path", None, "SavedModel directory to write.")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing export.")
+    flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt giving the baked-in defaults.")
+    flags.DEFINE_list("image_scales", None, "Pyramid scales (default 0.25 ... 2.0, 7 scales).")
+    flags.DEFINE_list("global_scales_ind", None, "Scale indices of the global descriptor "
+                      "(default 3,4,5).")
+    flags.DEFINE_integer("max_feature_num", None, "Local features kept (default 1000).")
+    flags.DEFINE_float("score_threshold", None, "Attention threshold (default 175.0, official).")
+    flags.DEFINE_float("iou_threshold", None, "NMS IoU (default 1.0 = none).")
+    flags.DEFINE_integer("max_image_size", None, "Resize larger images (default 1024; -1 none).")
+    flags.DEFINE_integer("min_image_size", None, "Resize smaller images (default -1: none).")
+    flags.DEFINE_boolean("use_square_images", None, "Resize images to squares.")
+    flags.DEFINE_boolean("export_local", True, "Export local features.")
+    flags.DEFINE_boolean("export_global", True, "Export global descriptors.")
+    flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests.")
+    return flags.FLAGS
+
+
+def _config_from_flags(f):
+    from delg_tf.extraction.extractor import load_delf_config
+    from delg_tf.serving.delg_export import ExportConfig
+
+    if not (f.export_local or f.export_global):
+        raise ExportConfigError("--noexport_local and --noexport_global together export "
+                                "nothing; keep at least one.")
+    mode = ("local_and_global" if f.export_local and f.export_global
+            else "local" if f.export_local else "global")
+    overrides = {"mode": mode, "warmup": f.warmup}
+    try:
+        if f.image_scales is not None:
+            overrides["image_scales"] = tuple(float(s) for s in f.image_scales)
+        if f.global_scales_ind is not None:
+            overrides["global_scales_ind"] = tuple(int(i) for i in f.global_scales_ind)
+    except ValueError as e:
+        raise ExportConfigError(f"--image_scales must be floats and --global_scales_ind "
+                                f"integers, comma-separated ({e}).") from e
+    for name in ("max_feature_num", "score_threshold", "iou_threshold", "max_image_size",
+                 "min_image_size", "use_square_images"):
+        if getattr(f, name) is not None:
+            overrides[name] = getattr(f, name)
+    if f.delf_config:
+        export = ExportConfig.from_delf_config(load_delf_config(f.delf_config), **overrides)
+    else:
+        export = ExportConfig(**overrides)
+    return ExportRunConfig(checkpoint_dir=f.checkpoint_dir, export_path=f.export_path,
+                           export=export, checkpoint=f.checkpoint, overwrite=f.overwrite)
+
+
+def _run(argv):
+    from absl import flags
+
+    del argv
+    try:
+        main(_config_from_flags(flags.FLAGS))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli():
+    """Console entry point."""
+    from absl import app
+
+    _define_flags()
+    app.run(_run)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,1 +1,0 @@
-"""delg_tf.export."""

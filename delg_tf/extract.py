@@ -1,0 +1,260 @@
+"""Batch DELG extraction into an HDF5 feature store: `python -m delg_tf.extract`.
+
+    python -m delg_tf.extract --images=DIR_OR_LIST.txt --output_dir=OUT \
+        [--delf_config=r50delg_gld_config.pbtxt] [--model_path=SAVED_MODEL] \
+        [--shard_index=0 --num_shards=1] [--float16] [--binarize] [--write_delf]
+
+* `--images`: a folder (image files, not recursive) or a text file with one
+  path per line (relative paths resolved against `--image_root`, default the
+  list file's folder). Image names in the store are these relative paths.
+* model: `--delf_config` (official DelfConfig text; its `model_path`, or
+  `--model_path` if given) and/or `--model_path` alone (a delg_tf export uses its
+  baked-in config; other SavedModels the official R50 DELG defaults).
+* output: `OUT/features.h5` (or `features-SSSSS-of-NNNNN.h5` per shard), built from
+  crash-safe parts in `OUT/features[...].parts/`; re-running resumes (finished
+  images skipped). Unreadable/corrupt images are listed in `OUT/errors[...].tsv`
+  (name, reason, message) and skipped. With `--write_delf`, official per-image
+  `OUT/delf/<name>.delf` and `<name>.delg_global` files too.
+
+The library function is `main(config, paths=None) -> Path` (the store path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+ERROR_LOG_HEADER = "name\treason\tmessage\n"
+
+
+class ExtractConfigError(ValueError):
+    """Invalid batch-extraction configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Validated configuration of a batch extraction.
+
+    Attributes:
+      output_dir: where the store, parts, error log and .delf files go.
+      images: folder or list file (used when `main` gets no explicit paths).
+      image_root: base folder of relative paths in a list file.
+      delf_config: DelfConfig .pbtxt path (optional if `model_path` is given).
+      model_path: SavedModel directory (overrides the config's `model_path`).
+      shard_index / num_shards: process images[shard_index::num_shards].
+      float16: store descriptors as float16.
+      binarize: also store DELG* packed binary local descriptors.
+      write_delf: also write official `.delf` / `.delg_global` files.
+      flush_every: images per crash-safe part file.
+      progress: show a tqdm progress bar.
+    """
+
+    output_dir: str
+    images: str = None
+    image_root: str = None
+    delf_config: str = None
+    model_path: str = None
+    shard_index: int = 0
+    num_shards: int = 1
+    float16: bool = False
+    binarize: bool = False
+    write_delf: bool = False
+    flush_every: int = 64
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ExtractConfigError("--output_dir is required (where the feature store goes).")
+        if not self.delf_config and not self.model_path:
+            raise ExtractConfigError("give --delf_config (a DelfConfig .pbtxt) and/or "
+                                     "--model_path (a SavedModel directory); received neither.")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ExtractConfigError(f"--shard_index must be in [0, --num_shards); received "
+                                     f"shard_index={self.shard_index}, "
+                                     f"num_shards={self.num_shards}.")
+        if self.flush_every < 1:
+            raise ExtractConfigError(f"--flush_every must be >= 1, received {self.flush_every}.")
+
+    @property
+    def suffix(self):
+        if self.num_shards == 1:
+            return ""
+        return f"-{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    @property
+    def store_path(self):
+        return Path(self.output_dir) / f"features{self.suffix}.h5"
+
+    @property
+    def parts_dir(self):
+        return Path(self.output_dir) / f"features{self.suffix}.parts"
+
+    @property
+    def error_log(self):
+        return Path(self.output_dir) / f"errors{self.suffix}.tsv"
+
+
+def list_images(images, image_root=None):
+    """(name, path) pairs from a folder or a list file, in a stable order."""
+    from delg_tf.data.images import list_image_files
+
+    source = Path(images)
+    if source.is_dir():
+        return [(p.name, p) for p in list_image_files(source)]
+    if source.is_file():
+        root = Path(image_root) if image_root else source.parent
+        pairs = []
+        for line in source.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                path = Path(line)
+                pairs.append((line, path if path.is_absolute() else root / path))
+        return pairs
+    raise ExtractConfigError(f"--images {images} does not exist; expected a folder of images "
+                             "or a text file with one image path per line.")
+
+
+def make_extractor(config):
+    """`DelgExtractor` for a config (DelfConfig file and/or SavedModel path)."""
+    from delg_tf.extraction.extractor import DelgExtractor
+
+    if config.delf_config:
+        return DelgExtractor.from_config(config.delf_config, model_path=config.model_path)
+    return DelgExtractor.from_saved_model(config.model_path)
+
+
+def _write_official_files(output_dir, name, features):
+    from delg_tf.extraction import delf_io
+
+    base = Path(output_dir) / "delf" / name
+    if features.attention.size or features.descriptors.size:
+        delf_io.write_delf(base.with_name(base.name + delf_io.DELF_EXTENSION),
+                           features.locations, features.scales, features.descriptors,
+                           features.attention)
+    if features.global_descriptor.size:
+        delf_io.write_datum(base.with_name(base.name + delf_io.DELG_GLOBAL_EXTENSION),
+                            features.global_descriptor)
+
+
+def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
+    """Extracts features of images into the HDF5 store of `config`.
+
+    Args:
+      config: `ExtractConfig`.
+      paths: optional list of image paths or (name, path) pairs; default: from
+        `config.images`.
+      extractor: optional ready `DelgExtractor` (default: `make_extractor(config)`).
+
+    Returns:
+      Path of the consolidated store file.
+    """
+    from delg_tf.data.errors import ImageLoadError
+    from delg_tf.data.images import load_image_rgb
+    from delg_tf.extraction.store import FeatureStoreWriter, consolidate
+
+    if paths is None:
+        if not config.images:
+            raise ExtractConfigError("no images: pass --images (folder or list file).")
+        pairs = list_images(config.images, config.image_root)
+    else:
+        pairs = [p if isinstance(p, tuple) else (Path(p).name, Path(p)) for p in paths]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
+        raise ExtractConfigError(f"image names must be unique; duplicated: {duplicated}.")
+    shard = pairs[config.shard_index::config.num_shards]
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
+                                binarized=config.binarize, flush_every=config.flush_every)
+    todo = [(n, p) for n, p in shard if n not in writer.done]
+    skipped = len(shard) - len(todo)
+    extractor = extractor or (make_extractor(config) if todo else None)
+    failures = 0
+    started = time.time()
+    iterator = todo
+    if config.progress:
+        from tqdm import tqdm
+        iterator = tqdm(todo, desc="extract", unit="img")
+    with open(config.error_log, "a", encoding="utf-8") as log, writer:
+        if log.tell() == 0:
+            log.write(ERROR_LOG_HEADER)
+        for name, path in iterator:
+            try:
+                image = load_image_rgb(path, alpha="drop")
+                features = extractor(image)
+            except ImageLoadError as e:
+                failures += 1
+                log.write(f"{name}\t{e.reason}\t{e}\n".replace("\n", " ").rstrip() + "\n")
+                log.flush()
+                continue
+            except Exception as e:  # noqa: BLE001 - reported and skipped, run continues.
+                failures += 1
+                log.write(f"{name}\textraction_failed\t{type(e).__name__}: {e}"
+                          .replace("\n", " ") + "\n")
+                log.flush()
+                continue
+            writer.add(name, features)
+            if config.write_delf:
+                _write_official_files(output_dir, name, features)
+    extracted = len(todo) - failures
+    store = consolidate(config.parts_dir, config.store_path, order=[n for n, _ in shard])
+    print(f"extract: shard {config.shard_index}/{config.num_shards}: {len(shard)} images, "
+          f"{extracted} extracted, {skipped} already done, {failures} failed "
+          f"(see {config.error_log}) in {time.time() - started:.1f} s; store: {store}")
+    return store
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("images", None, "Folder of images or a text file with one path per line.")
+    flags.DEFINE_string("image_root", None, "Base folder of relative paths in a list file.")
+    flags.DEFINE_string("output_dir", None, "Output folder (store, parts, error log).")
+    flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt (official DELG configs work).")
+    flags.DEFINE_string("model_path", None, "SavedModel directory (overrides the config's).")
+    flags.DEFINE_integer("shard_index", 0, "This machine's shard.")
+    flags.DEFINE_integer("num_shards", 1, "Number of shards.")
+    flags.DEFINE_boolean("float16", False, "Store descriptors as float16.")
+    flags.DEFINE_boolean("binarize", False, "Also store DELG* binarised local descriptors.")
+    flags.DEFINE_boolean("write_delf", False, "Also write official .delf / .delg_global files.")
+    flags.DEFINE_integer("flush_every", 64, "Images per crash-safe part file.")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+    return flags.FLAGS
+
+
+def _config_from_flags(flag_values):
+    if not flag_values.images:
+        raise ExtractConfigError("--images is required (folder or list file).")
+    return ExtractConfig(
+        output_dir=flag_values.output_dir, images=flag_values.images,
+        image_root=flag_values.image_root, delf_config=flag_values.delf_config,
+        model_path=flag_values.model_path, shard_index=flag_values.shard_index,
+        num_shards=flag_values.num_shards, float16=flag_values.float16,
+        binarize=flag_values.binarize, write_delf=flag_values.write_delf,
+        flush_every=flag_values.flush_every, progress=flag_values.progress)
+
+
+def _run(argv):
+    from absl import flags
+
+    del argv
+    try:
+        main(_config_from_flags(flags.FLAGS))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli():
+    """Console entry point."""
+    from absl import app
+
+    _define_flags()
+    app.run(_run)
+
+
+if __name__ == "__main__":
+    cli()
