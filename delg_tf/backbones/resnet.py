@@ -298,6 +298,9 @@ class ResNet(keras.Model):
                                          stride_in_3x3=numerics.stride_in_last_unit,
                                          projection=unit == 0, numerics=numerics,
                                          name=f"{name}_block{unit + 1}"))
+                # Also an attribute: Keras 3 lists are not TF-trackable, so without this
+                # tf.train.Checkpoint(model=...) would save only the stem (not the blocks).
+                setattr(self, f"{name}_block{unit + 1}", blocks[-1])
             self.stages.append(blocks)
         self.conv4_subsample = (not numerics.stride_in_last_unit) and block3_stride
 
