@@ -38,8 +38,12 @@ class ModelFormatError(ValueError):
     """The directory is not a DELG SavedModel of a known format."""
 
 
-def validate_raw_inputs(image, scales, max_feature_num, abs_thres, global_scales_ind):
+def validate_raw_inputs(image, scales, max_feature_num, abs_thres, global_scales_ind,
+                        check_global=True):
     """Checks dtypes and ranks before calling a model; returns the converted inputs.
+
+    `check_global=False` skips the range check of `global_scales_ind` (models
+    without global outputs ignore it).
 
     Raises:
       TypeError / ValueError naming the input, what was expected and what was received.
@@ -71,7 +75,7 @@ def validate_raw_inputs(image, scales, max_feature_num, abs_thres, global_scales
         raise ValueError(f"input_global_scales_ind must be a 1-D list of integers, received "
                          f"{global_scales_ind.tolist()}.")
     bad = [int(i) for i in global_scales_ind if not 0 <= i < scales.size]
-    if bad:
+    if bad and check_global:
         raise ValueError(f"input_global_scales_ind {global_scales_ind.tolist()} has indices {bad} "
                          f"outside [0, {scales.size}) for {scales.size} input_scales.")
     return (tf.convert_to_tensor(image), tf.convert_to_tensor(scales),
@@ -99,7 +103,8 @@ class RawExtractionFn:
 
     def __call__(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
         image, scales, max_feature_num, abs_thres, global_scales_ind = validate_raw_inputs(
-            image, scales, max_feature_num, abs_thres, global_scales_ind)
+            image, scales, max_feature_num, abs_thres, global_scales_ind,
+            check_global=self.use_global)
         kwargs = {"input_image": image, "input_scales": scales}
         if self.use_local:
             kwargs.update(input_max_feature_num=max_feature_num, input_abs_thres=abs_thres)
