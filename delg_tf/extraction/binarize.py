@@ -36,4 +36,4 @@ def hamming_distances(packed_a, packed_b):
     """Pairwise Hamming distances [Na, Nb] between packed codes."""
     a = np.asarray(packed_a, np.uint8)[:, None, :]
     b = np.asarray(packed_b, np.uint8)[None, :, :]
-    return np.unpackbits(np.bitwise_xor(a, b), axis=2).sum(axis=2)
+    return np.unpackbits(np.bitwise_xor(a, b), axis=2).sum(axis=2, dtype=np.int64)

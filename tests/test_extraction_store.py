@@ -1,0 +1,159 @@
+"""Feature store (crash injection + resume), DELG* binarisation, .delf / datum round trips."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from delg_tf.extraction import binarize, delf_io
+from delg_tf.extraction.store import FeatureStore, FeatureStoreWriter, consolidate
+
+NUM_IMAGES = 7
+LOCAL_DIM = 128
+GLOBAL_DIM = 16
+
+
+def _records(seed=0):
+    rng = np.random.default_rng(seed)
+    records = []
+    for k in range(NUM_IMAGES):
+        n = int(rng.integers(0, 9))
+        records.append((f"dir/img_{k:02d}.jpg", {
+            "image_shape": (30 + k, 40, 3),
+            "global_descriptor": rng.normal(size=GLOBAL_DIM).astype(np.float32),
+            "locations": rng.uniform(0, 40, (n, 2)).astype(np.float32),
+            "descriptors": rng.normal(size=(n, LOCAL_DIM)).astype(np.float32),
+            "attention": rng.uniform(0, 2, n).astype(np.float32),
+            "scales": rng.choice([0.5, 1.0, 2.0], n).astype(np.float32)}))
+    return records
+
+
+def _write_all(directory, records, **kwargs):
+    with FeatureStoreWriter(directory, flush_every=2, **kwargs) as writer:
+        for name, features in records:
+            if name not in writer.done:
+                writer.add(name, features)
+
+
+def _assert_same_content(path_a, path_b):
+    a, b = FeatureStore(path_a).arrays(), FeatureStore(path_b).arrays()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# A writer process killed (SIGKILL) in the middle of writing its 3rd part file.
+CRASHING_WRITER = textwrap.dedent("""
+    import os, pickle, signal, sys
+    import h5py
+    from delg_tf.extraction.store import FeatureStoreWriter
+    records = pickle.load(open(sys.argv[2], "rb"))
+    calls = {"n": 0}
+    original = h5py.Group.create_dataset
+    def create_dataset(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    h5py.Group.create_dataset = create_dataset
+    writer = FeatureStoreWriter(sys.argv[1], flush_every=2)
+    for name, features in records:
+        writer.add(name, features)
+    writer.close()
+""")
+DATASETS_PER_PART = 8
+
+
+def test_resume_after_kill_gives_identical_store(tmp_path):
+    import pickle
+
+    records = _records()
+    _write_all(tmp_path / "clean.parts", records)
+    clean = consolidate(tmp_path / "clean.parts", tmp_path / "clean.h5",
+                        order=[n for n, _ in records])
+
+    (tmp_path / "records.pkl").write_bytes(pickle.dumps(records))
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_WRITER)
+    kill_at = 2 * DATASETS_PER_PART + 3  # inside the 3rd part
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "crashed.parts"),
+                             str(tmp_path / "records.pkl"), str(kill_at)], capture_output=True)
+    assert result.returncode != 0  # killed
+    leftovers = sorted(p.name for p in (tmp_path / "crashed.parts").iterdir())
+    assert leftovers == ["part-000000.h5", "part-000001.h5", "part-000002.h5.tmp"]
+    # Readers see only complete records.
+    assert len(FeatureStore(tmp_path / "crashed.parts")) == 4
+
+    _write_all(tmp_path / "crashed.parts", records)  # resume: skips the 4 finished images
+    assert not list((tmp_path / "crashed.parts").glob("*.tmp"))
+    resumed = consolidate(tmp_path / "crashed.parts", tmp_path / "resumed.h5",
+                          order=[n for n, _ in records])
+    _assert_same_content(clean, resumed)
+    store = FeatureStore(resumed)
+    name, features = records[3]
+    got = store.get(name)
+    np.testing.assert_array_equal(got["descriptors"], features["descriptors"])
+    np.testing.assert_array_equal(got["keypoints"], features["locations"][:, ::-1])
+    np.testing.assert_array_equal(store.global_descriptors[3], features["global_descriptor"])
+
+
+def test_float16_and_binarized_options(tmp_path):
+    records = _records(seed=1)
+    _write_all(tmp_path / "parts", records, float16=True, binarized=True)
+    store = FeatureStore(consolidate(tmp_path / "parts", tmp_path / "s.h5"))
+    arrays = store.arrays()
+    assert arrays["descriptors"].dtype == np.float16
+    assert arrays["descriptors_binary"].shape[1] == LOCAL_DIM // 8
+    name, features = records[2]
+    got = store.get(name)
+    np.testing.assert_allclose(got["descriptors"], features["descriptors"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(binarize.unpack_binary(got["descriptors_binary"], LOCAL_DIM),
+                                  binarize.binarize(features["descriptors"]))
+    with pytest.raises(ValueError, match="same options"):
+        FeatureStoreWriter(tmp_path / "parts", float16=False, binarized=True)
+
+
+def test_binarize_packing_and_hamming():
+    x = np.array([[0.5, -1.0, 0.0, 2.0, -0.1, 0.3, 0.0, 1.0, -2.0]], np.float32)
+    np.testing.assert_array_equal(binarize.binarize(x), [[1, -1, -1, 1, -1, 1, -1, 1, -1]])
+    packed = binarize.pack_binary(x)
+    assert packed.shape == (1, 2) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(binarize.unpack_binary(packed, 9), binarize.binarize(x))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 128)), rng.normal(size=(4, 128))
+    hamming = binarize.hamming_distances(binarize.pack_binary(a), binarize.pack_binary(b))
+    dots = binarize.binarize(a) @ binarize.binarize(b).T
+    np.testing.assert_array_equal(dots, 128 - 2 * hamming)
+
+
+def test_delf_and_datum_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    locations = rng.uniform(0, 100, (5, 2)).astype(np.float32)
+    scales = np.float32([0.5, 1, 2, 4, 1])
+    descriptors = rng.normal(size=(5, 128)).astype(np.float32)
+    attention = rng.uniform(size=5).astype(np.float32)
+    delf_io.write_delf(tmp_path / "a.delf", locations, scales, descriptors, attention)
+    got = delf_io.read_delf(tmp_path / "a.delf")
+    for expected, value in zip((locations, scales, descriptors, attention, np.zeros(5)), got):
+        np.testing.assert_array_equal(value, expected)
+    # Official field usage: y = locations[:, 0], x = locations[:, 1], strength = attention.
+    from delg_tf.protos import feature_pb2
+    proto = feature_pb2.DelfFeatures.FromString((tmp_path / "a.delf").read_bytes())
+    assert proto.feature[1].y == locations[1, 0] and proto.feature[1].x == locations[1, 1]
+    assert proto.feature[1].strength == attention[1]
+    assert list(proto.feature[1].descriptor.shape.dim) == [128]
+
+    global_descriptor = rng.normal(size=2048).astype(np.float32)
+    delf_io.write_datum(tmp_path / "a.delg_global", global_descriptor)
+    np.testing.assert_array_equal(delf_io.read_datum(tmp_path / "a.delg_global"),
+                                  global_descriptor)
+    codes = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    delf_io.write_datum(tmp_path / "codes.datum", codes)
+    np.testing.assert_array_equal(delf_io.read_datum(tmp_path / "codes.datum"), codes)
+    delf_io.write_delf(tmp_path / "empty.delf", np.zeros((0, 2)), [], np.zeros((0, 128)), [])
+    assert delf_io.read_delf(tmp_path / "empty.delf")[0].shape == (0, 2)
+    (tmp_path / "bad.delf").write_bytes(b"\xff\xff\xff")
+    with pytest.raises(ValueError, match="bad.delf"):
+        delf_io.read_delf(tmp_path / "bad.delf")
