@@ -86,6 +86,11 @@ def load_trained_model(checkpoint_dir, checkpoint=None):
 
 def main(config: ExportRunConfig) -> Path:
     """Restores the trained model and writes the SavedModel. Returns its path."""
+    if Path(config.export_path).exists() and not config.overwrite:
+        # Checked before building anything (export_saved_model checks again).
+        raise FileExistsError(
+            f"export path {config.export_path} already exists; expected a new directory. "
+            "Pass --overwrite to replace it, or choose another --export_path.")
     from delg_tf.serving import delg_export
 
     model = load_trained_model(config.checkpoint_dir, config.checkpoint)

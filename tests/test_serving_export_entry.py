@@ -1,0 +1,58 @@
+"""`python -m delg_tf.export` on a delg_tf.train-style logdir with the real DelgModel."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from delg_tf import export as export_entry
+from delg_tf.extraction.extractor import DelgExtractor
+from delg_tf.extraction.testing import random_image
+from delg_tf.models import registry
+from delg_tf.models.delg import DelgModelConfig
+from delg_tf.serving.delg_export import ExportConfig
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    config = DelgModelConfig(num_classes=5, backbone="tiny", attention_hidden=16)
+    model = registry.build_model("delg", config, load_imagenet=False)
+    directory = tmp_path_factory.mktemp("logdir")
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(directory), 1,
+                               checkpoint_name="ckpt").save(1)
+    (directory / "config.json").write_text(json.dumps({"train": {"model_family": "delg"},
+                                                       "model": config.to_dict()}))
+    return directory, model
+
+
+def test_export_main_matches_the_trained_model(logdir, tmp_path):
+    directory, model = logdir
+    config = export_entry.ExportRunConfig(
+        checkpoint_dir=str(directory), export_path=str(tmp_path / "export"),
+        export=ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0))
+    path = export_entry.main(config)
+    exported = DelgExtractor.from_saved_model(path)
+    image = random_image(70, 90)
+    got, want = exported(image), DelgExtractor.from_model(model, exported.config)(image)
+    np.testing.assert_allclose(got.global_descriptor, want.global_descriptor, atol=1e-6)
+    np.testing.assert_allclose(got.descriptors, want.descriptors, atol=1e-5)
+    # Training-only weights (classifiers) are not exported.
+    names = {v.name for v in tf.saved_model.load(str(path)).model_variables}
+    assert not any("classifier" in n for n in names)
+
+
+def test_export_cli_flags_and_errors(logdir, tmp_path):
+    directory, _ = logdir
+    args = [sys.executable, "-m", "delg_tf.export", f"--checkpoint_dir={directory}",
+            f"--export_path={tmp_path / 'g'}", "--noexport_local", "--image_scales=0.5,1",
+            "--global_scales_ind=0,1", "--nowarmup"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mode global" in result.stdout
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    with pytest.raises(ValueError, match="config.json"):
+        export_entry.load_trained_model(tmp_path)
