@@ -55,6 +55,8 @@ SELF_CHECK_GLOBAL_SCALES_IND = (3, 4, 5)
 SELF_CHECK_ABS_THRES = 0.0
 SELF_CHECK_MAX_FEATURE_NUM = 1_000_000
 CHECKPOINT_DIR = "checkpoint"
+# tf.train.Checkpoint(model=...): the key delg_tf.train --init_from restores.
+CHECKPOINT_MODEL_KEY = "model"
 SAVED_MODEL_DIR = "saved_model"
 MODEL_CONFIG_FILE = "model_config.json"
 CONVERSION_FILE = "conversion.json"
@@ -242,6 +244,20 @@ def _resolve_backbone(config, official, log):
     return config.backbone
 
 
+def _check_checkpoint_complete(checkpoint_path, model):
+    """Every model variable must be in the checkpoint (guards against untracked layers)."""
+    import tensorflow as tf
+
+    saved = [name for name, _ in tf.train.list_variables(checkpoint_path)
+             if name.startswith(CHECKPOINT_MODEL_KEY + "/")
+             and name.endswith(variables_lib.VARIABLE_VALUE_SUFFIX)]
+    if len(saved) != len(model.variables):
+        raise OfficialModelError(
+            f"{checkpoint_path}: the checkpoint holds {len(saved)} variables, expected all "
+            f"{len(model.variables)} of the model; some layers are not tracked by "
+            f"tf.train.Checkpoint (e.g. layers kept only in Python lists).")
+
+
 def _prepare_output(config):
     out = Path(config.output_dir).absolute()
     if out.exists() and any(out.iterdir()) and not config.overwrite:
@@ -287,9 +303,10 @@ def convert(config, log=print):
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(**{CHECKPOINT_MODEL_KEY: model}),
                                              str(tmp / CHECKPOINT_DIR), max_to_keep=1)
         checkpoint_path = manager.save(checkpoint_number=0)
+        _check_checkpoint_complete(checkpoint_path, model)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=1))
         export_results = []
         if config.export:
