@@ -42,3 +42,15 @@ def test_query_itself_is_excluded():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="labels"):
         recall_at_k(np.zeros((3, 2)), np.zeros(4))
+
+
+def test_evaluate_recall_on_a_dataset():
+    import tensorflow as tf
+
+    from delg_tf.evaluation.glocal import evaluate_recall
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    images = np.eye(3)[labels][:, None, None, :] * np.ones((6, 2, 2, 3))
+    dataset = tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels)).batch(4)
+    recalls = evaluate_recall(lambda x: tf.reduce_mean(x, axis=(1, 2)), dataset, ks=(1, 2))
+    assert recalls == {1: 1.0, 2: 1.0}
