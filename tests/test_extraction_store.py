@@ -157,3 +157,17 @@ def test_delf_and_datum_round_trip(tmp_path):
     (tmp_path / "bad.delf").write_bytes(b"\xff\xff\xff")
     with pytest.raises(ValueError, match="bad.delf"):
         delf_io.read_delf(tmp_path / "bad.delf")
+
+
+def test_images_without_features_mix_with_others(tmp_path):
+    empty = {"image_shape": (8, 8, 3), "global_descriptor": np.zeros(0, np.float32),
+             "locations": np.zeros((0, 2)), "descriptors": np.zeros((0, 0)),
+             "attention": np.zeros(0), "scales": np.zeros(0)}
+    records = [("a_tiny.png", empty), ("b_tiny.png", empty)] + _records()[:3]
+    _write_all(tmp_path / "parts", records)  # first part: only featureless images
+    store = FeatureStore(consolidate(tmp_path / "parts", tmp_path / "s.h5"))
+    assert store.global_descriptors.shape == (5, GLOBAL_DIM)
+    np.testing.assert_array_equal(store.global_descriptors[0], 0.0)
+    assert store.get("a_tiny.png")["descriptors"].shape == (0, LOCAL_DIM)
+    np.testing.assert_array_equal(store.get(records[3][0])["descriptors"],
+                                  records[3][1]["descriptors"])

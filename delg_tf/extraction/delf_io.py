@@ -103,7 +103,8 @@ def arrays_to_delf_features(locations, scales, descriptors, attention, orientati
 
 
 def delf_features_to_arrays(features):
-    """DelfFeatures proto -> (locations [N,2] (y,x), scales, descriptors, attention, orientations)."""
+    """DelfFeatures proto -> (locations [N,2] (y,x), scales, descriptors, attention,
+    orientations)."""
     num = len(features.feature)
     if num == 0:
         return (np.zeros([0, 2], np.float32), np.zeros([0], np.float32),

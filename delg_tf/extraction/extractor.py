@@ -132,7 +132,7 @@ def load_delf_config(config):
     return parsed
 
 
-def _read_pca(pca_parameters, use_whitening_dim=True):
+def _read_pca(pca_parameters):
     from delg_tf.extraction import delf_io
 
     params = {"mean": delf_io.read_datum(pca_parameters.mean_path).astype(np.float32),

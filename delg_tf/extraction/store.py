@@ -45,29 +45,32 @@ class StoreError(ValueError):
     """A feature store is missing, inconsistent or of another format."""
 
 
-def _records_to_arrays(records, float16, binarized):
-    """Concatenates a list of record dicts into the store layout (numpy)."""
+def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
+    """Concatenates a list of record dicts into the store layout (numpy).
+
+    Images without a global descriptor (e.g. too small to extract) get a zero row
+    when the store has global descriptors; images without local features get no rows.
+    """
     float_type = np.float16 if float16 else np.float32
-    names = [r["name"] for r in records]
     counts = [len(r["scores"]) for r in records]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    arrays = {"names": np.array(names, dtype=object),
-              "image_shapes": np.array([r["image_shape"] for r in records], np.int32).reshape(-1, 3),
-              "local_offsets": offsets}
-    global_dims = {np.asarray(r["global_descriptor"]).size for r in records}
-    if global_dims - {0}:
-        if len(global_dims) != 1:
-            raise StoreError(f"records mix global descriptor sizes {sorted(global_dims)}; "
-                             "expected one size for the whole store.")
-        arrays["global_descriptors"] = np.stack(
-            [np.asarray(r["global_descriptor"], np.float32) for r in records]).astype(float_type)
-    local_dims = {np.asarray(r["descriptors"]).shape[-1] for r in records if len(r["scores"])}
-    local_dim = local_dims.pop() if len(local_dims) == 1 else 0
-    if len(local_dims) > 1:
-        raise StoreError(f"records mix local descriptor sizes; expected one size.")
+    arrays = {"names": np.array([r["name"] for r in records], dtype=object),
+              "image_shapes": np.array([r["image_shape"] for r in records],
+                                       np.int32).reshape(-1, 3),
+              "local_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+    if global_dim:
+        rows = np.zeros([len(records), global_dim], np.float32)
+        for k, r in enumerate(records):
+            value = np.asarray(r["global_descriptor"], np.float32).reshape(-1)
+            if value.size not in (0, global_dim):
+                raise StoreError(f"image {r['name']!r}: global descriptor of size {value.size}, "
+                                 f"expected {global_dim} like the rest of the store.")
+            if value.size:
+                rows[k] = value
+        arrays["global_descriptors"] = rows.astype(float_type)
 
     def cat(key, shape_tail, dtype):
-        parts = [np.asarray(r[key], dtype).reshape((-1,) + shape_tail) for r in records]
+        parts = [np.asarray(r[key], dtype).reshape((-1,) + shape_tail)
+                 for r, n in zip(records, counts) if n]
         return np.concatenate(parts) if parts else np.zeros((0,) + shape_tail, dtype)
 
     arrays["locations"] = cat("locations", (2,), np.float32)
@@ -132,9 +135,13 @@ class FeatureStoreWriter:
         for stale in self.directory.glob("*" + TMP_SUFFIX):
             stale.unlink()  # Left by a killed run; never a complete part.
         self.done = set()
+        self.local_dim = 0
+        self.global_dim = 0
         parts = _list_parts(self.directory)
         for part in parts:
             with h5py.File(part, "r") as f:
+                self.local_dim = self.local_dim or int(f.attrs["local_dim"])
+                self.global_dim = self.global_dim or int(f.attrs["global_dim"])
                 if bool(f.attrs["float16"]) != self.float16 or (
                         bool(f.attrs["binarized"]) != self.binarized):
                     raise StoreError(
@@ -158,6 +165,11 @@ class FeatureStoreWriter:
                   "scores": (get("attention") if get("attention") is not None
                              else get("scores")),
                   "scales": get("scales")}
+        global_size = np.asarray(record["global_descriptor"]).size
+        if global_size and not self.global_dim:
+            self.global_dim = int(global_size)
+        if len(record["scores"]) and not self.local_dim:
+            self.local_dim = int(np.asarray(record["descriptors"]).shape[-1])
         self._pending.append(record)
         self.done.add(name)
         if len(self._pending) >= self.flush_every:
@@ -167,7 +179,8 @@ class FeatureStoreWriter:
         """Writes the queued images as one complete part (atomic)."""
         if not self._pending:
             return
-        arrays = _records_to_arrays(self._pending, self.float16, self.binarized)
+        arrays = _records_to_arrays(self._pending, self.float16, self.binarized,
+                                    self.local_dim, self.global_dim)
         path = self.directory / f"part-{self._next_part:06d}.h5"
         _write_h5_atomic(path, arrays, self._attrs(arrays))
         self._next_part += 1
@@ -193,16 +206,27 @@ class FeatureStoreWriter:
 
 
 def _merge(arrays_list):
-    """Concatenates store arrays of several parts."""
+    """Concatenates store arrays of several parts (tolerates parts written before the
+    descriptor sizes were known: empty local datasets, no global rows)."""
     merged = {}
     offsets, base = [np.zeros(1, np.int64)], 0
     for arrays in arrays_list:
         offsets.append(arrays["local_offsets"][1:] + base)
         base += int(arrays["local_offsets"][-1])
     merged["local_offsets"] = np.concatenate(offsets)
-    for key in arrays_list[0]:
-        if key != "local_offsets":
-            merged[key] = np.concatenate([a[key] for a in arrays_list])
+    keys = sorted({key for arrays in arrays_list for key in arrays} - {"local_offsets"})
+    for key in keys:
+        candidates = [a[key] for a in arrays_list if key in a]
+        reference = max(candidates, key=lambda v: (v.size > 0, int(np.prod(v.shape[1:]))))
+        values = []
+        for arrays in arrays_list:
+            value = arrays.get(key)
+            if value is None:  # a part without global descriptors: zero rows
+                value = np.zeros((len(arrays["names"]),) + reference.shape[1:], reference.dtype)
+            elif value.shape[1:] != reference.shape[1:] and value.shape[0] == 0:
+                value = value.reshape((0,) + reference.shape[1:])
+            values.append(value)
+        merged[key] = np.concatenate(values)
     return merged
 
 
