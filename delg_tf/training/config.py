@@ -255,6 +255,8 @@ def format_flag(name, value) -> Optional[str]:
         return f"--{name}" if value else f"--no{name}"
     if isinstance(value, (list, tuple)):
         return f"--{name}=" + ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return f"--{name}=" + json.dumps(value, sort_keys=True)
     return f"--{name}={value}"
 
 

@@ -1,0 +1,308 @@
+"""``python -m delg_tf.train``: train DELG (or the Glocal Retriever) from absl flags.
+
+Paper setup (Cao, Araujo, Sim, ECCV 2020, Sec. 4.1) on GLDv2 TFRecords::
+
+    python -m delg_tf.train --flagfile=configs/r50.flags \\
+        --train_file_pattern=/data/gldv2/tfrecord/train-* \\
+        --validation_file_pattern=/data/gldv2/tfrecord/validation-* \\
+        --logdir=/data/runs/delg_r50
+
+Demo on the embedded photos (a few minutes on a CPU)::
+
+    python -m delg_tf.train --flagfile=configs/demo.flags
+
+Rerunning with the same ``--logdir`` resumes from its last checkpoint;
+``<logdir>/flags.txt`` is a flagfile of the resolved flags of the run.
+
+Flags live only in this module. They come in two groups, turned once into
+validated configs by `parse_flags`:
+
+* training flags: one per field of `delg_tf.training.config.TrainConfig`;
+* model flags: one per field of each model family's config dataclass
+  (`DelgModelConfig`, `GlocalModelConfig`), generated from the dataclasses so
+  they never drift. Unset model flags keep the family's defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+
+# Before TensorFlow is imported: keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from delg_tf.training import config as config_lib  # noqa: E402
+from delg_tf.training.config import ConfigError, TrainConfig  # noqa: E402
+
+EXIT_USAGE_ERROR = 2
+EXIT_TRAINING_ERROR = 3
+EXIT_INTERRUPTED = 130
+# Placeholder for a model config's required num_classes before the data is read;
+# the trainer replaces it with --num_classes or the value read from the data.
+UNRESOLVED_NUM_CLASSES = 1
+HELP_COMMAND = "python -m delg_tf.train --helpfull"
+_ATTRIBUTE_LINE = re.compile(r"^\s{4,}(\w+)(?:\s*/\s*\w+)*:\s*(.*)$")
+
+
+def _attribute_docs(cls) -> dict:
+    """`Attributes:` section of a dataclass docstring: {name: first sentence}."""
+    docs, current, in_section = {}, None, False
+    for line in (cls.__doc__ or "").splitlines():
+        if line.strip() == "Attributes:":
+            in_section = True
+            continue
+        if not in_section:
+            continue
+        match = _ATTRIBUTE_LINE.match(line)
+        if match and len(line) - len(line.lstrip()) <= 8:
+            current = match.group(1)
+            docs[current] = match.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def _field_kind(cls, field) -> str:
+    """"bool", "int", "float", "str", "list" or "json" for a dataclass field."""
+    try:
+        hint = typing.get_type_hints(cls).get(field.name, field.type)
+    except (NameError, TypeError):
+        hint = field.type
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint) or hint
+    for kind, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)),
+                        ("str", (str,)), ("list", (tuple, list)), ("json", (dict,))):
+        if isinstance(origin, type) and issubclass(origin, types):
+            return kind
+    default = (field.default if field.default is not dataclasses.MISSING else None)
+    if isinstance(default, bool):
+        return "bool"
+    return "str"
+
+
+def _list_element_type(cls, field):
+    try:
+        hint = typing.get_type_hints(cls).get(field.name)
+    except (NameError, TypeError):
+        return str
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    return args[0] if args and isinstance(args[0], type) else str
+
+
+def _define(flag_values, kind, name, default, help_text, choices=None):
+    if choices:
+        flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
+    elif kind == "bool":
+        flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
+    elif kind == "int":
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif kind == "float":
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    elif kind == "list":
+        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+    else:
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+TRAIN_CHOICES = {
+    "model_family": config_lib.MODEL_FAMILIES, "data_source": config_lib.DATA_SOURCES,
+    "optimizer": config_lib.OPTIMIZERS, "lr_schedule": config_lib.LR_SCHEDULES,
+    "strategy": config_lib.STRATEGIES, "embedded_preset": config_lib.EMBEDDED_PRESETS,
+}
+
+
+def model_config_classes() -> dict:
+    """{family: config dataclass} of the model families that can be imported."""
+    from delg_tf.training.trainer import model_config_class
+
+    classes = {}
+    for family in config_lib.MODEL_FAMILIES:
+        try:
+            classes[family] = model_config_class(family)
+        except (ImportError, ValueError):
+            continue
+    return classes
+
+
+def define_flags(flag_values=None) -> flags.FlagValues:
+    """Defines the training and model flags into `flag_values` (default: a new set)."""
+    flag_values = flag_values if flag_values is not None else flags.FlagValues()
+    train_docs = _attribute_docs(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        _define(flag_values, _field_kind(TrainConfig, field), field.name, default,
+                train_docs.get(field.name, field.name), TRAIN_CHOICES.get(field.name))
+    model_flags = {}
+    for family, cls in model_config_classes().items():
+        docs = _attribute_docs(cls)
+        for field in dataclasses.fields(cls):
+            if field.name in flag_values:
+                if field.name in model_flags:
+                    model_flags[field.name][1].append((family, field))
+                continue
+            model_flags[field.name] = (_field_kind(cls, field), [(family, field)],
+                                       docs.get(field.name, field.name))
+    for name, (kind, owners, doc) in model_flags.items():
+        defaults = []
+        for family, field in owners:
+            if field.default is not dataclasses.MISSING:
+                defaults.append(f"{family}: {field.default!r}")
+            elif field.default_factory is not dataclasses.MISSING:
+                defaults.append(f"{family}: {field.default_factory()!r}")
+        suffix = "; unset = model default (" + ", ".join(defaults) + ")" if defaults else ""
+        families = "/".join(family for family, _ in owners)
+        _define(flag_values, kind, name, None, f"[model {families}] {doc}{suffix}")
+    return flag_values
+
+
+def _model_config_from_flags(flag_values, family: str, cls):
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name == "num_classes":
+            continue
+        if field.name in {f.name for f in dataclasses.fields(TrainConfig)}:
+            value = getattr(flag_values, field.name)
+            if value is not None:
+                kwargs[field.name] = value
+            continue
+        value = getattr(flag_values, field.name)
+        if value is None:
+            continue
+        kind = _field_kind(cls, field)
+        if kind == "list":
+            element = _list_element_type(cls, field)
+            try:
+                value = tuple(element(v) for v in value)
+            except ValueError as e:
+                raise ConfigError(f"--{field.name} must be a comma-separated list of "
+                                  f"{element.__name__}; received {value!r}.") from e
+        elif kind == "json":
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ConfigError(f"--{field.name} must be a JSON object such as "
+                                  f"'{{\"base_width\": 16}}'; received {value!r}.") from e
+        kwargs[field.name] = value
+    num_classes = flag_values.num_classes or UNRESOLVED_NUM_CLASSES
+    try:
+        model_config = cls(num_classes=num_classes, **kwargs)
+        if hasattr(model_config, "validate"):
+            model_config.validate()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model flags for --model_family={family}: "
+                          f"{' '.join(str(e).split())}") from e
+    return model_config
+
+
+def config_from_flags(flag_values):
+    """Turns parsed flags into (validated TrainConfig, validated model config)."""
+    values = {f.name: getattr(flag_values, f.name) for f in dataclasses.fields(TrainConfig)}
+    train_config = TrainConfig(**values).validate()
+    classes = model_config_classes()
+    if train_config.model_family not in classes:
+        raise ConfigError(f"--model_family={train_config.model_family} is not available "
+                          f"(importable families: {sorted(classes)}).")
+    model_config = _model_config_from_flags(flag_values, train_config.model_family,
+                                            classes[train_config.model_family])
+    return train_config, model_config
+
+
+def _check_flagfiles(argv):
+    for arg in argv[1:]:
+        match = re.match(r"^--?flagfile=(.*)$", arg)
+        if match and not os.path.isfile(os.path.expanduser(match.group(1))):
+            raise ConfigError(f"--flagfile={match.group(1)} does not exist; expected a file "
+                              "of --name=value lines such as configs/r50.flags.")
+
+
+def _flags_error(error) -> ConfigError:
+    message = " ".join(str(error).split())
+    return ConfigError(f"{message}; see {HELP_COMMAND}.")
+
+
+def parse_flags(argv, flag_values=None):
+    """Parses a command line (argv[0] = program) into (TrainConfig, model config).
+
+    Uses a fresh flag set unless `flag_values` is given, so it can be called
+    repeatedly (tests read every `configs/*.flags` through it).
+
+    Raises:
+        ConfigError: unknown flags, missing flagfile, bad values (one line).
+    """
+    _check_flagfiles(argv)
+    flag_values = define_flags(flag_values)
+    try:
+        extra = flag_values(list(argv))
+    except flags.Error as e:
+        raise _flags_error(e) from e
+    if len(extra) > 1:
+        raise ConfigError(f"unexpected arguments {extra[1:]}; every setting is a --flag. See "
+                          f"{HELP_COMMAND}.")
+    return config_from_flags(flag_values)
+
+
+def main(train_config: TrainConfig, model_config) -> Path:
+    """Library entry: trains with the given configs; returns the logdir."""
+    from delg_tf.training.trainer import train
+
+    return train(train_config, model_config)
+
+
+def _fail(message: str, code: int):
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _run_main(argv):
+    del argv
+    import tensorflow as tf
+
+    from delg_tf.data.errors import DataError
+    from delg_tf.training.trainer import TrainingError
+
+    try:
+        train_config, model_config = config_from_flags(flags.FLAGS)
+        logdir = main(train_config, model_config)
+    except (ConfigError, DataError) as e:
+        _fail(e, EXIT_USAGE_ERROR)
+    except TrainingError as e:
+        _fail(e, EXIT_TRAINING_ERROR)
+    except tf.errors.OpError as e:
+        first = (e.message or str(e)).strip().splitlines()[0]
+        _fail(f"TensorFlow {type(e).__name__} during training: {first}; the last "
+              "checkpoint in --logdir is kept, rerun to resume once fixed.",
+              EXIT_TRAINING_ERROR)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun with the same --logdir to resume from the last checkpoint.",
+              EXIT_INTERRUPTED)
+    print(f"training done: {logdir}")
+
+
+def _parse_or_exit(argv):
+    try:
+        _check_flagfiles(argv)
+        define_flags(flags.FLAGS)
+        return flags.FLAGS(list(argv))
+    except ConfigError as e:
+        _fail(e, EXIT_USAGE_ERROR)
+    except flags.Error as e:
+        _fail(_flags_error(e), EXIT_USAGE_ERROR)
+
+
+def run():
+    """Console entry point (`delg-train`)."""
+    from absl import app
+
+    app.run(_run_main, flags_parser=_parse_or_exit)
+
+
+if __name__ == "__main__":
+    run()
