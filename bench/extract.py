@@ -11,8 +11,8 @@ weights; speed does not depend on them):
 * global only, 3 scales (the "global model" of Table 6);
 * delg_tf extraction, 3 global + 7 local scales (the paper's setting);
 * delg_tf extraction, 3 global + 3 local scales;
-each as median seconds of `repeats` runs after one warm-up (tracing) run, with
-the ratio to the floor; then the peak host memory (ru_maxrss) and, if TF
+each as median seconds of `repeats` interleaved runs after one warm-up (tracing)
+run, with the ratios to the floor and to the pyramid backbone; then the peak host memory (ru_maxrss) and, if TF
 reports it, the TF CPU allocator peak.
 `--quick` uses 512 px, the tiny backbone and one repeat (a smoke run).
 """
@@ -43,14 +43,18 @@ def build_model(backbone):
                                 load_imagenet=False)
 
 
-def time_call(fn, repeats):
-    fn()  # warm-up: tracing and allocator growth
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_cases(cases, repeats):
+    """Median seconds per case; cases interleaved round-robin so that load changes on a
+    shared machine hit all of them alike. One untimed warm-up call each (tracing)."""
+    for _, fn in cases:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name, _ in cases}
+    for _ in range(repeats):
+        for name, fn in cases:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def tf_cpu_peak_mib():
@@ -66,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--backbone", default="r50")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.backbone, args.repeats = QUICK_SIZE, "tiny", 1
@@ -109,12 +113,12 @@ def main(argv=None):
     print(f"bench/extract.py: {args.size}x{args.size} image, backbone {args.backbone}, "
           f"median of {args.repeats} after 1 warm-up, TF {tf.__version__}, "
           f"{len(tf.config.list_physical_devices('CPU'))} CPU device(s)")
-    results = {}
-    for name, fn in cases:
-        results[name] = time_call(fn, args.repeats)
+    results = time_cases(cases, args.repeats)
     floor_time = results[cases[0][0]]
+    pyramid_time = results[cases[1][0]]
     for name, _ in cases:
-        print(f"  {name:<52s} {results[name]:8.3f} s   x{results[name] / floor_time:5.2f} floor")
+        print(f"  {name:<52s} {results[name]:8.3f} s   x{results[name] / floor_time:5.2f} floor"
+              f"   x{results[name] / pyramid_time:5.2f} pyramid backbone")
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB  # Linux: KiB
     tf_peak = tf_cpu_peak_mib()
     print(f"  peak host memory (ru_maxrss): {peak_host:.0f} MiB; TF CPU allocator peak: "
