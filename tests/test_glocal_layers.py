@@ -36,7 +36,8 @@ def test_orthogonal_fusion_matches_numpy_and_is_orthogonal():
     np.testing.assert_allclose(orth, expected_orth, rtol=1e-6, atol=1e-9)
     # Every orthogonal local vector, and their pooled mean, is orthogonal to f_g.
     np.testing.assert_allclose(np.einsum("bhwc,bc->bhw", orth, g), 0.0, atol=1e-9)
-    np.testing.assert_allclose(np.einsum("bc,bc->b", fused[:, 5:], g), 0.0, atol=1e-6)  # float32 layer
+    pooled_orth = fused[:, 5:]  # The layer computes in float32.
+    np.testing.assert_allclose(np.einsum("bc,bc->b", pooled_orth, g), 0.0, atol=1e-6)
     assert OrthogonalFusion.from_config(layer.get_config()).pooling == "spoc"
 
 

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-DOLG_ATROUS_RATES = (3, 6, 9)  # Public DOLG re-implementations; (6, 12, 18) is the other common choice.
+# Rates of public DOLG re-implementations; (6, 12, 18) is the other common choice.
+DOLG_ATROUS_RATES = (3, 6, 9)
 ATROUS_KERNEL_SIZE = 3
 NUM_GAP_BRANCHES = 1
 SPATIAL_AXES = (1, 2)
@@ -37,8 +38,8 @@ class MultiAtrous(keras.layers.Layer):
         super().__init__(**kwargs)
         rates = tuple(int(r) for r in rates)
         if not rates or min(rates) < 1 or len(set(rates)) != len(rates):
-            raise ValueError(f"MultiAtrous rates must be distinct positive integers such as (3, 6, 9), "
-                             f"received {rates!r}.")
+            raise ValueError(f"MultiAtrous rates must be distinct positive integers such as "
+                             f"(3, 6, 9), received {rates!r}.")
         if filters < 1:
             raise ValueError(f"MultiAtrous filters must be >= 1, received {filters!r}.")
         self.filters = int(filters)

@@ -327,7 +327,7 @@ class GlocalModel(keras.Model):
         self.proxy_optimizer.build([self.proxies])
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, images, training=False):
+    def _forward(self, images, training=False, with_aux=True):
         """Returns (embedding [B, D] L2-normalised, aux logits [B, classes] or None)."""
         cfg = self.config
         x = normalize_images(images, cfg.resolved_image_normalization())
@@ -347,13 +347,13 @@ class GlocalModel(keras.Model):
             embedding = self.fusion_fcs[0](self.fusion(local_features, g))
         embedding = tf.math.l2_normalize(embedding, axis=-1)
         logits = None
-        if self.aux_classifier is not None:
+        if with_aux and self.aux_classifier is not None:
             first_pooled = pooled_and_projected[0][0]
             logits = self.aux_classifier(self.aux_bn(first_pooled, training=training))
         return embedding, logits
 
     def call(self, images, training=False):
-        return self._forward(images, training=training)[0]
+        return self._forward(images, training=training, with_aux=False)[0]
 
     # ------------------------------------------------------------------- losses
     def aux_loss_weight(self, step):
