@@ -7,9 +7,10 @@ Retriever (Kim, Kim, Suh, Electronics 2023, Sec. 3.5).
     L = mean_batch[ (1 - eps) * (-log p_y) + eps * mean_c(-log p_c) ]
 
 i.e. the cross-entropy against the target distribution (1 - eps) * onehot(y) +
-eps / C (Szegedy et al., CVPR 2016). Default values eps = 0.1, tau = 0.5 are those of
-the CGD paper's auxiliary loss and of the public CGD implementation
-(leftthomas/CGD: `--smoothing 0.1 --temperature 0.5`).
+eps / C (Szegedy et al., CVPR 2016). The defaults eps = 0.1, tau = 0.5 are those of the
+public CGD implementation leftthomas/CGD (`--smoothing 0.1 --temperature 0.5`, its
+`LabelSmoothingCrossEntropyLoss`); the CGD paper's own text could not be checked here,
+so both are flags of the Glocal model (`label_smoothing`, `temperature`).
 """
 
 import tensorflow as tf

@@ -373,7 +373,8 @@ class GlocalModel(keras.Model):
         embedding, logits = self._forward(images, training=training)
         metric_loss = proxy_anchor_loss(embedding, labels, self.proxies, cfg.proxy_alpha,
                                         cfg.proxy_margin)
-        step = self.optimizer.iterations if self.optimizer is not None else 0
+        optimizer = getattr(self, "optimizer", None)
+        step = optimizer.iterations if optimizer is not None else 0
         weight = self.aux_loss_weight(step)
         if logits is not None:
             aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing,
