@@ -163,6 +163,19 @@ def define_flags(flag_values=None) -> flags.FlagValues:
     return flag_values
 
 
+def _check_family_flags(flag_values, family: str, classes: dict):
+    """Model flags given on the command line must belong to the chosen family."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = {f.name for f in dataclasses.fields(classes[family])}
+    for other, cls in classes.items():
+        for field in dataclasses.fields(cls):
+            name = field.name
+            if name in own or name in train_fields or not flag_values[name].present:
+                continue
+            raise ConfigError(f"--{name} is a flag of model family {other}, not of "
+                              f"--model_family={family}; drop it or change the family.")
+
+
 def _model_config_from_flags(flag_values, family: str, cls):
     kwargs = {}
     for field in dataclasses.fields(cls):
@@ -210,6 +223,7 @@ def config_from_flags(flag_values):
     if train_config.model_family not in classes:
         raise ConfigError(f"--model_family={train_config.model_family} is not available "
                           f"(importable families: {sorted(classes)}).")
+    _check_family_flags(flag_values, train_config.model_family, classes)
     model_config = _model_config_from_flags(flag_values, train_config.model_family,
                                             classes[train_config.model_family])
     return train_config, model_config

@@ -61,6 +61,7 @@ def test_command_line_overrides_flagfile():
     (["--logdir=x", "--data_source=gldv2"], "--train_file_pattern"),
     (["--logdir=x", "--data_source=embedded", "--batch_size=0"], "--batch_size"),
     (["--logdir=x", "--data_source=embedded", "--backbone=r7"], "backbone"),
+    (["--logdir=x", "--data_source=embedded", "--proxy_alpha=16"], "--proxy_alpha"),
     (["--logdir=x", "--data_source=embedded", "--warmup_steps=10", "--max_iters=5"],
      "--warmup_steps"),
 ])

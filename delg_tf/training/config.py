@@ -77,7 +77,8 @@ class TrainConfig:
         validation_file_pattern: glob of the validation TFRecords (the 20% split);
             empty/None disables validation for "gldv2".
         data_dir: "embedded": cache folder for the built dataset and its TFRecords
-            (default `<logdir>/data`); "cub": the CUB_200_2011 folder.
+            (default `<logdir>/data`); "cub": the CUB_200_2011 folder (checked
+            when the data is read, with what to download if it is missing).
         embedded_preset: size preset of the embedded dataset ("default", "tiny").
         num_classes: number of training classes; None = read from the data.
         max_iters: number of training steps; training ends there.
@@ -181,11 +182,6 @@ class TrainConfig:
                     "a glob of GLDv2 training TFRecords, e.g. "
                     "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
                     "python -m delg_tf.data.build_tfrecords)", self.train_file_pattern)
-        if self.data_source == "cub":
-            _expect(bool(self.data_dir), "data_dir",
-                    "the CUB_200_2011 folder (images.txt, image_class_labels.txt, "
-                    "images/) from https://www.vision.caltech.edu/datasets/cub_200_2011/",
-                    self.data_dir)
         if self.strategy != "tpu":
             _expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
         return self

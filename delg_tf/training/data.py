@@ -129,17 +129,19 @@ def _embedded_datasets(config: TrainConfig, seed: int) -> TrainData:
 
 
 def _cub_datasets(config: TrainConfig, seed: int) -> TrainData:
-    try:
-        from delg_tf.data import cub
-    except ImportError as e:
-        raise DataError("--data_source=cub needs delg_tf.data.cub, which is not available "
-                        f"({e}); use --data_source=gldv2 or embedded.") from e
-    result = cub.make_datasets(config.data_dir, batch_size=config.batch_size,
-                               image_size=config.image_size, augment=config.augment,
-                               seed=seed)
-    train, validation, num_classes = result[0], result[1], result[2]
-    return TrainData(train=train, validation=validation, num_classes=num_classes,
-                     description=f"CUB-200-2011 at --data_dir={config.data_dir}")
+    """CUB-200-2011 classes 1-100 (metric-learning split). No validation batches:
+    the test classes are unseen, Recall@K is `delg_tf.evaluation.glocal`'s job."""
+    from delg_tf.data import cub
+
+    split = cub.load_cub(config.data_dir, "train", flag="data_dir")
+    resize_size = int(round(config.image_size * cub.METRIC_RESIZE_SIZE
+                            / cub.METRIC_IMAGE_SIZE))
+    train = cub.make_metric_dataset(split, config.batch_size, training=True, seed=seed,
+                                    image_size=config.image_size, resize_size=resize_size,
+                                    drop_remainder=True)
+    return TrainData(train=train, validation=None, num_classes=len(set(split.labels)),
+                     description=f"CUB-200-2011 train split at --data_dir={config.data_dir}",
+                     num_examples=len(split))
 
 
 def make_train_data(config: TrainConfig, seed: int) -> TrainData:
