@@ -27,20 +27,26 @@ def _compiled(**overrides):
 def test_embedding_is_unit_norm_and_modes_build():
     images, _ = _batch()
     for overrides in (dict(), dict(concat_stage="before_ofm", global_descriptors="G,M,S"),
-                      dict(global_layer="layer4", local_layer="layer3", aux_weight=0)):
+                      dict(global_layer="layer4", local_layer="layer3", aux_weight=0),
+                      dict(descriptor_branches="global"), dict(descriptor_branches="local")):
         model = build_glocal_model(GlocalModelConfig(**{**TINY, "steps_per_epoch": 1,
                                                         **overrides}))
         embedding = model(images).numpy()
         assert embedding.shape == (4, 8)
         np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
-    assert model.config.global_layer == "conv5" and model.aux_classifier is None
+        if overrides.get("global_layer"):
+            assert model.config.global_layer == "conv5" and model.aux_classifier is None
+        if overrides.get("descriptor_branches") == "global":
+            assert model.local_module is None and len(model.fusion_fcs) == 2
+        if overrides.get("descriptor_branches") == "local":
+            assert model.local_module is not None and len(model.fusion_fcs) == 1
+            assert model.aux_classifier is not None  # Global module kept for L_A.
 
 
 def test_auxiliary_loss_switches_off_after_n_epochs():
-    model = _compiled(aux_epochs=2, steps_per_epoch=3)
-    step = tf.function(model.train_step)
-    weights = [float(step(_batch(i))["aux_weight"]) for i in range(8)]
-    assert weights == [3.0] * 6 + [0.0] * 2
+    model = _compiled(aux_epochs=2, steps_per_epoch=2)
+    weights = [float(model.train_step(_batch(i))["aux_weight"]) for i in range(6)]
+    assert weights == [3.0] * 4 + [0.0] * 2
     # -1 = all epochs; lambda = 0 = no auxiliary module at all.
     always = _compiled(aux_epochs=AUX_ALL_EPOCHS)
     assert float(always.aux_loss_weight(10 ** 6)) == 3.0

@@ -46,8 +46,11 @@ from delg_tf.losses.proxy_anchor import (PROXY_ANCHOR_ALPHA, PROXY_ANCHOR_MARGIN
 from delg_tf.losses.smoothed_ce import (CGD_LABEL_SMOOTHING, CGD_TEMPERATURE,
                                         smoothed_cross_entropy)
 from delg_tf.ops.image import NORMALIZATIONS, normalize_images
+from delg_tf.ops.pooling import spoc
 
 CONCAT_STAGES = ("after_ofm", "before_ofm")
+# Table 4's ablation: both descriptor types (the method), only global, only local.
+DESCRIPTOR_BRANCHES = ("global,local", "global", "local")
 AUX_ALL_EPOCHS = -1  # aux_epochs value: auxiliary loss during the whole training.
 PYTORCH_LAYER_NAMES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4",
                        "layer4": "conv5"}
@@ -86,6 +89,9 @@ class GlocalModelConfig:
       learn_gem_power: train p.
       concat_stage: "after_ofm" (fuse each global descriptor, then concatenate: the
         paper's best) or "before_ofm" (concatenate, project to C, fuse once: Table 3).
+      descriptor_branches: "global,local" (the method), "global" (no local module, no
+        fusion: CGD-like) or "local" (pooled local features only; the global module
+        is kept for the auxiliary classifier): Table 4's "Only GD" / "Only LD".
       embedding_dim: size of the L2-normalised embedding; with "after_ofm" a
         multiple of the number of global descriptors.
       aux_weight: lambda of Eq. 1 (paper: 3); 0 removes the auxiliary module.
@@ -118,6 +124,7 @@ class GlocalModelConfig:
     gem_power: float = 3.0
     learn_gem_power: bool = False
     concat_stage: str = "after_ofm"
+    descriptor_branches: str = "global,local"
     embedding_dim: int = 512
     aux_weight: float = PAPER_AUX_WEIGHT
     aux_epochs: int = PAPER_AUX_EPOCHS
@@ -136,6 +143,8 @@ class GlocalModelConfig:
         set_("local_layer", PYTORCH_LAYER_NAMES.get(self.local_layer, self.local_layer))
         set_("atrous_rates", tuple(int(r) for r in self.atrous_rates))
         set_("backbone_kwargs", dict(self.backbone_kwargs or {}))
+        set_("descriptor_branches", ",".join(
+            part.strip().lower() for part in str(self.descriptor_branches).split(",")))
         try:
             set_("global_descriptors", ",".join(parse_descriptor_codes(self.global_descriptors)))
         except ValueError:
@@ -155,6 +164,8 @@ class GlocalModelConfig:
             check(getattr(self, field) in BACKBONE_FEATURES, field,
                   f"one of {BACKBONE_FEATURES} (or PyTorch's {sorted(PYTORCH_LAYER_NAMES)})")
         check(self.concat_stage in CONCAT_STAGES, "concat_stage", f"one of {CONCAT_STAGES}")
+        check(self.descriptor_branches in DESCRIPTOR_BRANCHES, "descriptor_branches",
+              f"one of {DESCRIPTOR_BRANCHES}")
         check(self.image_normalization is None or self.image_normalization in NORMALIZATIONS,
               "image_normalization", f"None or one of {NORMALIZATIONS}")
         check(self.atrous_rates and min(self.atrous_rates) >= 1, "atrous_rates",
@@ -163,7 +174,8 @@ class GlocalModelConfig:
             check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field,
                   "an integer >= 1")
         num_descriptors = len(self.descriptor_codes)
-        check(self.concat_stage == "before_ofm" or self.embedding_dim % num_descriptors == 0,
+        check(self.concat_stage == "before_ofm" or not self.uses_global_descriptors
+              or self.embedding_dim % num_descriptors == 0,
               "embedding_dim", f"a multiple of the number of global descriptors "
               f"({num_descriptors}: {self.global_descriptors}) with concat_stage=after_ofm")
         check(self.aux_weight >= 0, "aux_weight", "lambda >= 0 (0 = no auxiliary loss)")
@@ -195,6 +207,15 @@ class GlocalModelConfig:
     @property
     def descriptor_codes(self):
         return parse_descriptor_codes(self.global_descriptors)
+
+    @property
+    def uses_local_descriptor(self):
+        return "local" in self.descriptor_branches.split(",")
+
+    @property
+    def uses_global_descriptors(self):
+        """Whether the global descriptors are part of the embedding."""
+        return "global" in self.descriptor_branches.split(",")
 
     @property
     def use_aux(self):
@@ -245,14 +266,23 @@ class GlocalModel(keras.Model):
                                      **config.backbone_kwargs)
         # One attribute per sublayer (not lists): Keras 3 lists of layers are not
         # tf.train.Checkpoint dependencies, so they would not be saved by name.
+        if not (config.uses_global_descriptors or config.use_aux):
+            codes = ()
+        self._global_codes = tuple(codes)
         for code in codes:
             setattr(self, f"global_{code.lower()}", GlobalDescriptor(
                 code, units=config.local_dim, gem_power=config.gem_power,
                 learn_gem_power=config.learn_gem_power, name=f"global_{code.lower()}"))
-        self.local_module = LocalBranch(config.local_dim, rates=config.atrous_rates,
-                                        name="local_module")
-        self.fusion = OrthogonalFusion(name="orthogonal_fusion")
-        if config.concat_stage == "after_ofm":
+        if config.uses_local_descriptor:
+            self.local_module = LocalBranch(config.local_dim, rates=config.atrous_rates,
+                                            name="local_module")
+            self.fusion = OrthogonalFusion(name="orthogonal_fusion")
+        else:
+            self.local_module = self.fusion = None
+        if not config.uses_global_descriptors:
+            self.concat_projection = None
+            self.fusion_fc = keras.layers.Dense(config.embedding_dim, name="fusion_fc")
+        elif config.concat_stage == "after_ofm":
             self.concat_projection = None
             per_descriptor = config.embedding_dim // len(codes)
             for code in codes:
@@ -272,12 +302,12 @@ class GlocalModel(keras.Model):
     @property
     def global_modules(self):
         """The `GlobalDescriptor` layers, in the order of `config.global_descriptors`."""
-        return [getattr(self, f"global_{c.lower()}") for c in self.config.descriptor_codes]
+        return [getattr(self, f"global_{c.lower()}") for c in self._global_codes]
 
     @property
     def fusion_fcs(self):
         """FC layers after the fusion: one per descriptor ("after_ofm") or one."""
-        if self.config.concat_stage == "before_ofm":
+        if self.config.concat_stage == "before_ofm" or not self.config.uses_global_descriptors:
             return [self.fusion_fc]
         return [getattr(self, f"fusion_fc_{c.lower()}") for c in self.config.descriptor_codes]
 
@@ -335,16 +365,23 @@ class GlocalModel(keras.Model):
         features = (self.backbone(x, training=training) if needs_conv5
                     else self.backbone.call_to_conv4(x, training=training))
         global_map = features[cfg.global_layer]
-        local_features, _ = self.local_module(features[cfg.local_layer], training=training)
+        local_features = None
+        if self.local_module is not None:
+            local_features, _ = self.local_module(features[cfg.local_layer], training=training)
         pooled_and_projected = [module(global_map) for module in self.global_modules]
         globals_ = [g for _, g in pooled_and_projected]
-        if self.concat_projection is None:
-            parts = [fc(self.fusion(local_features, g))
-                     for fc, g in zip(self.fusion_fcs, globals_)]
-            embedding = tf.concat(parts, axis=-1)
+
+        def fuse(g):
+            return g if local_features is None else self.fusion(local_features, g)
+
+        if not cfg.uses_global_descriptors:
+            embedding = self.fusion_fc(spoc(local_features))
+        elif self.concat_projection is None:
+            embedding = tf.concat([fc(fuse(g)) for fc, g in zip(self.fusion_fcs, globals_)],
+                                  axis=-1)
         else:
             g = self.concat_projection(tf.concat(globals_, axis=-1))
-            embedding = self.fusion_fcs[0](self.fusion(local_features, g))
+            embedding = self.fusion_fcs[0](fuse(g))
         embedding = tf.math.l2_normalize(embedding, axis=-1)
         logits = None
         if with_aux and self.aux_classifier is not None:
