@@ -11,7 +11,7 @@ from delg_tf.models.delg import DelgModelConfig
 from delg_tf.training.config import TrainConfig
 from delg_tf.training.trainer import (NonFiniteLossError, TRAIN_SUMMARY_DIR,
                                       VALIDATION_SUMMARY_DIR, train)
-from training_helpers import (STANDIN_IMAGE_SIZE, embedded_tiny_data_dir, read_scalars,
+from training_helpers import (STANDIN_IMAGE_SIZE, StandInModel, embedded_tiny_data_dir, read_scalars,
                               standin_data_fn, standin_model_fn)
 
 DELG_METRICS = ("loss", "global_loss", "reconstruction_loss", "attention_loss",
@@ -84,3 +84,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     for name in reader.get_variable_to_shape_map():
         if name.startswith("model/"):
             assert np.all(np.isfinite(reader.get_tensor(name))), name
+
+
+def test_init_from_fine_tunes_with_another_number_of_classes(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    source = _standin_config(tmp_path / "source", max_iters=5, validation_interval=0)
+    train(source, model_fn=standin_model_fn(), data_fn=standin_data_fn)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(source.logdir))
+    conv_kernel = next(reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                       if k.startswith("model/conv/") and "kernel" in k)
+    captured = {}
+
+    def five_classes(num_classes):
+        del num_classes
+        captured["model"] = StandInModel(5)
+        return captured["model"]
+
+    target = _standin_config(tmp_path / "target", max_iters=1, validation_interval=0,
+                             init_from=source.logdir)
+    train(target, model_fn=five_classes, data_fn=standin_data_fn)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "initialised the model from" in messages and "classifier" in messages
+    # One SGD step moved the weights a little from the restored ones.
+    np.testing.assert_allclose(captured["model"].conv.kernel.numpy(), conv_kernel, atol=0.05)
+
+
+def test_empty_training_data_is_a_clear_error(tmp_path):
+    from delg_tf.data.errors import DataError
+
+    def empty(config, seed):
+        data = standin_data_fn(config, seed)
+        data.train = data.train.take(0)
+        return data
+
+    with pytest.raises(DataError, match="ran out at step 0.*--batch_size=8"):
+        train(_standin_config(tmp_path), model_fn=standin_model_fn(), data_fn=empty)

@@ -44,6 +44,8 @@ from delg_tf.training.config import ConfigError, TrainConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "ckpt"
+# `delg_tf.convert_official` writes its checkpoint into OUT/checkpoint/.
+INIT_FROM_SUBDIR = "checkpoint"
 STEP_CHECKPOINT_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 ITERATOR_CHECKPOINT_NAME = "data_iterator"
 TRAIN_SUMMARY_DIR = "train"
@@ -238,31 +240,62 @@ def _ensure_built(model, image_size: int):
 
 
 def _latest_checkpoint(path: str) -> Optional[str]:
-    if tf.io.gfile.isdir(path):
-        return tf.train.latest_checkpoint(path)
+    """Checkpoint prefix of a folder (also its `checkpoint/` subfolder, as written by
+    `delg_tf.convert_official`) or of a prefix."""
+    for folder in (path, os.path.join(path, INIT_FROM_SUBDIR)):
+        if tf.io.gfile.isdir(folder):
+            latest = tf.train.latest_checkpoint(folder)
+            if latest is not None:
+                return latest
     if tf.io.gfile.exists(path + ".index"):
         return path
     return None
 
 
+def _child_layers(model) -> list:
+    return [(name, value) for name, value in vars(model).items()
+            if isinstance(value, keras.layers.Layer) and not name.startswith("_")]
+
+
 def _initialise_from(model, init_from: str):
+    """Restores model weights from a delg_tf checkpoint (fine-tuning start).
+
+    Sub-layers whose weights do not fit (e.g. classifiers of another number of
+    classes) keep their initial values; they are named in the log.
+    """
     checkpoint_path = _latest_checkpoint(init_from)
     if checkpoint_path is None:
         raise ConfigError(f"--init_from={init_from} is not a delg_tf checkpoint (expected a "
-                          "folder with a 'checkpoint' file or a ckpt-N prefix); fix the path "
+                          "folder with a 'checkpoint' file, or a ckpt-N prefix); fix the path "
                           "or drop the flag.")
     try:
         status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
-    except (ValueError, tf.errors.InvalidArgumentError) as e:
-        raise ConfigError(f"--init_from={init_from}: its weights do not fit this model "
-                          f"({str(e).splitlines()[0]}); check the model flags.") from e
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError:
-        logger.warning("--init_from=%s does not hold every model weight; the others keep "
-                       "their initial values.", checkpoint_path)
-    status.expect_partial()
-    logger.info("initialised the model from %s", checkpoint_path)
+        skipped = []
+    except (ValueError, tf.errors.InvalidArgumentError):
+        skipped = []
+        for name, layer in _child_layers(model):
+            holder = tf.Module()
+            setattr(holder, name, layer)
+            try:
+                tf.train.Checkpoint(model=holder).restore(checkpoint_path).expect_partial()
+            except (ValueError, tf.errors.InvalidArgumentError):
+                skipped.append(name)
+        restored = [name for name, _ in _child_layers(model) if name not in skipped]
+        if not restored:
+            raise ConfigError(f"--init_from={init_from}: no weight of it fits this model; "
+                              "check the model flags (backbone, dimensions).") from None
+        logger.warning("--init_from: %s do not fit this model (other shapes, e.g. another "
+                       "number of classes) and keep their initial values", ", ".join(skipped))
+        status = None
+    if status is not None:
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError:
+            logger.warning("--init_from=%s does not hold every model weight; the others keep "
+                           "their initial values.", checkpoint_path)
+        status.expect_partial()
+    logger.info("initialised the model from %s%s", checkpoint_path,
+                f" (except {', '.join(skipped)})" if skipped else "")
 
 
 def _load_imagenet_weights(model, weights: Optional[str]):
