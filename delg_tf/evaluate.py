@@ -12,8 +12,14 @@ or a similarity matrix (higher = more similar), both [num_db, num_queries]:
 
 Flags live only in this module; they are converted into the validated
 dataclasses of :mod:`delg_tf.evaluation.config` and passed to :func:`main`.
-Extraction from a SavedModel and evaluation from extracted features go through
-:func:`delg_tf.evaluation.pipeline.evaluate_features` (library function).
+From extracted features (HDF5 stores of ``delg_tf.extraction.store``; global
+search, top-100 RANSAC re-ranking, global-only vs re-ranked table):
+
+    python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
+        --db_features=db.h5 --query_features=queries.h5 --output_json=out.json
+
+Extraction from a SavedModel is not wired here yet; the library function is
+:func:`delg_tf.evaluation.pipeline.evaluate_features` (numpy arrays in).
 """
 from __future__ import annotations
 
@@ -25,19 +31,27 @@ from delg_tf.evaluation.config import ConfigError, EvaluateConfig, EvaluatePaths
 
 
 def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
-    """Scores a precomputed ranking/score matrix and writes the JSON.
+    """Scores a precomputed ranking, or evaluates extracted features, and writes the JSON.
 
     Args:
-        config: validated settings (kappas, truncation).
-        paths: gnd, ranking/scores and output paths.
+        config: validated settings (matching thresholds, shortlist, kappas, ...).
+        paths: gnd, ranking/scores or feature stores, and output paths.
 
     Returns:
-        Path of the JSON written: ``{"easy": {"mAP", "mP@1", "mP@5", "mP@10"},
-        "medium": ..., "hard": ...}`` in percent.
+        Path of the JSON written. For a ranking: ``{"easy": {"mAP", "mP@1",
+        "mP@5", "mP@10"}, "medium": ..., "hard": ...}`` in percent; for feature
+        stores: ``{"global": {...}, "reranked": {...}, "config": ..., "timings": ...}``.
 
     Raises:
-        ConfigError: when neither a ranking nor scores were given.
+        ConfigError: when neither a ranking/scores nor feature stores were given.
     """
+    if paths.db_features is not None:
+        from delg_tf.evaluation.pipeline import evaluate_stores
+
+        out = evaluate_stores(paths.gnd_path, paths.db_features, paths.query_features, config,
+                              paths.output_json, binary=config.binary_descriptors)
+        print(f"wrote {out}")
+        return out
     from delg_tf.data.revisitop import load_gnd
     from delg_tf.evaluation.ranks import load_array, score_ranking, write_json
     from delg_tf.evaluation.revisitop import format_results_table
@@ -45,8 +59,8 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
     if paths.ranks_path is None and paths.scores_path is None:
         raise ConfigError(
             "nothing to evaluate: pass --ranks_path=ranks.npy or --scores_path=scores.npy "
-            "(arrays [num_db, num_queries]). Evaluation from features is available as "
-            "delg_tf.evaluation.pipeline.evaluate_features.")
+            "(arrays [num_db, num_queries]), or --db_features and --query_features (HDF5 "
+            "feature stores written by `python -m delg_tf.extract`).")
     cfg = load_gnd(paths.gnd_path, require_bbx=False)
     num_db = len(cfg["imlist"])
     if paths.ranks_path is not None:
@@ -68,6 +82,10 @@ def _define_flags():
     flags.DEFINE_string("gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat.")
     flags.DEFINE_string("ranks_path", None, "ranks.npy, int [num_db, num_queries], column q = ranked db indices.")
     flags.DEFINE_string("scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar.")
+    flags.DEFINE_string("db_features", None, "HDF5 feature store of the database images.")
+    flags.DEFINE_string("query_features", None, "HDF5 feature store of the queries cropped to their bbx.")
+    flags.DEFINE_boolean("binary_descriptors", False,
+                         "Re-rank with packed-bit local descriptors (DELG*; use --descriptor_threshold=1.1).")
     flags.DEFINE_string("output_json", None, "Where to write the metrics JSON.")
     flags.DEFINE_list("kappas", ["1", "5", "10"], "k values for mP@k.")
     flags.DEFINE_boolean("allow_truncated_ranks", False,
@@ -92,10 +110,12 @@ def _config_from_flags(flag_values):
         ransac_residual_threshold=flag_values.ransac_residual_threshold,
         ransac_iterations=flag_values.ransac_iterations, min_inliers=flag_values.min_inliers,
         num_workers=flag_values.num_workers, seed=flag_values.seed, kappas=kappas,
-        allow_truncated_ranks=flag_values.allow_truncated_ranks)
+        allow_truncated_ranks=flag_values.allow_truncated_ranks,
+        binary_descriptors=flag_values.binary_descriptors)
     paths = EvaluatePaths(
         gnd_path=flag_values.gnd_path, output_json=flag_values.output_json,
-        ranks_path=flag_values.ranks_path, scores_path=flag_values.scores_path)
+        ranks_path=flag_values.ranks_path, scores_path=flag_values.scores_path,
+        db_features=flag_values.db_features, query_features=flag_values.query_features)
     return config, paths
 
 

@@ -39,6 +39,7 @@ class EvaluateConfig:
         seed: RANSAC random seed (--seed).
         kappas: k values for mP@k.
         allow_truncated_ranks: accept rankings shorter than the database.
+        binary_descriptors: re-rank with packed-bit local descriptors (DELG*).
     """
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
     descriptor_threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD
@@ -51,6 +52,7 @@ class EvaluateConfig:
     seed: int = 0
     kappas: Tuple[int, ...] = DEFAULT_KAPPAS
     allow_truncated_ranks: bool = False
+    binary_descriptors: bool = False
 
     def __post_init__(self):
         checks = [
@@ -78,11 +80,15 @@ class EvaluatePaths:
         output_json: where the metrics JSON is written (--output_json).
         ranks_path: precomputed ranking .npy [num_db, num_queries] (--ranks_path).
         scores_path: precomputed similarities .npy [num_db, num_queries] (--scores_path).
+        db_features: HDF5 feature store of the database images (--db_features).
+        query_features: HDF5 feature store of the bbx-cropped queries (--query_features).
     """
     gnd_path: Path
     output_json: Path
     ranks_path: Optional[Path] = None
     scores_path: Optional[Path] = None
+    db_features: Optional[Path] = None
+    query_features: Optional[Path] = None
 
     def __post_init__(self):
         if self.gnd_path is None or str(self.gnd_path) == "":
@@ -91,7 +97,13 @@ class EvaluatePaths:
             raise ConfigError("--output_json is required (where to write the metrics).")
         if self.ranks_path is not None and self.scores_path is not None:
             raise ConfigError("pass only one of --ranks_path and --scores_path, not both.")
-        for name in ("gnd_path", "output_json", "ranks_path", "scores_path"):
+        if (self.db_features is None) != (self.query_features is None):
+            raise ConfigError("pass both --db_features and --query_features (feature stores of the "
+                              "database and of the cropped queries), or neither.")
+        if self.db_features is not None and (self.ranks_path is not None or self.scores_path is not None):
+            raise ConfigError("pass either feature stores (--db_features/--query_features) or a "
+                              "precomputed ranking (--ranks_path/--scores_path), not both.")
+        for name in ("gnd_path", "output_json", "ranks_path", "scores_path", "db_features", "query_features"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))

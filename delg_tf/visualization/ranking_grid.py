@@ -30,7 +30,8 @@ def _tile(image, border_color) -> np.ndarray:
     arr = to_uint8_image(image)
     inner = TILE_PX - 2 * BORDER_PX
     pil = Image.fromarray(arr)
-    pil.thumbnail((inner, inner))
+    scale = inner / max(pil.size)  # fit the tile, up- or down-scaling.
+    pil = pil.resize((max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale))))
     tile = np.full((TILE_PX, TILE_PX, 3), 255, dtype=np.uint8)
     if border_color is not None:
         tile[:] = border_color
