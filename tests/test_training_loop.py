@@ -1,7 +1,6 @@
 """The training loop in-process: loss goes down, TensorBoard scalars, resume, NaN guard."""
 import dataclasses
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ from delg_tf.models.delg import DelgModelConfig
 from delg_tf.training.config import TrainConfig
 from delg_tf.training.trainer import (NonFiniteLossError, TRAIN_SUMMARY_DIR,
                                       VALIDATION_SUMMARY_DIR, train)
-from training_helpers import (STANDIN_IMAGE_SIZE, StandInModel, embedded_tiny_data_dir, read_scalars,
-                              standin_data_fn, standin_model_fn)
+from training_helpers import (STANDIN_IMAGE_SIZE, StandInModel, embedded_tiny_data_dir,
+                              read_scalars, standin_data_fn, standin_model_fn)
 
 DELG_METRICS = ("loss", "global_loss", "reconstruction_loss", "attention_loss",
                 "global_accuracy", "attention_accuracy", "arcface_scale", "attention_mean",

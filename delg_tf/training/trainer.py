@@ -378,8 +378,8 @@ def _format_metrics(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
-def _current_learning_rate(optimizer, schedule, step: int) -> float:
-    del optimizer
+def _learning_rate_at(schedule, step: int) -> float:
+    """The rate the optimizer used for its update number `step` (0-based)."""
     return float(schedule(step).numpy())
 
 
@@ -546,6 +546,11 @@ def train(config: TrainConfig, model_config=None, *,
             except (tf.errors.OutOfRangeError, StopIteration) as e:
                 raise _empty_data_error(data, config, current) from e
             current = int(step.numpy())
+            if current == start_step + 1 and int(optimizer.iterations.numpy()) != current:
+                logger.warning("the optimizer made %d updates in %d steps: the model's "
+                               "train_step should call apply_gradients once per step (the "
+                               "learning-rate schedule follows optimizer.iterations).",
+                               int(optimizer.iterations.numpy()), current)
             values = {k: _to_float(v) for k, v in metrics.items()}
             bad = _non_finite_losses(values)
             if bad:
@@ -554,7 +559,7 @@ def train(config: TrainConfig, model_config=None, *,
                 raise NonFiniteLossError(
                     f"non-finite loss at step {current} ({_format_metrics(bad)}); training "
                     f"stopped without saving, {kept}; lower --initial_lr or check the data.")
-            lr = _current_learning_rate(optimizer, schedule, current - 1)
+            lr = _learning_rate_at(schedule, current - 1)
             if current % config.summary_interval == 0 or current == config.max_iters:
                 _write_scalars(train_writer, {**values, LEARNING_RATE_SUMMARY: lr}, current)
             if current % config.log_interval == 0 or current == config.max_iters:
