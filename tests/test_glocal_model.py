@@ -91,6 +91,14 @@ def test_checkpoint_restores_heads_and_proxy_optimizer(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def test_unused_conv5_is_not_trained():
+    model = build_glocal_model(GlocalModelConfig(**TINY, aux_weight=0.0))
+    count = len(model.trainable_variables)
+    model.backbone(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3]))  # As a weight loader would.
+    assert any("conv5" in w.path for w in model.weights)
+    assert len(model.trainable_variables) == count
+
+
 def test_registry_builds_glocal():
     model = registry.build_model("glocal", dict(TINY, steps_per_epoch=5), load_imagenet=False)
     assert model.config.steps_per_epoch == 5 and model.built

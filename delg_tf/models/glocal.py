@@ -319,6 +319,11 @@ class GlocalModel(keras.Model):
         self.proxies = self.add_weight(
             name="proxies", shape=(self.config.num_classes, self.config.embedding_dim),
             initializer=keras.initializers.HeNormal(), trainable=True)
+        if "conv5" not in (self.config.global_layer, self.config.local_layer):
+            # conv5 is never run; if a weight loader builds it, it must not be trained
+            # (no gradients, but optimizer slots and weight decay).
+            for block in self.backbone.stages[3]:
+                block.trainable = False
         dummy = tf.zeros([1, BUILD_IMAGE_SIZE, BUILD_IMAGE_SIZE, 3])
         self._forward(dummy, training=False)
         if not self.config.backbone_bn_training:
