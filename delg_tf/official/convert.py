@@ -60,10 +60,12 @@ CHECKPOINT_MODEL_KEY = "model"
 SAVED_MODEL_DIR = "saved_model"
 MODEL_CONFIG_FILE = "model_config.json"
 CONVERSION_FILE = "conversion.json"
+MODEL_FLAGS_FILE = "model.flags"
 # num_classes of the converted model: official exports carry no classifier;
 # the trainer sets the real number (the classifier heads are not converted).
 CONVERTED_NUM_CLASSES = 1
 _BUILD_PROBE_SIDE = 64
+_ALWAYS_FLAGS = ("backbone", "backbone_layout", "image_normalization", "attention_input")
 _RGB = 3
 
 
@@ -140,6 +142,21 @@ def official_model_config(fmt, backbone):
                                attention_pool_reduction="mean",
                                attention_pool_normalize=True)
     raise OfficialModelError(f"format must be 'tf1' or 'tf2', received {fmt!r}.")
+
+
+def model_flags(model_config):
+    """`delg_tf.train` flagfile text with the model fields that differ from the defaults."""
+    from delg_tf.models.delg import DelgModelConfig
+
+    defaults = DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES).to_dict()
+    lines = ["# Model flags of a converted official DELG model (python -m delg_tf.convert_official).",
+             "--model_family=delg"]
+    for name, value in model_config.to_dict().items():
+        if name == "num_classes" or (value == defaults[name] and name not in _ALWAYS_FLAGS):
+            continue
+        text = str(value).lower() if isinstance(value, bool) else value
+        lines.append(f"--{name}={text}")
+    return "\n".join(lines) + "\n"
 
 
 def attention_bn_epsilon(fmt):
@@ -308,6 +325,7 @@ def convert(config, log=print):
         checkpoint_path = manager.save(checkpoint_number=0)
         _check_checkpoint_complete(checkpoint_path, model)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=1))
+        (tmp / MODEL_FLAGS_FILE).write_text(model_flags(model_config))
         export_results = []
         if config.export:
             delg_export.export_saved_model(model, tmp / SAVED_MODEL_DIR)
@@ -337,8 +355,10 @@ def convert(config, log=print):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out}/{CHECKPOINT_DIR} (fine-tune with --init_from={out}/{CHECKPOINT_DIR}), "
-        f"{out}/{MODEL_CONFIG_FILE}" + (f", {out}/{SAVED_MODEL_DIR}" if config.export else ""))
+    log(f"wrote {out}/{CHECKPOINT_DIR}, {out}/{MODEL_CONFIG_FILE}, {out}/{MODEL_FLAGS_FILE}, "
+        f"{out}/{CONVERSION_FILE}" + (f", {out}/{SAVED_MODEL_DIR}" if config.export else ""))
+    log(f"fine-tune: python -m delg_tf.train --flagfile={out}/{MODEL_FLAGS_FILE} "
+        f"--init_from={out}/{CHECKPOINT_DIR} --logdir=... (data flags)")
     return out
 
 
