@@ -106,6 +106,8 @@ TINY_DELG_FLAGS = ("--model_family=delg", "--data_source=embedded", "--embedded_
 
 def embedded_tiny_data_dir():
     """A data dir holding the tiny embedded dataset and its TFRecords (built once)."""
+    import atexit
+    import shutil
     import tempfile
 
     from delg_tf.training.config import TrainConfig
@@ -113,6 +115,7 @@ def embedded_tiny_data_dir():
 
     if "dir" not in _EMBEDDED_CACHE:
         data_dir = tempfile.mkdtemp(prefix="delg_tf_train_data_")
+        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
         _embedded_tfrecords(TrainConfig(logdir=data_dir, data_source="embedded",
                                         data_dir=data_dir, embedded_preset="tiny"))
         _EMBEDDED_CACHE["dir"] = data_dir
