@@ -169,3 +169,25 @@ def test_wrong_dtype_and_rank_give_clear_errors(export_dir):
         signature(input_image=tf.zeros((32, 32, 3), tf.float32),
                   input_scales=tf.constant([1.0]), input_max_feature_num=tf.constant(5),
                   input_abs_thres=tf.constant(0.0), input_global_scales_ind=tf.constant([0]))
+
+
+def test_image_bytes_signature_resizes_like_the_host(model, tmp_path):
+    config = delg_export.ExportConfig(image_scales=SCALES, global_scales_ind=(1,),
+                                      max_feature_num=10 ** 5, score_threshold=0.0,
+                                      max_image_size=64, warmup=False)
+    path = delg_export.export_saved_model(model, tmp_path / "resizing", config)
+    image = random_image(90, 120, seed=11)
+    served = tf.saved_model.load(str(path)).signatures["serving_image_bytes"](
+        image_bytes=tf.io.encode_png(image))
+    host = DelgExtractor.from_saved_model(path)(image)  # Pillow resize on the host
+    assert host.scale_factors.tolist() == [48 / 90, 64 / 120]
+
+    def keyed(locations, scales):
+        return sorted(zip(np.round(locations[:, 0], 3), np.round(locations[:, 1], 3),
+                          np.round(scales, 5)))
+
+    # Every cell kept: same keypoints (same sizes and scale factors as the official rule).
+    assert keyed(served["locations"].numpy(), served["scales"].numpy()) == keyed(
+        host.locations, host.scales)
+    cosine = float(np.dot(served["global_descriptor"].numpy(), host.global_descriptor))
+    assert cosine > 0.99  # pixels differ by <= 1 grey level (TF vs Pillow antialiasing)
