@@ -5,13 +5,14 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from delg_tf import extract
 from delg_tf.data.testing import write_bad_image_corpus
 from delg_tf.extraction import delf_io
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.store import FeatureStore
-from delg_tf.extraction.testing import TinyDelgStandIn
+from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.serving.delg_export import ExportConfig, export_saved_model
 
 CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
@@ -63,9 +64,6 @@ def test_bad_corpus_is_reported_and_resume_skips_done(tmp_path, extractor, capsy
 
 
 def test_shards_partition_a_list_file(tmp_path, extractor):
-    from PIL import Image
-    from delg_tf.extraction.testing import random_image
-
     names = [f"sub/im{i}.png" for i in range(5)]
     (tmp_path / "sub").mkdir()
     for i, name in enumerate(names):
@@ -85,9 +83,6 @@ def test_shards_partition_a_list_file(tmp_path, extractor):
 
 
 def test_cli_with_an_export(tmp_path, model):
-    from PIL import Image
-    from delg_tf.extraction.testing import random_image
-
     export = export_saved_model(model, tmp_path / "export", CONFIG)
     (tmp_path / "images").mkdir()
     for i in range(2):

@@ -1,5 +1,7 @@
 """DelgExtractor: official configs, host-side resize, parity with the official TF2 fixture."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +76,6 @@ def test_in_memory_extractor_on_array_and_path(tmp_path):
 def _fixture_model(tmp_path_factory):
     generator = PARITY / "make_official_savedmodel.py"
     out = tmp_path_factory.mktemp("official_tf2") / "model"
-    import subprocess
-    import sys
     subprocess.run([sys.executable, str(generator), str(out)], check=True, capture_output=True)
     return out
 
