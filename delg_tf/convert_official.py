@@ -13,10 +13,14 @@ OUT/model_config.json, OUT/conversion.json and OUT/saved_model/ (usable as
 `delg_tf.official.convert.convert`.
 """
 
+import os
 import sys
 from pathlib import Path
 
-from delg_tf.official.convert import ConvertConfig, convert
+# Before TensorFlow is imported: keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from delg_tf.official.convert import ConvertConfig, convert  # noqa: E402
 
 
 def main(config: ConvertConfig) -> Path:

@@ -210,6 +210,19 @@ def test_converted_keras_model_matches_recorded(fmt, converted_tf1, converted_tf
                  CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
 
 
+def test_folded_inference_view_matches_recorded(converted_tf1, tmp_path):
+    from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
+    from delg_tf.official.convert import load_converted_model
+    from delg_tf.official.folded import fold_delg_model
+
+    out, _ = converted_tf1
+    folded = fold_delg_model(load_converted_model(out))
+    config = load_delf_config(str(_config_for("tf1", 320, "unused", tmp_path)))
+    extractor = DelgExtractor.from_model(folded, config)
+    _compare(extractor(_skimage("coffee")), _expected("tf1", 320, "coffee"), _threshold("tf1"),
+             CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
+
+
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
 def test_converted_export_matches_recorded(fmt, converted_tf1, converted_tf2, tmp_path):
     from delg_tf.extraction.extractor import DelgExtractor
