@@ -70,8 +70,22 @@ setup(
         "faiss": ["faiss-cpu>=1.9,<2"],
         "progress": ["tqdm>=4.66,<5"],
         "plots": ["matplotlib>=3.9,<4"],
+        # Client stubs (PredictionLog, PredictionService) for TF Serving requests.
+        "serving": ["tensorflow-serving-api>=2.21,<2.22"],
+        # Viewing the training scalars.
+        "tensorboard": ["tensorboard>=2.21,<2.22"],
         "test": ["pytest>=8,<10"],
         "all": ["h5py>=3.11,<4", "faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
-                "matplotlib>=3.9,<4", "pytest>=8,<10"],
+                "matplotlib>=3.9,<4", "tensorflow-serving-api>=2.21,<2.22",
+                "tensorboard>=2.21,<2.22", "pytest>=8,<10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "delg-train=delg_tf.train:run",
+            "delg-export=delg_tf.export:cli",
+            "delg-extract=delg_tf.extract:cli",
+            "delg-evaluate=delg_tf.evaluate:cli",
+            "delg-convert-official=delg_tf.convert_official:cli",
+        ],
     },
 )
