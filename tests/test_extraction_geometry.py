@@ -42,3 +42,15 @@ def test_tf_boxes_equal_numpy():
     tf = pytest.importorskip("tensorflow")
     np.testing.assert_array_equal(geometry.receptive_boxes(tf.constant(3), tf.constant(4)).numpy(),
                                   geometry.receptive_boxes_np(3, 4))
+
+
+def test_pyramid_uses_official_field_unless_no_block3_stride():
+    from delg_tf.extraction.pyramid import PyramidExtractor
+    from delg_tf.extraction.testing import TinyDelgStandIn
+
+    model = TinyDelgStandIn()
+    assert PyramidExtractor(model).receptive_field == geometry.OFFICIAL_RECEPTIVE_FIELD
+    model.backbone.block3_stride = False  # only the attribute matters for this choice
+    model.backbone.stages[2][-1].conv_2.strides = 1
+    derived = PyramidExtractor(model).receptive_field
+    assert derived.stride == geometry.FEATURE_STRIDE // geometry.BLOCK3_STRIDE_FACTOR

@@ -83,7 +83,10 @@ class PyramidExtractor:
       mode: "local_and_global", "local" or "global" (which outputs exist; the
         input signature follows the official export of that variant).
       iou_threshold: NMS IoU threshold (1.0: no suppression, just sort).
-      receptive_field: `geometry.ReceptiveField` of S (official 291/32/145).
+      receptive_field: `geometry.ReceptiveField` of S. None: the official 291/32/145
+        (what the official exporters hard-code, for every DELG backbone), except for a
+        backbone without the block3 stride (S at stride 16), whose field is derived
+        from its layers.
 
     Attributes:
       extract: `tf.function` with `input_signature(mode)`; returns a dict with
@@ -91,7 +94,7 @@ class PyramidExtractor:
     """
 
     def __init__(self, model, mode="local_and_global", iou_threshold=DEFAULT_IOU_THRESHOLD,
-                 receptive_field=geometry.OFFICIAL_RECEPTIVE_FIELD):
+                 receptive_field=None):
         if mode not in MODES:
             raise ValueError(f"PyramidExtractor mode must be one of {MODES}, received {mode!r}.")
         if not 0.0 <= iou_threshold <= 1.0:
@@ -100,6 +103,12 @@ class PyramidExtractor:
         self.model = model
         self.mode = mode
         self.iou_threshold = float(iou_threshold)
+        if receptive_field is None:
+            receptive_field = geometry.OFFICIAL_RECEPTIVE_FIELD
+            backbone = getattr(model, "backbone", None)
+            if getattr(backbone, "block3_stride", True) is False:
+                receptive_field = geometry.receptive_field(
+                    geometry.resnet_conv4_layers(backbone))
         self.receptive_field = receptive_field
         self.local_dim, self.global_dim = _descriptor_dims(model)
         self.extract = tf.function(self._extract_fn(), input_signature=input_signature(mode),
