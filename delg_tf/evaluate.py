@@ -21,6 +21,7 @@ search, top-100 RANSAC re-ranking, global-only vs re-ranked table):
 Extraction from a SavedModel is not wired here yet; the library function is
 :func:`delg_tf.evaluation.pipeline.evaluate_features` (numpy arrays in).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -48,8 +49,14 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
     if paths.db_features is not None:
         from delg_tf.evaluation.pipeline import evaluate_stores
 
-        out = evaluate_stores(paths.gnd_path, paths.db_features, paths.query_features, config,
-                              paths.output_json, binary=config.binary_descriptors)
+        out = evaluate_stores(
+            paths.gnd_path,
+            paths.db_features,
+            paths.query_features,
+            config,
+            paths.output_json,
+            binary=config.binary_descriptors,
+        )
         print(f"wrote {out}")
         return out
     from delg_tf.data.revisitop import load_gnd
@@ -60,16 +67,27 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
         raise ConfigError(
             "nothing to evaluate: pass --ranks_path=ranks.npy or --scores_path=scores.npy "
             "(arrays [num_db, num_queries]), or --db_features and --query_features (HDF5 "
-            "feature stores written by `python -m delg_tf.extract`).")
+            "feature stores written by `python -m delg_tf.extract`)."
+        )
     cfg = load_gnd(paths.gnd_path, require_bbx=False)
     num_db = len(cfg["imlist"])
     if paths.ranks_path is not None:
-        results = score_ranking(cfg["gnd"], num_db, ranks=load_array(paths.ranks_path, "--ranks_path"),
-                                kappas=config.kappas, source=f"--ranks_path={paths.ranks_path}",
-                                allow_truncated=config.allow_truncated_ranks)
+        results = score_ranking(
+            cfg["gnd"],
+            num_db,
+            ranks=load_array(paths.ranks_path, "--ranks_path"),
+            kappas=config.kappas,
+            source=f"--ranks_path={paths.ranks_path}",
+            allow_truncated=config.allow_truncated_ranks,
+        )
     else:
-        results = score_ranking(cfg["gnd"], num_db, scores=load_array(paths.scores_path, "--scores_path"),
-                                kappas=config.kappas, source=f"--scores_path={paths.scores_path}")
+        results = score_ranking(
+            cfg["gnd"],
+            num_db,
+            scores=load_array(paths.scores_path, "--scores_path"),
+            kappas=config.kappas,
+            source=f"--scores_path={paths.scores_path}",
+        )
     print(format_results_table({"ranking": results}, config.kappas))
     out = write_json(results, paths.output_json)
     print(f"wrote {out}")
@@ -79,20 +97,40 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat.")
-    flags.DEFINE_string("ranks_path", None, "ranks.npy, int [num_db, num_queries], column q = ranked db indices.")
-    flags.DEFINE_string("scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar.")
+    flags.DEFINE_string(
+        "gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat."
+    )
+    flags.DEFINE_string(
+        "ranks_path", None, "ranks.npy, int [num_db, num_queries], column q = ranked db indices."
+    )
+    flags.DEFINE_string(
+        "scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar."
+    )
     flags.DEFINE_string("db_features", None, "HDF5 feature store of the database images.")
-    flags.DEFINE_string("query_features", None, "HDF5 feature store of the queries cropped to their bbx.")
-    flags.DEFINE_boolean("binary_descriptors", False,
-                         "Re-rank with packed-bit local descriptors (DELG*; use --descriptor_threshold=1.1).")
+    flags.DEFINE_string(
+        "query_features", None, "HDF5 feature store of the queries cropped to their bbx."
+    )
+    flags.DEFINE_boolean(
+        "binary_descriptors",
+        False,
+        "Re-rank with packed-bit local descriptors (DELG*; use --descriptor_threshold=1.1).",
+    )
     flags.DEFINE_string("output_json", None, "Where to write the metrics JSON.")
     flags.DEFINE_list("kappas", ["1", "5", "10"], "k values for mP@k.")
-    flags.DEFINE_boolean("allow_truncated_ranks", False,
-                         "Accept rankings with fewer rows than the database (missing = not retrieved).")
-    flags.DEFINE_integer("shortlist_size", 100, "Top-k of the global ranking re-ranked (paper: 100).")
-    flags.DEFINE_float("descriptor_threshold", 1.0, "Putative match L2 threshold (paper: 1.0; DELG*: 1.1).")
-    flags.DEFINE_float("ransac_residual_threshold", 20.0, "RANSAC residual threshold in px (paper: 20).")
+    flags.DEFINE_boolean(
+        "allow_truncated_ranks",
+        False,
+        "Accept rankings with fewer rows than the database (missing = not retrieved).",
+    )
+    flags.DEFINE_integer(
+        "shortlist_size", 100, "Top-k of the global ranking re-ranked (paper: 100)."
+    )
+    flags.DEFINE_float(
+        "descriptor_threshold", 1.0, "Putative match L2 threshold (paper: 1.0; DELG*: 1.1)."
+    )
+    flags.DEFINE_float(
+        "ransac_residual_threshold", 20.0, "RANSAC residual threshold in px (paper: 20)."
+    )
     flags.DEFINE_integer("ransac_iterations", 1000, "RANSAC iterations (paper: 1000).")
     flags.DEFINE_integer("min_inliers", 0, "Minimum inliers to count a match (paper: 0).")
     flags.DEFINE_integer("num_workers", 2, "Threads for re-ranking.")
@@ -104,18 +142,29 @@ def _config_from_flags(flag_values):
     try:
         kappas = tuple(int(k) for k in flag_values.kappas)
     except ValueError as e:
-        raise ConfigError(f"--kappas must be a comma-separated list of integers, got {flag_values.kappas}") from e
+        raise ConfigError(
+            f"--kappas must be a comma-separated list of integers, got {flag_values.kappas}"
+        ) from e
     config = EvaluateConfig(
-        shortlist_size=flag_values.shortlist_size, descriptor_threshold=flag_values.descriptor_threshold,
+        shortlist_size=flag_values.shortlist_size,
+        descriptor_threshold=flag_values.descriptor_threshold,
         ransac_residual_threshold=flag_values.ransac_residual_threshold,
-        ransac_iterations=flag_values.ransac_iterations, min_inliers=flag_values.min_inliers,
-        num_workers=flag_values.num_workers, seed=flag_values.seed, kappas=kappas,
+        ransac_iterations=flag_values.ransac_iterations,
+        min_inliers=flag_values.min_inliers,
+        num_workers=flag_values.num_workers,
+        seed=flag_values.seed,
+        kappas=kappas,
         allow_truncated_ranks=flag_values.allow_truncated_ranks,
-        binary_descriptors=flag_values.binary_descriptors)
+        binary_descriptors=flag_values.binary_descriptors,
+    )
     paths = EvaluatePaths(
-        gnd_path=flag_values.gnd_path, output_json=flag_values.output_json,
-        ranks_path=flag_values.ranks_path, scores_path=flag_values.scores_path,
-        db_features=flag_values.db_features, query_features=flag_values.query_features)
+        gnd_path=flag_values.gnd_path,
+        output_json=flag_values.output_json,
+        ranks_path=flag_values.ranks_path,
+        scores_path=flag_values.scores_path,
+        db_features=flag_values.db_features,
+        query_features=flag_values.query_features,
+    )
     return config, paths
 
 

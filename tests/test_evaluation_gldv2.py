@@ -1,4 +1,5 @@
 """GLDv2 mAP@100 and GAP with hand-computed fixtures; CSV readers."""
+
 import pytest
 
 from delg_tf.evaluation import gldv2
@@ -6,12 +7,16 @@ from delg_tf.evaluation import gldv2
 
 def test_ap_at_k_hand_computed():
     # relevant {a, b, c}; hits at ranks 1 and 3 -> (1/1 + 2/3) / 3.
-    assert gldv2.average_precision_at_k(["a", "x", "b"], ["a", "b", "c"]) == pytest.approx((1 + 2 / 3) / 3)
+    assert gldv2.average_precision_at_k(["a", "x", "b"], ["a", "b", "c"]) == pytest.approx(
+        (1 + 2 / 3) / 3
+    )
     # duplicates are skipped but keep their rank: hit at rank 3 -> (1/3) / 1.
     assert gldv2.average_precision_at_k(["x", "x", "a", "a"], ["a"]) == pytest.approx(1 / 3)
     # only the first k predictions count; normaliser min(m, k).
     assert gldv2.average_precision_at_k(["x", "a"], ["a"], max_predictions=1) == 0.0
-    assert gldv2.average_precision_at_k(["a", "b"], ["a", "b", "c"], max_predictions=2) == pytest.approx(1.0)
+    assert gldv2.average_precision_at_k(
+        ["a", "b"], ["a", "b", "c"], max_predictions=2
+    ) == pytest.approx(1.0)
 
 
 def test_map_counts_queries_without_predictions_as_zero():
@@ -23,13 +28,16 @@ def test_map_counts_queries_without_predictions_as_zero():
 
 def test_gap_hand_computed():
     solution = {"a": [1], "b": [2], "c": [], "d": [4]}
-    preds = {"a": {"class": 1, "score": 0.9},   # correct, 1/1
-             "c": {"class": 3, "score": 0.8},   # non-landmark: wrong
-             "b": {"class": 2, "score": 0.7},   # correct, 2/3
-             "d": {"class": 5, "score": 0.6}}   # wrong
+    preds = {
+        "a": {"class": 1, "score": 0.9},  # correct, 1/1
+        "c": {"class": 3, "score": 0.8},  # non-landmark: wrong
+        "b": {"class": 2, "score": 0.7},  # correct, 2/3
+        "d": {"class": 5, "score": 0.6},
+    }  # wrong
     assert gldv2.global_average_precision(preds, solution) == pytest.approx((1 + 2 / 3) / 3)
-    assert gldv2.global_average_precision(preds, solution, ignore_non_gt_test_images=True) == \
-        pytest.approx((1 + 2 / 2) / 3)
+    assert gldv2.global_average_precision(
+        preds, solution, ignore_non_gt_test_images=True
+    ) == pytest.approx((1 + 2 / 2) / 3)
 
 
 def test_gap_ties_sorted_by_id():

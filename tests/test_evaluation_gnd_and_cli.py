@@ -1,4 +1,5 @@
 """Revisitop gnd reader, restricted unpickler, ranks/scores scoring and the CLI."""
+
 import json
 import pickle
 import subprocess
@@ -17,8 +18,12 @@ def _small_gnd(num_db=8):
         "qimlist": ["q_0", "q_1"],
         "gnd": [
             {"easy": [0, 1], "hard": [2], "junk": [3], "bbx": [1.0, 2.0, 30.0, 40.0]},
-            {"easy": np.array([4]), "hard": np.array([], dtype=np.int64), "junk": np.array([5]),
-             "bbx": np.array([0.0, 0.0, 10.0, 10.0])},
+            {
+                "easy": np.array([4]),
+                "hard": np.array([], dtype=np.int64),
+                "junk": np.array([5]),
+                "bbx": np.array([0.0, 0.0, 10.0, 10.0]),
+            },
         ],
     }
 
@@ -36,6 +41,7 @@ def test_restricted_unpickler_loads_numpy_and_containers(tmp_path):
 class _Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned > /dev/null",))
 
 
@@ -45,19 +51,23 @@ def test_restricted_unpickler_refuses_os_system(tmp_path, monkeypatch):
     path.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [_Evil()]}))
     calls = []
     import os
+
     monkeypatch.setattr(os, "system", lambda *a: calls.append(a))
     with pytest.raises(data_rv.UnsafePickleError, match=r"gnd_roxford5k\.pkl.*(posix|os)\.system"):
         data_rv.load_gnd(path)
     assert calls == []
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.pop("qimlist"), "missing key"),
-    (lambda c: c["gnd"].pop(), "one per query"),
-    (lambda c: c["gnd"][0].pop("hard"), "lacks key"),
-    (lambda c: c["gnd"][0].update(easy=[99]), r"\[0, 8\)"),
-    (lambda c: c["gnd"][0].update(bbx=[5, 5, 1, 1]), "x2 > x1"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.pop("qimlist"), "missing key"),
+        (lambda c: c["gnd"].pop(), "one per query"),
+        (lambda c: c["gnd"][0].pop("hard"), "lacks key"),
+        (lambda c: c["gnd"][0].update(easy=[99]), r"\[0, 8\)"),
+        (lambda c: c["gnd"][0].update(bbx=[5, 5, 1, 1]), "x2 > x1"),
+    ],
+)
 def test_gnd_structure_errors(tmp_path, mutate, message):
     cfg = _small_gnd()
     mutate(cfg)
@@ -71,8 +81,18 @@ def test_gnd_mat_variant(tmp_path):
     from scipy.io import savemat
 
     gnd = np.zeros((1, 2), dtype=[("easy", "O"), ("hard", "O"), ("junk", "O"), ("bbx", "O")])
-    gnd[0, 0] = (np.array([[1, 2]]), np.array([[3]]), np.array([[4]]), np.array([[1.0, 2.0, 30.0, 40.0]]))
-    gnd[0, 1] = (np.array([[5]]), np.zeros((1, 0)), np.array([[6]]), np.array([[0.0, 0.0, 10.0, 10.0]]))
+    gnd[0, 0] = (
+        np.array([[1, 2]]),
+        np.array([[3]]),
+        np.array([[4]]),
+        np.array([[1.0, 2.0, 30.0, 40.0]]),
+    )
+    gnd[0, 1] = (
+        np.array([[5]]),
+        np.zeros((1, 0)),
+        np.array([[6]]),
+        np.array([[0.0, 0.0, 10.0, 10.0]]),
+    )
     imlist = np.array([[np.array([f"db_{i}"]) for i in range(8)]], dtype=object)
     qimlist = np.array([[np.array(["q_0"]), np.array(["q_1"])]], dtype=object)
     path = tmp_path / "gnd_roxford5k.mat"
@@ -125,8 +145,14 @@ def test_cli_ranks_and_scores(tmp_path):
     ranks = np.tile(np.arange(8)[:, None], (1, 2))
     np.save(tmp_path / "ranks.npy", ranks)
     out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "delg_tf.evaluate", f"--gnd_path={gnd_path}",
-           f"--ranks_path={tmp_path / 'ranks.npy'}", f"--output_json={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "delg_tf.evaluate",
+        f"--gnd_path={gnd_path}",
+        f"--ranks_path={tmp_path / 'ranks.npy'}",
+        f"--output_json={out}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     res = json.loads(out.read_text())
     assert set(res) == {"easy", "medium", "hard"}
@@ -136,6 +162,9 @@ def test_cli_ranks_and_scores(tmp_path):
     assert res["medium"]["mAP"] == pytest.approx((1.0 + q1_ap) / 2 * 100)
     # Bad shape: clear error, exit code 2, no traceback.
     np.save(tmp_path / "bad.npy", ranks[:, :1])
-    bad = subprocess.run(cmd[:-2] + [f"--ranks_path={tmp_path / 'bad.npy'}", f"--output_json={out}"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd[:-2] + [f"--ranks_path={tmp_path / 'bad.npy'}", f"--output_json={out}"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "expected shape" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
 """Evaluation from features: global-only vs re-ranked, from arrays and from HDF5 stores."""
+
 import json
 import pickle
 
@@ -29,7 +30,9 @@ def dataset():
             db_global[i] = -g  # globally the least similar
         queries.append(query)
         q_global.append(g)
-        gnd.append({"easy": np.array(positives[q]), "hard": np.array([], int), "junk": np.array([], int)})
+        gnd.append(
+            {"easy": np.array(positives[q]), "hard": np.array([], int), "junk": np.array([], int)}
+        )
     for i in range(4, NUM_DB):
         db_local[i] = syn.make_db_image(rng, queries[i % 2], 0, 10, NUM_FEATURES).features
         db_global[i] = q_global[i % 2] + 0.3 * syn.random_unit(rng, 1, DIM_GLOBAL)[0]
@@ -39,8 +42,16 @@ def dataset():
 def test_reranking_fixes_global_ranking(dataset, tmp_path):
     db_global, q_global, gnd, db_local, q_local = dataset
     config = EvaluateConfig(shortlist_size=NUM_DB, num_workers=2)
-    out = pipeline.evaluate_features(db_global, q_global, gnd, db_local, q_local, config,
-                                     output_json=tmp_path / "r.json", verbose=False)
+    out = pipeline.evaluate_features(
+        db_global,
+        q_global,
+        gnd,
+        db_local,
+        q_local,
+        config,
+        output_json=tmp_path / "r.json",
+        verbose=False,
+    )
     assert out.results["global"]["easy"]["mAP"] < 50
     assert out.results["reranked"]["easy"]["mAP"] == pytest.approx(100.0)
     assert np.isnan(out.results["reranked"]["hard"]["mAP"])  # no hard positives anywhere
@@ -51,8 +62,9 @@ def test_reranking_fixes_global_ranking(dataset, tmp_path):
 
 def test_shortlist_limits_reranking(dataset):
     db_global, q_global, gnd, db_local, q_local = dataset
-    out = pipeline.evaluate_features(db_global, q_global, gnd, db_local, q_local,
-                                     EvaluateConfig(shortlist_size=5), verbose=False)
+    out = pipeline.evaluate_features(
+        db_global, q_global, gnd, db_local, q_local, EvaluateConfig(shortlist_size=5), verbose=False
+    )
     # positives are ranked last globally (outside the top 5): nothing changes.
     np.testing.assert_array_equal(out.reranked_ranks, out.global_ranks)
 
@@ -77,10 +89,17 @@ def test_cli_main_from_feature_stores(dataset, tmp_path):
     def write(directory, names, globals_, locals_):
         with FeatureStoreWriter(directory) as writer:
             for name, g, f in zip(names, globals_, locals_):
-                writer.add(name + ".jpg", {"image_shape": (768, 1024, 3), "global_descriptor": g,
-                                           "locations": f.keypoints, "descriptors": f.descriptors,
-                                           "scores": np.ones(len(f), np.float32),
-                                           "scales": np.ones(len(f), np.float32)})
+                writer.add(
+                    name + ".jpg",
+                    {
+                        "image_shape": (768, 1024, 3),
+                        "global_descriptor": g,
+                        "locations": f.keypoints,
+                        "descriptors": f.descriptors,
+                        "scores": np.ones(len(f), np.float32),
+                        "scales": np.ones(len(f), np.float32),
+                    },
+                )
 
     imlist = [f"db_{i}" for i in range(NUM_DB)]
     qimlist = ["q_0", "q_1"]
@@ -88,8 +107,12 @@ def test_cli_main_from_feature_stores(dataset, tmp_path):
     write(tmp_path / "q", qimlist, q_global, q_local)
     gnd_path = tmp_path / "gnd_roxford5k.pkl"
     gnd_path.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    paths = EvaluatePaths(gnd_path=gnd_path, output_json=tmp_path / "out.json",
-                          db_features=tmp_path / "db", query_features=tmp_path / "q")
+    paths = EvaluatePaths(
+        gnd_path=gnd_path,
+        output_json=tmp_path / "out.json",
+        db_features=tmp_path / "db",
+        query_features=tmp_path / "q",
+    )
     out = evaluate.main(EvaluateConfig(shortlist_size=NUM_DB), paths)
     res = json.loads(out.read_text())
     assert res["reranked"]["easy"]["mAP"] == pytest.approx(100.0)
@@ -98,10 +121,16 @@ def test_cli_main_from_feature_stores(dataset, tmp_path):
 
 def test_paths_validation(tmp_path):
     with pytest.raises(ConfigError, match="both --db_features and --query_features"):
-        EvaluatePaths(gnd_path=tmp_path / "g.pkl", output_json=tmp_path / "o.json", db_features=tmp_path)
+        EvaluatePaths(
+            gnd_path=tmp_path / "g.pkl", output_json=tmp_path / "o.json", db_features=tmp_path
+        )
     with pytest.raises(ConfigError, match="not both"):
-        EvaluatePaths(gnd_path=tmp_path / "g.pkl", output_json=tmp_path / "o.json",
-                      ranks_path=tmp_path / "r.npy", scores_path=tmp_path / "s.npy")
+        EvaluatePaths(
+            gnd_path=tmp_path / "g.pkl",
+            output_json=tmp_path / "o.json",
+            ranks_path=tmp_path / "r.npy",
+            scores_path=tmp_path / "s.npy",
+        )
     with pytest.raises(ConfigError, match="--shortlist_size"):
         EvaluateConfig(shortlist_size=-1)
 
@@ -111,6 +140,13 @@ def test_local_features_empty_image(dataset):
     empty = LocalFeatures(np.zeros((0, 2)), np.zeros((0, 128), np.float32))
     locals_ = list(db_local)
     locals_[0] = empty
-    out = pipeline.evaluate_features(db_global, q_global, gnd, locals_, q_local,
-                                     EvaluateConfig(shortlist_size=NUM_DB), verbose=False)
+    out = pipeline.evaluate_features(
+        db_global,
+        q_global,
+        gnd,
+        locals_,
+        q_local,
+        EvaluateConfig(shortlist_size=NUM_DB),
+        verbose=False,
+    )
     assert out.reranked_ranks[0, 0] == 1  # the remaining positive moves to the top.

@@ -1,4 +1,5 @@
 """Revisitop metrics: hand-computed fixtures, edge cases, oracle comparison."""
+
 import math
 
 import numpy as np
@@ -55,15 +56,19 @@ def test_positive_at_the_end():
 
 
 def test_everything_else_junk_gives_perfect_ap():
-    res = rv.compute_map(np.arange(5)[:, None], [{"ok": np.array([3]), "junk": np.array([0, 1, 2, 4])}])
+    res = rv.compute_map(
+        np.arange(5)[:, None], [{"ok": np.array([3]), "junk": np.array([0, 1, 2, 4])}]
+    )
     assert res.mean_ap == pytest.approx(1.0)
     np.testing.assert_allclose(res.mean_precisions, [1.0, 1.0, 1.0])
 
 
 def test_query_without_positives_is_excluded():
     ranks = np.tile(np.arange(5)[:, None], (1, 2))
-    gnd = [{"ok": np.array([], dtype=int), "junk": np.array([0, 1, 2, 3, 4])},
-           {"ok": np.array([0]), "junk": np.array([])}]
+    gnd = [
+        {"ok": np.array([], dtype=int), "junk": np.array([0, 1, 2, 3, 4])},
+        {"ok": np.array([0]), "junk": np.array([])},
+    ]
     res = rv.compute_map(ranks, gnd)
     assert math.isnan(res.aps[0])
     assert res.num_evaluated == 1
@@ -71,7 +76,9 @@ def test_query_without_positives_is_excluded():
 
 
 def test_all_queries_without_positives_gives_nan_not_crash():
-    res = rv.compute_map(np.arange(3)[:, None], [{"ok": np.array([], dtype=int), "junk": np.arange(3)}])
+    res = rv.compute_map(
+        np.arange(3)[:, None], [{"ok": np.array([], dtype=int), "junk": np.arange(3)}]
+    )
     assert math.isnan(res.mean_ap) and res.num_evaluated == 0
 
 
@@ -100,7 +107,7 @@ def test_matches_oracle_on_random_rankings():
     for q in range(num_q):
         perm = rng.permutation(num_db)
         n_ok, n_junk = rng.integers(0, 8), rng.integers(0, 10)
-        gnd.append({"ok": perm[:n_ok], "junk": perm[n_ok:n_ok + n_junk]})
+        gnd.append({"ok": perm[:n_ok], "junk": perm[n_ok : n_ok + n_junk]})
     res = rv.compute_map(ranks, gnd)
     exp_map, exp_pr = _oracle_map(ranks, gnd, rv.DEFAULT_KAPPAS)
     assert res.mean_ap == pytest.approx(exp_map, abs=1e-12)

@@ -1,4 +1,5 @@
 """Putative matching, binary (Hamming) matching and pycolmap affine RANSAC."""
+
 import numpy as np
 import pytest
 
@@ -54,7 +55,7 @@ def test_binary_hamming_equivalence():
     for i, f in enumerate(flips):
         b[i, rng.permutation(dim)[:f]] *= -1
     l2 = np.linalg.norm(a / np.sqrt(dim) - b / np.sqrt(dim), axis=1)
-    np.testing.assert_allclose(l2 ** 2, 4 * flips / dim, rtol=1e-5)
+    np.testing.assert_allclose(l2**2, 4 * flips / dim, rtol=1e-5)
     pa, pb = np.packbits(a > 0, axis=1), np.packbits(b > 0, axis=1)
     np.testing.assert_array_equal(np.diag(corr.hamming_distances(pa, pb)), flips)
     qi, di = corr.find_putative_matches(pa, pb, threshold=1.1, binary=True)
@@ -110,6 +111,9 @@ def test_only_colmap_ransac_imports_pycolmap():
     import delg_tf
 
     root = pathlib.Path(delg_tf.__file__).parent
-    offenders = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                 if re.search(r"^\s*(import|from)\s+pycolmap", p.read_text(encoding="utf-8"), re.M)]
+    offenders = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if re.search(r"^\s*(import|from)\s+pycolmap", p.read_text(encoding="utf-8"), re.M)
+    ]
     assert offenders == ["matching/colmap_ransac.py"]

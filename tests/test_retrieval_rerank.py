@@ -1,4 +1,5 @@
 """Re-ranking by geometric verification on synthetic affine correspondences."""
+
 import numpy as np
 import pytest
 
@@ -12,8 +13,13 @@ NUM_FEATURES = 300
 def shortlist():
     rng = np.random.default_rng(3)
     query, pairs, is_pos = syn.make_shortlist(
-        rng, shortlist_size=20, num_positives=3, num_features=NUM_FEATURES,
-        positive_putatives_range=(60, 120), negative_putatives_range=(5, 20))
+        rng,
+        shortlist_size=20,
+        num_positives=3,
+        num_features=NUM_FEATURES,
+        positive_putatives_range=(60, 120),
+        negative_putatives_range=(5, 20),
+    )
     return query, pairs, is_pos
 
 
@@ -46,9 +52,12 @@ def test_true_matches_move_to_top(shortlist):
 def test_threads_and_serial_agree(shortlist):
     query, pairs, _ = shortlist
     feats = [p.features for p in pairs]
-    with rr.Reranker(shortlist_size=20, num_workers=1) as a, rr.Reranker(shortlist_size=20, num_workers=2) as b:
-        np.testing.assert_array_equal(a.count_inliers(query, feats, range(20)),
-                                      b.count_inliers(query, feats, range(20)))
+    with rr.Reranker(shortlist_size=20, num_workers=1) as a, rr.Reranker(
+        shortlist_size=20, num_workers=2
+    ) as b:
+        np.testing.assert_array_equal(
+            a.count_inliers(query, feats, range(20)), b.count_inliers(query, feats, range(20))
+        )
 
 
 def test_empty_features_score_zero(shortlist):

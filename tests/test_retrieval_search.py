@@ -1,4 +1,5 @@
 """Global search: chunked exact vs brute force, faiss exact and approximate."""
+
 import numpy as np
 import pytest
 

@@ -15,6 +15,7 @@ As the protocol requires, query images are cropped to their bounding box
 
 numpy/scipy only; Pillow is imported lazily by the image loaders.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -43,8 +44,11 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
-    *((m, n) for m in ("builtins", "__builtin__")
-      for n in ("set", "frozenset", "bytes", "bytearray", "complex")),
+    *(
+        (m, n)
+        for m in ("builtins", "__builtin__")
+        for n in ("set", "frozenset", "bytes", "bytearray", "complex")
+    ),
     ("collections", "OrderedDict"),
 }
 # Protocol-2 pickles written by Python 3 encode bytes via _codecs.encode(str, 'latin1').
@@ -84,7 +88,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "Ground-truth pickles may only contain plain containers (dict, list, "
             "tuple, str, numbers) and numpy arrays. If this file is the official "
             "revisitop gnd file it may be corrupted or tampered with: download it "
-            "again, or use the .mat variant.")
+            "again, or use the .mat variant."
+        )
 
 
 def load_pickle_restricted(path) -> object:
@@ -116,7 +121,9 @@ def _as_index_array(value, where: str, num_db: int) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except Exception as e:  # pragma: no cover - defensive.
-        raise GndFormatError(f"{where}: expected a list of image indices, got {type(value).__name__}") from e
+        raise GndFormatError(
+            f"{where}: expected a list of image indices, got {type(value).__name__}"
+        ) from e
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -128,7 +135,8 @@ def _as_index_array(value, where: str, num_db: int) -> np.ndarray:
     if arr.min() < 0 or arr.max() >= num_db:
         raise GndFormatError(
             f"{where}: indices must be in [0, {num_db}) (0-based into imlist), got "
-            f"range [{arr.min()}, {arr.max()}].")
+            f"range [{arr.min()}, {arr.max()}]."
+        )
     return arr
 
 
@@ -150,20 +158,30 @@ def validate_gnd(cfg, source: str = "<gnd>", require_bbx: bool = True) -> dict:
         GndFormatError: describing the first structural problem found.
     """
     if not isinstance(cfg, dict):
-        raise GndFormatError(f"{source}: expected a dict with keys imlist, qimlist, gnd; got {type(cfg).__name__}.")
+        raise GndFormatError(
+            f"{source}: expected a dict with keys imlist, qimlist, gnd; got {type(cfg).__name__}."
+        )
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
     if missing:
-        raise GndFormatError(f"{source}: missing key(s) {missing}; found {sorted(map(str, cfg))}. "
-                             "Expected the revisitop gnd_<dataset>.pkl layout.")
+        raise GndFormatError(
+            f"{source}: missing key(s) {missing}; found {sorted(map(str, cfg))}. "
+            "Expected the revisitop gnd_<dataset>.pkl layout."
+        )
     imlist, qimlist, gnd = cfg["imlist"], cfg["qimlist"], cfg["gnd"]
     for key, lst in (("imlist", imlist), ("qimlist", qimlist)):
-        if not isinstance(lst, (list, tuple, np.ndarray)) or not all(isinstance(x, str) for x in lst):
+        if not isinstance(lst, (list, tuple, np.ndarray)) or not all(
+            isinstance(x, str) for x in lst
+        ):
             raise GndFormatError(f"{source}: '{key}' must be a list of image names (str).")
     if not isinstance(gnd, (list, tuple)):
-        raise GndFormatError(f"{source}: 'gnd' must be a list of per-query dicts, got {type(gnd).__name__}.")
+        raise GndFormatError(
+            f"{source}: 'gnd' must be a list of per-query dicts, got {type(gnd).__name__}."
+        )
     if len(gnd) != len(qimlist):
-        raise GndFormatError(f"{source}: 'gnd' has {len(gnd)} entries but 'qimlist' has "
-                             f"{len(qimlist)}; they must be equal (one per query).")
+        raise GndFormatError(
+            f"{source}: 'gnd' has {len(gnd)} entries but 'qimlist' has "
+            f"{len(qimlist)}; they must be equal (one per query)."
+        )
     num_db = len(imlist)
     out_gnd = []
     for q, entry in enumerate(gnd):
@@ -172,26 +190,35 @@ def validate_gnd(cfg, source: str = "<gnd>", require_bbx: bool = True) -> dict:
             raise GndFormatError(f"{where} must be a dict, got {type(entry).__name__}.")
         lacking = [k for k in GND_LIST_KEYS if k not in entry]
         if lacking:
-            raise GndFormatError(f"{where} lacks key(s) {lacking}; revisitop entries have "
-                                 f"{list(GND_LIST_KEYS)} and 'bbx'.")
+            raise GndFormatError(
+                f"{where} lacks key(s) {lacking}; revisitop entries have "
+                f"{list(GND_LIST_KEYS)} and 'bbx'."
+            )
         new = {k: _as_index_array(entry[k], f"{where}['{k}']", num_db) for k in GND_LIST_KEYS}
         bbx = entry.get("bbx")
         if bbx is None:
             if require_bbx:
-                raise GndFormatError(f"{where} lacks 'bbx' (x1, y1, x2, y2) needed to crop the query.")
+                raise GndFormatError(
+                    f"{where} lacks 'bbx' (x1, y1, x2, y2) needed to crop the query."
+                )
         else:
             bbx = np.asarray(bbx, dtype=np.float64).ravel()
             if bbx.shape != (BBX_LENGTH,) or not (bbx[2] > bbx[0] and bbx[3] > bbx[1]):
-                raise GndFormatError(f"{where}['bbx'] must be 4 numbers (x1, y1, x2, y2) with "
-                                     f"x2 > x1 and y2 > y1, got {bbx.tolist()}.")
+                raise GndFormatError(
+                    f"{where}['bbx'] must be 4 numbers (x1, y1, x2, y2) with "
+                    f"x2 > x1 and y2 > y1, got {bbx.tolist()}."
+                )
         new["bbx"] = bbx
         out_gnd.append(new)
     return {"imlist": list(imlist), "qimlist": list(qimlist), "gnd": out_gnd}
 
 
 def _mat_strings(cell) -> list:
-    return [str("".join(item)) if not isinstance(item, str) else item
-            for entry in np.squeeze(cell) for item in np.atleast_1d(entry)]
+    return [
+        str("".join(item)) if not isinstance(item, str) else item
+        for entry in np.squeeze(cell)
+        for item in np.atleast_1d(entry)
+    ]
 
 
 def load_gnd_mat(path) -> dict:
@@ -223,7 +250,11 @@ def load_gnd_mat(path) -> dict:
         if "bbx" in entry.dtype.names:
             new["bbx"] = np.asarray(entry["bbx"], dtype=np.float64).ravel()
         gnd.append(new)
-    return {"imlist": _mat_strings(mat["imlist"]), "qimlist": _mat_strings(mat["qimlist"]), "gnd": gnd}
+    return {
+        "imlist": _mat_strings(mat["imlist"]),
+        "qimlist": _mat_strings(mat["qimlist"]),
+        "gnd": gnd,
+    }
 
 
 def load_gnd(path, require_bbx: bool = True) -> dict:
@@ -241,8 +272,10 @@ def load_gnd(path, require_bbx: bool = True) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ground-truth file not found: {path} (expected gnd_roxford5k.pkl, "
-                                "gnd_rparis6k.pkl or their .mat variants).")
+        raise FileNotFoundError(
+            f"ground-truth file not found: {path} (expected gnd_roxford5k.pkl, "
+            "gnd_rparis6k.pkl or their .mat variants)."
+        )
     if path.suffix.lower() == ".mat":
         raw = load_gnd_mat(path)
     else:
@@ -290,6 +323,7 @@ class RevisitopDataset:
         gnd: per-query dicts with easy/hard/junk (int64, 0-based) and bbx.
         distractors: optional +1M distractor names appended after imlist.
     """
+
     name: str
     gnd_path: Path
     images_dir: Path
@@ -299,8 +333,14 @@ class RevisitopDataset:
     distractors: list = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_dir(cls, data_dir, name: Optional[str] = None, gnd_path=None,
-                 images_dir=None, distractor_list=None) -> "RevisitopDataset":
+    def from_dir(
+        cls,
+        data_dir,
+        name: Optional[str] = None,
+        gnd_path=None,
+        images_dir=None,
+        distractor_list=None,
+    ) -> "RevisitopDataset":
         """Opens ``<data_dir>/gnd_<name>.pkl`` (or .mat) and ``<data_dir>/jpg``.
 
         Args:
@@ -323,17 +363,23 @@ class RevisitopDataset:
             if not found:
                 raise FileNotFoundError(
                     f"no ground-truth file in {data_dir}; looked for "
-                    f"{[c.name for c in candidates]}. Pass gnd_path explicitly.")
+                    f"{[c.name for c in candidates]}. Pass gnd_path explicitly."
+                )
             gnd_path = found[0]
         gnd_path = Path(gnd_path)
         if name is None:
             name = gnd_path.stem.replace("gnd_", "")
         cfg = load_gnd(gnd_path)
         distractors = read_distractor_list(distractor_list) if distractor_list else []
-        return cls(name=name, gnd_path=gnd_path,
-                   images_dir=Path(images_dir) if images_dir else data_dir / IMAGE_SUBDIR,
-                   imlist=cfg["imlist"], qimlist=cfg["qimlist"], gnd=cfg["gnd"],
-                   distractors=distractors)
+        return cls(
+            name=name,
+            gnd_path=gnd_path,
+            images_dir=Path(images_dir) if images_dir else data_dir / IMAGE_SUBDIR,
+            imlist=cfg["imlist"],
+            qimlist=cfg["qimlist"],
+            gnd=cfg["gnd"],
+            distractors=distractors,
+        )
 
     @property
     def num_db(self) -> int:
@@ -349,7 +395,9 @@ class RevisitopDataset:
         if i < len(self.imlist):
             return self.images_dir / (self.imlist[i] + IMAGE_EXTENSION)
         rel = self.distractors[i - len(self.imlist)]
-        return self.images_dir / (rel if rel.lower().endswith(IMAGE_EXTENSION) else rel + IMAGE_EXTENSION)
+        return self.images_dir / (
+            rel if rel.lower().endswith(IMAGE_EXTENSION) else rel + IMAGE_EXTENSION
+        )
 
     def query_path(self, q: int) -> Path:
         return self.images_dir / (self.qimlist[q] + IMAGE_EXTENSION)

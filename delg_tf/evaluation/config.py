@@ -3,6 +3,7 @@
 The CLI (``delg_tf/evaluate.py``) converts its absl flags into these dataclasses;
 library code only ever sees the dataclasses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ class EvaluateConfig:
         allow_truncated_ranks: accept rankings shorter than the database.
         binary_descriptors: re-rank with packed-bit local descriptors (DELG*).
     """
+
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
     descriptor_threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD
     ransac_residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD
@@ -63,8 +65,11 @@ class EvaluateConfig:
             (self.min_inliers >= 0, "min_inliers", "an integer >= 0"),
             (0 < self.ratio_test_threshold <= 1, "ratio_test_threshold", "a float in (0, 1]"),
             (self.num_workers >= 1, "num_workers", "an integer >= 1"),
-            (len(self.kappas) > 0 and all(k >= 1 for k in self.kappas), "kappas",
-             "a non-empty list of integers >= 1"),
+            (
+                len(self.kappas) > 0 and all(k >= 1 for k in self.kappas),
+                "kappas",
+                "a non-empty list of integers >= 1",
+            ),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -83,6 +88,7 @@ class EvaluatePaths:
         db_features: HDF5 feature store of the database images (--db_features).
         query_features: HDF5 feature store of the bbx-cropped queries (--query_features).
     """
+
     gnd_path: Path
     output_json: Path
     ranks_path: Optional[Path] = None
@@ -92,18 +98,33 @@ class EvaluatePaths:
 
     def __post_init__(self):
         if self.gnd_path is None or str(self.gnd_path) == "":
-            raise ConfigError("--gnd_path is required (gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat).")
+            raise ConfigError(
+                "--gnd_path is required (gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat)."
+            )
         if self.output_json is None or str(self.output_json) == "":
             raise ConfigError("--output_json is required (where to write the metrics).")
         if self.ranks_path is not None and self.scores_path is not None:
             raise ConfigError("pass only one of --ranks_path and --scores_path, not both.")
         if (self.db_features is None) != (self.query_features is None):
-            raise ConfigError("pass both --db_features and --query_features (feature stores of the "
-                              "database and of the cropped queries), or neither.")
-        if self.db_features is not None and (self.ranks_path is not None or self.scores_path is not None):
-            raise ConfigError("pass either feature stores (--db_features/--query_features) or a "
-                              "precomputed ranking (--ranks_path/--scores_path), not both.")
-        for name in ("gnd_path", "output_json", "ranks_path", "scores_path", "db_features", "query_features"):
+            raise ConfigError(
+                "pass both --db_features and --query_features (feature stores of the "
+                "database and of the cropped queries), or neither."
+            )
+        if self.db_features is not None and (
+            self.ranks_path is not None or self.scores_path is not None
+        ):
+            raise ConfigError(
+                "pass either feature stores (--db_features/--query_features) or a "
+                "precomputed ranking (--ranks_path/--scores_path), not both."
+            )
+        for name in (
+            "gnd_path",
+            "output_json",
+            "ranks_path",
+            "scores_path",
+            "db_features",
+            "query_features",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))

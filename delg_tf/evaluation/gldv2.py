@@ -20,6 +20,7 @@ Solution CSVs (``retrieval_solution_v2.1.csv``: ``id,images,Usage``;
 ``recognition_solution_v2.1.csv``: ``id,landmarks,Usage``) have a header; Usage
 is ``Public``, ``Private`` or ``Ignored``. numpy/stdlib only (no TensorFlow).
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,6 +51,7 @@ class Solution:
         private: same for the Private split.
         ignored: test ids ignored in scoring.
     """
+
     public: Dict[str, list]
     private: Dict[str, list]
     ignored: List[str]
@@ -69,9 +71,11 @@ def _open_rows(path, task, headers, kind):
     if not rows:
         raise Gldv2FormatError(f"{path}: empty file; expected header {','.join(headers[task])}.")
     header = tuple(h.strip() for h in rows[0])
-    if header[:len(headers[task])] != headers[task]:
-        raise Gldv2FormatError(f"{path}: header {','.join(header)} does not match the {task} {kind} "
-                               f"format {','.join(headers[task])}.")
+    if header[: len(headers[task])] != headers[task]:
+        raise Gldv2FormatError(
+            f"{path}: header {','.join(header)} does not match the {task} {kind} "
+            f"format {','.join(headers[task])}."
+        )
     return path, rows[1:]
 
 
@@ -96,7 +100,9 @@ def read_solution(path, task: str) -> Solution:
         if not row:
             continue
         if len(row) != 3:
-            raise Gldv2FormatError(f"{path}:{line}: expected 3 columns (id, ids, Usage), got {len(row)}.")
+            raise Gldv2FormatError(
+                f"{path}:{line}: expected 3 columns (id, ids, Usage), got {len(row)}."
+            )
         test_id, ids, usage = row[0], row[1].split(), row[2].strip()
         if usage not in USAGES:
             raise Gldv2FormatError(f"{path}:{line}: Usage must be one of {USAGES}, got {usage!r}.")
@@ -107,7 +113,9 @@ def read_solution(path, task: str) -> Solution:
             try:
                 ids = [int(x) for x in ids]
             except ValueError as e:
-                raise Gldv2FormatError(f"{path}:{line}: landmark ids must be integers, got {row[1]!r}.") from e
+                raise Gldv2FormatError(
+                    f"{path}:{line}: landmark ids must be integers, got {row[1]!r}."
+                ) from e
         (public if usage == "Public" else private)[test_id] = ids
     return Solution(public, private, ignored)
 
@@ -144,11 +152,15 @@ def read_predictions(path, task: str, solution: Solution) -> Tuple[dict, dict]:
         fields = row[1].split()
         if task == RECOGNITION:
             if len(fields) != RECOGNITION_PREDICTION_FIELDS:
-                raise Gldv2FormatError(f"{path}:{line}: expected '<landmark_id> <score>', got {row[1]!r}.")
+                raise Gldv2FormatError(
+                    f"{path}:{line}: expected '<landmark_id> <score>', got {row[1]!r}."
+                )
             try:
                 entry = {"class": int(fields[0]), "score": float(fields[1])}
             except ValueError as e:
-                raise Gldv2FormatError(f"{path}:{line}: bad landmark id or score in {row[1]!r}.") from e
+                raise Gldv2FormatError(
+                    f"{path}:{line}: bad landmark id or score in {row[1]!r}."
+                ) from e
         else:
             entry = fields
         if test_id in solution.public:
@@ -160,8 +172,11 @@ def read_predictions(path, task: str, solution: Solution) -> Tuple[dict, dict]:
     return public, private
 
 
-def average_precision_at_k(prediction: Sequence[str], relevant: Sequence[str],
-                           max_predictions: int = DEFAULT_MAX_PREDICTIONS) -> float:
+def average_precision_at_k(
+    prediction: Sequence[str],
+    relevant: Sequence[str],
+    max_predictions: int = DEFAULT_MAX_PREDICTIONS,
+) -> float:
     """GLDv2 AP@k of one query.
 
     Args:
@@ -186,8 +201,11 @@ def average_precision_at_k(prediction: Sequence[str], relevant: Sequence[str],
     return ap / min(len(relevant), max_predictions)
 
 
-def mean_average_precision(predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Sequence[str]],
-                           max_predictions: int = DEFAULT_MAX_PREDICTIONS) -> float:
+def mean_average_precision(
+    predictions: Mapping[str, Sequence[str]],
+    solution: Mapping[str, Sequence[str]],
+    max_predictions: int = DEFAULT_MAX_PREDICTIONS,
+) -> float:
     """GLDv2 retrieval mAP@k, averaged over all queries of ``solution``.
 
     Args:
@@ -206,13 +224,18 @@ def mean_average_precision(predictions: Mapping[str, Sequence[str]], solution: M
     unknown = [k for k in predictions if k not in solution]
     if unknown:
         raise ValueError(f"test image(s) {unknown[:5]} are not part of the retrieval solution.")
-    total = sum(average_precision_at_k(pred, solution[key], max_predictions)
-                for key, pred in predictions.items())
+    total = sum(
+        average_precision_at_k(pred, solution[key], max_predictions)
+        for key, pred in predictions.items()
+    )
     return total / len(solution)
 
 
-def global_average_precision(predictions: Mapping[str, Mapping], solution: Mapping[str, Sequence[int]],
-                             ignore_non_gt_test_images: bool = False) -> float:
+def global_average_precision(
+    predictions: Mapping[str, Mapping],
+    solution: Mapping[str, Sequence[int]],
+    ignore_non_gt_test_images: bool = False,
+) -> float:
     """GLDv2 recognition GAP (micro-AP).
 
     Args:
@@ -247,18 +270,28 @@ def global_average_precision(predictions: Mapping[str, Mapping], solution: Mappi
     return gap / num_positives
 
 
-def evaluate_retrieval_csv(solution_path, predictions_path,
-                           max_predictions: int = DEFAULT_MAX_PREDICTIONS) -> dict:
+def evaluate_retrieval_csv(
+    solution_path, predictions_path, max_predictions: int = DEFAULT_MAX_PREDICTIONS
+) -> dict:
     """Public/Private mAP@k (percent) of a retrieval submission CSV."""
     sol = read_solution(solution_path, RETRIEVAL)
     pub, priv = read_predictions(predictions_path, RETRIEVAL, sol)
-    return {"public": {f"mAP@{max_predictions}": 100 * mean_average_precision(pub, sol.public, max_predictions)},
-            "private": {f"mAP@{max_predictions}": 100 * mean_average_precision(priv, sol.private, max_predictions)}}
+    return {
+        "public": {
+            f"mAP@{max_predictions}": 100 * mean_average_precision(pub, sol.public, max_predictions)
+        },
+        "private": {
+            f"mAP@{max_predictions}": 100
+            * mean_average_precision(priv, sol.private, max_predictions)
+        },
+    }
 
 
 def evaluate_recognition_csv(solution_path, predictions_path) -> dict:
     """Public/Private GAP (percent) of a recognition submission CSV."""
     sol = read_solution(solution_path, RECOGNITION)
     pub, priv = read_predictions(predictions_path, RECOGNITION, sol)
-    return {"public": {"GAP": 100 * global_average_precision(pub, sol.public)},
-            "private": {"GAP": 100 * global_average_precision(priv, sol.private)}}
+    return {
+        "public": {"GAP": 100 * global_average_precision(pub, sol.public)},
+        "private": {"GAP": 100 * global_average_precision(priv, sol.private)},
+    }

@@ -9,6 +9,7 @@ This is how users compare another system with delg_tf:
 
 numpy only.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,25 @@ def scores_to_ranks(scores: np.ndarray) -> np.ndarray:
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise RankingShapeError(f"scores must be 2-D [num_db, num_queries], got shape {scores.shape}.")
-    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
+        raise RankingShapeError(
+            f"scores must be 2-D [num_db, num_queries], got shape {scores.shape}."
+        )
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(
+        scores.dtype, np.complexfloating
+    ):
         raise RankingShapeError(f"scores must be real numbers, got dtype {scores.dtype}.")
     if np.isnan(scores).any():
         raise RankingShapeError("scores contain NaN; replace them (e.g. with -inf) before ranking.")
     return np.argsort(-scores.astype(np.float64), axis=0, kind="stable").astype(np.int64)
 
 
-def validate_ranks(ranks: np.ndarray, num_db: int, num_queries: int,
-                   source: str = "ranks", allow_truncated: bool = False) -> np.ndarray:
+def validate_ranks(
+    ranks: np.ndarray,
+    num_db: int,
+    num_queries: int,
+    source: str = "ranks",
+    allow_truncated: bool = False,
+) -> np.ndarray:
     """Checks that a ranking matches the ground truth.
 
     Args:
@@ -66,34 +76,41 @@ def validate_ranks(ranks: np.ndarray, num_db: int, num_queries: int,
     ranks = np.asarray(ranks)
     expected = f"[num_db={num_db}, num_queries={num_queries}]"
     if ranks.ndim != 2:
-        raise RankingShapeError(f"{source}: expected a 2-D array {expected}, got shape {ranks.shape}.")
+        raise RankingShapeError(
+            f"{source}: expected a 2-D array {expected}, got shape {ranks.shape}."
+        )
     if ranks.shape == (num_queries, num_db) and ranks.shape != (num_db, num_queries):
         raise RankingShapeError(
             f"{source}: got shape {ranks.shape}, which looks transposed; expected {expected} "
-            "(revisitop layout: column q = ranked database indices of query q). Save ranks.T.")
+            "(revisitop layout: column q = ranked database indices of query q). Save ranks.T."
+        )
     rows_ok = ranks.shape[0] == num_db or (allow_truncated and 0 < ranks.shape[0] <= num_db)
     if ranks.shape[1] != num_queries or not rows_ok:
         raise RankingShapeError(
             f"{source}: expected shape {expected}, got {ranks.shape}. Check that the ranking "
-            "was computed on the same dataset (and +1M distractors) as the ground truth.")
+            "was computed on the same dataset (and +1M distractors) as the ground truth."
+        )
     if not np.issubdtype(ranks.dtype, np.integer):
         if np.issubdtype(ranks.dtype, np.floating) and np.all(ranks == np.floor(ranks)):
             ranks = ranks.astype(np.int64)
         else:
             raise RankingShapeError(
                 f"{source}: expected integer database indices, got dtype {ranks.dtype}. "
-                "If these are similarity scores, pass them as scores (--scores_path).")
+                "If these are similarity scores, pass them as scores (--scores_path)."
+            )
     ranks = ranks.astype(np.int64)
     if ranks.size and (ranks.min() < 0 or ranks.max() >= num_db):
         raise RankingShapeError(
             f"{source}: database indices must be in [0, {num_db}), got range "
-            f"[{ranks.min()}, {ranks.max()}] (indices are 0-based).")
+            f"[{ranks.min()}, {ranks.max()}] (indices are 0-based)."
+        )
     sorted_cols = np.sort(ranks, axis=0)
     dup_cols = np.flatnonzero((np.diff(sorted_cols, axis=0) == 0).any(axis=0))
     if dup_cols.size:
         raise RankingShapeError(
             f"{source}: query column(s) {dup_cols[:5].tolist()} list a database index more "
-            "than once; each column must be a ranking without repeats.")
+            "than once; each column must be a ranking without repeats."
+        )
     return ranks
 
 
@@ -116,9 +133,15 @@ def load_array(path, what: str) -> np.ndarray:
         raise RankingShapeError(f"{what}: {path} is not a plain numeric .npy array ({e}).") from e
 
 
-def score_ranking(gnd: Sequence[Mapping], num_db: int, ranks: Optional[np.ndarray] = None,
-                  scores: Optional[np.ndarray] = None, kappas: Sequence[int] = DEFAULT_KAPPAS,
-                  source: str = "ranks", allow_truncated: bool = False) -> dict:
+def score_ranking(
+    gnd: Sequence[Mapping],
+    num_db: int,
+    ranks: Optional[np.ndarray] = None,
+    scores: Optional[np.ndarray] = None,
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+    source: str = "ranks",
+    allow_truncated: bool = False,
+) -> dict:
     """Revisitop Easy/Medium/Hard metrics of a precomputed ranking or score matrix.
 
     Args:
@@ -138,10 +161,13 @@ def score_ranking(gnd: Sequence[Mapping], num_db: int, ranks: Optional[np.ndarra
     if scores is not None:
         scores = np.asarray(scores)
         if scores.ndim != 2 or scores.shape != (num_db, len(gnd)):
-            hint = " (looks transposed; save scores.T)" if scores.shape == (len(gnd), num_db) else ""
+            hint = (
+                " (looks transposed; save scores.T)" if scores.shape == (len(gnd), num_db) else ""
+            )
             raise RankingShapeError(
                 f"{source}: expected scores of shape [num_db={num_db}, num_queries={len(gnd)}], "
-                f"got {scores.shape}{hint}.")
+                f"got {scores.shape}{hint}."
+            )
         ranks = scores_to_ranks(scores)
     ranks = validate_ranks(ranks, num_db, len(gnd), source, allow_truncated)
     return evaluate_revisitop(ranks, gnd, kappas)
@@ -157,6 +183,7 @@ def write_json(results: Mapping, path) -> Path:
     Returns:
         The path written.
     """
+
     def clean(x):
         if isinstance(x, Mapping):
             return {str(k): clean(v) for k, v in x.items()}

@@ -19,6 +19,7 @@ junk = junk + easy.
 
 numpy only; no TensorFlow.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,8 @@ def compute_ap(positive_positions: np.ndarray, num_positives: int) -> float:
     if num_positives <= 0:
         raise ValueError(
             f"compute_ap needs num_positives > 0, got {num_positives}; queries "
-            "without positives must be excluded by the caller (compute_map does).")
+            "without positives must be excluded by the caller (compute_map does)."
+        )
     ranks = np.asarray(positive_positions, dtype=np.float64)
     if ranks.size == 0:
         return 0.0
@@ -62,8 +64,9 @@ def compute_ap(positive_positions: np.ndarray, num_positives: int) -> float:
     return float(np.sum((precision_0 + precision_1) / 2.0) / num_positives)
 
 
-def _junk_free_positions(ranking: np.ndarray, positives: np.ndarray,
-                         junk: np.ndarray) -> np.ndarray:
+def _junk_free_positions(
+    ranking: np.ndarray, positives: np.ndarray, junk: np.ndarray
+) -> np.ndarray:
     """0-based positions of positives after removing junk from the ranking.
 
     Args:
@@ -117,6 +120,7 @@ class MapResult:
         kappas: the k values.
         num_evaluated: number of queries with at least one positive.
     """
+
     mean_ap: float
     aps: np.ndarray
     mean_precisions: np.ndarray
@@ -125,8 +129,11 @@ class MapResult:
     num_evaluated: int
 
 
-def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping[str, np.ndarray]],
-                kappas: Sequence[int] = DEFAULT_KAPPAS) -> MapResult:
+def compute_map(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping[str, np.ndarray]],
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+) -> MapResult:
     """mAP and mP@k for a ranking (revisitop ``compute_map``).
 
     Args:
@@ -153,7 +160,8 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping[str, np.ndarray]],
         raise ValueError(
             f"ranks has {ranks.shape[1]} columns but the ground truth has "
             f"{num_queries} queries; ranks must be [num_db, num_queries] "
-            "(transpose it if you stored [num_queries, num_db]).")
+            "(transpose it if you stored [num_queries, num_db])."
+        )
     kappas = tuple(int(k) for k in kappas)
     aps = np.full(num_queries, np.nan)
     precisions = np.full((num_queries, len(kappas)), np.nan)
@@ -190,6 +198,7 @@ def protocol_gnd(gnd: Sequence[Mapping[str, np.ndarray]], protocol: str) -> list
     Raises:
         ValueError: for an unknown protocol.
     """
+
     def arr(entry, key):
         return np.asarray(entry.get(key, ()), dtype=np.int64).ravel()
 
@@ -208,8 +217,11 @@ def protocol_gnd(gnd: Sequence[Mapping[str, np.ndarray]], protocol: str) -> list
     return out
 
 
-def evaluate_revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, np.ndarray]],
-                       kappas: Sequence[int] = DEFAULT_KAPPAS) -> dict:
+def evaluate_revisitop(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping[str, np.ndarray]],
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+) -> dict:
     """Easy / Medium / Hard mAP and mP@k in percent.
 
     Args:
@@ -231,8 +243,9 @@ def evaluate_revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, np.ndarray]
     return results
 
 
-def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
-                         kappas: Sequence[int] = DEFAULT_KAPPAS) -> str:
+def format_results_table(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], kappas: Sequence[int] = DEFAULT_KAPPAS
+) -> str:
     """Formats ``{row_name: evaluate_revisitop(...)}`` as a fixed-width table.
 
     Args:
@@ -244,10 +257,10 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
         A multi-line string; mAP and mP@k per protocol, two decimals.
     """
     metrics = ["mAP"] + [f"mP@{k}" for k in kappas]
-    header = f"{'':<12}" + "".join(
-        f"{(p + ' ' + m):>14}" for p in PROTOCOLS for m in metrics)
+    header = f"{'':<12}" + "".join(f"{(p + ' ' + m):>14}" for p in PROTOCOLS for m in metrics)
     lines = [header]
     for name, res in results.items():
-        lines.append(f"{name:<12}" + "".join(
-            f"{res[p][m]:>14.2f}" for p in PROTOCOLS for m in metrics))
+        lines.append(
+            f"{name:<12}" + "".join(f"{res[p][m]:>14.2f}" for p in PROTOCOLS for m in metrics)
+        )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ threads run it in parallel (measured: see ``bench/rerank.py``).
 The pycolmap version is checked at import; versions outside the tested range
 raise :class:`PycolmapVersionError` with the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,14 +62,16 @@ def check_pycolmap_version(version: str) -> None:
             f"delg_tf.matching.colmap_ransac is tested with pycolmap>={lo},<{hi} but found "
             f"pycolmap {version}. Its RANSAC API (estimate_affine2d_robust, RANSACOptions "
             f"fields) changes between releases; install a tested version with "
-            f"`pip install 'pycolmap>={lo},<{hi}'`.")
+            f"`pip install 'pycolmap>={lo},<{hi}'`."
+        )
 
 
 try:
     import pycolmap as _pycolmap
 except ImportError as _e:  # pragma: no cover - pycolmap is a hard dependency.
     raise ImportError(
-        "delg_tf.matching.colmap_ransac needs pycolmap (`pip install 'pycolmap>=4.2,<4.3'`).") from _e
+        "delg_tf.matching.colmap_ransac needs pycolmap (`pip install 'pycolmap>=4.2,<4.3'`)."
+    ) from _e
 check_pycolmap_version(getattr(_pycolmap, "__version__", "unknown"))
 
 
@@ -81,14 +84,17 @@ class RansacResult:
         inlier_mask: bool [M].
         model: float64 [2, 3] affine ``tgt = A @ [src; 1]``, or None.
     """
+
     num_inliers: int
     inlier_mask: np.ndarray
     model: Optional[np.ndarray]
 
 
-def make_ransac_options(residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD,
-                        iterations: int = DEFAULT_RANSAC_ITERATIONS,
-                        seed: Optional[int] = DEFAULT_RANSAC_SEED):
+def make_ransac_options(
+    residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD,
+    iterations: int = DEFAULT_RANSAC_ITERATIONS,
+    seed: Optional[int] = DEFAULT_RANSAC_SEED,
+):
     """pycolmap.RANSACOptions running exactly ``iterations`` trials.
 
     Args:
@@ -100,8 +106,10 @@ def make_ransac_options(residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRE
         pycolmap.RANSACOptions.
     """
     if residual_threshold <= 0 or iterations < 1:
-        raise ValueError(f"need residual_threshold > 0 and iterations >= 1, got "
-                         f"{residual_threshold} and {iterations}.")
+        raise ValueError(
+            f"need residual_threshold > 0 and iterations >= 1, got "
+            f"{residual_threshold} and {iterations}."
+        )
     options = _pycolmap.RANSACOptions(max_error=float(residual_threshold))
     options.min_num_trials = int(iterations)
     options.max_num_trials = int(iterations)
@@ -110,12 +118,15 @@ def make_ransac_options(residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRE
     return options
 
 
-def estimate_affine_ransac(src: np.ndarray, tgt: np.ndarray,
-                           residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD,
-                           iterations: int = DEFAULT_RANSAC_ITERATIONS,
-                           seed: Optional[int] = DEFAULT_RANSAC_SEED,
-                           min_putative_matches: int = DEFAULT_MIN_PUTATIVE_MATCHES,
-                           options=None) -> RansacResult:
+def estimate_affine_ransac(
+    src: np.ndarray,
+    tgt: np.ndarray,
+    residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD,
+    iterations: int = DEFAULT_RANSAC_ITERATIONS,
+    seed: Optional[int] = DEFAULT_RANSAC_SEED,
+    min_putative_matches: int = DEFAULT_MIN_PUTATIVE_MATCHES,
+    options=None,
+) -> RansacResult:
     """Robust affine fit ``tgt ~ A [src; 1]`` with pycolmap LO-RANSAC.
 
     Args:
@@ -137,16 +148,28 @@ def estimate_affine_ransac(src: np.ndarray, tgt: np.ndarray,
     Raises:
         ValueError: src/tgt with wrong shapes or different lengths.
     """
-    src = np.asarray(src, dtype=np.float64).reshape(-1, POINT_DIM) if np.size(src) else np.zeros((0, 2))
-    tgt = np.asarray(tgt, dtype=np.float64).reshape(-1, POINT_DIM) if np.size(tgt) else np.zeros((0, 2))
+    src = (
+        np.asarray(src, dtype=np.float64).reshape(-1, POINT_DIM)
+        if np.size(src)
+        else np.zeros((0, 2))
+    )
+    tgt = (
+        np.asarray(tgt, dtype=np.float64).reshape(-1, POINT_DIM)
+        if np.size(tgt)
+        else np.zeros((0, 2))
+    )
     if src.shape != tgt.shape:
-        raise ValueError(f"src and tgt must both be [M, 2] with the same M, got {src.shape} and {tgt.shape}.")
+        raise ValueError(
+            f"src and tgt must both be [M, 2] with the same M, got {src.shape} and {tgt.shape}."
+        )
     num = src.shape[0]
     if num < max(min_putative_matches, AFFINE_MIN_SAMPLES):
         return RansacResult(0, np.zeros(num, dtype=bool), None)
     if options is None:
         options = make_ransac_options(residual_threshold, iterations, seed)
-    out = _pycolmap.estimate_affine2d_robust(np.ascontiguousarray(src), np.ascontiguousarray(tgt), options)
+    out = _pycolmap.estimate_affine2d_robust(
+        np.ascontiguousarray(src), np.ascontiguousarray(tgt), options
+    )
     if out is None:
         return RansacResult(0, np.zeros(num, dtype=bool), None)
     mask = np.asarray(out["inlier_mask"], dtype=bool)

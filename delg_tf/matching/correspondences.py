@@ -16,6 +16,7 @@ threshold ``hamming < t^2 * D / 4`` (:func:`hamming_threshold_from_l2`).
 
 numpy only.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -55,16 +56,19 @@ def _check_pair(query: np.ndarray, db: np.ndarray, what: str) -> Tuple[np.ndarra
             if arr.size == 0:
                 continue
             raise DescriptorMismatchError(
-                f"{name} {what} must be 2-D [num_features, dim], got shape {arr.shape}.")
+                f"{name} {what} must be 2-D [num_features, dim], got shape {arr.shape}."
+            )
     if query.size and db.size and query.shape[1] != db.shape[1]:
         raise DescriptorMismatchError(
             f"{what} dimensions differ: query {query.shape[1]} vs database {db.shape[1]}. "
-            "Both images must be extracted with the same model/config.")
+            "Both images must be extracted with the same model/config."
+        )
     return query, db
 
 
-def _nearest_neighbours(query: np.ndarray, db: np.ndarray, binary: bool, need_second: bool,
-                        need_reverse: bool) -> Tuple[np.ndarray, ...]:
+def _nearest_neighbours(
+    query: np.ndarray, db: np.ndarray, binary: bool, need_second: bool, need_reverse: bool
+) -> Tuple[np.ndarray, ...]:
     """Nearest db neighbour of each query row (memory-bounded row chunks).
 
     Works on the similarity ``s = q.d - |d|^2 / 2`` (float) or ``a.b`` of ±1
@@ -99,17 +103,17 @@ def _nearest_neighbours(query: np.ndarray, db: np.ndarray, binary: bool, need_se
     best_q_for_db = np.zeros(nd, dtype=np.int64)
     best_s_for_db = np.full(nd, -np.inf, dtype=np.float32)
     for start in range(0, nq, chunk):
-        sim = q[start:start + chunk] @ d_t  # [c, nd]
+        sim = q[start : start + chunk] @ d_t  # [c, nd]
         if not binary:
             sim -= half_db_sq
         rows = np.arange(sim.shape[0])
         idx = np.argmax(sim, axis=1)
-        nn1[start:start + chunk] = idx
-        best[start:start + chunk] = sim[rows, idx]
+        nn1[start : start + chunk] = idx
+        best[start : start + chunk] = sim[rows, idx]
         if need_second and nd > 1:
             sim[rows, idx] = -np.inf
-            second[start:start + chunk] = sim.max(axis=1)
-            sim[rows, idx] = best[start:start + chunk]
+            second[start : start + chunk] = sim.max(axis=1)
+            sim[rows, idx] = best[start : start + chunk]
         if need_reverse:
             col_idx = np.argmax(sim, axis=0)
             col_s = sim[col_idx, np.arange(nd)]
@@ -166,10 +170,14 @@ def hamming_distances(query_packed: np.ndarray, db_packed: np.ndarray) -> np.nda
     return (a.shape[1] - a @ b.T) * 0.5
 
 
-def find_putative_matches(query_descriptors: np.ndarray, db_descriptors: np.ndarray,
-                          threshold: Optional[float] = DEFAULT_DESCRIPTOR_THRESHOLD,
-                          mutual: bool = False, ratio: Optional[float] = None,
-                          binary: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+def find_putative_matches(
+    query_descriptors: np.ndarray,
+    db_descriptors: np.ndarray,
+    threshold: Optional[float] = DEFAULT_DESCRIPTOR_THRESHOLD,
+    mutual: bool = False,
+    ratio: Optional[float] = None,
+    binary: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Putative correspondences query -> database image.
 
     Args:
@@ -199,8 +207,10 @@ def find_putative_matches(query_descriptors: np.ndarray, db_descriptors: np.ndar
         return empty
     if binary:
         if query.dtype != np.uint8 or db.dtype != np.uint8:
-            raise ValueError(f"binary descriptors must be packed uint8 (np.packbits), got "
-                             f"{query.dtype} and {db.dtype}.")
+            raise ValueError(
+                f"binary descriptors must be packed uint8 (np.packbits), got "
+                f"{query.dtype} and {db.dtype}."
+            )
         num_bits = query.shape[1] * BITS_PER_BYTE
         # Hamming distances play the role of squared L2 distances.
         sq_threshold = None if threshold is None else hamming_threshold_from_l2(threshold, num_bits)
@@ -209,7 +219,8 @@ def find_putative_matches(query_descriptors: np.ndarray, db_descriptors: np.ndar
         sq_threshold = None if threshold is None else float(threshold) ** 2
         to_dist = np.sqrt
     nn1, d1, d2, best_q_for_db = _nearest_neighbours(
-        query, db, binary, need_second=ratio is not None, need_reverse=mutual)
+        query, db, binary, need_second=ratio is not None, need_reverse=mutual
+    )
     keep = np.ones(query.shape[0], dtype=bool)
     if sq_threshold is not None:
         keep &= d1 < sq_threshold
@@ -223,9 +234,11 @@ def find_putative_matches(query_descriptors: np.ndarray, db_descriptors: np.ndar
     return q_idx, nn1[q_idx]
 
 
-def find_putative_matches_kdtree(query_descriptors: np.ndarray, db_descriptors: np.ndarray,
-                                 threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD
-                                 ) -> Tuple[np.ndarray, np.ndarray]:
+def find_putative_matches_kdtree(
+    query_descriptors: np.ndarray,
+    db_descriptors: np.ndarray,
+    threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Reference implementation with scipy's cKDTree, as the official DELF code.
 
     Args:

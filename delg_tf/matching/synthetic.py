@@ -10,6 +10,7 @@ realistic inlier ratios among putative matches (positives ~10-30%).
 
 numpy only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,11 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
     """float64 [2, 3] random affine (rotation, anisotropic scale, shear, translation)."""
     theta = rng.uniform(-MAX_ROTATION_RAD, MAX_ROTATION_RAD)
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    lin = rot @ np.diag(rng.uniform(*SCALE_RANGE, size=2)) @ np.array([[1.0, rng.uniform(-MAX_SHEAR, MAX_SHEAR)],
-                                                                        [0.0, 1.0]])
+    lin = (
+        rot
+        @ np.diag(rng.uniform(*SCALE_RANGE, size=2))
+        @ np.array([[1.0, rng.uniform(-MAX_SHEAR, MAX_SHEAR)], [0.0, 1.0]])
+    )
     return np.hstack([lin, rng.uniform(-MAX_TRANSLATION_PX, MAX_TRANSLATION_PX, size=(2, 1))])
 
 
@@ -65,25 +69,36 @@ class SyntheticPair:
         features: database image features.
         true_db_idx: int [T] indices of the true correspondences in ``features``.
         true_query_idx: int [T] matching query feature indices.
-        db_to_query: float [2, 3] affine mapping db keypoints to query keypoints (None for negatives).
+        db_to_query: float [2, 3] affine mapping db keypoints to query keypoints
+            (None for negatives).
     """
+
     features: LocalFeatures
     true_db_idx: np.ndarray
     true_query_idx: np.ndarray
     db_to_query: np.ndarray
 
 
-def make_query(rng: np.random.Generator, num_features: int = DEFAULT_NUM_FEATURES,
-               dim: int = DEFAULT_DIM, image_size: Tuple[float, float] = DEFAULT_IMAGE_SIZE) -> LocalFeatures:
+def make_query(
+    rng: np.random.Generator,
+    num_features: int = DEFAULT_NUM_FEATURES,
+    dim: int = DEFAULT_DIM,
+    image_size: Tuple[float, float] = DEFAULT_IMAGE_SIZE,
+) -> LocalFeatures:
     """Random query features: keypoints (y, x) uniform in the image."""
     kp = rng.uniform((0.0, 0.0), image_size, size=(num_features, 2))
     return LocalFeatures(kp, random_unit(rng, num_features, dim))
 
 
-def make_db_image(rng: np.random.Generator, query: LocalFeatures, num_true: int, num_false: int,
-                  num_features: int = DEFAULT_NUM_FEATURES,
-                  image_size: Tuple[float, float] = DEFAULT_IMAGE_SIZE) -> SyntheticPair:
-    """A database image with ``num_true`` affine-consistent and ``num_false`` false putative matches.
+def make_db_image(
+    rng: np.random.Generator,
+    query: LocalFeatures,
+    num_true: int,
+    num_false: int,
+    num_features: int = DEFAULT_NUM_FEATURES,
+    image_size: Tuple[float, float] = DEFAULT_IMAGE_SIZE,
+) -> SyntheticPair:
+    """A database image with ``num_true`` affine-consistent and ``num_false`` false matches.
 
     Args:
         rng: random generator.
@@ -99,29 +114,45 @@ def make_db_image(rng: np.random.Generator, query: LocalFeatures, num_true: int,
     dim = query.descriptors.shape[1]
     num_true = min(num_true, len(query))
     num_false = min(num_false, len(query) - num_true, num_features - num_true)
-    chosen = rng.permutation(len(query))[:num_true + num_false]
+    chosen = rng.permutation(len(query))[: num_true + num_false]
     true_q, false_q = chosen[:num_true], chosen[num_true:]
     query_to_db = random_affine(rng)
     lin_inv = np.linalg.inv(query_to_db[:, :2])
     db_to_query = np.hstack([lin_inv, -(lin_inv @ query_to_db[:, 2:])])
-    true_kp = apply_affine(query_to_db, query.keypoints[true_q]) + rng.normal(0, KEYPOINT_NOISE_PX, (num_true, 2))
+    true_kp = apply_affine(query_to_db, query.keypoints[true_q]) + rng.normal(
+        0, KEYPOINT_NOISE_PX, (num_true, 2)
+    )
     num_filler = max(num_features - num_true - num_false, 0)
-    kp = np.concatenate([true_kp, rng.uniform((0.0, 0.0), image_size, size=(num_false + num_filler, 2))])
-    desc = np.concatenate([perturb_descriptors(rng, query.descriptors[true_q]),
-                           perturb_descriptors(rng, query.descriptors[false_q]),
-                           random_unit(rng, num_filler, dim)])
+    kp = np.concatenate(
+        [true_kp, rng.uniform((0.0, 0.0), image_size, size=(num_false + num_filler, 2))]
+    )
+    desc = np.concatenate(
+        [
+            perturb_descriptors(rng, query.descriptors[true_q]),
+            perturb_descriptors(rng, query.descriptors[false_q]),
+            random_unit(rng, num_filler, dim),
+        ]
+    )
     perm = rng.permutation(kp.shape[0])
     inv_perm = np.argsort(perm)
-    return SyntheticPair(LocalFeatures(kp[perm], desc[perm]), inv_perm[:num_true].astype(np.int64),
-                         true_q.astype(np.int64), db_to_query if num_true else None)
+    return SyntheticPair(
+        LocalFeatures(kp[perm], desc[perm]),
+        inv_perm[:num_true].astype(np.int64),
+        true_q.astype(np.int64),
+        db_to_query if num_true else None,
+    )
 
 
-def make_shortlist(rng: np.random.Generator, shortlist_size: int = 100, num_positives: int = 10,
-                   num_features: int = DEFAULT_NUM_FEATURES, dim: int = DEFAULT_DIM,
-                   inlier_ratio_range: Tuple[float, float] = (0.1, 0.3),
-                   positive_putatives_range: Tuple[int, int] = (200, 500),
-                   negative_putatives_range: Tuple[int, int] = (10, 60),
-                   ) -> Tuple[LocalFeatures, List[SyntheticPair], np.ndarray]:
+def make_shortlist(
+    rng: np.random.Generator,
+    shortlist_size: int = 100,
+    num_positives: int = 10,
+    num_features: int = DEFAULT_NUM_FEATURES,
+    dim: int = DEFAULT_DIM,
+    inlier_ratio_range: Tuple[float, float] = (0.1, 0.3),
+    positive_putatives_range: Tuple[int, int] = (200, 500),
+    negative_putatives_range: Tuple[int, int] = (10, 60),
+) -> Tuple[LocalFeatures, List[SyntheticPair], np.ndarray]:
     """A query and a shortlist of database images, positives at random positions.
 
     Args:
@@ -147,6 +178,9 @@ def make_shortlist(rng: np.random.Generator, shortlist_size: int = 100, num_posi
             num_true = int(round(putatives * rng.uniform(*inlier_ratio_range)))
             pairs.append(make_db_image(rng, query, num_true, putatives - num_true, num_features))
         else:
-            pairs.append(make_db_image(rng, query, 0, int(rng.integers(*negative_putatives_range)),
-                                       num_features))
+            pairs.append(
+                make_db_image(
+                    rng, query, 0, int(rng.integers(*negative_putatives_range)), num_features
+                )
+            )
     return query, pairs, is_positive

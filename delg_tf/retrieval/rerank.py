@@ -19,6 +19,7 @@ original (uncropped/unscaled) image as **(y, x)** = (row, col), the DELF/DELG
 convention. Geometric verification gives the same inlier count for (x, y) as
 long as query and database use the same order; only visualisation cares.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,12 @@ KEYPOINT_DIM = 2
 
 
 # (setter, getter) symbol names of OpenBLAS builds numpy may bundle.
-_OPENBLAS_SYMBOLS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-                     ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-                     ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-                     ("openblas_set_num_threads", "openblas_get_num_threads"))
+_OPENBLAS_SYMBOLS = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+)
 
 
 def _openblas_controls():
@@ -103,6 +106,7 @@ class LocalFeatures:
         keypoints: float [N, 2] pixel coordinates (y, x) in the original image.
         descriptors: float [N, D] (L2-normalised) or uint8 [N, D/8] packed bits.
     """
+
     keypoints: np.ndarray
     descriptors: np.ndarray
 
@@ -116,8 +120,10 @@ class LocalFeatures:
         if kp.ndim != 2 or kp.shape[1] != KEYPOINT_DIM:
             raise ValueError(f"keypoints must be [N, 2] (y, x), got shape {kp.shape}.")
         if desc.ndim != 2 or desc.shape[0] != kp.shape[0]:
-            raise ValueError(f"descriptors must be [N, D] with N = {kp.shape[0]} keypoints, "
-                             f"got shape {desc.shape}.")
+            raise ValueError(
+                f"descriptors must be [N, D] with N = {kp.shape[0]} keypoints, "
+                f"got shape {desc.shape}."
+            )
         self.keypoints, self.descriptors = kp, desc
 
     def __len__(self):
@@ -140,6 +146,7 @@ class MatchingConfig:
         binary_descriptors: descriptors are packed sign bits (DELG*).
         seed: RANSAC seed.
     """
+
     descriptor_threshold: float = corr.DEFAULT_DESCRIPTOR_THRESHOLD
     ransac_residual_threshold: float = 20.0
     ransac_iterations: int = 1000
@@ -162,6 +169,7 @@ class PairMatch:
         num_inliers: score used for re-ranking (0 if below min_inliers).
         model: affine [2, 3] mapping db keypoints to query keypoints, or None.
     """
+
     query_idx: np.ndarray
     db_idx: np.ndarray
     inlier_mask: np.ndarray
@@ -169,7 +177,9 @@ class PairMatch:
     model: Optional[np.ndarray]
 
 
-def match_pair(query: LocalFeatures, db: LocalFeatures, config: MatchingConfig = MatchingConfig()) -> PairMatch:
+def match_pair(
+    query: LocalFeatures, db: LocalFeatures, config: MatchingConfig = MatchingConfig()
+) -> PairMatch:
     """Putative matching + affine RANSAC for one image pair.
 
     Args:
@@ -187,15 +197,21 @@ def match_pair(query: LocalFeatures, db: LocalFeatures, config: MatchingConfig =
     from delg_tf.matching import colmap_ransac
 
     q_idx, d_idx = corr.find_putative_matches(
-        query.descriptors, db.descriptors,
+        query.descriptors,
+        db.descriptors,
         threshold=None if config.use_ratio_test else config.descriptor_threshold,
         ratio=config.ratio_test_threshold if config.use_ratio_test else None,
-        mutual=config.mutual_nearest, binary=config.binary_descriptors)
+        mutual=config.mutual_nearest,
+        binary=config.binary_descriptors,
+    )
     # Official DELF convention: fit database -> query locations.
     res = colmap_ransac.estimate_affine_ransac(
-        db.keypoints[d_idx], query.keypoints[q_idx],
+        db.keypoints[d_idx],
+        query.keypoints[q_idx],
         residual_threshold=config.ransac_residual_threshold,
-        iterations=config.ransac_iterations, seed=config.seed)
+        iterations=config.ransac_iterations,
+        seed=config.seed,
+    )
     num = res.num_inliers if res.num_inliers >= config.min_inliers else 0
     return PairMatch(q_idx, d_idx, res.inlier_mask, num, res.model)
 
@@ -214,8 +230,10 @@ def rerank_order(num_inliers: np.ndarray, global_scores: np.ndarray) -> np.ndarr
     num_inliers = np.asarray(num_inliers)
     global_scores = np.asarray(global_scores, dtype=np.float64)
     if num_inliers.shape != global_scores.shape or num_inliers.ndim != 1:
-        raise ValueError(f"num_inliers and global_scores must be 1-D of equal length, got "
-                         f"{num_inliers.shape} and {global_scores.shape}.")
+        raise ValueError(
+            f"num_inliers and global_scores must be 1-D of equal length, got "
+            f"{num_inliers.shape} and {global_scores.shape}."
+        )
     # lexsort is stable and sorts by the last key first.
     return np.lexsort((-global_scores, -num_inliers.astype(np.int64)))
 
@@ -229,6 +247,7 @@ class RerankResult:
         shortlist: int [K] the global shortlist (before re-ranking).
         num_inliers: int [K] inliers for each shortlist entry (global order).
     """
+
     ranking: np.ndarray
     shortlist: np.ndarray
     num_inliers: np.ndarray
@@ -246,11 +265,17 @@ class Reranker:
         num_workers: threads (1 = run in the calling thread).
     """
 
-    def __init__(self, config: MatchingConfig = MatchingConfig(),
-                 shortlist_size: int = DEFAULT_SHORTLIST_SIZE, num_workers: int = DEFAULT_NUM_WORKERS):
+    def __init__(
+        self,
+        config: MatchingConfig = MatchingConfig(),
+        shortlist_size: int = DEFAULT_SHORTLIST_SIZE,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+    ):
         if shortlist_size < 0 or num_workers < 1:
-            raise ValueError(f"need shortlist_size >= 0 and num_workers >= 1, got "
-                             f"{shortlist_size} and {num_workers}.")
+            raise ValueError(
+                f"need shortlist_size >= 0 and num_workers >= 1, got "
+                f"{shortlist_size} and {num_workers}."
+            )
         self.config = config
         self.shortlist_size = shortlist_size
         self.num_workers = num_workers
@@ -274,8 +299,9 @@ class Reranker:
                 return list(map(fn, items))
             return list(self._pool.map(fn, items))
 
-    def count_inliers(self, query: LocalFeatures, db_features: FeatureSource,
-                      db_ids: Sequence[int]) -> np.ndarray:
+    def count_inliers(
+        self, query: LocalFeatures, db_features: FeatureSource, db_ids: Sequence[int]
+    ) -> np.ndarray:
         """Inlier counts of ``query`` against each database image in ``db_ids``.
 
         Args:
@@ -287,11 +313,18 @@ class Reranker:
             int64 [len(db_ids)].
         """
         get = db_features if callable(db_features) else db_features.__getitem__
-        return np.asarray(self._map(lambda i: match_pair(query, get(int(i)), self.config).num_inliers,
-                                    db_ids), dtype=np.int64).reshape(-1)
+        return np.asarray(
+            self._map(lambda i: match_pair(query, get(int(i)), self.config).num_inliers, db_ids),
+            dtype=np.int64,
+        ).reshape(-1)
 
-    def rerank_query(self, query: LocalFeatures, ranking: np.ndarray, db_features: FeatureSource,
-                     global_scores: Optional[np.ndarray] = None) -> RerankResult:
+    def rerank_query(
+        self,
+        query: LocalFeatures,
+        ranking: np.ndarray,
+        db_features: FeatureSource,
+        global_scores: Optional[np.ndarray] = None,
+    ) -> RerankResult:
         """Re-ranks the top ``shortlist_size`` of one query's global ranking.
 
         Args:
@@ -312,16 +345,23 @@ class Reranker:
         else:
             global_scores = np.asarray(global_scores, dtype=np.float64).ravel()
             if global_scores.shape != ranking.shape:
-                raise ValueError(f"global_scores must align with ranking: {global_scores.shape} vs "
-                                 f"{ranking.shape}.")
+                raise ValueError(
+                    f"global_scores must align with ranking: {global_scores.shape} vs "
+                    f"{ranking.shape}."
+                )
             scores = global_scores[:k]
         inliers = self.count_inliers(query, db_features, shortlist)
         order = rerank_order(inliers, scores)
         return RerankResult(np.concatenate([shortlist[order], ranking[k:]]), shortlist, inliers)
 
-    def rerank_all(self, ranks: np.ndarray, query_features: Sequence[LocalFeatures],
-                   db_features: FeatureSource, scores: Optional[np.ndarray] = None,
-                   progress: Optional[Callable] = None) -> np.ndarray:
+    def rerank_all(
+        self,
+        ranks: np.ndarray,
+        query_features: Sequence[LocalFeatures],
+        db_features: FeatureSource,
+        scores: Optional[np.ndarray] = None,
+        progress: Optional[Callable] = None,
+    ) -> np.ndarray:
         """Re-ranks every query of a revisitop-layout ranking.
 
         Args:
@@ -337,10 +377,14 @@ class Reranker:
         """
         ranks = np.asarray(ranks, dtype=np.int64)
         if ranks.ndim != 2 or ranks.shape[1] != len(query_features):
-            raise ValueError(f"ranks must be [num_db, num_queries={len(query_features)}], got {ranks.shape}.")
+            raise ValueError(
+                f"ranks must be [num_db, num_queries={len(query_features)}], got {ranks.shape}."
+            )
         out = ranks.copy()
         queries = range(ranks.shape[1])
         for q in (progress(queries) if progress else queries):
             col_scores = None if scores is None else np.asarray(scores)[ranks[:, q], q]
-            out[:, q] = self.rerank_query(query_features[q], ranks[:, q], db_features, col_scores).ranking
+            out[:, q] = self.rerank_query(
+                query_features[q], ranks[:, q], db_features, col_scores
+            ).ranking
         return out

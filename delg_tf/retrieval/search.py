@@ -13,6 +13,7 @@ raises a clear error when it is missing. ``method="exact"`` needs only numpy.
 
 numpy only (faiss imported lazily).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -48,16 +49,22 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def _check_inputs(queries: np.ndarray, database: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+def _check_inputs(
+    queries: np.ndarray, database: np.ndarray, k: int
+) -> Tuple[np.ndarray, np.ndarray]:
     queries = np.asarray(queries, dtype=np.float32)
     database = np.asarray(database, dtype=np.float32)
     if queries.ndim == 1:
         queries = queries[None]
     if queries.ndim != 2 or database.ndim != 2:
-        raise SearchError(f"queries and database must be 2-D [N, D], got {queries.shape} and {database.shape}.")
+        raise SearchError(
+            f"queries and database must be 2-D [N, D], got {queries.shape} and {database.shape}."
+        )
     if queries.shape[1] != database.shape[1]:
-        raise SearchError(f"descriptor dimensions differ: queries {queries.shape[1]} vs database "
-                          f"{database.shape[1]}; extract both with the same model.")
+        raise SearchError(
+            f"descriptor dimensions differ: queries {queries.shape[1]} vs database "
+            f"{database.shape[1]}; extract both with the same model."
+        )
     if k < 1:
         raise SearchError(f"k must be >= 1, got {k}.")
     return queries, database
@@ -73,8 +80,12 @@ def _merge_topk(scores_a, ids_a, scores_b, ids_b, k):
     return scores, ids
 
 
-def exact_search(queries: np.ndarray, database: np.ndarray, k: int = DEFAULT_TOP_K,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int = DEFAULT_TOP_K,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product, database processed in chunks.
 
     Args:
@@ -95,7 +106,7 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int = DEFAULT_TOP
     best_s = np.zeros((num_q, 0), dtype=np.float32)
     best_i = np.zeros((num_q, 0), dtype=np.int64)
     for start in range(0, num_db, chunk_size):
-        block = queries @ database[start:start + chunk_size].T
+        block = queries @ database[start : start + chunk_size].T
         ids = np.broadcast_to(np.arange(start, start + block.shape[1], dtype=np.int64), block.shape)
         best_s, best_i = _merge_topk(best_s, best_i, block, ids, k)
     order = np.lexsort((best_i, -best_s), axis=1) if num_q else np.zeros((0, k), dtype=np.int64)
@@ -124,7 +135,8 @@ def _import_faiss():
     except ImportError as e:
         raise ImportError(
             "faiss is not installed: install the optional extra with `pip install "
-            "'delg_tf[faiss]'` (faiss-cpu), or use method='exact' (numpy only).") from e
+            "'delg_tf[faiss]'` (faiss-cpu), or use method='exact' (numpy only)."
+        ) from e
     return faiss
 
 
@@ -142,17 +154,28 @@ class GlobalIndex:
         seed: seed of the IVF k-means.
     """
 
-    def __init__(self, method: str = "exact", normalize: bool = True,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, hnsw_m: int = DEFAULT_HNSW_M,
-                 hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH,
-                 hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
-                 ivf_nlist: Optional[int] = None, ivf_nprobe: int = DEFAULT_IVF_NPROBE, seed: int = 0):
+    def __init__(
+        self,
+        method: str = "exact",
+        normalize: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        hnsw_m: int = DEFAULT_HNSW_M,
+        hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH,
+        hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
+        ivf_nlist: Optional[int] = None,
+        ivf_nprobe: int = DEFAULT_IVF_NPROBE,
+        seed: int = 0,
+    ):
         if method not in METHODS:
             raise SearchError(f"unknown search method {method!r}; expected one of {METHODS}.")
         self.method = method
         self.normalize = normalize
         self.chunk_size = chunk_size
-        self.hnsw_m, self.hnsw_ef_search, self.hnsw_ef_construction = hnsw_m, hnsw_ef_search, hnsw_ef_construction
+        self.hnsw_m, self.hnsw_ef_search, self.hnsw_ef_construction = (
+            hnsw_m,
+            hnsw_ef_search,
+            hnsw_ef_construction,
+        )
         self.ivf_nlist, self.ivf_nprobe, self.seed = ivf_nlist, ivf_nprobe, seed
         self._database = None
         self._index = None
@@ -168,7 +191,9 @@ class GlobalIndex:
         """Indexes ``database`` (float [N, D]); returns self."""
         database = np.asarray(database, dtype=np.float32)
         if database.ndim != 2 or database.shape[0] == 0:
-            raise SearchError(f"database must be a non-empty [N, D] array, got shape {database.shape}.")
+            raise SearchError(
+                f"database must be a non-empty [N, D] array, got shape {database.shape}."
+            )
         if self.normalize:
             database = l2_normalize(database)
         self._database = np.ascontiguousarray(database)
@@ -185,7 +210,9 @@ class GlobalIndex:
         else:
             nlist = self.ivf_nlist or max(1, int(np.sqrt(num)))
             nlist = max(1, min(nlist, num // IVF_POINTS_PER_LIST or 1))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT
+            )
             index.cp.seed = self.seed
             index.train(self._database)
             index.nprobe = min(self.ivf_nprobe, nlist)

@@ -4,6 +4,7 @@ Like the DELG paper's Fig. 5/6 (Cao et al. ECCV 2020, App. C): lines connect
 the keypoints of the RANSAC inliers. matplotlib is an optional extra
 (``pip install 'delg_tf[plots]'``), imported lazily.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def import_pyplot():
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError("delg_tf.visualization needs matplotlib: `pip install 'delg_tf[plots]'` "
-                          "(or `pip install matplotlib`).") from e
+        raise ImportError(
+            "delg_tf.visualization needs matplotlib: `pip install 'delg_tf[plots]'` "
+            "(or `pip install matplotlib`)."
+        ) from e
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -48,14 +51,24 @@ def to_uint8_image(image) -> np.ndarray:
 
 def _xy(points: np.ndarray, keypoint_order: str) -> np.ndarray:
     if keypoint_order not in KEYPOINT_ORDERS:
-        raise ValueError(f"keypoint_order must be one of {KEYPOINT_ORDERS}, got {keypoint_order!r}.")
+        raise ValueError(
+            f"keypoint_order must be one of {KEYPOINT_ORDERS}, got {keypoint_order!r}."
+        )
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return points[:, ::-1] if keypoint_order == "yx" else points
 
 
-def draw_matches(query_image, db_image, query_points: np.ndarray, db_points: np.ndarray,
-                 output_path, inlier_mask: Optional[np.ndarray] = None, keypoint_order: str = "yx",
-                 title: Optional[str] = None, show_outliers: bool = False) -> Path:
+def draw_matches(
+    query_image,
+    db_image,
+    query_points: np.ndarray,
+    db_points: np.ndarray,
+    output_path,
+    inlier_mask: Optional[np.ndarray] = None,
+    keypoint_order: str = "yx",
+    title: Optional[str] = None,
+    show_outliers: bool = False,
+) -> Path:
     """Writes a PNG of the two images side by side with correspondences drawn.
 
     Args:
@@ -76,15 +89,21 @@ def draw_matches(query_image, db_image, query_points: np.ndarray, db_points: np.
     q_img, d_img = to_uint8_image(query_image), to_uint8_image(db_image)
     q_pts, d_pts = _xy(query_points, keypoint_order), _xy(db_points, keypoint_order)
     if q_pts.shape != d_pts.shape:
-        raise ValueError(f"query_points and db_points must have the same shape, got {q_pts.shape} "
-                         f"and {d_pts.shape}.")
-    mask = np.ones(len(q_pts), dtype=bool) if inlier_mask is None else np.asarray(inlier_mask, dtype=bool)
+        raise ValueError(
+            f"query_points and db_points must have the same shape, got {q_pts.shape} "
+            f"and {d_pts.shape}."
+        )
+    mask = (
+        np.ones(len(q_pts), dtype=bool)
+        if inlier_mask is None
+        else np.asarray(inlier_mask, dtype=bool)
+    )
     if mask.shape != (len(q_pts),):
         raise ValueError(f"inlier_mask must be [{len(q_pts)}], got shape {mask.shape}.")
     height = max(q_img.shape[0], d_img.shape[0])
     canvas = np.zeros((height, q_img.shape[1] + d_img.shape[1], 3), dtype=np.uint8)
-    canvas[:q_img.shape[0], :q_img.shape[1]] = q_img
-    canvas[:d_img.shape[0], q_img.shape[1]:] = d_img
+    canvas[: q_img.shape[0], : q_img.shape[1]] = q_img
+    canvas[: d_img.shape[0], q_img.shape[1] :] = d_img
     offset = np.array([q_img.shape[1], 0.0])
     fig = plt.figure(figsize=(canvas.shape[1] / DPI, canvas.shape[0] / DPI), dpi=DPI)
     ax = fig.add_axes([0, 0, 1, 1])
@@ -98,8 +117,15 @@ def draw_matches(query_image, db_image, query_points: np.ndarray, db_points: np.
         ax.scatter(q_pts[~mask, 0], q_pts[~mask, 1], s=POINT_SIZE, c=OUTLIER_COLOR)
         ax.scatter(d_pts[~mask, 0] + offset[0], d_pts[~mask, 1], s=POINT_SIZE, c=OUTLIER_COLOR)
     if title:
-        ax.text(5, 5, title, color="white", va="top", fontsize=10,
-                bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
+        ax.text(
+            5,
+            5,
+            title,
+            color="white",
+            va="top",
+            fontsize=10,
+            bbox={"facecolor": "black", "alpha": 0.6, "pad": 2},
+        )
     ax.set_xlim(0, canvas.shape[1])
     ax.set_ylim(canvas.shape[0], 0)
     output_path = Path(output_path)
@@ -109,8 +135,16 @@ def draw_matches(query_image, db_image, query_points: np.ndarray, db_points: np.
     return output_path
 
 
-def draw_pair_match(query_image, db_image, query_features, db_features, pair_match, output_path,
-                    keypoint_order: str = "yx", show_outliers: bool = False) -> Path:
+def draw_pair_match(
+    query_image,
+    db_image,
+    query_features,
+    db_features,
+    pair_match,
+    output_path,
+    keypoint_order: str = "yx",
+    show_outliers: bool = False,
+) -> Path:
     """Draws the inliers of a :class:`delg_tf.retrieval.rerank.PairMatch`.
 
     Args:
@@ -124,8 +158,14 @@ def draw_pair_match(query_image, db_image, query_features, db_features, pair_mat
     Returns:
         The PNG path.
     """
-    return draw_matches(query_image, db_image, query_features.keypoints[pair_match.query_idx],
-                        db_features.keypoints[pair_match.db_idx], output_path,
-                        inlier_mask=pair_match.inlier_mask if pair_match.inlier_mask.size else None,
-                        keypoint_order=keypoint_order, title=f"{pair_match.num_inliers} inliers",
-                        show_outliers=show_outliers)
+    return draw_matches(
+        query_image,
+        db_image,
+        query_features.keypoints[pair_match.query_idx],
+        db_features.keypoints[pair_match.db_idx],
+        output_path,
+        inlier_mask=pair_match.inlier_mask if pair_match.inlier_mask.size else None,
+        keypoint_order=keypoint_order,
+        title=f"{pair_match.num_inliers} inliers",
+        show_outliers=show_outliers,
+    )

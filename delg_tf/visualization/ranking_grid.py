@@ -5,6 +5,7 @@ top-k and one with the top-k after local-feature re-ranking. When ground truth
 is known, correct results get a green border and incorrect ones a red border
 (junk images a grey border). matplotlib is imported lazily.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,7 @@ def _tile(image, border_color) -> np.ndarray:
     small = np.asarray(pil)
     y0 = (TILE_PX - small.shape[0]) // 2
     x0 = (TILE_PX - small.shape[1]) // 2
-    tile[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+    tile[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
     return tile
 
 
@@ -51,10 +52,17 @@ def _border(db_id, positives, junk):
     return CORRECT_COLOR if db_id in positives else INCORRECT_COLOR
 
 
-def draw_ranking_grid(query_image, global_ranking: Sequence[int], reranked_ranking: Sequence[int],
-                      load_db_image: Callable[[int], object], output_path, top_k: int = DEFAULT_TOP_K,
-                      positives: Optional[Sequence[int]] = None, junk: Optional[Sequence[int]] = None,
-                      num_inliers: Optional[dict] = None) -> Path:
+def draw_ranking_grid(
+    query_image,
+    global_ranking: Sequence[int],
+    reranked_ranking: Sequence[int],
+    load_db_image: Callable[[int], object],
+    output_path,
+    top_k: int = DEFAULT_TOP_K,
+    positives: Optional[Sequence[int]] = None,
+    junk: Optional[Sequence[int]] = None,
+    num_inliers: Optional[dict] = None,
+) -> Path:
     """Writes the before/after re-ranking grid for one query.
 
     Args:
@@ -75,8 +83,13 @@ def draw_ranking_grid(query_image, global_ranking: Sequence[int], reranked_ranki
     pos = None if positives is None else set(int(i) for i in positives)
     jnk = None if junk is None else set(int(i) for i in junk)
     rows = [("global", list(global_ranking)[:top_k]), ("re-ranked", list(reranked_ranking)[:top_k])]
-    fig, axes = plt.subplots(2, top_k + 1, figsize=((top_k + 1) * TILE_PX / DPI * 1.1, 2 * TILE_PX / DPI * 1.3),
-                             dpi=DPI, squeeze=False)
+    fig, axes = plt.subplots(
+        2,
+        top_k + 1,
+        figsize=((top_k + 1) * TILE_PX / DPI * 1.1, 2 * TILE_PX / DPI * 1.3),
+        dpi=DPI,
+        squeeze=False,
+    )
     for r, (label, ids) in enumerate(rows):
         ax = axes[r, 0]
         ax.set_axis_off()
