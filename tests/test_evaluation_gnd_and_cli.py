@@ -168,3 +168,19 @@ def test_cli_ranks_and_scores(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "expected shape" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_scores_and_missing_input(tmp_path):
+    gnd_path = tmp_path / "gnd_rparis6k.pkl"
+    gnd_path.write_bytes(pickle.dumps(_small_gnd()))
+    scores = -np.tile(np.arange(8, dtype=np.float64)[:, None], (1, 2))  # db 0 most similar
+    np.save(tmp_path / "scores.npy", scores)
+    out = tmp_path / "out.json"
+    base = [sys.executable, "-m", "delg_tf.evaluate", f"--gnd_path={gnd_path}", f"--output_json={out}"]
+    subprocess.run(base + [f"--scores_path={tmp_path / 'scores.npy'}"], check=True, capture_output=True)
+    by_scores = json.loads(out.read_text())
+    np.save(tmp_path / "ranks.npy", np.tile(np.arange(8)[:, None], (1, 2)))
+    subprocess.run(base + [f"--ranks_path={tmp_path / 'ranks.npy'}"], check=True, capture_output=True)
+    assert json.loads(out.read_text()) == by_scores
+    missing = subprocess.run(base, capture_output=True, text=True)
+    assert missing.returncode == 2 and "--ranks_path" in missing.stderr

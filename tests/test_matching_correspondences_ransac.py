@@ -117,3 +117,17 @@ def test_only_colmap_ransac_imports_pycolmap():
         if re.search(r"^\s*(import|from)\s+pycolmap", p.read_text(encoding="utf-8"), re.M)
     ]
     assert offenders == ["matching/colmap_ransac.py"]
+
+
+def test_chunked_distance_matrix_gives_same_matches(pair, monkeypatch):
+    query, db = pair
+    args = (query.descriptors, db.features.descriptors)
+    full = [corr.find_putative_matches(*args, mutual=True, ratio=0.9, threshold=1.0)]
+    full.append(corr.find_putative_matches(*args))
+    monkeypatch.setattr(corr, "MAX_DISTANCE_MATRIX_ENTRIES", 7 * 300)  # 7 query rows per chunk
+    chunked = [corr.find_putative_matches(*args, mutual=True, ratio=0.9, threshold=1.0)]
+    chunked.append(corr.find_putative_matches(*args))
+    for (fq, fd), (cq, cd) in zip(full, chunked):
+        np.testing.assert_array_equal(fq, cq)
+        np.testing.assert_array_equal(fd, cd)
+    assert 0 < len(full[0][0]) <= len(full[1][0])
