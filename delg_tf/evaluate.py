@@ -97,6 +97,8 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
 def _define_flags():
     from absl import flags
 
+    d = EvaluateConfig()  # flag defaults = library defaults (paper values).
+
     flags.DEFINE_string(
         "gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat."
     )
@@ -116,25 +118,39 @@ def _define_flags():
         "Re-rank with packed-bit local descriptors (DELG*; use --descriptor_threshold=1.1).",
     )
     flags.DEFINE_string("output_json", None, "Where to write the metrics JSON.")
-    flags.DEFINE_list("kappas", ["1", "5", "10"], "k values for mP@k.")
+    flags.DEFINE_list("kappas", [str(k) for k in d.kappas], "k values for mP@k.")
     flags.DEFINE_boolean(
         "allow_truncated_ranks",
         False,
         "Accept rankings with fewer rows than the database (missing = not retrieved).",
     )
     flags.DEFINE_integer(
-        "shortlist_size", 100, "Top-k of the global ranking re-ranked (paper: 100)."
+        "shortlist_size", d.shortlist_size, "Top-k of the global ranking re-ranked (paper: 100)."
     )
     flags.DEFINE_float(
-        "descriptor_threshold", 1.0, "Putative match L2 threshold (paper: 1.0; DELG*: 1.1)."
+        "descriptor_threshold",
+        d.descriptor_threshold,
+        "Putative match L2 threshold (paper: 1.0; DELG*: 1.1).",
     )
     flags.DEFINE_float(
-        "ransac_residual_threshold", 20.0, "RANSAC residual threshold in px (paper: 20)."
+        "ransac_residual_threshold",
+        d.ransac_residual_threshold,
+        "RANSAC residual threshold in px (paper: 20).",
     )
-    flags.DEFINE_integer("ransac_iterations", 1000, "RANSAC iterations (paper: 1000).")
-    flags.DEFINE_integer("min_inliers", 0, "Minimum inliers to count a match (paper: 0).")
-    flags.DEFINE_integer("num_workers", 2, "Threads for re-ranking.")
-    flags.DEFINE_integer("seed", 0, "RANSAC seed.")
+    flags.DEFINE_integer(
+        "ransac_iterations", d.ransac_iterations, "RANSAC iterations (paper: 1000)."
+    )
+    flags.DEFINE_integer(
+        "min_inliers", d.min_inliers, "Minimum inliers to count a match (paper: 0)."
+    )
+    flags.DEFINE_boolean(
+        "use_ratio_test", False, "Select putative matches by Lowe's ratio test instead."
+    )
+    flags.DEFINE_float(
+        "ratio_test_threshold", d.ratio_test_threshold, "Ratio for --use_ratio_test."
+    )
+    flags.DEFINE_integer("num_workers", d.num_workers, "Threads for re-ranking.")
+    flags.DEFINE_integer("seed", d.seed, "RANSAC seed.")
     return flags.FLAGS
 
 
@@ -151,6 +167,8 @@ def _config_from_flags(flag_values):
         ransac_residual_threshold=flag_values.ransac_residual_threshold,
         ransac_iterations=flag_values.ransac_iterations,
         min_inliers=flag_values.min_inliers,
+        use_ratio_test=flag_values.use_ratio_test,
+        ratio_test_threshold=flag_values.ratio_test_threshold,
         num_workers=flag_values.num_workers,
         seed=flag_values.seed,
         kappas=kappas,
@@ -175,7 +193,7 @@ def _run(argv):
     try:
         config, paths = _config_from_flags(flags.FLAGS)
         main(config, paths)
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+    except (ValueError, FileNotFoundError, ImportError, pickle.UnpicklingError) as e:
         # ConfigError, GndFormatError, RankingShapeError are ValueErrors;
         # UnsafePickleError is an UnpicklingError.
         print(f"error: {e}", file=sys.stderr)
