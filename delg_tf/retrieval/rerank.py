@@ -35,6 +35,8 @@ from delg_tf.matching import correspondences as corr
 
 DEFAULT_SHORTLIST_SIZE = 100  # paper Sec. 4.1.
 DEFAULT_MIN_INLIERS = 0  # paper App. B: any returned match counts.
+DEFAULT_RANSAC_RESIDUAL_THRESHOLD = 20.0  # pixels, paper App. B.
+DEFAULT_RANSAC_ITERATIONS = 1000  # paper App. B.
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_RATIO_TEST = 0.8
 KEYPOINT_DIM = 2
@@ -148,8 +150,8 @@ class MatchingConfig:
     """
 
     descriptor_threshold: float = corr.DEFAULT_DESCRIPTOR_THRESHOLD
-    ransac_residual_threshold: float = 20.0
-    ransac_iterations: int = 1000
+    ransac_residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD
+    ransac_iterations: int = DEFAULT_RANSAC_ITERATIONS
     min_inliers: int = DEFAULT_MIN_INLIERS
     use_ratio_test: bool = False
     ratio_test_threshold: float = DEFAULT_RATIO_TEST
