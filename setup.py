@@ -77,7 +77,7 @@ setup(
         "test": ["pytest>=8,<10"],
         "all": ["h5py>=3.11,<4", "faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
                 "matplotlib>=3.9,<4", "tensorflow-serving-api>=2.21,<2.22",
-                "tensorboard>=2.21,<2.22", "pytest>=8,<10"],
+                "tensorboard>=2.21,<2.22", "threadpoolctl>=3.5,<4", "pytest>=8,<10"],
     },
     entry_points={
         "console_scripts": [
