@@ -185,3 +185,15 @@ def test_train_step_under_mirrored_strategy_two_cpus():
     result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_keras_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    images, _ = tiny_batch(2)
+    path = str(tmp_path / "delg.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, DelgModel) and loaded.config == model.config
+    np.testing.assert_allclose(loaded(images)["global_descriptor"],
+                               model(images)["global_descriptor"], atol=1e-6)

@@ -11,6 +11,7 @@ DEFAULT_BN_MOMENTUM = 0.99
 ATTENTION_CHANNELS = 1
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class AttentionHead(keras.layers.Layer):
     """Attention network: 1x1 conv (+ BN) + ReLU, 1x1 conv to 1 channel + Softplus.
 

@@ -32,6 +32,7 @@ def attention_pool(features, attention, reduction="sum", normalize=False):
     return tf.reduce_mean(weighted, axis=SPATIAL_AXES)
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class AttentionPooling(keras.layers.Layer):
     """Attention pooling a' = sum_{h,w} a_{h,w} s'_{h,w} (DELG eq. 5).
 

@@ -7,6 +7,7 @@ DEFAULT_LOCAL_DIM = 128
 DEFAULT_KERNEL_SIZE = 1
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class Autoencoder(keras.layers.Layer):
     """Convolutional autoencoder of the shallow feature map S.
 

@@ -10,6 +10,7 @@ from delg_tf.losses import arcface
 DEFAULT_ARCFACE_MARGIN = arcface.DEFAULT_ARCFACE_MARGIN
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class CosineClassifier(keras.layers.Layer):
     """Cosine similarities between L2-normalised embeddings and class weights.
 

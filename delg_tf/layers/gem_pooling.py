@@ -9,6 +9,7 @@ DEFAULT_GEM_POWER = pooling.GEM_DEFAULT_POWER
 DEFAULT_GEM_EPSILON = pooling.GEM_CLAMP_EPSILON
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class GeMPooling(keras.layers.Layer):
     """GeM pooling of a feature map: (mean_{h,w} max(d, eps)^p)^(1/p).
 

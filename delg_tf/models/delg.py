@@ -203,6 +203,7 @@ def _average_loss(per_example, global_batch_size):
     return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
 
 
+@keras.saving.register_keras_serializable(package="delg_tf")
 class DelgModel(keras.Model):
     """DELG with a custom `train_step` that stops L_r/L_a gradients at the backbone.
 
@@ -410,6 +411,13 @@ class DelgModel(keras.Model):
             self.build()
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
+
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        """Re-compiles from `get_compile_config()` (used by `keras.models.load_model`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     def _unscaled(self, per_example):
         return tf.reduce_mean(per_example)
