@@ -139,6 +139,8 @@ def test_registry_builds_delg_and_refuses_unknown():
     model = registry.build_model("delg", dict(TINY))
     assert isinstance(model, DelgModel) and model.built
     assert "delg" in registry.model_families()
+    assert registry.model_config_class("delg") is DelgModelConfig
+    assert registry.model_class("delg") is DelgModel
     with pytest.raises(ValueError, match="model family"):
         registry.build_model("nope", {})
 

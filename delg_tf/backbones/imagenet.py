@@ -32,8 +32,12 @@ KERAS_APPLICATIONS = {50: "ResNet50", 101: "ResNet101"}
 MAX_LISTED_PROBLEMS = 20
 
 
-class ImageNetWeightsError(RuntimeError):
-    """ImageNet weights could not be found, read or matched to the backbone."""
+class ImageNetWeightsError(ValueError):
+    """ImageNet weights could not be found, read or matched to the backbone.
+
+    A ValueError, so that callers treating bad configuration values as one-line
+    errors (the trainer) report it as such.
+    """
 
 
 def _depth_of(backbone):

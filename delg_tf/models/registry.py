@@ -39,6 +39,16 @@ def _lookup(family):
     return _FAMILIES[family]
 
 
+def model_config_class(family):
+    """The config dataclass of a family (e.g. `DelgModelConfig` for "delg")."""
+    return _lookup(family)[1]
+
+
+def model_class(family):
+    """The model class of a family (e.g. `DelgModel` for "delg")."""
+    return _lookup(family)[0]
+
+
 def model_families():
     """Names of the known families."""
     return sorted(set(LAZY_FAMILY_MODULES) | set(_FAMILIES))
