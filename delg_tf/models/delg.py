@@ -72,6 +72,8 @@ class DelgModelConfig:
       attention_hidden: channels of the attention network's first conv.
       attention_use_bn / attention_conv1_bias: attention head variant (official
         TF2: BN and bias; TF1/slim: BN, no bias).
+      attention_bn_epsilon: epsilon of the attention head's batch norm (Keras
+        and slim default 1e-3).
       attention_input: "features" (M(S), paper) or "reconstruction" (M(S'),
         official TF2 code).
       attention_pool_source: what eq. 5 pools, "reconstruction" (S', paper) or
@@ -104,6 +106,7 @@ class DelgModelConfig:
     attention_hidden: int = 512
     attention_use_bn: bool = True
     attention_conv1_bias: bool = True
+    attention_bn_epsilon: float = 1e-3
     attention_input: str = "features"
     attention_pool_source: str = "reconstruction"
     attention_pool_reduction: str = "sum"
@@ -146,6 +149,7 @@ class DelgModelConfig:
         check(self.image_normalization is None
               or self.image_normalization in image_ops.NORMALIZATIONS, "image_normalization",
               f"None or one of {image_ops.NORMALIZATIONS}")
+        check(self.attention_bn_epsilon > 0, "attention_bn_epsilon", "a positive number")
         check(self.gem_power > 0, "gem_power", "a positive number (paper: 3.0)")
         for field in ("embedding_dim", "local_dim", "attention_hidden"):
             check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field,
@@ -254,7 +258,8 @@ class DelgModel(keras.Model):
             name="cosine_classifier")
         self.attention = AttentionHead(hidden_channels=config.attention_hidden,
                                        use_bn=config.attention_use_bn,
-                                       conv1_bias=config.attention_conv1_bias, name="attention")
+                                       conv1_bias=config.attention_conv1_bias,
+                                       bn_epsilon=config.attention_bn_epsilon, name="attention")
         self.autoencoder = Autoencoder(local_dim=config.local_dim,
                                        output_dim=self.local_channels, name="autoencoder")
         self.attention_pooling = AttentionPooling(reduction=config.attention_pool_reduction,
