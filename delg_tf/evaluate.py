@@ -1,25 +1,40 @@
-"""``python -m delg_tf.evaluate``: score retrieval results on Revisited Oxford/Paris.
+"""``python -m delg_tf.evaluate``: retrieval evaluation (Revisited Oxford/Paris, GLDv2).
 
-Precomputed ranking (revisitop layout, column q = ranked db indices of query q):
+End to end from a dataset folder and a model (extract with a resumable cache,
+search, re-rank, print the global-only vs re-ranked table, write the JSON):
+
+    python -m delg_tf.evaluate --model_path=export            # embedded default data
+    python -m delg_tf.evaluate --dataset=roxford5k --dataset_dir=data/roxford5k \
+        --model_path=export --cache_dir=cache/roxford5k --output_json=roxford5k.json
+    python -m delg_tf.evaluate --dataset=roxford5k --dataset_dir=data/roxford5k \
+        --delf_config=r50delg_gld_config.pbtxt --output_json=out.json
+
+(library: :func:`delg_tf.evaluation.end_to_end.evaluate_dataset`). With
+``--distractor_list`` (+1M) or ``--top_k=K`` the global search keeps the top K
+per query (``--search_method=exact|faiss_flat|faiss_hnsw|faiss_ivf``) and the
+truncated ranking is scored.
+
+Precomputed ranking (revisitop layout, column q = ranked db indices of query q)
+or similarity matrix (higher = more similar), both [num_db, num_queries]:
 
     python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
         --ranks_path=ranks.npy --output_json=out.json
-
-or a similarity matrix (higher = more similar), both [num_db, num_queries]:
-
     python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
         --scores_path=scores.npy --output_json=out.json
 
-Flags live only in this module; they are converted into the validated
-dataclasses of :mod:`delg_tf.evaluation.config` and passed to :func:`main`.
-From extracted features (HDF5 stores of ``delg_tf.extraction.store``; global
-search, top-100 RANSAC re-ranking, global-only vs re-ranked table):
+Extracted features (HDF5 stores of ``delg_tf.extraction.store``):
 
     python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
         --db_features=db.h5 --query_features=queries.h5 --output_json=out.json
 
-Extraction from a SavedModel is not wired here yet; the library function is
-:func:`delg_tf.evaluation.pipeline.evaluate_features` (numpy arrays in).
+GLDv2 (retrieval mAP@100 or recognition GAP, Public and Private):
+
+    python -m delg_tf.evaluate --gldv2_task=retrieval \
+        --gldv2_solution=retrieval_solution_v2.1.csv --gldv2_predictions=preds.csv
+
+Flags live only in this module; they are converted into the validated
+dataclasses of :mod:`delg_tf.evaluation.config` and passed to :func:`main`.
+Errors are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -28,24 +43,61 @@ import pickle
 import sys
 from pathlib import Path
 
-from delg_tf.evaluation.config import ConfigError, EvaluateConfig, EvaluatePaths
+from delg_tf.evaluation.config import (
+    DATASETS,
+    DEFAULT_DATASET,
+    GLDV2_TASKS,
+    SEARCH_METHODS,
+    ConfigError,
+    EvaluateConfig,
+    EvaluatePaths,
+)
 
 
 def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
-    """Scores a precomputed ranking, or evaluates extracted features, and writes the JSON.
+    """Runs the evaluation selected by ``paths.mode`` and writes the JSON.
 
     Args:
-        config: validated settings (matching thresholds, shortlist, kappas, ...).
-        paths: gnd, ranking/scores or feature stores, and output paths.
+        config: validated settings (matching thresholds, shortlist, kappas, search, ...).
+        paths: what to evaluate (see :class:`EvaluatePaths`): a dataset and a model
+            (``"dataset"``), a ranking/scores (``"ranking"``), feature stores
+            (``"features"``) or GLDv2 CSVs (``"gldv2"``).
 
     Returns:
-        Path of the JSON written. For a ranking: ``{"easy": {"mAP", "mP@1",
-        "mP@5", "mP@10"}, "medium": ..., "hard": ...}`` in percent; for feature
-        stores: ``{"global": {...}, "reranked": {...}, "config": ..., "timings": ...}``.
+        Path of the JSON written (GLDv2: None when no --output_json was given). For a
+        ranking: ``{"easy": {"mAP", "mP@1", "mP@5", "mP@10"}, "medium": ..., "hard": ...}``
+        in percent; for features or a dataset: ``{"global": {...}, "reranked": {...},
+        "ranking": ..., "config": ..., "timings": ...}``.
 
     Raises:
-        ConfigError: when neither a ranking/scores nor feature stores were given.
+        ConfigError: inconsistent inputs (named by flag).
     """
+    if paths.mode == "gldv2":
+        return _main_gldv2(paths)
+    if paths.mode == "dataset":
+        from delg_tf.evaluation.end_to_end import DatasetEvalConfig
+        from delg_tf.evaluation.end_to_end import main as end_to_end_main
+
+        def opt(value):
+            return None if value is None else str(value)
+
+        return end_to_end_main(
+            DatasetEvalConfig(
+                output_json=opt(paths.output_json),
+                dataset=paths.dataset or DEFAULT_DATASET,
+                dataset_dir=opt(paths.dataset_dir),
+                gnd_path=opt(paths.gnd_path),
+                model_path=opt(paths.model_path),
+                delf_config=opt(paths.delf_config),
+                db_features=opt(paths.db_features),
+                query_features=opt(paths.query_features),
+                cache_dir=opt(paths.cache_dir),
+                distractor_list=opt(paths.distractor_list),
+                embedded_preset=paths.embedded_preset,
+                evaluate=config,
+                progress=paths.progress,
+            )
+        )
     if paths.db_features is not None:
         from delg_tf.evaluation.pipeline import evaluate_stores
 
@@ -94,6 +146,32 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
     return out
 
 
+def _main_gldv2(paths: EvaluatePaths):
+    from delg_tf.evaluation import gldv2
+    from delg_tf.evaluation.ranks import write_json
+
+    for flag, path in (
+        ("--gldv2_solution", paths.gldv2_solution),
+        ("--gldv2_predictions", paths.gldv2_predictions),
+    ):
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag}: file not found: {path}")
+    if paths.gldv2_task == gldv2.RETRIEVAL:
+        results = gldv2.evaluate_retrieval_csv(paths.gldv2_solution, paths.gldv2_predictions)
+    else:
+        results = gldv2.evaluate_recognition_csv(paths.gldv2_solution, paths.gldv2_predictions)
+    metric = next(iter(results["public"]))
+    print(f"GLDv2 {paths.gldv2_task}: {metric}")
+    for split in ("public", "private"):
+        value = results[split][metric]
+        print(f"{split:<10}{value:>10.2f}" if value == value else f"{split:<10}{'n/a':>10}")
+    if paths.output_json is None:
+        return None
+    out = write_json({"task": paths.gldv2_task, **results}, paths.output_json)
+    print(f"wrote {out}")
+    return out
+
+
 def _define_flags():
     from absl import flags
 
@@ -107,6 +185,37 @@ def _define_flags():
     )
     flags.DEFINE_string(
         "scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar."
+    )
+    flags.DEFINE_enum(
+        "dataset", None, list(DATASETS), "Dataset evaluated end to end (default: embedded)."
+    )
+    flags.DEFINE_string(
+        "dataset_dir", None, "Dataset folder: gnd_<dataset>.pkl/.mat and jpg/ (embedded: root)."
+    )
+    flags.DEFINE_string(
+        "embedded_preset", "default", "Preset of the embedded data built without --dataset_dir."
+    )
+    flags.DEFINE_string("model_path", None, "SavedModel used to extract features.")
+    flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt used to extract features.")
+    flags.DEFINE_string(
+        "cache_dir", None, "Resumable feature cache (default: <output_json folder>/cache)."
+    )
+    flags.DEFINE_string(
+        "distractor_list", None, "+1M distractor list (paths relative to the jpg folder)."
+    )
+    flags.DEFINE_enum(
+        "search_method", d.search_method, list(SEARCH_METHODS), "Global search index."
+    )
+    flags.DEFINE_integer(
+        "top_k",
+        d.top_k,
+        "0: rank the whole database; K > 0: keep the global top K per query (+1M).",
+    )
+    flags.DEFINE_boolean("progress", True, "Show progress bars.")
+    flags.DEFINE_string("gldv2_solution", None, "GLDv2 solution CSV (retrieval or recognition).")
+    flags.DEFINE_string("gldv2_predictions", None, "GLDv2 submission CSV to score.")
+    flags.DEFINE_enum(
+        "gldv2_task", None, list(GLDV2_TASKS), "retrieval (mAP@100) or recognition (GAP)."
     )
     flags.DEFINE_string("db_features", None, "HDF5 feature store of the database images.")
     flags.DEFINE_string(
@@ -174,6 +283,8 @@ def _config_from_flags(flag_values):
         kappas=kappas,
         allow_truncated_ranks=flag_values.allow_truncated_ranks,
         binary_descriptors=flag_values.binary_descriptors,
+        search_method=flag_values.search_method,
+        top_k=flag_values.top_k,
     )
     paths = EvaluatePaths(
         gnd_path=flag_values.gnd_path,
@@ -182,6 +293,17 @@ def _config_from_flags(flag_values):
         scores_path=flag_values.scores_path,
         db_features=flag_values.db_features,
         query_features=flag_values.query_features,
+        dataset=flag_values.dataset,
+        dataset_dir=flag_values.dataset_dir,
+        model_path=flag_values.model_path,
+        delf_config=flag_values.delf_config,
+        cache_dir=flag_values.cache_dir,
+        distractor_list=flag_values.distractor_list,
+        gldv2_solution=flag_values.gldv2_solution,
+        gldv2_predictions=flag_values.gldv2_predictions,
+        gldv2_task=flag_values.gldv2_task,
+        embedded_preset=flag_values.embedded_preset,
+        progress=flag_values.progress,
     )
     return config, paths
 

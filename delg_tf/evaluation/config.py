@@ -18,6 +18,11 @@ DEFAULT_DESCRIPTOR_THRESHOLD = 1.0  # L2 distance for float DELG descriptors.
 DEFAULT_RANSAC_RESIDUAL_THRESHOLD = 20.0  # pixels.
 DEFAULT_RANSAC_ITERATIONS = 1000
 DEFAULT_MIN_INLIERS = 0  # any returned match counts for retrieval.
+FULL_RANKING = 0  # top_k value meaning "rank the whole database".
+SEARCH_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # retrieval.search.METHODS
+GLDV2_TASKS = ("retrieval", "recognition")
+DATASETS = ("embedded", "roxford5k", "rparis6k")
+DEFAULT_DATASET = "embedded"
 
 
 class ConfigError(ValueError):
@@ -41,6 +46,11 @@ class EvaluateConfig:
         kappas: k values for mP@k.
         allow_truncated_ranks: accept rankings shorter than the database.
         binary_descriptors: re-rank with packed-bit local descriptors (DELG*).
+        search_method: global search, ``"exact"`` (numpy) or a faiss index
+            (``"faiss_flat"``, ``"faiss_hnsw"``, ``"faiss_ivf"``) (--search_method).
+        top_k: 0 ranks the whole database (revisitop layout ``[num_db, num_queries]``);
+            k > 0 keeps only the global top-k of each query (memory ``[k, num_queries]``,
+            for +1M distractors) and scores the truncated ranking (--top_k).
     """
 
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
@@ -55,9 +65,17 @@ class EvaluateConfig:
     kappas: Tuple[int, ...] = DEFAULT_KAPPAS
     allow_truncated_ranks: bool = False
     binary_descriptors: bool = False
+    search_method: str = "exact"
+    top_k: int = FULL_RANKING
 
     def __post_init__(self):
         checks = [
+            (self.search_method in SEARCH_METHODS, "search_method", f"one of {SEARCH_METHODS}"),
+            (
+                self.top_k == FULL_RANKING or self.top_k >= max(self.shortlist_size, 1),
+                "top_k",
+                f"0 (full ranking) or an integer >= --shortlist_size={self.shortlist_size}",
+            ),
             (self.shortlist_size >= 0, "shortlist_size", "an integer >= 0"),
             (self.descriptor_threshold > 0, "descriptor_threshold", "a float > 0"),
             (self.ransac_residual_threshold > 0, "ransac_residual_threshold", "a float > 0"),
@@ -78,7 +96,17 @@ class EvaluateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluatePaths:
-    """Input/output files for an evaluation run.
+    """Input/output files of an evaluation run; what is given selects the mode.
+
+    Modes (:attr:`mode`):
+
+    * ``"gldv2"``: ``gldv2_solution`` + ``gldv2_predictions`` + ``gldv2_task``.
+    * ``"ranking"``: ``gnd_path`` + ``ranks_path`` or ``scores_path``.
+    * ``"features"``: ``gnd_path`` + ``db_features`` + ``query_features``.
+    * ``"dataset"`` (everything else): end to end from a dataset folder
+      (``dataset``, default the embedded data) and a model (``model_path`` /
+      ``delf_config``) or already-extracted ``db_features``/``query_features``;
+      see :mod:`delg_tf.evaluation.end_to_end`.
 
     Attributes:
         gnd_path: revisitop ground truth (.pkl or .mat) (--gnd_path).
@@ -87,22 +115,60 @@ class EvaluatePaths:
         scores_path: precomputed similarities .npy [num_db, num_queries] (--scores_path).
         db_features: HDF5 feature store of the database images (--db_features).
         query_features: HDF5 feature store of the bbx-cropped queries (--query_features).
+        dataset: ``embedded``, ``roxford5k`` or ``rparis6k`` (--dataset).
+        dataset_dir: dataset folder (gnd file + jpg/) (--dataset_dir).
+        model_path: SavedModel used for extraction (--model_path).
+        delf_config: DelfConfig .pbtxt used for extraction (--delf_config).
+        cache_dir: resumable feature cache (--cache_dir).
+        distractor_list: +1M distractor list (--distractor_list).
+        gldv2_solution: GLDv2 solution CSV (--gldv2_solution).
+        gldv2_predictions: GLDv2 submission CSV (--gldv2_predictions).
+        gldv2_task: ``retrieval`` or ``recognition`` (--gldv2_task).
+        embedded_preset: embedded data preset built without a dataset_dir (--embedded_preset).
+        progress: show progress bars (--progress).
     """
 
-    gnd_path: Path
-    output_json: Path
+    gnd_path: Optional[Path] = None
+    output_json: Optional[Path] = None
     ranks_path: Optional[Path] = None
     scores_path: Optional[Path] = None
     db_features: Optional[Path] = None
     query_features: Optional[Path] = None
+    dataset: Optional[str] = None
+    dataset_dir: Optional[Path] = None
+    model_path: Optional[Path] = None
+    delf_config: Optional[Path] = None
+    cache_dir: Optional[Path] = None
+    distractor_list: Optional[Path] = None
+    gldv2_solution: Optional[Path] = None
+    gldv2_predictions: Optional[Path] = None
+    gldv2_task: Optional[str] = None
+    embedded_preset: str = "default"
+    progress: bool = True
+
+    _PATH_FIELDS = (
+        "gnd_path",
+        "output_json",
+        "ranks_path",
+        "scores_path",
+        "db_features",
+        "query_features",
+        "dataset_dir",
+        "model_path",
+        "delf_config",
+        "cache_dir",
+        "distractor_list",
+        "gldv2_solution",
+        "gldv2_predictions",
+    )
 
     def __post_init__(self):
-        if self.gnd_path is None or str(self.gnd_path) == "":
-            raise ConfigError(
-                "--gnd_path is required (gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat)."
-            )
-        if self.output_json is None or str(self.output_json) == "":
-            raise ConfigError("--output_json is required (where to write the metrics).")
+        for name in self._PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and str(value) == "":
+                object.__setattr__(self, name, None)
+            elif value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
         if self.ranks_path is not None and self.scores_path is not None:
             raise ConfigError("pass only one of --ranks_path and --scores_path, not both.")
         if (self.db_features is None) != (self.query_features is None):
@@ -117,14 +183,70 @@ class EvaluatePaths:
                 "pass either feature stores (--db_features/--query_features) or a "
                 "precomputed ranking (--ranks_path/--scores_path), not both."
             )
-        for name in (
-            "gnd_path",
-            "output_json",
-            "ranks_path",
-            "scores_path",
-            "db_features",
-            "query_features",
+        mode = self.mode
+        if mode == "gldv2":
+            self._check_gldv2()
+        elif mode in ("ranking", "features"):
+            if self.gnd_path is None:
+                raise ConfigError(
+                    "--gnd_path is required with --ranks_path/--scores_path (gnd_roxford5k.pkl, "
+                    "gnd_rparis6k.pkl or .mat); or pass --dataset and --dataset_dir instead."
+                )
+            if self.output_json is None:
+                raise ConfigError("--output_json is required (where to write the metrics).")
+        else:
+            self._check_dataset()
+
+    @property
+    def mode(self) -> str:
+        """``"gldv2"``, ``"ranking"``, ``"features"`` or ``"dataset"`` (see the class doc)."""
+        if (
+            self.gldv2_solution is not None
+            or self.gldv2_predictions is not None
+            or self.gldv2_task is not None
         ):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+            return "gldv2"
+        if self.ranks_path is not None or self.scores_path is not None:
+            return "ranking"
+        if self.db_features is not None and self.gnd_path is not None and self.dataset is None:
+            return "features"
+        return "dataset"
+
+    def _check_gldv2(self):
+        if self.gldv2_solution is None or self.gldv2_predictions is None:
+            raise ConfigError(
+                "GLDv2 scoring needs both --gldv2_solution (e.g. retrieval_solution_v2.1.csv) "
+                "and --gldv2_predictions (your submission CSV); received solution="
+                f"{self.gldv2_solution}, predictions={self.gldv2_predictions}."
+            )
+        if self.gldv2_task not in GLDV2_TASKS:
+            raise ConfigError(
+                f"--gldv2_task must be one of {GLDV2_TASKS}, got {self.gldv2_task!r}; use "
+                "retrieval for mAP@100 or recognition for GAP."
+            )
+        others = [
+            f"--{n}"
+            for n in ("gnd_path", "dataset", "dataset_dir", "model_path", "delf_config")
+            if getattr(self, n) is not None
+        ]
+        if others:
+            raise ConfigError(
+                f"GLDv2 scoring (--gldv2_*) does not use {others}; run them separately."
+            )
+
+    def _check_dataset(self):
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ConfigError(
+                f"--dataset must be one of {DATASETS}, got {self.dataset!r}."
+            )
+        dataset = self.dataset or DEFAULT_DATASET
+        if dataset != DEFAULT_DATASET and self.dataset_dir is None and self.gnd_path is None:
+            raise ConfigError(
+                f"--dataset={dataset} needs --dataset_dir (the folder with gnd_{dataset}.pkl "
+                "and jpg/); only --dataset=embedded is built automatically."
+            )
+        if self.model_path is not None and self.db_features is not None:
+            raise ConfigError(
+                "pass either a model (--model_path/--delf_config) to extract features, or "
+                "already-extracted --db_features/--query_features, not both."
+            )

@@ -17,15 +17,20 @@ the query image *cropped to its bbx*, with keypoints in the cropped frame.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from delg_tf.evaluation.config import EvaluateConfig
+from delg_tf.evaluation.config import FULL_RANKING, EvaluateConfig
 from delg_tf.evaluation.ranks import write_json
-from delg_tf.evaluation.revisitop import evaluate_revisitop, format_results_table
+from delg_tf.evaluation.revisitop import (
+    MISSING_ID,
+    evaluate_revisitop,
+    format_results_table,
+)
 from delg_tf.retrieval import search
 from delg_tf.retrieval.rerank import LocalFeatures, MatchingConfig, Reranker
 
@@ -66,29 +71,104 @@ class FeaturesEvaluation:
     """Result of :func:`evaluate_features`.
 
     Attributes:
-        global_ranks: int [num_db, num_queries] ranking by global similarity.
-        reranked_ranks: int [num_db, num_queries] after re-ranking (None if skipped).
+        global_ranks: int [R, num_queries] ranking by global similarity; R = num_db,
+            or ``config.top_k`` for a truncated ranking (trailing -1 = no result).
+        reranked_ranks: int [R, num_queries] after re-ranking (None if skipped).
         results: ``{"global": metrics, "reranked": metrics}`` (percent).
         timings: seconds per stage.
+        global_scores: float [R, num_queries] similarity of each ``global_ranks`` entry.
+        truncated: the rankings do not list the whole database.
     """
 
     global_ranks: np.ndarray
     reranked_ranks: Optional[np.ndarray]
     results: dict
     timings: dict
+    global_scores: Optional[np.ndarray] = None
+    truncated: bool = False
+
+
+def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: EvaluateConfig):
+    """Ranks the database for every query by global similarity (cosine).
+
+    With ``config.top_k == 0`` and exact search: the complete ranking (revisitop
+    layout). Otherwise a :class:`~delg_tf.retrieval.search.GlobalIndex`
+    (``config.search_method``) returns the top-k of each query only, so memory is
+    ``O(k * num_queries)`` instead of ``O(num_db * num_queries)`` (+1M distractors).
+    Ties are broken by increasing database id in both cases.
+
+    Args:
+        db_global: float [num_db, D].
+        query_global: float [num_queries, D].
+        config: ``search_method`` and ``top_k``.
+
+    Returns:
+        (ranks int64 [R, num_queries], scores float32 [R, num_queries] aligned with
+        ranks, truncated bool). Approximate indexes may pad a column with -1.
+    """
+    num_db = db_global.shape[0]
+    if config.top_k == FULL_RANKING and config.search_method == "exact":
+        ranks, by_id = search.full_ranking(
+            search.l2_normalize(query_global), search.l2_normalize(db_global)
+        )
+        return ranks, np.take_along_axis(by_id, ranks, axis=0), False
+    k = num_db if config.top_k == FULL_RANKING else min(config.top_k, num_db)
+    index = search.GlobalIndex(config.search_method, seed=config.seed).build(db_global)
+    ids, scores = index.search(query_global, k)
+    ranks = np.ascontiguousarray(ids.T)
+    truncated = k < num_db or bool((ranks == MISSING_ID).any())
+    return ranks, np.ascontiguousarray(scores.T), truncated
+
+
+def rerank_ranking(
+    ranks: np.ndarray,
+    scores: np.ndarray,
+    query_local: Sequence[LocalFeatures],
+    db_local,
+    config: EvaluateConfig,
+    binary: bool = False,
+    progress: Optional[Callable] = None,
+) -> np.ndarray:
+    """Re-ranks the top ``config.shortlist_size`` of each column by RANSAC inliers.
+
+    Args:
+        ranks: int [R, num_queries] global ranking (full or truncated, -1 padding last).
+        scores: float [R, num_queries] global similarities aligned with ``ranks``.
+        query_local: LocalFeatures of each query.
+        db_local: LocalFeatures by database id (sequence or callable ``id -> LocalFeatures``).
+        config: matching settings, shortlist size, workers.
+        binary: packed-bit descriptors (DELG*).
+        progress: optional iterator wrapper (tqdm).
+
+    Returns:
+        int64 [R, num_queries] re-ranked ranking (entries after the shortlist unchanged).
+    """
+    out = ranks.copy()
+    queries = range(ranks.shape[1])
+    with Reranker(
+        matching_config(config, binary), config.shortlist_size, config.num_workers
+    ) as reranker:
+        for q in progress(queries) if progress else queries:
+            valid = int(np.count_nonzero(ranks[:, q] != MISSING_ID))
+            result = reranker.rerank_query(
+                query_local[q], ranks[:valid, q], db_local, scores[:valid, q]
+            )
+            out[:valid, q] = result.ranking
+    return out
 
 
 def evaluate_features(
     db_global: np.ndarray,
     query_global: np.ndarray,
     gnd: Sequence[Mapping],
-    db_local: Optional[Sequence[LocalFeatures]] = None,
+    db_local=None,
     query_local: Optional[Sequence[LocalFeatures]] = None,
     config: EvaluateConfig = EvaluateConfig(),
     binary: bool = False,
     output_json=None,
     progress: Optional[Callable] = None,
     verbose: bool = True,
+    extra_json: Optional[Mapping] = None,
 ) -> FeaturesEvaluation:
     """Global-only vs re-ranked revisitop evaluation from feature arrays.
 
@@ -96,15 +176,18 @@ def evaluate_features(
         db_global: float [num_db, D] global descriptors (normalised here).
         query_global: float [num_queries, D].
         gnd: revisitop ground truth (dicts with easy/hard/junk), one per query.
-        db_local: num_db LocalFeatures (keypoints (y, x), descriptors [N, d]);
-            None to skip re-ranking.
+        db_local: num_db LocalFeatures (keypoints (y, x), descriptors [N, d]), or a
+            callable ``db_id -> LocalFeatures`` (read on demand, e.g.
+            :meth:`StoreFeatures.local`); None to skip re-ranking.
         query_local: num_queries LocalFeatures of the cropped queries.
-        config: shortlist size, matching thresholds, workers, kappas.
+        config: shortlist size, matching thresholds, workers, kappas, and the global
+            search (``search_method``, ``top_k``; see :func:`global_ranking`).
         binary: local descriptors are packed bits (DELG*).
         output_json: if given, the JSON ``{"global": {...}, "reranked": {...},
-            "config": {...}}`` is written there.
+            "ranking": {...}, "config": {...}, "timings": {...}}`` is written there.
         progress: optional iterator wrapper (e.g. tqdm) over queries.
         verbose: print the results table.
+        extra_json: more top-level entries for the JSON (e.g. dataset, failed images).
 
     Returns:
         FeaturesEvaluation.
@@ -128,48 +211,175 @@ def evaluate_features(
             f"the ground truth refers to database image {max_index} but only "
             f"{db_global.shape[0]} database descriptors were given."
         )
+    rerank = db_local is not None and query_local is not None and config.shortlist_size > 0
+    if rerank and not callable(db_local) and len(db_local) != db_global.shape[0] or (
+        rerank and len(query_local) != len(gnd)
+    ):
+        num_db_local = "a callable" if callable(db_local) else len(db_local)
+        raise FeatureInputError(
+            f"need one LocalFeatures per image: got {num_db_local} database (expected "
+            f"{db_global.shape[0]}) and {len(query_local)} queries (expected {len(gnd)})."
+        )
     timings = {}
     start = time.perf_counter()
-    ranks, scores = search.full_ranking(
-        search.l2_normalize(query_global), search.l2_normalize(db_global)
-    )
+    ranks, scores, truncated = global_ranking(db_global, query_global, config)
     timings["global_search_s"] = time.perf_counter() - start
     results = {"global": evaluate_revisitop(ranks, gnd, config.kappas)}
     reranked = None
-    if db_local is not None and query_local is not None and config.shortlist_size > 0:
-        if len(db_local) != db_global.shape[0] or len(query_local) != len(gnd):
-            raise FeatureInputError(
-                f"need one LocalFeatures per image: got {len(db_local)} database (expected "
-                f"{db_global.shape[0]}) and {len(query_local)} queries (expected {len(gnd)})."
-            )
+    if rerank:
         start = time.perf_counter()
-        with Reranker(
-            matching_config(config, binary), config.shortlist_size, config.num_workers
-        ) as reranker:
-            reranked = reranker.rerank_all(
-                ranks, query_local, db_local, scores=scores, progress=progress
-            )
+        reranked = rerank_ranking(
+            ranks, scores, query_local, db_local, config, binary, progress=progress
+        )
         timings["rerank_s"] = time.perf_counter() - start
         results["reranked"] = evaluate_revisitop(reranked, gnd, config.kappas)
     if verbose:
         print(format_results_table(results, config.kappas))
+        if truncated:
+            print(
+                f"(ranking truncated to the global top {ranks.shape[0]} of "
+                f"{db_global.shape[0]}: positives beyond it count as not retrieved)"
+            )
+    ranking_info = {
+        "search_method": config.search_method,
+        "rows": int(ranks.shape[0]),
+        "num_db": int(db_global.shape[0]),
+        "num_queries": int(query_global.shape[0]),
+        "truncated": bool(truncated),
+    }
     if output_json is not None:
         write_json(
-            {**results, "config": dataclasses.asdict(config), "timings": timings}, output_json
+            {
+                **results,
+                "ranking": ranking_info,
+                **dict(extra_json or {}),
+                "config": dataclasses.asdict(config),
+                "timings": timings,
+            },
+            output_json,
         )
-    return FeaturesEvaluation(ranks, reranked, results, timings)
+    return FeaturesEvaluation(ranks, reranked, results, timings, scores, truncated)
 
 
-def _lookup(store, name: str) -> str:
+def _resolve_name(index: Mapping[str, int], name: str) -> Optional[int]:
     for suffix in IMAGE_NAME_SUFFIXES:
         for candidate in (name + suffix, f"jpg/{name}{suffix}"):
-            if candidate in store:
-                return candidate
-    raise FeatureInputError(
-        f"image {name!r} is not in the feature store {store.path} "
-        f"(tried suffixes {IMAGE_NAME_SUFFIXES} and a jpg/ prefix); "
-        "extract it first or check the store matches the dataset."
-    )
+            if candidate in index:
+                return index[candidate]
+    return None
+
+
+class StoreFeatures:
+    """Features of a list of images from a delg_tf HDF5 feature store, read lazily.
+
+    Global descriptors of ``names`` are read at once (``global_``, float32
+    [len(names), D]); local features only on demand (:meth:`local`), so a
+    +1M-image store is never loaded whole: re-ranking reads the shortlisted images.
+
+    Args:
+        store_path: ``.h5`` store file (read lazily with h5py) or a parts directory
+            (``delg_tf.extraction.store``, merged in memory).
+        names: image names in dataset order (revisitop ``imlist``/``qimlist``,
+            without extension; ``.jpg`` etc. and a ``jpg/`` prefix are tried too).
+        binary: serve packed-bit descriptors (``descriptors_binary``, DELG*).
+        allow_missing: images absent from the store (e.g. failed extraction, listed
+            in the extractor's ``errors.tsv``) get a zero global descriptor and no
+            local features (score 0, 0 inliers) and are listed in ``missing``;
+            otherwise a missing image is an error.
+        what: name of the flag/file for error messages.
+
+    Attributes:
+        global_: float32 [len(names), D].
+        missing: names not found in the store.
+    """
+
+    def __init__(
+        self,
+        store_path,
+        names: Sequence[str],
+        binary: bool = False,
+        allow_missing: bool = False,
+        what: str = "feature store",
+    ):
+        from delg_tf.extraction.store import FeatureStore
+
+        self.path = Path(store_path)
+        self.binary = binary
+        self._lock = threading.Lock()
+        self._file = None
+        if self.path.is_file():
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+            arrays = self._file
+            stored = arrays["names"][()]
+        else:
+            arrays = FeatureStore(self.path).arrays()  # raises StoreError if missing
+            stored = arrays["names"]
+        self._arrays = arrays
+        stored = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in stored]
+        index = {n: i for i, n in enumerate(stored)}
+        self._rows = [_resolve_name(index, name) for name in names]
+        self.missing = [n for n, r in zip(names, self._rows) if r is None]
+        if self.missing and not allow_missing:
+            self.close()
+            raise FeatureInputError(
+                f"{what}: {len(self.missing)} image(s) are not in {self.path}, e.g. "
+                f"{self.missing[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a jpg/ "
+                "prefix); extract them first or check the store matches the dataset."
+            )
+        if "global_descriptors" not in arrays:
+            self.close()
+            raise FeatureInputError(
+                f"{what}: {self.path} has no global descriptors; extract with global "
+                "features enabled (a local_and_global or global export)."
+            )
+        self._key = "descriptors_binary" if binary else "descriptors"
+        if self._key not in arrays:
+            self.close()
+            raise FeatureInputError(
+                f"{what}: {self.path} has no '{self._key}' dataset; extract with "
+                "binarisation enabled (--binarize) or evaluate without binary descriptors."
+            )
+        all_global = np.asarray(arrays["global_descriptors"][()], np.float32)
+        self.global_ = np.zeros((len(names), all_global.shape[1]), np.float32)
+        found = [i for i, r in enumerate(self._rows) if r is not None]
+        self.global_[found] = all_global[[self._rows[i] for i in found]]
+        self._offsets = np.asarray(arrays["local_offsets"][()], np.int64)
+        self._descriptor_tail = tuple(arrays[self._key].shape[1:])
+        self._descriptor_dtype = np.uint8 if binary else np.float32
+
+    def __len__(self):
+        return len(self._rows)
+
+    def local(self, i: int) -> LocalFeatures:
+        """LocalFeatures of image ``i`` (position in ``names``), read from the store."""
+        row = self._rows[int(i)]
+        if row is None:
+            return LocalFeatures(
+                np.zeros((0, 2)), np.zeros((0,) + self._descriptor_tail, self._descriptor_dtype)
+            )
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        with self._lock:  # h5py handles are not meant for concurrent reads.
+            locations = np.asarray(self._arrays["locations"][start:end])
+            descriptors = np.asarray(self._arrays[self._key][start:end])
+        return LocalFeatures(locations, descriptors.astype(self._descriptor_dtype))
+
+    def all_local(self) -> list:
+        """LocalFeatures of every image (for small sets, e.g. the queries)."""
+        return [self.local(i) for i in range(len(self))]
+
+    def close(self):
+        """Closes the HDF5 file (if one is open)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def load_store_features(store_path, names: Sequence[str], binary: bool = False):
@@ -187,26 +397,34 @@ def load_store_features(store_path, names: Sequence[str], binary: bool = False):
     Raises:
         FeatureInputError: an image is missing or has no global descriptor.
     """
-    from delg_tf.extraction.store import FeatureStore
+    with StoreFeatures(store_path, names, binary, what=str(store_path)) as store:
+        return store.global_, store.all_local()
 
-    store = FeatureStore(store_path)
-    globals_, locals_ = [], []
-    for name in names:
-        feats = store.get(_lookup(store, name))
-        if "global_descriptor" not in feats:
-            raise FeatureInputError(
-                f"{store_path}: image {name!r} has no global descriptor; "
-                "extract with global features enabled."
-            )
-        key = "descriptors_binary" if binary else "descriptors"
-        if key not in feats:
-            raise FeatureInputError(
-                f"{store_path}: no '{key}' dataset; extract with binarisation "
-                "enabled or evaluate without binary descriptors."
-            )
-        globals_.append(feats["global_descriptor"])
-        locals_.append(LocalFeatures(feats["locations"], feats[key]))
-    return np.stack(globals_).astype(np.float32), locals_
+
+def evaluate_store_features(
+    gnd: Sequence[Mapping],
+    db: StoreFeatures,
+    queries: StoreFeatures,
+    config: EvaluateConfig,
+    output_json=None,
+    progress: Optional[Callable] = None,
+    verbose: bool = True,
+    extra_json: Optional[Mapping] = None,
+) -> FeaturesEvaluation:
+    """:func:`evaluate_features` on opened stores; database local features read on demand."""
+    return evaluate_features(
+        db.global_,
+        queries.global_,
+        gnd,
+        db.local,
+        queries.all_local(),
+        config,
+        config.binary_descriptors,
+        output_json=output_json,
+        progress=progress,
+        verbose=verbose,
+        extra_json=extra_json,
+    )
 
 
 def evaluate_stores(
@@ -225,7 +443,7 @@ def evaluate_stores(
         db_store: feature store of the database images.
         query_store: feature store of the queries (cropped to bbx); may equal db_store
             only if the stored query features were extracted from crops.
-        config: evaluation settings.
+        config: evaluation settings (``top_k``/``search_method`` for large databases).
         output_json: JSON output path.
         binary: use packed-bit descriptors.
         progress: optional iterator wrapper.
@@ -236,17 +454,10 @@ def evaluate_stores(
     from delg_tf.data.revisitop import load_gnd
 
     cfg = load_gnd(gnd_path, require_bbx=False)
-    db_global, db_local = load_store_features(db_store, cfg["imlist"], binary)
-    q_global, q_local = load_store_features(query_store, cfg["qimlist"], binary)
-    evaluate_features(
-        db_global,
-        q_global,
-        cfg["gnd"],
-        db_local,
-        q_local,
-        config,
-        binary,
-        output_json=output_json,
-        progress=progress,
-    )
+    if binary and not config.binary_descriptors:
+        config = dataclasses.replace(config, binary_descriptors=True)
+    with StoreFeatures(db_store, cfg["imlist"], binary, what="--db_features") as db, StoreFeatures(
+        query_store, cfg["qimlist"], binary, what="--query_features"
+    ) as queries:
+        evaluate_store_features(cfg["gnd"], db, queries, config, output_json, progress)
     return Path(output_json)

@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from delg_tf.evaluation.revisitop import DEFAULT_KAPPAS, evaluate_revisitop
+from delg_tf.evaluation.revisitop import DEFAULT_KAPPAS, MISSING_ID, evaluate_revisitop
 
 
 class RankingShapeError(ValueError):
@@ -64,7 +64,8 @@ def validate_ranks(
         num_db: database size from the ground truth.
         num_queries: number of queries from the ground truth.
         source: name used in error messages (file or flag).
-        allow_truncated: accept R < num_db (missing positives count as not retrieved).
+        allow_truncated: accept R < num_db (missing positives count as not retrieved)
+            and trailing ``MISSING_ID`` (-1) padding, as approximate top-k search returns.
 
     Returns:
         The ranking as int64.
@@ -99,12 +100,26 @@ def validate_ranks(
                 "If these are similarity scores, pass them as scores (--scores_path)."
             )
     ranks = ranks.astype(np.int64)
-    if ranks.size and (ranks.min() < 0 or ranks.max() >= num_db):
+    padding = ranks == MISSING_ID if allow_truncated else np.zeros(ranks.shape, bool)
+    if padding.any():
+        # -1 padding (approximate search) is only allowed after the valid entries.
+        bad_cols = np.flatnonzero((np.diff(padding.astype(np.int8), axis=0) < 0).any(axis=0))
+        if bad_cols.size:
+            raise RankingShapeError(
+                f"{source}: query column(s) {bad_cols[:5].tolist()} have {MISSING_ID} "
+                "(missing result) before valid database indices; padding must come last."
+            )
+    valid = ranks[~padding]
+    if valid.size and (valid.min() < 0 or valid.max() >= num_db):
         raise RankingShapeError(
             f"{source}: database indices must be in [0, {num_db}), got range "
-            f"[{ranks.min()}, {ranks.max()}] (indices are 0-based)."
+            f"[{valid.min()}, {valid.max()}] (indices are 0-based"
+            + (f"; {MISSING_ID} is allowed as trailing padding" if allow_truncated else "")
+            + ")."
         )
-    sorted_cols = np.sort(ranks, axis=0)
+    # Padding entries get distinct negative values so they are never duplicates.
+    unique_pad = -2 - np.arange(ranks.size, dtype=np.int64).reshape(ranks.shape)
+    sorted_cols = np.sort(np.where(padding, unique_pad, ranks), axis=0)
     dup_cols = np.flatnonzero((np.diff(sorted_cols, axis=0) == 0).any(axis=0))
     if dup_cols.size:
         raise RankingShapeError(

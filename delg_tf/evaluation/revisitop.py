@@ -30,6 +30,7 @@ import numpy as np
 DEFAULT_KAPPAS = (1, 5, 10)  # revisitop reports mP@1, mP@5, mP@10.
 PROTOCOLS = ("easy", "medium", "hard")
 PERCENT = 100.0
+MISSING_ID = -1  # padding in truncated rankings (faiss returns -1 for missing results).
 
 
 def compute_ap(positive_positions: np.ndarray, num_positives: int) -> float:
@@ -87,12 +88,20 @@ def _junk_free_positions(
     return (pos - num_junk_before).astype(np.int64)
 
 
-def precision_at_k(positions_1based: np.ndarray, kappas: Sequence[int]) -> np.ndarray:
+def precision_at_k(
+    positions_1based: np.ndarray, kappas: Sequence[int], all_positives_ranked: bool = True
+) -> np.ndarray:
     """revisitop's precision@k for one query.
 
     Args:
         positions_1based: int array [P'] of 1-based junk-free positions.
         kappas: the k values.
+        all_positives_ranked: False when the ranking is truncated and some
+            positives lie beyond it. revisitop's ``kq = min(max(pos), k)`` then
+            uses the unknown last position, which is beyond every ranked one, so
+            ``kq = k``: exact whenever k <= the junk-free length of the truncated
+            ranking (and a lower bound otherwise). Using the last *ranked*
+            positive instead would overestimate P@k.
 
     Returns:
         float64 array [len(kappas)]. Defined as 0 when no positive is ranked
@@ -101,7 +110,7 @@ def precision_at_k(positions_1based: np.ndarray, kappas: Sequence[int]) -> np.nd
     out = np.zeros(len(kappas), dtype=np.float64)
     if positions_1based.size == 0:
         return out
-    last = int(positions_1based.max())
+    last = int(positions_1based.max()) if all_positives_ranked else np.iinfo(np.int64).max
     for i, k in enumerate(kappas):
         kq = min(last, int(k))
         out[i] = np.count_nonzero(positions_1based <= kq) / kq
@@ -139,8 +148,12 @@ def compute_map(
     Args:
         ranks: int array [R, num_queries]; column q holds database indices in
             ranked order for query q (revisitop layout). ``R`` is normally the
-            database size; a truncated ranking (R < num_db) is scored as if the
-            missing positives were never retrieved.
+            database size; a truncated ranking (R < num_db, e.g. a global top-k)
+            is scored as if the missing positives were never retrieved: AP is
+            then a lower bound, equal to the full ranking's AP when every
+            positive is within the top R (see :func:`precision_at_k` for mP@k).
+            Entries equal to ``MISSING_ID`` (-1, padding of approximate search
+            results) match nothing.
         gnd: sequence of num_queries dicts with ``'ok'`` (positive indices) and
             optionally ``'junk'`` (indices ignored in the ranking).
         kappas: k values for mP@k.
@@ -172,7 +185,8 @@ def compute_map(
         junk = np.asarray(gnd[q].get("junk", ()), dtype=np.int64).ravel()
         pos = _junk_free_positions(ranks[:, q], positives, junk)
         aps[q] = compute_ap(pos, positives.size)
-        precisions[q] = precision_at_k(pos + 1, kappas)
+        ranked = np.unique(positives).size == pos.size
+        precisions[q] = precision_at_k(pos + 1, kappas, all_positives_ranked=ranked)
     evaluated = ~np.isnan(aps)
     num_evaluated = int(evaluated.sum())
     if num_evaluated:

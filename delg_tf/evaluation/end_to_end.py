@@ -1,0 +1,491 @@
+"""End-to-end retrieval evaluation: dataset folder + model -> metrics table and JSON.
+
+DELG retrieval protocol (Cao et al. ECCV 2020, Sec. 4.1, App. B) on Revisited
+Oxford/Paris (or the embedded default data, which has the same layout):
+
+1. extract the database images and the queries **cropped to their bounding box**
+   (like the official ``extract_features.py``: the crop is extracted with
+   ``resize_factor = max(crop size) / max(image size)``, so it is resized as the
+   whole image would be) with :func:`delg_tf.extract.main` into a resumable cache;
+2. rank the database by global similarity (full ranking, or a top-k shortlist of a
+   :class:`~delg_tf.retrieval.search.GlobalIndex` for +1M distractors);
+3. re-rank the top ``shortlist_size`` by affine-RANSAC inliers;
+4. print the table (global-only vs re-ranked, Easy/Medium/Hard) and write the JSON.
+
+API (used by ``python -m delg_tf.evaluate`` and ``delg_tf.demo``)::
+
+    from delg_tf.evaluation.end_to_end import DatasetEvalConfig, evaluate_dataset
+
+    results = evaluate_dataset(DatasetEvalConfig(
+        model_path="demo_output/export",          # or delf_config=..., or db/query_features
+        dataset="embedded", dataset_dir=None,      # None: build/find the embedded default data
+        output_json="demo_output/results.json",   # cache_dir default: <json folder>/<dataset>_cache
+    ))
+    results["reranked"]["medium"]["mAP"]          # percent
+
+``evaluate_dataset(config, extractor=None) -> dict`` returns the JSON content::
+
+    {"global":   {"easy": {"mAP", "mP@1", "mP@5", "mP@10"}, "medium": {...}, "hard": {...}},
+     "reranked": {...same...},
+     "ranking":  {"search_method", "rows", "num_db", "num_queries", "truncated"},
+     "dataset":  {"name", "gnd_path", "images_dir", "num_db", "num_queries"},
+     "features": {"db_store", "query_store", "reused_cache", "model"},
+     "failed_images": {"database": [names], "queries": [names]},
+     "config":   {EvaluateConfig fields}, "timings": {seconds per stage},
+     "output_json": path}
+
+Images that cannot be read (listed by the extractor in ``<cache>/*/errors.tsv``)
+are evaluated as images without features (similarity 0, 0 inliers) and listed in
+``failed_images``. The cache is tied to the model: ``<cache_dir>/cache_key.json``
+records the model, config and extraction settings, and a cache made with another
+model is refused (use another ``--cache_dir`` or delete it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from delg_tf.evaluation.config import (
+    DATASETS,
+    DEFAULT_DATASET,
+    FULL_RANKING,
+    ConfigError,
+    EvaluateConfig,
+)
+
+# A database larger than this is searched with a top-k shortlist (``LARGE_DB_TOP_K``)
+# unless ``EvaluateConfig.top_k`` is set: a full [num_db, num_queries] ranking of
+# +1M images with 70 queries would take ~1 GB of int64 plus the scores.
+FULL_RANKING_MAX_DB = 100_000
+LARGE_DB_TOP_K = 1000
+DEFAULT_EMBEDDED_PRESET = "default"
+DEFAULT_OUTPUT_DIR = "eval_output"
+RESULTS_NAME = "results.json"
+DEFAULT_DEMO_EXPORT = Path("demo_output") / "export"  # written by `make demo` (delg_tf.demo)
+CACHE_KEY_NAME = "cache_key.json"
+DB_CACHE_SUBDIR = "db"
+QUERY_CACHE_SUBDIR = "queries"
+CROPS_SUBDIR = "query_crops"
+CROP_EXTENSION = ".png"  # lossless: the extractor sees exactly the cropped pixels.
+STORE_NAME = "features.h5"  # delg_tf.extract's single-shard store name.
+EMBEDDED_GND_NAME = "gnd_embedded.pkl"
+EMBEDDED_RETRIEVAL_SUBDIR = "retrieval"
+SAVED_MODEL_FILES = ("saved_model.pb", "variables/variables.index")
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEvalConfig:
+    """What to evaluate end to end (see the module doc).
+
+    Attributes:
+        output_json: metrics JSON; None = ``eval_output/<dataset>/results.json``.
+        dataset: ``embedded`` (default), ``roxford5k`` or ``rparis6k``.
+        dataset_dir: folder with ``gnd_<dataset>.pkl`` (or .mat) and ``jpg/``; for
+            ``embedded`` the dataset root (with ``retrieval/``) or its retrieval folder;
+            None with ``embedded`` builds (or finds) the embedded default data.
+        embedded_preset: preset of the embedded data built when ``dataset_dir`` is None.
+        gnd_path: explicit ground-truth file (overrides the one in ``dataset_dir``).
+        model_path: SavedModel directory (delg_tf or official DELG export).
+        delf_config: DelfConfig .pbtxt (its ``model_path`` unless ``model_path`` is given).
+        db_features / query_features: already-extracted stores (no extraction).
+        cache_dir: feature cache; None = ``<output_json folder>/cache``.
+        distractor_list: +1M distractor list (paths relative to the images folder).
+        evaluate: matching, re-ranking, search and metric settings.
+        progress: progress bars (extraction, re-ranking).
+        verbose: print the results table.
+    """
+
+    output_json: Optional[str] = None
+    dataset: str = DEFAULT_DATASET
+    dataset_dir: Optional[str] = None
+    embedded_preset: str = DEFAULT_EMBEDDED_PRESET
+    gnd_path: Optional[str] = None
+    model_path: Optional[str] = None
+    delf_config: Optional[str] = None
+    db_features: Optional[str] = None
+    query_features: Optional[str] = None
+    cache_dir: Optional[str] = None
+    distractor_list: Optional[str] = None
+    evaluate: EvaluateConfig = EvaluateConfig()
+    progress: bool = True
+    verbose: bool = True
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        if (self.db_features is None) != (self.query_features is None):
+            raise ConfigError(
+                "pass both --db_features and --query_features (stores of the database and of "
+                "the cropped queries), or neither."
+            )
+        if self.db_features is not None and (self.model_path or self.delf_config):
+            raise ConfigError(
+                "pass either a model (--model_path/--delf_config) to extract features, or "
+                "already-extracted --db_features/--query_features, not both."
+            )
+
+    @property
+    def output_path(self) -> Path:
+        if self.output_json:
+            return Path(self.output_json)
+        return Path(DEFAULT_OUTPUT_DIR) / self.dataset / RESULTS_NAME
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.output_path.parent / "cache"
+
+
+def resolve_model(config: DatasetEvalConfig) -> DatasetEvalConfig:
+    """Fills in the demo export as the model when none was given and it exists.
+
+    Raises:
+        ConfigError: no model, no features and no ``demo_output/export``.
+    """
+    if config.db_features or config.model_path or config.delf_config:
+        return config
+    if (DEFAULT_DEMO_EXPORT / SAVED_MODEL_FILES[0]).is_file():
+        print(f"evaluate: no --model_path given; using the demo export {DEFAULT_DEMO_EXPORT}")
+        return dataclasses.replace(config, model_path=str(DEFAULT_DEMO_EXPORT))
+    raise ConfigError(
+        f"--model_path is required to extract features of the {config.dataset} dataset: a "
+        "SavedModel from `python -m delg_tf.export` (or --delf_config=config.pbtxt, or "
+        "already-extracted --db_features/--query_features). No default model was found at "
+        f"{DEFAULT_DEMO_EXPORT} (`make demo` writes one there)."
+    )
+
+
+def open_dataset(config: DatasetEvalConfig):
+    """The :class:`~delg_tf.data.revisitop.RevisitopDataset` of a config.
+
+    ``embedded`` without ``dataset_dir`` builds (or finds) the embedded data with
+    :func:`delg_tf.data.embedded.build_embedded_dataset`.
+    """
+    from delg_tf.data.revisitop import RevisitopDataset
+
+    if config.dataset == "embedded":
+        if config.dataset_dir is None and config.gnd_path is None:
+            from delg_tf.data.embedded import build_embedded_dataset
+
+            root = build_embedded_dataset(preset=config.embedded_preset).retrieval_dir
+        elif config.dataset_dir is not None:
+            root = Path(config.dataset_dir)
+            if (root / EMBEDDED_RETRIEVAL_SUBDIR / EMBEDDED_GND_NAME).is_file():
+                root = root / EMBEDDED_RETRIEVAL_SUBDIR
+        else:
+            root = Path(config.gnd_path).parent
+        gnd = config.gnd_path or root / EMBEDDED_GND_NAME
+        if not Path(gnd).is_file():
+            raise FileNotFoundError(
+                f"--dataset_dir={config.dataset_dir}: no {EMBEDDED_GND_NAME} in {root} or "
+                f"{root / EMBEDDED_RETRIEVAL_SUBDIR}; expected an embedded dataset built by "
+                "delg_tf.data.embedded (omit --dataset_dir to build the default one)."
+            )
+        return RevisitopDataset.from_dir(
+            root, name="embedded", gnd_path=gnd, distractor_list=config.distractor_list
+        )
+    root = Path(config.dataset_dir) if config.dataset_dir else Path(config.gnd_path).parent
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--dataset_dir={root} does not exist; expected the folder with "
+            f"gnd_{config.dataset}.pkl and jpg/ (revisitop layout)."
+        )
+    return RevisitopDataset.from_dir(
+        root, name=config.dataset, gnd_path=config.gnd_path,
+        distractor_list=config.distractor_list,
+    )
+
+
+def _file_fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def model_fingerprint(config: DatasetEvalConfig) -> dict:
+    """Identifies the model and extraction settings a feature cache was made with."""
+    key = {"format": CACHE_FORMAT_VERSION, "binarize": config.evaluate.binary_descriptors}
+    if config.delf_config:
+        path = Path(config.delf_config)
+        key["delf_config_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if config.model_path:
+        model = Path(config.model_path)
+        key["model_files"] = [
+            _file_fingerprint(model / f) for f in SAVED_MODEL_FILES if (model / f).is_file()
+        ]
+        key["model_path"] = str(model.resolve())
+    return key
+
+
+def _check_cache_key(cache: Path, key: dict):
+    path = cache / CACHE_KEY_NAME
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != key:
+            raise ConfigError(
+                f"--cache_dir={cache} holds features of another model or settings "
+                f"({path}: {stored}; this run: {key}). Use another --cache_dir, or delete "
+                f"{cache} to re-extract."
+            )
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _store_names(store: Path) -> set:
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            return {n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in f["names"][()]}
+    except (OSError, KeyError):
+        return set()
+
+
+class _LazyExtractor:
+    """Builds the extractor (loads the SavedModel) on the first image only."""
+
+    def __init__(self, build: Callable):
+        self._build = build
+        self._extractor = None
+
+    def __call__(self, image, **kwargs):
+        if self._extractor is None:
+            self._extractor = self._build()
+        return self._extractor(image, **kwargs)
+
+
+def _image_digest(image: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+class _CropResizeExtractor:
+    """Calls the extractor with each query crop's official ``resize_factor``.
+
+    ``delg_tf.extract.main`` calls ``extractor(image)``; the crop is recognised by
+    the digest of its pixels (the PNG written by :func:`_write_query_crops`).
+    """
+
+    def __init__(self, extractor: Callable, factors: dict):
+        self._extractor = extractor
+        self._factors = factors
+
+    def __call__(self, image):
+        factor = self._factors.get(_image_digest(np.asarray(image)), 1.0)
+        if factor == 1.0:
+            return self._extractor(image)
+        return self._extractor(image, resize_factor=factor)
+
+
+def _write_query_crops(dataset, crops_dir: Path):
+    """Writes every query cropped to its bbx (lossless PNG), once.
+
+    Returns:
+        (list of (name, crop path), {pixel digest: resize factor}).
+    """
+    from PIL import Image
+
+    from delg_tf.data.images import load_image_rgb
+    from delg_tf.data.revisitop import crop_to_bbx
+
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    pairs, factors = [], {}
+    for q, name in enumerate(dataset.qimlist):
+        crop_path = crops_dir / (name + CROP_EXTENSION)
+        source = dataset.query_path(q)
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"query image {source} not found; --dataset_dir must contain jpg/<name>.jpg "
+                "for every query of the ground truth."
+            )
+        with Image.open(source) as im:
+            im = im.convert("RGB")
+            original_side = max(im.size)
+            bbx = dataset.gnd[q].get("bbx")
+            crop = crop_to_bbx(im, bbx) if bbx is not None else im
+        if not crop_path.is_file():
+            crop_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = crop_path.with_name(crop_path.name + ".tmp.png")
+            crop.save(tmp, format="PNG")
+            os.replace(tmp, crop_path)
+        factor = max(crop.size) / original_side
+        factors[_image_digest(load_image_rgb(crop_path, alpha="drop"))] = factor
+        pairs.append((name, crop_path))
+    return pairs, factors
+
+
+def _extract_set(pairs, output_dir: Path, config: DatasetEvalConfig, extractor) -> tuple:
+    """Extracts ``pairs`` into ``output_dir`` with delg_tf.extract unless all are cached.
+
+    Returns:
+        (store path, whether the cached store was reused without extraction).
+    """
+    from delg_tf import extract
+
+    store = output_dir / STORE_NAME
+    if store.is_file() and {n for n, _ in pairs} <= _store_names(store):
+        return store, True
+    ext_config = extract.ExtractConfig(
+        output_dir=str(output_dir),
+        delf_config=config.delf_config,
+        model_path=config.model_path,
+        binarize=config.evaluate.binary_descriptors,
+        progress=config.progress,
+    )
+    return extract.main(ext_config, pairs, extractor=extractor), False
+
+
+def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Callable] = None):
+    """Extracts database images and bbx-cropped queries into the cache (resumable).
+
+    Args:
+        dataset: RevisitopDataset.
+        config: model, cache folder, binarisation.
+        extractor: optional ready extractor (``image -> DelgFeatures``; it must accept
+            ``resize_factor=`` for cropped queries); default: built from the model
+            when the first uncached image is met.
+
+    Returns:
+        (db store path, query store path, reused: bool = nothing was extracted).
+    """
+    from delg_tf import extract
+
+    cache = config.cache_path
+    _check_cache_key(cache, model_fingerprint(config))
+    if extractor is None:
+        ext_config = extract.ExtractConfig(
+            output_dir=str(cache), delf_config=config.delf_config, model_path=config.model_path
+        )
+        extractor = _LazyExtractor(lambda: extract.make_extractor(ext_config))
+    db_pairs = [(name, dataset.image_path(i)) for i, name in enumerate(_db_names(dataset))]
+    query_pairs, factors = _write_query_crops(dataset, cache / CROPS_SUBDIR)
+    db_store, db_reused = _extract_set(db_pairs, cache / DB_CACHE_SUBDIR, config, extractor)
+    query_store, q_reused = _extract_set(
+        query_pairs, cache / QUERY_CACHE_SUBDIR, config, _CropResizeExtractor(extractor, factors)
+    )
+    return db_store, query_store, db_reused and q_reused
+
+
+def _db_names(dataset) -> list:
+    """Database names in index order: imlist, then the +1M distractors."""
+    return list(dataset.imlist) + [
+        d[: -len(".jpg")] if d.lower().endswith(".jpg") else d for d in dataset.distractors
+    ]
+
+
+def effective_evaluate_config(config: EvaluateConfig, num_db: int) -> EvaluateConfig:
+    """Switches to a top-k shortlist for databases above ``FULL_RANKING_MAX_DB``."""
+    if config.top_k == FULL_RANKING and num_db > FULL_RANKING_MAX_DB:
+        return dataclasses.replace(config, top_k=max(LARGE_DB_TOP_K, config.shortlist_size))
+    return config
+
+
+def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = None) -> dict:
+    """Extracts (cached), searches, re-ranks and scores a dataset; writes the JSON.
+
+    Args:
+        config: see :class:`DatasetEvalConfig`.
+        extractor: optional ready extractor (tests, or a model already in memory:
+            ``DelgExtractor.from_model(model, delf_config)``); the cache key still
+            comes from ``config.model_path``/``delf_config``.
+
+    Returns:
+        The results dict written to ``config.output_path`` (see the module doc).
+
+    Raises:
+        ConfigError: no model or features; a cache made with another model.
+        FileNotFoundError: dataset, gnd or query images missing.
+    """
+    from delg_tf.evaluation.pipeline import StoreFeatures, evaluate_store_features
+
+    timings = {}
+    start = time.perf_counter()
+    dataset = open_dataset(config)
+    if config.db_features is None and extractor is None:
+        config = resolve_model(config)
+    if config.db_features is not None:
+        db_store, query_store, reused = Path(config.db_features), Path(config.query_features), True
+    else:
+        db_store, query_store, reused = extract_dataset(dataset, config, extractor)
+    timings["extract_s"] = time.perf_counter() - start
+    names = _db_names(dataset)
+    evaluate = effective_evaluate_config(config.evaluate, len(names))
+    progress = None
+    if config.progress:
+        from tqdm import tqdm
+
+        def progress(items):
+            return tqdm(items, desc="rerank", unit="query")
+
+    extracted = config.db_features is None
+    binary = evaluate.binary_descriptors
+    with StoreFeatures(
+        db_store, names, binary, allow_missing=extracted, what="--db_features"
+    ) as db, StoreFeatures(
+        query_store, dataset.qimlist, binary, allow_missing=extracted, what="--query_features"
+    ) as queries:
+        failed = {"database": db.missing, "queries": queries.missing}
+        if config.verbose and (db.missing or queries.missing):
+            print(
+                f"evaluate: {len(db.missing)} database image(s) and {len(queries.missing)} "
+                "queries could not be extracted (see errors.tsv in the cache); they are "
+                "evaluated without features."
+            )
+        extra = {
+            "dataset": {
+                "name": dataset.name,
+                "gnd_path": str(dataset.gnd_path),
+                "images_dir": str(dataset.images_dir),
+                "num_db": len(names),
+                "num_queries": dataset.num_queries,
+            },
+            "features": {
+                "db_store": str(db_store),
+                "query_store": str(query_store),
+                "reused_cache": bool(reused),
+                "model": config.model_path or config.delf_config,
+            },
+            "failed_images": failed,
+        }
+        evaluation = evaluate_store_features(
+            dataset.gnd, db, queries, evaluate, output_json=None, progress=progress,
+            verbose=config.verbose, extra_json=extra,
+        )
+    from delg_tf.evaluation.ranks import write_json
+
+    timings.update(evaluation.timings)
+    results = {
+        **evaluation.results,
+        "ranking": {
+            "search_method": evaluate.search_method,
+            "rows": int(evaluation.global_ranks.shape[0]),
+            "num_db": len(names),
+            "num_queries": dataset.num_queries,
+            "truncated": bool(evaluation.truncated),
+        },
+        **extra,
+        "config": dataclasses.asdict(evaluate),
+        "timings": timings,
+    }
+    out = write_json(results, config.output_path)
+    results["output_json"] = str(out)
+    if config.verbose:
+        print(f"wrote {out}")
+    return results
+
+
+def main(config: DatasetEvalConfig, extractor: Optional[Callable] = None) -> Path:
+    """:func:`evaluate_dataset` returning the path of the JSON written."""
+    return Path(evaluate_dataset(config, extractor)["output_json"])

@@ -1,0 +1,104 @@
+"""`python -m delg_tf.evaluate` end to end: embedded tiny data + a tiny exported DelgModel."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from delg_tf import evaluate, extract
+from delg_tf.data.embedded import build_embedded_dataset
+from delg_tf.evaluation.config import EvaluateConfig, EvaluatePaths
+from delg_tf.evaluation.end_to_end import DatasetEvalConfig, evaluate_dataset
+from delg_tf.extraction.store import FeatureStore
+from delg_tf.models import registry
+from delg_tf.models.delg import DelgModelConfig
+from delg_tf.serving.delg_export import ExportConfig, export_saved_model
+
+NUM_CLASSES = 4
+# Random weights: a zero score threshold keeps local features for the plumbing.
+EXPORT = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
+                      max_feature_num=30, max_image_size=96, warmup=False)
+# Few RANSAC trials and a short shortlist keep the run at a few seconds.
+FAST = EvaluateConfig(shortlist_size=5, ransac_iterations=50, num_workers=1)
+PROTOCOL_KEYS = {"easy", "medium", "hard"}
+METRIC_KEYS = {"mAP", "mP@1", "mP@5", "mP@10"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data = build_embedded_dataset(root / "embedded", preset="tiny")
+    model = registry.build_model(
+        "delg",
+        DelgModelConfig(num_classes=NUM_CLASSES, backbone="tiny", embedding_dim=32,
+                        local_dim=16, attention_hidden=16),
+        load_imagenet=False,
+    )
+    export = export_saved_model(model, root / "export", EXPORT)
+    return root, data, export
+
+
+def test_end_to_end_json_table_and_cache_reuse(setup, tmp_path, capsys, monkeypatch):
+    _, data, export = setup
+    config = DatasetEvalConfig(output_json=str(tmp_path / "out" / "results.json"),
+                               dataset_dir=str(data.root), model_path=str(export),
+                               evaluate=FAST, progress=False)
+    results = evaluate_dataset(config)
+    printed = capsys.readouterr().out
+    assert "global" in printed and "reranked" in printed and "medium mAP" in printed
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for row in ("global", "reranked"):
+        assert set(saved[row]) == PROTOCOL_KEYS
+        assert set(saved[row]["medium"]) == METRIC_KEYS
+        assert 0.0 <= saved[row]["medium"]["mAP"] <= 100.0
+    assert saved["dataset"]["name"] == "embedded"
+    assert saved["failed_images"] == {"database": [], "queries": []}
+    assert saved["features"]["reused_cache"] is False
+    assert saved["ranking"]["truncated"] is False
+    assert saved["ranking"]["rows"] == saved["dataset"]["num_db"]
+    assert results["reranked"]["medium"]["mAP"] == saved["reranked"]["medium"]["mAP"]
+    db_store = tmp_path / "out" / "cache" / "db" / "features.h5"
+    queries = FeatureStore(tmp_path / "out" / "cache" / "queries" / "features.h5")
+    assert len(queries) == saved["dataset"]["num_queries"]
+    mtime = db_store.stat().st_mtime_ns
+
+    # Rerun: everything comes from the cache, the model is never loaded.
+    def no_model(_config):
+        raise AssertionError("the rerun must not build an extractor")
+
+    monkeypatch.setattr(extract, "make_extractor", no_model)
+    again = evaluate_dataset(config)
+    assert again["features"]["reused_cache"] is True
+    assert db_store.stat().st_mtime_ns == mtime
+    for row in ("global", "reranked"):
+        assert again[row] == results[row]
+
+
+def test_cache_of_another_model_is_refused(setup, tmp_path):
+    root, data, export = setup
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache_key.json").write_text(json.dumps({"model_path": "/elsewhere"}))
+    paths = EvaluatePaths(dataset="embedded", dataset_dir=data.root, model_path=export,
+                          cache_dir=cache, output_json=tmp_path / "o.json")
+    with pytest.raises(ValueError, match="--cache_dir=.*another model"):
+        evaluate.main(FAST, paths)
+
+
+def test_cli_end_to_end_and_missing_model(setup, tmp_path, monkeypatch):
+    _, data, export = setup
+    out = tmp_path / "cli.json"
+    common = [sys.executable, "-m", "delg_tf.evaluate", f"--dataset_dir={data.root}",
+              "--noprogress", "--shortlist_size=3", "--ransac_iterations=20", "--num_workers=1"]
+    result = subprocess.run(common + [f"--model_path={export}", f"--output_json={out}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reranked" in result.stdout
+    assert set(json.loads(out.read_text())["reranked"]) == PROTOCOL_KEYS
+    # No model and no demo export in the working directory: one line naming the flag.
+    missing = subprocess.run(common + [f"--output_json={tmp_path / 'x.json'}"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "--model_path is required" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
