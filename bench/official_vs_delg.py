@@ -45,7 +45,7 @@ FIXTURES = {
             PARITY_DIR / "tf1_slim" / "configs" / "r50delg_tf1sim_gld_config.pbtxt"),
 }
 VARIANTS_ALL = ("official", "pyramid", "per_scale", "per_scale_xla", "folded_pyramid",
-                "folded_per_scale", "folded_per_scale_xla")
+                "folded_per_scale", "folded_per_scale_xla", "unrolled", "folded_unrolled")
 VARIANTS = ("official", "pyramid", "folded_pyramid", "folded_per_scale", "folded_per_scale_xla")
 
 
@@ -83,6 +83,7 @@ def make_extractors(fmt, model_dir, config_path, variants):
     from delg_tf.extraction.extractor import DelgExtractor
     from delg_tf.official.folded import fold_delg_model
     from delg_tf.official.selfcheck import ConvertedRawExtraction
+    from delg_tf.official.unrolled import UnrolledPyramid
 
     text = Path(config_path).read_text().replace("MODEL_PATH", str(model_dir))
     config = load_delf_config_text(text)
@@ -98,8 +99,11 @@ def make_extractors(fmt, model_dir, config_path, variants):
         elif variant == "folded_pyramid":
             extractors[variant] = DelgExtractor.from_model(folded, config)
         else:
-            runner = ConvertedRawExtraction(folded if variant.startswith("folded") else model,
-                                            jit_compile=variant.endswith("xla"))
+            if variant.endswith("unrolled"):
+                runner = UnrolledPyramid(folded if variant.startswith("folded") else model)
+            else:
+                runner = ConvertedRawExtraction(folded if variant.startswith("folded") else model,
+                                                jit_compile=variant.endswith("xla"))
 
             def call(_runner=runner, **kw):
                 return _runner(kw["input_image"], kw["input_scales"],

@@ -210,17 +210,27 @@ def test_converted_keras_model_matches_recorded(fmt, converted_tf1, converted_tf
                  CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
 
 
-def test_folded_inference_view_matches_recorded(converted_tf1, tmp_path):
+def test_folded_and_unrolled_variants_match_recorded(converted_tf1, tmp_path):
+    from delg_tf.extraction import raw_model
     from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
     from delg_tf.official.convert import load_converted_model
     from delg_tf.official.folded import fold_delg_model
+    from delg_tf.official.unrolled import UnrolledPyramid
 
     out, _ = converted_tf1
     folded = fold_delg_model(load_converted_model(out))
     config = load_delf_config(str(_config_for("tf1", 320, "unused", tmp_path)))
-    extractor = DelgExtractor.from_model(folded, config)
-    _compare(extractor(_skimage("coffee")), _expected("tf1", 320, "coffee"), _threshold("tf1"),
-             CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
+    unrolled = UnrolledPyramid(folded)
+
+    def call(**kw):
+        return unrolled(kw["input_image"], kw["input_scales"], kw["input_max_feature_num"],
+                        kw["input_abs_thres"], kw["input_global_scales_ind"])
+
+    for extractor in (DelgExtractor.from_model(folded, config),
+                      DelgExtractor(raw_model.from_function(call), config)):
+        _compare(extractor(_skimage("coffee")), _expected("tf1", 320, "coffee"),
+                 _threshold("tf1"), CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL,
+                 CONVERTED_ATTENTION_TOL)
 
 
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
