@@ -45,7 +45,6 @@ from pathlib import Path
 
 from delg_tf.evaluation.config import (
     DATASETS,
-    DEFAULT_DATASET,
     GLDV2_TASKS,
     SEARCH_METHODS,
     ConfigError,
@@ -84,7 +83,7 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
         return end_to_end_main(
             DatasetEvalConfig(
                 output_json=opt(paths.output_json),
-                dataset=paths.dataset or DEFAULT_DATASET,
+                dataset=paths.dataset_name,
                 dataset_dir=opt(paths.dataset_dir),
                 gnd_path=opt(paths.gnd_path),
                 model_path=opt(paths.model_path),
@@ -164,7 +163,8 @@ def _main_gldv2(paths: EvaluatePaths):
     print(f"GLDv2 {paths.gldv2_task}: {metric}")
     for split in ("public", "private"):
         value = results[split][metric]
-        print(f"{split:<10}{value:>10.2f}" if value == value else f"{split:<10}{'n/a':>10}")
+        shown = "n/a (no ground truth)" if value is None else f"{value:.2f}"
+        print(f"{split:<10}{shown:>10}")
     if paths.output_json is None:
         return None
     out = write_json({"task": paths.gldv2_task, **results}, paths.output_json)

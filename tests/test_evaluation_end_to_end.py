@@ -39,15 +39,19 @@ def setup(tmp_path_factory):
     return root, data, export
 
 
-def test_end_to_end_json_table_and_cache_reuse(setup, tmp_path, capsys, monkeypatch):
-    _, data, export = setup
-    config = DatasetEvalConfig(output_json=str(tmp_path / "out" / "results.json"),
+@pytest.fixture(scope="module")
+def first_run(setup):
+    root, data, export = setup
+    config = DatasetEvalConfig(output_json=str(root / "out" / "results.json"),
                                dataset_dir=str(data.root), model_path=str(export),
                                evaluate=FAST, progress=False)
-    results = evaluate_dataset(config)
-    printed = capsys.readouterr().out
-    assert "global" in printed and "reranked" in printed and "medium mAP" in printed
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    return config, evaluate_dataset(config)
+
+
+def test_end_to_end_json_table_and_cache_reuse(setup, first_run, capsys, monkeypatch):
+    root = setup[0]
+    config, results = first_run
+    saved = json.loads((root / "out" / "results.json").read_text())
     for row in ("global", "reranked"):
         assert set(saved[row]) == PROTOCOL_KEYS
         assert set(saved[row]["medium"]) == METRIC_KEYS
@@ -58,8 +62,8 @@ def test_end_to_end_json_table_and_cache_reuse(setup, tmp_path, capsys, monkeypa
     assert saved["ranking"]["truncated"] is False
     assert saved["ranking"]["rows"] == saved["dataset"]["num_db"]
     assert results["reranked"]["medium"]["mAP"] == saved["reranked"]["medium"]["mAP"]
-    db_store = tmp_path / "out" / "cache" / "db" / "features.h5"
-    queries = FeatureStore(tmp_path / "out" / "cache" / "queries" / "features.h5")
+    db_store = root / "out" / "cache" / "db" / "features.h5"
+    queries = FeatureStore(root / "out" / "cache" / "queries" / "features.h5")
     assert len(queries) == saved["dataset"]["num_queries"]
     mtime = db_store.stat().st_mtime_ns
 
@@ -68,7 +72,10 @@ def test_end_to_end_json_table_and_cache_reuse(setup, tmp_path, capsys, monkeypa
         raise AssertionError("the rerun must not build an extractor")
 
     monkeypatch.setattr(extract, "make_extractor", no_model)
+    capsys.readouterr()
     again = evaluate_dataset(config)
+    printed = capsys.readouterr().out
+    assert "global" in printed and "reranked" in printed and "medium mAP" in printed
     assert again["features"]["reused_cache"] is True
     assert db_store.stat().st_mtime_ns == mtime
     for row in ("global", "reranked"):
@@ -86,19 +93,47 @@ def test_cache_of_another_model_is_refused(setup, tmp_path):
         evaluate.main(FAST, paths)
 
 
-def test_cli_end_to_end_and_missing_model(setup, tmp_path, monkeypatch):
-    _, data, export = setup
+def test_cli_end_to_end_and_missing_model(setup, first_run, tmp_path):
+    root, data, export = setup
     out = tmp_path / "cli.json"
     common = [sys.executable, "-m", "delg_tf.evaluate", f"--dataset_dir={data.root}",
               "--noprogress", "--shortlist_size=3", "--ransac_iterations=20", "--num_workers=1"]
-    result = subprocess.run(common + [f"--model_path={export}", f"--output_json={out}"],
+    # The features cached by the first run (same model) are reused.
+    result = subprocess.run(common + [f"--model_path={export}", f"--output_json={out}",
+                                      f"--cache_dir={root / 'out' / 'cache'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reranked" in result.stdout
-    assert set(json.loads(out.read_text())["reranked"]) == PROTOCOL_KEYS
+    saved = json.loads(out.read_text())
+    assert set(saved["reranked"]) == PROTOCOL_KEYS and saved["features"]["reused_cache"]
+    assert saved["config"]["shortlist_size"] == 3
     # No model and no demo export in the working directory: one line naming the flag.
     missing = subprocess.run(common + [f"--output_json={tmp_path / 'x.json'}"],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert missing.returncode == 2
     assert "--model_path is required" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_query_crops_use_the_official_resize_factor(tmp_path):
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from delg_tf.data.revisitop import RevisitopDataset
+    from delg_tf.evaluation import end_to_end
+
+    (tmp_path / "jpg").mkdir()
+    Image.fromarray(np.full((80, 100, 3), 120, np.uint8)).save(tmp_path / "jpg" / "q.jpg")
+    gnd = {"imlist": ["q"], "qimlist": ["q"],
+           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [10.0, 10.0, 60.0, 50.0]}]}
+    (tmp_path / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
+    dataset = RevisitopDataset.from_dir(tmp_path)
+    pairs, factors = end_to_end._write_query_crops(dataset, tmp_path / "crops")
+    with Image.open(pairs[0][1]) as crop:
+        assert crop.size == (50, 40)
+    calls = []
+    wrapped = end_to_end._CropResizeExtractor(lambda im, **kw: calls.append(kw), factors)
+    wrapped(np.asarray(Image.open(pairs[0][1]).convert("RGB")))
+    assert calls == [{"resize_factor": 0.5}]  # max(crop) / max(image) = 50 / 100

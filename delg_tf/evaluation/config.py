@@ -234,12 +234,39 @@ class EvaluatePaths:
                 f"GLDv2 scoring (--gldv2_*) does not use {others}; run them separately."
             )
 
+    @property
+    def dataset_name(self) -> str:
+        """``dataset``, else guessed from ``gnd_<name>.pkl``, else the embedded default."""
+        if self.dataset is not None:
+            return self.dataset
+        if self.gnd_path is not None:
+            guess = self.gnd_path.stem.replace("gnd_", "", 1)
+            if guess in DATASETS:
+                return guess
+        return DEFAULT_DATASET
+
     def _check_dataset(self):
         if self.dataset is not None and self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        has_input = any(
+            getattr(self, n) is not None
+            for n in ("dataset", "dataset_dir", "model_path", "delf_config", "db_features")
+        )
+        if self.gnd_path is not None and not has_input:
             raise ConfigError(
-                f"--dataset must be one of {DATASETS}, got {self.dataset!r}."
+                "nothing to evaluate: pass --ranks_path=ranks.npy or --scores_path=scores.npy "
+                "(arrays [num_db, num_queries]), or --db_features and --query_features (HDF5 "
+                "feature stores written by `python -m delg_tf.extract`), or --model_path to "
+                "extract the images of the dataset (jpg/ next to --gnd_path)."
             )
-        dataset = self.dataset or DEFAULT_DATASET
+        if self.gnd_path is not None and self.dataset is None and (
+            self.gnd_path.stem.replace("gnd_", "", 1) not in DATASETS
+        ):
+            raise ConfigError(
+                f"cannot tell the dataset from --gnd_path={self.gnd_path}; pass --dataset "
+                f"(one of {DATASETS})."
+            )
+        dataset = self.dataset_name
         if dataset != DEFAULT_DATASET and self.dataset_dir is None and self.gnd_path is None:
             raise ConfigError(
                 f"--dataset={dataset} needs --dataset_dir (the folder with gnd_{dataset}.pkl "

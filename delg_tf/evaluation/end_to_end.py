@@ -199,7 +199,9 @@ def open_dataset(config: DatasetEvalConfig):
             f"gnd_{config.dataset}.pkl and jpg/ (revisitop layout)."
         )
     return RevisitopDataset.from_dir(
-        root, name=config.dataset, gnd_path=config.gnd_path,
+        root,
+        name=config.dataset,
+        gnd_path=config.gnd_path,
         distractor_list=config.distractor_list,
     )
 
@@ -409,12 +411,13 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         FileNotFoundError: dataset, gnd or query images missing.
     """
     from delg_tf.evaluation.pipeline import StoreFeatures, evaluate_store_features
+    from delg_tf.evaluation.ranks import write_json
 
     timings = {}
     start = time.perf_counter()
-    dataset = open_dataset(config)
     if config.db_features is None and extractor is None:
-        config = resolve_model(config)
+        config = resolve_model(config)  # before building any data: fail fast.
+    dataset = open_dataset(config)
     if config.db_features is not None:
         db_store, query_store, reused = Path(config.db_features), Path(config.query_features), True
     else:
@@ -460,21 +463,18 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
             "failed_images": failed,
         }
         evaluation = evaluate_store_features(
-            dataset.gnd, db, queries, evaluate, output_json=None, progress=progress,
-            verbose=config.verbose, extra_json=extra,
+            dataset.gnd,
+            db,
+            queries,
+            evaluate,
+            output_json=None,
+            progress=progress,
+            verbose=config.verbose,
         )
-    from delg_tf.evaluation.ranks import write_json
-
     timings.update(evaluation.timings)
     results = {
         **evaluation.results,
-        "ranking": {
-            "search_method": evaluate.search_method,
-            "rows": int(evaluation.global_ranks.shape[0]),
-            "num_db": len(names),
-            "num_queries": dataset.num_queries,
-            "truncated": bool(evaluation.truncated),
-        },
+        "ranking": evaluation.ranking,
         **extra,
         "config": dataclasses.asdict(evaluate),
         "timings": timings,

@@ -35,6 +35,7 @@ USAGES = ("Public", "Private", "Ignored")
 SOLUTION_HEADERS = {RETRIEVAL: ("id", "images", "Usage"), RECOGNITION: ("id", "landmarks", "Usage")}
 PREDICTION_HEADERS = {RETRIEVAL: ("id", "images"), RECOGNITION: ("id", "landmarks")}
 RECOGNITION_PREDICTION_FIELDS = 2  # "<landmark_id> <score>"
+PERCENT = 100.0
 
 
 class Gldv2FormatError(ValueError):
@@ -273,25 +274,37 @@ def global_average_precision(
 def evaluate_retrieval_csv(
     solution_path, predictions_path, max_predictions: int = DEFAULT_MAX_PREDICTIONS
 ) -> dict:
-    """Public/Private mAP@k (percent) of a retrieval submission CSV."""
+    """Public/Private mAP@k (percent) of a retrieval submission CSV.
+
+    A split without queries in the solution (e.g. a Public-only file) scores None.
+    """
     sol = read_solution(solution_path, RETRIEVAL)
     pub, priv = read_predictions(predictions_path, RETRIEVAL, sol)
+    key = f"mAP@{max_predictions}"
     return {
-        "public": {
-            f"mAP@{max_predictions}": 100 * mean_average_precision(pub, sol.public, max_predictions)
-        },
-        "private": {
-            f"mAP@{max_predictions}": 100
-            * mean_average_precision(priv, sol.private, max_predictions)
-        },
+        split: {
+            key: (
+                PERCENT * mean_average_precision(preds, truth, max_predictions) if truth else None
+            )
+        }
+        for split, preds, truth in (("public", pub, sol.public), ("private", priv, sol.private))
     }
 
 
 def evaluate_recognition_csv(solution_path, predictions_path) -> dict:
-    """Public/Private GAP (percent) of a recognition submission CSV."""
+    """Public/Private GAP (percent) of a recognition submission CSV.
+
+    A split where no test image has a landmark (GAP undefined) scores None.
+    """
     sol = read_solution(solution_path, RECOGNITION)
     pub, priv = read_predictions(predictions_path, RECOGNITION, sol)
     return {
-        "public": {"GAP": 100 * global_average_precision(pub, sol.public)},
-        "private": {"GAP": 100 * global_average_precision(priv, sol.private)},
+        split: {
+            "GAP": (
+                PERCENT * global_average_precision(preds, truth)
+                if any(truth.values())
+                else None
+            )
+        }
+        for split, preds, truth in (("public", pub, sol.public), ("private", priv, sol.private))
     }

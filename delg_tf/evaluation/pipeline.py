@@ -78,6 +78,8 @@ class FeaturesEvaluation:
         timings: seconds per stage.
         global_scores: float [R, num_queries] similarity of each ``global_ranks`` entry.
         truncated: the rankings do not list the whole database.
+        ranking: JSON summary ``{"search_method", "rows", "num_db", "num_queries",
+            "truncated"}``.
     """
 
     global_ranks: np.ndarray
@@ -86,6 +88,7 @@ class FeaturesEvaluation:
     timings: dict
     global_scores: Optional[np.ndarray] = None
     truncated: bool = False
+    ranking: dict = dataclasses.field(default_factory=dict)
 
 
 def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: EvaluateConfig):
@@ -212,10 +215,8 @@ def evaluate_features(
             f"{db_global.shape[0]} database descriptors were given."
         )
     rerank = db_local is not None and query_local is not None and config.shortlist_size > 0
-    if rerank and not callable(db_local) and len(db_local) != db_global.shape[0] or (
-        rerank and len(query_local) != len(gnd)
-    ):
-        num_db_local = "a callable" if callable(db_local) else len(db_local)
+    num_db_local = db_global.shape[0] if callable(db_local) or not rerank else len(db_local)
+    if rerank and (num_db_local != db_global.shape[0] or len(query_local) != len(gnd)):
         raise FeatureInputError(
             f"need one LocalFeatures per image: got {num_db_local} database (expected "
             f"{db_global.shape[0]}) and {len(query_local)} queries (expected {len(gnd)})."
@@ -258,7 +259,9 @@ def evaluate_features(
             },
             output_json,
         )
-    return FeaturesEvaluation(ranks, reranked, results, timings, scores, truncated)
+    return FeaturesEvaluation(
+        ranks, reranked, results, timings, scores, truncated, ranking_info
+    )
 
 
 def _resolve_name(index: Mapping[str, int], name: str) -> Optional[int]:
