@@ -92,6 +92,8 @@ class Tf1ExtractionFunction:
 
     Args:
       path: SavedModel directory.
+      loaded: the result of ``tf.saved_model.load(path)`` if the caller already
+        has it (avoids loading twice).
 
     Calling it with (image uint8 [H, W, 3], scales f32 [S], max_feature_num int,
     abs_thres float, global_scales_ind int32 [G]) returns a dict of numpy arrays:
@@ -104,11 +106,11 @@ class Tf1ExtractionFunction:
     use_local = True
     use_global = True
 
-    def __init__(self, path):
+    def __init__(self, path, loaded=None):
         import tensorflow as tf
 
         self.path = str(path)
-        self._loaded = tf.saved_model.load(self.path)
+        self._loaded = loaded if loaded is not None else tf.saved_model.load(self.path)
         if not hasattr(self._loaded, "prune"):
             raise OfficialModelError(
                 f"{path}: loaded as a TF2 object, which has no `prune`; it is not a TF1 "
@@ -133,15 +135,18 @@ class Tf1ExtractionFunction:
         return {key: value.numpy() for key, value in zip(OUTPUT_KEYS, outputs)}
 
 
-def load_tf1_extraction_fn(path):
-    """Loads a TF1-format official DELG SavedModel. Returns a `Tf1ExtractionFunction`."""
+def load_tf1_extraction_fn(path, loaded=None):
+    """Loads a TF1-format official DELG SavedModel. Returns a `Tf1ExtractionFunction`.
+
+    `loaded`: optional ``tf.saved_model.load(path)`` result to reuse.
+    """
     fmt = detect_format(path)
     if fmt != FORMAT_TF1:
         raise OfficialModelError(
             f"{path}: expected a TF1-format DELG SavedModel (tensor names, no signature), "
             f"received a {fmt.upper()} export. Use "
             f"delg_tf.extraction.raw_model.load_raw_extraction_fn, which handles both.")
-    return Tf1ExtractionFunction(path)
+    return Tf1ExtractionFunction(path, loaded=loaded)
 
 
 class Tf2SignatureFunction:
