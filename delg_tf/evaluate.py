@@ -95,6 +95,7 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
                 embedded_preset=paths.embedded_preset,
                 evaluate=config,
                 progress=paths.progress,
+                replace_stale_cache=paths.replace_stale_cache,
             )
         )
     if paths.db_features is not None:
@@ -212,6 +213,11 @@ def _define_flags():
         "0: rank the whole database; K > 0: keep the global top K per query (+1M).",
     )
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
+    flags.DEFINE_boolean(
+        "replace_stale_cache",
+        False,
+        "Re-extract into --cache_dir when it holds features of another model.",
+    )
     flags.DEFINE_string("gldv2_solution", None, "GLDv2 solution CSV (retrieval or recognition).")
     flags.DEFINE_string("gldv2_predictions", None, "GLDv2 submission CSV to score.")
     flags.DEFINE_enum(
@@ -304,6 +310,7 @@ def _config_from_flags(flag_values):
         gldv2_task=flag_values.gldv2_task,
         embedded_preset=flag_values.embedded_preset,
         progress=flag_values.progress,
+        replace_stale_cache=flag_values.replace_stale_cache,
     )
     return config, paths
 

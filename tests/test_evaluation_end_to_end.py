@@ -137,3 +137,34 @@ def test_query_crops_use_the_official_resize_factor(tmp_path):
     wrapped = end_to_end._CropResizeExtractor(lambda im, **kw: calls.append(kw), factors)
     wrapped(np.asarray(Image.open(pairs[0][1]).convert("RGB")))
     assert calls == [{"resize_factor": 0.5}]  # max(crop) / max(image) = 50 / 100
+
+
+def test_unreadable_image_is_listed_and_stale_cache_replaced(setup, tmp_path):
+    import shutil
+
+    _, data, export = setup
+    retrieval = tmp_path / "retrieval"
+    shutil.copytree(data.retrieval_dir, retrieval)
+    gnd = pickle_load(retrieval / "gnd_embedded.pkl")
+    broken = gnd["imlist"][-1]
+    (retrieval / "jpg" / f"{broken}.jpg").write_bytes(b"not a jpeg")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache_key.json").write_text(json.dumps({"model_path": "/an/old/model"}))
+    (cache / "keep.txt").write_text("user file")
+    config = DatasetEvalConfig(output_json=str(tmp_path / "r.json"), dataset_dir=str(retrieval),
+                               model_path=str(export), cache_dir=str(cache), evaluate=FAST,
+                               progress=False, verbose=False, replace_stale_cache=True)
+    results = evaluate_dataset(config)
+    assert results["failed_images"] == {"database": [broken], "queries": []}
+    assert set(results["reranked"]) == PROTOCOL_KEYS
+    assert (cache / "keep.txt").is_file()
+    assert json.loads((cache / "cache_key.json").read_text())["model_path"] == str(export)
+    errors = (cache / "db" / "errors.tsv").read_text()
+    assert broken in errors
+
+
+def pickle_load(path):
+    from delg_tf.data.revisitop import load_pickle_restricted
+
+    return load_pickle_restricted(path)

@@ -132,3 +132,14 @@ def test_gldv2_cli_retrieval_and_recognition(tmp_path):
     missing = _run_cli("--gldv2_task=recognition", f"--gldv2_solution={tmp_path / 'no.csv'}",
                        f"--gldv2_predictions={rpred}")
     assert missing.returncode == 2 and "--gldv2_solution" in missing.stderr
+
+
+def test_large_databases_switch_to_a_top_k_shortlist():
+    from delg_tf.evaluation import end_to_end as e2e
+
+    small = e2e.effective_evaluate_config(EvaluateConfig(), e2e.FULL_RANKING_MAX_DB)
+    assert small.top_k == 0
+    large = e2e.effective_evaluate_config(EvaluateConfig(), e2e.FULL_RANKING_MAX_DB + 1)
+    assert large.top_k == e2e.LARGE_DB_TOP_K
+    chosen = e2e.effective_evaluate_config(EvaluateConfig(top_k=500), 10**6)
+    assert chosen.top_k == 500

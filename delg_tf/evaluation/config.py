@@ -126,6 +126,7 @@ class EvaluatePaths:
         gldv2_task: ``retrieval`` or ``recognition`` (--gldv2_task).
         embedded_preset: embedded data preset built without a dataset_dir (--embedded_preset).
         progress: show progress bars (--progress).
+        replace_stale_cache: re-extract a cache made with another model (--replace_stale_cache).
     """
 
     gnd_path: Optional[Path] = None
@@ -145,6 +146,7 @@ class EvaluatePaths:
     gldv2_task: Optional[str] = None
     embedded_preset: str = "default"
     progress: bool = True
+    replace_stale_cache: bool = False
 
     _PATH_FIELDS = (
         "gnd_path",

@@ -38,7 +38,8 @@ Images that cannot be read (listed by the extractor in ``<cache>/*/errors.tsv``)
 are evaluated as images without features (similarity 0, 0 inliers) and listed in
 ``failed_images``. The cache is tied to the model: ``<cache_dir>/cache_key.json``
 records the model, config and extraction settings, and a cache made with another
-model is refused (use another ``--cache_dir`` or delete it).
+model is refused (use another ``--cache_dir``, delete it, or pass
+``replace_stale_cache=True`` / ``--replace_stale_cache`` to re-extract into it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -102,6 +104,8 @@ class DatasetEvalConfig:
         evaluate: matching, re-ranking, search and metric settings.
         progress: progress bars (extraction, re-ranking).
         verbose: print the results table.
+        replace_stale_cache: a cache made with another model (or extraction settings)
+            is cleared and re-extracted instead of refused (e.g. after re-training).
     """
 
     output_json: Optional[str] = None
@@ -118,6 +122,7 @@ class DatasetEvalConfig:
     evaluate: EvaluateConfig = EvaluateConfig()
     progress: bool = True
     verbose: bool = True
+    replace_stale_cache: bool = False
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -226,17 +231,26 @@ def model_fingerprint(config: DatasetEvalConfig) -> dict:
     return key
 
 
-def _check_cache_key(cache: Path, key: dict):
+def _check_cache_key(cache: Path, key: dict, replace_stale: bool = False):
+    """Refuses (or, with ``replace_stale``, clears) a cache made with another model."""
     path = cache / CACHE_KEY_NAME
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored != key:
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            stored = None
+        if stored == key:
+            return
+        if not replace_stale:
             raise ConfigError(
                 f"--cache_dir={cache} holds features of another model or settings "
-                f"({path}: {stored}; this run: {key}). Use another --cache_dir, or delete "
-                f"{cache} to re-extract."
+                f"({path}: {stored}; this run: {key}). Pass --replace_stale_cache to "
+                f"re-extract into it, use another --cache_dir, or delete {cache}."
             )
-        return
+        # Only what this module wrote; the folder may hold other files of the user.
+        for sub in (DB_CACHE_SUBDIR, QUERY_CACHE_SUBDIR, CROPS_SUBDIR):
+            shutil.rmtree(cache / sub, ignore_errors=True)
+        path.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(key, indent=1, sort_keys=True), encoding="utf-8")
@@ -365,7 +379,7 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
     from delg_tf import extract
 
     cache = config.cache_path
-    _check_cache_key(cache, model_fingerprint(config))
+    _check_cache_key(cache, model_fingerprint(config), config.replace_stale_cache)
     if extractor is None:
         ext_config = extract.ExtractConfig(
             output_dir=str(cache), delf_config=config.delf_config, model_path=config.model_path
