@@ -113,6 +113,9 @@ def test_cli_end_to_end_and_missing_model(setup, first_run, tmp_path):
     assert missing.returncode == 2
     assert "--model_path is required" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+    wrong = subprocess.run(common + [f"--model_path={tmp_path / 'nope'}"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert wrong.returncode == 2 and "--model_path=" in wrong.stderr and "not found" in wrong.stderr
 
 
 def test_query_crops_use_the_official_resize_factor(tmp_path):

@@ -155,6 +155,12 @@ def resolve_model(config: DatasetEvalConfig) -> DatasetEvalConfig:
     Raises:
         ConfigError: no model, no features and no ``demo_output/export``.
     """
+    for flag, value, is_ok, expected in (
+        ("--model_path", config.model_path, Path.is_dir, "a SavedModel directory"),
+        ("--delf_config", config.delf_config, Path.is_file, "a DelfConfig .pbtxt file"),
+    ):
+        if value and not is_ok(Path(value)):
+            raise FileNotFoundError(f"{flag}={value} not found; expected {expected}.")
     if config.db_features or config.model_path or config.delf_config:
         return config
     if (DEFAULT_DEMO_EXPORT / SAVED_MODEL_FILES[0]).is_file():
@@ -267,19 +273,6 @@ def _store_names(store: Path) -> set:
         return set()
 
 
-class _LazyExtractor:
-    """Builds the extractor (loads the SavedModel) on the first image only."""
-
-    def __init__(self, build: Callable):
-        self._build = build
-        self._extractor = None
-
-    def __call__(self, image, **kwargs):
-        if self._extractor is None:
-            self._extractor = self._build()
-        return self._extractor(image, **kwargs)
-
-
 def _image_digest(image: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(image.shape).encode())
@@ -342,8 +335,14 @@ def _write_query_crops(dataset, crops_dir: Path):
     return pairs, factors
 
 
-def _extract_set(pairs, output_dir: Path, config: DatasetEvalConfig, extractor) -> tuple:
+def _extract_set(
+    pairs, output_dir: Path, config: DatasetEvalConfig, get_extractor: Callable
+) -> tuple:
     """Extracts ``pairs`` into ``output_dir`` with delg_tf.extract unless all are cached.
+
+    The extractor is only built (the model loaded) when something is left to
+    extract, and before ``extract.main`` so that a model that cannot be loaded is
+    an error, not one logged failure per image.
 
     Returns:
         (store path, whether the cached store was reused without extraction).
@@ -353,6 +352,7 @@ def _extract_set(pairs, output_dir: Path, config: DatasetEvalConfig, extractor) 
     store = output_dir / STORE_NAME
     if store.is_file() and {n for n, _ in pairs} <= _store_names(store):
         return store, True
+    extractor = get_extractor()
     ext_config = extract.ExtractConfig(
         output_dir=str(output_dir),
         delf_config=config.delf_config,
@@ -380,16 +380,27 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
 
     cache = config.cache_path
     _check_cache_key(cache, model_fingerprint(config), config.replace_stale_cache)
-    if extractor is None:
-        ext_config = extract.ExtractConfig(
-            output_dir=str(cache), delf_config=config.delf_config, model_path=config.model_path
-        )
-        extractor = _LazyExtractor(lambda: extract.make_extractor(ext_config))
+    built = [extractor]
+
+    def get_extractor():
+        if built[0] is None:
+            built[0] = extract.make_extractor(
+                extract.ExtractConfig(
+                    output_dir=str(cache),
+                    delf_config=config.delf_config,
+                    model_path=config.model_path,
+                )
+            )
+        return built[0]
+
     db_pairs = [(name, dataset.image_path(i)) for i, name in enumerate(_db_names(dataset))]
     query_pairs, factors = _write_query_crops(dataset, cache / CROPS_SUBDIR)
-    db_store, db_reused = _extract_set(db_pairs, cache / DB_CACHE_SUBDIR, config, extractor)
+    db_store, db_reused = _extract_set(db_pairs, cache / DB_CACHE_SUBDIR, config, get_extractor)
     query_store, q_reused = _extract_set(
-        query_pairs, cache / QUERY_CACHE_SUBDIR, config, _CropResizeExtractor(extractor, factors)
+        query_pairs,
+        cache / QUERY_CACHE_SUBDIR,
+        config,
+        lambda: _CropResizeExtractor(get_extractor(), factors),
     )
     return db_store, query_store, db_reused and q_reused
 
@@ -424,7 +435,11 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         ConfigError: no model or features; a cache made with another model.
         FileNotFoundError: dataset, gnd or query images missing.
     """
-    from delg_tf.evaluation.pipeline import StoreFeatures, evaluate_store_features
+    from delg_tf.evaluation.pipeline import (
+        FeatureInputError,
+        StoreFeatures,
+        evaluate_store_features,
+    )
     from delg_tf.evaluation.ranks import write_json
 
     timings = {}
@@ -454,6 +469,19 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         query_store, dataset.qimlist, binary, allow_missing=extracted, what="--query_features"
     ) as queries:
         failed = {"database": db.missing, "queries": queries.missing}
+        all_failed = [
+            what
+            for what, missing, total in (
+                ("database image", db.missing, len(names)),
+                ("query", queries.missing, dataset.num_queries),
+            )
+            if total and len(missing) == total
+        ]
+        if all_failed:
+            raise FeatureInputError(
+                f"no {all_failed[0]} could be extracted (see errors.tsv under {config.cache_path}); check --model_path "
+                "/ --delf_config and the images in --dataset_dir."
+            )
         if config.verbose and (db.missing or queries.missing):
             print(
                 f"evaluate: {len(db.missing)} database image(s) and {len(queries.missing)} "
