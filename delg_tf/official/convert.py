@@ -149,8 +149,8 @@ def model_flags(model_config):
     from delg_tf.models.delg import DelgModelConfig
 
     defaults = DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES).to_dict()
-    lines = ["# Model flags of a converted official DELG model (python -m delg_tf.convert_official).",
-             "--model_family=delg"]
+    lines = ["# Model flags of a converted official DELG model "
+             "(python -m delg_tf.convert_official).", "--model_family=delg"]
     for name, value in model_config.to_dict().items():
         if name == "num_classes" or (value == defaults[name] and name not in _ALWAYS_FLAGS):
             continue
@@ -363,7 +363,7 @@ def convert(config, log=print):
 
 
 def load_converted_model(output_dir):
-    """Rebuilds the converted `DelgModel` from OUT (model_config.json + conversion.json + checkpoint)."""
+    """Rebuilds the converted `DelgModel` from OUT (model_config.json, checkpoint/, ...)."""
     import tensorflow as tf
     from delg_tf.models.delg import DelgModelConfig
 
