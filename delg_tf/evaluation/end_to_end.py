@@ -479,8 +479,9 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         ]
         if all_failed:
             raise FeatureInputError(
-                f"no {all_failed[0]} could be extracted (see errors.tsv under {config.cache_path}); check --model_path "
-                "/ --delf_config and the images in --dataset_dir."
+                f"no {all_failed[0]} could be extracted (see errors.tsv under "
+                f"{config.cache_path}); check --model_path / --delf_config and the images "
+                "in --dataset_dir."
             )
         if config.verbose and (db.missing or queries.missing):
             print(
