@@ -322,10 +322,12 @@ def _run(argv):
     try:
         config, paths = _config_from_flags(flags.FLAGS)
         main(config, paths)
-    except (ValueError, FileNotFoundError, ImportError, pickle.UnpicklingError) as e:
-        # ConfigError, GndFormatError, RankingShapeError are ValueErrors;
-        # UnsafePickleError is an UnpicklingError.
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, pickle.UnpicklingError) as e:
+        # ConfigError, GndFormatError, RankingShapeError, StoreError, DataError are
+        # ValueErrors; UnsafePickleError is an UnpicklingError; FileNotFoundError and
+        # PermissionError (unwritable --output_json / --cache_dir) are OSErrors.
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

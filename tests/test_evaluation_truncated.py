@@ -132,6 +132,10 @@ def test_gldv2_cli_retrieval_and_recognition(tmp_path):
     missing = _run_cli("--gldv2_task=recognition", f"--gldv2_solution={tmp_path / 'no.csv'}",
                        f"--gldv2_predictions={rpred}")
     assert missing.returncode == 2 and "--gldv2_solution" in missing.stderr
+    unwritable = _run_cli("--gldv2_task=retrieval", f"--gldv2_solution={sol}",
+                          f"--gldv2_predictions={pred}", f"--output_json={sol}/out.json")
+    assert unwritable.returncode == 2 and "--output_json" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
 
 
 def test_large_databases_switch_to_a_top_k_shortlist():

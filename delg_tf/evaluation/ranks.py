@@ -212,6 +212,12 @@ def write_json(results: Mapping, path) -> Path:
         return x
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(results), indent=2) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(clean(results), indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise OSError(
+            f"--output_json={path}: cannot write the results ({e.strerror or e}); choose a "
+            "path in a writable folder."
+        ) from e
     return path
