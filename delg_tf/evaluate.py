@@ -187,8 +187,9 @@ def _define_flags():
     flags.DEFINE_string(
         "scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar."
     )
-    flags.DEFINE_enum(
-        "dataset", None, list(DATASETS), "Dataset evaluated end to end (default: embedded)."
+    # Strings, not enums: the config validates them (one-line error, exit code 2).
+    flags.DEFINE_string(
+        "dataset", None, f"Dataset evaluated end to end, one of {DATASETS} (default: embedded)."
     )
     flags.DEFINE_string(
         "dataset_dir", None, "Dataset folder: gnd_<dataset>.pkl/.mat and jpg/ (embedded: root)."
@@ -204,8 +205,8 @@ def _define_flags():
     flags.DEFINE_string(
         "distractor_list", None, "+1M distractor list (paths relative to the jpg folder)."
     )
-    flags.DEFINE_enum(
-        "search_method", d.search_method, list(SEARCH_METHODS), "Global search index."
+    flags.DEFINE_string(
+        "search_method", d.search_method, f"Global search index, one of {SEARCH_METHODS}."
     )
     flags.DEFINE_integer(
         "top_k",
@@ -220,8 +221,8 @@ def _define_flags():
     )
     flags.DEFINE_string("gldv2_solution", None, "GLDv2 solution CSV (retrieval or recognition).")
     flags.DEFINE_string("gldv2_predictions", None, "GLDv2 submission CSV to score.")
-    flags.DEFINE_enum(
-        "gldv2_task", None, list(GLDV2_TASKS), "retrieval (mAP@100) or recognition (GAP)."
+    flags.DEFINE_string(
+        "gldv2_task", None, f"One of {GLDV2_TASKS}: retrieval (mAP@100), recognition (GAP)."
     )
     flags.DEFINE_string("db_features", None, "HDF5 feature store of the database images.")
     flags.DEFINE_string(
