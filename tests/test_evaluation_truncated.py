@@ -147,3 +147,10 @@ def test_large_databases_switch_to_a_top_k_shortlist():
     assert large.top_k == e2e.LARGE_DB_TOP_K
     chosen = e2e.effective_evaluate_config(EvaluateConfig(top_k=500), 10**6)
     assert chosen.top_k == 500
+
+
+def test_config_search_methods_match_the_index():
+    from delg_tf.evaluation import config
+    from delg_tf.retrieval import search
+
+    assert config.SEARCH_METHODS == search.METHODS
