@@ -63,8 +63,9 @@ class DelgModelConfig:
       backbone_layout: "slim" (paper), "tf2_delf" or "keras" (see `resnet.ResNet`).
       block3_stride: move the conv5 stride into conv4 (S and D at stride 32).
       backbone_kwargs: extra `resnet.build_resnet` arguments (e.g. base_width).
-      image_normalization: "delf", "delf_tf1" or "caffe" (`ops.image`); None
-        picks the layout's convention ("caffe" for "keras", "delf" otherwise).
+      image_normalization: "delf", "delf_tf1", "caffe" or "vgg" (`ops.image`);
+        None picks the layout's convention ("caffe" for "keras", "vgg" for "slim"
+        initialised from a tf-slim ImageNet checkpoint, "delf" otherwise).
       gem_power: GeM power p.
       learn_gem_power: train p.
       embedding_dim: C_F, output of the whitening FC.
@@ -125,7 +126,11 @@ class DelgModelConfig:
         """The normalisation mode actually used."""
         if self.image_normalization is not None:
             return self.image_normalization
-        return "caffe" if self.backbone_layout == "keras" else "delf"
+        if self.backbone_layout == "keras":
+            return "caffe"
+        if self.backbone_layout == "slim" and self.imagenet_weights:
+            return "vgg"  # tf-slim resnet_v1 ImageNet checkpoints: vgg_preprocessing.
+        return "delf"
 
     def resolved_arcface_scale_init(self):
         """gamma at initialisation (sqrt(C_F) unless given)."""
