@@ -191,3 +191,24 @@ def test_image_bytes_signature_resizes_like_the_host(model, tmp_path):
         host.locations, host.scales)
     cosine = float(np.dot(served["global_descriptor"].numpy(), host.global_descriptor))
     assert cosine > 0.99  # pixels differ by <= 1 grey level (TF vs Pillow antialiasing)
+
+
+def test_warmup_records_parse_with_tensorflow_serving_protos(export_dir):
+    """TF Serving reads the warm-up file as PredictionLog protos: check with its own stubs."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = str(export_dir / warmup.WARMUP_DIR / warmup.WARMUP_FILE)
+    logs = []
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record)
+        logs.append(log)
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
+        delg_export.SIGNATURE_DEFAULT, delg_export.SIGNATURE_IMAGE_BYTES]
+    default_inputs = logs[0].predict_log.request.inputs
+    assert set(default_inputs) == {"input_image", "input_scales", "input_max_feature_num",
+                                   "input_abs_thres", "input_global_scales_ind"}
+    np.testing.assert_allclose(tf.make_ndarray(default_inputs["input_scales"]), SCALES)
+    assert tf.make_ndarray(default_inputs["input_image"]).dtype == np.uint8
+    image_bytes = tf.make_ndarray(logs[1].predict_log.request.inputs["image_bytes"])
+    assert tf.io.decode_image(image_bytes.item()).shape[-1] == 3
