@@ -65,7 +65,8 @@ MODEL_FLAGS_FILE = "model.flags"
 # the trainer sets the real number (the classifier heads are not converted).
 CONVERTED_NUM_CLASSES = 1
 _BUILD_PROBE_SIDE = 64
-_ALWAYS_FLAGS = ("backbone", "backbone_layout", "image_normalization", "attention_input")
+_ALWAYS_FLAGS = ("backbone", "backbone_layout", "image_normalization", "attention_input",
+                 "attention_bn_epsilon")
 _RGB = 3
 
 
@@ -131,12 +132,14 @@ def official_model_config(fmt, backbone):
                                backbone_layout="slim",
                                image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
                                attention_use_bn=True, attention_conv1_bias=False,
+                               attention_bn_epsilon=TF1_ATTENTION_BN_EPSILON,
                                attention_input="features")
     if fmt == FORMAT_TF2:
         return DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES, backbone=backbone,
                                backbone_layout="tf2_delf",
                                image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
                                attention_use_bn=True, attention_conv1_bias=True,
+                               attention_bn_epsilon=TF2_ATTENTION_BN_EPSILON,
                                attention_input="reconstruction",
                                attention_pool_source="features",
                                attention_pool_reduction="mean",
@@ -174,7 +177,7 @@ def build_converted_model(model_config, bn_epsilon_attention=None):
 
     model = DelgModel(model_config)
     if bn_epsilon_attention is not None and model.attention.bn_conv1 is not None:
-        # DelgModelConfig has no attention BN epsilon field (yet); set it on the layer.
+        # Older configs (conversion.json numerics) may disagree with the config field.
         model.attention.bn_conv1.epsilon = float(bn_epsilon_attention)
     model.backbone(tf.zeros([1, _BUILD_PROBE_SIDE, _BUILD_PROBE_SIDE, _RGB]), training=False)
     s_shape = (None, None, None, model.local_channels)
