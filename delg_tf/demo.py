@@ -350,7 +350,7 @@ def extract_stage(config: DemoConfig, model_path, paths, gnd_cfg) -> dict:
     }
     stores = {}
     for label, pairs in sets.items():
-        _log(f"extract: {len(pairs)} {label} images")
+        _log(f"extract: {label}, {len(pairs)} images")
         stores[label] = extract_entry.main(
             extract_entry.ExtractConfig(output_dir=str(config.features_dir / label),
                                         model_path=str(model_path),
