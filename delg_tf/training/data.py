@@ -5,9 +5,15 @@ A thin adapter over the data room so that the trainer sees one interface:
 * "gldv2": TFRecords of the official DELF `build_image_dataset.py` format,
   read with `delg_tf.data.gldv2.make_dataset`.
 * "embedded": the embedded default dataset (`delg_tf.data.embedded`) is built
-  (cached) under `data_dir`, turned into TFRecords with
-  `delg_tf.data.build_tfrecords` (80/20 train/val split), then read through the
-  same GLDv2 reader: the real-data path is exercised end to end.
+  (cached) under `data_dir`.
+  - DELG: turned into TFRecords with `delg_tf.data.build_tfrecords` (80/20
+    train/val split of all landmarks), then read through the same GLDv2 reader:
+    the real-data path is exercised end to end (its retrieval benchmark is query
+    vs database views of the same landmarks).
+  - Glocal (metric learning): only the *training* landmarks of
+    `delg_tf.data.cub.embedded_metric_split` (the first half); the other half is
+    the unseen test set of Recall@K (`delg_tf.evaluation.glocal`). 20% of the
+    training-landmark views (per landmark) are held out for validation.
 * "cub": CUB-200-2011 (`delg_tf.data.cub`), classes 1-100 for training.
 
 All batches are (images float32 [B, H, W, 3] in [0, 255], labels int32 [B]).
@@ -98,12 +104,12 @@ def _embedded_tfrecords(config: TrainConfig) -> Path:
     from delg_tf.data import build_tfrecords, embedded, gldv2
 
     data_dir = config.resolved_data_dir
-    name = f"{EMBEDDED_SUBDIR}-{config.embedded_preset}"
-    output = data_dir / f"{name}-{TFRECORD_SUFFIX}"
+    root = embedded_root(data_dir, config.embedded_preset)
+    output = data_dir / f"{root.name}-{TFRECORD_SUFFIX}"
     if (output / gldv2.BUILD_SUMMARY_FILE).is_file():
         logger.info("embedded TFRecords already built in %s", output)
         return output
-    paths = embedded.build_embedded_dataset(data_dir / name, preset=config.embedded_preset)
+    paths = embedded.build_embedded_dataset(root, preset=config.embedded_preset)
     # Built aside and renamed, so a killed build never looks complete.
     tmp = data_dir / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +126,81 @@ def _embedded_tfrecords(config: TrainConfig) -> Path:
     return output
 
 
+def embedded_root(data_dir, preset: str) -> Path:
+    """Folder of the embedded dataset built by the trainer under `data_dir`."""
+    return Path(data_dir) / f"{EMBEDDED_SUBDIR}-{preset}"
+
+
+def embedded_metric_paths(data_dir, preset: str):
+    """Builds (once, cached) the embedded dataset under `data_dir`; returns its paths."""
+    from delg_tf.data import embedded
+
+    return embedded.build_embedded_dataset(embedded_root(data_dir, preset), preset=preset)
+
+
+def metric_resize_size(image_size: int) -> int:
+    """Test-time shorter side before the centre crop: 256/224 of the crop side."""
+    from delg_tf.data import cub
+
+    return int(round(image_size * cub.METRIC_RESIZE_SIZE / cub.METRIC_IMAGE_SIZE))
+
+
+def split_holdout(split, fraction: float, seed: int):
+    """Splits a `MetricSplit` per class into (train, held-out) parts.
+
+    Every class keeps at least one training image; `round(fraction * n)` of its n
+    images (at most n - 1) are held out, chosen with `seed`. Labels are unchanged.
+
+    Returns:
+        (train MetricSplit, held-out MetricSplit or None when nothing is held out).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(split), bool)
+    for label in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == label)
+        count = min(int(round(fraction * len(members))), len(members) - 1)
+        held[rng.choice(members, count, replace=False)] = True
+
+    def part(mask, suffix):
+        return dataclasses.replace(
+            split, name=f"{split.name}{suffix}",
+            paths=[p for p, m in zip(split.paths, mask) if m], labels=split.labels[mask])
+
+    return part(~held, ""), (part(held, "-validation") if held.any() else None)
+
+
+def _embedded_metric_datasets(config: TrainConfig, seed: int) -> TrainData:
+    """Glocal on the embedded dataset: training landmarks only (metric-learning split)."""
+    from delg_tf.data import cub
+
+    paths = embedded_metric_paths(config.resolved_data_dir, config.embedded_preset)
+    split = cub.embedded_metric_split(paths, "train")
+    train_split, validation_split = split_holdout(split, VALIDATION_FRACTION,
+                                                  EMBEDDED_SPLIT_SEED)
+    resize_size = metric_resize_size(config.image_size)
+    train = cub.make_metric_dataset(train_split, config.batch_size, training=True, seed=seed,
+                                    image_size=config.image_size, resize_size=resize_size,
+                                    drop_remainder=True)
+    validation = None
+    if validation_split is not None and config.validation_interval > 0:
+        validation = cub.make_metric_dataset(
+            validation_split, config.batch_size, training=False, image_size=config.image_size,
+            resize_size=resize_size, repeat=False, drop_remainder=False)
+    return TrainData(
+        train=train, validation=validation, num_classes=split.num_classes,
+        description=(f"embedded dataset ({config.embedded_preset}) training landmarks "
+                     f"{split.class_ids} ({len(train_split)} views; "
+                     f"{len(validation_split) if validation_split else 0} held out for "
+                     f"validation; the other landmarks are the unseen test classes) "
+                     f"in {paths.root}"),
+        num_examples=len(train_split))
+
+
 def _embedded_datasets(config: TrainConfig, seed: int) -> TrainData:
+    if config.model_family == "glocal":
+        return _embedded_metric_datasets(config, seed)
     output = _embedded_tfrecords(config)
     data = _gldv2_datasets(config, seed, str(output / "train-*"),
                            str(output / "validation-*"))
@@ -134,8 +214,7 @@ def _cub_datasets(config: TrainConfig, seed: int) -> TrainData:
     from delg_tf.data import cub
 
     split = cub.load_cub(config.data_dir, "train", flag="data_dir")
-    resize_size = int(round(config.image_size * cub.METRIC_RESIZE_SIZE
-                            / cub.METRIC_IMAGE_SIZE))
+    resize_size = metric_resize_size(config.image_size)
     train = cub.make_metric_dataset(split, config.batch_size, training=True, seed=seed,
                                     image_size=config.image_size, resize_size=resize_size,
                                     drop_remainder=True)
