@@ -1,4 +1,4 @@
-"""Export a trained DELG model as a SavedModel: `python -m delg_tf.export`.
+"""Export a trained DELG or Glocal model as a SavedModel: `python -m delg_tf.export`.
 
     python -m delg_tf.export --checkpoint_dir=LOGDIR --export_path=OUT [--overwrite] \
         [--delf_config=r50delg_gld_config.pbtxt] [--image_scales=0.25,...,2.0] \
@@ -13,6 +13,18 @@ export's `serving_default` signature is the official DELG one (see
 the `serving_image_bytes` signature and `assets.extra/delf_config.pbtxt`
 (start from `--delf_config`, then the individual flags override).
 
+The model family is read from `config.json` (`train.model_family`). A Glocal
+Retriever run (`--model_family=glocal`) is exported with
+`delg_tf.serving.glocal_export.export_glocal` (image in, L2-normalised embedding
+out, loadable with TensorFlow alone):
+
+    python -m delg_tf.export --checkpoint_dir=LOGDIR --export_path=OUT [--overwrite] \
+        [--checkpoint=PREFIX] [--image_size=N]
+
+where inputs are resized to the run's training `--image_size` unless `--image_size`
+says otherwise (0 = no resize). The DELG-only flags (`--delf_config`,
+`--image_scales`, ...) are refused for a Glocal run, `--image_size` for a DELG run.
+
 The library function is `main(config) -> Path`.
 """
 
@@ -24,6 +36,13 @@ import sys
 from pathlib import Path
 
 CONFIG_JSON = "config.json"
+DELG_FAMILY = "delg"
+GLOCAL_FAMILY = "glocal"
+NO_RESIZE = 0  # --image_size value: the Glocal export embeds images at their input size.
+# Flags that only configure DELG exports (refused for a Glocal run when given).
+DELG_ONLY_FLAGS = ("delf_config", "image_scales", "global_scales_ind", "max_feature_num",
+                   "score_threshold", "iou_threshold", "max_image_size", "min_image_size",
+                   "use_square_images", "export_local", "export_global", "warmup")
 
 
 class ExportConfigError(ValueError):
@@ -39,7 +58,11 @@ class ExportRunConfig:
       export_path: SavedModel directory to write.
       checkpoint: optional explicit checkpoint prefix (default: latest in checkpoint_dir).
       overwrite: replace an existing export.
-      export: `delg_tf.serving.delg_export.ExportConfig` (what is baked in).
+      export: `delg_tf.serving.delg_export.ExportConfig` (what is baked in; DELG runs).
+      image_size: Glocal runs: side inputs are resized to; None = the run's training
+        image size, 0 = no resize. Must stay None for DELG runs.
+      delg_options: names of DELG-only flags given on the command line (refused for a
+        Glocal run).
     """
 
     checkpoint_dir: str
@@ -47,12 +70,43 @@ class ExportRunConfig:
     export: object
     checkpoint: str = None
     overwrite: bool = False
+    image_size: int = None
+    delg_options: tuple = ()
 
     def __post_init__(self):
         if not self.checkpoint_dir:
             raise ExportConfigError("--checkpoint_dir is required (a delg_tf.train logdir).")
         if not self.export_path:
             raise ExportConfigError("--export_path is required (the SavedModel directory).")
+        if self.image_size is not None and (isinstance(self.image_size, bool)
+                                            or not isinstance(self.image_size, int)
+                                            or self.image_size < 0):
+            raise ExportConfigError(f"--image_size must be an integer >= 0 (0 = no resize); "
+                                    f"received {self.image_size!r}.")
+
+
+def read_run_record(checkpoint_dir):
+    """The `config.json` record of a delg_tf.train logdir (ExportConfigError if absent)."""
+    config_path = Path(checkpoint_dir) / CONFIG_JSON
+    if not config_path.is_file():
+        raise ExportConfigError(
+            f"{config_path} not found; --checkpoint_dir must be a delg_tf.train logdir "
+            "(config.json + ckpt-N files). For official DELG SavedModels use them directly "
+            "(DelgExtractor.from_saved_model) or convert them with delg_tf.convert_official.")
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ExportConfigError(f"{config_path} is not valid JSON ({e}); expected the "
+                                "config.json written by delg_tf.train.") from e
+
+
+def run_family(record, config_path="config.json"):
+    """The model family of a run record ("delg" when the record predates families)."""
+    family = record.get("train", {}).get("model_family", DELG_FAMILY)
+    if family not in (DELG_FAMILY, GLOCAL_FAMILY):
+        raise ExportConfigError(f"{config_path}: model_family {family!r} cannot be exported; "
+                                f"expected {DELG_FAMILY!r} or {GLOCAL_FAMILY!r}.")
+    return family
 
 
 def load_trained_model(checkpoint_dir, checkpoint=None):
@@ -63,13 +117,8 @@ def load_trained_model(checkpoint_dir, checkpoint=None):
 
     checkpoint_dir = Path(checkpoint_dir)
     config_path = checkpoint_dir / CONFIG_JSON
-    if not config_path.is_file():
-        raise ExportConfigError(
-            f"{config_path} not found; --checkpoint_dir must be a delg_tf.train logdir "
-            "(config.json + ckpt-N files). For official DELG SavedModels use them directly "
-            "(DelgExtractor.from_saved_model) or convert them with delg_tf.convert_official.")
-    record = json.loads(config_path.read_text())
-    family = record.get("train", {}).get("model_family", "delg")
+    record = read_run_record(checkpoint_dir)
+    family = run_family(record, config_path)
     model = registry.build_model(family, record["model"], load_imagenet=False)
     path = checkpoint or tf.train.latest_checkpoint(str(checkpoint_dir))
     if path is None:
@@ -84,6 +133,30 @@ def load_trained_model(checkpoint_dir, checkpoint=None):
     return model
 
 
+def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
+    """Glocal Retriever run -> embedding SavedModel (`export_glocal`)."""
+    from delg_tf.evaluation.glocal import load_glocal_run
+    from delg_tf.serving import glocal_export
+
+    if config.delg_options:
+        given = ", ".join(f"--{name}" for name in config.delg_options)
+        raise ExportConfigError(
+            f"{given} configure DELG exports only, but --checkpoint_dir={config.checkpoint_dir}"
+            f" is a glocal run; remove them (a Glocal export takes --image_size).")
+    if config.image_size is None:
+        image_size = record.get("train", {}).get("image_size")
+    else:
+        image_size = None if config.image_size == NO_RESIZE else config.image_size
+    model = load_glocal_run(config.checkpoint_dir, config.checkpoint)
+    path = glocal_export.export_glocal(model, config.export_path, image_size=image_size,
+                                       overwrite=config.overwrite, run_record=record)
+    resize = f"inputs resized to {image_size}x{image_size}" if image_size else "no resize"
+    print(f"export: wrote {path} (glocal embedding [B, {model.config.embedding_dim}], "
+          f"{resize}, signatures {glocal_export.SIGNATURE_IMAGES}, "
+          f"{glocal_export.SIGNATURE_UINT8}, {glocal_export.SIGNATURE_ENCODED})")
+    return path
+
+
 def main(config: ExportRunConfig) -> Path:
     """Restores the trained model and writes the SavedModel. Returns its path."""
     if Path(config.export_path).exists() and not config.overwrite:
@@ -91,6 +164,13 @@ def main(config: ExportRunConfig) -> Path:
         raise FileExistsError(
             f"export path {config.export_path} already exists; expected a new directory. "
             "Pass --overwrite to replace it, or choose another --export_path.")
+    record = read_run_record(config.checkpoint_dir)
+    if run_family(record, Path(config.checkpoint_dir) / CONFIG_JSON) == GLOCAL_FAMILY:
+        return _export_glocal_run(config, record)
+    if config.image_size is not None:
+        raise ExportConfigError(f"--image_size applies to Glocal runs only; "
+                                f"--checkpoint_dir={config.checkpoint_dir} is a DELG run "
+                                "(use --max_image_size/--image_scales).")
     from delg_tf.serving import delg_export
 
     model = load_trained_model(config.checkpoint_dir, config.checkpoint)
@@ -120,7 +200,9 @@ def _define_flags():
     flags.DEFINE_boolean("use_square_images", None, "Resize images to squares.")
     flags.DEFINE_boolean("export_local", True, "Export local features.")
     flags.DEFINE_boolean("export_global", True, "Export global descriptors.")
-    flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests.")
+    flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests (DELG).")
+    flags.DEFINE_integer("image_size", None, "Glocal runs: resize inputs to this side "
+                         "(default: the run's training --image_size; 0 = no resize).")
     return flags.FLAGS
 
 
@@ -150,8 +232,10 @@ def _config_from_flags(f):
         export = ExportConfig.from_delf_config(load_delf_config(f.delf_config), **overrides)
     else:
         export = ExportConfig(**overrides)
+    delg_options = tuple(name for name in DELG_ONLY_FLAGS if f[name].present)
     return ExportRunConfig(checkpoint_dir=f.checkpoint_dir, export_path=f.export_path,
-                           export=export, checkpoint=f.checkpoint, overwrite=f.overwrite)
+                           export=export, checkpoint=f.checkpoint, overwrite=f.overwrite,
+                           image_size=f.image_size, delg_options=delg_options)
 
 
 def _run(argv):
