@@ -13,6 +13,7 @@ bad-input folder through the extract CLI and then `python -m delg_tf.evaluate`.
 Each fault must give one clear error line (no traceback) and leave no output that a
 later run would trust.
 """
+import dataclasses
 import errno
 import os
 import pickle
@@ -115,7 +116,7 @@ def test_disk_full_leaves_no_trusted_output_and_rerun_completes(tmp_path, monkey
     config = extract.ExtractConfig(output_dir=str(tmp_path / "out"), images=str(images),
                                    model_path=str(export_dir), flush_every=2,
                                    progress=False)
-    reference = extract.main(dataclass_replace(config, output_dir=str(tmp_path / "ref")),
+    reference = extract.main(dataclasses.replace(config, output_dir=str(tmp_path / "ref")),
                              extractor=extractor)
 
     original = h5py.Group.create_dataset
@@ -142,14 +143,9 @@ def test_disk_full_leaves_no_trusted_output_and_rerun_completes(tmp_path, monkey
     _assert_same_store(reference, store)
 
 
-def dataclass_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
-
-
-@pytest.mark.xfail(strict=True, reason="extraction room: delg_tf/extract.py _run does not catch "
-                   "OSError (NotADirectoryError/PermissionError from output_dir.mkdir) -> traceback")
+@pytest.mark.xfail(strict=True, reason="extraction room: delg_tf/extract.py _run does not "
+                   "catch OSError (NotADirectoryError/PermissionError from output_dir.mkdir) "
+                   "-> traceback")
 def test_unwritable_output_dir_gives_one_clear_error(tmp_path, export_dir):
     """As root chmod does not stop writes, so the output folder's parent is a file."""
     images = _write_images(tmp_path / "images", 2)
@@ -203,6 +199,29 @@ def test_extract_config_naming_a_missing_delf_config_file(tmp_path):
     _assert_one_clear_error(result, str(missing))
     assert "does not exist" in result.stderr or "not found" in result.stderr
     assert not (tmp_path / "out" / "features.h5").exists()
+
+
+def test_demo_unwritable_output_dir_gives_one_clear_error(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where a folder is expected")
+    result = _run_cli("delg_tf.demo", f"--output_dir={blocker / 'demo_out'}", "--noprogress")
+    _assert_one_clear_error(result, str(blocker / "demo_out"))
+
+
+def test_demo_results_json_write_failure_leaves_no_file(tmp_path, monkeypatch):
+    """ENOSPC while writing results.json: the error surfaces, no partial JSON remains."""
+    from pathlib import Path
+
+    def full_disk(self, data, *args, **kwargs):  # half the bytes reach the disk
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    target = tmp_path / demo.RESULTS_JSON
+    with pytest.raises(OSError):
+        demo._write_json_atomic({"global": {"mAP": 1.0}}, target)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_with_a_missing_flagfile_fails_before_writing(tmp_path):
