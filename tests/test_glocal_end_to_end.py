@@ -176,6 +176,8 @@ def test_evaluate_glocal_errors_name_the_fix(run, tmp_path):
         evaluate_glocal(tmp_path, "embedded")
     with pytest.raises(ValueError, match="dataset must be one of cub, embedded"):
         evaluate_glocal(run.logdir, "oxford")
+    with pytest.raises(FileNotFoundError, match="ckpt-99.index"):
+        evaluate_glocal(run.logdir, "embedded", checkpoint=f"{run.logdir}/ckpt-99")
     from delg_tf.data.errors import DataError
     with pytest.raises(DataError, match="--data_dir=.*download"):
         evaluate_glocal(run.logdir, "cub", data_dir=str(tmp_path / "missing"))

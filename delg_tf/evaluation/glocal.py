@@ -106,15 +106,24 @@ def load_glocal_run(logdir, checkpoint=None):
                          f"'glocal' run.")
     path = checkpoint or tf.train.latest_checkpoint(str(logdir))
     if path is None:
-        raise FileNotFoundError(f"no checkpoint in {logdir}; train first or pass a "
-                                f"checkpoint prefix.")
+        raise FileNotFoundError(f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
+                                f"train first or pass a checkpoint prefix (--checkpoint).")
+    if not tf.io.gfile.exists(f"{path}.index"):
+        raise FileNotFoundError(f"checkpoint {path} not found (no {path}.index); pass a "
+                                f"prefix such as {logdir}/ckpt-N (--checkpoint).")
     model = registry.build_model("glocal", record["model"], load_imagenet=False)
     optimizer = trainer.make_optimizer(train_config,
                                        trainer.make_learning_rate_schedule(train_config))
     model.compile(optimizer=optimizer)
     optimizer.build(model.trainable_variables)
-    status = tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path)
-    status.expect_partial().assert_existing_objects_matched()
+    try:
+        status = tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path)
+        status.expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.NotFoundError,
+            tf.errors.InvalidArgumentError) as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path} does not match the model of {config_path} "
+                         f"({first_line}); pass a checkpoint of this run.") from e
     return model
 
 
