@@ -16,14 +16,14 @@ from delg_tf.data.embedded import load_transforms
 from delg_tf.data.revisitop import load_gnd
 from delg_tf.evaluation.pipeline import load_store_features
 
-# Shorter than configs/demo.flags' 1500 steps so the test stays within ~3 minutes.
-TEST_TRAIN_FLAGS = ("--max_iters=400", "--checkpoint_interval=200",
-                    "--validation_interval=200", "--log_interval=100")
+# The demo exactly as `make demo` runs it (configs/demo.flags, ~1 min of training on
+# 2 cores): the numbers checked here are the ones the README reports.
+TEST_TRAIN_FLAGS = ()
 # Agreement of RANSAC inliers with the true homographies (pixels in the 320-px views;
 # keypoints are receptive-field centres on a 16-32 px grid, so a few px is the floor).
 MAX_MEDIAN_GT_ERROR_PX = 12.0
 MIN_FRACTION_WITHIN_THRESHOLD = 0.6
-MIN_CORRECT_TOP1_PAIRS = 10
+MIN_CORRECT_TOP1_PAIRS = 8
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,11 @@ def test_outputs_and_results_json(demo_run):
     assert results["local_features_per_image"]["database_mean"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured on the embedded default data: global search is already at 100 mAP (the query "
-    "landmarks are the training classes) and the demo model's local features give spurious "
-    "inliers (~16 median on negatives vs 3-40 on hard positives), so re-ranking lowers medium "
-    "mAP to ~88-93; needs held-out query landmarks in delg_tf.data.embedded (see docs/"
-    "readme_demo.md)"))
 def test_reranking_does_not_lower_map(demo_run):
+    """Queries of landmarks unseen in training, top-20 re-ranked (the demo's setting)."""
     _, results = demo_run
+    assert results["train_landmarks"] == demo.DEFAULT_TRAIN_LANDMARKS
+    assert results["num_queries"] > 0
     for protocol in demo.PROTOCOLS:
         assert results["reranked"][protocol]["mAP"] >= results["global"][protocol]["mAP"], (
             protocol, results["global"][protocol], results["reranked"][protocol])
@@ -82,8 +79,8 @@ def test_gt_reprojection_error_is_zero_for_exact_points(demo_run):
     paths = demo.dataset_paths(config)
     transforms = load_transforms(paths)
     gnd = load_gnd(paths.gnd, require_bbx=False)
-    query = gnd["qimlist"][0]
-    db = gnd["imlist"][int(np.ravel(gnd["gnd"][0]["easy"])[0])]
+    query = gnd["qimlist"][-1]
+    db = gnd["imlist"][int(np.ravel(gnd["gnd"][-1]["easy"])[0])]
     xy = np.array([[10.0, 20.0], [100.0, 50.0], [200.0, 250.0]])
     mapped = apply_homography(homography_between(transforms, query, db), xy)
     errors = demo.gt_reprojection_errors(transforms, query, db, xy, mapped)
