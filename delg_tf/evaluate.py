@@ -27,6 +27,12 @@ Extracted features (HDF5 stores of ``delg_tf.extraction.store``):
     python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
         --db_features=db.h5 --query_features=queries.h5 --output_json=out.json
 
+Glocal Retriever (Recall@1, 2, 4, 8, 16, 32 on the unseen test classes; a training
+logdir or an export):
+
+    python -m delg_tf.evaluate --model_family=glocal --model_path=runs/glocal_cub \
+        --dataset=cub --dataset_dir=/data/CUB_200_2011 --output_json=cub.json
+
 GLDv2 (retrieval mAP@100 or recognition GAP, Public and Private):
 
     python -m delg_tf.evaluate --gldv2_task=retrieval \
@@ -46,6 +52,10 @@ from pathlib import Path
 from delg_tf.evaluation.config import (
     DATASETS,
     GLDV2_TASKS,
+    GLOCAL_DATASETS,
+    GLOCAL_DEFAULT_DATASET,
+    GLOCAL_RECALL_KS,
+    MODEL_FAMILIES,
     SEARCH_METHODS,
     ConfigError,
     EvaluateConfig,
@@ -71,6 +81,8 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
     Raises:
         ConfigError: inconsistent inputs (named by flag).
     """
+    if paths.mode == "glocal":
+        return _main_glocal(paths)
     if paths.mode == "gldv2":
         return _main_gldv2(paths)
     if paths.mode == "dataset":
@@ -146,6 +158,27 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
     return out
 
 
+def _main_glocal(paths: EvaluatePaths) -> Path:
+    from delg_tf.evaluation.glocal import evaluate_glocal
+
+    dataset = paths.dataset or GLOCAL_DEFAULT_DATASET
+    results = evaluate_glocal(
+        str(paths.model_path),
+        dataset=dataset,
+        data_dir=None if paths.dataset_dir is None else str(paths.dataset_dir),
+        ks=GLOCAL_RECALL_KS,
+        batch_size=paths.batch_size,
+        checkpoint=paths.checkpoint,
+        output_json=None if paths.output_json is None else str(paths.output_json),
+        data_dir_flag="dataset_dir",
+        model_flag="model_path",
+    )
+    recall = "  ".join(f"{k}={v:.2f}" for k, v in results["recall"].items())
+    print(f"Glocal Retriever, {dataset} test classes ({results['num_images']} images): {recall}")
+    print(f"wrote {results['output_json']}")
+    return Path(results["output_json"])
+
+
 def _main_gldv2(paths: EvaluatePaths):
     from delg_tf.evaluation import gldv2
     from delg_tf.evaluation.ranks import write_json
@@ -197,7 +230,19 @@ def _define_flags():
     flags.DEFINE_string(
         "embedded_preset", "default", "Preset of the embedded data built without --dataset_dir."
     )
-    flags.DEFINE_string("model_path", None, "SavedModel used to extract features.")
+    flags.DEFINE_string(
+        "model_family",
+        "delg",
+        f"One of {MODEL_FAMILIES}: delg (retrieval protocols) or glocal (Recall@K on "
+        f"--dataset in {GLOCAL_DATASETS}).",
+    )
+    flags.DEFINE_string(
+        "model_path",
+        None,
+        "SavedModel used to extract features (glocal: a training logdir or an export).",
+    )
+    flags.DEFINE_string("checkpoint", None, "glocal runs: checkpoint prefix (default latest).")
+    flags.DEFINE_integer("batch_size", 32, "glocal: images embedded at once.")
     flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt used to extract features.")
     flags.DEFINE_string(
         "cache_dir", None, "Resumable feature cache (default: <output_json folder>/cache)."
@@ -312,6 +357,9 @@ def _config_from_flags(flag_values):
         embedded_preset=flag_values.embedded_preset,
         progress=flag_values.progress,
         replace_stale_cache=flag_values.replace_stale_cache,
+        model_family=flag_values.model_family,
+        checkpoint=flag_values.checkpoint,
+        batch_size=flag_values.batch_size,
     )
     return config, paths
 

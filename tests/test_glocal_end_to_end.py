@@ -181,3 +181,20 @@ def test_evaluate_glocal_errors_name_the_fix(run, tmp_path):
     from delg_tf.data.errors import DataError
     with pytest.raises(DataError, match="--data_dir=.*download"):
         evaluate_glocal(run.logdir, "cub", data_dir=str(tmp_path / "missing"))
+
+
+def test_evaluate_cli_reports_recall_for_glocal(run, tmp_path):
+    output = tmp_path / "cli.json"
+    base = [sys.executable, "-m", "delg_tf.evaluate", "--model_family=glocal",
+            f"--model_path={run.logdir}", "--batch_size=4"]
+    done = subprocess.run(base + ["--dataset=embedded", f"--output_json={output}"],
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert "R@1=" in done.stdout
+    library = evaluate_glocal(run.logdir, "embedded", batch_size=4,
+                              output_json=tmp_path / "lib.json")
+    assert json.loads(output.read_text())["recall"] == library["recall"]
+    wrong = subprocess.run(base + ["--dataset=roxford5k"], capture_output=True, text=True,
+                           timeout=SUBPROCESS_TIMEOUT)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "--dataset must be one of ('cub', 'embedded')" in wrong.stderr

@@ -22,6 +22,12 @@ FULL_RANKING = 0  # top_k value meaning "rank the whole database".
 SEARCH_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # retrieval.search.METHODS
 GLDV2_TASKS = ("retrieval", "recognition")
 DATASETS = ("embedded", "roxford5k", "rparis6k")
+MODEL_FAMILIES = ("delg", "glocal")
+# Glocal Retriever (metric learning): Recall@K on the unseen test classes.
+GLOCAL_DATASETS = ("cub", "embedded")
+GLOCAL_DEFAULT_DATASET = "cub"
+GLOCAL_RECALL_KS = (1, 2, 4, 8, 16, 32)
+GLOCAL_DEFAULT_BATCH_SIZE = 32
 DEFAULT_DATASET = "embedded"
 
 
@@ -103,6 +109,8 @@ class EvaluatePaths:
     * ``"gldv2"``: ``gldv2_solution`` + ``gldv2_predictions`` + ``gldv2_task``.
     * ``"ranking"``: ``gnd_path`` + ``ranks_path`` or ``scores_path``.
     * ``"features"``: ``gnd_path`` + ``db_features`` + ``query_features``.
+    * ``"glocal"``: ``model_family="glocal"``: Recall@K of a Glocal Retriever run or
+      export (``model_path``) on CUB-200-2011 or the embedded data (``dataset``).
     * ``"dataset"`` (everything else): end to end from a dataset folder
       (``dataset``, default the embedded data) and a model (``model_path`` /
       ``delf_config``) or already-extracted ``db_features``/``query_features``;
@@ -127,6 +135,9 @@ class EvaluatePaths:
         embedded_preset: embedded data preset built without a dataset_dir (--embedded_preset).
         progress: show progress bars (--progress).
         replace_stale_cache: re-extract a cache made with another model (--replace_stale_cache).
+        model_family: ``delg`` (retrieval protocols) or ``glocal`` (Recall@K) (--model_family).
+        checkpoint: glocal runs: checkpoint prefix, default the latest (--checkpoint).
+        batch_size: glocal: images embedded at once (--batch_size).
     """
 
     gnd_path: Optional[Path] = None
@@ -147,6 +158,9 @@ class EvaluatePaths:
     embedded_preset: str = "default"
     progress: bool = True
     replace_stale_cache: bool = False
+    model_family: str = "delg"
+    checkpoint: Optional[str] = None
+    batch_size: int = GLOCAL_DEFAULT_BATCH_SIZE
 
     _PATH_FIELDS = (
         "gnd_path",
@@ -185,8 +199,14 @@ class EvaluatePaths:
                 "pass either feature stores (--db_features/--query_features) or a "
                 "precomputed ranking (--ranks_path/--scores_path), not both."
             )
+        if self.model_family not in MODEL_FAMILIES:
+            raise ConfigError(
+                f"--model_family must be one of {MODEL_FAMILIES}, got {self.model_family!r}."
+            )
         mode = self.mode
-        if mode == "gldv2":
+        if mode == "glocal":
+            self._check_glocal()
+        elif mode == "gldv2":
             self._check_gldv2()
         elif mode in ("ranking", "features"):
             if self.gnd_path is None:
@@ -201,7 +221,9 @@ class EvaluatePaths:
 
     @property
     def mode(self) -> str:
-        """``"gldv2"``, ``"ranking"``, ``"features"`` or ``"dataset"`` (see the class doc)."""
+        """``"glocal"``, ``"gldv2"``, ``"ranking"``, ``"features"`` or ``"dataset"``."""
+        if self.model_family == "glocal":
+            return "glocal"
         if (
             self.gldv2_solution is not None
             or self.gldv2_predictions is not None
@@ -213,6 +235,30 @@ class EvaluatePaths:
         if self.db_features is not None and self.gnd_path is not None and self.dataset is None:
             return "features"
         return "dataset"
+
+    def _check_glocal(self):
+        if self.model_path is None:
+            raise ConfigError(
+                "--model_family=glocal needs --model_path: a `python -m delg_tf.train "
+                "--model_family=glocal` logdir or its `python -m delg_tf.export` folder."
+            )
+        if self.dataset is not None and self.dataset not in GLOCAL_DATASETS:
+            raise ConfigError(
+                f"--dataset must be one of {GLOCAL_DATASETS} with --model_family=glocal, "
+                f"got {self.dataset!r}."
+            )
+        unused = [
+            f"--{n}"
+            for n in ("gnd_path", "ranks_path", "scores_path", "db_features", "delf_config")
+            if getattr(self, n) is not None
+        ]
+        if unused:
+            raise ConfigError(
+                f"{', '.join(unused)} do not apply to --model_family=glocal (Recall@K of "
+                "--model_path on --dataset); drop them."
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be an integer >= 1, got {self.batch_size}.")
 
     def _check_gldv2(self):
         if self.gldv2_solution is None or self.gldv2_predictions is None:
