@@ -22,15 +22,43 @@ The library function is `main(config, paths=None) -> Path` (the store path).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import sys
 import time
 from pathlib import Path
 
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
+EXIT_USAGE_ERROR = 2
+# errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
+OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                               errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 
 
 class ExtractConfigError(ValueError):
     """Invalid batch-extraction configuration."""
+
+
+class ExtractOutputError(OSError):
+    """`--output_dir` cannot be created or written (permissions, a file in the way, disk full)."""
+
+
+def _is_within(path, folder):
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) in (path, folder)
+
+
+def output_dir_error(error, output_dir):
+    """`ExtractOutputError` naming `output_dir` and the fix if `error` (an OSError) is a
+    failure to create or write it, else None."""
+    if error.errno not in OUTPUT_DIR_ERRNOS:
+        return None
+    if error.filename is not None and not _is_within(error.filename, output_dir):
+        return None
+    reason = os.strerror(error.errno)
+    return ExtractOutputError(
+        f"cannot write to --output_dir {output_dir} ({reason}); pass a folder you can write to "
+        "(not under a file) on a disk with free space, then rerun (finished images are kept).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +180,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
     """
     from delg_tf.data.errors import ImageLoadError
     from delg_tf.data.images import load_image_rgb
-    from delg_tf.extraction.store import FeatureStoreWriter, consolidate
+    from delg_tf.extraction.store import FeatureStoreWriter, completed_names, consolidate
 
     if paths is None:
         if not config.images:
@@ -165,13 +193,17 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
         duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
         raise ExtractConfigError(f"image names must be unique; duplicated: {duplicated}.")
     shard = pairs[config.shard_index::config.num_shards]
+    # The model is loaded before any output folder exists: a missing or broken
+    # SavedModel / DelfConfig leaves nothing behind.
+    done = completed_names(config.parts_dir)
+    if extractor is None and any(n not in done for n, _ in shard):
+        extractor = make_extractor(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
                                 binarized=config.binarize, flush_every=config.flush_every)
     todo = [(n, p) for n, p in shard if n not in writer.done]
     skipped = len(shard) - len(todo)
-    extractor = extractor or (make_extractor(config) if todo else None)
     failures = 0
     started = time.time()
     iterator = todo
@@ -237,15 +269,26 @@ def _config_from_flags(flag_values):
         flush_every=flag_values.flush_every, progress=flag_values.progress)
 
 
+def _main_from_flags(flag_values):
+    config = _config_from_flags(flag_values)
+    try:
+        return main(config)
+    except OSError as e:
+        output_error = output_dir_error(e, config.output_dir)
+        if output_error is None:
+            raise
+        raise output_error from e
+
+
 def _run(argv):
     from absl import flags
 
     del argv
     try:
-        main(_config_from_flags(flags.FLAGS))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _main_from_flags(flags.FLAGS)
+    except (ValueError, FileNotFoundError, ExtractOutputError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(EXIT_USAGE_ERROR)
 
 
 def cli():

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import h5py
 import numpy as np
@@ -143,9 +144,6 @@ def test_disk_full_leaves_no_trusted_output_and_rerun_completes(tmp_path, monkey
     _assert_same_store(reference, store)
 
 
-@pytest.mark.xfail(strict=True, reason="extraction room: delg_tf/extract.py _run does not "
-                   "catch OSError (NotADirectoryError/PermissionError from output_dir.mkdir) "
-                   "-> traceback")
 def test_unwritable_output_dir_gives_one_clear_error(tmp_path, export_dir):
     """As root chmod does not stop writes, so the output folder's parent is a file."""
     images = _write_images(tmp_path / "images", 2)
@@ -156,20 +154,44 @@ def test_unwritable_output_dir_gives_one_clear_error(tmp_path, export_dir):
     _assert_one_clear_error(result, str(blocker / "out"))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root ignores directory permissions")
-def test_read_only_output_dir_gives_one_clear_error(tmp_path, export_dir):
+@pytest.mark.parametrize("layout", ["output_dir_is_a_file", "output_dir_deep_under_a_file"])
+def test_output_dir_blocked_by_a_file_gives_one_clear_error(tmp_path, export_dir, layout):
+    """Replaces a chmod test (root ignores permissions): a regular file in the way fails
+    for every user (FileExistsError / NotADirectoryError)."""
     images = _write_images(tmp_path / "images", 2)
-    read_only = tmp_path / "read_only"
-    read_only.mkdir()
-    read_only.chmod(0o500)
-    try:
-        result = _run_cli("delg_tf.extract", f"--images={images}",
-                          f"--model_path={export_dir}", f"--output_dir={read_only / 'out'}",
-                          "--noprogress")
-    finally:
-        read_only.chmod(0o700)
-    _assert_one_clear_error(result, str(read_only / "out"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected")
+    output_dir = blocker if layout == "output_dir_is_a_file" else blocker / "a" / "b"
+    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={export_dir}",
+                      f"--output_dir={output_dir}", "--noprogress")
+    _assert_one_clear_error(result, str(output_dir), "--output_dir")
+    assert result.returncode == EXIT_USAGE
+    assert blocker.read_text() == "a file where a folder is expected"
+
+
+def test_output_dir_disk_full_gives_one_clear_error(tmp_path, monkeypatch, export_dir):
+    """ENOSPC from the store writer, through the CLI's error reporting (in-process)."""
+    images = _write_images(tmp_path / "images", 2)
+    out = tmp_path / "out"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
+    flag_values = _extract_flags(images=str(images), model_path=str(export_dir),
+                                 output_dir=str(out), progress=False)
+    with pytest.raises(extract.ExtractOutputError, match="free space") as info:
+        extract._main_from_flags(flag_values)
+    assert str(out) in str(info.value)
+    assert not (out / "features.h5").exists()
+
+
+def _extract_flags(**values):
+    """Stand-in for the parsed absl flags of `delg_tf.extract` (attribute access only)."""
+    defaults = {"images": None, "image_root": None, "output_dir": None, "delf_config": None,
+                "model_path": None, "shard_index": 0, "num_shards": 1, "float16": False,
+                "binarize": False, "write_delf": False, "flush_every": 64, "progress": True}
+    return types.SimpleNamespace(**{**defaults, **values})
 
 
 def test_missing_saved_model_gives_one_clear_error_and_no_store(tmp_path):
@@ -180,6 +202,7 @@ def test_missing_saved_model_gives_one_clear_error_and_no_store(tmp_path):
     _assert_one_clear_error(result, str(missing), "delg_tf.export")
     assert not (tmp_path / "out" / "features.h5").exists()
     assert not list((tmp_path / "out").rglob("part-*.h5"))
+    assert not (tmp_path / "out").exists()  # no empty features.parts/ left behind
 
 
 def test_export_of_a_missing_logdir_gives_one_clear_error(tmp_path):
@@ -189,8 +212,6 @@ def test_export_of_a_missing_logdir_gives_one_clear_error(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="extraction room: load_delf_config parses a missing path as "
-                   "proto text ('not a valid DelfConfig text proto') instead of 'does not exist'")
 def test_extract_config_naming_a_missing_delf_config_file(tmp_path):
     images = _write_images(tmp_path / "images", 1)
     missing = tmp_path / "missing_config.pbtxt"
@@ -199,6 +220,7 @@ def test_extract_config_naming_a_missing_delf_config_file(tmp_path):
     _assert_one_clear_error(result, str(missing))
     assert "does not exist" in result.stderr or "not found" in result.stderr
     assert not (tmp_path / "out" / "features.h5").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_unwritable_output_dir_gives_one_clear_error(tmp_path):

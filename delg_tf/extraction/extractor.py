@@ -34,6 +34,8 @@ from delg_tf.protos import delf_config_pb2
 MIN_EXTRACTION_HEIGHT = 10
 MIN_EXTRACTION_WIDTH = 10
 MODEL_PATH_PLACEHOLDER = "MODEL_PATH"
+# Names ending like this are DelfConfig files, never inline pbtxt text.
+CONFIG_FILE_SUFFIXES = (".pbtxt", ".txt", ".prototxt", ".config", ".cfg")
 
 
 @dataclasses.dataclass
@@ -113,14 +115,43 @@ def resize_image_like_official(image, max_image_size=-1, min_image_size=-1,
     return resized, scale_factors
 
 
+def looks_like_config_path(config):
+    """True if `config` names a DelfConfig file rather than holding pbtxt text.
+
+    A `PathLike`, an existing file, or a one-line string that ends in a config file
+    suffix (`.pbtxt`, `.txt`, ...) or holds a path separator but no ':' (every
+    DelfConfig field is written `name: value` or `name { ... }`).
+    """
+    if isinstance(config, os.PathLike):
+        return True
+    text = str(config).strip()
+    if not text or "\n" in text or "{" in text:
+        return False
+    if Path(text).is_file() or text.lower().endswith(CONFIG_FILE_SUFFIXES):
+        return True
+    has_separator = "/" in text or os.sep in text
+    return has_separator and ":" not in text
+
+
 def load_delf_config(config):
-    """DelfConfig from a proto, a `.pbtxt` path or pbtxt text."""
+    """DelfConfig from a proto, a `.pbtxt` path or pbtxt text.
+
+    Raises:
+      FileNotFoundError: `config` names a file (see `looks_like_config_path`) that does
+        not exist.
+      ValueError: the text is not a DelfConfig text proto.
+    """
     if isinstance(config, delf_config_pb2.DelfConfig):
         return config
     parsed = delf_config_pb2.DelfConfig()
-    if isinstance(config, (str, os.PathLike)) and Path(config).is_file():
-        text = Path(config).read_text()
-        origin = str(config)
+    if looks_like_config_path(config):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"DelfConfig file {path} does not exist; pass an existing .pbtxt (e.g. the "
+                "official r50delg_gld_config.pbtxt) as --delf_config, or use --model_path "
+                "alone.")
+        text, origin = path.read_text(), str(path)
     else:
         text, origin = str(config), "<text>"
     try:

@@ -115,6 +115,22 @@ def _list_parts(directory):
     return sorted(p for p in directory.iterdir() if PART_PATTERN.match(p.name))
 
 
+def _decode_names(names):
+    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+
+
+def completed_names(directory):
+    """Image names in the complete parts of a writer directory (empty set if none).
+
+    Read-only: unlike `FeatureStoreWriter`, creates and deletes nothing.
+    """
+    done = set()
+    for part in _list_parts(directory):
+        with h5py.File(part, "r") as f:
+            done.update(_decode_names(f["names"][()]))
+    return done
+
+
 class FeatureStoreWriter:
     """Crash-safe, resumable writer (a directory of atomically written parts).
 
@@ -149,8 +165,7 @@ class FeatureStoreWriter:
                         f"binarized={bool(f.attrs['binarized'])}; this run asks for "
                         f"float16={self.float16}, binarized={self.binarized}. Use the same "
                         "options to resume, or another output directory.")
-                self.done.update(n.decode("utf-8") if isinstance(n, bytes) else n
-                                 for n in f["names"][()])
+                self.done.update(_decode_names(f["names"][()]))
         self._next_part = (int(PART_PATTERN.match(parts[-1].name).group(1)) + 1) if parts else 0
         self._pending = []
 
