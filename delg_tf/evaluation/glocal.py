@@ -85,7 +85,8 @@ def load_glocal_run(logdir, checkpoint=None):
 
     Args:
       logdir: the run's --logdir.
-      checkpoint: a checkpoint prefix; default the latest in `logdir`.
+      checkpoint: a checkpoint prefix; default the latest in `logdir`; `UNTRAINED`
+        for the run's model at its random initialisation (a before-training baseline).
 
     Returns:
       The restored model.
@@ -104,6 +105,8 @@ def load_glocal_run(logdir, checkpoint=None):
     if train_config.model_family != "glocal":
         raise ValueError(f"{logdir} is a {train_config.model_family!r} run; expected a "
                          f"'glocal' run.")
+    if checkpoint == UNTRAINED:
+        return _untrained_model(record)
     path = checkpoint or tf.train.latest_checkpoint(str(logdir))
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
