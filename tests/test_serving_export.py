@@ -212,3 +212,13 @@ def test_warmup_records_parse_with_tensorflow_serving_protos(export_dir):
     assert tf.make_ndarray(default_inputs["input_image"]).dtype == np.uint8
     image_bytes = tf.make_ndarray(logs[1].predict_log.request.inputs["image_bytes"])
     assert tf.io.decode_image(image_bytes.item()).shape[-1] == 3
+
+
+def test_saved_model_cli_lists_the_named_signatures(export_dir):
+    """`saved_model_cli show` (what TF Serving users run first) lists both signatures."""
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    done = subprocess.run([str(cli), "show", "--dir", str(export_dir), "--tag_set", "serve"],
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    listed = {line.split('"')[1] for line in done.stdout.splitlines() if 'SignatureDef key' in line}
+    assert {delg_export.SIGNATURE_DEFAULT, delg_export.SIGNATURE_IMAGE_BYTES} <= listed
