@@ -14,7 +14,6 @@ OUT/model_config.json, OUT/conversion.json and OUT/saved_model/ (usable as
 """
 
 import os
-import sys
 from pathlib import Path
 
 # Before TensorFlow is imported: keep its C++ start-up chatter off the console.
@@ -52,20 +51,12 @@ def _config_from_flags(flag_values) -> ConvertConfig:
                          export=flag_values.export).validate()
 
 
-def _run(argv):
-    del argv
-    from absl import flags
+def cli():
+    """Console entry point (`delg-convert-official`)."""
+    from delg_tf import cli as runner
 
-    try:
-        main(_config_from_flags(flags.FLAGS))
-    except (ValueError, FileExistsError) as error:
-        print(f"convert_official: {error}", file=sys.stderr)
-        return 1
-    return 0
+    runner.run_config_main(_define_flags, _config_from_flags, main)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(lambda argv: sys.exit(_run(argv)))
+    cli()

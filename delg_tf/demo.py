@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -737,30 +736,21 @@ def _config_from_flags(f) -> DemoConfig:
                       num_workers=f.num_workers, progress=f.progress)
 
 
-def _run(argv):
-    from absl import flags
-
-    from delg_tf.data.errors import DataError
-
-    del argv
-    try:
-        main(_config_from_flags(flags.FLAGS))
-    except (DemoError, DataError, ValueError, FileNotFoundError, FileExistsError,
-            PermissionError, ImportError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(EXIT_USAGE_ERROR)
-    except OSError as e:
-        print(f"error: {e}; free space or fix permissions under the output folder and rerun "
-              "(finished stages are kept).", file=sys.stderr)
-        sys.exit(EXIT_RUN_ERROR)
+def _describe_run_error(error) -> str:
+    return (f"{error}; free space or fix permissions under the output folder and rerun "
+            "(finished stages are kept).")
 
 
 def cli():
     """Console entry point."""
-    from absl import app
+    from delg_tf import cli as runner
+    from delg_tf.data.errors import DataError
 
-    _define_flags()
-    app.run(_run)
+    usage_errors = (DemoError, DataError, ValueError, FileNotFoundError, FileExistsError,
+                    PermissionError, ImportError)
+    runner.run_config_main(_define_flags, _config_from_flags, main, expected_errors=[
+        runner.ErrorRule(usage_errors, EXIT_USAGE_ERROR),
+        runner.ErrorRule((OSError,), EXIT_RUN_ERROR, _describe_run_error)])
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ Errors are one line on stderr, exit code 2.
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 from delg_tf.evaluation.config import (
@@ -364,28 +363,22 @@ def _config_from_flags(flag_values):
     return config, paths
 
 
-def _run(argv):
-    from absl import flags
+# ConfigError, GndFormatError, RankingShapeError, StoreError, DataError are ValueErrors;
+# UnsafePickleError is an UnpicklingError; FileNotFoundError and PermissionError
+# (unwritable --output_json / --cache_dir) are OSErrors.
+EXPECTED_ERRORS = (ValueError, OSError, ImportError, pickle.UnpicklingError)
 
-    del argv
-    try:
-        config, paths = _config_from_flags(flags.FLAGS)
-        main(config, paths)
-    except (ValueError, OSError, ImportError, pickle.UnpicklingError) as e:
-        # ConfigError, GndFormatError, RankingShapeError, StoreError, DataError are
-        # ValueErrors; UnsafePickleError is an UnpicklingError; FileNotFoundError and
-        # PermissionError (unwritable --output_json / --cache_dir) are OSErrors.
-        message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+
+def _main_from_flags(flag_values):
+    config, paths = _config_from_flags(flag_values)
+    return main(config, paths)
 
 
 def cli():
     """Console entry point."""
-    from absl import app
+    from delg_tf import cli as runner
 
-    _define_flags()
-    app.run(_run)
+    runner.run_main(_define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 CONFIG_JSON = "config.json"
@@ -208,13 +207,13 @@ def _define_flags():
 
 def _config_from_flags(f):
     from delg_tf.extraction.extractor import load_delf_config
+    from delg_tf.extraction import pyramid
     from delg_tf.serving.delg_export import ExportConfig
 
     if not (f.export_local or f.export_global):
         raise ExportConfigError("--noexport_local and --noexport_global together export "
                                 "nothing; keep at least one.")
-    mode = ("local_and_global" if f.export_local and f.export_global
-            else "local" if f.export_local else "global")
+    mode = pyramid.mode_of(f.export_local, f.export_global)
     overrides = {"mode": mode, "warmup": f.warmup}
     try:
         if f.image_scales is not None:
@@ -238,23 +237,11 @@ def _config_from_flags(f):
                            image_size=f.image_size, delg_options=delg_options)
 
 
-def _run(argv):
-    from absl import flags
-
-    del argv
-    try:
-        main(_config_from_flags(flags.FLAGS))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def cli():
     """Console entry point."""
-    from absl import app
+    from delg_tf import cli as runner
 
-    _define_flags()
-    app.run(_run)
+    runner.run_config_main(_define_flags, _config_from_flags, main)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import sys
 import time
 from pathlib import Path
 
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
-EXIT_USAGE_ERROR = 2
 # errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
 OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                                errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
@@ -280,23 +278,12 @@ def _main_from_flags(flag_values):
         raise output_error from e
 
 
-def _run(argv):
-    from absl import flags
-
-    del argv
-    try:
-        _main_from_flags(flags.FLAGS)
-    except (ValueError, FileNotFoundError, ExtractOutputError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(EXIT_USAGE_ERROR)
-
-
 def cli():
     """Console entry point."""
-    from absl import app
+    from delg_tf import cli as runner
 
-    _define_flags()
-    app.run(_run)
+    runner.run_main(_define_flags, _main_from_flags,
+                    expected_errors=runner.DEFAULT_EXPECTED_ERRORS + (ExtractOutputError,))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import typing
 from pathlib import Path
 
@@ -37,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from delg_tf import cli  # noqa: E402
 from delg_tf.training import config as config_lib  # noqa: E402
 from delg_tf.training.config import ConfigError, TrainConfig  # noqa: E402
 
@@ -270,52 +270,51 @@ def main(train_config: TrainConfig, model_config) -> Path:
     return train(train_config, model_config)
 
 
-def _fail(message: str, code: int):
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
+def _main_from_flags(flag_values) -> Path:
+    logdir = main(*config_from_flags(flag_values))
+    print(f"training done: {logdir}")
+    return logdir
 
 
-def _run_main(argv):
-    del argv
+def _describe_op_error(error) -> str:
+    first = (error.message or str(error)).strip().splitlines()[0]
+    return (f"TensorFlow {type(error).__name__} during training: {first}; the last "
+            "checkpoint in --logdir is kept, rerun to resume once fixed.")
+
+
+def _describe_interrupt(error) -> str:
+    del error
+    return "interrupted; rerun with the same --logdir to resume from the last checkpoint."
+
+
+def _training_error_rules():
     import tensorflow as tf
 
     from delg_tf.data.errors import DataError
     from delg_tf.training.trainer import TrainingError
 
-    try:
-        train_config, model_config = config_from_flags(flags.FLAGS)
-        logdir = main(train_config, model_config)
-    except (ConfigError, DataError) as e:
-        _fail(e, EXIT_USAGE_ERROR)
-    except TrainingError as e:
-        _fail(e, EXIT_TRAINING_ERROR)
-    except tf.errors.OpError as e:
-        first = (e.message or str(e)).strip().splitlines()[0]
-        _fail(f"TensorFlow {type(e).__name__} during training: {first}; the last "
-              "checkpoint in --logdir is kept, rerun to resume once fixed.",
-              EXIT_TRAINING_ERROR)
-    except KeyboardInterrupt:
-        _fail("interrupted; rerun with the same --logdir to resume from the last checkpoint.",
-              EXIT_INTERRUPTED)
-    print(f"training done: {logdir}")
+    return [cli.ErrorRule((ConfigError, DataError), EXIT_USAGE_ERROR),
+            cli.ErrorRule((TrainingError,), EXIT_TRAINING_ERROR),
+            cli.ErrorRule((tf.errors.OpError,), EXIT_TRAINING_ERROR, _describe_op_error),
+            cli.ErrorRule((KeyboardInterrupt,), EXIT_INTERRUPTED, _describe_interrupt)]
+
+
+def _parse_into_global_flags(argv):
+    _check_flagfiles(argv)
+    define_flags(flags.FLAGS)
+    return flags.FLAGS(list(argv))
 
 
 def _parse_or_exit(argv):
-    try:
-        _check_flagfiles(argv)
-        define_flags(flags.FLAGS)
-        return flags.FLAGS(list(argv))
-    except ConfigError as e:
-        _fail(e, EXIT_USAGE_ERROR)
-    except flags.Error as e:
-        _fail(_flags_error(e), EXIT_USAGE_ERROR)
+    return cli.report_errors(_parse_into_global_flags, argv, expected_errors=[
+        cli.ErrorRule((ConfigError,), EXIT_USAGE_ERROR),
+        cli.ErrorRule((flags.Error,), EXIT_USAGE_ERROR, _flags_error)])
 
 
 def run():
     """Console entry point (`delg-train`)."""
-    from absl import app
-
-    app.run(_run_main, flags_parser=_parse_or_exit)
+    cli.run_main(None, _main_from_flags, expected_errors=_training_error_rules,
+                 flags_parser=_parse_or_exit)
 
 
 if __name__ == "__main__":

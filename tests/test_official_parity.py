@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from delg_tf.official import selfcheck
+
 PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 TF1_DIR = PARITY_DIR / "tf1_slim"
 pytestmark = pytest.mark.skipif(
@@ -28,13 +30,14 @@ IMAGES = ("astronaut", "coffee", "chelsea", "motorcycle_left")
 RERUN_GLOBAL_TOL = 1e-5
 RERUN_DESCRIPTOR_TOL = 1e-4
 RERUN_ATTENTION_TOL = 1e-4
-# Converted model vs the official recorded outputs (issue 8).
-CONVERTED_GLOBAL_TOL = 1e-4
-CONVERTED_DESCRIPTOR_TOL = 1e-3
-CONVERTED_ATTENTION_TOL = 1e-3
-LOCATION_TOL = 1e-3
-# Expected features within this margin of the threshold may flip (READMEs).
-THRESHOLD_MARGIN = 1e-4
+# Converted model vs the official recorded outputs (issue 8): the converter's self-check
+# tolerances (1e-4 global, 1e-3 descriptors / attention / location px).
+CONVERTED_GLOBAL_TOL = selfcheck.GLOBAL_MAX_ABS_TOLERANCE
+CONVERTED_DESCRIPTOR_TOL = selfcheck.LOCAL_DESCRIPTOR_TOLERANCE
+CONVERTED_ATTENTION_TOL = selfcheck.ATTENTION_TOLERANCE
+LOCATION_TOL = selfcheck.LOCATION_TOLERANCE_PX
+# Expected features within this margin of the threshold may flip (READMEs): 1e-4.
+THRESHOLD_MARGIN = selfcheck.BORDERLINE_SCORE_MARGIN
 
 
 # ---------------------------------------------------------------- fixtures
@@ -116,8 +119,6 @@ def _threshold(fmt):
 
 def _compare(features, expected, threshold, global_tol, descriptor_tol, attention_tol):
     """Element-wise parity; local features matched by (location, scale). Returns numbers."""
-    from delg_tf.official import selfcheck
-
     got = {"locations": features.locations, "scales": features.scales,
            "descriptors": features.descriptors, "attention": features.attention}
     global_diff = float(np.abs(features.global_descriptor - expected["global_descriptor"]).max())

@@ -585,8 +585,8 @@ def main(argv=None):
     try:
         output = build_tfrecords(parse_flags(argv))
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from delg_tf.cli import print_error
+        return print_error(e)
     print(output)
     return 0
 

@@ -245,8 +245,7 @@ class DelgExtractor:
         if config is None:
             config = delg_export.read_export_config(path)
         if config is None:
-            mode = ("local_and_global" if raw_fn.use_local and raw_fn.use_global
-                    else "local" if raw_fn.use_local else "global")
+            mode = pyramid.mode_of(raw_fn.use_local, raw_fn.use_global)
             config = delg_export.ExportConfig(mode=mode).to_delf_config(str(path))
         return cls(raw_fn, load_delf_config(config))
 
@@ -275,8 +274,7 @@ class DelgExtractor:
 
         config = load_delf_config(config) if config is not None else (
             delg_export.ExportConfig().to_delf_config(""))
-        mode = ("local_and_global" if config.use_local_features and config.use_global_features
-                else "local" if config.use_local_features else "global")
+        mode = pyramid.mode_of(config.use_local_features, config.use_global_features)
         extractor = pyramid.PyramidExtractor(model, mode=mode,
                                              iou_threshold=config.delf_local_config.iou_threshold)
         raw_fn = raw_model.from_function(extractor.extract, extractor.use_local,

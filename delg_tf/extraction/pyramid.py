@@ -40,6 +40,8 @@ DEFAULT_GLOBAL_SCALES_IND = (3, 4, 5)
 DEFAULT_MAX_FEATURE_NUM = 1000
 DEFAULT_IOU_THRESHOLD = 1.0
 MODES = ("local_and_global", "local", "global")
+LOCAL_MODES = ("local_and_global", "local")
+GLOBAL_MODES = ("local_and_global", "global")
 OUTPUT_KEYS = {
     "local_and_global": ("boxes", "features", "scales", "scores", "global_descriptors"),
     "local": ("boxes", "features", "scales", "scores"),
@@ -50,14 +52,31 @@ IMAGE_CHANNELS = 3
 _PROBE_IMAGE_SIDE = 64
 
 
+def mode_uses_local(mode):
+    """True if `mode` (one of `MODES`) has local features."""
+    return mode in LOCAL_MODES
+
+
+def mode_uses_global(mode):
+    """True if `mode` (one of `MODES`) has a global descriptor."""
+    return mode in GLOBAL_MODES
+
+
+def mode_of(use_local, use_global):
+    """The mode with local and/or global outputs (at least one of them is assumed)."""
+    if use_local and use_global:
+        return "local_and_global"
+    return "local" if use_local else "global"
+
+
 def input_signature(mode="local_and_global"):
     """`tf.TensorSpec`s of the official `serving_default` inputs for a mode, in order."""
     specs = [tf.TensorSpec([None, None, IMAGE_CHANNELS], tf.uint8, name="input_image"),
              tf.TensorSpec([None], tf.float32, name="input_scales")]
-    if mode in ("local_and_global", "local"):
+    if mode_uses_local(mode):
         specs += [tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
                   tf.TensorSpec([], tf.float32, name="input_abs_thres")]
-    if mode in ("local_and_global", "global"):
+    if mode_uses_global(mode):
         specs.append(tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"))
     return specs
 
@@ -116,11 +135,11 @@ class PyramidExtractor:
 
     @property
     def use_local(self):
-        return self.mode in ("local_and_global", "local")
+        return mode_uses_local(self.mode)
 
     @property
     def use_global(self):
-        return self.mode in ("local_and_global", "global")
+        return mode_uses_global(self.mode)
 
     def _extract_fn(self):
         mode = self.mode

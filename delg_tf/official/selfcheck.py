@@ -52,16 +52,6 @@ def final_global_descriptor(rows):
     return l2_normalize_rows(l2_normalize_rows(rows).sum(axis=0))
 
 
-def receptive_boxes(height, width, rf=geometry.OFFICIAL_RECEPTIVE_FIELD):
-    """Boxes [h*w, 4] (ymin, xmin, ymax, xmax) of the cells of an h x w map, row-major."""
-    xs, ys = tf.meshgrid(tf.range(width), tf.range(height))
-    coordinates = tf.reshape(tf.stack([ys, xs], axis=2), [-1, 2])
-    points = tf.cast(tf.concat([coordinates, coordinates], 1), tf.float32)
-    offsets = tf.constant([-rf.padding, -rf.padding, rf.size - 1 - rf.padding,
-                           rf.size - 1 - rf.padding], tf.float32)
-    return points * float(rf.stride) + offsets
-
-
 class ConvertedRawExtraction:
     """Calls a `DelgModel` per pyramid scale like the official export graph.
 
@@ -91,7 +81,7 @@ class ConvertedRawExtraction:
     def _local_outputs(self, s, scale):
         prob, descriptors = self.model.local_head(s, training=False)
         height, width = tf.shape(s)[1], tf.shape(s)[2]
-        boxes = receptive_boxes(height, width) / scale
+        boxes = geometry.receptive_boxes(height, width) / scale
         return (boxes, tf.reshape(descriptors, [-1, tf.shape(descriptors)[-1]]),
                 tf.reshape(prob, [-1]))
 

@@ -25,15 +25,6 @@ from delg_tf.extraction import geometry
 NMS_IOU_THRESHOLD = 1.0  # Official DELG: suppresses nothing, only sorts by score.
 
 
-def _receptive_boxes(height, width, rf):
-    xs, ys = tf.meshgrid(tf.range(width), tf.range(height))
-    coordinates = tf.reshape(tf.stack([ys, xs], axis=2), [-1, 2])
-    points = tf.cast(tf.concat([coordinates, coordinates], 1), tf.float32)
-    offsets = tf.constant([-rf.padding, -rf.padding, rf.size - 1 - rf.padding,
-                           rf.size - 1 - rf.padding], tf.float32)
-    return points * float(rf.stride) + offsets
-
-
 class UnrolledPyramid:
     """See the module doc.
 
@@ -78,7 +69,7 @@ class UnrolledPyramid:
             size = tf.cast(tf.round(image_hw * scale), tf.int32)
             s = model.backbone.call_to_conv4(tf.image.resize(normalized, size))["conv4"]
             prob, descriptors = model.local_head(s)
-            cell_boxes = _receptive_boxes(tf.shape(s)[1], tf.shape(s)[2], rf) / scale
+            cell_boxes = geometry.receptive_boxes(tf.shape(s)[1], tf.shape(s)[2], rf) / scale
             prob = tf.reshape(prob, [-1])
             keep = tf.reshape(tf.where(prob >= abs_thres), [-1])
             kept_scores = tf.gather(prob, keep)

@@ -99,11 +99,11 @@ class ExportConfig:
 
     @property
     def use_local(self):
-        return self.mode in ("local_and_global", "local")
+        return pyramid.mode_uses_local(self.mode)
 
     @property
     def use_global(self):
-        return self.mode in ("local_and_global", "global")
+        return pyramid.mode_uses_global(self.mode)
 
     def to_delf_config(self, model_path="."):
         """The equivalent official DelfConfig proto."""
