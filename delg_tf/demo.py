@@ -7,7 +7,8 @@ views per "landmark" made with known homographies; no download):
 
 1. trains DELG briefly from ``configs/demo.flags`` (custom train step, both heads,
    tape-level gradient stopping) into ``OUT/train``, on the training views of the
-   first 5 of the 10 landmarks only (``--train_landmarks``): like the paper (trained
+   first 5 of the 10 landmarks only (the trainer's ``--embedded_train_landmarks=5`` in
+   ``configs/demo.flags``; ``--train_landmarks`` overrides it): like the paper (trained
    on GLDv2, tested on Oxford/Paris) the evaluated queries show unseen landmarks;
 2. reads the attention threshold tau from the run: the paper (Cao et al., ECCV
    2020, Sec. 4.1) sets it to the median attention score of the last training
@@ -57,11 +58,9 @@ PROTOCOLS = ("easy", "medium", "hard")
 # database has 86 images with 7 relevant per query, where 100 would be all of it.
 DEFAULT_SHORTLIST_SIZE = 20
 # As in the paper (trained on GLDv2, tested on other landmarks), DELG trains on the first
-# landmarks of the embedded data only; the queries of the others are evaluated.
+# landmarks of the embedded data only; the queries of the others are evaluated. Set by
+# the trainer flag --embedded_train_landmarks in configs/demo.flags (this is its value).
 DEFAULT_TRAIN_LANDMARKS = 5
-HELDOUT_VALIDATION_PROPORTION = 0.2
-HELDOUT_NUM_SHARDS = 2
-HELDOUT_SPLIT_SEED = 0
 DEFAULT_GRID_TOP_K = 5
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_MAX_FEATURE_NUM = 1000  # paper / official extractor.
@@ -101,10 +100,11 @@ class DemoConfig:
         image_scales: local-feature pyramid scales of the export (None = the
             export's default 0.25 ... 2.0).
         max_feature_num: local features kept per image.
-        train_landmarks: DELG trains on the landmarks with id < this (the embedded
-            data has 10) and is evaluated on the queries of the others (unseen
-            landmarks, as the paper's GLDv2 -> Oxford/Paris); 0 = train on all and
-            evaluate every query.
+        train_landmarks: None = the flagfile's ``--embedded_train_landmarks``
+            (configs/demo.flags: 5), else that trainer flag's value: DELG trains on
+            the landmarks with id < this (the embedded data has 10) and is evaluated
+            on the queries of the others (unseen landmarks, as the paper's GLDv2 ->
+            Oxford/Paris); 0 = train on all and evaluate every query.
         shortlist_size: top-k of the global ranking re-ranked.
         grid_top_k: results per row of the before/after grid.
         num_workers: threads for re-ranking.
@@ -117,7 +117,7 @@ class DemoConfig:
     score_threshold: Optional[float] = None
     image_scales: Optional[Tuple[float, ...]] = None
     max_feature_num: int = DEFAULT_MAX_FEATURE_NUM
-    train_landmarks: int = DEFAULT_TRAIN_LANDMARKS
+    train_landmarks: Optional[int] = None
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
     grid_top_k: int = DEFAULT_GRID_TOP_K
     num_workers: int = DEFAULT_NUM_WORKERS
@@ -128,7 +128,8 @@ class DemoConfig:
             raise DemoError("--output_dir is required (where the demo writes its outputs).")
         checks = [
             (self.max_feature_num >= 1, "max_feature_num", "an integer >= 1"),
-            (self.train_landmarks >= 0, "train_landmarks", "an integer >= 0"),
+            (self.train_landmarks is None or self.train_landmarks >= 0, "train_landmarks",
+             "an integer >= 0 (or unset for the flagfile's --embedded_train_landmarks)"),
             (self.shortlist_size >= 1, "shortlist_size", "an integer >= 1"),
             (self.grid_top_k >= 1, "grid_top_k", "an integer >= 1"),
             (self.num_workers >= 1, "num_workers", "an integer >= 1"),
@@ -181,68 +182,28 @@ def _log(message: str):
 # Stage 1: training
 # --------------------------------------------------------------------------
 
-def heldout_tfrecords_dir(config: DemoConfig) -> Path:
-    return config.data_dir / f"delg-train-landmarks-lt{config.train_landmarks}-tfrecords"
-
-
 def train_configs(config: DemoConfig):
     """(TrainConfig, model config) from the flagfile, with the demo's logdir/data_dir and,
-    with `train_landmarks`, the TFRecords of the training landmarks only."""
+    if `train_landmarks` is set, that `--embedded_train_landmarks` (the trainer then
+    builds the TFRecords of those landmarks only)."""
     from delg_tf import train as train_entry
 
-    base = ["delg_tf.demo", f"--flagfile={resolve_flagfile(config.flagfile)}",
-            *config.train_flags, f"--logdir={config.logdir}", f"--data_dir={config.data_dir}"]
-    configs = train_entry.parse_flags(base)
-    if not config.train_landmarks or configs[0].data_source != "embedded":
-        return configs  # A flagfile with its own data keeps it.
-    shards = heldout_tfrecords_dir(config)
-    data_flags = ["--data_source=gldv2", f"--train_file_pattern={shards}/train-*",
-                  f"--validation_file_pattern={shards}/validation-*"]
-    return train_entry.parse_flags(base[:2] + data_flags + base[2:])
+    landmarks = ([] if config.train_landmarks is None
+                 else [f"--embedded_train_landmarks={config.train_landmarks}"])
+    return train_entry.parse_flags(
+        ["delg_tf.demo", f"--flagfile={resolve_flagfile(config.flagfile)}", *landmarks,
+         *config.train_flags, f"--logdir={config.logdir}", f"--data_dir={config.data_dir}"])
 
 
-def build_heldout_tfrecords(config: DemoConfig, paths) -> Optional[Path]:
-    """GLDv2-format TFRecords of the training views of landmarks < `train_landmarks`.
-
-    Built aside and renamed, so a killed build never looks complete; reused after.
-    """
-    import shutil
-
-    from delg_tf.data import build_tfrecords, gldv2
-
-    if not config.train_landmarks:
-        return None
-    output = heldout_tfrecords_dir(config)
-    if (output / gldv2.BUILD_SUMMARY_FILE).is_file():
-        return output
-    lines = paths.train_csv.read_text(encoding="utf-8").splitlines()
-    header, rows = lines[0], lines[1:]
-    kept = [r for r in rows if int(r.rsplit(",", 1)[1]) < config.train_landmarks]
-    if not kept:
-        raise DemoError(f"--train_landmarks={config.train_landmarks} keeps no training "
-                        f"view of {paths.train_csv}; use a value >= 1 (0 = all landmarks).")
-    tmp = config.data_dir / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    csv_path = tmp / "train.csv"
-    csv_path.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
-    build_tfrecords.build_tfrecords(build_tfrecords.BuildConfig(
-        train_csv_path=str(csv_path), train_directory=str(paths.train_images_dir),
-        output_directory=str(tmp / "shards"), num_shards=HELDOUT_NUM_SHARDS,
-        validation_split_proportion=HELDOUT_VALIDATION_PROPORTION, seed=HELDOUT_SPLIT_SEED))
-    os.replace(tmp / "shards", output)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return output
-
-
-def evaluation_subset(config: DemoConfig, gnd_cfg, transforms) -> dict:
-    """The ground truth restricted to queries of landmarks not used for training."""
-    if not config.train_landmarks:
+def evaluation_subset(train_landmarks: int, gnd_cfg, transforms) -> dict:
+    """The ground truth restricted to queries of landmarks not used for training
+    (ids >= `train_landmarks`, the trainer's `embedded_train_landmarks`; 0 = all)."""
+    if not train_landmarks:
         return gnd_cfg
     keep = [i for i, name in enumerate(gnd_cfg["qimlist"])
-            if transforms["images"][name]["landmark_id"] >= config.train_landmarks]
+            if transforms["images"][name]["landmark_id"] >= train_landmarks]
     if not keep:
-        raise DemoError(f"--train_landmarks={config.train_landmarks} leaves no unseen "
+        raise DemoError(f"--embedded_train_landmarks={train_landmarks} leaves no unseen "
                         "landmark to query; use a smaller value (0 = all landmarks).")
     return {**gnd_cfg, "qimlist": [gnd_cfg["qimlist"][i] for i in keep],
             "gnd": [gnd_cfg["gnd"][i] for i in keep]}
@@ -258,6 +219,14 @@ def trained_step(logdir) -> int:
     if latest is None:
         return 0
     return int(tf.train.load_checkpoint(latest).get_tensor(STEP_CHECKPOINT_KEY))
+
+
+def trained_landmarks(train_config) -> int:
+    """Landmark ids < this are the training ones (0: all, e.g. a flagfile with its own
+    data); the demo evaluates the queries of the others."""
+    if train_config.data_source != "embedded":
+        return 0
+    return train_config.embedded_train_landmarks
 
 
 def train_stage(config: DemoConfig) -> Path:
@@ -653,19 +622,20 @@ def main(config: DemoConfig) -> Path:
         _log(f"{name}: {timings[name]:.1f} s")
         return out
 
-    train_configs(config)  # Bad flagfile/flags: fail before anything is written.
+    # Bad flagfile/flags: fail before anything is written.
+    train_landmarks = trained_landmarks(train_configs(config)[0])
     config.root.mkdir(parents=True, exist_ok=True)
     paths = timed("data", dataset_paths, config)
-    timed("train_data", build_heldout_tfrecords, config, paths)
     timed("train", train_stage, config)
     tau = attention_threshold_stage(config)
     model_path = timed("export", export_stage, config, tau)
     transforms = load_transforms(paths)
-    gnd_cfg = evaluation_subset(config, load_gnd(paths.gnd, require_bbx=False), transforms)
+    gnd_cfg = evaluation_subset(train_landmarks, load_gnd(paths.gnd, require_bbx=False),
+                                transforms)
     stores = timed("extract", extract_stage, config, model_path, paths, gnd_cfg)
     evaluation, db_local, q_local, results = timed(
         "retrieve_rerank_evaluate", evaluate_stage, config, stores, gnd_cfg, tau)
-    results["train_landmarks"] = config.train_landmarks
+    results["train_landmarks"] = train_landmarks
     results["queries"] = list(gnd_cfg["qimlist"])
     results["ground_truth_check"] = match_statistics(config, evaluation, q_local, db_local,
                                                      gnd_cfg, transforms)
@@ -679,7 +649,7 @@ def main(config: DemoConfig) -> Path:
     print()
     landmarks = {transforms["images"][q]["landmark_id"] for q in gnd_cfg["qimlist"]}
     unseen = (f" of the {len(landmarks)} landmarks not used for training"
-              if config.train_landmarks else "")
+              if train_landmarks else "")
     print(f"DELG demo: {results['num_queries']} queries{unseen}, {results['num_database']} "
           f"database images, tau = {tau:.6g} (trained attention median), "
           f"{results['local_features_per_image']['database_mean']:.0f} local features "
@@ -712,7 +682,8 @@ def _define_flags():
                       "(default 0.25 ... 2.0, 7 scales).")
     flags.DEFINE_integer("max_feature_num", d.max_feature_num, "Local features per image.")
     flags.DEFINE_integer("train_landmarks", d.train_landmarks, "Train on the embedded "
-                         "landmarks with id < this, evaluate the others' queries (0 = all).")
+                         "landmarks with id < this, evaluate the others' queries (0 = all; "
+                         "default: the flagfile's --embedded_train_landmarks).")
     flags.DEFINE_integer("shortlist_size", d.shortlist_size, "Top-k re-ranked (paper: 100 "
                          "of ~5k images; the demo database has 86).")
     flags.DEFINE_integer("grid_top_k", d.grid_top_k, "Results per row of ranking_grid.png.")

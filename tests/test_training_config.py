@@ -118,3 +118,43 @@ def test_learning_rate_schedules():
     assert float(constant(99)) == pytest.approx(0.01)
     restored = WarmupDecaySchedule(**linear.get_config())
     assert float(restored(50)) == pytest.approx(0.005)
+
+
+def test_demo_flags_train_on_the_first_landmarks_only():
+    train_config, _ = parse_flags(
+        ["train", f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}"])
+    from delg_tf import demo
+
+    assert train_config.data_source == "embedded"
+    assert train_config.embedded_train_landmarks == demo.DEFAULT_TRAIN_LANDMARKS
+
+
+@pytest.mark.parametrize("argv", [
+    ["--logdir=x", "--data_source=embedded", "--embedded_train_landmarks=-1"],
+    ["--logdir=x", "--data_source=embedded", "--model_family=glocal",
+     "--embedded_train_landmarks=5"],
+    ["--logdir=x", "--train_file_pattern=t-*", "--embedded_train_landmarks=5"],
+])
+def test_embedded_train_landmarks_is_checked(argv):
+    with pytest.raises(ConfigError, match="--embedded_train_landmarks"):
+        parse_flags(["train", *argv])
+
+
+def test_landmark_subset_csv_keeps_lower_ids_only(tmp_path):
+    from delg_tf.data.errors import DataError
+    from delg_tf.training.data import write_landmark_subset_csv
+
+    source = tmp_path / "train.csv"
+    source.write_text("id,url,landmark_id\na,,0\nb,,3\nc,,1\nd,,2\n", encoding="utf-8")
+    subset = tmp_path / "subset.csv"
+    assert write_landmark_subset_csv(source, 2, subset) == 2
+    assert subset.read_text(encoding="utf-8") == "id,url,landmark_id\na,,0\nc,,1\n"
+    with pytest.raises(DataError, match="--embedded_train_landmarks=0"):
+        write_landmark_subset_csv(source, 0, subset)
+
+
+def test_resume_of_a_run_saved_before_a_new_field_uses_its_default():
+    saved = TrainConfig(logdir="x", data_source="embedded").to_dict()
+    del saved["embedded_train_landmarks"]  # config.json written before the field existed
+    current = TrainConfig(logdir="x", data_source="embedded").to_dict()
+    assert config_lib.resume_mismatches(config_lib.with_train_defaults(saved), current) == []

@@ -80,6 +80,10 @@ class TrainConfig:
             (default `<logdir>/data`); "cub": the CUB_200_2011 folder (checked
             when the data is read, with what to download if it is missing).
         embedded_preset: size preset of the embedded dataset ("default", "tiny").
+        embedded_train_landmarks: "embedded" source, DELG: train on the landmarks with
+            id < this only (0 = all), so the others stay unseen for evaluation (the
+            paper trains on GLDv2 and tests on other landmarks; `configs/demo.flags`
+            and `delg_tf.demo`). Glocal has its own split (first half of the landmarks).
         num_classes: number of training classes; None = read from the data.
         max_iters: number of training steps; training ends there.
         batch_size: global batch size (split over replicas).
@@ -118,6 +122,7 @@ class TrainConfig:
     validation_file_pattern: Optional[str] = None
     data_dir: Optional[str] = None
     embedded_preset: str = "default"
+    embedded_train_landmarks: int = 0
     num_classes: Optional[int] = None
     max_iters: int = PAPER_MAX_ITERS
     batch_size: int = PAPER_BATCH_SIZE
@@ -162,7 +167,7 @@ class TrainConfig:
                      "validation_steps", "num_parallel_reads"):
             value = getattr(self, name)
             _expect(_is_int(value) and value >= 1, name, "an integer >= 1", value)
-        for name in ("validation_interval", "warmup_steps", "seed"):
+        for name in ("validation_interval", "warmup_steps", "seed", "embedded_train_landmarks"):
             value = getattr(self, name)
             _expect(_is_int(value) and value >= 0, name, "an integer >= 0", value)
         _expect(self.warmup_steps < self.max_iters, "warmup_steps",
@@ -182,6 +187,12 @@ class TrainConfig:
                     "a glob of GLDv2 training TFRecords, e.g. "
                     "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
                     "python -m delg_tf.data.build_tfrecords)", self.train_file_pattern)
+        if self.embedded_train_landmarks:
+            _expect(self.data_source == "embedded" and self.model_family == "delg",
+                    "embedded_train_landmarks",
+                    "0 unless --data_source=embedded --model_family=delg (Glocal has its own "
+                    "split of the embedded landmarks; other sources have their own data)",
+                    self.embedded_train_landmarks)
         if self.strategy != "tpu":
             _expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
         return self
@@ -204,6 +215,14 @@ class TrainConfig:
             raise ConfigError(f"unknown training config keys {unknown}; expected a subset of "
                               f"{sorted(names)}.")
         return cls(**values)
+
+
+def with_train_defaults(saved_train: dict) -> dict:
+    """A saved `TrainConfig` dict with the fields added since it was written at their
+    defaults (the behaviour of the run that wrote it)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved_train}
 
 
 def resume_mismatches(saved: dict, current: dict, allowed=frozenset()) -> list:

@@ -9,7 +9,10 @@ A thin adapter over the data room so that the trainer sees one interface:
   - DELG: turned into TFRecords with `delg_tf.data.build_tfrecords` (80/20
     train/val split of all landmarks), then read through the same GLDv2 reader:
     the real-data path is exercised end to end (its retrieval benchmark is query
-    vs database views of the same landmarks).
+    vs database views of the same landmarks). With `embedded_train_landmarks=N`
+    only the landmarks with id < N are in the TFRecords (own folder), so the
+    queries of the others are unseen landmarks (`configs/demo.flags`, the paper's
+    setting: trained on GLDv2, tested on Oxford/Paris).
   - Glocal (metric learning): only the *training* landmarks of
     `delg_tf.data.cub.embedded_metric_split` (the first half); the other half is
     the unseen test set of Recall@K (`delg_tf.evaluation.glocal`). 20% of the
@@ -38,6 +41,9 @@ logger = logging.getLogger(__name__)
 EMBEDDED_SUBDIR = "embedded"
 TFRECORD_SUFFIX = "tfrecords"
 EMBEDDED_NUM_SHARDS = 4
+# TFRecords of a subset of the landmarks (`embedded_train_landmarks`): fewer images.
+EMBEDDED_SUBSET_NUM_SHARDS = 2
+LANDMARK_COLUMN = "landmark_id"
 EMBEDDED_SPLIT_SEED = 0
 # The paper's split of the landmark training set (Sec. 4.1).
 VALIDATION_FRACTION = 0.2
@@ -99,30 +105,72 @@ def _gldv2_datasets(config: TrainConfig, seed: int, train_pattern, validation_pa
                      num_examples=summary.get("num_train"))
 
 
+def embedded_tfrecords_dir(data_dir, preset: str, train_landmarks: int = 0) -> Path:
+    """Shard folder of the embedded TFRecords (all landmarks, or ids < `train_landmarks`)."""
+    root = embedded_root(data_dir, preset)
+    subset = f"-landmarks-lt{train_landmarks}" if train_landmarks else ""
+    return Path(data_dir) / f"{root.name}{subset}-{TFRECORD_SUFFIX}"
+
+
+def write_landmark_subset_csv(train_csv, train_landmarks: int, output_csv) -> int:
+    """Writes the rows of `train_csv` whose landmark id is < `train_landmarks`.
+
+    Returns:
+        The number of rows kept.
+
+    Raises:
+        DataError: no row kept (naming the flag and the fix).
+    """
+    import csv
+
+    with open(train_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fieldnames = reader.fieldnames
+        kept = [row for row in reader if int(row[LANDMARK_COLUMN]) < train_landmarks]
+    if not kept:
+        raise DataError(f"--embedded_train_landmarks={train_landmarks} keeps no training view "
+                        f"of {train_csv}; use a value >= 1 (0 = all landmarks).")
+    with open(output_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+    return len(kept)
+
+
 def _embedded_tfrecords(config: TrainConfig) -> Path:
-    """Builds (once) the embedded dataset and its TFRecords; returns the shard folder."""
+    """Builds (once) the embedded dataset and its TFRecords (of the landmarks with id <
+    `embedded_train_landmarks`, or all); returns the shard folder."""
     from delg_tf.data import build_tfrecords, embedded, gldv2
 
     data_dir = config.resolved_data_dir
-    root = embedded_root(data_dir, config.embedded_preset)
-    output = data_dir / f"{root.name}-{TFRECORD_SUFFIX}"
+    landmarks = config.embedded_train_landmarks
+    output = embedded_tfrecords_dir(data_dir, config.embedded_preset, landmarks)
     if (output / gldv2.BUILD_SUMMARY_FILE).is_file():
         logger.info("embedded TFRecords already built in %s", output)
         return output
-    paths = embedded.build_embedded_dataset(root, preset=config.embedded_preset)
+    paths = embedded.build_embedded_dataset(embedded_root(data_dir, config.embedded_preset),
+                                            preset=config.embedded_preset)
     # Built aside and renamed, so a killed build never looks complete.
     tmp = data_dir / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train_csv, num_shards = paths.train_csv, EMBEDDED_NUM_SHARDS
+    if landmarks:
+        train_csv, num_shards = tmp / "train.csv", EMBEDDED_SUBSET_NUM_SHARDS
+        write_landmark_subset_csv(paths.train_csv, landmarks, train_csv)
+    shards = tmp / "shards"
     build_tfrecords.build_tfrecords(build_tfrecords.BuildConfig(
-        train_csv_path=str(paths.train_csv), train_directory=str(paths.train_images_dir),
-        output_directory=str(tmp), num_shards=EMBEDDED_NUM_SHARDS,
+        train_csv_path=str(train_csv), train_directory=str(paths.train_images_dir),
+        output_directory=str(shards), num_shards=num_shards,
         validation_split_proportion=VALIDATION_FRACTION, seed=EMBEDDED_SPLIT_SEED))
     try:
-        os.rename(tmp, output)
+        os.rename(shards, output)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # Built concurrently by another run.
         if not (output / gldv2.BUILD_SUMMARY_FILE).is_file():
             raise
+        # Built concurrently by another run: keep that one.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
@@ -204,7 +252,10 @@ def _embedded_datasets(config: TrainConfig, seed: int) -> TrainData:
     output = _embedded_tfrecords(config)
     data = _gldv2_datasets(config, seed, str(output / "train-*"),
                            str(output / "validation-*"))
-    data.description = f"embedded dataset ({config.embedded_preset}) TFRecords in {output}"
+    subset = (f" landmarks < {config.embedded_train_landmarks}"
+              if config.embedded_train_landmarks else "")
+    data.description = (f"embedded dataset ({config.embedded_preset}){subset} TFRecords in "
+                        f"{output}")
     return data
 
 

@@ -347,7 +347,8 @@ def check_resume_config(logdir: Path, record: dict):
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new "
                           "--logdir.") from e
-    diffs = (config_lib.resume_mismatches(saved.get("train", {}), record["train"],
+    saved_train = config_lib.with_train_defaults(saved.get("train", {}))
+    diffs = (config_lib.resume_mismatches(saved_train, record["train"],
                                           config_lib.RESUMABLE_CHANGES)
              + config_lib.resume_mismatches(saved.get("model", {}), record["model"],
                                             config_lib.RESUMABLE_CHANGES))
@@ -356,7 +357,7 @@ def check_resume_config(logdir: Path, record: dict):
         raise ConfigError(
             f"--logdir={logdir} holds a run with another config ({listed}); resume it with "
             f"--flagfile={logdir / config_lib.FLAGS_TXT_NAME}, or train in a new --logdir.")
-    changed = config_lib.resume_mismatches(saved.get("train", {}), record["train"])
+    changed = config_lib.resume_mismatches(saved_train, record["train"])
     for key, old, new in changed:
         logger.info("resume: --%s changed from %r to %r", key, old, new)
 
