@@ -83,7 +83,8 @@ def _fixture_model(tmp_path_factory):
 @pytest.mark.skipif(not (PARITY / "make_official_savedmodel.py").exists(),
                     reason=f"{PARITY} absent: official TF2 parity fixture not available")
 def test_official_tf2_fixture_parity(tmp_path_factory):
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data
+
     model_dir = _fixture_model(tmp_path_factory)
     config = load_delf_config(PARITY / "configs" / "r50delg_gld_parity_320.pbtxt")
     config.model_path = str(model_dir)

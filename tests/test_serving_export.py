@@ -70,14 +70,17 @@ def _signature_def(saved_model_dir, name="serving_default"):
     return spec(signature.inputs), spec(signature.outputs), signature.method_name
 
 
-def test_serving_default_is_identical_to_the_official_signature(export_dir):
+def test_serving_default_has_the_official_input_and_output_names(export_dir):
     ours = _signature_def(export_dir)
     assert set(ours[0]) == {"input_image", "input_scales", "input_max_feature_num",
                             "input_abs_thres", "input_global_scales_ind"}
     assert set(ours[1]) == {"boxes", "features", "scales", "scores", "global_descriptors"}
-    if not PARITY_SAVED_MODEL.exists():
-        pytest.skip(f"{PARITY_SAVED_MODEL} absent: official signature comparison skipped")
-    assert ours == _signature_def(PARITY_SAVED_MODEL.parent)
+
+
+@pytest.mark.skipif(not PARITY_SAVED_MODEL.exists(),
+                    reason=f"{PARITY_SAVED_MODEL} absent: no official export to compare with")
+def test_serving_default_is_identical_to_the_official_signature(export_dir):
+    assert _signature_def(export_dir) == _signature_def(PARITY_SAVED_MODEL.parent)
 
 
 def test_export_loads_without_delg_tf_and_matches_in_memory(model, export_dir, tmp_path):
