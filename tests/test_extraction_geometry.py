@@ -1,7 +1,6 @@
 """Receptive-field constants, boxes and keypoints against hand computations."""
 
 import numpy as np
-import pytest
 
 from delg_tf.backbones.resnet import build_resnet
 from delg_tf.extraction import geometry
