@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from delg_tf.extraction.pyramid import DEFAULT_IMAGE_SCALES, PyramidExtractor

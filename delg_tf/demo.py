@@ -36,12 +36,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 # Before TensorFlow is imported: keep its C++ start-up chatter off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+from delg_tf.progress import progress_wrapper  # noqa: E402
 
 DEFAULT_FLAGFILE = "configs/demo.flags"
 DEFAULT_OUTPUT_DIR = "demo_output"
@@ -419,12 +421,7 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
     q_global, q_local = load_store_features(stores["queries"], gnd_cfg["qimlist"])
     eval_config = EvaluateConfig(shortlist_size=min(config.shortlist_size, len(db_local)),
                                  num_workers=config.num_workers)
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        def progress(items):
-            return tqdm(items, desc="re-rank", unit="query")
+    progress = progress_wrapper("re-rank", "query", enabled=config.progress)
     _log(f"retrieve + re-rank: {len(q_local)} queries x {len(db_local)} database images, "
          f"top-{eval_config.shortlist_size} re-ranked by affine-RANSAC inliers")
     evaluation = evaluate_features(db_global, q_global, gnd_cfg["gnd"], db_local, q_local,

@@ -27,6 +27,8 @@ import os
 import time
 from pathlib import Path
 
+from delg_tf.progress import progress_bar
+
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
 # errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
 OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
@@ -204,10 +206,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
     skipped = len(shard) - len(todo)
     failures = 0
     started = time.time()
-    iterator = todo
-    if config.progress:
-        from tqdm import tqdm
-        iterator = tqdm(todo, desc="extract", unit="img")
+    iterator = progress_bar(todo, "extract", "img", enabled=config.progress)
     with open(config.error_log, "a", encoding="utf-8") as log, writer:
         if log.tell() == 0:
             log.write(ERROR_LOG_HEADER)

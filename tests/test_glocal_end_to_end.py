@@ -13,7 +13,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from delg_tf import export as export_entry
 from delg_tf.data import cub

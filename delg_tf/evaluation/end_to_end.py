@@ -62,6 +62,7 @@ from delg_tf.evaluation.config import (
     ConfigError,
     EvaluateConfig,
 )
+from delg_tf.progress import progress_wrapper
 
 # A database larger than this is searched with a top-k shortlist (``LARGE_DB_TOP_K``)
 # unless ``EvaluateConfig.top_k`` is set: a full [num_db, num_queries] ranking of
@@ -454,12 +455,7 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
     timings["extract_s"] = time.perf_counter() - start
     names = _db_names(dataset)
     evaluate = effective_evaluate_config(config.evaluate, len(names))
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        def progress(items):
-            return tqdm(items, desc="rerank", unit="query")
+    progress = progress_wrapper("rerank", "query", enabled=config.progress)
 
     extracted = config.db_features is None
     binary = evaluate.binary_descriptors

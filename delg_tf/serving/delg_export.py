@@ -27,9 +27,6 @@ refused unless `overwrite=True`.
 """
 
 import dataclasses
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,7 @@ from google.protobuf import text_format
 
 from delg_tf.extraction import geometry, pyramid
 from delg_tf.protos import delf_config_pb2
-from delg_tf.serving import warmup
+from delg_tf.serving import atomic, warmup
 
 SIGNATURE_DEFAULT = "serving_default"
 SIGNATURE_IMAGE_BYTES = "serving_image_bytes"
@@ -296,9 +293,7 @@ def export_saved_model(model, export_path, config=None, overwrite=False):
         raise FileExistsError(
             f"export path {export_path} already exists; expected a new directory. "
             "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
-    export_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_path.parent / f".{export_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic.staged_directory(export_path) as tmp:
         module = DelgServingModule(model, config)
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
         extra = tmp / warmup.WARMUP_DIR
@@ -306,16 +301,6 @@ def export_saved_model(model, export_path, config=None, overwrite=False):
             warmup.write_warmup_file(tmp, _warmup_requests(config))
         extra.mkdir(exist_ok=True)
         (extra / CONFIG_ASSET).write_text(text_format.MessageToString(config.to_delf_config()))
-        old = None
-        if export_path.exists():
-            old = export_path.parent / f".{export_path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(export_path, old)
-        os.replace(tmp, export_path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return export_path
 
 

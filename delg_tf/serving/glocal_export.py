@@ -28,13 +28,12 @@ Reference: Kim, Kim, Suh, "Glocal Retriever", Electronics 2023 (the model);
 """
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from delg_tf.serving import atomic
 
 EMBEDDING_KEY = "embedding"
 RGB_CHANNELS = 3
@@ -99,9 +98,7 @@ def export_glocal(model, export_dir, image_size=None, overwrite=False, run_recor
         tf.TensorSpec([None, None, RGB_CHANNELS], tf.uint8, name="image")])
     archive.add_endpoint(SIGNATURE_ENCODED, embed_encoded, input_signature=[
         tf.TensorSpec([], tf.string, name="image_bytes")])
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir.parent / f".{export_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic.staged_directory(export_dir) as tmp:
         archive.write_out(str(tmp), verbose=False)
         metadata = {"format_version": METADATA_FORMAT_VERSION,
                     "image_size": int(image_size) if image_size else None,
@@ -110,18 +107,6 @@ def export_glocal(model, export_dir, image_size=None, overwrite=False, run_recor
         (tmp / EXTRA_DIR).mkdir(exist_ok=True)
         (tmp / EXTRA_DIR / METADATA_NAME).write_text(
             json.dumps(metadata, indent=1, default=str) + "\n", encoding="utf-8")
-        old = None
-        if export_dir.exists() and any(export_dir.iterdir()):
-            old = export_dir.parent / f".{export_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(export_dir, old)
-        elif export_dir.exists():
-            export_dir.rmdir()
-        os.replace(tmp, export_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return export_dir
 
 
