@@ -106,6 +106,33 @@ def _check_config(config):
                         "write the TFRecord shards to")
 
 
+def _csv_rows(path, flag_name, columns, expected):
+    """Yields (line number, row dict) of a CSV whose header has `columns`.
+
+    Raises:
+        DataError: the file is missing or its header lacks one of `columns`.
+    """
+    if not path or not os.path.isfile(path):
+        raise DataError(f"--{flag_name}={path} not found: expected {expected}")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if any(column not in fields for column in columns):
+            raise DataError(f"--{flag_name}={path}: header is {fields}, "
+                            f"expected {expected}")
+        yield from enumerate(reader, start=2)
+
+
+def _landmark_id(row, path, flag_name, line):
+    """The integer `landmark_id` of a CSV row, or a DataError naming the line."""
+    try:
+        return int(row["landmark_id"])
+    except (TypeError, ValueError):
+        raise DataError(f"--{flag_name}={path} line {line}: "
+                        f"landmark_id {row['landmark_id']!r} is not "
+                        "an integer") from None
+
+
 def read_train_csv(path, flag_name="train_csv_path"):
     """Reads a GLDv2 train.csv.
 
@@ -119,31 +146,18 @@ def read_train_csv(path, flag_name="train_csv_path"):
     Raises:
         DataError: missing file, wrong header, bad label, duplicate id.
     """
-    if not path or not os.path.isfile(path):
-        raise DataError(f"--{flag_name}={path} not found: expected GLDv2's "
-                        "train.csv with columns id,url,landmark_id")
     rows, seen = [], set()
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "id" not in fields or "landmark_id" not in fields:
-            raise DataError(f"--{flag_name}={path}: header is {fields}, "
-                            "expected columns id,url,landmark_id")
-        for line, row in enumerate(reader, start=2):
-            image_id = (row["id"] or "").strip()
-            try:
-                label = int(row["landmark_id"])
-            except (TypeError, ValueError):
-                raise DataError(f"--{flag_name}={path} line {line}: "
-                                f"landmark_id {row['landmark_id']!r} is not "
-                                "an integer") from None
-            if not image_id:
-                raise DataError(f"--{flag_name}={path} line {line}: empty id")
-            if image_id in seen:
-                raise DataError(f"--{flag_name}={path} line {line}: duplicate "
-                                f"id {image_id}")
-            seen.add(image_id)
-            rows.append((image_id, label))
+    for line, row in _csv_rows(path, flag_name, ("id", "landmark_id"),
+                               "GLDv2's train.csv with columns id,url,landmark_id"):
+        image_id = (row["id"] or "").strip()
+        label = _landmark_id(row, path, flag_name, line)
+        if not image_id:
+            raise DataError(f"--{flag_name}={path} line {line}: empty id")
+        if image_id in seen:
+            raise DataError(f"--{flag_name}={path} line {line}: duplicate "
+                            f"id {image_id}")
+        seen.add(image_id)
+        rows.append((image_id, label))
     if not rows:
         raise DataError(f"--{flag_name}={path} lists no image")
     return rows
@@ -155,25 +169,11 @@ def read_clean_csv(path, flag_name="train_clean_csv_path"):
     Returns:
         list of (image_id, landmark_id) in file order.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"--{flag_name}={path} not found: expected GLDv2's "
-                        "train_clean.csv with columns landmark_id,images")
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "landmark_id" not in fields or "images" not in fields:
-            raise DataError(f"--{flag_name}={path}: header is {fields}, "
-                            "expected columns landmark_id,images")
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = int(row["landmark_id"])
-            except (TypeError, ValueError):
-                raise DataError(f"--{flag_name}={path} line {line}: "
-                                f"landmark_id {row['landmark_id']!r} is not "
-                                "an integer") from None
-            rows.extend((image_id, label)
-                        for image_id in (row["images"] or "").split())
+    for line, row in _csv_rows(path, flag_name, ("landmark_id", "images"),
+                               "GLDv2's train_clean.csv with columns landmark_id,images"):
+        label = _landmark_id(row, path, flag_name, line)
+        rows.extend((image_id, label) for image_id in (row["images"] or "").split())
     if not rows:
         raise DataError(f"--{flag_name}={path} lists no image")
     return rows
