@@ -22,6 +22,7 @@ from delg_tf.models.glocal import GlocalModelConfig
 from delg_tf.training import data as training_data
 from delg_tf.training import trainer
 from delg_tf.training.config import TrainConfig
+from no_delg_tf import BLOCK_DELG_TF_IMPORTS
 
 IMAGE_SIZE = 64
 STEPS = 2
@@ -30,15 +31,7 @@ PRESET = "tiny"
 TINY_LANDMARKS = 4  # delg_tf.data.embedded.PRESETS["tiny"]["num_landmarks"]
 SUBPROCESS_TIMEOUT = 300
 
-_RELOAD_SCRIPT = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _NoDelg(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "delg_tf" or name.startswith("delg_tf."):
-                raise ImportError("delg_tf must not be needed to serve the export")
-
-    sys.meta_path.insert(0, _NoDelg())
+_RELOAD_SCRIPT = BLOCK_DELG_TF_IMPORTS + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 

@@ -10,18 +10,11 @@ from PIL import Image
 
 from delg_tf.models.glocal import GlocalModelConfig, build_glocal_model
 from delg_tf.serving.glocal_export import export_glocal
+from no_delg_tf import BLOCK_DELG_TF_IMPORTS
 
 IMAGE_SIZE = 64
 
-_RELOAD_SCRIPT = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _NoDelg(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "delg_tf" or name.startswith("delg_tf."):
-                raise ImportError("delg_tf must not be needed to serve the export")
-
-    sys.meta_path.insert(0, _NoDelg())
+_RELOAD_SCRIPT = BLOCK_DELG_TF_IMPORTS + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 
