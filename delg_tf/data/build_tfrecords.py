@@ -106,20 +106,25 @@ def _check_config(config):
                         "write the TFRecord shards to")
 
 
-def _csv_rows(path, flag_name, columns, expected):
+def _csv_rows(path, flag_name, columns, what, listed_columns):
     """Yields (line number, row dict) of a CSV whose header has `columns`.
+
+    Args:
+        what: the file named in errors ("GLDv2's train.csv").
+        listed_columns: the columns named in errors ("id,url,landmark_id").
 
     Raises:
         DataError: the file is missing or its header lacks one of `columns`.
     """
     if not path or not os.path.isfile(path):
-        raise DataError(f"--{flag_name}={path} not found: expected {expected}")
+        raise DataError(f"--{flag_name}={path} not found: expected {what} "
+                        f"with columns {listed_columns}")
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if any(column not in fields for column in columns):
             raise DataError(f"--{flag_name}={path}: header is {fields}, "
-                            f"expected {expected}")
+                            f"expected columns {listed_columns}")
         yield from enumerate(reader, start=2)
 
 
@@ -147,8 +152,8 @@ def read_train_csv(path, flag_name="train_csv_path"):
         DataError: missing file, wrong header, bad label, duplicate id.
     """
     rows, seen = [], set()
-    for line, row in _csv_rows(path, flag_name, ("id", "landmark_id"),
-                               "GLDv2's train.csv with columns id,url,landmark_id"):
+    for line, row in _csv_rows(path, flag_name, ("id", "landmark_id"), "GLDv2's train.csv",
+                               "id,url,landmark_id"):
         image_id = (row["id"] or "").strip()
         label = _landmark_id(row, path, flag_name, line)
         if not image_id:
@@ -171,7 +176,7 @@ def read_clean_csv(path, flag_name="train_clean_csv_path"):
     """
     rows = []
     for line, row in _csv_rows(path, flag_name, ("landmark_id", "images"),
-                               "GLDv2's train_clean.csv with columns landmark_id,images"):
+                               "GLDv2's train_clean.csv", "landmark_id,images"):
         label = _landmark_id(row, path, flag_name, line)
         rows.extend((image_id, label) for image_id in (row["images"] or "").split())
     if not rows:
