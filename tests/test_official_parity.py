@@ -215,7 +215,7 @@ def test_folded_and_unrolled_variants_match_recorded(converted_tf1, tmp_path):
     from delg_tf.extraction import raw_model
     from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
     from delg_tf.official.convert import load_converted_model
-    from delg_tf.official.folded import fold_delg_model
+    from delg_tf.extraction.folded import fold_delg_model
     from delg_tf.official.unrolled import UnrolledPyramid
 
     out, _ = converted_tf1

@@ -1,0 +1,278 @@
+"""Batch-norm-folded inference view of a `DelgModel`: the extraction graph by default.
+
+`fold_delg_model(model)` returns a `FoldedDelg` (a `tf.Module`) with the
+inference API that `delg_tf.extraction.pyramid.PyramidExtractor` and the export
+use -- ``preprocess``, ``backbone.call_to_conv4``, ``backbone.call_conv5``,
+``local_head``, ``global_head`` -- computed with plain TF ops on weights where
+every frozen batch norm is folded into the preceding convolution:
+
+    W' = W * gamma / sqrt(var + eps),  b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+so each conv + BN (+ ReLU) is one ``Conv2D`` + ``BiasAdd`` (+ ``Relu``), which
+TensorFlow's graph optimizer fuses into a single oneDNN kernel on CPU (Keras 3's
+``BatchNormalization`` is several element-wise passes over every feature map).
+Padding, stride placement and pooling follow the model's backbone layout exactly
+(`delg_tf.backbones.resnet`).
+
+One more exact saving: in the layouts that compute conv4 at stride 16 and then
+keep every other cell (``tf2_delf`` / ``keras`` with ``block3_stride``, the
+official TF2 DELG), the last conv4 unit is only evaluated at the kept cells (its
+3x3 conv with stride 2 on the same padding, its 1x1 conv and shortcut on the
+subsampled map), which is the same arithmetic for every kept output.
+
+Only rounding changes (~1e-6 relative); the parity tests
+(``tests/test_official_parity.py``, ``tests/test_extraction_folded.py``) and
+``bench/official_vs_delg.py`` measure it. The folded weights are non-trainable
+``tf.Variable``s (an export stores them in ``variables/``, not in the graph);
+they are copied at fold time: later changes to the model are not seen.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from delg_tf.ops import pooling
+
+# Spatial subsampling of the layouts with conv4 at stride 16 (a 1x1/2 max-pool).
+CONV4_SUBSAMPLE_STRIDE = 2
+
+
+def _fold(conv, bn):
+    """(kernel, bias) float32 numpy arrays of conv followed by frozen BN (bn may be None)."""
+    kernel = np.asarray(conv.kernel.numpy(), np.float64)
+    bias = (np.asarray(conv.bias.numpy(), np.float64) if conv.bias is not None
+            else np.zeros(kernel.shape[-1]))
+    if bn is not None:
+        gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.scale else 1.0
+        beta = np.asarray(bn.beta.numpy(), np.float64) if bn.center else 0.0
+        scale = gamma / np.sqrt(np.asarray(bn.moving_variance.numpy(), np.float64) + bn.epsilon)
+        kernel = kernel * scale
+        bias = (bias - np.asarray(bn.moving_mean.numpy(), np.float64)) * scale + beta
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+class FoldedConv(tf.Module):
+    """One convolution (+ folded batch norm) (+ ReLU) as Conv2D + BiasAdd (+ Relu).
+
+    Args:
+      conv: a built `keras.layers.Conv2D`.
+      bn: its `keras.layers.BatchNormalization`, or None.
+      strides: convolution stride.
+      explicit_padding: ((top, bottom), (left, right)) padded before a VALID
+        convolution (tf-slim ``conv2d_same``), or None for 'SAME'.
+      activation: apply ReLU.
+      name: module (and variable scope) name.
+
+    Shapes: [B, H, W, C_in] -> [B, H', W', C_out].
+    """
+
+    def __init__(self, conv, bn, strides, explicit_padding, activation, name):
+        super().__init__(name=name)
+        kernel, bias = _fold(conv, bn)
+        with self.name_scope:
+            self.kernel = tf.Variable(kernel, trainable=False, name="kernel")
+            self.bias = tf.Variable(bias, trainable=False, name="bias")
+        self.kernel_size = int(kernel.shape[0])
+        self.strides = int(strides)
+        self.explicit_padding = explicit_padding
+        self.activation = bool(activation)
+
+    def _finish(self, y):
+        y = tf.nn.bias_add(y, self.bias)
+        return tf.nn.relu(y) if self.activation else y
+
+    def __call__(self, x):
+        if self.explicit_padding is not None:
+            (top, bottom), (left, right) = self.explicit_padding
+            x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+            padding = "VALID"
+        else:
+            padding = "SAME"
+        return self._finish(tf.nn.conv2d(x, self.kernel, self.strides, padding))
+
+    def subsampled(self, x, stride):
+        """``self(x)[:, ::stride, ::stride, :]`` computed only at the kept cells.
+
+        Valid for a stride-1 convolution with an odd kernel and centred ('SAME'
+        or symmetric) padding: pad (k - 1) / 2 on every side, VALID, `stride`.
+        """
+        if self.strides != 1 or self.kernel_size % 2 != 1:
+            raise ValueError(f"{self.name}: subsampled() needs a stride-1 convolution with an "
+                             f"odd kernel, got stride {self.strides} and kernel "
+                             f"{self.kernel_size}.")
+        half = (self.kernel_size - 1) // 2
+        if half:
+            x = tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]])
+        return self._finish(tf.nn.conv2d(x, self.kernel, stride, "VALID"))
+
+
+def _folded_conv_bn(layer, name):
+    explicit = layer.pad.padding if layer.pad is not None else None
+    return FoldedConv(layer.conv, layer.bn, layer.strides, explicit, layer.activation, name)
+
+
+class FoldedBottleneck(tf.Module):
+    """A `resnet.Bottleneck` with folded batch norm (same function)."""
+
+    def __init__(self, block, name):
+        super().__init__(name=name)
+        self.strides = block.strides
+        with self.name_scope:
+            self.convs = [_folded_conv_bn(c, f"conv_{i}")
+                          for i, c in enumerate((block.conv_1, block.conv_2, block.conv_3), 1)]
+            self.shortcut = (_folded_conv_bn(block.shortcut, "shortcut")
+                             if block.shortcut is not None else None)
+
+    def _shortcut(self, x):
+        if self.shortcut is not None:
+            return self.shortcut(x)
+        if self.strides > 1:
+            return x[:, ::self.strides, ::self.strides, :]
+        return x
+
+    def __call__(self, x):
+        y = x
+        for conv in self.convs:
+            y = conv(y)
+        return tf.nn.relu(self._shortcut(x) + y)
+
+    def can_subsample(self):
+        """True if `subsampled` applies: a stride-1 unit of 1x1 / kxk / 1x1 convolutions."""
+        first, middle, last = self.convs
+        return (self.strides == 1 and all(c.strides == 1 for c in self.convs)
+                and first.kernel_size == 1 and last.kernel_size == 1
+                and middle.kernel_size % 2 == 1
+                and (self.shortcut is None or self.shortcut.kernel_size == 1))
+
+    def subsampled(self, x, stride):
+        """``self(x)[:, ::stride, ::stride, :]``, evaluating only the kept cells."""
+        first, middle, last = self.convs
+        y = last(middle.subsampled(first(x), stride))
+        kept = x[:, ::stride, ::stride, :]
+        shortcut = self.shortcut(kept) if self.shortcut is not None else kept
+        return tf.nn.relu(shortcut + y)
+
+
+class FoldedResNet(tf.Module):
+    """`resnet.ResNet` inference with folded batch norm (same call API)."""
+
+    def __init__(self, resnet, name="backbone"):
+        super().__init__(name=name)
+        with self.name_scope:
+            self.stem = _folded_conv_bn(resnet.stem, "stem")
+            self.stages = [[FoldedBottleneck(block, f"{stage}_unit_{i}")
+                            for i, block in enumerate(blocks, 1)]
+                           for stage, blocks in zip(("conv2", "conv3", "conv4", "conv5"),
+                                                    resnet.stages)]
+        self.pool1_pad = resnet.pool1_pad is not None
+        self.pool1_size = resnet.pool1.pool_size
+        self.pool1_strides = resnet.pool1.strides
+        self.pool1_padding = resnet.pool1.padding.upper()
+        self.conv4_subsample = resnet.conv4_subsample
+        self.feature_channels = resnet.feature_channels
+
+    def call_to_conv4(self, images, training=False):
+        del training
+        outputs = {}
+        x = self.stem(images)
+        outputs["conv1"] = x
+        if self.pool1_pad:
+            x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        x = tf.nn.max_pool2d(x, self.pool1_size, self.pool1_strides, self.pool1_padding)
+        for name, blocks in zip(("conv2", "conv3"), self.stages[:2]):
+            for block in blocks:
+                x = block(x)
+            outputs[name] = x
+        conv4_blocks = self.stages[2]
+        subsample_last = self.conv4_subsample and conv4_blocks[-1].can_subsample()
+        for block in conv4_blocks[:-1] if subsample_last else conv4_blocks:
+            x = block(x)
+        if subsample_last:
+            # Only S (the subsampled map) is returned for these layouts.
+            outputs["conv4"] = conv4_blocks[-1].subsampled(x, CONV4_SUBSAMPLE_STRIDE)
+        elif self.conv4_subsample:
+            outputs["conv4"] = x[:, ::CONV4_SUBSAMPLE_STRIDE, ::CONV4_SUBSAMPLE_STRIDE, :]
+        else:
+            outputs["conv4"] = x
+        return outputs
+
+    def call_conv5(self, s, training=False):
+        del training
+        x = s
+        for block in self.stages[3]:
+            x = block(x)
+        return x
+
+
+class FoldedDelg(tf.Module):
+    """Inference view of a built `DelgModel` with folded batch norm (see module doc).
+
+    Args:
+      model: a built `delg_tf.models.delg.DelgModel` (weights are copied).
+      name: module name.
+
+    Same inference API and outputs as the model: `preprocess` (uint8 RGB ->
+    normalised), `backbone.call_to_conv4` / `backbone.call_conv5`, `local_head(S)
+    -> (attention [B, h, w, 1], descriptors [B, h, w, C_T])`, `global_head(D) ->
+    [B, C_F]` (GeM + whitening, not normalised).
+
+    Reference: Cao, Araujo, Sim, "Unifying Deep Local and Global Features for
+    Image Search", ECCV 2020, Sec. 3 (the heads) and 4.1 (the extraction setup).
+    """
+
+    def __init__(self, model, name="folded_delg"):
+        super().__init__(name=name)
+        self.config = model.config
+        self._preprocess = model.preprocess
+        self.local_channels = model.local_channels
+        self.global_channels = model.global_channels
+        attention = model.attention
+        with self.name_scope:
+            self.backbone = FoldedResNet(model.backbone)
+            self.attention_conv1 = FoldedConv(attention.conv1, attention.bn_conv1, 1, None, True,
+                                              "attention_conv1")
+            self.attention_conv2 = FoldedConv(attention.conv2, None, 1, None, False,
+                                              "attention_conv2")
+            self.encoder = FoldedConv(model.autoencoder.conv1, None, 1, None, False, "encoder")
+            self.decoder = FoldedConv(model.autoencoder.conv2, None, 1, None, True, "decoder")
+            self.whitening_kernel = tf.Variable(model.whitening.kernel.numpy(), trainable=False,
+                                                name="whitening_kernel")
+            self.whitening_bias = tf.Variable(model.whitening.bias.numpy(), trainable=False,
+                                              name="whitening_bias")
+        self.attention_on_reconstruction = model.config.attention_input == "reconstruction"
+        self.gem_power = float(model.gem.power.numpy())
+        self.gem_eps = model.gem.eps
+        self.local_descriptor_dim = int(self.encoder.kernel.shape[-1])
+        self.global_descriptor_dim = int(self.whitening_kernel.shape[-1])
+
+    def preprocess(self, images):
+        return self._preprocess(images)
+
+    def local_head(self, s, training=False):
+        del training
+        descriptors = self.encoder(s)
+        source = self.decoder(descriptors) if self.attention_on_reconstruction else s
+        logits = self.attention_conv2(self.attention_conv1(source))
+        return tf.nn.softplus(logits), descriptors
+
+    def global_head(self, d, training=False):
+        del training
+        pooled = pooling.gem(d, power=self.gem_power, eps=self.gem_eps)
+        return tf.nn.bias_add(tf.matmul(pooled, self.whitening_kernel), self.whitening_bias)
+
+
+def fold_delg_model(model):
+    """Returns a `FoldedDelg` of a built `DelgModel`."""
+    return FoldedDelg(model)
+
+
+def inference_model(model, fold_batch_norm=True):
+    """The model that extraction runs: `FoldedDelg` for a `DelgModel` when folding, else as is.
+
+    Objects that only duck-type the inference API (tests' stand-ins, an already
+    folded model) are returned unchanged.
+    """
+    from delg_tf.models.delg import DelgModel
+
+    if fold_batch_norm and isinstance(model, DelgModel):
+        return fold_delg_model(model)
+    return model
