@@ -27,7 +27,7 @@ import numpy as np
 from google.protobuf import text_format
 from PIL import Image
 
-from delg_tf.extraction import geometry, pyramid, raw_model
+from delg_tf.extraction import folded, geometry, pyramid, raw_model
 from delg_tf.protos import delf_config_pb2
 
 # Official `_MIN_HEIGHT` / `_MIN_WIDTH`: no features below this size after resizing.
@@ -268,14 +268,20 @@ class DelgExtractor:
         return cls(raw_model.load_raw_extraction_fn(path), config)
 
     @classmethod
-    def from_model(cls, model, config=None):
-        """From an in-memory DELG model (`DelgModel`), via `PyramidExtractor`."""
+    def from_model(cls, model, config=None, fold_batch_norm=True):
+        """From an in-memory DELG model (`DelgModel`), via `PyramidExtractor`.
+
+        `fold_batch_norm`: run the batch-norm-folded view of a `DelgModel`
+        (`delg_tf.extraction.folded`; weights copied now, same outputs up to float
+        rounding, faster on CPU). False runs the Keras layers themselves.
+        """
         from delg_tf.serving import delg_export
 
         config = load_delf_config(config) if config is not None else (
             delg_export.ExportConfig().to_delf_config(""))
         mode = pyramid.mode_of(config.use_local_features, config.use_global_features)
-        extractor = pyramid.PyramidExtractor(model, mode=mode,
+        extractor = pyramid.PyramidExtractor(folded.inference_model(model, fold_batch_norm),
+                                             mode=mode,
                                              iou_threshold=config.delf_local_config.iou_threshold)
         raw_fn = raw_model.from_function(extractor.extract, extractor.use_local,
                                          extractor.use_global)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 
-from delg_tf.extraction import geometry, pyramid
+from delg_tf.extraction import folded, geometry, pyramid
 from delg_tf.protos import delf_config_pb2
 from delg_tf.serving import atomic, warmup
 
@@ -272,7 +272,7 @@ def _warmup_requests(config):
             (SIGNATURE_IMAGE_BYTES, {IMAGE_BYTES_INPUT: np.array(jpeg, dtype=object)})]
 
 
-def export_saved_model(model, export_path, config=None, overwrite=False):
+def export_saved_model(model, export_path, config=None, overwrite=False, fold_batch_norm=True):
     """Exports `model` as a DELG SavedModel (see the module doc).
 
     Args:
@@ -280,6 +280,9 @@ def export_saved_model(model, export_path, config=None, overwrite=False):
       export_path: target directory (must not exist unless `overwrite`).
       config: `ExportConfig` (defaults: official DELG R50 values).
       overwrite: replace an existing export.
+      fold_batch_norm: export the batch-norm-folded graph of a `DelgModel`
+        (`delg_tf.extraction.folded`: same outputs up to float rounding, faster on
+        CPU); False exports the Keras layers as they are.
 
     Returns:
       Path of the export.
@@ -294,7 +297,7 @@ def export_saved_model(model, export_path, config=None, overwrite=False):
             f"export path {export_path} already exists; expected a new directory. "
             "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
     with atomic.staged_directory(export_path) as tmp:
-        module = DelgServingModule(model, config)
+        module = DelgServingModule(folded.inference_model(model, fold_batch_norm), config)
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
         extra = tmp / warmup.WARMUP_DIR
         if config.warmup:
