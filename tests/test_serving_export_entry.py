@@ -1,5 +1,6 @@
 """`python -m delg_tf.export` on a delg_tf.train-style logdir with the real DelgModel."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -42,6 +43,15 @@ def test_export_main_matches_the_trained_model(logdir, tmp_path):
     # Training-only weights (classifiers) are not exported.
     names = {v.name for v in tf.saved_model.load(str(path)).model_variables}
     assert not any("classifier" in n for n in names)
+    # Batch norm is folded by default; --nofold_batch_norm exports the Keras layers.
+    assert all(n.startswith("folded_delg/") for n in names)
+    keras_path = export_entry.main(dataclasses.replace(
+        config, export_path=str(tmp_path / "keras"), fold_batch_norm=False))
+    keras_names = {v.name for v in tf.saved_model.load(str(keras_path)).model_variables}
+    assert any("moving_variance" in n for n in keras_names)
+    unfolded = DelgExtractor.from_saved_model(keras_path)(image)
+    np.testing.assert_allclose(unfolded.global_descriptor, got.global_descriptor, atol=1e-5)
+    np.testing.assert_array_equal(unfolded.locations, got.locations)
 
 
 def test_export_cli_flags_and_errors(logdir, tmp_path):
