@@ -81,7 +81,7 @@ def bench_image(size):
 def make_extractors(fmt, model_dir, config_path, variants):
     from delg_tf.extraction import raw_model
     from delg_tf.extraction.extractor import DelgExtractor
-    from delg_tf.official.folded import fold_delg_model
+    from delg_tf.extraction.folded import fold_delg_model
     from delg_tf.official.selfcheck import ConvertedRawExtraction
     from delg_tf.official.unrolled import UnrolledPyramid
 
@@ -95,7 +95,7 @@ def make_extractors(fmt, model_dir, config_path, variants):
             extractors[variant] = DelgExtractor(raw_model.load_raw_extraction_fn(model_dir),
                                                 config)
         elif variant == "pyramid":
-            extractors[variant] = DelgExtractor.from_model(model, config)
+            extractors[variant] = DelgExtractor.from_model(model, config, fold_batch_norm=False)
         elif variant == "folded_pyramid":
             extractors[variant] = DelgExtractor.from_model(folded, config)
         else:
@@ -119,6 +119,63 @@ def load_delf_config_text(text):
     from delg_tf.protos import delf_config_pb2
 
     return text_format.Parse(text, delf_config_pb2.DelfConfig())
+
+
+def pyramid_conv_macs(model, image_hw, scales, global_scales_ind):
+    """Multiply-adds of every convolution / matmul one pyramid extraction runs.
+
+    Traced per scale with static shapes (``round(hw * s)``, as the pyramid
+    resizes): backbone to S + local head at every scale, conv5 + global head only
+    at the global scales (what delg_tf runs).
+    """
+    import tensorflow as tf
+
+    def traced_macs(fn, shape):
+        graph = tf.function(fn).get_concrete_function(
+            tf.TensorSpec(shape, tf.float32)).graph
+        macs = 0
+        for op in graph.get_operations():
+            if op.type in ("Conv2D", "MatMul"):
+                out = op.outputs[0].shape.as_list()
+                weights = op.inputs[1].shape.as_list()
+                macs += int(np.prod(out)) * int(np.prod(weights[:-1]))
+        return macs, graph
+
+    total = 0
+    for index, scale in enumerate(scales):
+        height, width = (int(np.round(n * scale)) for n in image_hw)
+
+        def local(x):
+            s = model.backbone.call_to_conv4(x)["conv4"]
+            return model.local_head(s), s
+
+        macs, graph = traced_macs(local, [1, height, width, 3])
+        total += macs
+        if index in global_scales_ind:
+            s_shape = [o for o in graph.outputs if o.shape.rank == 4][-1].shape.as_list()
+            macs, _ = traced_macs(
+                lambda s: model.global_head(model.backbone.call_conv5(s)), s_shape)
+            total += macs
+    return total
+
+
+def conv_ceiling_gflops(repeats=5):
+    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels, 128x128): this CPU's
+    practical float32 convolution throughput, measured in the same run."""
+    import tensorflow as tf
+
+    x = tf.random.stateless_normal([1, 128, 128, 256], seed=[0, 1])
+    w = tf.random.stateless_normal([3, 3, 256, 256], seed=[0, 2])
+    conv = tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"))
+    conv(x, w)
+    best = min(_timed(lambda: conv(x, w).numpy()) for _ in range(repeats))
+    return 2 * 128 * 128 * 9 * 256 * 256 / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def parity(reference, candidate, threshold):
@@ -166,6 +223,16 @@ def run(fmt, size, repeats, variants, workdir):
                  else "  | " + parity(outputs["official"], outputs[variant], threshold))
         runs = " ".join(f"{t:.2f}" for t in times[variant])
         print(f"  {variant:20s} {medians[variant]:6.2f}{ratio}  ({runs}){check}")
+    folded = extractors.get("folded_pyramid")
+    if folded is not None:
+        macs = pyramid_conv_macs(folded.pyramid.model, image.shape[:2], folded.image_scales,
+                                 tuple(folded.global_scales_ind))
+        ceiling = conv_ceiling_gflops()
+        achieved = 2 * macs / medians["folded_pyramid"] / 1e9
+        print(f"\n  work of one extraction (delg_tf graph): {macs / 1e9:.1f} G multiply-adds; "
+              f"folded_pyramid runs it at {achieved:.0f} GFLOP/s = {achieved / ceiling:.0%} of "
+              f"one large 3x3 convolution on this CPU ({ceiling:.0f} GFLOP/s). At equal float32 "
+              f"work no variant can be more than x{ceiling / achieved:.2f} faster than it.")
     return medians
 
 
