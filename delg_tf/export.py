@@ -42,7 +42,7 @@ NO_RESIZE = 0  # --image_size value: the Glocal export embeds images at their in
 DELG_ONLY_FLAGS = ("delf_config", "image_scales", "global_scales_ind", "max_feature_num",
                    "score_threshold", "iou_threshold", "max_image_size", "min_image_size",
                    "use_square_images", "export_local", "export_global", "warmup",
-                   "fold_batch_norm")
+                   "fold_batch_norm", "compute_dtype")
 
 
 class ExportConfigError(ValueError):
@@ -65,6 +65,8 @@ class ExportRunConfig:
         Glocal run).
       fold_batch_norm: DELG runs: export the batch-norm-folded graph (faster on CPU,
         same outputs up to float rounding; `delg_tf.extraction.folded`).
+      compute_dtype: DELG runs: "float32" or "bfloat16" (backbone convolutions;
+        needs fold_batch_norm; outside the official parity tolerances).
     """
 
     checkpoint_dir: str
@@ -75,6 +77,7 @@ class ExportRunConfig:
     image_size: int = None
     delg_options: tuple = ()
     fold_batch_norm: bool = True
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         if not self.checkpoint_dir:
@@ -86,6 +89,12 @@ class ExportRunConfig:
                                             or self.image_size < 0):
             raise ExportConfigError(f"--image_size must be an integer >= 0 (0 = no resize); "
                                     f"received {self.image_size!r}.")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ExportConfigError(f"--compute_dtype must be float32 or bfloat16, received "
+                                    f"{self.compute_dtype!r}.")
+        if self.compute_dtype != "float32" and not self.fold_batch_norm:
+            raise ExportConfigError(f"--compute_dtype={self.compute_dtype} needs the folded "
+                                    "graph; drop --nofold_batch_norm.")
 
 
 def read_run_record(checkpoint_dir):
@@ -179,7 +188,8 @@ def main(config: ExportRunConfig) -> Path:
     model = load_trained_model(config.checkpoint_dir, config.checkpoint)
     path = delg_export.export_saved_model(model, config.export_path, config.export,
                                           overwrite=config.overwrite,
-                                          fold_batch_norm=config.fold_batch_norm)
+                                          fold_batch_norm=config.fold_batch_norm,
+                                          compute_dtype=config.compute_dtype)
     print(f"export: wrote {path} (mode {config.export.mode}, signatures "
           f"{delg_export.SIGNATURE_DEFAULT}, {delg_export.SIGNATURE_IMAGE_BYTES})")
     return path
@@ -205,6 +215,9 @@ def _define_flags():
     flags.DEFINE_boolean("export_local", True, "Export local features.")
     flags.DEFINE_boolean("export_global", True, "Export global descriptors.")
     flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests (DELG).")
+    flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "DELG: dtype of "
+                      "the backbone convolutions; bfloat16 is ~1.8x faster on AVX512_BF16 CPUs "
+                      "but not within the official parity tolerances.")
     flags.DEFINE_boolean("fold_batch_norm", True, "DELG: export the graph with batch norm "
                          "folded into the convolutions (faster; --nofold_batch_norm keeps "
                          "the Keras layers).")
@@ -243,7 +256,7 @@ def _config_from_flags(f):
     return ExportRunConfig(checkpoint_dir=f.checkpoint_dir, export_path=f.export_path,
                            export=export, checkpoint=f.checkpoint, overwrite=f.overwrite,
                            image_size=f.image_size, delg_options=delg_options,
-                           fold_batch_norm=f.fold_batch_norm)
+                           fold_batch_norm=f.fold_batch_norm, compute_dtype=f.compute_dtype)
 
 
 def cli():

@@ -130,3 +130,24 @@ def test_export_stores_folded_weights_as_variables(tmp_path):
     got = DelgExtractor.from_saved_model(str(path))
     np.testing.assert_allclose(got(image).global_descriptor, want(image).global_descriptor,
                                atol=1e-5)
+
+
+def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
+    model = _model(seed=7, backbone_layout="tf2_delf")
+    config = CONFIG.to_delf_config("")
+    exact = DelgExtractor.from_model(model, config)
+    fast = DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
+    graph = fast.pyramid.extract.get_concrete_function().graph
+    conv_dtypes = {op.get_attr("T") for function in graph._functions.values()
+                   for op in function.graph.get_operations() if op.type == "Conv2D"}
+    assert tf.bfloat16 in conv_dtypes
+    image = random_image(96, 96, seed=8)
+    got, want = fast(image), exact(image)
+    difference = np.abs(got.global_descriptor - want.global_descriptor).max()
+    # bfloat16 keeps 8 mantissa bits: close, but not float32-close.
+    assert 1e-6 < difference < 5e-2, difference
+    assert got.descriptors.dtype == np.float32
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        folded.inference_model(model, compute_dtype="float16")
+    with pytest.raises(ValueError, match="fold_batch_norm"):
+        DelgExtractor.from_model(model, config, fold_batch_norm=False, compute_dtype="bfloat16")

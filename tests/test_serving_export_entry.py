@@ -66,3 +66,7 @@ def test_export_cli_flags_and_errors(logdir, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     with pytest.raises(ValueError, match="config.json"):
         export_entry.load_trained_model(tmp_path)
+    with pytest.raises(export_entry.ExportConfigError, match="--nofold_batch_norm"):
+        export_entry.ExportRunConfig(checkpoint_dir=str(directory), export_path="x",
+                                     export=ExportConfig(), fold_batch_norm=False,
+                                     compute_dtype="bfloat16")

@@ -268,19 +268,22 @@ class DelgExtractor:
         return cls(raw_model.load_raw_extraction_fn(path), config)
 
     @classmethod
-    def from_model(cls, model, config=None, fold_batch_norm=True):
+    def from_model(cls, model, config=None, fold_batch_norm=True, compute_dtype="float32"):
         """From an in-memory DELG model (`DelgModel`), via `PyramidExtractor`.
 
         `fold_batch_norm`: run the batch-norm-folded view of a `DelgModel`
         (`delg_tf.extraction.folded`; weights copied now, same outputs up to float
         rounding, faster on CPU). False runs the Keras layers themselves.
+        `compute_dtype="bfloat16"`: backbone convolutions in bfloat16 (folded graph
+        only; ~1.8x faster on AVX512_BF16 CPUs, not within official parity).
         """
         from delg_tf.serving import delg_export
 
         config = load_delf_config(config) if config is not None else (
             delg_export.ExportConfig().to_delf_config(""))
         mode = pyramid.mode_of(config.use_local_features, config.use_global_features)
-        extractor = pyramid.PyramidExtractor(folded.inference_model(model, fold_batch_norm),
+        extractor = pyramid.PyramidExtractor(folded.inference_model(model, fold_batch_norm,
+                                                                    compute_dtype),
                                              mode=mode,
                                              iou_threshold=config.delf_local_config.iou_threshold)
         raw_fn = raw_model.from_function(extractor.extract, extractor.use_local,

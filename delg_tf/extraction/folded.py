@@ -20,7 +20,12 @@ official TF2 DELG), the last conv4 unit is only evaluated at the kept cells (its
 3x3 conv with stride 2 on the same padding, its 1x1 conv and shortcut on the
 subsampled map), which is the same arithmetic for every kept output.
 
-Only rounding changes (~1e-6 relative); the parity tests
+Optionally (``compute_dtype="bfloat16"``) the backbone convolutions run in
+bfloat16 (the heads, GeM and whitening stay float32): ~1.8x faster on CPUs with
+AVX512_BF16, but ~4e-3 relative error per layer -- outside the official parity
+tolerances (measured in docs/readme_official.md); opt-in only.
+
+In float32 only rounding changes (~1e-6 relative); the parity tests
 (``tests/test_official_parity.py``, ``tests/test_extraction_folded.py``) and
 ``bench/official_vs_delg.py`` measure it. The folded weights are non-trainable
 ``tf.Variable``s (an export stores them in ``variables/``, not in the graph);
@@ -34,6 +39,16 @@ from delg_tf.ops import pooling
 
 # Spatial subsampling of the layouts with conv4 at stride 16 (a 1x1/2 max-pool).
 CONV4_SUBSAMPLE_STRIDE = 2
+# Dtypes the folded backbone can compute in (float32: parity with the Keras model).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(compute_dtype):
+    """Returns `compute_dtype` if it is one of `COMPUTE_DTYPES`, else raises ValueError."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, received "
+                         f"{compute_dtype!r}.")
+    return compute_dtype
 
 
 def _fold(conv, bn):
@@ -77,8 +92,11 @@ class FoldedConv(tf.Module):
         self.activation = bool(activation)
 
     def _finish(self, y):
-        y = tf.nn.bias_add(y, self.bias)
+        y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return tf.nn.relu(y) if self.activation else y
+
+    def _kernel(self, x):
+        return tf.cast(self.kernel, x.dtype)  # the stored float32 weights; a no-op in float32
 
     def __call__(self, x):
         if self.explicit_padding is not None:
@@ -87,7 +105,7 @@ class FoldedConv(tf.Module):
             padding = "VALID"
         else:
             padding = "SAME"
-        return self._finish(tf.nn.conv2d(x, self.kernel, self.strides, padding))
+        return self._finish(tf.nn.conv2d(x, self._kernel(x), self.strides, padding))
 
     def subsampled(self, x, stride):
         """``self(x)[:, ::stride, ::stride, :]`` computed only at the kept cells.
@@ -102,7 +120,7 @@ class FoldedConv(tf.Module):
         half = (self.kernel_size - 1) // 2
         if half:
             x = tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]])
-        return self._finish(tf.nn.conv2d(x, self.kernel, stride, "VALID"))
+        return self._finish(tf.nn.conv2d(x, self._kernel(x), stride, "VALID"))
 
 
 def _folded_conv_bn(layer, name):
@@ -153,10 +171,14 @@ class FoldedBottleneck(tf.Module):
 
 
 class FoldedResNet(tf.Module):
-    """`resnet.ResNet` inference with folded batch norm (same call API)."""
+    """`resnet.ResNet` inference with folded batch norm (same call API).
 
-    def __init__(self, resnet, name="backbone"):
+    Computes in `compute_dtype`; outputs are float32.
+    """
+
+    def __init__(self, resnet, compute_dtype="float32", name="backbone"):
         super().__init__(name=name)
+        self.compute_dtype = tf.as_dtype(compute_dtype)
         with self.name_scope:
             self.stem = _folded_conv_bn(resnet.stem, "stem")
             self.stages = [[FoldedBottleneck(block, f"{stage}_unit_{i}")
@@ -173,7 +195,7 @@ class FoldedResNet(tf.Module):
     def call_to_conv4(self, images, training=False):
         del training
         outputs = {}
-        x = self.stem(images)
+        x = self.stem(tf.cast(images, self.compute_dtype))
         outputs["conv1"] = x
         if self.pool1_pad:
             x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
@@ -193,14 +215,14 @@ class FoldedResNet(tf.Module):
             outputs["conv4"] = x[:, ::CONV4_SUBSAMPLE_STRIDE, ::CONV4_SUBSAMPLE_STRIDE, :]
         else:
             outputs["conv4"] = x
-        return outputs
+        return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
 
     def call_conv5(self, s, training=False):
         del training
-        x = s
+        x = tf.cast(s, self.compute_dtype)
         for block in self.stages[3]:
             x = block(x)
-        return x
+        return tf.cast(x, tf.float32)
 
 
 class FoldedDelg(tf.Module):
@@ -208,6 +230,8 @@ class FoldedDelg(tf.Module):
 
     Args:
       model: a built `delg_tf.models.delg.DelgModel` (weights are copied).
+      compute_dtype: "float32" (parity with the model) or "bfloat16" (backbone
+        convolutions only; faster on AVX512_BF16 CPUs, outside parity tolerances).
       name: module name.
 
     Same inference API and outputs as the model: `preprocess` (uint8 RGB ->
@@ -219,15 +243,16 @@ class FoldedDelg(tf.Module):
     Image Search", ECCV 2020, Sec. 3 (the heads) and 4.1 (the extraction setup).
     """
 
-    def __init__(self, model, name="folded_delg"):
+    def __init__(self, model, compute_dtype="float32", name="folded_delg"):
         super().__init__(name=name)
+        self.compute_dtype = check_compute_dtype(compute_dtype)
         self.config = model.config
         self._preprocess = model.preprocess
         self.local_channels = model.local_channels
         self.global_channels = model.global_channels
         attention = model.attention
         with self.name_scope:
-            self.backbone = FoldedResNet(model.backbone)
+            self.backbone = FoldedResNet(model.backbone, compute_dtype)
             self.attention_conv1 = FoldedConv(attention.conv1, attention.bn_conv1, 1, None, True,
                                               "attention_conv1")
             self.attention_conv2 = FoldedConv(attention.conv2, None, 1, None, False,
@@ -260,19 +285,25 @@ class FoldedDelg(tf.Module):
         return tf.nn.bias_add(tf.matmul(pooled, self.whitening_kernel), self.whitening_bias)
 
 
-def fold_delg_model(model):
+def fold_delg_model(model, compute_dtype="float32"):
     """Returns a `FoldedDelg` of a built `DelgModel`."""
-    return FoldedDelg(model)
+    return FoldedDelg(model, compute_dtype)
 
 
-def inference_model(model, fold_batch_norm=True):
+def inference_model(model, fold_batch_norm=True, compute_dtype="float32"):
     """The model that extraction runs: `FoldedDelg` for a `DelgModel` when folding, else as is.
 
     Objects that only duck-type the inference API (tests' stand-ins, an already
-    folded model) are returned unchanged.
+    folded model) are returned unchanged. `compute_dtype` other than float32 needs
+    the folded graph (ValueError otherwise).
     """
     from delg_tf.models.delg import DelgModel
 
+    check_compute_dtype(compute_dtype)
+    if compute_dtype != "float32" and not (fold_batch_norm and isinstance(model, DelgModel)):
+        raise ValueError(f"compute_dtype={compute_dtype!r} runs the batch-norm-folded graph of "
+                         "a DelgModel; keep fold_batch_norm=True (--fold_batch_norm) and pass "
+                         "a DelgModel, or use compute_dtype='float32'.")
     if fold_batch_norm and isinstance(model, DelgModel):
-        return fold_delg_model(model)
+        return fold_delg_model(model, compute_dtype)
     return model

@@ -272,7 +272,8 @@ def _warmup_requests(config):
             (SIGNATURE_IMAGE_BYTES, {IMAGE_BYTES_INPUT: np.array(jpeg, dtype=object)})]
 
 
-def export_saved_model(model, export_path, config=None, overwrite=False, fold_batch_norm=True):
+def export_saved_model(model, export_path, config=None, overwrite=False, fold_batch_norm=True,
+                       compute_dtype="float32"):
     """Exports `model` as a DELG SavedModel (see the module doc).
 
     Args:
@@ -283,6 +284,9 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
       fold_batch_norm: export the batch-norm-folded graph of a `DelgModel`
         (`delg_tf.extraction.folded`: same outputs up to float rounding, faster on
         CPU); False exports the Keras layers as they are.
+      compute_dtype: "float32", or "bfloat16" for backbone convolutions in
+        bfloat16 (folded graph only; faster on AVX512_BF16 CPUs, outside the
+        official parity tolerances).
 
     Returns:
       Path of the export.
@@ -297,7 +301,8 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
             f"export path {export_path} already exists; expected a new directory. "
             "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
     with atomic.staged_directory(export_path) as tmp:
-        module = DelgServingModule(folded.inference_model(model, fold_batch_norm), config)
+        module = DelgServingModule(folded.inference_model(model, fold_batch_norm, compute_dtype),
+                                   config)
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
         extra = tmp / warmup.WARMUP_DIR
         if config.warmup:
