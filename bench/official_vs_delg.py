@@ -18,7 +18,9 @@ host) through `DelgExtractor` with
 * per_scale:     one traced function per pyramid level, with or without conv5
                  (`delg_tf.official.selfcheck.ConvertedRawExtraction`);
 * per_scale_xla: the same with XLA (`jit_compile=True`; one compilation per
-                 level size, amortised in the warm-up call).
+                 level size, amortised in the warm-up call);
+* folded_pyramid_bf16: the folded pyramid with bfloat16 backbone convolutions
+                 (opt-in `compute_dtype="bfloat16"`; not within parity tolerances).
 
 Calls are interleaved (official, ours, official, ...) after one warm-up call
 each; prints medians, the ratio official / variant, and each variant's parity
@@ -45,7 +47,8 @@ FIXTURES = {
             PARITY_DIR / "tf1_slim" / "configs" / "r50delg_tf1sim_gld_config.pbtxt"),
 }
 VARIANTS_ALL = ("official", "pyramid", "per_scale", "per_scale_xla", "folded_pyramid",
-                "folded_per_scale", "folded_per_scale_xla", "unrolled", "folded_unrolled")
+                "folded_per_scale", "folded_per_scale_xla", "unrolled", "folded_unrolled",
+                "folded_pyramid_bf16")
 VARIANTS = ("official", "pyramid", "folded_pyramid", "folded_per_scale", "folded_per_scale_xla")
 
 
@@ -98,6 +101,9 @@ def make_extractors(fmt, model_dir, config_path, variants):
             extractors[variant] = DelgExtractor.from_model(model, config, fold_batch_norm=False)
         elif variant == "folded_pyramid":
             extractors[variant] = DelgExtractor.from_model(folded, config)
+        elif variant == "folded_pyramid_bf16":
+            extractors[variant] = DelgExtractor.from_model(model, config,
+                                                           compute_dtype="bfloat16")
         else:
             if variant.endswith("unrolled"):
                 runner = UnrolledPyramid(folded if variant.startswith("folded") else model)
