@@ -300,10 +300,11 @@ def inference_model(model, fold_batch_norm=True, compute_dtype="float32"):
     from delg_tf.models.delg import DelgModel
 
     check_compute_dtype(compute_dtype)
-    if compute_dtype != "float32" and not (fold_batch_norm and isinstance(model, DelgModel)):
+    foldable = fold_batch_norm and isinstance(model, DelgModel)
+    if compute_dtype != "float32" and not foldable:
         raise ValueError(f"compute_dtype={compute_dtype!r} runs the batch-norm-folded graph of "
                          "a DelgModel; keep fold_batch_norm=True (--fold_batch_norm) and pass "
                          "a DelgModel, or use compute_dtype='float32'.")
-    if fold_batch_norm and isinstance(model, DelgModel):
+    if foldable:
         return fold_delg_model(model, compute_dtype)
     return model
