@@ -11,11 +11,20 @@ putative matches), negatives have only false putative matches.
 
 Prints one table: wall time per query for each method (delg_tf: minimum over repeats; the
 baseline runs once, it is slow), the speed-up, a
-breakdown (matching / RANSAC), 1-vs-2-thread timing, and the inlier-count
-agreement between the two. Usage:
+breakdown (matching / RANSAC), 1-vs-2-thread timing, matching per pair (matrix product
+vs cKDTree, and whether they give the same matches), matching from 2 threads with BLAS
+limited to one thread vs unlimited, and the inlier-count agreement between the two;
+then one line per positive: true correspondences, putative matches, delg_tf inliers and
+the baseline's inliers for each ``--ransac_seeds`` value. The header gives the load
+average. Usage:
 
     python bench/rerank.py            # top-100, ~1 min on 2 CPU cores
     python bench/rerank.py --quick    # top-25, a few seconds
+    python bench/rerank.py --ransac_seeds=0,1,2   # the baseline's RANSAC with 3 seeds
+
+``--data_seed`` generates the features; ``--ransac_seeds`` seed skimage's RANSAC in the
+baseline (the first one for the table, every one for the per-positive lines, which rerun
+the baseline on the positives only). delg_tf's pycolmap RANSAC keeps its fixed seed.
 """
 
 from __future__ import annotations
@@ -92,20 +101,36 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timing repeats for delg_tf (minimum)."
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data_seed", "--seed", dest="data_seed", type=int, default=0,
+        help="seed of the synthetic features (--seed: the former name).",
+    )
+    parser.add_argument(
+        "--ransac_seeds", "--ransac_seed", dest="ransac_seeds", default="0",
+        help="comma-separated seeds of the baseline's skimage RANSAC (first: the table).",
+    )
     args = parser.parse_args(argv)
+    try:
+        ransac_seeds = [int(s) for s in args.ransac_seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--ransac_seeds: expected comma-separated integers, received "
+                     f"{args.ransac_seeds!r}")
+    if not ransac_seeds:
+        parser.error("--ransac_seeds: expected at least one seed")
 
     shortlist = args.shortlist or (25 if args.quick else 100)
     num_positives = max(1, shortlist // 10)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.data_seed)
     query, pairs, is_pos = syn.make_shortlist(rng, shortlist, num_positives, args.num_features)
     feats = [p.features for p in pairs]
     ids = np.arange(shortlist)
 
     print(
         f"re-ranking top-{shortlist}, {args.num_features} features/image, dim {syn.DEFAULT_DIM}, "
-        f"{num_positives} positives; cpus={os.cpu_count()}, "
-        f"pycolmap {colmap_ransac.pycolmap_version()}"
+        f"{num_positives} positives; cpus={os.cpu_count()}, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
+        f"pycolmap {colmap_ransac.pycolmap_version()}; data seed {args.data_seed}, baseline "
+        f"RANSAC seed(s) {','.join(map(str, ransac_seeds))}"
     )
 
     # delg_tf: warm up once (BLAS/thread pool), then the minimum over repeats.
@@ -136,18 +161,42 @@ def main(argv=None) -> int:
             return colmap_ransac.estimate_affine_ransac(f.keypoints[d], query.keypoints[q])
 
         with ThreadPoolExecutor(2) as pool:
-            t_ransac_2, _ = _timeit(lambda: list(pool.map(verify, zip(feats, matches))), args.repeats)
+            t_ransac_2, _ = _timeit(
+                lambda: list(pool.map(verify, zip(feats, matches))), args.repeats
+            )
+
+    # Matching from 2 threads, BLAS limited to 1 thread (what Reranker does) vs unlimited.
+    def match_all(pool):
+        return list(
+            pool.map(lambda f: corr.find_putative_matches(query.descriptors, f.descriptors), feats)
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        with rr.limit_blas_threads(1):
+            t_pool_limited, _ = _timeit(lambda: match_all(pool), args.repeats)
+        t_pool_free, _ = _timeit(lambda: match_all(pool), args.repeats)
 
     # Baseline, once (slow), with its own breakdown.
     start = time.perf_counter()
-    base = np.array([baseline_num_inliers(query, f, args.seed) for f in feats])
+    base = np.array([baseline_num_inliers(query, f, ransac_seeds[0]) for f in feats])
     t_base = time.perf_counter() - start
-    t_kd, _ = _timeit(
+    t_kd, kd_matches = _timeit(
         lambda: [
             corr.find_putative_matches_kdtree(query.descriptors, f.descriptors) for f in feats
         ],
         1,
     )
+    same_matches = sum(
+        np.array_equal(q, kq) and np.array_equal(d, kd)
+        for (q, d), (kq, kd) in zip(matches, kd_matches)
+    )
+    # The baseline's RANSAC with the other seeds, positives only.
+    positives = np.flatnonzero(is_pos)
+    base_by_seed = {ransac_seeds[0]: base[positives]}
+    for seed in ransac_seeds[1:]:
+        base_by_seed[seed] = np.array(
+            [baseline_num_inliers(query, feats[i], seed) for i in positives]
+        )
     base_order = rr.rerank_order(base, -np.arange(shortlist, dtype=float))
 
     # Agreement.
@@ -175,6 +224,16 @@ def main(argv=None) -> int:
         ("  RANSAC (pycolmap), 2 threads", f"{t_ransac_2:.3f}"),
         ("baseline (cKDTree + skimage): s/query", f"{t_base:.3f}"),
         ("  matching (cKDTree)", f"{t_kd:.3f}"),
+        (
+            "matching per pair: matrix product / cKDTree",
+            f"{t_match / shortlist * 1e3:.1f} ms / {t_kd / shortlist * 1e3:.1f} ms "
+            f"({t_kd / t_match:.1f}x)",
+        ),
+        ("same putative matches (matrix product, cKDTree)", f"{same_matches} of {shortlist} pairs"),
+        (
+            "matching, 2 threads: BLAS 1 thread / unlimited",
+            f"{t_pool_limited:.3f} / {t_pool_free:.3f} ({t_pool_free / t_pool_limited:.2f}x)",
+        ),
         ("speed-up (baseline / delg_tf)", f"{ratio:.1f}x  (target >= {SPEEDUP_TARGET:.0f}x)"),
         ("thread speed-up (1 / %d threads)" % args.num_workers, f"{t_ours_1 / t_ours:.2f}x"),
         ("positives with inliers within +-5%", f"{pos_within * 100:.0f}% of {int(is_pos.sum())}"),
@@ -198,6 +257,14 @@ def main(argv=None) -> int:
     print("-" * (width + 30))
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    print("-" * (width + 30))
+    seeds = " ".join(f"{f'seed {seed}':>8s}" for seed in ransac_seeds)
+    print(f"positives (image: true correspondences, putative matches, delg_tf inliers; "
+          f"baseline inliers per RANSAC seed):")
+    print(f"  {'image':>5s} {'true':>5s} {'putative':>8s} {'delg_tf':>7s}  {seeds}")
+    for row, i in enumerate(positives):
+        counts = " ".join(f"{int(base_by_seed[seed][row]):>8d}" for seed in ransac_seeds)
+        print(f"  {i:>5d} {truth[i]:>5d} {len(matches[i][0]):>8d} {int(ours[i]):>7d}  {counts}")
     print("-" * (width + 30))
     print(
         f"speed-up target (>= {SPEEDUP_TARGET:.0f}x): "
