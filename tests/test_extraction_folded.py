@@ -1,4 +1,7 @@
-"""Batch-norm-folded inference view: same function as the Keras model, in every layout."""
+"""Batch-norm-folded inference view: same function as the Keras model, in every layout;
+the native-bfloat16 detection and its warning."""
+
+import logging
 
 import numpy as np
 import pytest
@@ -151,3 +154,94 @@ def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
         folded.inference_model(model, compute_dtype="float16")
     with pytest.raises(ValueError, match="fold_batch_norm"):
         DelgExtractor.from_model(model, config, fold_batch_norm=False, compute_dtype="bfloat16")
+
+
+# /proc/cpuinfo excerpts (one core each): an AVX2-only desktop CPU, an AVX512 CPU
+# without bfloat16 (Skylake-SP), a Cooper Lake (AVX512_BF16) and a Sapphire Rapids
+# (AVX512_BF16 + AMX-BF16) server, and an aarch64 CPU (no x86 `flags` line).
+CPUINFO_AVX2 = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Core(TM) "
+                "i7-8700\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2\n")
+CPUINFO_AVX512 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
+CPUINFO_COOPER_LAKE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+CPUINFO_SAPPHIRE_RAPIDS = ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+                           "avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+                           "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+                           "avx512_fp16 amx_bf16 amx_tile amx_int8\n")
+CPUINFO_AARCH64 = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve bf16\n"
+
+
+@pytest.mark.parametrize("cpuinfo,env,emulated", [
+    (CPUINFO_AVX2, {}, "neither avx512_bf16 nor amx_bf16"),
+    (CPUINFO_AVX512, {}, "neither avx512_bf16 nor amx_bf16"),
+    (CPUINFO_COOPER_LAKE, {}, None),
+    (CPUINFO_SAPPHIRE_RAPIDS, {}, None),
+    ("fpu avx2 amx_bf16", {}, None),  # a bare flags list
+    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2"),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"},
+     "caps oneDNN below AVX512_CORE_BF16"),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "DNNL_MAX_CPU_ISA"),
+    # The new variable wins over the old spelling (oneDNN reads it first).
+    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "AVX2"}, None),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, None),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, None),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0"),
+    (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "1"}, None),
+    # A cap cannot add what the CPU lacks.
+    (CPUINFO_AVX2, {"ONEDNN_MAX_CPU_ISA": "ALL"}, "neither"),
+    # Unknown flags (another architecture, no /proc): no warning without evidence.
+    (CPUINFO_AARCH64, {}, None),
+    ("", {}, None),
+])
+def test_native_bfloat16_detection_from_cpuinfo_and_environment(cpuinfo, env, emulated):
+    reason = folded.emulated_bfloat16_reason(cpuinfo, env)
+    if emulated is None:
+        assert reason is None
+    else:
+        assert reason is not None and emulated in reason
+
+
+def test_cpu_flags_of_a_cpuinfo_text():
+    assert {"avx2", "fma"} <= folded.cpu_flags(CPUINFO_AVX2)
+    assert "Intel(R)" not in folded.cpu_flags(CPUINFO_AVX2)  # only the flags lines
+    assert folded.cpu_flags(CPUINFO_AARCH64) is None
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records
+            if r.name == folded.__name__ and r.levelno == logging.WARNING]
+
+
+def test_bfloat16_warning_is_one_line_and_only_where_emulated(caplog):
+    caplog.set_level(logging.WARNING, logger=folded.__name__)
+    message = folded.warn_if_bfloat16_emulated("bfloat16", cpuinfo_text=CPUINFO_AVX2, env={})
+    assert [r.getMessage() for r in _warnings(caplog)] == [message]
+    assert "\n" not in message and "slower than float32" in message
+    assert "avx512_bf16" in message
+    caplog.clear()
+    assert folded.warn_if_bfloat16_emulated("bfloat16", cpuinfo_text=CPUINFO_SAPPHIRE_RAPIDS,
+                                            env={}) is None
+    assert folded.warn_if_bfloat16_emulated("float32", cpuinfo_text=CPUINFO_AVX2,
+                                            env={}) is None
+    assert not _warnings(caplog)
+
+
+def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(tmp_path, monkeypatch,
+                                                                        caplog):
+    """The machine's /proc/cpuinfo replaced by an AVX2-only one (no environment change)."""
+    model = _model(seed=9)
+    config = CONFIG.to_delf_config("")
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(CPUINFO_AVX2)
+    monkeypatch.setattr(folded, "CPUINFO_PATH", str(fake))
+    for variable in (folded.TF_ONEDNN_VARIABLE,) + folded.ONEDNN_ISA_CAP_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    caplog.set_level(logging.WARNING, logger=folded.__name__)
+    DelgExtractor.from_model(model, config)  # float32: nothing to say
+    assert not _warnings(caplog)
+    DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
+    assert len(_warnings(caplog)) == 1
+    assert "slower than float32" in _warnings(caplog)[0].getMessage()
+    caplog.clear()
+    fake.write_text(CPUINFO_SAPPHIRE_RAPIDS)
+    DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
+    assert not _warnings(caplog)

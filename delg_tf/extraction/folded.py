@@ -23,7 +23,10 @@ subsampled map), which is the same arithmetic for every kept output.
 Optionally (``compute_dtype="bfloat16"``) the backbone convolutions run in
 bfloat16 (the heads, GeM and whitening stay float32): ~1.8x faster on CPUs with
 AVX512_BF16, but ~4e-3 relative error per layer -- outside the official parity
-tolerances (measured in docs/readme_official.md); opt-in only.
+tolerances (measured in docs/readme_official.md); opt-in only. Only CPUs with
+native bfloat16 (AVX512_BF16 or AMX-BF16) gain: elsewhere oneDNN emulates it and
+it was measured slower than float32 (AVX2-only CPU), so asking for bfloat16 there
+logs one warning (`emulated_bfloat16_reason`, `warn_if_bfloat16_emulated`).
 
 In float32 only rounding changes (~1e-6 relative); the parity tests
 (``tests/test_official_parity.py``, ``tests/test_extraction_folded.py``) and
@@ -32,15 +35,113 @@ In float32 only rounding changes (~1e-6 relative); the parity tests
 they are copied at fold time: later changes to the model are not seen.
 """
 
+import logging
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from delg_tf.ops import pooling
 
+logger = logging.getLogger(__name__)
+
 # Spatial subsampling of the layouts with conv4 at stride 16 (a 1x1/2 max-pool).
 CONV4_SUBSAMPLE_STRIDE = 2
+BFLOAT16 = "bfloat16"
 # Dtypes the folded backbone can compute in (float32: parity with the Keras model).
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", BFLOAT16)
+
+# Native bfloat16 arithmetic: x86 /proc/cpuinfo flags of oneDNN's AVX512_CORE_BF16 and
+# AMX ISAs. Without one of them oneDNN emulates bfloat16 (slower than float32).
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO_PATH = "/proc/cpuinfo"
+CPUINFO_FLAGS_KEY = "flags"  # x86 lines `flags : fpu vme ...` (other CPUs: unknown).
+# oneDNN's ISA cap, new name first (the DNNL_ spelling is read when the first is unset).
+ONEDNN_ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# oneDNN x86 ISA names below AVX512_CORE_BF16 (the first with bfloat16 instructions): a
+# cap at one of them makes oneDNN emulate bfloat16 even on a CPU that has it.
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
+                                "AVX512_CORE", "AVX512_CORE_VNNI")
+# TensorFlow's switch of its oneDNN CPU kernels; off, convolutions use Eigen (emulated).
+TF_ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+TF_ONEDNN_OFF_VALUES = ("0", "false")
+
+
+def cpu_flags(cpuinfo_text):
+    """The x86 CPU flags of a /proc/cpuinfo text (its `flags : ...` lines), or None when it
+    has none (another architecture, no /proc). A text without any ':' is read as a bare
+    space-separated flags list."""
+    lines = [line.partition(":") for line in cpuinfo_text.splitlines()]
+    flags = {flag for key, colon, value in lines
+             if colon and key.strip() == CPUINFO_FLAGS_KEY for flag in value.split()}
+    if flags:
+        return frozenset(flags)
+    if cpuinfo_text.strip() and ":" not in cpuinfo_text:
+        return frozenset(cpuinfo_text.split())
+    return None
+
+
+def emulated_bfloat16_reason(cpuinfo_text=None, env=None):
+    """Why bfloat16 is emulated (not native) on this CPU, or None if native or unknown.
+
+    Pure given both arguments (tests pass sample texts); None reads `CPUINFO_PATH` /
+    `os.environ`.
+
+    Args:
+      cpuinfo_text: /proc/cpuinfo text (or a bare flags list); see `cpu_flags`.
+      env: environment mapping.
+
+    Returns:
+      None when the CPU has one of `NATIVE_BFLOAT16_CPU_FLAGS` and nothing caps oneDNN
+      below it, or when the flags are unknown (no warning without evidence); else a
+      short reason naming the flags or the variable.
+    """
+    if env is None:
+        env = os.environ
+    if cpuinfo_text is None:
+        try:
+            with open(CPUINFO_PATH, encoding="utf-8", errors="replace") as f:
+                cpuinfo_text = f.read()
+        except OSError:
+            cpuinfo_text = ""
+    switch = env.get(TF_ONEDNN_VARIABLE, "").strip()
+    if switch.lower() in TF_ONEDNN_OFF_VALUES:
+        return f"{TF_ONEDNN_VARIABLE}={switch} turns TensorFlow's oneDNN kernels off"
+    for variable in ONEDNN_ISA_CAP_VARIABLES:
+        cap = env.get(variable, "").strip()
+        if cap:
+            if cap.upper() in ONEDNN_ISAS_WITHOUT_BFLOAT16:
+                return f"{variable}={cap} caps oneDNN below AVX512_CORE_BF16"
+            break
+    flags = cpu_flags(cpuinfo_text)
+    if flags is not None and not flags.intersection(NATIVE_BFLOAT16_CPU_FLAGS):
+        return f"the CPU flags have neither {' nor '.join(NATIVE_BFLOAT16_CPU_FLAGS)}"
+    return None
+
+
+def warn_if_bfloat16_emulated(compute_dtype, what="compute_dtype=bfloat16", cpuinfo_text=None,
+                              env=None):
+    """Logs ONE warning line if `compute_dtype` is bfloat16 and this CPU emulates it.
+
+    Args:
+      compute_dtype: the requested compute dtype (nothing happens unless bfloat16).
+      what: what asked for bfloat16 (a flag or an export path), starts the message.
+      cpuinfo_text, env: as `emulated_bfloat16_reason` (None: this machine).
+
+    Returns:
+      The message logged, or None.
+    """
+    if compute_dtype != BFLOAT16:
+        return None
+    reason = emulated_bfloat16_reason(cpuinfo_text, env)
+    if reason is None:
+        return None
+    message = (f"{what}: no native bfloat16 on this CPU ({reason}), oneDNN emulates it: "
+               "bfloat16 will likely be slower than float32 here (measured slower on an "
+               "AVX2-only CPU); use float32 unless it runs on a CPU with AVX512_BF16 or "
+               "AMX-BF16.")
+    logger.warning("%s", message)
+    return message
 
 
 def check_compute_dtype(compute_dtype):
@@ -295,7 +396,8 @@ def inference_model(model, fold_batch_norm=True, compute_dtype="float32"):
 
     Objects that only duck-type the inference API (tests' stand-ins, an already
     folded model) are returned unchanged. `compute_dtype` other than float32 needs
-    the folded graph (ValueError otherwise).
+    the folded graph (ValueError otherwise); bfloat16 logs one warning on CPUs that
+    emulate it (`warn_if_bfloat16_emulated`).
     """
     from delg_tf.models.delg import DelgModel
 
@@ -306,5 +408,6 @@ def inference_model(model, fold_batch_norm=True, compute_dtype="float32"):
                          "a DelgModel; keep fold_batch_norm=True (--fold_batch_norm) and pass "
                          "a DelgModel, or use compute_dtype='float32'.")
     if foldable:
+        warn_if_bfloat16_emulated(compute_dtype)
         return fold_delg_model(model, compute_dtype)
     return model
