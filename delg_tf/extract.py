@@ -12,9 +12,18 @@
   baked-in config; other SavedModels the official R50 DELG defaults).
 * output: `OUT/features.h5` (or `features-SSSSS-of-NNNNN.h5` per shard), built from
   crash-safe parts in `OUT/features[...].parts/`; re-running resumes (finished
-  images skipped). Unreadable/corrupt images are listed in `OUT/errors[...].tsv`
-  (name, reason, message) and skipped. With `--write_delf`, official per-image
-  `OUT/delf/<name>.delf` and `<name>.delg_global` files too.
+  images skipped). With `--write_delf`, official per-image
+  `OUT/delf/<path>.delf` and `<path>.delg_global` files too, `<path>` being the
+  image name mapped inside `OUT/delf/` (`delf_io.relative_output_path`: root and
+  drive dropped, `..` resolved without leaving the folder, unicode kept); two
+  names mapping to the same file are refused before anything runs.
+* failures: image files that cannot be read or decoded are listed in
+  `OUT/errors[...].tsv` (name, reason, message) and skipped; the run succeeds
+  (exit 0) if at least one image of the shard is in the store. If every image
+  fails, or the model itself fails on a readable image (a TensorFlow/graph
+  error is not a bad image), the run stops with one `error:` line and exit code
+  `EXIT_RUN_ERROR` (3); the images extracted until then are kept and a rerun
+  resumes. Bad flags exit with 2.
 
 The library function is `main(config, paths=None) -> Path` (the store path).
 """
@@ -24,12 +33,17 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import time
 from pathlib import Path
 
 from delg_tf.progress import progress_bar
 
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
+# Exit code of a run that gives no usable store (every image failed, the model failed);
+# 2 (`delg_tf.cli.EXIT_USAGE_ERROR`) stays for bad flags / configs / output folders.
+EXIT_RUN_ERROR = 3
+DELF_SUBDIR = "delf"
 # errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
 OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                                errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
@@ -41,6 +55,23 @@ class ExtractConfigError(ValueError):
 
 class ExtractOutputError(OSError):
     """`--output_dir` cannot be created or written (permissions, a file in the way, disk full)."""
+
+
+class ExtractRunError(ValueError):
+    """The run gives no usable store: every image failed, or the model failed.
+
+    A ValueError, so that in-process callers reporting ValueErrors as one line
+    (`delg_tf.evaluate`, `delg_tf.demo`) report it that way too; `python -m
+    delg_tf.extract` exits with `EXIT_RUN_ERROR`.
+    """
+
+
+class ExtractModelError(ExtractRunError):
+    """The model raised on an image that was read fine (not a bad image)."""
+
+
+class NoImageExtractedError(ExtractRunError):
+    """Every image of the shard failed (all listed in the error log)."""
 
 
 def _is_within(path, folder):
@@ -149,14 +180,58 @@ def make_extractor(config):
     from delg_tf.extraction.extractor import DelgExtractor
 
     if config.delf_config:
-        return DelgExtractor.from_config(config.delf_config, model_path=config.model_path)
-    return DelgExtractor.from_saved_model(config.model_path)
+        extractor = DelgExtractor.from_config(config.delf_config, model_path=config.model_path)
+    else:
+        extractor = DelgExtractor.from_saved_model(config.model_path)
+    return extractor
 
 
-def _write_official_files(output_dir, name, features):
+def official_file_bases(names):
+    """{name: path relative to `OUT/delf/`} of the `--write_delf` files of `names`.
+
+    See `delf_io.official_file_bases` (the mapping, and names whose files would clash,
+    which are refused with ExtractConfigError).
+    """
     from delg_tf.extraction import delf_io
 
-    base = Path(output_dir) / "delf" / name
+    try:
+        return delf_io.official_file_bases(names, folder=f"--output_dir/{DELF_SUBDIR}")
+    except ValueError as e:
+        raise ExtractConfigError(f"--write_delf: {e}") from e
+
+
+def _model_description(config):
+    if config.model_path:
+        return f"--model_path={config.model_path}"
+    return f"--delf_config={config.delf_config}"
+
+
+def error_summary(error):
+    """One line of an error: its message's last paragraph (a TF graph execution error
+    puts the op's message after the Python stack of the node), first line, without the
+    `[[{{node ...}}]]` / `[Op:...]` tails, plus the node name if TF gives one."""
+    text = str(getattr(error, "message", None) or error)
+    blocks = [block for block in re.split(r"\n\s*\n", text) if block.strip()]
+    lines = [line.strip() for line in (blocks[-1] if blocks else "").splitlines()]
+    line = next((line for line in lines if line), "")
+    line = re.sub(r"\s*(\[\[\{\{node .*|\[Op:[^\]]*\])\s*$", "", line) or type(error).__name__
+    node = re.search(r"Detected at node '?([^'\s]+)'? defined at", text)
+    return f"{line} (node {node.group(1)})" if node else line
+
+
+def model_error(error, name, path, config, kept):
+    """`ExtractModelError` for `error` raised by the model on image `name` (at `path`)."""
+    return ExtractModelError(
+        f"the model ({_model_description(config)}) failed on image {name!r} ({path}): "
+        f"{type(error).__name__}: {error_summary(error)}; this is a model/runtime error, not "
+        f"a bad image (unreadable images go to {config.error_log}): check the model and its "
+        f"config, then rerun (the {kept} image(s) extracted so far are kept).")
+
+
+def _write_official_files(output_dir, relative_base, features):
+    from delg_tf.extraction import delf_io
+
+    base = Path(output_dir) / DELF_SUBDIR / relative_base
     if features.attention.size or features.descriptors.size:
         delf_io.write_delf(base.with_name(base.name + delf_io.DELF_EXTENSION),
                            features.locations, features.scales, features.descriptors,
@@ -177,6 +252,11 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
 
     Returns:
       Path of the consolidated store file.
+
+    Raises:
+      ExtractConfigError: duplicated names, or (`write_delf`) names whose files clash.
+      ExtractModelError: the extractor raised on a readable image (stops the run).
+      NoImageExtractedError: every image of the shard failed to load.
     """
     from delg_tf.data.errors import ImageLoadError
     from delg_tf.data.images import load_image_rgb
@@ -192,6 +272,8 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
         raise ExtractConfigError(f"image names must be unique; duplicated: {duplicated}.")
+    # All shards write into the same delf/ folder: names are checked over all of them.
+    bases = official_file_bases(names) if config.write_delf else {}
     shard = pairs[config.shard_index::config.num_shards]
     # The model is loaded before any output folder exists: a missing or broken
     # SavedModel / DelfConfig leaves nothing behind.
@@ -213,22 +295,26 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
         for name, path in iterator:
             try:
                 image = load_image_rgb(path, alpha="drop")
-                features = extractor(image)
-            except ImageLoadError as e:
+            except ImageLoadError as e:  # a bad image file: logged, skipped.
                 failures += 1
                 log.write(f"{name}\t{e.reason}\t{e}\n".replace("\n", " ").rstrip() + "\n")
                 log.flush()
                 continue
-            except Exception as e:  # noqa: BLE001 - reported and skipped, run continues.
-                failures += 1
-                log.write(f"{name}\textraction_failed\t{type(e).__name__}: {e}"
-                          .replace("\n", " ") + "\n")
-                log.flush()
-                continue
+            try:
+                features = extractor(image)
+            except Exception as e:  # noqa: BLE001 - the image is fine: the model failed.
+                # Queued images are flushed to a part when the `with` exits.
+                raise model_error(e, name, path, config, len(writer.done)) from e
             writer.add(name, features)
             if config.write_delf:
-                _write_official_files(output_dir, name, features)
+                _write_official_files(output_dir, bases[name], features)
     extracted = len(todo) - failures
+    if shard and extracted + skipped == 0:
+        suffix = f" of shard {config.shard_index}/{config.num_shards}" if config.suffix else ""
+        raise NoImageExtractedError(
+            f"all {failures} of {len(shard)} images{suffix} failed, none extracted (no store "
+            f"written); the reason of each is in {config.error_log}: check --images / "
+            "--image_root and the image files.")
     store = consolidate(config.parts_dir, config.store_path, order=[n for n, _ in shard])
     print(f"extract: shard {config.shard_index}/{config.num_shards}: {len(shard)} images, "
           f"{extracted} extracted, {skipped} already done, {failures} failed "
@@ -281,8 +367,9 @@ def cli():
     """Console entry point."""
     from delg_tf import cli as runner
 
-    runner.run_main(_define_flags, _main_from_flags,
-                    expected_errors=runner.DEFAULT_EXPECTED_ERRORS + (ExtractOutputError,))
+    runner.run_main(_define_flags, _main_from_flags, expected_errors=[
+        runner.ErrorRule((ExtractRunError,), EXIT_RUN_ERROR),
+        runner.ErrorRule(runner.DEFAULT_EXPECTED_ERRORS + (ExtractOutputError,))])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Already covered elsewhere (not repeated here):
 Here: kill -9 of the `python -m delg_tf.extract` process and a rerun giving the store
 of an uninterrupted run; disk full (ENOSPC injected into the HDF5 writer) and an
 unwritable output folder; a missing SavedModel; configs naming missing files; the
-bad-input folder through the extract CLI and then `python -m delg_tf.evaluate`.
+bad-input folder through the extract CLI and then `python -m delg_tf.evaluate`
+(some images bad: exit 0); a folder of only bad images and a model that fails on an
+image (a TensorFlow graph error is not a bad image): exit `EXIT_RUN_ERROR`.
 Each fault must give one clear error line (no traceback) and leave no output that a
 later run would trust.
 """
@@ -20,6 +22,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import types
 
@@ -43,6 +46,37 @@ IMAGE_SIDE = 64
 SUBPROCESS_TIMEOUT_S = 300
 POLL_S = 0.02
 EXIT_USAGE = 2
+EXIT_RUN = 3
+TALL_SIDE = 80  # images this tall make FAILING_MODEL_CLI's model raise
+
+# `python -m delg_tf.extract` whose model raises a TensorFlow graph error
+# (InvalidArgumentError from an Assert op run inside a tf.function) on images at
+# least TALL_SIDE pixels high, and extracts the others with the real export.
+FAILING_MODEL_CLI = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    from delg_tf import extract
+
+    real_make_extractor = extract.make_extractor
+    tall = int(sys.argv[1])
+
+    class FailsOnTallImages:
+        def __init__(self, extractor):
+            self.extractor = extractor
+
+        @tf.function
+        def check(self, image):
+            tf.debugging.assert_less(tf.shape(image)[0], tall,
+                                     message="conv4 input too tall for this graph")
+
+        def __call__(self, image):
+            self.check(tf.constant(image))
+            return self.extractor(image)
+
+    extract.make_extractor = lambda config: FailsOnTallImages(real_make_extractor(config))
+    sys.argv = ["delg_tf.extract"] + sys.argv[2:]
+    extract.cli()
+""")
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +336,51 @@ def test_bad_input_folder_through_extract_and_evaluate(tmp_path, export_dir):
                       f"--query_features={store}", f"--output_json={tmp_path / 'bad.json'}")
     _assert_one_clear_error(failed, bad[0])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_extract_cli_of_only_bad_images_fails_with_one_line(tmp_path, export_dir):
+    entries = write_bad_image_corpus(tmp_path / "corpus")
+    bad = sorted(name for name, e in entries.items() if not e.ok)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in bad:
+        (tmp_path / "corpus" / name).rename(images / name)
+    out = tmp_path / "out"
+    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={export_dir}",
+                      f"--output_dir={out}", "--noprogress")
+    _assert_one_clear_error(result, f"all {len(bad)} of {len(bad)} images failed",
+                            str(out / "errors.tsv"))
+    assert result.returncode == EXIT_RUN
+    assert not (out / "features.h5").exists()
+    logged = [line.split("\t")[0] for line in
+              (out / "errors.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert sorted(logged) == bad
+
+
+def test_extract_cli_stops_when_the_model_fails_and_a_rerun_resumes(tmp_path, export_dir):
+    images = _write_images(tmp_path / "images", 2)  # img_0000.jpg, img_0001.jpg
+    Image.fromarray(random_image(TALL_SIDE, IMAGE_SIDE, seed=7)).save(images / "img_0002.jpg")
+    Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=8)).save(images / "img_0003.jpg")
+    out = tmp_path / "out"
+    script = tmp_path / "failing_model_extract.py"
+    script.write_text(FAILING_MODEL_CLI)
+    result = subprocess.run(
+        [sys.executable, str(script), str(TALL_SIDE), f"--images={images}",
+         f"--model_path={export_dir}", f"--output_dir={out}", "--flush_every=1",
+         "--noprogress"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    _assert_one_clear_error(result, "'img_0002.jpg'", f"--model_path={export_dir}",
+                            "InvalidArgumentError", "not a bad image")
+    assert result.returncode == EXIT_RUN
+    assert "conv4 input too tall" in result.stderr  # the first line of the TF error
+    assert "[[" not in [line for line in result.stderr.splitlines()
+                        if line.startswith("error:")][0]  # no graph node trace
+    # Not a bad image: no row in the error log, no store; the images before are kept.
+    assert (out / "errors.tsv").read_text(encoding="utf-8") == extract.ERROR_LOG_HEADER
+    assert not (out / "features.h5").exists()
+    assert sorted(FeatureStore(out / "features.parts").names) == ["img_0000.jpg",
+                                                                 "img_0001.jpg"]
+    # Once the model works, a rerun resumes from the kept images.
+    config = extract.ExtractConfig(output_dir=str(out), images=str(images),
+                                   model_path=str(export_dir), progress=False)
+    store = extract.main(config, extractor=DelgExtractor.from_saved_model(str(export_dir)))
+    assert len(FeatureStore(store)) == 4

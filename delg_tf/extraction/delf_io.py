@@ -9,11 +9,18 @@ Field usage as tensorflow/models research/delf `feature_io.py` / `datum_io.py`:
   `uint32_list` (unsigned integer arrays).
 
 Files are written atomically (temporary file + rename). No TensorFlow import.
+
+Per-image files of many images go to `<folder>/<relative path>.delf` (and
+`.delg_global`), the relative path being `relative_output_path(image name)`:
+image names from a list file may be absolute or hold `..`, and must never put a
+file outside `<folder>` (see `relative_output_path` and `official_file_bases`).
 """
 
 import os
+import re
 import tempfile
-from pathlib import Path
+import unicodedata
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -22,6 +29,96 @@ from delg_tf.protos import datum_pb2, feature_pb2
 DELF_EXTENSION = ".delf"
 DELG_GLOBAL_EXTENSION = ".delg_global"
 DELG_LOCAL_EXTENSION = ".delg_local"
+# Extensions of the files `official_file_bases` plans for each image.
+PER_IMAGE_EXTENSIONS = (DELF_EXTENSION, DELG_GLOBAL_EXTENSION)
+# Both separators split image names, whatever the OS (names of lists made on Windows).
+_NAME_SEPARATORS = re.compile(r"[\\/]+")
+# A leading Windows drive ("C:"), dropped like the root.
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_PARENT = ".."
+_CURRENT = "."
+
+
+def relative_output_path(name):
+    """Safe relative path (a `PurePosixPath`) for the per-image files of image `name`.
+
+    Deterministic, keeps names recognisable and never leaves the output folder:
+
+    * `/` and `\\` both separate segments (whatever the OS);
+    * a leading drive (`C:`) and the root (`/`, `//server/`) are dropped:
+      `/data/imgs/a.jpg` -> `data/imgs/a.jpg`;
+    * empty and `.` segments are dropped; `..` removes the segment before it and is
+      dropped at the top (lexical resolution clamped at the output folder, like
+      `os.path.normpath` of a path under `/`): `imgs/../a.jpg` -> `a.jpg`,
+      `../../shared/a.jpg` -> `shared/a.jpg`;
+    * every other character, unicode included, is kept as it is (no normalisation).
+
+    Raises:
+      ValueError: nothing is left (`/`, `..`, empty) or `name` holds a NUL character.
+    """
+    text = str(name)
+    if "\0" in text:
+        raise ValueError(f"image name {name!r} holds a NUL character; no file can be named "
+                         "after it: fix the image list.")
+    segments = []
+    for segment in _NAME_SEPARATORS.split(_DRIVE.sub("", text, count=1)):
+        if segment == _PARENT:
+            if segments:
+                segments.pop()
+        elif segment and segment != _CURRENT:
+            segments.append(segment)
+    if not segments:
+        raise ValueError(f"image name {name!r} names no file (nothing is left once the root, "
+                         "'.' and '..' segments are resolved): fix the image list.")
+    return PurePosixPath(*segments)
+
+
+def _collision_key(relative):
+    """Same key = same file on a case-insensitive or Unicode-normalising file system."""
+    return unicodedata.normalize("NFC", str(relative)).casefold()
+
+
+def official_file_bases(names, folder="delf"):
+    """{image name: relative base path} of the per-image files, refusing any clash.
+
+    The base of image `name` is `relative_output_path(name)`; its files are the base
+    plus each of `PER_IMAGE_EXTENSIONS`. Two images clash (and are refused, never
+    silently overwritten or renamed) when their files would be the same file --
+    compared case-insensitively and after Unicode NFC normalisation, so the output is
+    the same on every file system -- or when a file of one would have to be a folder
+    of the other (`a` -> `a.delf`, `a.delf/b.jpg` -> `a.delf/b.jpg.delf`).
+
+    Args:
+      names: image names (the store's names; unique).
+      folder: the output folder, only named in the error message.
+
+    Raises:
+      ValueError: a name maps to no file, or two names clash; the message names both
+        and the fix.
+    """
+    bases, owners, folders = {}, {}, {}
+    for name in names:
+        base = relative_output_path(name)
+        bases[name] = base
+        key = _collision_key(base)
+        if key in owners:
+            raise ValueError(
+                f"images {owners[key]!r} and {name!r} would both be written to "
+                f"{folder}/{base}{DELF_EXTENSION} (names are mapped inside the folder: root "
+                "and drive dropped, '..' resolved, case and Unicode form ignored); rename "
+                "one of them in the image list.")
+        owners[key] = name
+        for parent in list(base.parents)[:-1]:
+            folders.setdefault(_collision_key(parent), name)
+    for name, base in bases.items():
+        for extension in PER_IMAGE_EXTENSIONS:
+            other = folders.get(_collision_key(f"{base}{extension}"))
+            if other is not None:
+                raise ValueError(
+                    f"image {name!r} would be written to {folder}/{base}{extension}, a "
+                    f"folder of the files of image {other!r}; rename one of them in the "
+                    "image list.")
+    return bases
 
 
 def array_to_datum(array):
