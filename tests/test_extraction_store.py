@@ -171,3 +171,21 @@ def test_images_without_features_mix_with_others(tmp_path):
     assert store.get("a_tiny.png")["descriptors"].shape == (0, LOCAL_DIM)
     np.testing.assert_array_equal(store.get(records[3][0])["descriptors"],
                                   records[3][1]["descriptors"])
+
+
+def test_store_names_are_keys_never_paths(tmp_path):
+    """Absolute, `..` and unicode image names are stored verbatim and only as data: the
+    writer's files are its part files, whatever the names (issue 12)."""
+    names = ["/abs/dir/a.jpg", "../../escape.jpg", "C:\\win\\b.jpg", "église/東京_😀.png",
+             "x/../y.jpg"]
+    records = [(name, features) for name, (_, features) in zip(names, _records())]
+    _write_all(tmp_path / "out" / "parts", records)
+    store_path = consolidate(tmp_path / "out" / "parts", tmp_path / "out" / "s.h5",
+                             order=names)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/parts/part-000000.h5", "out/parts/part-000001.h5",
+                       "out/parts/part-000002.h5", "out/s.h5"]
+    store = FeatureStore(store_path)
+    assert store.names == names
+    np.testing.assert_array_equal(store.get("../../escape.jpg")["descriptors"],
+                                  records[1][1]["descriptors"])
