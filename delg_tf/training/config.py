@@ -53,7 +53,11 @@ RESUMABLE_CHANGES = frozenset({
     "summary_interval", "log_interval", "validation_interval", "validation_steps",
     "train_file_pattern", "validation_file_pattern", "data_dir", "strategy", "tpu",
     "init_from", "imagenet_weights", "save_iterator_state", "num_parallel_reads",
+    "deterministic", "intra_op_threads",
 })
+# Intra-op threads of a --deterministic run that sets none: oneDNN and Eigen split a
+# reduction by thread count, so the count must be the same on every machine.
+DETERMINISTIC_INTRA_OP_THREADS = 2
 
 
 class ConfigError(ValueError):
@@ -114,6 +118,13 @@ class TrainConfig:
             (possible with the "default" strategy only; otherwise the data order
             is reseeded from the resumed step).
         num_parallel_reads: TFRecord files read in parallel.
+        deterministic: TF op determinism (``tf.config.experimental.enable_op_determinism``)
+            and a fixed intra-op thread count (``intra_op_threads``, else 2): two runs with the same config on one
+            machine give identical weights. Machines with other CPU generations still
+            differ (oneDNN picks other floating-point kernels per instruction set).
+        intra_op_threads: threads one TF op may use (0 = TF's default: every core;
+            with ``deterministic``, 2). Must be set
+            before TensorFlow starts running ops.
     """
     logdir: str
     model_family: str = "delg"
@@ -147,6 +158,8 @@ class TrainConfig:
     imagenet_weights: Optional[str] = None
     save_iterator_state: bool = True
     num_parallel_reads: int = 4
+    deterministic: bool = False
+    intra_op_threads: int = 0
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns self so calls chain.
@@ -167,7 +180,8 @@ class TrainConfig:
                      "validation_steps", "num_parallel_reads"):
             value = getattr(self, name)
             _expect(_is_int(value) and value >= 1, name, "an integer >= 1", value)
-        for name in ("validation_interval", "warmup_steps", "seed", "embedded_train_landmarks"):
+        for name in ("validation_interval", "warmup_steps", "seed", "embedded_train_landmarks",
+                     "intra_op_threads"):
             value = getattr(self, name)
             _expect(_is_int(value) and value >= 0, name, "an integer >= 0", value)
         _expect(self.warmup_steps < self.max_iters, "warmup_steps",
@@ -196,6 +210,13 @@ class TrainConfig:
         if self.strategy != "tpu":
             _expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
         return self
+
+    @property
+    def resolved_intra_op_threads(self) -> int:
+        """Intra-op threads to set (0 = leave TF's default)."""
+        if self.intra_op_threads or not self.deterministic:
+            return self.intra_op_threads
+        return DETERMINISTIC_INTRA_OP_THREADS
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -405,6 +405,41 @@ def _write_scalars(writer, metrics: dict, step: int):
     writer.flush()
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_runtime(config: TrainConfig) -> None:
+    """Applies ``config.deterministic`` and ``config.intra_op_threads`` to TensorFlow.
+
+    Call before TensorFlow runs its first op in the process (the trainer does so
+    first thing): the intra-op thread count cannot change afterwards.
+
+    Raises:
+        ConfigError: the thread count cannot be applied any more.
+    """
+    threads = config.resolved_intra_op_threads
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    same = current == threads or (current == 0 and threads == _available_cores())
+    if threads and not same:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"--intra_op_threads={threads} (--deterministic="
+                f"{config.deterministic}) cannot be applied: TensorFlow already runs ops in "
+                f"this process with {current or 'its default number of'} intra-op threads; "
+                f"start a new process, or set TF_NUM_INTRAOP_THREADS={threads} before "
+                "TensorFlow is imported.") from e
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        logger.info("deterministic run: TF op determinism on, %s intra-op threads",
+                    threads or "default")
+
+
 def train(config: TrainConfig, model_config=None, *,
           model_fn: Optional[Callable] = None,
           data_fn: Optional[Callable] = None,
@@ -429,6 +464,7 @@ def train(config: TrainConfig, model_config=None, *,
         NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
     """
     config.validate()
+    configure_runtime(config)
     logdir = Path(config.logdir)
     strategy = strategy or make_strategy(config.strategy, config.tpu)
     replicas = strategy.num_replicas_in_sync
