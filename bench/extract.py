@@ -12,8 +12,8 @@ weights; speed does not depend on them):
 * delg_tf extraction, 3 global + 7 local scales (the paper's setting);
 * delg_tf extraction, 3 global + 3 local scales;
 each as median seconds of `repeats` interleaved runs after one warm-up (tracing)
-run, with the ratios to the floor and to the pyramid backbone; then the peak host memory (ru_maxrss) and, if TF
-reports it, the TF CPU allocator peak.
+run, with the ratios to the floor and to the pyramid backbone; then the peak host
+memory (ru_maxrss) and, if TF reports it, the TF CPU allocator peak.
 `--quick` uses 512 px, the tiny backbone and one repeat (a smoke run).
 """
 
