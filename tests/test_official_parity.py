@@ -7,6 +7,7 @@ Mostly the 320 configs, to keep the runtime small.
 """
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -25,19 +26,29 @@ pytestmark = pytest.mark.skipif(
            "repository); they hold the official-format DELG SavedModels and recorded outputs")
 
 IMAGES = ("astronaut", "coffee", "chelsea", "motorcycle_left")
-# Official model rerun under our TF vs the recorded outputs (READMEs: TF 2.21 vs 2.15
-# noise is <= 5e-8 global, <= 5e-7 descriptors, <= 5e-6 attention).
-RERUN_GLOBAL_TOL = 1e-5
-RERUN_DESCRIPTOR_TOL = 1e-4
-RERUN_ATTENTION_TOL = 1e-4
-# Converted model vs the official recorded outputs (issue 8): the converter's self-check
-# tolerances (1e-4 global, 1e-3 descriptors / attention / location px).
-CONVERTED_GLOBAL_TOL = selfcheck.GLOBAL_MAX_ABS_TOLERANCE
-CONVERTED_DESCRIPTOR_TOL = selfcheck.LOCAL_DESCRIPTOR_TOLERANCE
-CONVERTED_ATTENTION_TOL = selfcheck.ATTENTION_TOLERANCE
+# Parity bounds of these tests (issue 12): about 5x the largest difference measured on the
+# fixtures over every path below (official SavedModels through DelgExtractor; converted
+# Keras model folded, unfolded and unrolled; converted export; the converter's own
+# self-check), both formats, with oneDNN's native AVX-512 kernels and with
+# ONEDNN_MAX_CPU_ISA=AVX2 (TF 2.21, x86-64). Measured maxima, native / AVX2:
+#   global descriptor max abs   4.5e-8 / 3.7e-8 (raw TF1 rows 5.2e-8 / 6.3e-8) -> 3e-7
+#   local descriptors max abs   5.7e-7 / 6.1e-7                                -> 3e-6
+#   attention max abs           6.2e-6 / 4.5e-6 (TF1 scores 0.2-2.9)           -> 3e-5
+# A wrong attention batch-norm epsilon (1e-5 instead of the TF2 head's 1e-3) moves the
+# attention by 1.4e-4 and fails them. The converter's run-time self-check tolerances
+# (selfcheck.*: 1e-4 global, 1e-3 descriptors / attention) stay looser on purpose (real
+# models on other machines) and are not used here.
+PARITY_GLOBAL_TOL = 3e-7
+PARITY_DESCRIPTOR_TOL = 3e-6
+PARITY_ATTENTION_TOL = 3e-5
 LOCATION_TOL = selfcheck.LOCATION_TOLERANCE_PX
-# Expected features within this margin of the threshold may flip (READMEs): 1e-4.
+# compare_local counts a missing / extra feature only above threshold + margin (1e-4,
+# READMEs); `_compare` then still requires every feature to match (no flips on these files).
 THRESHOLD_MARGIN = selfcheck.BORDERLINE_SCORE_MARGIN
+# Numbers every entry of the converter's self-check report (conversion.json) must carry.
+SELF_CHECK_NUMBERS = ("global_max_abs", "descriptor_max_abs", "attention_max_abs",
+                      "location_max_abs", "num_reference", "num_candidate", "num_matched",
+                      "num_missing", "num_extra")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -117,18 +128,58 @@ def _threshold(fmt):
     return load_delf_config(str(_config_path(fmt, 320))).delf_local_config.score_threshold
 
 
-def _compare(features, expected, threshold, global_tol, descriptor_tol, attention_tol):
-    """Element-wise parity; local features matched by (location, scale). Returns numbers."""
+def _finite_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _compare(features, expected, threshold, label):
+    """Element-wise parity within the PARITY_* bounds; local features matched by (location,
+    scale). Prints and returns the measured numbers."""
     got = {"locations": features.locations, "scales": features.scales,
            "descriptors": features.descriptors, "attention": features.attention}
-    global_diff = float(np.abs(features.global_descriptor - expected["global_descriptor"]).max())
+    global_diff = float(np.abs(np.asarray(features.global_descriptor, np.float64)
+                               - expected["global_descriptor"]).max())
     local = selfcheck.compare_local(expected, got, abs_thres=threshold, margin=THRESHOLD_MARGIN)
-    assert global_diff <= global_tol, f"global descriptor max abs {global_diff:.3g} > {global_tol}"
-    assert local["num_missing"] == 0 and local["num_extra"] == 0, local
-    assert local["descriptor_max_abs"] <= descriptor_tol, local
-    assert local["attention_max_abs"] <= attention_tol, local
-    assert local["location_max_abs"] <= LOCATION_TOL, local
-    return dict(global_max_abs=global_diff, **local)
+    measured = dict(global_max_abs=global_diff, **local)
+    print(f"parity {label}: global {global_diff:.2e}, descriptors "
+          f"{local['descriptor_max_abs']:.2e}, attention {local['attention_max_abs']:.2e}, "
+          f"location {local['location_max_abs']:.2e} px, matched "
+          f"{local['num_matched']}/{local['num_reference']} (candidate {local['num_candidate']})")
+    assert all(_finite_number(v) for v in measured.values()), (label, measured)
+    assert global_diff <= PARITY_GLOBAL_TOL, \
+        f"{label}: global descriptor max abs {global_diff:.3g} > {PARITY_GLOBAL_TOL}"
+    # Every recorded feature found, nothing else kept (no borderline flips on these files).
+    assert local["num_reference"] > 0, (label, local)
+    assert local["num_matched"] == local["num_reference"] == local["num_candidate"], (label, local)
+    assert local["descriptor_max_abs"] <= PARITY_DESCRIPTOR_TOL, (label, local)
+    assert local["attention_max_abs"] <= PARITY_ATTENTION_TOL, (label, local)
+    assert local["location_max_abs"] <= LOCATION_TOL, (label, local)
+    return measured
+
+
+def _assert_self_check_report(report, images):
+    """The converter's self-check numbers (conversion.json) exist and are within the bounds.
+
+    A missing entry, key or number (None, NaN) is an assertion failure, never a skip.
+    """
+    assert isinstance(report, list), f"self-check report is {report!r}, expected a list"
+    assert [entry.get("image") for entry in report] == list(images), report
+    for entry in report:
+        name = entry.get("image")
+        for key in SELF_CHECK_NUMBERS:
+            assert key in entry, f"self-check report of {name} lacks {key!r}: {entry}"
+            assert _finite_number(entry[key]), f"self-check {name}: {key} = {entry[key]!r}"
+        print(f"parity self-check {name}: global {entry['global_max_abs']:.2e}, descriptors "
+              f"{entry['descriptor_max_abs']:.2e}, attention {entry['attention_max_abs']:.2e}, "
+              f"matched {entry['num_matched']}/{entry['num_reference']}")
+        assert entry.get("ok") is True, entry
+        assert entry["num_missing"] == 0 and entry["num_extra"] == 0, entry
+        assert entry["num_matched"] == entry["num_reference"] == entry["num_candidate"] > 0, entry
+        assert entry["global_max_abs"] <= PARITY_GLOBAL_TOL, entry
+        assert entry["descriptor_max_abs"] <= PARITY_DESCRIPTOR_TOL, entry
+        assert entry["attention_max_abs"] <= PARITY_ATTENTION_TOL, entry
+        assert entry["location_max_abs"] <= LOCATION_TOL, entry
 
 
 def _config_for(fmt, size, model_path, tmp_path):
@@ -154,8 +205,10 @@ def test_tf1_loader_reproduces_the_recorded_raw_call(tf1_model):
     out = fn(data["raw_input_image"], data["raw_input_scales"],
              data["raw_input_max_feature_num"], data["raw_input_abs_thres"],
              data["raw_input_global_scales_ind"])
-    np.testing.assert_allclose(out["global_descriptors"], data["raw_global_descriptors"],
-                               atol=1e-5, rtol=0)
+    assert out["global_descriptors"].shape == data["raw_global_descriptors"].shape
+    raw_diff = float(np.abs(out["global_descriptors"] - data["raw_global_descriptors"]).max())
+    print(f"parity official tf1 raw call chelsea: raw global rows {raw_diff:.2e}")
+    assert raw_diff <= PARITY_GLOBAL_TOL
     assert out["boxes"].shape == data["raw_boxes"].shape
 
 
@@ -188,11 +241,11 @@ def test_official_model_through_delg_extractor_matches_recorded(fmt, tf1_model, 
     extractor = DelgExtractor.from_config(_config_for(fmt, 320, model_dir, tmp_path))
     for image in IMAGES:
         _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 RERUN_GLOBAL_TOL, RERUN_DESCRIPTOR_TOL, RERUN_ATTENTION_TOL)
+                 f"official {fmt} 320 {image}")
     # One image with the full-size (1024) config.
     extractor = DelgExtractor.from_config(_config_for(fmt, 1024, model_dir, tmp_path))
     _compare(extractor(_skimage("chelsea")), _expected(fmt, 1024, "chelsea"), _threshold(fmt),
-             RERUN_GLOBAL_TOL, RERUN_DESCRIPTOR_TOL, RERUN_ATTENTION_TOL)
+             f"official {fmt} 1024 chelsea")
 
 
 # ---------------------------------------------------------------- (2) converted models
@@ -205,33 +258,59 @@ def test_converted_keras_model_matches_recorded(fmt, converted_tf1, converted_tf
     assert "self-check [converted] chelsea" in log and "-> OK" in log
     model = load_converted_model(out)
     config = load_delf_config(str(_config_for(fmt, 320, "unused", tmp_path)))
-    extractor = DelgExtractor.from_model(model, config)
+    extractor = DelgExtractor.from_model(model, config)  # the folded graph (default)
     for image in IMAGES:
         _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
+                 f"converted {fmt} folded {image}")
 
 
-def test_folded_and_unrolled_variants_match_recorded(converted_tf1, tmp_path):
+@pytest.mark.parametrize("fmt", ["tf2", "tf1"])
+def test_converter_self_check_numbers_are_reported_and_tight(fmt, converted_tf1, converted_tf2):
+    out, _ = converted_tf1 if fmt == "tf1" else converted_tf2
+    conversion = json.loads((out / "conversion.json").read_text())
+    assert "self_check" in conversion, sorted(conversion)
+    _assert_self_check_report(conversion["self_check"], ("chelsea",))
+
+
+def test_self_check_report_without_numbers_fails(converted_tf1):
+    out, _ = converted_tf1
+    entry = json.loads((out / "conversion.json").read_text())["self_check"][0]
+    _assert_self_check_report([entry], ("chelsea",))
+    for broken in ({k: v for k, v in entry.items() if k != "attention_max_abs"},
+                   {**entry, "global_max_abs": None}, {**entry, "descriptor_max_abs": math.nan},
+                   {**entry, "num_matched": entry["num_matched"] - 1}):
+        with pytest.raises(AssertionError):
+            _assert_self_check_report([broken], ("chelsea",))
+    for report in (None, [], {"chelsea": entry}):
+        with pytest.raises(AssertionError):
+            _assert_self_check_report(report, ("chelsea",))
+
+
+@pytest.mark.parametrize("fmt", ["tf2", "tf1"])
+def test_folded_unfolded_and_unrolled_variants_match_recorded(fmt, converted_tf1, converted_tf2,
+                                                              tmp_path):
     from delg_tf.extraction import raw_model
     from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
     from delg_tf.official.convert import load_converted_model
     from delg_tf.extraction.folded import fold_delg_model
     from delg_tf.official.unrolled import UnrolledPyramid
 
-    out, _ = converted_tf1
-    folded = fold_delg_model(load_converted_model(out))
-    config = load_delf_config(str(_config_for("tf1", 320, "unused", tmp_path)))
+    out, _ = converted_tf1 if fmt == "tf1" else converted_tf2
+    model = load_converted_model(out)
+    folded = fold_delg_model(model)
+    config = load_delf_config(str(_config_for(fmt, 320, "unused", tmp_path)))
     unrolled = UnrolledPyramid(folded)
 
     def call(**kw):
         return unrolled(kw["input_image"], kw["input_scales"], kw["input_max_feature_num"],
                         kw["input_abs_thres"], kw["input_global_scales_ind"])
 
-    for extractor in (DelgExtractor.from_model(folded, config),
-                      DelgExtractor(raw_model.from_function(call), config)):
-        _compare(extractor(_skimage("coffee")), _expected("tf1", 320, "coffee"),
-                 _threshold("tf1"), CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL,
-                 CONVERTED_ATTENTION_TOL)
+    variants = {"unfolded keras": DelgExtractor.from_model(model, config, fold_batch_norm=False),
+                "folded": DelgExtractor.from_model(folded, config),
+                "unrolled folded": DelgExtractor(raw_model.from_function(call), config)}
+    for name, extractor in variants.items():
+        _compare(extractor(_skimage("coffee")), _expected(fmt, 320, "coffee"),
+                 _threshold(fmt), f"converted {fmt} {name} coffee")
 
 
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
@@ -243,7 +322,7 @@ def test_converted_export_matches_recorded(fmt, converted_tf1, converted_tf2, tm
     extractor = DelgExtractor.from_config(config)
     for image in ("chelsea", "motorcycle_left"):
         _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 CONVERTED_GLOBAL_TOL, CONVERTED_DESCRIPTOR_TOL, CONVERTED_ATTENTION_TOL)
+                 f"converted {fmt} export {image}")
 
 
 def test_converted_checkpoint_restores_into_a_training_model(converted_tf1):
