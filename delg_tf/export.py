@@ -66,7 +66,10 @@ class ExportRunConfig:
       fold_batch_norm: DELG runs: export the batch-norm-folded graph (faster on CPU,
         same outputs up to float rounding; `delg_tf.extraction.folded`).
       compute_dtype: DELG runs: "float32" or "bfloat16" (backbone convolutions;
-        needs fold_batch_norm; outside the official parity tolerances).
+        needs fold_batch_norm; outside the official parity tolerances; faster only on
+        CPUs with native bfloat16 -- AVX512_BF16 / AMX-BF16 -- and one warning line is
+        logged when this machine emulates it, see
+        `delg_tf.extraction.folded.warn_if_bfloat16_emulated`).
     """
 
     checkpoint_dir: str
@@ -190,8 +193,9 @@ def main(config: ExportRunConfig) -> Path:
                                           overwrite=config.overwrite,
                                           fold_batch_norm=config.fold_batch_norm,
                                           compute_dtype=config.compute_dtype)
-    print(f"export: wrote {path} (mode {config.export.mode}, signatures "
-          f"{delg_export.SIGNATURE_DEFAULT}, {delg_export.SIGNATURE_IMAGE_BYTES})")
+    print(f"export: wrote {path} (mode {config.export.mode}, compute dtype "
+          f"{config.compute_dtype}, signatures {delg_export.SIGNATURE_DEFAULT}, "
+          f"{delg_export.SIGNATURE_IMAGE_BYTES})")
     return path
 
 
@@ -216,8 +220,10 @@ def _define_flags():
     flags.DEFINE_boolean("export_global", True, "Export global descriptors.")
     flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests (DELG).")
     flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "DELG: dtype of "
-                      "the backbone convolutions; bfloat16 is ~1.8x faster on AVX512_BF16 CPUs "
-                      "but not within the official parity tolerances.")
+                      "the backbone convolutions; bfloat16 is ~1.8x faster on CPUs with native "
+                      "bfloat16 (AVX512_BF16 / AMX-BF16), likely slower than float32 where it is "
+                      "emulated (e.g. AVX2-only; a warning says so), and not within the "
+                      "official parity tolerances.")
     flags.DEFINE_boolean("fold_batch_norm", True, "DELG: export the graph with batch norm "
                          "folded into the convolutions (faster; --nofold_batch_norm keeps "
                          "the Keras layers).")

@@ -24,6 +24,9 @@
   error is not a bad image), the run stops with one `error:` line and exit code
   `EXIT_RUN_ERROR` (3); the images extracted until then are kept and a rerun
   resumes. Bad flags exit with 2.
+* bfloat16: a `--compute_dtype=bfloat16` export on a CPU without native bfloat16
+  (no AVX512_BF16 / AMX-BF16, or oneDNN capped below them) logs one warning: it is
+  likely slower than float32 there (`delg_tf.extraction.folded`).
 
 The library function is `main(config, paths=None) -> Path` (the store path).
 """
@@ -183,6 +186,7 @@ def make_extractor(config):
         extractor = DelgExtractor.from_config(config.delf_config, model_path=config.model_path)
     else:
         extractor = DelgExtractor.from_saved_model(config.model_path)
+    _warn_if_bfloat16_export_is_emulated(extractor.config.model_path or config.model_path)
     return extractor
 
 
@@ -226,6 +230,36 @@ def model_error(error, name, path, config, kept):
         f"{type(error).__name__}: {error_summary(error)}; this is a model/runtime error, not "
         f"a bad image (unreadable images go to {config.error_log}): check the model and its "
         f"config, then rerun (the {kept} image(s) extracted so far are kept).")
+
+
+def saved_model_computes_in_bfloat16(path):
+    """True if the SavedModel at `path` has bfloat16 convolutions (an export made with
+    `--compute_dtype=bfloat16`); False if not, or if its graph cannot be read."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    except (OSError, DecodeError):
+        return False
+    for meta_graph in saved_model.meta_graphs:
+        graph = meta_graph.graph_def
+        nodes = [n for f in graph.library.function for n in f.node_def] + list(graph.node)
+        if any(n.op == "Conv2D" and n.attr["T"].type == types_pb2.DT_BFLOAT16 for n in nodes):
+            return True
+    return False
+
+
+def _warn_if_bfloat16_export_is_emulated(model_path):
+    """One warning line if `model_path` is a bfloat16 export and this CPU emulates bfloat16
+    (the graph is only read on such CPUs)."""
+    from delg_tf.extraction import folded
+
+    if (model_path and folded.emulated_bfloat16_reason() is not None
+            and saved_model_computes_in_bfloat16(model_path)):
+        folded.warn_if_bfloat16_emulated(folded.BFLOAT16, what=f"--model_path={model_path}")
 
 
 def _write_official_files(output_dir, relative_base, features):
