@@ -75,6 +75,8 @@ EXPORT_SUBDIR = "export"
 FEATURES_SUBDIR = "features"
 QUERY_CROPS_SUBDIR = "query_crops"
 RESULTS_JSON = "results.json"
+# Wall times live apart from results.json, so that two runs give identical results.
+TIMINGS_JSON = "timings.json"
 THRESHOLD_JSON = "attention_threshold.json"
 MATCHES_PNG = "matches.png"
 GRID_PNG = "ranking_grid.png"
@@ -441,7 +443,6 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
     results["num_database"] = len(db_local)
     results["config"] = {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in dataclasses.asdict(eval_config).items()}
-    results["timings"] = evaluation.timings
     return evaluation, db_local, q_local, results
 
 
@@ -507,14 +508,14 @@ def match_statistics(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
 
     Returns:
         ``{"pairs": n, "inliers": n, "median_error_px": .., "fraction_within_px": ..,
-        "threshold_px": ..}``.
+        "threshold_px": .., "pair_names": [[query, database], ...]}``.
     """
     from delg_tf.evaluation.pipeline import matching_config
     from delg_tf.evaluation.config import EvaluateConfig
     from delg_tf.retrieval.rerank import match_pair
 
     match_config = matching_config(EvaluateConfig())
-    errors, pairs = [], 0
+    errors, names = [], []
     for q, q_name in enumerate(gnd_cfg["qimlist"]):
         d = int(evaluation.reranked_ranks[0, q])
         d_name = gnd_cfg["imlist"][d]
@@ -527,9 +528,9 @@ def match_statistics(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
         q_xy = q_local[q].keypoints[pair.query_idx[inl]][:, ::-1]
         d_xy = db_local[d].keypoints[pair.db_idx[inl]][:, ::-1]
         errors.append(gt_reprojection_errors(transforms, q_name, d_name, q_xy, d_xy))
-        pairs += 1
+        names.append([q_name, d_name])
     errors = np.concatenate(errors) if errors else np.zeros(0)
-    return {"pairs": pairs, "inliers": int(errors.size),
+    return {"pairs": len(names), "pair_names": names, "inliers": int(errors.size),
             "median_error_px": float(np.median(errors)) if errors.size else None,
             "fraction_within_px": (float(np.mean(errors <= GT_REPROJECTION_THRESHOLD_PX))
                                    if errors.size else None),
@@ -571,8 +572,10 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
                              positives=positives, junk=np.ravel(gnd[q].get("junk", [])),
                              num_inliers=inliers)
     return {"query": gnd_cfg["qimlist"][q], "best_database_image": gnd_cfg["imlist"][best],
-            "inliers": int(pair.num_inliers), "matches_png": str(matches),
-            "grid_png": str(grid)}
+            "inliers": int(pair.num_inliers),
+            # Relative to --output_dir: results.json does not depend on where it is.
+            "matches_png": os.path.relpath(matches, config.root),
+            "grid_png": os.path.relpath(grid, config.root)}
 
 
 # --------------------------------------------------------------------------
@@ -640,8 +643,9 @@ def main(config: DemoConfig) -> Path:
     results["pictures"] = timed("visualize", visualize_stage, config, evaluation, q_local,
                                 db_local, gnd_cfg, query_pairs, paths)
     timings["total"] = round(time.perf_counter() - started, 2)
-    results["stage_seconds"] = timings
     out = _write_json_atomic(results, config.root / RESULTS_JSON)
+    _write_json_atomic({"stage_seconds": timings, "evaluation_seconds": evaluation.timings},
+                       config.root / TIMINGS_JSON)
     check = results["ground_truth_check"]
     print()
     landmarks = {transforms["images"][q]["landmark_id"] for q in gnd_cfg["qimlist"]}
@@ -660,8 +664,9 @@ def main(config: DemoConfig) -> Path:
               f"{check['median_error_px']:.1f} px, {100 * check['fraction_within_px']:.0f}% "
               f"within {check['threshold_px']:.0f} px")
     print(f"stage seconds: {timings}")
-    print(f"wrote {out}, {results['pictures']['matches_png']}, "
-          f"{results['pictures']['grid_png']}")
+    print(f"wrote {out}, {config.root / TIMINGS_JSON}, "
+          f"{config.root / results['pictures']['matches_png']}, "
+          f"{config.root / results['pictures']['grid_png']}")
     return out
 
 
