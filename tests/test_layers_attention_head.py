@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from config_helpers import assert_config_round_trip, seeded_initializer
 from delg_tf.layers.attention_head import AttentionHead
 
 
@@ -35,8 +36,17 @@ def test_official_tf2_and_slim_variants_and_names():
     assert float(tf.reduce_min(slim(tf.zeros((1, 2, 2, 6)))[0])) > 0  # softplus > 0
 
 
-def test_get_config_round_trip():
-    head = AttentionHead(hidden_channels=7, kernel_size=1, use_bn=False, conv1_bias=False,
-                         bn_epsilon=1e-5, bn_momentum=0.9)
-    clone = AttentionHead.from_config(head.get_config())
-    assert clone.get_config() == head.get_config()
+def test_get_config_is_exactly_the_constructor_arguments():
+    x = np.random.default_rng(5).normal(size=(2, 3, 4, 6))
+    args = dict(hidden_channels=7, kernel_size=3, use_bn=False, conv1_bias=False,
+                bn_epsilon=1e-5, bn_momentum=0.9, kernel_initializer=seeded_initializer())
+    _, clone = assert_config_round_trip(AttentionHead, args, inputs=[x])
+    assert clone.conv1.kernel.shape == (3, 3, 6, 7) and clone.conv1.bias is None
+    assert clone.bn_conv1 is None
+    # With BN (the default use_bn=True): the rebuilt batch norm has the given numbers.
+    bn_args = dict(args, use_bn=True)
+    layer = AttentionHead(**bn_args)
+    config = layer.get_config()
+    assert {k: config[k] for k in bn_args} == bn_args
+    clone = AttentionHead.from_config(config)
+    assert (clone.bn_conv1.epsilon, clone.bn_conv1.momentum) == (1e-5, 0.9)

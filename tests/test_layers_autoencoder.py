@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from config_helpers import assert_config_round_trip, seeded_initializer
 from delg_tf.layers.autoencoder import Autoencoder
 
 
@@ -21,7 +22,9 @@ def test_autoencoder_matches_numpy():
         "autoencoder/conv2/bias", "autoencoder/conv2/kernel"]
 
 
-def test_get_config_round_trip():
-    ae = Autoencoder(local_dim=16, output_dim=32)
-    clone = Autoencoder.from_config(ae.get_config())
-    assert clone.get_config() == ae.get_config()
+def test_get_config_is_exactly_the_constructor_arguments():
+    s = np.random.default_rng(7).uniform(0, 1, size=(2, 4, 4, 12))
+    args = dict(local_dim=5, output_dim=12, kernel_size=3,
+                kernel_initializer=seeded_initializer("GlorotNormal"))
+    _, clone = assert_config_round_trip(Autoencoder, args, inputs=[s])
+    assert clone.conv1.kernel.shape == (3, 3, 12, 5) and clone.conv2.kernel.shape == (3, 3, 5, 12)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from config_helpers import assert_config_round_trip, seeded_initializer
 from delg_tf.layers.cosine_classifier import CosineClassifier
 
 
@@ -37,10 +38,18 @@ def test_scale_init_2048_and_trainability():
     assert float(fixed.scale) == 30.0 and len(fixed.trainable_weights) == 1
 
 
-def test_get_config_round_trip():
-    layer = CosineClassifier(num_classes=7, scale_init=10.0, learn_scale=False, margin=0.2)
-    clone = CosineClassifier.from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config()
+def test_get_config_is_exactly_the_constructor_arguments():
+    g = np.random.default_rng(8).normal(size=(3, 6))
+    args = dict(num_classes=7, scale_init=10.0, learn_scale=False, margin=0.2,
+                kernel_initializer=seeded_initializer("GlorotNormal"))
+    _, clone = assert_config_round_trip(CosineClassifier, args, inputs=[g])
+    assert float(clone.scale) == 10.0 and not clone.learn_scale
+    # The rebuilt layer uses the given scale (10) and margin (0.2).
+    labels = np.array([0, 6, 2])
+    cosine = clone(g).numpy()
+    rows = np.arange(len(labels))
+    cosine[rows, labels] = np.cos(np.arccos(cosine[rows, labels]) + 0.2)
+    np.testing.assert_allclose(clone.logits(g, labels).numpy(), 10.0 * cosine, rtol=1e-12)
 
 
 def test_bad_num_classes():

@@ -115,12 +115,49 @@ def test_few_train_steps_lower_the_loss():
     assert 0.0 <= float(val["global_accuracy"]) <= 1.0
 
 
-def test_config_round_trip_and_validation():
-    model = tiny_model(learn_gem_power=True, attention_input="reconstruction")
+# Every DelgModelConfig field with a non-default value (a valid combination).
+NON_DEFAULT_CONFIG = dict(
+    num_classes=5, backbone="tiny", backbone_layout="tf2_delf", block3_stride=False,
+    backbone_kwargs={"base_width": 4}, image_normalization="caffe", gem_power=2.5,
+    learn_gem_power=True, embedding_dim=24, local_dim=6, attention_hidden=10,
+    attention_use_bn=False, attention_conv1_bias=False, attention_bn_epsilon=1e-5,
+    attention_input="reconstruction", attention_pool_source="features",
+    attention_pool_reduction="mean", attention_pool_normalize=True, arcface_margin=0.2,
+    arcface_scale_init=12.0, learn_arcface_scale=False, reconstruction_weight=5.0,
+    attention_weight=0.5, stop_gradients=False, backbone_bn_training=False,
+    gradient_clip_norm=3.0, imagenet_weights="/not/loaded/by/the/constructor.ckpt")
+
+
+def test_get_config_is_exactly_the_constructor_config():
+    import dataclasses
+
+    fields = dataclasses.fields(DelgModelConfig)
+    assert sorted(NON_DEFAULT_CONFIG) == sorted(f.name for f in fields)
+    for f in fields:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        assert NON_DEFAULT_CONFIG[f.name] != default, f.name
+    model = DelgModel(DelgModelConfig(**NON_DEFAULT_CONFIG), name="delg_probe")
+    assert model.get_config() == {"name": "delg_probe", "config": NON_DEFAULT_CONFIG}
     clone = DelgModel.from_config(model.get_config())
-    assert clone.config == model.config
+    assert clone is not model
+    assert clone.get_config() == {"name": "delg_probe", "config": NON_DEFAULT_CONFIG}
+    # The rebuilt layers carry the values, and the same weights give the same outputs.
+    assert clone.attention.bn_conv1 is None and clone.attention.hidden_channels == 10
+    assert clone.attention.bn_epsilon == 1e-5 and clone.gem.learn_power
+    assert clone.cosine_classifier.margin == 0.2 and clone.attention_pooling.reduction == "mean"
+    model.build()
     clone.build()
     assert len(clone.weights) == len(model.weights)
+    clone.set_weights(model.get_weights())
+    images, _ = tiny_batch(2)
+    expected, got = model(images), clone(images)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_config_validation():
     config = DelgModelConfig(**TINY)
     assert DelgModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="backbone.*expected one of"):

@@ -38,7 +38,7 @@ class LocalBranch(keras.layers.Layer):
         self.filters = int(filters)
         self.rates = tuple(int(r) for r in rates)
         self.hidden_filters = int(hidden_filters) if hidden_filters else self.filters
-        self.bn_momentum = bn_momentum
+        self.bn_momentum = float(bn_momentum)
         self.kernel_initializer = kernel_initializer
         self.multi_atrous = MultiAtrous(self.hidden_filters, rates=self.rates,
                                         kernel_initializer=kernel_initializer,
@@ -46,7 +46,8 @@ class LocalBranch(keras.layers.Layer):
         self.feature_conv = keras.layers.Conv2D(self.filters, 1, use_bias=False,
                                                 kernel_initializer=kernel_initializer,
                                                 name="feature_conv")
-        self.feature_bn = keras.layers.BatchNormalization(momentum=bn_momentum, name="feature_bn")
+        self.feature_bn = keras.layers.BatchNormalization(momentum=self.bn_momentum,
+                                                          name="feature_bn")
         self.attention_conv = keras.layers.Conv2D(ATTENTION_CHANNELS, 1,
                                                   kernel_initializer=kernel_initializer,
                                                   name="attention_conv")
@@ -70,5 +71,6 @@ class LocalBranch(keras.layers.Layer):
         config = super().get_config()
         config.update(filters=self.filters, rates=list(self.rates),
                       hidden_filters=self.hidden_filters, bn_momentum=self.bn_momentum,
-                      kernel_initializer=self.kernel_initializer)
+                      kernel_initializer=keras.initializers.serialize(
+                          keras.initializers.get(self.kernel_initializer)))
         return config

@@ -88,5 +88,6 @@ class MultiAtrous(keras.layers.Layer):
         config = super().get_config()
         config.update(filters=self.filters, rates=list(self.rates),
                       branch_filters=self.branch_filters,
-                      kernel_initializer=self.kernel_initializer)
+                      kernel_initializer=keras.initializers.serialize(
+                          keras.initializers.get(self.kernel_initializer)))
         return config
