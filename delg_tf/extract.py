@@ -108,7 +108,8 @@ class ExtractConfig:
       shard_index / num_shards: process images[shard_index::num_shards].
       float16: store descriptors as float16.
       binarize: also store DELG* packed binary local descriptors.
-      write_delf: also write official `.delf` / `.delg_global` files.
+      write_delf: also write official `.delf` / `.delg_global` files under
+        `output_dir/delf/` (names mapped inside it, see `official_file_bases`).
       flush_every: images per crash-safe part file.
       progress: show a tqdm progress bar.
     """
