@@ -1,5 +1,6 @@
 """`python -m delg_tf.evaluate` end to end: embedded tiny data + a tiny exported DelgModel."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -80,6 +81,71 @@ def test_end_to_end_json_table_and_cache_reuse(setup, first_run, capsys, monkeyp
     assert db_store.stat().st_mtime_ns == mtime
     for row in ("global", "reranked"):
         assert again[row] == results[row]
+
+
+def _self_retrieval_dataset(data, folder, shift=0):
+    """The tiny database with every database image also a query (full-image bbx). Query i's
+    only positive is database image (i + shift) % num_db: "easy" for even i, "hard" for odd i.
+    Returns (folder, num_db)."""
+    import pickle
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    source = pickle_load(data.retrieval_dir / "gnd_embedded.pkl")
+    names = list(source["imlist"])
+    shutil.copytree(data.retrieval_dir / "jpg", folder / "jpg")
+    gnd, empty = [], np.zeros(0, np.int64)
+    for index, name in enumerate(names):
+        with Image.open(folder / "jpg" / f"{name}.jpg") as image:
+            width, height = image.size
+        positive = np.array([(index + shift) % len(names)], np.int64)
+        easy, hard = (positive, empty) if index % 2 == 0 else (empty, positive)
+        gnd.append({"easy": easy, "hard": hard, "junk": empty,
+                    "bbx": [0.0, 0.0, float(width), float(height)]})
+    (folder / "gnd_embedded.pkl").write_bytes(pickle.dumps(
+        {"imlist": names, "qimlist": names, "gnd": gnd}, protocol=4))
+    return folder, len(names)
+
+
+def test_queries_that_are_database_images_are_retrieved_first(setup, tmp_path):
+    """Oracle: a query identical to a database image gets the same features, so it is ranked
+    first by the global search and after re-ranking. With itself as the only positive, every
+    protocol's mAP and mP@k is exactly 100 (Easy: the even queries, Hard: the odd ones); with
+    another image as the only positive, mP@1 is exactly 0."""
+    import numpy as np
+
+    _, data, export = setup
+    folder, num_db = _self_retrieval_dataset(data, tmp_path / "self")
+    config = DatasetEvalConfig(output_json=str(tmp_path / "out" / "self.json"),
+                               dataset_dir=str(folder), model_path=str(export), evaluate=FAST,
+                               progress=False, verbose=False)
+    results = evaluate_dataset(config)
+    assert results["dataset"]["num_db"] == results["dataset"]["num_queries"] == num_db > 2
+    assert results["failed_images"] == {"database": [], "queries": []}
+    assert results["features"]["reused_cache"] is False
+    # The oracle's premise: every query has the features of its database image.
+    db, queries = (FeatureStore(results["features"][key]) for key in ("db_store", "query_store"))
+    for name in db.names:
+        ours, theirs = queries.get(name), db.get(name)
+        assert len(ours["descriptors"]) > 0
+        np.testing.assert_array_equal(ours["global_descriptor"], theirs["global_descriptor"])
+        np.testing.assert_array_equal(ours["descriptors"], theirs["descriptors"])
+    for row in ("global", "reranked"):
+        for protocol in PROTOCOL_KEYS:
+            assert results[row][protocol] == {key: 100.0 for key in METRIC_KEYS}, (
+                row, protocol, results[row][protocol])
+
+    # Control: the next database image as the only positive (features from the cache).
+    shifted, _ = _self_retrieval_dataset(data, tmp_path / "shifted", shift=1)
+    control = evaluate_dataset(dataclasses.replace(
+        config, dataset_dir=str(shifted), output_json=str(tmp_path / "out" / "shifted.json")))
+    assert control["features"]["reused_cache"] is True
+    for row in ("global", "reranked"):
+        for protocol in PROTOCOL_KEYS:
+            assert control[row][protocol]["mP@1"] == 0.0, (row, protocol, control[row])
+            assert control[row][protocol]["mAP"] < 100.0
 
 
 def test_cache_of_another_model_is_refused(setup, tmp_path):
