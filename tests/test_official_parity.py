@@ -138,6 +138,7 @@ def _compare(features, expected, threshold, label):
     scale). Prints and returns the measured numbers."""
     got = {"locations": features.locations, "scales": features.scales,
            "descriptors": features.descriptors, "attention": features.attention}
+    assert np.shape(features.global_descriptor) == expected["global_descriptor"].shape, label
     global_diff = float(np.abs(np.asarray(features.global_descriptor, np.float64)
                                - expected["global_descriptor"]).max())
     local = selfcheck.compare_local(expected, got, abs_thres=threshold, margin=THRESHOLD_MARGIN)
