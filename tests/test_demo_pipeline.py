@@ -33,7 +33,8 @@ MIN_GLOBAL_EASY_MAP = 80.0
 # keypoints are receptive-field centres on a 16-32 px grid, so a few px is the floor).
 MAX_MEDIAN_GT_ERROR_PX = 12.0
 MIN_FRACTION_WITHIN_THRESHOLD = 0.6
-MIN_CORRECT_TOP1_PAIRS = 8
+# bench/demo_spread.py: 9 pairs (AVX-512), 8 (AVX2) of the 10 queries.
+MIN_CORRECT_TOP1_PAIRS = 6
 PROTOCOL_NAMES = {"Easy": "easy", "Medium": "medium", "Hard": "hard"}
 
 
