@@ -476,7 +476,7 @@ def gt_reprojection_errors(transforms, query_name, db_name, query_xy, db_xy) -> 
     (no half-pixel shift), so no convention change is needed. A half-pixel
     mismatch would only move the errors by <= 0.71 px anyway.
     """
-    from delg_tf.data.embedded import apply_homography, homography_between
+    from delg_tf.data.homography import apply_homography, homography_between
 
     h = homography_between(transforms, query_name, db_name)
     mapped = apply_homography(h, np.asarray(query_xy, np.float64).reshape(-1, 2))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delg_tf.data import embedded
+from delg_tf.data import embedded, embedded_render, homography
 from delg_tf.data.errors import DataError
 
 SHIFT_PX = 6.0
@@ -101,12 +101,12 @@ def test_homography_from_points_exact():
     rng = np.random.default_rng(0)
     src = np.array([[0, 0], [100, 0], [100, 80], [0, 80]], float)
     dst = src + rng.uniform(-15, 15, src.shape)
-    h = embedded.homography_from_points(src, dst)
-    np.testing.assert_allclose(embedded.apply_homography(h, src), dst,
+    h = homography.homography_from_points(src, dst)
+    np.testing.assert_allclose(homography.apply_homography(h, src), dst,
                                atol=1e-9)
-    shifted = embedded.shift_homography_convention(h, 0.5)
+    shifted = homography.shift_homography_convention(h, 0.5)
     np.testing.assert_allclose(
-        embedded.apply_homography(shifted, src + 0.5), dst + 0.5, atol=1e-9)
+        homography.apply_homography(shifted, src + 0.5), dst + 0.5, atol=1e-9)
 
 
 def test_warp_moves_a_dot_where_the_homography_says():
@@ -117,13 +117,13 @@ def test_warp_moves_a_dot_where_the_homography_says():
     source[88:93, 168:173] = 255
     checked = 0
     for _ in range(NUM_WARP_TRIALS):
-        geometry = embedded.sample_view_geometry(
+        geometry = homography.sample_view_geometry(
             rng, embedded.PROFILES["hard"], source.shape[:2], 160)
         quad_ok = geometry["quad"]
         assert quad_ok.min() >= 0 and quad_ok[:, 0].max() <= 299
-        view = embedded.warp_view(source, geometry["homography"],
-                                  geometry["output_size"])
-        expected = embedded.apply_homography(geometry["homography"], dot)[0]
+        view = embedded_render.warp_view(source, geometry["homography"],
+                                         geometry["output_size"])
+        expected = homography.apply_homography(geometry["homography"], dot)[0]
         w, h = geometry["output_size"]
         if not (3 <= expected[0] < w - 3 and 3 <= expected[1] < h - 3):
             continue
@@ -160,7 +160,7 @@ def test_recorded_homographies_match_the_written_images(tiny):
     shift_checked = 0
     for name in views:
         target = _read(tiny.jpg_dir / f"{name}.jpg").mean(axis=-1)
-        h = embedded.homography_to_view(meta, name)
+        h = homography.homography_to_view(meta, name)
         rendered = warp(source, ProjectiveTransform(matrix=np.linalg.inv(h)),
                         output_shape=target.shape, order=1)
         assert _normalized_correlation(rendered, target,
@@ -170,7 +170,7 @@ def test_recorded_homographies_match_the_written_images(tiny):
         if meta["images"][name]["profile"] == "junk":
             continue
         q_image = _read(tiny.jpg_dir / f"{query}.jpg").mean(axis=-1)
-        h_qd = embedded.homography_between(meta, query, name)
+        h_qd = homography.homography_between(meta, query, name)
         scores = []
         for shift in (0.0, SHIFT_PX):
             h = np.array([[1, 0, shift], [0, 1, 0], [0, 0, 1.0]]) @ h_qd
@@ -183,12 +183,12 @@ def test_recorded_homographies_match_the_written_images(tiny):
         shift_checked += 1
     # The shift check ran on every easy and hard view (junk views are skipped).
     assert shift_checked == params["num_easy"] + params["num_hard"]
-    wrong = embedded.homography_between(meta, query, views[0])
+    wrong = homography.homography_between(meta, query, views[0])
     assert not np.allclose(wrong, np.eye(3))
     with pytest.raises(ValueError, match="different photos"):
         other = next(n for n in gnd["imlist"]
                      if meta["images"][n]["photo"] != photo)
-        embedded.homography_between(meta, query, other)
+        homography.homography_between(meta, query, other)
 
 
 def test_homography_between_composes():
@@ -196,9 +196,9 @@ def test_homography_between_composes():
         n: {"photo": "p", "homography_source_to_view": h.tolist()}
         for n, h in [("a", np.diag([2.0, 2.0, 1.0])),
                      ("b", np.array([[1, 0, 5], [0, 1, -3], [0, 0, 1.0]]))]}}
-    h = embedded.homography_between(meta, "a", "b")
+    h = homography.homography_between(meta, "a", "b")
     np.testing.assert_allclose(
-        embedded.apply_homography(h, [[10.0, 20.0]]), [[10.0, 7.0]])
+        homography.apply_homography(h, [[10.0, 20.0]]), [[10.0, 7.0]])
 
 
 def test_manifest_written(tiny):

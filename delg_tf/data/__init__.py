@@ -2,6 +2,8 @@
 
 Modules (TensorFlow is imported only where marked *):
     embedded         the embedded default dataset (skimage photos, homographies)
+    homography       its homography maths and view sampling (pure numpy)
+    embedded_render  its view rendering (warp, lighting, noise)
     images           robust image loading (`load_image_rgb`, `ImageLoadError`)
     errors           `DataError`, `ImageLoadError`
     gldv2*           GLDv2 TFRecord format and tf.data reader (`make_dataset`)
