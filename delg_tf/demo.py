@@ -217,7 +217,7 @@ def trained_step(logdir) -> int:
     """Step of the latest checkpoint in `logdir` (0 if none)."""
     import tensorflow as tf
 
-    from delg_tf.training.trainer import STEP_CHECKPOINT_KEY
+    from delg_tf.training.runs import STEP_CHECKPOINT_KEY
 
     latest = tf.train.latest_checkpoint(str(logdir))
     if latest is None:

@@ -90,7 +90,7 @@ def test_flags_txt_round_trip(tmp_path):
 
 
 def test_resume_rule_allows_bookkeeping_changes_only(tmp_path):
-    from delg_tf.training.trainer import check_resume_config, write_config_files
+    from delg_tf.training.runs import check_resume_config, write_config_files
 
     base = TrainConfig(logdir=str(tmp_path), data_source="embedded", num_classes=4)
     model = {"backbone": "tiny", "num_classes": 4}
@@ -106,7 +106,7 @@ def test_resume_rule_allows_bookkeeping_changes_only(tmp_path):
 
 
 def test_learning_rate_schedules():
-    from delg_tf.training.trainer import WarmupDecaySchedule
+    from delg_tf.training.optimization import WarmupDecaySchedule
 
     linear = WarmupDecaySchedule(0.01, 100)
     values = [float(linear(s)) for s in (0, 50, 100, 150)]

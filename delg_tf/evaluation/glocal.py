@@ -15,7 +15,6 @@ end: it loads a training run (its latest checkpoint) or a Glocal SavedModel expo
 computes Recall@K and writes the JSON (Recall in percent, like the DELG JSONs).
 """
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from delg_tf.evaluation.recall_at_k import RECALL_KS, recall_at_k
+from delg_tf.training import runs
+from delg_tf.training.runs import UNTRAINED
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,7 @@ DEFAULT_EMBEDDED_PRESET = "default"
 DEFAULT_OUTPUT_DIR = "eval_output"
 RESULTS_NAME = "results.json"
 PERCENT = 100.0
-# `checkpoint` value of `evaluate_glocal`: the run's model at its random
-# initialisation (seeded with the run's --seed; ImageNet backbone if the run used
-# one), i.e. the "before training" baseline.
-UNTRAINED = "untrained"
+GLOCAL_FAMILY = "glocal"
 SAVED_MODEL_FILE = "saved_model.pb"
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "images"
@@ -79,9 +77,8 @@ def evaluate_recall(embed_fn, dataset, ks=RECALL_KS):
 def load_glocal_run(logdir, checkpoint=None):
     """Rebuilds and restores a `GlocalModel` from a `delg_tf.train` run folder.
 
-    Uses the run's `config.json` (model and training configs) and restores with the
-    trainer's optimizer attached, so variables reachable only through the optimizer
-    in the checkpoint's object graph are restored as well.
+    `delg_tf.training.runs.load_run` for the "glocal" family: the model of the run's
+    `config.json`, compiled with the run's optimizer, whose state is restored too.
 
     Args:
       logdir: the run's --logdir.
@@ -91,68 +88,18 @@ def load_glocal_run(logdir, checkpoint=None):
     Returns:
       The restored model.
     """
-    from delg_tf.models import registry
-    from delg_tf.training import trainer
-    from delg_tf.training.config import CONFIG_JSON_NAME, TrainConfig
-
-    logdir = Path(logdir)
-    config_path = logdir / CONFIG_JSON_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected the --logdir of a "
-                                f"'python -m delg_tf.train --model_family=glocal' run.")
-    record = json.loads(config_path.read_text(encoding="utf-8"))
-    train_config = TrainConfig(**record["train"])
-    if train_config.model_family != "glocal":
-        raise ValueError(f"{logdir} is a {train_config.model_family!r} run; expected a "
-                         f"'glocal' run.")
-    if checkpoint == UNTRAINED:
-        return _untrained_model(record)
-    path = checkpoint or tf.train.latest_checkpoint(str(logdir))
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
-                                f"train first or pass a checkpoint prefix (--checkpoint).")
-    if not tf.io.gfile.exists(f"{path}.index"):
-        raise FileNotFoundError(f"checkpoint {path} not found (no {path}.index); pass a "
-                                f"prefix such as {logdir}/ckpt-N (--checkpoint).")
-    model = registry.build_model("glocal", record["model"], load_imagenet=False)
-    optimizer = trainer.make_optimizer(train_config,
-                                       trainer.make_learning_rate_schedule(train_config))
-    model.compile(optimizer=optimizer)
-    optimizer.build(model.trainable_variables)
-    try:
-        status = tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path)
-        status.expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.NotFoundError,
-            tf.errors.InvalidArgumentError) as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"checkpoint {path} does not match the model of {config_path} "
-                         f"({first_line}); pass a checkpoint of this run.") from e
-    return model
+    return runs.load_run(logdir, checkpoint, family=GLOCAL_FAMILY)
 
 
 def _read_run_record(logdir):
-    from delg_tf.training.config import CONFIG_JSON_NAME
-
-    path = Path(logdir) / CONFIG_JSON_NAME
-    record = json.loads(path.read_text(encoding="utf-8"))
+    path = runs.config_path(logdir)
+    record = runs.read_run_record(logdir)
     family = record.get("train", {}).get("model_family")
-    if family != "glocal":
+    if family != GLOCAL_FAMILY:
         raise ValueError(f"{path}: model_family is {family!r}; expected a 'glocal' run "
                          "(python -m delg_tf.train --model_family=glocal). DELG runs are "
                          "evaluated with mAP by python -m delg_tf.evaluate.")
     return record
-
-
-def _untrained_model(record):
-    """The run's architecture at its seeded initialisation (no checkpoint)."""
-    import keras
-
-    from delg_tf.models import registry
-
-    keras.utils.set_random_seed(int(record["train"].get("seed", 0)))
-    model_config = record["model"]
-    return registry.build_model("glocal", model_config,
-                                load_imagenet=bool(model_config.get("imagenet_weights")))
 
 
 def _export_embed_fn(export_dir, model_flag):
@@ -181,11 +128,11 @@ def _load_embedder(model_path, checkpoint, model_flag):
     from delg_tf.training.config import CONFIG_JSON_NAME
 
     path = Path(model_path)
-    if (path / CONFIG_JSON_NAME).is_file():
+    if runs.is_run(path):
         record = _read_run_record(path)
         if checkpoint == UNTRAINED:
-            return (_untrained_model(record), {"model_kind": "run", "checkpoint": UNTRAINED},
-                    record, None)
+            return (runs.untrained_model(record),
+                    {"model_kind": "run", "checkpoint": UNTRAINED}, record, None)
         resolved = checkpoint or tf.train.latest_checkpoint(str(path))
         model = load_glocal_run(path, resolved)
         return model, {"model_kind": "run", "checkpoint": resolved}, record, None

@@ -16,17 +16,20 @@ Model contract (see `delg_tf.models.registry.build_model`):
   loss by `1 / num_replicas_in_sync` before taking gradients;
 * `model.test_step((images, labels))` returns a dict of scalar metrics.
 
-Layout of `logdir`::
+Layout of `logdir` (its record and checkpoints are read back by
+`delg_tf.training.runs`)::
 
     config.json        resolved TrainConfig + model config (resume check)
     flags.txt          the same as a re-runnable flagfile
     checkpoint, ckpt-<step>.*   tf.train.CheckpointManager files
     train/, validation/        TensorBoard event files
+
+The optimizer and learning-rate schedule come from `delg_tf.training.optimization`,
+the strategy and runtime settings from `delg_tf.training.runtime`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -40,13 +43,15 @@ import tensorflow as tf
 
 from delg_tf.training import config as config_lib
 from delg_tf.training.config import ConfigError, TrainConfig
+from delg_tf.training.optimization import make_learning_rate_schedule, make_optimizer
+from delg_tf.training.runs import check_resume_config, checkpoint_step, write_config_files
+from delg_tf.training.runtime import configure_runtime, is_chief, make_strategy
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "ckpt"
 # `delg_tf.convert_official` writes its checkpoint into OUT/checkpoint/.
 INIT_FROM_SUBDIR = "checkpoint"
-STEP_CHECKPOINT_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 ITERATOR_CHECKPOINT_NAME = "data_iterator"
 TRAIN_SUMMARY_DIR = "train"
 VALIDATION_SUMMARY_DIR = "validation"
@@ -65,107 +70,6 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or Inf; nothing was saved from that state."""
-
-
-# --------------------------------------------------------------------------
-# Learning rate, optimizer, strategy
-# --------------------------------------------------------------------------
-
-@keras.saving.register_keras_serializable(package="delg_tf")
-class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0, then linear/cosine decay to 0 at `decay_steps`, or constant.
-
-    DELG (Sec. 4.1): "a linearly decaying learning rate that reaches zero once
-    the desired number of steps is reached" = kind "linear", no warmup.
-
-    Args:
-        initial_learning_rate: rate reached at the end of warmup.
-        decay_steps: step at which the rate reaches 0 (`max_iters`).
-        warmup_steps: length of the linear warmup (0 = none).
-        kind: "linear", "cosine" or "constant".
-    """
-
-    def __init__(self, initial_learning_rate, decay_steps, warmup_steps=0, kind="linear"):
-        if kind not in config_lib.LR_SCHEDULES:
-            raise ValueError(f"schedule kind must be one of {config_lib.LR_SCHEDULES}, "
-                             f"received {kind!r}.")
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.decay_steps = int(decay_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.kind = kind
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        lr = tf.constant(self.initial_learning_rate, tf.float32)
-        warmup = float(self.warmup_steps)
-        span = max(float(self.decay_steps) - warmup, 1.0)
-        progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
-        if self.kind == "linear":
-            decayed = lr * (1.0 - progress)
-        elif self.kind == "cosine":
-            decayed = lr * 0.5 * (1.0 + tf.cos(math.pi * progress))
-        else:
-            decayed = lr
-        if self.warmup_steps > 0:
-            warm = lr * tf.minimum(step / warmup, 1.0)
-            return tf.where(step < warmup, warm, decayed)
-        return decayed
-
-    def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "decay_steps": self.decay_steps, "warmup_steps": self.warmup_steps,
-                "kind": self.kind}
-
-
-def make_learning_rate_schedule(config: TrainConfig) -> WarmupDecaySchedule:
-    """The schedule named by `config.lr_schedule`, ending at `config.max_iters`."""
-    return WarmupDecaySchedule(config.initial_lr, config.max_iters, config.warmup_steps,
-                               config.lr_schedule)
-
-
-def make_optimizer(config: TrainConfig, schedule=None) -> keras.optimizers.Optimizer:
-    """Keras 3 optimizer: SGD with momentum (paper) or AdamW, with optional weight decay."""
-    schedule = schedule if schedule is not None else make_learning_rate_schedule(config)
-    weight_decay = config.weight_decay or None
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
-                                    weight_decay=weight_decay)
-    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                  beta_1=config_lib.DEFAULT_ADAMW_BETA_1,
-                                  beta_2=config_lib.DEFAULT_ADAMW_BETA_2)
-
-
-def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
-    """The tf.distribute strategy for `--strategy`.
-
-    "mirrored" uses every GPU, or every logical CPU device when there is no GPU
-    (e.g. two devices made with `tf.config.set_logical_device_configuration`).
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ConfigError(f"--strategy must be one of {', '.join(config_lib.STRATEGIES)}; "
-                      f"received {name!r}.")
-
-
-def _is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
-        return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
-    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 # --------------------------------------------------------------------------
@@ -312,57 +216,6 @@ def _load_imagenet_weights(model, weights: Optional[str]):
 
 
 # --------------------------------------------------------------------------
-# Config files and resume checks
-# --------------------------------------------------------------------------
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_config_files(logdir: Path, record: dict):
-    """Writes `config.json` and the re-runnable `flags.txt` into `logdir`."""
-    _atomic_write(logdir / config_lib.CONFIG_JSON_NAME,
-                  json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _atomic_write(logdir / config_lib.FLAGS_TXT_NAME, config_lib.flags_text(record))
-
-
-def check_resume_config(logdir: Path, record: dict):
-    """Compares the config of a run to the one saved in `logdir` that it resumes.
-
-    Rule: the model config must be identical; training fields may differ only in
-    `config.RESUMABLE_CHANGES` (durations, intervals, data paths, strategy).
-
-    Raises:
-        ConfigError: listing the differing flags (saved vs received) and the fix.
-    """
-    path = logdir / config_lib.CONFIG_JSON_NAME
-    if not path.is_file():
-        logger.warning("%s has checkpoints but no %s; resuming without a config check.",
-                       logdir, config_lib.CONFIG_JSON_NAME)
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new "
-                          "--logdir.") from e
-    saved_train = config_lib.with_train_defaults(saved.get("train", {}))
-    diffs = (config_lib.resume_mismatches(saved_train, record["train"],
-                                          config_lib.RESUMABLE_CHANGES)
-             + config_lib.resume_mismatches(saved.get("model", {}), record["model"],
-                                            config_lib.RESUMABLE_CHANGES))
-    if diffs:
-        listed = "; ".join(f"--{k}: saved {a!r}, received {b!r}" for k, a, b in diffs)
-        raise ConfigError(
-            f"--logdir={logdir} holds a run with another config ({listed}); resume it with "
-            f"--flagfile={logdir / config_lib.FLAGS_TXT_NAME}, or train in a new --logdir.")
-    changed = config_lib.resume_mismatches(saved_train, record["train"])
-    for key, old, new in changed:
-        logger.info("resume: --%s changed from %r to %r", key, old, new)
-
-
-# --------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------
 
@@ -405,41 +258,6 @@ def _write_scalars(writer, metrics: dict, step: int):
     writer.flush()
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def configure_runtime(config: TrainConfig) -> None:
-    """Applies ``config.deterministic`` and ``config.intra_op_threads`` to TensorFlow.
-
-    Call before TensorFlow runs its first op in the process (the trainer does so
-    first thing): the intra-op thread count cannot change afterwards.
-
-    Raises:
-        ConfigError: the thread count cannot be applied any more.
-    """
-    threads = config.resolved_intra_op_threads
-    current = tf.config.threading.get_intra_op_parallelism_threads()
-    same = current == threads or (current == 0 and threads == _available_cores())
-    if threads and not same:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"--intra_op_threads={threads} (--deterministic="
-                f"{config.deterministic}) cannot be applied: TensorFlow already runs ops in "
-                f"this process with {current or 'its default number of'} intra-op threads; "
-                f"start a new process, or set TF_NUM_INTRAOP_THREADS={threads} before "
-                "TensorFlow is imported.") from e
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-        logger.info("deterministic run: TF op determinism on, %s intra-op threads",
-                    threads or "default")
-
-
 def train(config: TrainConfig, model_config=None, *,
           model_fn: Optional[Callable] = None,
           data_fn: Optional[Callable] = None,
@@ -471,7 +289,7 @@ def train(config: TrainConfig, model_config=None, *,
     if config.batch_size % replicas:
         raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the "
                           f"{replicas} replicas of --strategy={config.strategy}.")
-    chief = _is_chief(strategy)
+    chief = is_chief(strategy)
     # Non-chief workers of a multi-worker run write to a scratch folder.
     write_dir = logdir if chief else logdir / f".worker-{os.getpid()}"
     write_dir.mkdir(parents=True, exist_ok=True)
@@ -479,7 +297,7 @@ def train(config: TrainConfig, model_config=None, *,
     latest = tf.train.latest_checkpoint(str(logdir))
     resumed_step = 0
     if latest is not None:
-        resumed_step = int(tf.train.load_checkpoint(latest).get_tensor(STEP_CHECKPOINT_KEY))
+        resumed_step = checkpoint_step(latest)
 
     keras.utils.set_random_seed(config.seed)
     iterator_trackable = config.save_iterator_state and config.strategy == "default"
