@@ -7,7 +7,8 @@
         [--noexport_local | --noexport_global]
 
 `--checkpoint_dir` is a `delg_tf.train` logdir (its `config.json` says how to
-build the model; the latest checkpoint, or `--checkpoint`, is restored). The
+build the model; the latest checkpoint, or `--checkpoint`, is restored by
+`delg_tf.training.runs.load_run`, for either family). The
 export's `serving_default` signature is the official DELG one (see
 `delg_tf.serving.delg_export`); the config values are the defaults baked into
 the `serving_image_bytes` signature and `assets.extra/delf_config.pbtxt`
@@ -31,11 +32,8 @@ The library function is `main(config) -> Path`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-CONFIG_JSON = "config.json"
-DELG_FAMILY = "delg"
 GLOCAL_FAMILY = "glocal"
 NO_RESIZE = 0  # --image_size value: the Glocal export embeds images at their input size.
 # Flags that only configure DELG exports (refused for a Glocal run when given).
@@ -100,57 +98,15 @@ class ExportRunConfig:
                                     "graph; drop --nofold_batch_norm.")
 
 
-def read_run_record(checkpoint_dir):
-    """The `config.json` record of a delg_tf.train logdir (ExportConfigError if absent)."""
-    config_path = Path(checkpoint_dir) / CONFIG_JSON
-    if not config_path.is_file():
-        raise ExportConfigError(
-            f"{config_path} not found; --checkpoint_dir must be a delg_tf.train logdir "
-            "(config.json + ckpt-N files). For official DELG SavedModels use them directly "
-            "(DelgExtractor.from_saved_model) or convert them with delg_tf.convert_official.")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ExportConfigError(f"{config_path} is not valid JSON ({e}); expected the "
-                                "config.json written by delg_tf.train.") from e
+def _load_run(config: ExportRunConfig):
+    """The model of the run at `--checkpoint_dir` (`--checkpoint`, default the latest)."""
+    from delg_tf.training import runs
 
-
-def run_family(record, config_path="config.json"):
-    """The model family of a run record ("delg" when the record predates families)."""
-    family = record.get("train", {}).get("model_family", DELG_FAMILY)
-    if family not in (DELG_FAMILY, GLOCAL_FAMILY):
-        raise ExportConfigError(f"{config_path}: model_family {family!r} cannot be exported; "
-                                f"expected {DELG_FAMILY!r} or {GLOCAL_FAMILY!r}.")
-    return family
-
-
-def load_trained_model(checkpoint_dir, checkpoint=None):
-    """Builds the model described by `checkpoint_dir/config.json` and restores its weights."""
-    import tensorflow as tf
-
-    from delg_tf.models import registry
-
-    checkpoint_dir = Path(checkpoint_dir)
-    config_path = checkpoint_dir / CONFIG_JSON
-    record = read_run_record(checkpoint_dir)
-    family = run_family(record, config_path)
-    model = registry.build_model(family, record["model"], load_imagenet=False)
-    path = checkpoint or tf.train.latest_checkpoint(str(checkpoint_dir))
-    if path is None:
-        raise ExportConfigError(f"{checkpoint_dir} has no checkpoint (no 'checkpoint' file / "
-                                "ckpt-N); train first or pass --checkpoint=PREFIX.")
-    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ExportConfigError(f"checkpoint {path} does not match the model built from "
-                                f"{config_path}: {e}") from e
-    return model
+    return runs.load_run(config.checkpoint_dir, config.checkpoint, flag="checkpoint_dir")
 
 
 def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
     """Glocal Retriever run -> embedding SavedModel (`export_glocal`)."""
-    from delg_tf.evaluation.glocal import load_glocal_run
     from delg_tf.serving import glocal_export
 
     if config.delg_options:
@@ -162,7 +118,7 @@ def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
         image_size = record.get("train", {}).get("image_size")
     else:
         image_size = None if config.image_size == NO_RESIZE else config.image_size
-    model = load_glocal_run(config.checkpoint_dir, config.checkpoint)
+    model = _load_run(config)
     path = glocal_export.export_glocal(model, config.export_path, image_size=image_size,
                                        overwrite=config.overwrite, run_record=record)
     resize = f"inputs resized to {image_size}x{image_size}" if image_size else "no resize"
@@ -179,8 +135,10 @@ def main(config: ExportRunConfig) -> Path:
         raise FileExistsError(
             f"export path {config.export_path} already exists; expected a new directory. "
             "Pass --overwrite to replace it, or choose another --export_path.")
-    record = read_run_record(config.checkpoint_dir)
-    if run_family(record, Path(config.checkpoint_dir) / CONFIG_JSON) == GLOCAL_FAMILY:
+    from delg_tf.training import runs
+
+    record = runs.read_run_record(config.checkpoint_dir, flag="checkpoint_dir")
+    if runs.run_family(record, runs.config_path(config.checkpoint_dir)) == GLOCAL_FAMILY:
         return _export_glocal_run(config, record)
     if config.image_size is not None:
         raise ExportConfigError(f"--image_size applies to Glocal runs only; "
@@ -188,7 +146,7 @@ def main(config: ExportRunConfig) -> Path:
                                 "(use --max_image_size/--image_scales).")
     from delg_tf.serving import delg_export
 
-    model = load_trained_model(config.checkpoint_dir, config.checkpoint)
+    model = _load_run(config)
     path = delg_export.export_saved_model(model, config.export_path, config.export,
                                           overwrite=config.overwrite,
                                           fold_batch_norm=config.fold_batch_norm,

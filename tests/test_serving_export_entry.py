@@ -64,8 +64,10 @@ def test_export_cli_flags_and_errors(logdir, tmp_path):
     assert "mode global" in result.stdout
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    with pytest.raises(ValueError, match="config.json"):
-        export_entry.load_trained_model(tmp_path)
+    with pytest.raises(ValueError, match="config.json.*--checkpoint_dir"):
+        export_entry.main(export_entry.ExportRunConfig(
+            checkpoint_dir=str(tmp_path), export_path=str(tmp_path / "x"),
+            export=ExportConfig()))
     with pytest.raises(export_entry.ExportConfigError, match="--nofold_batch_norm"):
         export_entry.ExportRunConfig(checkpoint_dir=str(directory), export_path="x",
                                      export=ExportConfig(), fold_batch_norm=False,
