@@ -64,9 +64,14 @@ setup(
         "pillow>=12,<14",
         "scikit-image>=0.25,<0.27",
         "scipy>=1.13,<2",
+        # Feature stores (delg_tf.extraction.store, evaluation) and the tests.
+        "h5py>=3.11,<4",
+        # Limits BLAS threads while re-ranking runs pairs in a thread pool.
+        "threadpoolctl>=3.5,<4",
     ],
     extras_require={
-        "h5": ["h5py>=3.11,<4"],
+        # h5py is now a requirement; the extra stays so `delg_tf[h5]` keeps installing.
+        "h5": [],
         "faiss": ["faiss-cpu>=1.9,<2"],
         "progress": ["tqdm>=4.66,<5"],
         "plots": ["matplotlib>=3.9,<4"],
@@ -75,9 +80,9 @@ setup(
         # Viewing the training scalars.
         "tensorboard": ["tensorboard>=2.21,<2.22"],
         "test": ["pytest>=8,<10"],
-        "all": ["h5py>=3.11,<4", "faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
+        "all": ["faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
                 "matplotlib>=3.9,<4", "tensorflow-serving-api>=2.21,<2.22",
-                "tensorboard>=2.21,<2.22", "threadpoolctl>=3.5,<4", "pytest>=8,<10"],
+                "tensorboard>=2.21,<2.22", "pytest>=8,<10"],
     },
     entry_points={
         "console_scripts": [
