@@ -41,17 +41,21 @@ import numpy as np
 from delg_tf.matching import colmap_ransac
 from delg_tf.matching import correspondences as corr
 from delg_tf.matching import synthetic as syn
+from delg_tf.matching.defaults import (
+    DEFAULT_DESCRIPTOR_THRESHOLD as DESCRIPTOR_THRESHOLD,
+    DEFAULT_RANSAC_ITERATIONS as RANSAC_TRIALS,
+    DEFAULT_RANSAC_RESIDUAL_THRESHOLD as RESIDUAL_THRESHOLD,
+)
+from delg_tf.matching.features import LocalFeatures
+from delg_tf.matching.pair import limit_blas_threads
 from delg_tf.retrieval import rerank as rr
 
-DESCRIPTOR_THRESHOLD = 1.0  # paper App. B
-RESIDUAL_THRESHOLD = 20.0  # paper App. B
-RANSAC_TRIALS = 1000  # paper App. B
 MIN_RANSAC_SAMPLES = 3  # official code
 AGREEMENT_TOLERANCE = 0.05  # +-5 %
 SPEEDUP_TARGET = 50.0
 
 
-def baseline_num_inliers(query: rr.LocalFeatures, db: rr.LocalFeatures, seed: int) -> int:
+def baseline_num_inliers(query: LocalFeatures, db: LocalFeatures, seed: int) -> int:
     """Official-DELF-style verification: cKDTree + skimage RANSAC."""
     from scipy import spatial
     from skimage import measure, transform
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     ours = res.num_inliers
 
     # Breakdown of delg_tf (single thread, single BLAS thread).
-    with rr.limit_blas_threads(1):
+    with limit_blas_threads(1):
         t_match, matches = _timeit(
             lambda: [corr.find_putative_matches(query.descriptors, f.descriptors) for f in feats],
             args.repeats,
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
         )
 
     with ThreadPoolExecutor(2) as pool:
-        with rr.limit_blas_threads(1):
+        with limit_blas_threads(1):
             t_pool_limited, _ = _timeit(lambda: match_all(pool), args.repeats)
         t_pool_free, _ = _timeit(lambda: match_all(pool), args.repeats)
 

@@ -34,7 +34,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-PAPER_RESIDUAL_PX = 20.0
 PAPER_IMAGE_SIZE = 1024  # Revisited Oxford/Paris images the 20 px were set for.
 DEMO_SHORTLIST = 20
 PROTOCOLS = ("easy", "medium", "hard")
@@ -52,14 +51,17 @@ def count_inliers(query, db, image_size, residual_scale=False, mutual=False,
     """(inliers, putative matches) of one pair under a matching variant."""
     from delg_tf.matching import colmap_ransac
     from delg_tf.matching import correspondences as corr
+    from delg_tf.matching import defaults as paper
 
     q_idx, d_idx = corr.find_putative_matches(
-        query.descriptors, db.descriptors, threshold=None if ratio else 1.0,
-        mutual=mutual, ratio=ratio)
-    residual = PAPER_RESIDUAL_PX * (image_size / PAPER_IMAGE_SIZE if residual_scale else 1.0)
+        query.descriptors, db.descriptors,
+        threshold=None if ratio else paper.DEFAULT_DESCRIPTOR_THRESHOLD, mutual=mutual,
+        ratio=ratio)
+    residual = paper.DEFAULT_RANSAC_RESIDUAL_THRESHOLD * (
+        image_size / PAPER_IMAGE_SIZE if residual_scale else 1.0)
     result = colmap_ransac.estimate_affine_ransac(
         db.keypoints[d_idx], query.keypoints[q_idx], residual_threshold=residual,
-        iterations=1000, seed=0)
+        iterations=paper.DEFAULT_RANSAC_ITERATIONS, seed=paper.DEFAULT_RANSAC_SEED)
     if distinct and result.num_inliers:
         mask = result.inlier_mask
         num = min(len(np.unique(query.keypoints[q_idx][mask], axis=0)),

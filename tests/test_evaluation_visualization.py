@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from delg_tf.matching import synthetic as syn  # noqa: E402
-from delg_tf.retrieval import rerank as rr  # noqa: E402
+from delg_tf.matching.pair import match_pair  # noqa: E402
 from delg_tf.visualization import matches, ranking_grid  # noqa: E402
 
 
@@ -18,7 +18,7 @@ def test_draw_pair_match_png(tmp_path):
     db = syn.make_db_image(
         rng, query, num_true=40, num_false=20, num_features=200, image_size=(120.0, 160.0)
     )
-    pair = rr.match_pair(query, db.features)
+    pair = match_pair(query, db.features)
     q_img = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
     d_img = rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)
     out = matches.draw_pair_match(q_img, d_img, query, db.features, pair, tmp_path / "m.png")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from delg_tf.extraction import binarize
 from delg_tf.matching import colmap_ransac
 from delg_tf.matching import correspondences as corr
 from delg_tf.matching import synthetic as syn
@@ -57,7 +58,7 @@ def test_binary_hamming_equivalence():
     l2 = np.linalg.norm(a / np.sqrt(dim) - b / np.sqrt(dim), axis=1)
     np.testing.assert_allclose(l2**2, 4 * flips / dim, rtol=1e-5)
     pa, pb = np.packbits(a > 0, axis=1), np.packbits(b > 0, axis=1)
-    np.testing.assert_array_equal(np.diag(corr.hamming_distances(pa, pb)), flips)
+    np.testing.assert_array_equal(np.diag(binarize.hamming_distances(pa, pb)), flips)
     qi, di = corr.find_putative_matches(pa, pb, threshold=1.1, binary=True)
     np.testing.assert_array_equal(qi, np.flatnonzero(l2 < 1.1))
     np.testing.assert_array_equal(di, qi)

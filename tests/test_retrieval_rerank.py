@@ -60,20 +60,6 @@ def test_threads_and_serial_agree(shortlist):
         )
 
 
-def test_empty_features_score_zero(shortlist):
-    query, pairs, _ = shortlist
-    empty = rr.LocalFeatures(np.zeros((0, 2)), np.zeros((0, 128), dtype=np.float32))
-    assert rr.match_pair(query, empty).num_inliers == 0
-    assert rr.match_pair(empty, pairs[0].features).num_inliers == 0
-    assert rr.match_pair(empty, empty).num_inliers == 0
-
-
-def test_min_inliers_zeroes_weak_matches(shortlist):
-    query, pairs, is_pos = shortlist
-    neg = pairs[int(np.flatnonzero(~is_pos)[0])].features
-    assert rr.match_pair(query, neg, rr.MatchingConfig(min_inliers=1000)).num_inliers == 0
-
-
 def test_rerank_all_revisitop_layout(shortlist):
     query, pairs, is_pos = shortlist
     feats = [p.features for p in pairs]
@@ -85,10 +71,3 @@ def test_rerank_all_revisitop_layout(shortlist):
         assert set(out[:3, q].tolist()) == set(np.flatnonzero(is_pos).tolist())
     with pytest.raises(ValueError, match="num_queries=1"):
         rr.Reranker().rerank_all(ranks, [query], feats)
-
-
-def test_local_features_validation():
-    with pytest.raises(ValueError, match=r"\[N, 2\]"):
-        rr.LocalFeatures(np.zeros((4, 3)), np.zeros((4, 128)))
-    with pytest.raises(ValueError, match="N = 4"):
-        rr.LocalFeatures(np.zeros((4, 2)), np.zeros((5, 128)))

@@ -33,7 +33,11 @@ def unpack_binary(packed, dim):
 
 
 def hamming_distances(packed_a, packed_b):
-    """Pairwise Hamming distances [Na, Nb] between packed codes."""
+    """Pairwise Hamming distances int64 [Na, Nb] between packed codes (XOR + bit count).
+
+    The package's one Hamming distance; ``delg_tf.matching.correspondences`` finds
+    nearest neighbours under it through a matrix product of the ±1 codes instead.
+    """
     a = np.asarray(packed_a, np.uint8)[:, None, :]
     b = np.asarray(packed_b, np.uint8)[None, :, :]
     return np.unpackbits(np.bitwise_xor(a, b), axis=2).sum(axis=2, dtype=np.int64)

@@ -23,11 +23,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from delg_tf.matching.defaults import (
+    DEFAULT_RANSAC_ITERATIONS,
+    DEFAULT_RANSAC_RESIDUAL_THRESHOLD,
+    DEFAULT_RANSAC_SEED,
+)
+
 PYCOLMAP_MIN_VERSION = (4, 2)  # inclusive
 PYCOLMAP_MAX_VERSION = (4, 3)  # exclusive
-DEFAULT_RANSAC_RESIDUAL_THRESHOLD = 20.0  # pixels, paper App. B (retrieval).
-DEFAULT_RANSAC_ITERATIONS = 1000  # paper App. B.
-DEFAULT_RANSAC_SEED = 0
 AFFINE_MIN_SAMPLES = 3
 # Like the official DELF code, a pair needs strictly more putative matches than
 # the minimal sample (3 points always fit an affine exactly) to be verified.
@@ -114,7 +117,7 @@ def make_ransac_options(
     options.min_num_trials = int(iterations)
     options.max_num_trials = int(iterations)
     options.random_seed = -1 if seed is None else int(seed)
-    options.num_threads = 1  # parallelism is across image pairs (rerank.py).
+    options.num_threads = 1  # parallelism is across image pairs (retrieval/rerank.py).
     return options
 
 

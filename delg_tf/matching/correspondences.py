@@ -12,9 +12,11 @@ degenerates to brute force in 128-D (see ``bench/rerank.py``).
 Binarised descriptors (DELG*) are packed bits (``np.packbits`` of ``d > 0``,
 uint8 [N, D/8]). For ±1 vectors of dimension D normalised by sqrt(D),
 ``||a - b||^2 = 4 * hamming(a, b) / D``, so an L2 threshold ``t`` is the Hamming
-threshold ``hamming < t^2 * D / 4`` (:func:`hamming_threshold_from_l2`).
+threshold ``hamming < t^2 * D / 4`` (:func:`hamming_threshold_from_l2`). The
+packed format, its unpacking and the reference Hamming distance are those of
+:mod:`delg_tf.extraction.binarize`, which writes them.
 
-numpy only.
+numpy only (and the numpy-only ``delg_tf.extraction.binarize``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-DEFAULT_DESCRIPTOR_THRESHOLD = 1.0  # paper App. B, float DELG on ROxf/RPar/GLDv2-retrieval.
-DEFAULT_BINARY_DESCRIPTOR_THRESHOLD = 1.1  # paper App. B, binarised DELG*.
-BITS_PER_BYTE = 8
+from delg_tf.extraction.binarize import BITS_PER_BYTE, unpack_binary
+from delg_tf.matching.defaults import DEFAULT_DESCRIPTOR_THRESHOLD
 # Upper bound on the number of distance-matrix entries computed at once
 # (float32: 16M entries = 64 MB).
 MAX_DISTANCE_MATRIX_ENTRIES = 16 * 1024 * 1024
@@ -83,8 +84,8 @@ def _nearest_neighbours(
     """
     nq, nd = query.shape[0], db.shape[0]
     if binary:
-        q = unpack_sign_bits(query)
-        d = unpack_sign_bits(db)
+        q = unpack_binary(query, query.shape[1] * BITS_PER_BYTE)
+        d = unpack_binary(db, db.shape[1] * BITS_PER_BYTE)
         num_bits = q.shape[1]
         q_offset = np.full(nq, num_bits * 0.5, dtype=np.float32)
         half_db_sq = np.zeros(nd, dtype=np.float32)
@@ -145,29 +146,6 @@ def float_squared_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
     sq -= 2.0 * (q @ d.T)
     np.maximum(sq, 0.0, out=sq)
     return sq
-
-
-def unpack_sign_bits(packed: np.ndarray) -> np.ndarray:
-    """uint8 [N, B] packed bits -> float32 ±1 [N, 8B]."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1).astype(np.float32)
-    return bits * 2.0 - 1.0
-
-
-def hamming_distances(query_packed: np.ndarray, db_packed: np.ndarray) -> np.ndarray:
-    """Hamming distances between packed-bit descriptors.
-
-    Uses ±1 unpacking and a matrix product: ``hamming = (D - a.b) / 2``.
-
-    Args:
-        query_packed: uint8 [Nq, B].
-        db_packed: uint8 [Nd, B].
-
-    Returns:
-        float32 [Nq, Nd] (integral values).
-    """
-    a = unpack_sign_bits(query_packed)
-    b = unpack_sign_bits(db_packed)
-    return (a.shape[1] - a @ b.T) * 0.5
 
 
 def find_putative_matches(

@@ -18,7 +18,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from delg_tf.retrieval.rerank import LocalFeatures
+from delg_tf.matching.features import LocalFeatures
 
 DEFAULT_NUM_FEATURES = 1000  # paper: at most 1k local features per image.
 DEFAULT_DIM = 128  # DELG local descriptor dimension.

@@ -145,12 +145,12 @@ def draw_pair_match(
     keypoint_order: str = "yx",
     show_outliers: bool = False,
 ) -> Path:
-    """Draws the inliers of a :class:`delg_tf.retrieval.rerank.PairMatch`.
+    """Draws the inliers of a :class:`delg_tf.matching.pair.PairMatch`.
 
     Args:
         query_image, db_image: the images (same pixel frame as the keypoints).
         query_features, db_features: ``LocalFeatures`` that were matched.
-        pair_match: result of ``rerank.match_pair(query_features, db_features)``.
+        pair_match: result of ``delg_tf.matching.pair.match_pair(query_features, db_features)``.
         output_path: PNG path.
         keypoint_order: ``"yx"`` (default, DELG) or ``"xy"``.
         show_outliers: also mark putative matches rejected by RANSAC.
