@@ -442,7 +442,7 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
     results["num_queries"] = len(q_local)
     results["num_database"] = len(db_local)
     results["config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in dataclasses.asdict(eval_config).items()}
+                         for k, v in eval_config.record().items()}
     return evaluation, db_local, q_local, results
 
 
@@ -510,11 +510,10 @@ def match_statistics(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
         ``{"pairs": n, "inliers": n, "median_error_px": .., "fraction_within_px": ..,
         "threshold_px": .., "pair_names": [[query, database], ...]}``.
     """
-    from delg_tf.evaluation.pipeline import matching_config
     from delg_tf.evaluation.config import EvaluateConfig
-    from delg_tf.retrieval.rerank import match_pair
+    from delg_tf.matching.pair import match_pair
 
-    match_config = matching_config(EvaluateConfig())
+    match_config = EvaluateConfig().matching
     errors, names = [], []
     for q, q_name in enumerate(gnd_cfg["qimlist"]):
         d = int(evaluation.reranked_ranks[0, q])
@@ -543,8 +542,7 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
     from PIL import Image
 
     from delg_tf.evaluation.config import EvaluateConfig
-    from delg_tf.evaluation.pipeline import matching_config
-    from delg_tf.retrieval.rerank import match_pair
+    from delg_tf.matching.pair import match_pair
     from delg_tf.visualization.matches import draw_pair_match
     from delg_tf.visualization.ranking_grid import draw_ranking_grid
 
@@ -557,7 +555,7 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
                           .convert("RGB"))
 
     best = int(evaluation.reranked_ranks[0, q])
-    match_config = matching_config(EvaluateConfig())
+    match_config = EvaluateConfig().matching
     pair = match_pair(q_local[q], db_local[best], match_config)
     matches = draw_pair_match(query_image, load_db(best), q_local[q], db_local[best], pair,
                               config.root / MATCHES_PNG)

@@ -60,6 +60,7 @@ from delg_tf.evaluation.config import (
     EvaluateConfig,
     EvaluatePaths,
 )
+from delg_tf.matching.pair import MatchingConfig, MatchingConfigError
 
 
 def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
@@ -118,7 +119,7 @@ def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
             paths.query_features,
             config,
             paths.output_json,
-            binary=config.binary_descriptors,
+            binary=config.matching.binary_descriptors,
         )
         print(f"wrote {out}")
         return out
@@ -209,6 +210,7 @@ def _define_flags():
     from absl import flags
 
     d = EvaluateConfig()  # flag defaults = library defaults (paper values).
+    m = d.matching
 
     flags.DEFINE_string(
         "gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat."
@@ -289,28 +291,28 @@ def _define_flags():
     )
     flags.DEFINE_float(
         "descriptor_threshold",
-        d.descriptor_threshold,
+        m.descriptor_threshold,
         "Putative match L2 threshold (paper: 1.0; DELG*: 1.1).",
     )
     flags.DEFINE_float(
         "ransac_residual_threshold",
-        d.ransac_residual_threshold,
+        m.ransac_residual_threshold,
         "RANSAC residual threshold in px (paper: 20).",
     )
     flags.DEFINE_integer(
-        "ransac_iterations", d.ransac_iterations, "RANSAC iterations (paper: 1000)."
+        "ransac_iterations", m.ransac_iterations, "RANSAC iterations (paper: 1000)."
     )
     flags.DEFINE_integer(
-        "min_inliers", d.min_inliers, "Minimum inliers to count a match (paper: 0)."
+        "min_inliers", m.min_inliers, "Minimum inliers to count a match (paper: 0)."
     )
     flags.DEFINE_boolean(
         "use_ratio_test", False, "Select putative matches by Lowe's ratio test instead."
     )
     flags.DEFINE_float(
-        "ratio_test_threshold", d.ratio_test_threshold, "Ratio for --use_ratio_test."
+        "ratio_test_threshold", m.ratio_test_threshold, "Ratio for --use_ratio_test."
     )
     flags.DEFINE_integer("num_workers", d.num_workers, "Threads for re-ranking.")
-    flags.DEFINE_integer("seed", d.seed, "RANSAC seed.")
+    flags.DEFINE_integer("seed", m.seed, "RANSAC seed.")
     return flags.FLAGS
 
 
@@ -321,19 +323,25 @@ def _config_from_flags(flag_values):
         raise ConfigError(
             f"--kappas must be a comma-separated list of integers, got {flag_values.kappas}"
         ) from e
+    try:
+        matching = MatchingConfig(
+            descriptor_threshold=flag_values.descriptor_threshold,
+            ransac_residual_threshold=flag_values.ransac_residual_threshold,
+            ransac_iterations=flag_values.ransac_iterations,
+            min_inliers=flag_values.min_inliers,
+            use_ratio_test=flag_values.use_ratio_test,
+            ratio_test_threshold=flag_values.ratio_test_threshold,
+            binary_descriptors=flag_values.binary_descriptors,
+            seed=flag_values.seed,
+        )
+    except MatchingConfigError as e:  # the fields are named like the flags.
+        raise ConfigError(f"--{e.field} must be {e.expected}, got {e.received!r}.") from e
     config = EvaluateConfig(
         shortlist_size=flag_values.shortlist_size,
-        descriptor_threshold=flag_values.descriptor_threshold,
-        ransac_residual_threshold=flag_values.ransac_residual_threshold,
-        ransac_iterations=flag_values.ransac_iterations,
-        min_inliers=flag_values.min_inliers,
-        use_ratio_test=flag_values.use_ratio_test,
-        ratio_test_threshold=flag_values.ratio_test_threshold,
+        matching=matching,
         num_workers=flag_values.num_workers,
-        seed=flag_values.seed,
         kappas=kappas,
         allow_truncated_ranks=flag_values.allow_truncated_ranks,
-        binary_descriptors=flag_values.binary_descriptors,
         search_method=flag_values.search_method,
         top_k=flag_values.top_k,
     )

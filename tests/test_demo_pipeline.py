@@ -123,8 +123,8 @@ def _independent_errors(transforms, query, database, query_xy, database_xy):
 def test_ransac_inliers_agree_with_known_homographies(demo_run):
     from delg_tf.data.embedded import load_transforms
     from delg_tf.evaluation.config import EvaluateConfig
-    from delg_tf.evaluation.pipeline import load_store_features, matching_config
-    from delg_tf.retrieval.rerank import match_pair
+    from delg_tf.evaluation.pipeline import load_store_features
+    from delg_tf.matching.pair import match_pair
 
     config, results, _ = demo_run
     check = results["ground_truth_check"]
@@ -140,7 +140,7 @@ def test_ransac_inliers_agree_with_known_homographies(demo_run):
     errors = []
     for (query, database), q, d in zip(check["pair_names"], q_local, d_local):
         assert transforms["images"][query]["photo"] == transforms["images"][database]["photo"]
-        pair = match_pair(q, d, matching_config(EvaluateConfig()))
+        pair = match_pair(q, d, EvaluateConfig().matching)
         inl = pair.inlier_mask
         errors.append(_independent_errors(transforms, query, database,
                                           q.keypoints[pair.query_idx[inl]][:, ::-1],

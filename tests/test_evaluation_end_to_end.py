@@ -12,6 +12,7 @@ from delg_tf.data.embedded import build_embedded_dataset
 from delg_tf.evaluation.config import EvaluateConfig, EvaluatePaths
 from delg_tf.evaluation.end_to_end import DatasetEvalConfig, evaluate_dataset
 from delg_tf.extraction.store import FeatureStore
+from delg_tf.matching.pair import MatchingConfig
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
 from delg_tf.serving.delg_export import ExportConfig, export_saved_model
@@ -21,7 +22,8 @@ NUM_CLASSES = 4
 EXPORT = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
                       max_feature_num=30, max_image_size=96, warmup=False)
 # Few RANSAC trials and a short shortlist keep the run at a few seconds.
-FAST = EvaluateConfig(shortlist_size=5, ransac_iterations=50, num_workers=1)
+FAST = EvaluateConfig(shortlist_size=5, matching=MatchingConfig(ransac_iterations=50),
+                      num_workers=1)
 PROTOCOL_KEYS = {"easy", "medium", "hard"}
 METRIC_KEYS = {"mAP", "mP@1", "mP@5", "mP@10"}
 

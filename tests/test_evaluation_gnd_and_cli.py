@@ -184,3 +184,11 @@ def test_cli_scores_and_missing_input(tmp_path):
     assert json.loads(out.read_text()) == by_scores
     missing = subprocess.run(base, capture_output=True, text=True)
     assert missing.returncode == 2 and "--ranks_path" in missing.stderr
+    # A matching flag out of range: named as the flag, one line, exit code 2.
+    bad = subprocess.run(
+        base + [f"--ranks_path={tmp_path / 'ranks.npy'}", "--ransac_iterations=0"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--ransac_iterations must be an integer >= 1, got 0." in bad.stderr

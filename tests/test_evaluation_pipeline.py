@@ -9,7 +9,8 @@ import pytest
 from delg_tf.evaluation import pipeline
 from delg_tf.evaluation.config import ConfigError, EvaluateConfig, EvaluatePaths
 from delg_tf.matching import synthetic as syn
-from delg_tf.retrieval.rerank import LocalFeatures
+from delg_tf.matching.features import LocalFeatures
+from delg_tf.matching.pair import MatchingConfig, MatchingConfigError
 
 NUM_DB, NUM_FEATURES, DIM_GLOBAL = 12, 150, 16
 
@@ -133,6 +134,39 @@ def test_paths_validation(tmp_path):
         )
     with pytest.raises(ConfigError, match="--shortlist_size"):
         EvaluateConfig(shortlist_size=-1)
+
+
+def test_config_record_is_flat_with_the_flag_keys():
+    """results["config"] keeps the flat keys (= evaluate flags) it had before the nesting."""
+    config = EvaluateConfig(
+        shortlist_size=7,
+        matching=MatchingConfig(
+            ransac_iterations=3, use_ratio_test=True, binary_descriptors=True, seed=4
+        ),
+        num_workers=1,
+    )
+    assert config.record() == {
+        "shortlist_size": 7,
+        "descriptor_threshold": 1.0,
+        "ransac_residual_threshold": 20.0,
+        "ransac_iterations": 3,
+        "min_inliers": 0,
+        "use_ratio_test": True,
+        "ratio_test_threshold": 0.8,
+        "num_workers": 1,
+        "seed": 4,
+        "kappas": (1, 5, 10),
+        "allow_truncated_ranks": False,
+        "binary_descriptors": True,
+        "search_method": "exact",
+        "top_k": 0,
+    }
+    mutual = EvaluateConfig(matching=MatchingConfig(mutual_nearest=True)).record()
+    assert mutual["mutual_nearest"] is True
+    with pytest.raises(MatchingConfigError, match="MatchingConfig.min_inliers"):
+        EvaluateConfig(matching=MatchingConfig(min_inliers=-1))
+    with pytest.raises(ConfigError, match="EvaluateConfig.matching must be"):
+        EvaluateConfig(matching={"ransac_iterations": 3})
 
 
 def test_local_features_empty_image(dataset):

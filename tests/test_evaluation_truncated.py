@@ -11,7 +11,8 @@ from delg_tf.evaluation import pipeline
 from delg_tf.evaluation import ranks as rk
 from delg_tf.evaluation.config import ConfigError, EvaluateConfig
 from delg_tf.evaluation.revisitop import PROTOCOLS, compute_map, evaluate_revisitop
-from delg_tf.retrieval.rerank import LocalFeatures
+from delg_tf.matching.features import LocalFeatures
+from delg_tf.matching.pair import MatchingConfig
 
 NUM_DB, NUM_QUERIES, DIM = 300, 6, 16
 SEARCH_TOP_K = 20
@@ -62,7 +63,8 @@ def test_top_k_reranking_equals_full_reranking():
     rng = np.random.default_rng(3)
     local = [LocalFeatures(rng.uniform(0, 100, (20, 2)), rng.normal(size=(20, 8)) / 3)
              for _ in range(NUM_DB + NUM_QUERIES)]
-    config = EvaluateConfig(shortlist_size=10, ransac_iterations=20, num_workers=1)
+    config = EvaluateConfig(shortlist_size=10, matching=MatchingConfig(ransac_iterations=20),
+                            num_workers=1)
     full = pipeline.evaluate_features(db, queries, gnd, local[:NUM_DB], local[NUM_DB:], config,
                                       verbose=False)
     k = max(_deepest_positive(full.global_ranks, gnd), config.shortlist_size)

@@ -38,6 +38,7 @@ from delg_tf.data.embedded import build_embedded_dataset
 from delg_tf.evaluation.config import EvaluateConfig
 from delg_tf.evaluation.end_to_end import DatasetEvalConfig, evaluate_dataset
 from delg_tf.extraction import folded
+from delg_tf.matching.pair import MatchingConfig
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
 from delg_tf.serving import delg_export
@@ -52,7 +53,8 @@ EXPORT = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_thr
                       max_feature_num=30, max_image_size=96, warmup=False)
 EXPORT_FLAGS = ["--image_scales=0.5,1.0", "--global_scales_ind=1", "--score_threshold=0",
                 "--max_feature_num=30", "--max_image_size=96", "--nowarmup"]
-FAST = EvaluateConfig(shortlist_size=5, ransac_iterations=50, num_workers=1)
+FAST = EvaluateConfig(shortlist_size=5, matching=MatchingConfig(ransac_iterations=50),
+                      num_workers=1)
 # The tiny preset with 10 landmarks x 5 queries (and 1 training view: training is unused).
 EMBEDDED = dict(preset="tiny", num_landmarks=10, num_queries=5, num_train_views=1)
 PROTOCOLS = ("easy", "medium", "hard")

@@ -11,13 +11,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from delg_tf.evaluation.revisitop import DEFAULT_KAPPAS
+from delg_tf.matching.pair import MatchingConfig
+from delg_tf.retrieval.rerank import DEFAULT_NUM_WORKERS, DEFAULT_SHORTLIST_SIZE
 
-# Paper section 4.1 and Appendix B (retrieval datasets).
-DEFAULT_SHORTLIST_SIZE = 100  # top-100 of the global ranking are re-ranked.
-DEFAULT_DESCRIPTOR_THRESHOLD = 1.0  # L2 distance for float DELG descriptors.
-DEFAULT_RANSAC_RESIDUAL_THRESHOLD = 20.0  # pixels.
-DEFAULT_RANSAC_ITERATIONS = 1000
-DEFAULT_MIN_INLIERS = 0  # any returned match counts for retrieval.
 FULL_RANKING = 0  # top_k value meaning "rank the whole database".
 SEARCH_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # retrieval.search.METHODS
 GLDV2_TASKS = ("retrieval", "recognition")
@@ -41,17 +37,15 @@ class EvaluateConfig:
 
     Attributes:
         shortlist_size: number of top global results re-ranked (flag --shortlist_size).
-        descriptor_threshold: putative-match L2 distance threshold (--descriptor_threshold).
-        ransac_residual_threshold: RANSAC inlier threshold in pixels (--ransac_residual_threshold).
-        ransac_iterations: RANSAC trials (--ransac_iterations).
-        min_inliers: below this many inliers a pair scores 0 (--min_inliers).
-        use_ratio_test: use Lowe's ratio test instead of the distance threshold.
-        ratio_test_threshold: ratio for the ratio test.
+        matching: local matching of a pair (validated by :class:`MatchingConfig`), from
+            the flags of the same names: --descriptor_threshold,
+            --ransac_residual_threshold, --ransac_iterations, --min_inliers,
+            --use_ratio_test, --ratio_test_threshold, --binary_descriptors (re-rank with
+            packed-bit DELG* descriptors, read from the stores' ``descriptors_binary``)
+            and --seed (RANSAC, and the faiss IVF training).
         num_workers: threads used for re-ranking (--num_workers).
-        seed: RANSAC random seed (--seed).
         kappas: k values for mP@k.
         allow_truncated_ranks: accept rankings shorter than the database.
-        binary_descriptors: re-rank with packed-bit local descriptors (DELG*).
         search_method: global search, ``"exact"`` (numpy) or a faiss index
             (``"faiss_flat"``, ``"faiss_hnsw"``, ``"faiss_ivf"``) (--search_method).
         top_k: 0 ranks the whole database (revisitop layout ``[num_db, num_queries]``);
@@ -60,21 +54,19 @@ class EvaluateConfig:
     """
 
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
-    descriptor_threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD
-    ransac_residual_threshold: float = DEFAULT_RANSAC_RESIDUAL_THRESHOLD
-    ransac_iterations: int = DEFAULT_RANSAC_ITERATIONS
-    min_inliers: int = DEFAULT_MIN_INLIERS
-    use_ratio_test: bool = False
-    ratio_test_threshold: float = 0.8
-    num_workers: int = 2
-    seed: int = 0
+    matching: MatchingConfig = MatchingConfig()
+    num_workers: int = DEFAULT_NUM_WORKERS
     kappas: Tuple[int, ...] = DEFAULT_KAPPAS
     allow_truncated_ranks: bool = False
-    binary_descriptors: bool = False
     search_method: str = "exact"
     top_k: int = FULL_RANKING
 
     def __post_init__(self):
+        if not isinstance(self.matching, MatchingConfig):
+            raise ConfigError(
+                f"EvaluateConfig.matching must be a delg_tf.matching.pair.MatchingConfig, got "
+                f"{type(self.matching).__name__}; build one from the matching settings."
+            )
         checks = [
             (self.search_method in SEARCH_METHODS, "search_method", f"one of {SEARCH_METHODS}"),
             (
@@ -83,11 +75,6 @@ class EvaluateConfig:
                 f"0 (full ranking) or an integer >= --shortlist_size={self.shortlist_size}",
             ),
             (self.shortlist_size >= 0, "shortlist_size", "an integer >= 0"),
-            (self.descriptor_threshold > 0, "descriptor_threshold", "a float > 0"),
-            (self.ransac_residual_threshold > 0, "ransac_residual_threshold", "a float > 0"),
-            (self.ransac_iterations >= 1, "ransac_iterations", "an integer >= 1"),
-            (self.min_inliers >= 0, "min_inliers", "an integer >= 0"),
-            (0 < self.ratio_test_threshold <= 1, "ratio_test_threshold", "a float in (0, 1]"),
             (self.num_workers >= 1, "num_workers", "an integer >= 1"),
             (
                 len(self.kappas) > 0 and all(k >= 1 for k in self.kappas),
@@ -98,6 +85,23 @@ class EvaluateConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"--{name} must be {expected}, got {getattr(self, name)!r}.")
+
+    def record(self) -> dict:
+        """The settings as one flat dict (the flag names), as written in results JSONs.
+
+        The fields of ``matching`` take its place; ``mutual_nearest`` (no evaluate
+        flag) is listed only when set, so the record of any CLI run has the keys
+        of the flags.
+        """
+        out = {}
+        for field in dataclasses.fields(self):
+            if field.name != "matching":
+                out[field.name] = getattr(self, field.name)
+                continue
+            for name, value in dataclasses.asdict(self.matching).items():
+                if name != "mutual_nearest" or value:
+                    out[name] = value
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

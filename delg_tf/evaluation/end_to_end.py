@@ -225,7 +225,7 @@ def _file_fingerprint(path: Path) -> dict:
 
 def model_fingerprint(config: DatasetEvalConfig) -> dict:
     """Identifies the model and extraction settings a feature cache was made with."""
-    key = {"format": CACHE_FORMAT_VERSION, "binarize": config.evaluate.binary_descriptors}
+    key = {"format": CACHE_FORMAT_VERSION, "binarize": config.evaluate.matching.binary_descriptors}
     if config.delf_config:
         path = Path(config.delf_config)
         key["delf_config_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -358,7 +358,7 @@ def _extract_set(
         output_dir=str(output_dir),
         delf_config=config.delf_config,
         model_path=config.model_path,
-        binarize=config.evaluate.binary_descriptors,
+        binarize=config.evaluate.matching.binary_descriptors,
         progress=config.progress,
     )
     return extract.main(ext_config, pairs, extractor=extractor), False
@@ -458,7 +458,7 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
     progress = progress_wrapper("rerank", "query", enabled=config.progress)
 
     extracted = config.db_features is None
-    binary = evaluate.binary_descriptors
+    binary = evaluate.matching.binary_descriptors
     with StoreFeatures(
         db_store, names, binary, allow_missing=extracted, what="--db_features"
     ) as db, StoreFeatures(
@@ -515,7 +515,7 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         **evaluation.results,
         "ranking": evaluation.ranking,
         **extra,
-        "config": dataclasses.asdict(evaluate),
+        "config": evaluate.record(),
         "timings": timings,
     }
     out = write_json(results, config.output_path)

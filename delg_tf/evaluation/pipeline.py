@@ -31,28 +31,15 @@ from delg_tf.evaluation.revisitop import (
     evaluate_revisitop,
     format_results_table,
 )
+from delg_tf.matching.features import LocalFeatures
 from delg_tf.retrieval import search
-from delg_tf.retrieval.rerank import LocalFeatures, MatchingConfig, Reranker
+from delg_tf.retrieval.rerank import Reranker
 
 IMAGE_NAME_SUFFIXES = ("", ".jpg", ".JPG", ".jpeg", ".png")
 
 
 class FeatureInputError(ValueError):
     """Features do not match the dataset (counts, dimensions, missing images)."""
-
-
-def matching_config(config: EvaluateConfig, binary: bool = False) -> MatchingConfig:
-    """The re-ranking parameters of an :class:`EvaluateConfig`."""
-    return MatchingConfig(
-        descriptor_threshold=config.descriptor_threshold,
-        ransac_residual_threshold=config.ransac_residual_threshold,
-        ransac_iterations=config.ransac_iterations,
-        min_inliers=config.min_inliers,
-        use_ratio_test=config.use_ratio_test,
-        ratio_test_threshold=config.ratio_test_threshold,
-        binary_descriptors=binary,
-        seed=config.seed,
-    )
 
 
 def _max_gnd_index(gnd: Sequence[Mapping]) -> int:
@@ -116,7 +103,7 @@ def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: Eval
         )
         return ranks, np.take_along_axis(by_id, ranks, axis=0), False
     k = num_db if config.top_k == FULL_RANKING else min(config.top_k, num_db)
-    index = search.GlobalIndex(config.search_method, seed=config.seed).build(db_global)
+    index = search.GlobalIndex(config.search_method, seed=config.matching.seed).build(db_global)
     ids, scores = index.search(query_global, k)
     ranks = np.ascontiguousarray(ids.T)
     truncated = k < num_db or bool((ranks == MISSING_ID).any())
@@ -148,9 +135,8 @@ def rerank_ranking(
     """
     out = ranks.copy()
     queries = range(ranks.shape[1])
-    with Reranker(
-        matching_config(config, binary), config.shortlist_size, config.num_workers
-    ) as reranker:
+    matching = dataclasses.replace(config.matching, binary_descriptors=binary)
+    with Reranker(matching, config.shortlist_size, config.num_workers) as reranker:
         for q in progress(queries) if progress else queries:
             valid = int(np.count_nonzero(ranks[:, q] != MISSING_ID))
             result = reranker.rerank_query(
@@ -254,7 +240,7 @@ def evaluate_features(
                 **results,
                 "ranking": ranking_info,
                 **dict(extra_json or {}),
-                "config": dataclasses.asdict(config),
+                "config": config.record(),
                 "timings": timings,
             },
             output_json,
@@ -422,7 +408,7 @@ def evaluate_store_features(
         db.local,
         queries.all_local(),
         config,
-        config.binary_descriptors,
+        config.matching.binary_descriptors,
         output_json=output_json,
         progress=progress,
         verbose=verbose,
@@ -457,8 +443,9 @@ def evaluate_stores(
     from delg_tf.data.revisitop import load_gnd
 
     cfg = load_gnd(gnd_path, require_bbx=False)
-    if binary and not config.binary_descriptors:
-        config = dataclasses.replace(config, binary_descriptors=True)
+    if binary and not config.matching.binary_descriptors:
+        matching = dataclasses.replace(config.matching, binary_descriptors=True)
+        config = dataclasses.replace(config, matching=matching)
     with StoreFeatures(db_store, cfg["imlist"], binary, what="--db_features") as db, StoreFeatures(
         query_store, cfg["qimlist"], binary, what="--query_features"
     ) as queries:
