@@ -25,7 +25,8 @@ import time
 
 import tensorflow as tf
 
-from delg_tf.extraction.pyramid import DEFAULT_IMAGE_SCALES, PyramidExtractor
+from delg_tf.extraction.config import DEFAULT_IMAGE_SCALES
+from delg_tf.extraction.pyramid import PyramidExtractor
 from delg_tf.extraction.testing import random_image
 
 PAPER_GLOBAL_SCALES_IND = (3, 4, 5)  # 1/sqrt(2), 1, sqrt(2)

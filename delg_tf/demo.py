@@ -305,7 +305,7 @@ def attention_threshold_stage(config: DemoConfig) -> float:
 def export_stage(config: DemoConfig, tau: float) -> Path:
     """Writes the SavedModel (skipped when a complete one with the same tau exists)."""
     from delg_tf import export as export_entry
-    from delg_tf.serving.delg_export import ExportConfig
+    from delg_tf.extraction.config import ExportConfig
 
     path = config.export_path
     overrides = {"score_threshold": float(tau), "max_feature_num": config.max_feature_num}

@@ -191,9 +191,9 @@ def _define_flags():
 
 
 def _config_from_flags(f):
-    from delg_tf.extraction.extractor import load_delf_config
+    from delg_tf.extraction.config import load_delf_config
     from delg_tf.extraction import pyramid
-    from delg_tf.serving.delg_export import ExportConfig
+    from delg_tf.extraction.config import ExportConfig
 
     if not (f.export_local or f.export_global):
         raise ExportConfigError("--noexport_local and --noexport_global together export "

@@ -15,7 +15,8 @@ from delg_tf.extraction.store import FeatureStore
 from delg_tf.matching.pair import MatchingConfig
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
-from delg_tf.serving.delg_export import ExportConfig, export_saved_model
+from delg_tf.extraction.config import ExportConfig
+from delg_tf.serving.delg_export import export_saved_model
 
 NUM_CLASSES = 4
 # Random weights: a zero score threshold keeps local features for the plumbing.

@@ -13,7 +13,7 @@ from delg_tf import cli, extract
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.store import FeatureStore
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
-from delg_tf.serving.delg_export import ExportConfig
+from delg_tf.extraction.config import ExportConfig
 
 CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
                       max_feature_num=10, max_image_size=64)

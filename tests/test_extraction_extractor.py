@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from delg_tf.extraction import extractor as extractor_lib
-from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
+from delg_tf.extraction.config import load_delf_config
+from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
-from delg_tf.serving.delg_export import ExportConfig
+from delg_tf.extraction.config import ExportConfig
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 CONFIGS = sorted(PARITY.glob("configs/*.pbtxt")) + sorted(PARITY.glob("tf1_slim/configs/*.pbtxt"))
@@ -89,7 +90,7 @@ def test_official_tf2_fixture_parity(tmp_path_factory):
     config = load_delf_config(PARITY / "configs" / "r50delg_gld_parity_320.pbtxt")
     config.model_path = str(model_dir)
     extractor = DelgExtractor.from_config(config)
-    assert extractor.raw_fn.model_format == "tf2_signature"
+    assert extractor.raw_fn.model_format == "tf2"
     expected = np.load(PARITY / "expected" / "320_chelsea.npz")
     features = extractor(skimage_data.chelsea())
     np.testing.assert_allclose(features.global_descriptor, expected["global_descriptor"],

@@ -8,7 +8,7 @@ from delg_tf.extraction import geometry
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.pyramid import PyramidExtractor
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
-from delg_tf.serving.delg_export import ExportConfig
+from delg_tf.extraction.config import ExportConfig
 
 SCALES = (0.5, 0.70710677, 1.0, 1.4142135)
 GLOBAL_IND = (1, 2, 3)

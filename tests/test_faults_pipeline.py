@@ -36,7 +36,8 @@ from delg_tf.data.testing import write_bad_image_corpus
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.store import FeatureStore
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
-from delg_tf.serving.delg_export import ExportConfig, export_saved_model
+from delg_tf.extraction.config import ExportConfig
+from delg_tf.serving.delg_export import export_saved_model
 
 CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
                       max_feature_num=20, max_image_size=64, warmup=False)

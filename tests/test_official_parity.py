@@ -123,7 +123,7 @@ def _expected(fmt, size, image):
 
 
 def _threshold(fmt):
-    from delg_tf.extraction.extractor import load_delf_config
+    from delg_tf.extraction.config import load_delf_config
 
     return load_delf_config(str(_config_path(fmt, 320))).delf_local_config.score_threshold
 
@@ -192,14 +192,14 @@ def _config_for(fmt, size, model_path, tmp_path):
 
 # ---------------------------------------------------------------- format and loading
 def test_detect_format_from_the_model(tf1_model, tf2_model):
-    from delg_tf.official.tf1 import detect_format
+    from delg_tf.extraction.raw_model import detect_format
 
     assert detect_format(tf1_model) == "tf1"
     assert detect_format(tf2_model) == "tf2"
 
 
 def test_tf1_loader_reproduces_the_recorded_raw_call(tf1_model):
-    from delg_tf.official.tf1 import load_tf1_extraction_fn
+    from delg_tf.extraction.raw_model import load_tf1_extraction_fn
 
     data = np.load(TF1_DIR / "expected" / "r50delg_tf1sim_fast320_config__chelsea.npz")
     fn = load_tf1_extraction_fn(tf1_model)
@@ -214,9 +214,9 @@ def test_tf1_loader_reproduces_the_recorded_raw_call(tf1_model):
 
 
 def test_tf1_loader_refuses_a_tf2_model(tf2_model):
-    from delg_tf.official.tf1 import OfficialModelError, load_tf1_extraction_fn
+    from delg_tf.extraction.raw_model import ModelFormatError, load_tf1_extraction_fn
 
-    with pytest.raises(OfficialModelError, match="expected a TF1-format"):
+    with pytest.raises(ModelFormatError, match="expected a TF1-format"):
         load_tf1_extraction_fn(tf2_model)
 
 
@@ -252,7 +252,8 @@ def test_official_model_through_delg_extractor_matches_recorded(fmt, tf1_model, 
 # ---------------------------------------------------------------- (2) converted models
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
 def test_converted_keras_model_matches_recorded(fmt, converted_tf1, converted_tf2, tmp_path):
-    from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
+    from delg_tf.extraction.config import load_delf_config
+    from delg_tf.extraction.extractor import DelgExtractor
     from delg_tf.official.convert import load_converted_model
 
     out, log = converted_tf1 if fmt == "tf1" else converted_tf2
@@ -291,7 +292,8 @@ def test_self_check_report_without_numbers_fails(converted_tf1):
 def test_folded_unfolded_and_unrolled_variants_match_recorded(fmt, converted_tf1, converted_tf2,
                                                               tmp_path):
     from delg_tf.extraction import raw_model
-    from delg_tf.extraction.extractor import DelgExtractor, load_delf_config
+    from delg_tf.extraction.config import load_delf_config
+    from delg_tf.extraction.extractor import DelgExtractor
     from delg_tf.official.convert import load_converted_model
     from delg_tf.extraction.folded import fold_delg_model
     from delg_tf.official.unrolled import UnrolledPyramid

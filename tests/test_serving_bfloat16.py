@@ -42,7 +42,7 @@ from delg_tf.matching.pair import MatchingConfig
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
 from delg_tf.serving import delg_export
-from delg_tf.serving.delg_export import ExportConfig
+from delg_tf.extraction.config import ExportConfig
 from no_delg_tf import BLOCK_DELG_TF_IMPORTS
 
 SEED = 0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from delg_tf.extraction import config as extraction_config
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.serving import delg_export, warmup
@@ -151,7 +152,7 @@ def test_warmup_records_and_baked_config(export_dir):
                                        delg_export.SIGNATURE_IMAGE_BYTES]
     assert decoded[0][1]["input_image"].dtype == np.uint8
     np.testing.assert_allclose(decoded[0][1]["input_scales"], SCALES)
-    config = delg_export.read_export_config(export_dir)
+    config = extraction_config.read_export_config(export_dir)
     assert list(config.delf_global_config.image_scales_ind) == [0, 2]
     assert config.delf_local_config.max_feature_num == CONFIG.max_feature_num
 

@@ -14,7 +14,7 @@ from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.testing import random_image
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
-from delg_tf.serving.delg_export import ExportConfig
+from delg_tf.extraction.config import ExportConfig
 
 
 @pytest.fixture(scope="module")

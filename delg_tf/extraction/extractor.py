@@ -24,18 +24,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format
 from PIL import Image
 
+from delg_tf.extraction import config as config_lib
 from delg_tf.extraction import folded, geometry, pyramid, raw_model
-from delg_tf.protos import delf_config_pb2
-
-# Official `_MIN_HEIGHT` / `_MIN_WIDTH`: no features below this size after resizing.
-MIN_EXTRACTION_HEIGHT = 10
-MIN_EXTRACTION_WIDTH = 10
-MODEL_PATH_PLACEHOLDER = "MODEL_PATH"
-# Names ending like this are DelfConfig files, never inline pbtxt text.
-CONFIG_FILE_SUFFIXES = (".pbtxt", ".txt", ".prototxt", ".config", ".cfg")
 
 
 @dataclasses.dataclass
@@ -115,54 +107,6 @@ def resize_image_like_official(image, max_image_size=-1, min_image_size=-1,
     return resized, scale_factors
 
 
-def looks_like_config_path(config):
-    """True if `config` names a DelfConfig file rather than holding pbtxt text.
-
-    A `PathLike`, an existing file, or a one-line string that ends in a config file
-    suffix (`.pbtxt`, `.txt`, ...) or holds a path separator but no ':' (every
-    DelfConfig field is written `name: value` or `name { ... }`).
-    """
-    if isinstance(config, os.PathLike):
-        return True
-    text = str(config).strip()
-    if not text or "\n" in text or "{" in text:
-        return False
-    if Path(text).is_file() or text.lower().endswith(CONFIG_FILE_SUFFIXES):
-        return True
-    has_separator = "/" in text or os.sep in text
-    return has_separator and ":" not in text
-
-
-def load_delf_config(config):
-    """DelfConfig from a proto, a `.pbtxt` path or pbtxt text.
-
-    Raises:
-      FileNotFoundError: `config` names a file (see `looks_like_config_path`) that does
-        not exist.
-      ValueError: the text is not a DelfConfig text proto.
-    """
-    if isinstance(config, delf_config_pb2.DelfConfig):
-        return config
-    parsed = delf_config_pb2.DelfConfig()
-    if looks_like_config_path(config):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"DelfConfig file {path} does not exist; pass an existing .pbtxt (e.g. the "
-                "official r50delg_gld_config.pbtxt) as --delf_config, or use --model_path "
-                "alone.")
-        text, origin = path.read_text(), str(path)
-    else:
-        text, origin = str(config), "<text>"
-    try:
-        text_format.Parse(text, parsed)
-    except text_format.ParseError as e:
-        raise ValueError(f"{origin}: not a valid DelfConfig text proto ({e}); expected fields "
-                         "of delf_config.proto (model_path, image_scales, delf_local_config, "
-                         "...)") from e
-    return parsed
-
-
 def _read_pca(pca_parameters):
     from delg_tf.extraction import delf_io
 
@@ -218,8 +162,8 @@ class DelgExtractor:
         if not (self.use_local or self.use_global):
             raise ValueError("invalid config: at least one of use_local_features / "
                              "use_global_features must be true.")
-        self.image_scales = np.asarray(list(config.image_scales) or pyramid.DEFAULT_IMAGE_SCALES,
-                                       np.float32)
+        self.image_scales = np.asarray(
+            list(config.image_scales) or config_lib.DEFAULT_IMAGE_SCALES, np.float32)
         indices = list(config.delf_global_config.image_scales_ind)
         self.global_scales_ind = np.asarray(indices if indices
                                             else range(len(self.image_scales)), np.int32)
@@ -237,17 +181,14 @@ class DelgExtractor:
         Args:
           path: SavedModel directory.
           config: DelfConfig proto / pbtxt path / None. None: the config baked into
-            a delg_tf export, else the official R50 DELG defaults.
+            a delg_tf export, else the official R50 DELG defaults
+            (`config.saved_model_delf_config`).
         """
-        from delg_tf.serving import delg_export
-
         raw_fn = raw_model.load_raw_extraction_fn(path)
         if config is None:
-            config = delg_export.read_export_config(path)
-        if config is None:
-            mode = pyramid.mode_of(raw_fn.use_local, raw_fn.use_global)
-            config = delg_export.ExportConfig(mode=mode).to_delf_config(str(path))
-        return cls(raw_fn, load_delf_config(config))
+            config = config_lib.saved_model_delf_config(path, raw_fn.use_local,
+                                                        raw_fn.use_global)
+        return cls(raw_fn, config_lib.load_delf_config(config))
 
     @classmethod
     def from_config(cls, pbtxt_path, model_path=None):
@@ -255,9 +196,9 @@ class DelgExtractor:
 
         A relative `model_path` is resolved against the config file's folder.
         """
-        config = load_delf_config(pbtxt_path)
+        config = config_lib.load_delf_config(pbtxt_path)
         path = model_path or config.model_path
-        if not path or path == MODEL_PATH_PLACEHOLDER:
+        if not path or path == config_lib.MODEL_PATH_PLACEHOLDER:
             raise ValueError(f"{pbtxt_path}: model_path is {config.model_path!r}; expected the "
                              "SavedModel directory (or pass model_path=...).")
         if not os.path.isabs(path) and isinstance(pbtxt_path, (str, os.PathLike)):
@@ -277,11 +218,9 @@ class DelgExtractor:
         `compute_dtype="bfloat16"`: backbone convolutions in bfloat16 (folded graph
         only; ~1.8x faster on AVX512_BF16 CPUs, not within official parity).
         """
-        from delg_tf.serving import delg_export
-
-        config = load_delf_config(config) if config is not None else (
-            delg_export.ExportConfig().to_delf_config(""))
-        mode = pyramid.mode_of(config.use_local_features, config.use_global_features)
+        config = config_lib.load_delf_config(config) if config is not None else (
+            config_lib.ExportConfig().to_delf_config(""))
+        mode = config_lib.mode_of(config.use_local_features, config.use_global_features)
         extractor = pyramid.PyramidExtractor(folded.inference_model(model, fold_batch_norm,
                                                                     compute_dtype),
                                              mode=mode,
@@ -323,7 +262,7 @@ class DelgExtractor:
         resized, scale_factors = resize_image_like_official(
             image, config.max_image_size, config.min_image_size, config.use_square_images,
             resize_factor)
-        if resized.shape[0] < MIN_EXTRACTION_HEIGHT or resized.shape[1] < MIN_EXTRACTION_WIDTH:
+        if min(resized.shape[:2]) < config_lib.MIN_EXTRACTION_SIDE:
             return self._empty(image.shape, scale_factors)
         raw = self.raw(resized)
         global_descriptor = np.zeros([0], np.float32)

@@ -33,15 +33,12 @@ import numpy as np
 import tensorflow as tf
 
 from delg_tf.extraction import geometry
+from delg_tf.extraction.config import (DEFAULT_GLOBAL_SCALES_IND, DEFAULT_IMAGE_SCALES,
+                                       DEFAULT_IOU_THRESHOLD, DEFAULT_MAX_FEATURE_NUM, MODES,
+                                       mode_uses_global, mode_uses_local)
+# Re-exported for `delg_tf.export` (which calls `pyramid.mode_of`); defined in `config`.
+from delg_tf.extraction.config import mode_of  # noqa: F401
 
-# Official r50delg_gld_config.pbtxt values (paper Sec. 4.1).
-DEFAULT_IMAGE_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
-DEFAULT_GLOBAL_SCALES_IND = (3, 4, 5)
-DEFAULT_MAX_FEATURE_NUM = 1000
-DEFAULT_IOU_THRESHOLD = 1.0
-MODES = ("local_and_global", "local", "global")
-LOCAL_MODES = ("local_and_global", "local")
-GLOBAL_MODES = ("local_and_global", "global")
 OUTPUT_KEYS = {
     "local_and_global": ("boxes", "features", "scales", "scores", "global_descriptors"),
     "local": ("boxes", "features", "scales", "scores"),
@@ -50,23 +47,6 @@ OUTPUT_KEYS = {
 IMAGE_CHANNELS = 3
 # Side of the dummy image used to discover the descriptor sizes of a model.
 _PROBE_IMAGE_SIDE = 64
-
-
-def mode_uses_local(mode):
-    """True if `mode` (one of `MODES`) has local features."""
-    return mode in LOCAL_MODES
-
-
-def mode_uses_global(mode):
-    """True if `mode` (one of `MODES`) has a global descriptor."""
-    return mode in GLOBAL_MODES
-
-
-def mode_of(use_local, use_global):
-    """The mode with local and/or global outputs (at least one of them is assumed)."""
-    if use_local and use_global:
-        return "local_and_global"
-    return "local" if use_local else "global"
 
 
 def input_signature(mode="local_and_global"):

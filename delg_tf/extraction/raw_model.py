@@ -1,35 +1,47 @@
-"""Uniform access to the raw extraction function of a DELG SavedModel.
+"""Loading any DELG SavedModel: format detection and the raw extraction function.
 
 `load_raw_extraction_fn(path)` returns a `RawExtractionFn`: a callable
 `(image, scales, max_feature_num, abs_thres, global_scales_ind) -> dict` with
-the official raw outputs (`boxes`, `features`, `scales`, `scores`,
-`global_descriptors`, whichever the model has), for every DELG format:
+the official raw outputs (`boxes` f32[N, 4] (ymin, xmin, ymax, xmax) in pixels of
+`image`, `features` f32[N, D] raw, `scales` f32[N] = 1 / pyramid scale,
+`scores` f32[N, 1] attention, `global_descriptors` f32[G, C] raw, one row per
+selected scale; whichever the model has), for every DELG format (`detect_format`,
+from the model itself, never from a config flag; a DelfConfig's
+`is_tf2_exported` is only a hint):
 
-* TF2 exports (official TF2 code or delg_tf): the `serving_default` signature
-  with the official input names; the variant (local+global, local, global) is
-  read from its inputs.
-* TF1 exports (the 2020 released models): no signature, called by tensor names
-  (`input_image:0` ... -> `boxes:0` ...) via `.prune`, as the official
-  extractor does. If `delg_tf.official.tf1.load_tf1_extraction_fn` exists it is
-  used; otherwise a built-in pruning loader with the same behaviour.
-
-The format is detected from the model itself, never from a config flag.
+* `FORMAT_TF2` -- delg_tf exports and exports of the official TF2 code: the
+  `serving_default` signature with the official input names; the variant
+  (local+global, local, global) is read from its inputs.
+* `FORMAT_TF1` -- the 2020 released models (``r50delg_gld_20200814`` and
+  friends): no signature, called by tensor names (`input_image:0` ... ->
+  `boxes:0` ...) via `.prune`, as the official extractor
+  (``delf/python/extractor.py``, ``is_tf2_exported: false``) does
+  (`load_tf1_extraction_fn`).
 """
+
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURE_DEFAULT = "serving_default"
 IMAGE_INPUT = "input_image"
+SCALES_INPUT = "input_scales"
 LOCAL_INPUTS = ("input_max_feature_num", "input_abs_thres")
 GLOBAL_INPUT = "input_global_scales_ind"
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
 GLOBAL_OUTPUT = "global_descriptors"
+# Order of the official extractor's `prune` call (extractor.py, TF1 branch).
 TF1_FEED_ORDER = ("input_image", "input_scales", "input_abs_thres", "input_max_feature_num",
                   "input_global_scales_ind")
 TF1_FETCHES = LOCAL_OUTPUTS + (GLOBAL_OUTPUT,)
-FORMAT_TF2 = "tf2_signature"
-FORMAT_TF1 = "tf1_tensor_names"
+TF1_PLACEHOLDER_OPS = ("Placeholder", "PlaceholderWithDefault")
+TENSOR_SUFFIX = ":0"
+# Formats of `RawExtractionFn.model_format` (and of `detect_format`, the SavedModel ones).
+FORMAT_TF2 = "tf2"
+FORMAT_TF1 = "tf1"
+FORMAT_IN_MEMORY = "in_memory"
 IMAGE_RANK = 3
 IMAGE_CHANNELS = 3
 
@@ -90,7 +102,7 @@ class RawExtractionFn:
       fn: callable taking keyword tensors named like the official inputs.
       use_local: the model returns local features.
       use_global: the model returns global descriptors.
-      model_format: `FORMAT_TF2` or `FORMAT_TF1` (informative).
+      model_format: `FORMAT_TF2`, `FORMAT_TF1` or `FORMAT_IN_MEMORY` (informative).
       owner: object kept alive with the function (the loaded SavedModel).
     """
 
@@ -114,9 +126,61 @@ class RawExtractionFn:
         return {k: np.asarray(v) for k, v in outputs.items()}
 
 
-def from_function(fn, use_local=True, use_global=True, model_format="in_memory"):
+def from_function(fn, use_local=True, use_global=True, model_format=FORMAT_IN_MEMORY):
     """Wraps an in-memory function with official input names (e.g. `PyramidExtractor.extract`)."""
     return RawExtractionFn(fn, use_local, use_global, model_format)
+
+
+def read_saved_model_proto(path):
+    """Parses DIR/saved_model.pb without loading the model. Returns a SavedModel proto.
+
+    Raises:
+      ModelFormatError: no saved_model.pb, not a SavedModel protobuf or no meta graph.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = Path(path) / SAVED_MODEL_FILE
+    if not pb.is_file():
+        raise ModelFormatError(
+            f"{path} is not a SavedModel directory (no {SAVED_MODEL_FILE}); expected the "
+            "directory written by `python -m delg_tf.export` or extracted from an official "
+            "DELG tarball (the one holding saved_model.pb and variables/).")
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString(pb.read_bytes())
+    except Exception as error:  # DecodeError and friends
+        raise ModelFormatError(f"{pb}: not a SavedModel protobuf ({error}); re-export the "
+                               "model or re-extract the official tarball.") from error
+    if not proto.meta_graphs:
+        raise ModelFormatError(f"{pb}: the SavedModel has no meta graph; expected a DELG "
+                               "SavedModel.")
+    return proto
+
+
+def detect_format(path):
+    """`FORMAT_TF2` or `FORMAT_TF1` for a DELG SavedModel directory (read, not loaded).
+
+    `FORMAT_TF2`: an object graph and the `serving_default` signature (delg_tf
+    or official TF2 export). `FORMAT_TF1`: a graph whose placeholder nodes are
+    named `input_image`, `input_scales`, ... and no usable signature (official
+    2020 releases).
+
+    Raises:
+      ModelFormatError: the directory is neither.
+    """
+    meta_graph = read_saved_model_proto(path).meta_graphs[0]
+    has_objects = len(meta_graph.object_graph_def.nodes) > 1
+    if has_objects and SIGNATURE_DEFAULT in meta_graph.signature_def:
+        return FORMAT_TF2
+    placeholders = {node.name for node in meta_graph.graph_def.node
+                    if node.op in TF1_PLACEHOLDER_OPS}
+    if set(TF1_FEED_ORDER) <= placeholders:
+        return FORMAT_TF1
+    raise ModelFormatError(
+        f"{path}: not a DELG SavedModel. Expected either a {SIGNATURE_DEFAULT!r} signature "
+        f"(delg_tf or official TF2 export) or placeholders {sorted(TF1_FEED_ORDER)} "
+        f"(official TF1 release); found signatures {sorted(meta_graph.signature_def)} and "
+        f"placeholders {sorted(placeholders)[:10]}.")
 
 
 def _tf2_fn(loaded, path):
@@ -125,38 +189,42 @@ def _tf2_fn(loaded, path):
     if IMAGE_INPUT not in inputs:
         raise ModelFormatError(
             f"{path}: serving_default has inputs {sorted(inputs)}, expected the official DELG "
-            f"inputs ({IMAGE_INPUT}, input_scales, ...). Is this a DELG export?")
+            f"inputs ({IMAGE_INPUT}, {SCALES_INPUT}, ...). Is this a DELG export?")
     use_local = all(name in inputs for name in LOCAL_INPUTS)
     use_global = GLOBAL_INPUT in inputs
     return RawExtractionFn(signature, use_local, use_global, FORMAT_TF2, owner=loaded)
 
 
-def _builtin_tf1_fn(loaded, path):
-    """Prunes a TF1 SavedModel by tensor names (what the official extractor does)."""
-    graph = loaded.graph if hasattr(loaded, "graph") else None
-    names = set()
-    if graph is not None:
-        names = {op.name for op in graph.get_operations()}
-    use_local = all(n in names for n in LOCAL_OUTPUTS + LOCAL_INPUTS) if names else True
-    use_global = (GLOBAL_OUTPUT in names and GLOBAL_INPUT in names) if names else True
-    if not (use_local or use_global):
+def load_tf1_extraction_fn(path):
+    """Loads a `FORMAT_TF1` DELG SavedModel, called by tensor names like the official extractor.
+
+    Returns:
+      `RawExtractionFn` (local and global outputs).
+
+    Raises:
+      ModelFormatError: not a TF1-format DELG SavedModel, or a tensor is missing.
+    """
+    fmt = detect_format(path)
+    if fmt != FORMAT_TF1:
         raise ModelFormatError(
-            f"{path}: no serving_default signature and no DELG tensor names (input_image:0, "
-            "boxes:0 / global_descriptors:0); expected an official DELG SavedModel.")
-    feeds = [n + ":0" for n in TF1_FEED_ORDER
-             if n in ("input_image", "input_scales")
-             or (use_local and n in LOCAL_INPUTS) or (use_global and n == GLOBAL_INPUT)]
-    fetches = [n + ":0" for n in TF1_FETCHES
-               if (use_local and n in LOCAL_OUTPUTS) or (use_global and n == GLOBAL_OUTPUT)]
-    pruned = loaded.prune(feeds=feeds, fetches=fetches)
-    feed_names = [f[:-2] for f in feeds]
-    fetch_names = [f[:-2] for f in fetches]
+            f"{path}: expected a TF1-format DELG SavedModel (tensor names, no signature), "
+            f"received a {fmt.upper()} export. Use load_raw_extraction_fn, which handles "
+            "both.")
+    loaded = tf.saved_model.load(str(path))
+    feeds = [name + TENSOR_SUFFIX for name in TF1_FEED_ORDER]
+    fetches = [name + TENSOR_SUFFIX for name in TF1_FETCHES]
+    try:
+        pruned = loaded.prune(feeds=feeds, fetches=fetches)
+    except (KeyError, ValueError) as error:
+        raise ModelFormatError(
+            f"{path}: the TF1 graph lacks a tensor the official extractor needs; expected "
+            f"feeds {feeds} and fetches {fetches} ({error}).") from error
 
     def call(**kwargs):
-        outputs = pruned(*[kwargs[name] for name in feed_names])
-        return dict(zip(fetch_names, outputs))
+        outputs = pruned(*[kwargs[name] for name in TF1_FEED_ORDER])
+        return dict(zip(TF1_FETCHES, outputs))
 
-    return RawExtractionFn(call, use_local, use_global, FORMAT_TF1, owner=loaded)
+    return RawExtractionFn(call, True, True, FORMAT_TF1, owner=loaded)
 
 
 def load_raw_extraction_fn(path):
@@ -176,29 +244,6 @@ def load_raw_extraction_fn(path):
         raise ModelFormatError(f"{path} is not a SavedModel directory (no saved_model.pb); "
                                "expected the directory written by `python -m delg_tf.export` "
                                "or an extracted official DELG tarball.")
-    if SIGNATURE_DEFAULT in _signature_names(path):
+    if detect_format(path) == FORMAT_TF2:
         return _tf2_fn(tf.saved_model.load(path), path)
-    try:
-        from delg_tf.official.tf1 import load_tf1_extraction_fn
-    except ImportError:
-        return _builtin_tf1_fn(tf.saved_model.load(path), path)
-    fn = load_tf1_extraction_fn(path)
-    if isinstance(fn, RawExtractionFn):
-        return fn
-    return RawExtractionFn(
-        lambda **kw: fn(kw["input_image"], kw["input_scales"], kw.get("input_max_feature_num"),
-                        kw.get("input_abs_thres"), kw.get(GLOBAL_INPUT)),
-        getattr(fn, "use_local", True), getattr(fn, "use_global", True), FORMAT_TF1, owner=fn)
-
-
-def _signature_names(path):
-    """Signature names of the first meta graph, read without loading the model."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    with tf.io.gfile.GFile(tf.io.gfile.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    if not proto.meta_graphs:
-        raise ModelFormatError(f"{path}/saved_model.pb has no meta graph; expected a DELG "
-                               "SavedModel.")
-    return set(proto.meta_graphs[0].signature_def)
+    return load_tf1_extraction_fn(path)

@@ -35,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from delg_tf.extraction.config import DEFAULT_GLOBAL_SCALES_IND, DEFAULT_IMAGE_SCALES
+from delg_tf.extraction.raw_model import FORMAT_TF1, FORMAT_TF2, detect_format
 from delg_tf.official import mapping as mapping_lib
 from delg_tf.official import selfcheck
 from delg_tf.official import variables as variables_lib
-from delg_tf.official.tf1 import FORMAT_TF1, FORMAT_TF2, OfficialModelError, detect_format
+from delg_tf.official.variables import OfficialModelError
 
 BACKBONES = ("r50", "r101")
 DEPTH_OF_BACKBONE = {"r50": 50, "r101": 101}
@@ -49,8 +51,8 @@ TF2_ATTENTION_BN_EPSILON = 1e-3  # Keras default in the official TF2 AttentionMo
 # Self-check inputs: official R50 DELG pyramid on skimage photos shrunk to this side.
 SELF_CHECK_IMAGES = ("chelsea", "coffee", "astronaut")
 SELF_CHECK_MAX_SIDE = 320
-SELF_CHECK_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
-SELF_CHECK_GLOBAL_SCALES_IND = (3, 4, 5)
+SELF_CHECK_SCALES = DEFAULT_IMAGE_SCALES
+SELF_CHECK_GLOBAL_SCALES_IND = DEFAULT_GLOBAL_SCALES_IND
 # Every cell is compared: no threshold, no top-K cut.
 SELF_CHECK_ABS_THRES = 0.0
 SELF_CHECK_MAX_FEATURE_NUM = 1_000_000
@@ -291,12 +293,13 @@ def convert(config, log=print):
     """Converts an official DELG SavedModel (see the module doc). Returns the output Path.
 
     Raises:
-      OfficialModelError / MappingError / SelfCheckError: with what was expected
-        and received; nothing is written in that case.
+      ModelFormatError (not a DELG SavedModel) / OfficialModelError / MappingError /
+        SelfCheckError: with what was expected and received; nothing is written in
+        that case.
     """
     import tensorflow as tf
     from delg_tf.extraction import pyramid
-    from delg_tf.official.tf1 import load_official_raw_fn
+    from delg_tf.extraction.raw_model import load_raw_extraction_fn
     from delg_tf.serving import delg_export
 
     config.validate()
@@ -316,7 +319,7 @@ def convert(config, log=print):
     mapping_lib.assign_to_model(model, variable_mapping, official.tensors)
 
     images = self_check_images(config.self_check_images, config.self_check_max_side)
-    reference_fn = load_official_raw_fn(config.model_path)
+    reference_fn = load_raw_extraction_fn(config.model_path)
     candidate_fn = pyramid.PyramidExtractor(model)
     results = run_self_check(reference_fn, candidate_fn, images, config, log)
 
@@ -333,7 +336,7 @@ def convert(config, log=print):
         if config.export:
             delg_export.export_saved_model(model, tmp / SAVED_MODEL_DIR)
             if config.verify_export:
-                exported = load_official_raw_fn(tmp / SAVED_MODEL_DIR)
+                exported = load_raw_extraction_fn(tmp / SAVED_MODEL_DIR)
                 export_results = run_self_check(reference_fn, exported, images[:1], config, log,
                                                 label="exported")
         record = {

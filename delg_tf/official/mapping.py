@@ -28,7 +28,8 @@ step counters, classifiers); otherwise `map_official_variables` raises
 import dataclasses
 import re
 
-from delg_tf.official.tf1 import FORMAT_TF1, FORMAT_TF2, OfficialModelError
+from delg_tf.extraction.raw_model import FORMAT_TF1, FORMAT_TF2
+from delg_tf.official.variables import OfficialModelError
 
 # Stage names of delg_tf's ResNet: slim block{b} / TF2 l{b+1} -> conv{b+1}.
 SLIM_FIRST_STAGE = 2

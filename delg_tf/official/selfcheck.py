@@ -9,7 +9,7 @@ boxes ``(32 * [i, j, i, j] + [-145, -145, 145, 145]) / s``, cells with attention
 >= threshold kept, global descriptors (GeM + whitening) at the selected scales
 only; then all scales' cells sorted by descending attention and cut to
 ``max_feature_num``. Its output has the layout of the official raw call (see
-`delg_tf.official.tf1.Tf1ExtractionFunction`).
+`delg_tf.extraction.raw_model.RawExtractionFn`).
 
 `compare_raw_outputs` matches two such outputs feature by feature by (box
 centre, scale), never by index, and measures the differences of the final

@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from delg_tf.official.tf1 import FORMAT_TF1, FORMAT_TF2, OfficialModelError, detect_format
+from delg_tf.extraction.raw_model import FORMAT_TF1, FORMAT_TF2, detect_format
 
 VARIABLES_DIR = "variables"
 VARIABLES_PREFIX = "variables"
@@ -32,6 +32,14 @@ _ALIAS_EDGES = frozenset({"keras_api", "variables", "trainable_variables",
 # Deep enough for _model/backbone/l4a/conv2b/kernel plus Keras wrappers.
 _MAX_OBJECT_DEPTH = 12
 
+
+
+class OfficialModelError(ValueError):
+    """An official DELG SavedModel cannot be read, mapped or converted.
+
+    (Directories that are not DELG SavedModels at all raise
+    `delg_tf.extraction.raw_model.ModelFormatError`.)
+    """
 
 @dataclasses.dataclass
 class OfficialVariables:
@@ -108,7 +116,8 @@ def read_official_variables(path, fmt=None):
 
     Args:
       path: SavedModel directory (``saved_model.pb`` + ``variables/``).
-      fmt: "tf1" / "tf2", or None to detect it from the model.
+      fmt: "tf1" / "tf2" (`raw_model.FORMAT_TF1` / `FORMAT_TF2`), or None to detect it
+        from the model (`raw_model.detect_format`).
 
     Returns:
       An `OfficialVariables`.

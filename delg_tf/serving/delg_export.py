@@ -26,7 +26,6 @@ directory next to `export_path` and renamed when complete; an existing export is
 refused unless `overwrite=True`.
 """
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,113 +33,15 @@ import tensorflow as tf
 from google.protobuf import text_format
 
 from delg_tf.extraction import folded, geometry, pyramid
-from delg_tf.protos import delf_config_pb2
+from delg_tf.extraction.config import (ASSETS_EXTRA_DIR, CONFIG_ASSET, MIN_EXTRACTION_SIDE,
+                                       ExportConfig)
+from delg_tf.extraction.raw_model import SIGNATURE_DEFAULT
 from delg_tf.serving import atomic, warmup
 
-SIGNATURE_DEFAULT = "serving_default"
 SIGNATURE_IMAGE_BYTES = "serving_image_bytes"
 IMAGE_BYTES_INPUT = "image_bytes"
-CONFIG_ASSET = "delf_config.pbtxt"
-# Official DELG config values (r50delg_gld_config.pbtxt); score threshold of the
-# released trained models.
-DEFAULT_SCORE_THRESHOLD = 175.0
-DEFAULT_MAX_IMAGE_SIZE = 1024
-NO_SIZE_LIMIT = -1
-# The official extractor returns no features below this size (after resizing).
-MIN_EXTRACTION_SIDE = 10
 WARMUP_IMAGE_SIDE = 64
 WARMUP_JPEG_QUALITY = 90
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    """What is baked into an export (defaults of the bytes signature and config asset).
-
-    Attributes:
-      mode: "local_and_global", "local" or "global".
-      image_scales: pyramid scales.
-      global_scales_ind: indices of `image_scales` used for the global descriptor.
-      max_feature_num: local features kept at most.
-      score_threshold: absolute attention threshold for local features.
-      iou_threshold: NMS IoU (1.0 = none).
-      max_image_size / min_image_size: host-side resize rules (-1 = none).
-      use_square_images: resize to a square of the largest side.
-      warmup: write the TF Serving warm-up file.
-    """
-
-    mode: str = "local_and_global"
-    image_scales: tuple = pyramid.DEFAULT_IMAGE_SCALES
-    global_scales_ind: tuple = pyramid.DEFAULT_GLOBAL_SCALES_IND
-    max_feature_num: int = pyramid.DEFAULT_MAX_FEATURE_NUM
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD
-    iou_threshold: float = pyramid.DEFAULT_IOU_THRESHOLD
-    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
-    min_image_size: int = NO_SIZE_LIMIT
-    use_square_images: bool = False
-    warmup: bool = True
-
-    def __post_init__(self):
-        if self.mode not in pyramid.MODES:
-            raise ValueError(f"export mode must be one of {pyramid.MODES}, received "
-                             f"{self.mode!r}.")
-        if not self.image_scales or min(self.image_scales) <= 0:
-            raise ValueError("image_scales must be a non-empty list of positive floats, "
-                             f"received {list(self.image_scales)}.")
-        bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
-        if self.mode != "local" and bad:
-            raise ValueError(f"global_scales_ind {list(self.global_scales_ind)} has indices "
-                             f"{bad} outside [0, {len(self.image_scales)}) "
-                             f"(image_scales has {len(self.image_scales)} entries).")
-        if self.max_feature_num < 0:
-            raise ValueError(f"max_feature_num must be >= 0, received {self.max_feature_num}.")
-
-    @property
-    def use_local(self):
-        return pyramid.mode_uses_local(self.mode)
-
-    @property
-    def use_global(self):
-        return pyramid.mode_uses_global(self.mode)
-
-    def to_delf_config(self, model_path="."):
-        """The equivalent official DelfConfig proto."""
-        config = delf_config_pb2.DelfConfig()
-        config.model_path = model_path
-        config.use_local_features = self.use_local
-        config.use_global_features = self.use_global
-        config.is_tf2_exported = True
-        config.image_scales.extend(self.image_scales)
-        config.max_image_size = self.max_image_size
-        config.min_image_size = self.min_image_size
-        config.use_square_images = self.use_square_images
-        config.delf_local_config.use_pca = False
-        config.delf_local_config.max_feature_num = self.max_feature_num
-        config.delf_local_config.score_threshold = self.score_threshold
-        config.delf_local_config.iou_threshold = self.iou_threshold
-        config.delf_global_config.use_pca = False
-        config.delf_global_config.image_scales_ind.extend(self.global_scales_ind)
-        return config
-
-    @classmethod
-    def from_delf_config(cls, config, **overrides):
-        """ExportConfig from a DelfConfig proto (PCA is not supported in the graph)."""
-        if config.use_local_features and config.use_global_features:
-            mode = "local_and_global"
-        elif config.use_local_features:
-            mode = "local"
-        else:
-            mode = "global"
-        values = dict(
-            mode=mode, image_scales=tuple(config.image_scales) or pyramid.DEFAULT_IMAGE_SCALES,
-            global_scales_ind=(tuple(config.delf_global_config.image_scales_ind)
-                               or tuple(range(len(config.image_scales)))),
-            max_feature_num=config.delf_local_config.max_feature_num,
-            score_threshold=config.delf_local_config.score_threshold,
-            iou_threshold=config.delf_local_config.iou_threshold,
-            max_image_size=config.max_image_size, min_image_size=config.min_image_size,
-            use_square_images=config.use_square_images)
-        values.update(overrides)
-        return cls(**values)
 
 
 def resize_scale_factor_tf(height_width, max_image_size, min_image_size, use_square_images):
@@ -185,7 +86,7 @@ class DelgServingModule(tf.Module):
 
     Args:
       model: DELG model with the inference API (see `delg_tf.extraction.pyramid`).
-      config: `ExportConfig`.
+      config: `delg_tf.extraction.config.ExportConfig`.
     """
 
     def __init__(self, model, config, name="delg_serving"):
@@ -279,7 +180,8 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
     Args:
       model: DELG model with the inference API (`delg_tf.models.delg.DelgModel`).
       export_path: target directory (must not exist unless `overwrite`).
-      config: `ExportConfig` (defaults: official DELG R50 values).
+      config: `delg_tf.extraction.config.ExportConfig` (defaults: official DELG R50
+        values).
       overwrite: replace an existing export.
       fold_batch_norm: export the batch-norm-folded graph of a `DelgModel`
         (`delg_tf.extraction.folded`: same outputs up to float rounding, faster on
@@ -304,20 +206,9 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
         module = DelgServingModule(folded.inference_model(model, fold_batch_norm, compute_dtype),
                                    config)
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
-        extra = tmp / warmup.WARMUP_DIR
+        extra = tmp / ASSETS_EXTRA_DIR
         if config.warmup:
             warmup.write_warmup_file(tmp, _warmup_requests(config))
         extra.mkdir(exist_ok=True)
         (extra / CONFIG_ASSET).write_text(text_format.MessageToString(config.to_delf_config()))
     return export_path
-
-
-def read_export_config(export_path):
-    """The DelfConfig baked into an export (`assets.extra/delf_config.pbtxt`), or None."""
-    path = Path(export_path) / warmup.WARMUP_DIR / CONFIG_ASSET
-    if not path.is_file():
-        return None
-    config = delf_config_pb2.DelfConfig()
-    text_format.Parse(path.read_text(), config)
-    config.model_path = str(Path(export_path))
-    return config

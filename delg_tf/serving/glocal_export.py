@@ -33,6 +33,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from delg_tf.extraction.config import ASSETS_EXTRA_DIR
 from delg_tf.serving import atomic
 
 EMBEDDING_KEY = "embedding"
@@ -41,7 +42,7 @@ SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_IMAGES_ALIAS = "embed_images"
 SIGNATURE_UINT8 = "embed_uint8"
 SIGNATURE_ENCODED = "embed_encoded"
-EXTRA_DIR = "assets.extra"  # TF Serving's folder for extra files (warm-up requests).
+EXTRA_DIR = ASSETS_EXTRA_DIR  # TF Serving's folder for extra files (warm-up requests).
 METADATA_NAME = "glocal_export.json"
 METADATA_FORMAT_VERSION = 1
 

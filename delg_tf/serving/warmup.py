@@ -17,7 +17,10 @@ the protobuf wire format (field numbers from tensorflow_serving/apis):
 
 import tensorflow as tf
 
-WARMUP_DIR = "assets.extra"
+from delg_tf.extraction.config import ASSETS_EXTRA_DIR
+
+# The warm-up file sits next to the export's DelfConfig asset.
+WARMUP_DIR = ASSETS_EXTRA_DIR
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 _WIRE_VARINT = 0

@@ -1,0 +1,232 @@
+"""The extraction contract: `ExportConfig`, the official defaults and DelfConfig reading.
+
+One place for what every DELG extraction path agrees on -- the in-graph pyramid
+(`pyramid`), the host-side extractor (`extractor`), and the rooms above
+extraction that import it: the SavedModel export (serving) and the official-model
+converter (official):
+
+* the official default values (tensorflow/models research/delf
+  `r50delg_gld_config.pbtxt`, paper Sec. 4.1) and the extraction modes
+  (`local_and_global`, `local`, `global`);
+* `ExportConfig`: the validated extraction parameters baked into an export, and
+  their equivalent official DelfConfig proto;
+* DelfConfig reading: `load_delf_config` (proto, `.pbtxt` path or pbtxt text),
+  `read_export_config` (the config asset `assets.extra/delf_config.pbtxt` of a
+  delg_tf export) and `saved_model_delf_config` (that asset, else the official
+  defaults).
+
+No TensorFlow import.
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from delg_tf.protos import delf_config_pb2
+
+# Official r50delg_gld_config.pbtxt values (paper Sec. 4.1); score threshold of the
+# released trained models.
+DEFAULT_IMAGE_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+DEFAULT_GLOBAL_SCALES_IND = (3, 4, 5)
+DEFAULT_MAX_FEATURE_NUM = 1000
+DEFAULT_IOU_THRESHOLD = 1.0
+DEFAULT_SCORE_THRESHOLD = 175.0
+DEFAULT_MAX_IMAGE_SIZE = 1024
+NO_SIZE_LIMIT = -1
+# Official `_MIN_HEIGHT` / `_MIN_WIDTH`: no features below this side after resizing.
+MIN_EXTRACTION_SIDE = 10
+
+MODES = ("local_and_global", "local", "global")
+LOCAL_MODES = ("local_and_global", "local")
+GLOBAL_MODES = ("local_and_global", "global")
+
+# A SavedModel's extra assets folder (TF Serving convention) and the DelfConfig in it.
+ASSETS_EXTRA_DIR = "assets.extra"
+CONFIG_ASSET = "delf_config.pbtxt"
+MODEL_PATH_PLACEHOLDER = "MODEL_PATH"
+# Names ending like this are DelfConfig files, never inline pbtxt text.
+CONFIG_FILE_SUFFIXES = (".pbtxt", ".txt", ".prototxt", ".config", ".cfg")
+
+
+def mode_uses_local(mode):
+    """True if `mode` (one of `MODES`) has local features."""
+    return mode in LOCAL_MODES
+
+
+def mode_uses_global(mode):
+    """True if `mode` (one of `MODES`) has a global descriptor."""
+    return mode in GLOBAL_MODES
+
+
+def mode_of(use_local, use_global):
+    """The mode with local and/or global outputs (at least one of them is assumed)."""
+    if use_local and use_global:
+        return "local_and_global"
+    return "local" if use_local else "global"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What is baked into an export (defaults of the bytes signature and config asset).
+
+    Also the default extraction parameters of `DelgExtractor.from_model` and of
+    SavedModels without a config asset.
+
+    Attributes:
+      mode: "local_and_global", "local" or "global".
+      image_scales: pyramid scales.
+      global_scales_ind: indices of `image_scales` used for the global descriptor.
+      max_feature_num: local features kept at most.
+      score_threshold: absolute attention threshold for local features.
+      iou_threshold: NMS IoU (1.0 = none).
+      max_image_size / min_image_size: host-side resize rules (-1 = none).
+      use_square_images: resize to a square of the largest side.
+      warmup: write the TF Serving warm-up file.
+    """
+
+    mode: str = "local_and_global"
+    image_scales: tuple = DEFAULT_IMAGE_SCALES
+    global_scales_ind: tuple = DEFAULT_GLOBAL_SCALES_IND
+    max_feature_num: int = DEFAULT_MAX_FEATURE_NUM
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    min_image_size: int = NO_SIZE_LIMIT
+    use_square_images: bool = False
+    warmup: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"export mode must be one of {MODES}, received {self.mode!r}.")
+        if not self.image_scales or min(self.image_scales) <= 0:
+            raise ValueError("image_scales must be a non-empty list of positive floats, "
+                             f"received {list(self.image_scales)}.")
+        bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
+        if self.mode != "local" and bad:
+            raise ValueError(f"global_scales_ind {list(self.global_scales_ind)} has indices "
+                             f"{bad} outside [0, {len(self.image_scales)}) "
+                             f"(image_scales has {len(self.image_scales)} entries).")
+        if self.max_feature_num < 0:
+            raise ValueError(f"max_feature_num must be >= 0, received {self.max_feature_num}.")
+
+    @property
+    def use_local(self):
+        return mode_uses_local(self.mode)
+
+    @property
+    def use_global(self):
+        return mode_uses_global(self.mode)
+
+    def to_delf_config(self, model_path="."):
+        """The equivalent official DelfConfig proto."""
+        config = delf_config_pb2.DelfConfig()
+        config.model_path = model_path
+        config.use_local_features = self.use_local
+        config.use_global_features = self.use_global
+        config.is_tf2_exported = True
+        config.image_scales.extend(self.image_scales)
+        config.max_image_size = self.max_image_size
+        config.min_image_size = self.min_image_size
+        config.use_square_images = self.use_square_images
+        config.delf_local_config.use_pca = False
+        config.delf_local_config.max_feature_num = self.max_feature_num
+        config.delf_local_config.score_threshold = self.score_threshold
+        config.delf_local_config.iou_threshold = self.iou_threshold
+        config.delf_global_config.use_pca = False
+        config.delf_global_config.image_scales_ind.extend(self.global_scales_ind)
+        return config
+
+    @classmethod
+    def from_delf_config(cls, config, **overrides):
+        """ExportConfig from a DelfConfig proto (PCA is not supported in the graph)."""
+        values = dict(
+            mode=mode_of(config.use_local_features, config.use_global_features),
+            image_scales=tuple(config.image_scales) or DEFAULT_IMAGE_SCALES,
+            global_scales_ind=(tuple(config.delf_global_config.image_scales_ind)
+                               or tuple(range(len(config.image_scales)))),
+            max_feature_num=config.delf_local_config.max_feature_num,
+            score_threshold=config.delf_local_config.score_threshold,
+            iou_threshold=config.delf_local_config.iou_threshold,
+            max_image_size=config.max_image_size, min_image_size=config.min_image_size,
+            use_square_images=config.use_square_images)
+        values.update(overrides)
+        return cls(**values)
+
+
+def looks_like_config_path(config):
+    """True if `config` names a DelfConfig file rather than holding pbtxt text.
+
+    A `PathLike`, an existing file, or a one-line string that ends in a config file
+    suffix (`.pbtxt`, `.txt`, ...) or holds a path separator but no ':' (every
+    DelfConfig field is written `name: value` or `name { ... }`).
+    """
+    if isinstance(config, os.PathLike):
+        return True
+    text = str(config).strip()
+    if not text or "\n" in text or "{" in text:
+        return False
+    if Path(text).is_file() or text.lower().endswith(CONFIG_FILE_SUFFIXES):
+        return True
+    has_separator = "/" in text or os.sep in text
+    return has_separator and ":" not in text
+
+
+def load_delf_config(config):
+    """DelfConfig from a proto, a `.pbtxt` path or pbtxt text.
+
+    Raises:
+      FileNotFoundError: `config` names a file (see `looks_like_config_path`) that does
+        not exist.
+      ValueError: the text is not a DelfConfig text proto.
+    """
+    if isinstance(config, delf_config_pb2.DelfConfig):
+        return config
+    parsed = delf_config_pb2.DelfConfig()
+    if looks_like_config_path(config):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"DelfConfig file {path} does not exist; pass an existing .pbtxt (e.g. the "
+                "official r50delg_gld_config.pbtxt) as --delf_config, or use --model_path "
+                "alone.")
+        text, origin = path.read_text(), str(path)
+    else:
+        text, origin = str(config), "<text>"
+    try:
+        text_format.Parse(text, parsed)
+    except text_format.ParseError as e:
+        raise ValueError(f"{origin}: not a valid DelfConfig text proto ({e}); expected fields "
+                         "of delf_config.proto (model_path, image_scales, delf_local_config, "
+                         "...)") from e
+    return parsed
+
+
+def config_asset_path(export_path):
+    """Where an export keeps its DelfConfig: EXPORT/assets.extra/delf_config.pbtxt."""
+    return Path(export_path) / ASSETS_EXTRA_DIR / CONFIG_ASSET
+
+
+def read_export_config(export_path):
+    """The DelfConfig baked into an export (`assets.extra/delf_config.pbtxt`), or None."""
+    path = config_asset_path(export_path)
+    if not path.is_file():
+        return None
+    config = delf_config_pb2.DelfConfig()
+    text_format.Parse(path.read_text(), config)
+    config.model_path = str(Path(export_path))
+    return config
+
+
+def saved_model_delf_config(export_path, use_local, use_global):
+    """The DelfConfig to run a SavedModel with when none is given.
+
+    The config baked into a delg_tf export, else the official defaults for the
+    model's outputs (`use_local` / `use_global`), e.g. for official DELG releases.
+    """
+    config = read_export_config(export_path)
+    if config is None:
+        config = ExportConfig(mode=mode_of(use_local, use_global)).to_delf_config(
+            str(export_path))
+    return config
