@@ -25,8 +25,8 @@ with tolerance 1e-6 and its result is used whether or not it converged.
 Differences and choices made here: when CG stops without converging, scipy's
 ``cg`` returns the last iterate while MATLAB's ``pcg`` documents returning the
 iterate of smallest residual (the last one minimises the error in the A-norm);
-a vector with no mutual neighbour (degree 0) gets D^-1/2 = 0 (the code would
-divide by zero), so its score is just y; ties in f (e.g. the images the
+a vector with no mutual neighbour (degree 0) gets D^-1/2 = 0 instead of the
+code's 0^-1/2 = Inf, so its row of S is 0 and its score is just y; ties in f (e.g. the images the
 diffusion does not reach, f = 0) are broken by the cosine similarity to the
 query, then by increasing database id.
 
