@@ -189,3 +189,84 @@ def test_store_names_are_keys_never_paths(tmp_path):
     assert store.names == names
     np.testing.assert_array_equal(store.get("../../escape.jpg")["descriptors"],
                                   records[1][1]["descriptors"])
+
+
+def _write_store(directory, records, path, **kwargs):
+    _write_all(directory, records, **kwargs)
+    return consolidate(directory, path, order=[n for n, _ in records])
+
+
+def test_shard_files_read_as_one_store_like_the_single_file(tmp_path, monkeypatch):
+    """`extract --num_shards` outputs (a glob or a list), a parts directory and the single
+    consolidated file of the same images give the same arrays, element-wise."""
+    import concurrent.futures
+
+    from delg_tf.extraction import store as store_module
+
+    empty = {"image_shape": (8, 8, 3), "global_descriptor": np.zeros(0, np.float32),
+             "locations": np.zeros((0, 2)), "descriptors": np.zeros((0, 0)),
+             "attention": np.zeros(0), "scales": np.zeros(0)}
+    # Featureless images first: the first part file has no global descriptors and (0, 0)
+    # local descriptors (their sizes are not known yet).
+    records = [("jpg/tiny.jpg", empty), ("tiny_b.png", empty)] + _records(seed=2)
+    names = [n for n, _ in records]
+    single = _write_store(tmp_path / "single.parts", records, tmp_path / "features.h5",
+                          float16=True, binarized=True)
+    num_shards = 3
+    (tmp_path / "out").mkdir()
+    shard_files = [_write_store(tmp_path / f"s{k}.parts", records[k::num_shards],
+                                tmp_path / "out" / f"features-{k:05d}-of-{num_shards:05d}.h5",
+                                float16=True, binarized=True) for k in range(num_shards)]
+    monkeypatch.setattr(store_module, "MAX_OPEN_FILES", 2)  # handles evicted while reading
+    reference = FeatureStore(single)
+    sources = {"glob": str(tmp_path / "out" / "features-*-of-00003.h5"),
+               "list": shard_files, "parts": tmp_path / "single.parts"}
+    for label, source in sources.items():
+        with FeatureStore(source) as store:
+            assert sorted(store.names) == sorted(names), label
+            assert store.global_dim == GLOBAL_DIM
+            for name in names:
+                got, want = store.get(name), reference.get(name)
+                assert sorted(got) == sorted(want), (label, name)
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key], err_msg=f"{label} {key}")
+            # Dataset names (no extension, jpg/ prefix) in another order, one absent.
+            wanted = [n[len("jpg/"):-len(".jpg")] if n.startswith("jpg/") else n.rsplit(".")[0]
+                      for n in names[::-1]] + ["absent"]
+            for binary in (False, True):
+                got = store.select(wanted, binary=binary, allow_missing=True)
+                want = reference.select(wanted, binary=binary, allow_missing=True)
+                assert got.missing == want.missing == ["absent"]
+                np.testing.assert_array_equal(got.global_, want.global_)
+                assert got.global_.dtype == np.float32 and not got.global_[-1].any()
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    threaded = list(pool.map(got.local, list(range(len(wanted))) * 3))
+                for i, (locations, descriptors) in enumerate(threaded):
+                    expected = want.local(i % len(wanted))
+                    assert descriptors.dtype == (np.uint8 if binary else np.float32)
+                    np.testing.assert_array_equal(locations, expected[0])
+                    np.testing.assert_array_equal(descriptors, expected[1])
+                assert threaded[len(wanted) - 1][1].shape == (
+                    0, LOCAL_DIM // 8 if binary else LOCAL_DIM)
+        with pytest.raises(ValueError, match="1 image.*not in.*extract them first"):
+            FeatureStore(source).select(wanted)
+    # Every shard of a glob must be there.
+    shard_files[1].rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(ValueError, match="misses 1 shard.*features-00001-of-00003.h5"):
+        FeatureStore(sources["glob"])
+
+
+def test_a_name_in_two_shards_is_refused_naming_both_files(tmp_path):
+    records = _records(seed=3)
+    first = _write_store(tmp_path / "a.parts", records[:4], tmp_path / "a.h5")
+    second = _write_store(tmp_path / "b.parts", records[3:], tmp_path / "b.h5")
+    with pytest.raises(ValueError, match=f"{records[3][0]}.*in {first} and {second}"):
+        FeatureStore([first, second])
+    with pytest.raises(ValueError, match="no file"):
+        FeatureStore(str(tmp_path / "nothing-*.h5"))
+    # Shards of another extraction (other descriptor sizes) are refused too.
+    other = [(f"other_{k}.jpg", {**f, "global_descriptor": f["global_descriptor"][:8]})
+             for k, (_, f) in enumerate(records)]
+    third = _write_store(tmp_path / "c.parts", other, tmp_path / "c.h5")
+    with pytest.raises(ValueError, match=r"global_descriptors.*\(8,\).*a.h5 has \(16,\)"):
+        FeatureStore([first, third])

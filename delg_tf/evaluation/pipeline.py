@@ -17,7 +17,6 @@ the query image *cropped to its bbx*, with keypoints in the cropped frame.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -34,8 +33,6 @@ from delg_tf.evaluation.revisitop import (
 from delg_tf.matching.features import LocalFeatures
 from delg_tf.retrieval import search
 from delg_tf.retrieval.rerank import Reranker
-
-IMAGE_NAME_SUFFIXES = ("", ".jpg", ".JPG", ".jpeg", ".png")
 
 
 class FeatureInputError(ValueError):
@@ -250,24 +247,19 @@ def evaluate_features(
     )
 
 
-def _resolve_name(index: Mapping[str, int], name: str) -> Optional[int]:
-    for suffix in IMAGE_NAME_SUFFIXES:
-        for candidate in (name + suffix, f"jpg/{name}{suffix}"):
-            if candidate in index:
-                return index[candidate]
-    return None
-
-
 class StoreFeatures:
-    """Features of a list of images from a delg_tf HDF5 feature store, read lazily.
+    """Features of a list of images from a delg_tf feature store, as LocalFeatures.
 
-    Global descriptors of ``names`` are read at once (``global_``, float32
-    [len(names), D]); local features only on demand (:meth:`local`), so a
-    +1M-image store is never loaded whole: re-ranking reads the shortlisted images.
+    The evaluation view of :class:`delg_tf.extraction.store.StoreSelection`: global
+    descriptors of ``names`` are read at once (``global_``, float32 [len(names), D]);
+    local features only on demand (:meth:`local`), so a +1M-image store is never
+    loaded whole: re-ranking reads the shortlisted images.
 
     Args:
-        store_path: ``.h5`` store file (read lazily with h5py) or a parts directory
-            (``delg_tf.extraction.store``, merged in memory).
+        store_path: ``.h5`` store file, a parts directory, or the shard files of
+            ``extract --num_shards`` (a list, or a glob such as
+            ``OUT/features-*-of-00004.h5``); see
+            :class:`delg_tf.extraction.store.FeatureStore`.
         names: image names in dataset order (revisitop ``imlist``/``qimlist``,
             without extension; ``.jpg`` etc. and a ``jpg/`` prefix are tried too).
         binary: serve packed-bit descriptors (``descriptors_binary``, DELG*).
@@ -280,6 +272,10 @@ class StoreFeatures:
     Attributes:
         global_: float32 [len(names), D].
         missing: names not found in the store.
+
+    Raises:
+        StoreError: the store is missing, an image is missing (unless
+            ``allow_missing``), or the store lacks the descriptors asked for.
     """
 
     def __init__(
@@ -290,79 +286,27 @@ class StoreFeatures:
         allow_missing: bool = False,
         what: str = "feature store",
     ):
-        from delg_tf.extraction.store import FeatureStore
+        from delg_tf.extraction.store import open_selection
 
-        self.path = Path(store_path)
         self.binary = binary
-        self._lock = threading.Lock()
-        self._file = None
-        if self.path.is_file():
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-            arrays = self._file
-            stored = arrays["names"][()]
-        else:
-            arrays = FeatureStore(self.path).arrays()  # raises StoreError if missing
-            stored = arrays["names"]
-        self._arrays = arrays
-        stored = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in stored]
-        index = {n: i for i, n in enumerate(stored)}
-        self._rows = [_resolve_name(index, name) for name in names]
-        self.missing = [n for n, r in zip(names, self._rows) if r is None]
-        if self.missing and not allow_missing:
-            self.close()
-            raise FeatureInputError(
-                f"{what}: {len(self.missing)} image(s) are not in {self.path}, e.g. "
-                f"{self.missing[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a jpg/ "
-                "prefix); extract them first or check the store matches the dataset."
-            )
-        if "global_descriptors" not in arrays:
-            self.close()
-            raise FeatureInputError(
-                f"{what}: {self.path} has no global descriptors; extract with global "
-                "features enabled (a local_and_global or global export)."
-            )
-        self._key = "descriptors_binary" if binary else "descriptors"
-        if self._key not in arrays:
-            self.close()
-            raise FeatureInputError(
-                f"{what}: {self.path} has no '{self._key}' dataset; extract with "
-                "binarisation enabled (--binarize) or evaluate without binary descriptors."
-            )
-        all_global = np.asarray(arrays["global_descriptors"][()], np.float32)
-        self.global_ = np.zeros((len(names), all_global.shape[1]), np.float32)
-        found = [i for i, r in enumerate(self._rows) if r is not None]
-        self.global_[found] = all_global[[self._rows[i] for i in found]]
-        self._offsets = np.asarray(arrays["local_offsets"][()], np.int64)
-        self._descriptor_tail = tuple(arrays[self._key].shape[1:])
-        self._descriptor_dtype = np.uint8 if binary else np.float32
+        self._selection = open_selection(store_path, names, binary, allow_missing, what)
+        self.global_ = self._selection.global_
+        self.missing = self._selection.missing
 
     def __len__(self):
-        return len(self._rows)
+        return len(self._selection)
 
     def local(self, i: int) -> LocalFeatures:
         """LocalFeatures of image ``i`` (position in ``names``), read from the store."""
-        row = self._rows[int(i)]
-        if row is None:
-            return LocalFeatures(
-                np.zeros((0, 2)), np.zeros((0,) + self._descriptor_tail, self._descriptor_dtype)
-            )
-        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
-        with self._lock:  # h5py handles are not meant for concurrent reads.
-            locations = np.asarray(self._arrays["locations"][start:end])
-            descriptors = np.asarray(self._arrays[self._key][start:end])
-        return LocalFeatures(locations, descriptors.astype(self._descriptor_dtype))
+        return LocalFeatures(*self._selection.local(i))
 
     def all_local(self) -> list:
         """LocalFeatures of every image (for small sets, e.g. the queries)."""
         return [self.local(i) for i in range(len(self))]
 
     def close(self):
-        """Closes the HDF5 file (if one is open)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Closes the store's HDF5 files."""
+        self._selection.close()
 
     def __enter__(self):
         return self
@@ -375,7 +319,7 @@ def load_store_features(store_path, names: Sequence[str], binary: bool = False):
     """Reads global and local features of ``names`` from a delg_tf HDF5 feature store.
 
     Args:
-        store_path: ``.h5`` store or parts directory (``delg_tf.extraction.store``).
+        store_path: store file, parts directory or shard files (see :class:`StoreFeatures`).
         names: image names in dataset order (revisitop ``imlist``/``qimlist``,
             without extension; ``.jpg`` is tried too).
         binary: return packed-bit descriptors (``descriptors_binary``, DELG*).
@@ -384,7 +328,7 @@ def load_store_features(store_path, names: Sequence[str], binary: bool = False):
         (global float32 [len(names), D], list of LocalFeatures with (y, x) keypoints).
 
     Raises:
-        FeatureInputError: an image is missing or has no global descriptor.
+        StoreError: an image is missing or the store has no global descriptors.
     """
     with StoreFeatures(store_path, names, binary, what=str(store_path)) as store:
         return store.global_, store.all_local()
