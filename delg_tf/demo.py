@@ -73,7 +73,6 @@ TRAIN_SUBDIR = "train"
 DATA_SUBDIR = "data"
 EXPORT_SUBDIR = "export"
 FEATURES_SUBDIR = "features"
-QUERY_CROPS_SUBDIR = "query_crops"
 RESULTS_JSON = "results.json"
 # Wall times live apart from results.json, so that two runs give identical results.
 TIMINGS_JSON = "timings.json"
@@ -340,70 +339,48 @@ def dataset_paths(config: DemoConfig):
         config.data_dir / f"{EMBEDDED_SUBDIR}-{EMBEDDED_PRESET}", preset=EMBEDDED_PRESET)
 
 
+def _retrieval_dataset(paths, gnd_cfg):
+    """The embedded data restricted to `gnd_cfg` (`evaluation_subset`) as a
+    `RevisitopDataset`, the input of the evaluation's extraction."""
+    from delg_tf.data.revisitop import RevisitopDataset
+
+    return RevisitopDataset(name="embedded", gnd_path=Path(paths.gnd), images_dir=paths.jpg_dir,
+                            imlist=list(gnd_cfg["imlist"]), qimlist=list(gnd_cfg["qimlist"]),
+                            gnd=list(gnd_cfg["gnd"]))
+
+
 def query_images(config: DemoConfig, paths, gnd_cfg) -> list:
-    """(name, path) of the queries cropped to their bbx (revisitop protocol).
+    """(name, image source, resize_factor) of the queries cropped to their bbx (revisitop
+    protocol, `delg_tf.evaluation.end_to_end.query_items`, as `delg_tf.evaluate`).
 
-    The embedded queries' bbx is the whole image, so the original file is used
-    as is; any other bbx is cropped into ``OUT/query_crops``.
+    The embedded queries' bbx is the whole image, so each is its file as is (no
+    resize factor); any other bbx is cropped in memory, nothing is written.
     """
-    from PIL import Image
+    from delg_tf.evaluation.end_to_end import query_items
 
-    pairs = []
-    for name, entry in zip(gnd_cfg["qimlist"], gnd_cfg["gnd"]):
-        source = paths.jpg_dir / f"{name}.jpg"
-        bbx = [int(round(v)) for v in np.ravel(entry.get("bbx", []))]
-        with Image.open(source) as image:
-            full = [0, 0, image.width, image.height]
-            if not bbx or bbx == full:
-                pairs.append((name, source))
-                continue
-            crop = config.root / QUERY_CROPS_SUBDIR / f"{name}.png"
-            if not crop.is_file():
-                crop.parent.mkdir(parents=True, exist_ok=True)
-                tmp = crop.with_name(crop.name + ".tmp.png")
-                image.convert("RGB").crop(tuple(bbx)).save(tmp)
-                os.replace(tmp, crop)
-        pairs.append((name, crop))
-    return pairs
-
-
-class _LazyExtractor:
-    """Loads the SavedModel on the first image (a finished extraction never loads it)."""
-
-    def __init__(self, model_path):
-        self.model_path = model_path
-        self._extractor = None
-
-    def __call__(self, image):
-        if self._extractor is None:
-            from delg_tf.extraction.extractor import DelgExtractor
-
-            self._extractor = DelgExtractor.from_saved_model(str(self.model_path))
-        return self._extractor(image)
+    return query_items(_retrieval_dataset(paths, gnd_cfg))
 
 
 def extract_stage(config: DemoConfig, model_path, paths, gnd_cfg) -> dict:
-    """Extracts database and query features with ``delg_tf.extract`` (resumable).
+    """Extracts database and query features with the evaluation's extraction
+    (`end_to_end.extract_retrieval_stores`: ``delg_tf.extract``, resumable; the model is
+    loaded only if something is left to extract).
 
     Returns:
         ``{"database": store path, "queries": store path}``.
     """
     from delg_tf import extract as extract_entry
+    from delg_tf.evaluation.end_to_end import extract_retrieval_stores
 
-    extractor = _LazyExtractor(model_path)
-    sets = {
-        "database": [(n, paths.jpg_dir / f"{n}.jpg") for n in gnd_cfg["imlist"]],
-        "queries": query_images(config, paths, gnd_cfg),
-    }
-    stores = {}
-    for label, pairs in sets.items():
-        _log(f"extract: {label}, {len(pairs)} images")
-        stores[label] = extract_entry.main(
-            extract_entry.ExtractConfig(output_dir=str(config.features_dir / label),
-                                        model_path=str(model_path),
-                                        progress=config.progress),
-            paths=pairs, extractor=extractor)
-    return stores
+    _log(f"extract: {len(gnd_cfg['imlist'])} database images, {len(gnd_cfg['qimlist'])} "
+         "queries")
+    settings = extract_entry.ExtractConfig(output_dir=str(config.features_dir),
+                                           model_path=str(model_path),
+                                           progress=config.progress)
+    database, queries, _ = extract_retrieval_stores(
+        _retrieval_dataset(paths, gnd_cfg), config.features_dir / "database",
+        config.features_dir / "queries", settings)
+    return {"database": database, "queries": queries}
 
 
 # --------------------------------------------------------------------------
@@ -542,13 +519,14 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
     from PIL import Image
 
     from delg_tf.evaluation.config import EvaluateConfig
+    from delg_tf.extract import load_image_source
     from delg_tf.matching.pair import match_pair
     from delg_tf.visualization.matches import draw_pair_match
     from delg_tf.visualization.ranking_grid import draw_ranking_grid
 
     gnd = gnd_cfg["gnd"]
     q = choose_showcase_query(evaluation, gnd)
-    query_image = np.asarray(Image.open(query_pairs[q][1]).convert("RGB"))
+    query_image = load_image_source(query_pairs[q][1])
 
     def load_db(db_id):
         return np.asarray(Image.open(paths.jpg_dir / f"{gnd_cfg['imlist'][db_id]}.jpg")

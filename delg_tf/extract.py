@@ -28,7 +28,9 @@
   (no AVX512_BF16 / AMX-BF16, or oneDNN capped below them) logs one warning: it is
   likely slower than float32 there (`delg_tf.extraction.folded`).
 
-The library function is `main(config, paths=None) -> Path` (the store path).
+The library function is `main(config, paths=None, extractor=None) -> Path` (the store
+path); `paths` items may carry their own image source and `resize_factor` (e.g. the
+evaluation's query crops, passed as arrays, never written to disk).
 """
 
 from __future__ import annotations
@@ -179,6 +181,58 @@ def list_images(images, image_root=None):
                              "or a text file with one image path per line.")
 
 
+def image_item(item):
+    """(name, source, resize_factor) of one entry of `main`'s `paths`.
+
+    An entry is an image path (named by its file name), a (name, source) pair or a
+    (name, source, resize_factor) triple. The source is an image file path, a uint8
+    RGB array [H, W, 3], or a callable returning one (loaded when the image is
+    extracted; it may raise `ImageLoadError`, logged like an unreadable file). The
+    resize factor (official `extract_features.py`: a query crop is resized as its
+    whole image would be) is passed to the extractor; None: not passed (its default).
+
+    Raises:
+      ExtractConfigError: not one of these forms, or a negative resize factor.
+    """
+    import numbers
+
+    if not isinstance(item, tuple):
+        return Path(item).name, Path(item), None
+    if len(item) not in (2, 3):
+        raise ExtractConfigError(f"image item {item!r}: expected (name, source) or (name, "
+                                 f"source, resize_factor), received {len(item)} values.")
+    name, source = item[:2]
+    factor = item[2] if len(item) == 3 else None
+    if factor is not None and (not isinstance(factor, numbers.Real) or factor < 0):
+        raise ExtractConfigError(f"image {name!r}: resize_factor must be a number >= 0 or "
+                                 f"None (the extractor's default), received {factor!r}.")
+    if isinstance(source, (str, os.PathLike)):
+        source = Path(source)
+    return name, source, factor
+
+
+def load_image_source(source):
+    """uint8 RGB array [H, W, 3] of an item's source (see `image_item`): a file decoded
+    like the official RgbLoader (alpha dropped), an array as is, a callable's result."""
+    import numpy as np
+
+    from delg_tf.data.images import load_image_rgb
+
+    if callable(source):
+        source = source()
+    if isinstance(source, (str, os.PathLike)):
+        return load_image_rgb(source, alpha="drop")
+    return np.asarray(source)
+
+
+def describe_source(source):
+    """Short text naming an item's source in messages (its path, or what it is)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    shape = getattr(source, "shape", None)
+    return f"an in-memory image of shape {tuple(shape)}" if shape is not None else str(source)
+
+
 def make_extractor(config):
     """`DelgExtractor` for a config (DelfConfig file and/or SavedModel path)."""
     from delg_tf.extraction.extractor import DelgExtractor
@@ -281,45 +335,47 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
 
     Args:
       config: `ExtractConfig`.
-      paths: optional list of image paths or (name, path) pairs; default: from
-        `config.images`.
-      extractor: optional ready `DelgExtractor` (default: `make_extractor(config)`).
+      paths: optional list of images, each an image path, a (name, source) pair or a
+        (name, source, resize_factor) triple (see `image_item`); default: the
+        (name, path) pairs of `config.images`.
+      extractor: optional ready `DelgExtractor` (default: `make_extractor(config)`),
+        called as `extractor(image)`, or `extractor(image, resize_factor=f)` for the
+        images given a resize factor.
 
     Returns:
       Path of the consolidated store file.
 
     Raises:
-      ExtractConfigError: duplicated names, or (`write_delf`) names whose files clash.
+      ExtractConfigError: duplicated names, bad items, or (`write_delf`) names whose
+        files clash.
       ExtractModelError: the extractor raised on a readable image (stops the run).
       NoImageExtractedError: every image of the shard failed to load.
     """
     from delg_tf.data.errors import ImageLoadError
-    from delg_tf.data.images import load_image_rgb
     from delg_tf.extraction.store import FeatureStoreWriter, completed_names, consolidate
 
     if paths is None:
         if not config.images:
             raise ExtractConfigError("no images: pass --images (folder or list file).")
-        pairs = list_images(config.images, config.image_root)
-    else:
-        pairs = [p if isinstance(p, tuple) else (Path(p).name, Path(p)) for p in paths]
-    names = [n for n, _ in pairs]
+        paths = list_images(config.images, config.image_root)
+    items = [image_item(p) for p in paths]
+    names = [n for n, _, _ in items]
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
         raise ExtractConfigError(f"image names must be unique; duplicated: {duplicated}.")
     # All shards write into the same delf/ folder: names are checked over all of them.
     bases = official_file_bases(names) if config.write_delf else {}
-    shard = pairs[config.shard_index::config.num_shards]
+    shard = items[config.shard_index::config.num_shards]
     # The model is loaded before any output folder exists: a missing or broken
     # SavedModel / DelfConfig leaves nothing behind.
     done = completed_names(config.parts_dir)
-    if extractor is None and any(n not in done for n, _ in shard):
+    if extractor is None and any(n not in done for n, _, _ in shard):
         extractor = make_extractor(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
                                 binarized=config.binarize, flush_every=config.flush_every)
-    todo = [(n, p) for n, p in shard if n not in writer.done]
+    todo = [item for item in shard if item[0] not in writer.done]
     skipped = len(shard) - len(todo)
     failures = 0
     started = time.time()
@@ -327,19 +383,23 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
     with open(config.error_log, "a", encoding="utf-8") as log, writer:
         if log.tell() == 0:
             log.write(ERROR_LOG_HEADER)
-        for name, path in iterator:
+        for name, source, resize_factor in iterator:
             try:
-                image = load_image_rgb(path, alpha="drop")
+                image = load_image_source(source)
             except ImageLoadError as e:  # a bad image file: logged, skipped.
                 failures += 1
                 log.write(f"{name}\t{e.reason}\t{e}\n".replace("\n", " ").rstrip() + "\n")
                 log.flush()
                 continue
             try:
-                features = extractor(image)
+                if resize_factor is None:
+                    features = extractor(image)
+                else:
+                    features = extractor(image, resize_factor=resize_factor)
             except Exception as e:  # noqa: BLE001 - the image is fine: the model failed.
                 # Queued images are flushed to a part when the `with` exits.
-                raise model_error(e, name, path, config, len(writer.done)) from e
+                raise model_error(e, name, describe_source(source), config,
+                                  len(writer.done)) from e
             writer.add(name, features)
             if config.write_delf:
                 _write_official_files(output_dir, bases[name], features)
@@ -350,7 +410,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
             f"all {failures} of {len(shard)} images{suffix} failed, none extracted (no store "
             f"written); the reason of each is in {config.error_log}: check --images / "
             "--image_root and the image files.")
-    store = consolidate(config.parts_dir, config.store_path, order=[n for n, _ in shard])
+    store = consolidate(config.parts_dir, config.store_path, order=[n for n, _, _ in shard])
     print(f"extract: shard {config.shard_index}/{config.num_shards}: {len(shard)} images, "
           f"{extracted} extracted, {skipped} already done, {failures} failed "
           f"(see {config.error_log}) in {time.time() - started:.1f} s; store: {store}")

@@ -188,6 +188,8 @@ def test_cli_end_to_end_and_missing_model(setup, first_run, tmp_path):
 
 
 def test_query_crops_use_the_official_resize_factor(tmp_path):
+    """Each crop reaches the extractor as an array with its own resize factor (no pixel
+    digest, no crop file: a name like `../escape` writes nothing outside the output)."""
     import pickle
 
     import numpy as np
@@ -196,19 +198,42 @@ def test_query_crops_use_the_official_resize_factor(tmp_path):
     from delg_tf.data.revisitop import RevisitopDataset
     from delg_tf.evaluation import end_to_end
 
-    (tmp_path / "jpg").mkdir()
-    Image.fromarray(np.full((80, 100, 3), 120, np.uint8)).save(tmp_path / "jpg" / "q.jpg")
-    gnd = {"imlist": ["q"], "qimlist": ["q"],
-           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [10.0, 10.0, 60.0, 50.0]}]}
-    (tmp_path / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
-    dataset = RevisitopDataset.from_dir(tmp_path)
-    pairs, factors = end_to_end._write_query_crops(dataset, tmp_path / "crops")
-    with Image.open(pairs[0][1]) as crop:
-        assert crop.size == (50, 40)
+    root = tmp_path / "data"
+    (root / "jpg").mkdir(parents=True)
+    for name, value in (("q", 120), ("full", 60)):
+        Image.fromarray(np.full((80, 100, 3), value, np.uint8)).save(root / "jpg" / f"{name}.jpg")
+    Image.fromarray(np.full((80, 100, 3), 30, np.uint8)).save(root / "escape.jpg")
+    crop_bbx, full_bbx = [10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 100.0, 80.0]
+    gnd = {"imlist": ["q"], "qimlist": ["q", "full", "../escape"],
+           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": bbx}
+                   for bbx in (crop_bbx, full_bbx, crop_bbx)]}
+    (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
+    dataset = RevisitopDataset.from_dir(root)
+    items = end_to_end.query_items(dataset)
+    assert [(name, factor) for name, _, factor in items] == [
+        ("q", 0.5), ("full", None), ("../escape", 0.5)]  # max(crop) / max(image) = 50 / 100
+    assert items[1][1] == root / "jpg" / "full.jpg"  # whole-image bbx: the file as is
+    with Image.open(root / "jpg" / "q.jpg") as image:
+        expected = np.asarray(image.convert("RGB").crop((10, 10, 60, 50)))
+    np.testing.assert_array_equal(items[0][1](), expected)
+
     calls = []
-    wrapped = end_to_end._CropResizeExtractor(lambda im, **kw: calls.append(kw), factors)
-    wrapped(np.asarray(Image.open(pairs[0][1]).convert("RGB")))
-    assert calls == [{"resize_factor": 0.5}]  # max(crop) / max(image) = 50 / 100
+
+    def fake_extractor(image, **kwargs):
+        calls.append((image.shape, kwargs))
+        return {"image_shape": image.shape, "global_descriptor": np.ones(4, np.float32),
+                "locations": np.zeros((0, 2)), "descriptors": np.zeros((0, 0)),
+                "attention": np.zeros(0), "scales": np.zeros(0)}
+
+    out = tmp_path / "out"
+    config = extract.ExtractConfig(output_dir=str(out), model_path="unused", progress=False)
+    store = FeatureStore(extract.main(config, items, extractor=fake_extractor))
+    assert calls == [((40, 50, 3), {"resize_factor": 0.5}), ((80, 100, 3), {}),
+                     ((40, 50, 3), {"resize_factor": 0.5})]
+    assert store.names == ["q", "full", "../escape"]
+    store.close()
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"data", "out"} and not list(tmp_path.rglob("*.png"))
 
 
 def test_unreadable_image_is_listed_and_stale_cache_replaced(setup, tmp_path):

@@ -76,9 +76,9 @@ DEFAULT_DEMO_EXPORT = Path("demo_output") / "export"  # written by `make demo` (
 CACHE_KEY_NAME = "cache_key.json"
 DB_CACHE_SUBDIR = "db"
 QUERY_CACHE_SUBDIR = "queries"
+# Query crops were written here by earlier versions (now passed to the extractor as
+# arrays); a stale cache is cleared of them too.
 CROPS_SUBDIR = "query_crops"
-CROP_EXTENSION = ".png"  # lossless: the extractor sees exactly the cropped pixels.
-STORE_NAME = "features.h5"  # delg_tf.extract's single-shard store name.
 EMBEDDED_GND_NAME = "gnd_embedded.pkl"
 EMBEDDED_RETRIEVAL_SUBDIR = "retrieval"
 SAVED_MODEL_FILES = ("saved_model.pb", "variables/variables.index")
@@ -265,81 +265,100 @@ def _check_cache_key(cache: Path, key: dict, replace_stale: bool = False):
 
 
 def _store_names(store: Path) -> set:
-    import h5py
+    from delg_tf.extraction.store import FeatureStore, StoreError
 
     try:
-        with h5py.File(store, "r") as f:
-            return {n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in f["names"][()]}
-    except (OSError, KeyError):
+        with FeatureStore(store) as opened:
+            return set(opened.names)
+    except (OSError, StoreError):
         return set()
 
 
-def _image_digest(image: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
+@dataclasses.dataclass(frozen=True)
+class QueryCrop:
+    """A query image cropped to its bbx, loaded when extracted (a ``delg_tf.extract``
+    image source: nothing is written to disk, whatever the query's name).
 
-
-class _CropResizeExtractor:
-    """Calls the extractor with each query crop's official ``resize_factor``.
-
-    ``delg_tf.extract.main`` calls ``extractor(image)``; the crop is recognised by
-    the digest of its pixels (the PNG written by :func:`_write_query_crops`).
+    Attributes:
+        path: the query image file.
+        box: (x1, y1, x2, y2) in integer pixels (the bbx rounded like
+            :func:`delg_tf.data.revisitop.crop_to_bbx`).
     """
 
-    def __init__(self, extractor: Callable, factors: dict):
-        self._extractor = extractor
-        self._factors = factors
+    path: Path
+    box: tuple
 
-    def __call__(self, image):
-        factor = self._factors.get(_image_digest(np.asarray(image)), 1.0)
-        if factor == 1.0:
-            return self._extractor(image)
-        return self._extractor(image, resize_factor=factor)
+    def __call__(self) -> np.ndarray:
+        """uint8 RGB [y2 - y1, x2 - x1, 3]; raises ImageLoadError like an image file."""
+        from PIL import Image
+
+        from delg_tf.data.errors import ImageLoadError
+        from delg_tf.data.images import MIN_IMAGE_SIDE, load_image_rgb
+        from delg_tf.data.revisitop import crop_to_bbx
+
+        image = load_image_rgb(self.path, alpha="drop")
+        crop = np.asarray(crop_to_bbx(Image.fromarray(image), self.box))
+        if min(crop.shape[:2]) < MIN_IMAGE_SIDE:
+            raise ImageLoadError(
+                self.path, "too_small",
+                f"crop to bbx {list(self.box)} is {crop.shape[1]}x{crop.shape[0]}, smaller than "
+                f"the minimum side {MIN_IMAGE_SIDE} px (MIN_IMAGE_SIDE) the network needs; "
+                "skipped")
+        return np.ascontiguousarray(crop)
+
+    def __str__(self):
+        return f"{self.path} cropped to {list(self.box)}"
 
 
-def _write_query_crops(dataset, crops_dir: Path):
-    """Writes every query cropped to its bbx (lossless PNG), once.
+def query_items(dataset) -> list:
+    """(name, image source, resize_factor) of every query cropped to its bbx.
+
+    Like the official ``extract_features.py``, a crop is extracted with
+    ``resize_factor = max(crop size) / max(image size)``, so it is resized as the
+    whole image would be. A query without bbx, or whose bbx (rounded to pixels) is the
+    whole image, is its image file as is, without resize factor (the extractor's
+    default 1.0): the same pixels and resizing as that crop.
+
+    Args:
+        dataset: RevisitopDataset (``qimlist``, ``gnd`` bbx, ``query_path``).
 
     Returns:
-        (list of (name, crop path), {pixel digest: resize factor}).
+        Items for ``delg_tf.extract.main(config, paths=items)``.
+
+    Raises:
+        FileNotFoundError: a query image is missing.
     """
     from PIL import Image
 
-    from delg_tf.data.images import load_image_rgb
-    from delg_tf.data.revisitop import crop_to_bbx
-
-    crops_dir.mkdir(parents=True, exist_ok=True)
-    pairs, factors = [], {}
+    items = []
     for q, name in enumerate(dataset.qimlist):
-        crop_path = crops_dir / (name + CROP_EXTENSION)
         source = dataset.query_path(q)
         if not source.is_file():
             raise FileNotFoundError(
                 f"query image {source} not found; --dataset_dir must contain jpg/<name>.jpg "
                 "for every query of the ground truth."
             )
-        with Image.open(source) as im:
-            im = im.convert("RGB")
-            original_side = max(im.size)
-            bbx = dataset.gnd[q].get("bbx")
-            crop = crop_to_bbx(im, bbx) if bbx is not None else im
-        if not crop_path.is_file():
-            crop_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = crop_path.with_name(crop_path.name + ".tmp.png")
-            crop.save(tmp, format="PNG")
-            os.replace(tmp, crop_path)
-        factor = max(crop.size) / original_side
-        factors[_image_digest(load_image_rgb(crop_path, alpha="drop"))] = factor
-        pairs.append((name, crop_path))
-    return pairs, factors
+        bbx = dataset.gnd[q].get("bbx")
+        if bbx is None:
+            items.append((name, source, None))
+            continue
+        box = tuple(int(round(float(v))) for v in np.ravel(bbx))
+        try:
+            with Image.open(source) as image:
+                width, height = image.size
+        except (OSError, Image.DecompressionBombError):
+            items.append((name, source, None))  # not an image: logged by the extraction.
+            continue
+        if box == (0, 0, width, height):
+            items.append((name, source, None))
+            continue
+        crop_side = max(box[2] - box[0], box[3] - box[1])
+        items.append((name, QueryCrop(source, box), crop_side / max(width, height)))
+    return items
 
 
-def _extract_set(
-    pairs, output_dir: Path, config: DatasetEvalConfig, get_extractor: Callable
-) -> tuple:
-    """Extracts ``pairs`` into ``output_dir`` with delg_tf.extract unless all are cached.
+def _extract_set(items, output_dir: Path, settings, get_extractor: Callable) -> tuple:
+    """Extracts ``items`` into ``output_dir`` with delg_tf.extract unless all are cached.
 
     The extractor is only built (the model loaded) when something is left to
     extract, and before ``extract.main`` so that a model that cannot be loaded is
@@ -350,18 +369,48 @@ def _extract_set(
     """
     from delg_tf import extract
 
-    store = output_dir / STORE_NAME
-    if store.is_file() and {n for n, _ in pairs} <= _store_names(store):
+    settings = dataclasses.replace(settings, output_dir=str(output_dir))
+    store = settings.store_path
+    if store.is_file() and {item[0] for item in items} <= _store_names(store):
+        print(f"extract: {store} holds all {len(items)} images: reused, 0 extracted")
         return store, True
     extractor = get_extractor()
-    ext_config = extract.ExtractConfig(
-        output_dir=str(output_dir),
-        delf_config=config.delf_config,
-        model_path=config.model_path,
-        binarize=config.evaluate.matching.binary_descriptors,
-        progress=config.progress,
-    )
-    return extract.main(ext_config, pairs, extractor=extractor), False
+    return extract.main(settings, items, extractor=extractor), False
+
+
+def extract_retrieval_stores(dataset, db_dir, query_dir, settings, extractor=None) -> tuple:
+    """Extracts the database images and the bbx-cropped queries (:func:`query_items`) of
+    a dataset into two feature stores with ``delg_tf.extract`` (resumable; a store that
+    already holds every image is reused as is).
+
+    Used by :func:`extract_dataset` (the evaluation cache) and ``delg_tf.demo``.
+
+    Args:
+        dataset: RevisitopDataset.
+        db_dir, query_dir: output folders of the database and query stores.
+        settings: ``delg_tf.extract.ExtractConfig`` with the model and store options
+            (its ``output_dir`` is replaced by ``db_dir`` / ``query_dir``).
+        extractor: optional ready extractor (``image -> DelgFeatures``; it must accept
+            ``resize_factor=`` for cropped queries); default: built from ``settings``
+            when the first uncached image is met.
+
+    Returns:
+        (db store path, query store path, reused: bool = nothing was extracted).
+    """
+    from delg_tf import extract
+
+    built = [extractor]
+
+    def get_extractor():
+        if built[0] is None:
+            built[0] = extract.make_extractor(settings)
+        return built[0]
+
+    db_items = [(name, dataset.image_path(i)) for i, name in enumerate(_db_names(dataset))]
+    queries = query_items(dataset)  # before extracting: a missing query fails fast.
+    db_store, db_reused = _extract_set(db_items, Path(db_dir), settings, get_extractor)
+    query_store, q_reused = _extract_set(queries, Path(query_dir), settings, get_extractor)
+    return db_store, query_store, db_reused and q_reused
 
 
 def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Callable] = None):
@@ -370,9 +419,7 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
     Args:
         dataset: RevisitopDataset.
         config: model, cache folder, binarisation.
-        extractor: optional ready extractor (``image -> DelgFeatures``; it must accept
-            ``resize_factor=`` for cropped queries); default: built from the model
-            when the first uncached image is met.
+        extractor: see :func:`extract_retrieval_stores`.
 
     Returns:
         (db store path, query store path, reused: bool = nothing was extracted).
@@ -381,29 +428,16 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
 
     cache = config.cache_path
     _check_cache_key(cache, model_fingerprint(config), config.replace_stale_cache)
-    built = [extractor]
-
-    def get_extractor():
-        if built[0] is None:
-            built[0] = extract.make_extractor(
-                extract.ExtractConfig(
-                    output_dir=str(cache),
-                    delf_config=config.delf_config,
-                    model_path=config.model_path,
-                )
-            )
-        return built[0]
-
-    db_pairs = [(name, dataset.image_path(i)) for i, name in enumerate(_db_names(dataset))]
-    query_pairs, factors = _write_query_crops(dataset, cache / CROPS_SUBDIR)
-    db_store, db_reused = _extract_set(db_pairs, cache / DB_CACHE_SUBDIR, config, get_extractor)
-    query_store, q_reused = _extract_set(
-        query_pairs,
-        cache / QUERY_CACHE_SUBDIR,
-        config,
-        lambda: _CropResizeExtractor(get_extractor(), factors),
+    settings = extract.ExtractConfig(
+        output_dir=str(cache),
+        delf_config=config.delf_config,
+        model_path=config.model_path,
+        binarize=config.evaluate.matching.binary_descriptors,
+        progress=config.progress,
     )
-    return db_store, query_store, db_reused and q_reused
+    return extract_retrieval_stores(
+        dataset, cache / DB_CACHE_SUBDIR, cache / QUERY_CACHE_SUBDIR, settings, extractor
+    )
 
 
 def _db_names(dataset) -> list:
