@@ -1,8 +1,8 @@
 """SuperGlobal re-ranking with global descriptors only (MDescAug + RerankwMDA).
 
 Shao, Chen, Karpur, Cui, Araujo, Cao, "Global Features are All You Need for
-Image Retrieval and Reranking", ICCV 2023, Sec. 3 (reranking); defaults M = 400,
-K = 9, beta = 0.15. For one query q (all descriptors L2-normalised) with its
+Image Retrieval and Reranking", ICCV 2023 (reranking); defaults M = 400, K = 9,
+beta = 0.15 (those of the code). For one query q (all descriptors L2-normalised) with its
 global shortlist d_1..d_M (the top M of the initial ranking):
 
 1. Refinement (MDescAug), inside the shortlist only:
