@@ -57,7 +57,9 @@ setup(
         # Ranges tested on this project's CI machine (Python 3.11, CPU).
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<3.16",
-        "protobuf>=7.35,<8",
+        # 6.31.1 is what TF 2.21 and tensorflow-serving-api 2.21 accept at least; the beam
+        # extra (apache-beam 2.77) needs < 7, so pip resolves 6.x with it and 7.x without.
+        "protobuf>=6.31.1,<8",
         "absl-py>=2.1,<3",
         "numpy>=2.0,<3",
         "pycolmap>=4.2,<4.3",
@@ -80,9 +82,12 @@ setup(
         # Viewing the training scalars.
         "tensorboard": ["tensorboard>=2.21,<2.22"],
         "test": ["pytest>=8,<10"],
+        # delg_tf.extract_beam (extraction as an Apache Beam pipeline); runners' own
+        # extras (apache-beam[gcp] for Dataflow, ...) are installed on top where needed.
+        "beam": ["apache-beam==2.77.*"],
         "all": ["faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
                 "matplotlib>=3.9,<4", "tensorflow-serving-api>=2.21,<2.22",
-                "tensorboard>=2.21,<2.22", "pytest>=8,<10"],
+                "tensorboard>=2.21,<2.22", "pytest>=8,<10", "apache-beam==2.77.*"],
     },
     entry_points={
         "console_scripts": [
