@@ -100,3 +100,21 @@ def test_list_image_files(corpus):
     directory, entries = corpus
     listed = {p.name for p in images.list_image_files(directory)}
     assert listed == set(entries)
+
+
+def test_decoding_read_bytes_matches_loading_the_file(corpus):
+    directory, entries = corpus
+    for name in entries:
+        path = directory / name
+        for alpha in images.ALPHA_MODES:
+            expected, expected_error = images.try_load_image_rgb(path, alpha=alpha)
+            try:
+                array, error = images.decode_image_rgb(path.read_bytes(), path, alpha=alpha), None
+            except ImageLoadError as e:
+                array, error = None, e
+            if expected_error is None:
+                assert error is None, (name, error)
+                np.testing.assert_array_equal(array, expected, err_msg=name)
+            else:
+                assert (error.reason, str(error)) == (expected_error.reason,
+                                                      str(expected_error)), name

@@ -18,9 +18,14 @@ naming the file and the reason. It never returns a silently damaged image:
   claims more than `MAX_IMAGE_PIXELS` pixels (checked from the header, before
   decoding: a "decompression bomb").
 
+`decode_image_rgb(data, path)` does the same on the bytes of a file already read
+(e.g. through Apache Beam's `FileSystems`, `delg_tf.extraction.beam`): same array, same
+`ImageLoadError` reasons and messages as `load_image_rgb(path)`.
+
 This module does not import TensorFlow.
 """
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +52,10 @@ ALPHA_MODES = ("composite", "drop")
 DEFAULT_BACKGROUND = (255, 255, 255)
 _UINT8_MAX = 255.0
 _UINT16_MAX = 65535.0
+# Messages shared by the loaders of local files and of bytes read elsewhere.
+MISSING_FILE_MESSAGE = "no such file; check the path or the image list"
+DIRECTORY_MESSAGE = "is a directory, expected an image file"
+EMPTY_FILE_MESSAGE = "zero-byte file; re-download or remove it"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp", ".ppm", ".pgm")
 
@@ -61,22 +70,25 @@ def _open_checked(path, max_pixels):
         ImageLoadError: missing, empty, not an image, or too many pixels.
     """
     if not os.path.exists(path):
-        raise ImageLoadError(path, "missing",
-                             "no such file; check the path or the image list")
+        raise ImageLoadError(path, "missing", MISSING_FILE_MESSAGE)
     if os.path.isdir(path):
-        raise ImageLoadError(path, "unreadable",
-                             "is a directory, expected an image file")
+        raise ImageLoadError(path, "unreadable", DIRECTORY_MESSAGE)
     try:
         size = os.path.getsize(path)
     except OSError as e:
         raise ImageLoadError(path, "unreadable", f"cannot stat file ({e})")
     if size == 0:
-        raise ImageLoadError(path, "empty",
-                             "zero-byte file; re-download or remove it")
+        raise ImageLoadError(path, "empty", EMPTY_FILE_MESSAGE)
+    return _open_header(path, path, max_pixels)
+
+
+def _open_header(source, path, max_pixels):
+    """Opens `source` (a file path or a binary stream) with Pillow, reading only the
+    header; errors name `path`. See `_open_checked`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
     except Image.DecompressionBombError as e:
         raise ImageLoadError(
             path, "too_large",
@@ -161,6 +173,42 @@ def load_image_rgb(path, apply_exif_orientation=False, alpha="composite",
         raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
     path = os.fspath(path)
     image = _open_checked(path, max_pixels)
+    return _decode_opened(image, path, apply_exif_orientation, alpha, background, min_side)
+
+
+def decode_image_rgb(data, path, apply_exif_orientation=False, alpha="composite",
+                     background=DEFAULT_BACKGROUND, min_side=MIN_IMAGE_SIDE,
+                     max_pixels=MAX_IMAGE_PIXELS):
+    """`load_image_rgb` of the bytes of an image file that was read already.
+
+    For files read through another file system layer (Apache Beam's `FileSystems`:
+    gs://, s3://, ...); the checks, conversions and errors are those of `load_image_rgb`
+    on a local file with these bytes (a missing file or a folder is the caller's to
+    report, with `MISSING_FILE_MESSAGE` / `DIRECTORY_MESSAGE`).
+
+    Args:
+        data: the file's bytes.
+        path: the file's name in error messages (str or Path; any URL).
+        apply_exif_orientation, alpha, background, min_side, max_pixels: as in
+            `load_image_rgb`.
+
+    Returns:
+        np.uint8 array of shape [H, W, 3].
+
+    Raises:
+        ImageLoadError: empty, not an image, truncated, too small or too large.
+    """
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
+    path = os.fspath(path)
+    if not data:
+        raise ImageLoadError(path, "empty", EMPTY_FILE_MESSAGE)
+    image = _open_header(io.BytesIO(data), path, max_pixels)
+    return _decode_opened(image, path, apply_exif_orientation, alpha, background, min_side)
+
+
+def _decode_opened(image, path, apply_exif_orientation, alpha, background, min_side):
+    """Decodes a header-checked Pillow image (closing it) into uint8 RGB [H, W, 3]."""
     try:
         with image:
             try:
