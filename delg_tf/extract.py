@@ -225,6 +225,12 @@ def load_image_source(source):
     return np.asarray(source)
 
 
+def error_log_line(name, error):
+    """The error log row of image `name` refused with `error` (an `ImageLoadError`):
+    `name<TAB>reason<TAB>message`, newlines in it turned into spaces, ending in one."""
+    return f"{name}\t{error.reason}\t{error}\n".replace("\n", " ").rstrip() + "\n"
+
+
 def describe_source(source):
     """Short text naming an item's source in messages (its path, or what it is)."""
     if isinstance(source, (str, os.PathLike)):
@@ -388,7 +394,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
                 image = load_image_source(source)
             except ImageLoadError as e:  # a bad image file: logged, skipped.
                 failures += 1
-                log.write(f"{name}\t{e.reason}\t{e}\n".replace("\n", " ").rstrip() + "\n")
+                log.write(error_log_line(name, e))
                 log.flush()
                 continue
             try:
