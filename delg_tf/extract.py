@@ -247,7 +247,7 @@ def make_extractor(config):
         extractor = DelgExtractor.from_config(config.delf_config, model_path=config.model_path)
     else:
         extractor = DelgExtractor.from_saved_model(config.model_path)
-    _warn_if_bfloat16_export_is_emulated(extractor.config.model_path or config.model_path)
+    _check_bfloat16_export(extractor.config.model_path or config.model_path)
     return extractor
 
 
@@ -313,13 +313,18 @@ def saved_model_computes_in_bfloat16(path):
     return False
 
 
-def _warn_if_bfloat16_export_is_emulated(model_path):
-    """One warning line if `model_path` is a bfloat16 export and this CPU emulates bfloat16
-    (the graph is only read on such CPUs)."""
+def _check_bfloat16_export(model_path):
+    """For a bfloat16 export: refuses (BFloat16UnavailableError, one line) where bfloat16
+    convolutions cannot run, and logs one warning where this CPU emulates bfloat16 (the
+    graph is only read on such CPUs)."""
     from delg_tf.extraction import folded
 
-    if (model_path and folded.emulated_bfloat16_reason() is not None
-            and saved_model_computes_in_bfloat16(model_path)):
+    if not model_path:
+        return
+    emulated = folded.emulated_bfloat16_reason() is not None
+    if (emulated or folded.bfloat16_convolution_error() is not None) and \
+            saved_model_computes_in_bfloat16(model_path):
+        folded.check_bfloat16_runs(what=f"--model_path={model_path} (a bfloat16 export)")
         folded.warn_if_bfloat16_emulated(folded.BFLOAT16, what=f"--model_path={model_path}")
 
 

@@ -138,6 +138,12 @@ def test_export_stores_folded_weights_as_variables(tmp_path):
 def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
     model = _model(seed=7, backbone_layout="tf2_delf")
     config = CONFIG.to_delf_config("")
+    if folded.bfloat16_convolution_error() is not None:
+        # e.g. ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU: refused in one line, not a
+        # oneDNN traceback at the first image.
+        with pytest.raises(folded.BFloat16UnavailableError, match="--compute_dtype=float32"):
+            DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
+        return
     exact = DelgExtractor.from_model(model, config)
     fast = DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
     graph = fast.pyramid.extract.get_concrete_function().graph
@@ -233,6 +239,8 @@ def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(tmp_pat
     fake = tmp_path / "cpuinfo"
     fake.write_text(CPUINFO_AVX2)
     monkeypatch.setattr(folded, "CPUINFO_PATH", str(fake))
+    # An AVX2-only CPU runs bfloat16 emulated (whatever this process can do).
+    monkeypatch.setattr(folded, "bfloat16_convolution_error", lambda: None)
     for variable in (folded.TF_ONEDNN_VARIABLE,) + folded.ONEDNN_ISA_CAP_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     caplog.set_level(logging.WARNING, logger=folded.__name__)
@@ -245,3 +253,31 @@ def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(tmp_pat
     fake.write_text(CPUINFO_SAPPHIRE_RAPIDS)
     DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
     assert not _warnings(caplog)
+
+
+def test_bfloat16_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(folded, "bfloat16_convolution_error",
+                        lambda: "AbortedError: could not create a primitive descriptor")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    model = _model(seed=7, backbone_layout="tf2_delf")
+    with pytest.raises(folded.BFloat16UnavailableError) as info:
+        DelgExtractor.from_model(model, CONFIG.to_delf_config(""), compute_dtype="bfloat16")
+    message = str(info.value)
+    assert "\n" not in message and "ONEDNN_MAX_CPU_ISA=AVX2" in message
+    assert "could not create a primitive descriptor" in message
+    # float32 is unaffected.
+    DelgExtractor.from_model(model, CONFIG.to_delf_config(""))
+
+
+def test_bfloat16_probe_matches_running_a_bfloat16_convolution():
+    """The probe's verdict is what a bfloat16 extraction then does here."""
+    model = _model(seed=7, backbone_layout="tf2_delf")
+    error = folded.bfloat16_convolution_error()
+    if error is None:
+        features = DelgExtractor.from_model(model, CONFIG.to_delf_config(""),
+                                            compute_dtype="bfloat16")(random_image(64, 64, seed=3))
+        assert np.all(np.isfinite(features.global_descriptor))
+    else:
+        backbone = folded.fold_delg_model(model, "bfloat16").backbone
+        with pytest.raises(tf.errors.OpError):
+            tf.function(backbone.call_to_conv4)(tf.zeros([1, 64, 64, 3]))

@@ -221,8 +221,10 @@ class DelgExtractor:
         config = config_lib.load_delf_config(config) if config is not None else (
             config_lib.ExportConfig().to_delf_config(""))
         mode = config_lib.mode_of(config.use_local_features, config.use_global_features)
-        extractor = pyramid.PyramidExtractor(folded.inference_model(model, fold_batch_norm,
-                                                                    compute_dtype),
+        inference = folded.inference_model(model, fold_batch_norm, compute_dtype)
+        if compute_dtype == folded.BFLOAT16:
+            folded.check_bfloat16_runs()
+        extractor = pyramid.PyramidExtractor(inference,
                                              mode=mode,
                                              iou_threshold=config.delf_local_config.iou_threshold)
         raw_fn = raw_model.from_function(extractor.extract, extractor.use_local,

@@ -144,6 +144,57 @@ def warn_if_bfloat16_emulated(compute_dtype, what="compute_dtype=bfloat16", cpui
     return message
 
 
+class BFloat16UnavailableError(ValueError):
+    """bfloat16 convolutions cannot run in this process (CPU / oneDNN configuration)."""
+
+
+_BFLOAT16_PROBE = {}
+
+
+def bfloat16_convolution_error():
+    """None if this process can run a fused bfloat16 convolution, else the reason.
+
+    oneDNN creates no bfloat16 convolution primitive below its AVX512_CORE ISA on some
+    CPUs (seen with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX-512 Xeon: "could not create a
+    primitive descriptor for the convolution forward propagation primitive"), while an
+    AVX2-only CPU runs them emulated. Probed once per process with a 3x3 conv + bias +
+    ReLU in a ``tf.function`` (the graph form extraction runs).
+    """
+    if "error" not in _BFLOAT16_PROBE:
+        @tf.function
+        def conv(x, kernel, bias):
+            return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+
+        try:
+            conv(tf.ones([1, 8, 8, 16], tf.bfloat16), tf.ones([3, 3, 16, 16], tf.bfloat16),
+                 tf.zeros([16], tf.bfloat16)).numpy()
+            _BFLOAT16_PROBE["error"] = None
+        except tf.errors.OpError as e:
+            lines = [line.strip() for line in e.message.splitlines() if line.strip()]
+            detail = next((line for line in lines if "primitive" in line), lines[0] if lines
+                          else type(e).__name__)
+            _BFLOAT16_PROBE["error"] = f"{type(e).__name__}: {detail[:200]}"
+    return _BFLOAT16_PROBE["error"]
+
+
+def _isa_cap_text(env=None):
+    env = os.environ if env is None else env
+    caps = [f"{name}={env[name]}" for name in ONEDNN_ISA_CAP_VARIABLES if env.get(name)]
+    return f" with {', '.join(caps)}" if caps else ""
+
+
+def check_bfloat16_runs(what="compute_dtype=bfloat16"):
+    """Raises BFloat16UnavailableError (one line naming `what` and the fix) where
+    `bfloat16_convolution_error()` reports that bfloat16 convolutions cannot run."""
+    error = bfloat16_convolution_error()
+    if error is not None:
+        raise BFloat16UnavailableError(
+            f"{what}: this CPU / oneDNN configuration{_isa_cap_text()} cannot run bfloat16 "
+            f"convolutions ({error}); use float32 (--compute_dtype=float32, a float32 "
+            "export), or run where oneDNN supports bfloat16 (AVX512_BF16 / AMX, or without "
+            "an ONEDNN_MAX_CPU_ISA cap).")
+
+
 def check_compute_dtype(compute_dtype):
     """Returns `compute_dtype` if it is one of `COMPUTE_DTYPES`, else raises ValueError."""
     if compute_dtype not in COMPUTE_DTYPES:

@@ -26,17 +26,21 @@ directory next to `export_path` and renamed when complete; an existing export is
 refused unless `overwrite=True`.
 """
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 
+from delg_tf import atomic
 from delg_tf.extraction import folded, geometry, pyramid
 from delg_tf.extraction.config import (ASSETS_EXTRA_DIR, CONFIG_ASSET, MIN_EXTRACTION_SIDE,
                                        ExportConfig)
 from delg_tf.extraction.raw_model import SIGNATURE_DEFAULT
-from delg_tf.serving import atomic, warmup
+from delg_tf.serving import warmup
+
+logger = logging.getLogger(__name__)
 
 SIGNATURE_IMAGE_BYTES = "serving_image_bytes"
 IMAGE_BYTES_INPUT = "image_bytes"
@@ -202,6 +206,10 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
         raise FileExistsError(
             f"export path {export_path} already exists; expected a new directory. "
             "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
+    if compute_dtype == folded.BFLOAT16 and folded.bfloat16_convolution_error() is not None:
+        logger.warning("compute_dtype=bfloat16: this machine cannot run bfloat16 convolutions "
+                       "(%s); the export is written, serve it where oneDNN supports bfloat16.",
+                       folded.bfloat16_convolution_error())
     with atomic.staged_directory(export_path) as tmp:
         module = DelgServingModule(folded.inference_model(model, fold_batch_norm, compute_dtype),
                                    config)
