@@ -16,20 +16,34 @@ threshold ``hamming < t^2 * D / 4`` (:func:`hamming_threshold_from_l2`). The
 packed format, its unpacking and the reference Hamming distance are those of
 :mod:`delg_tf.extraction.binarize`, which writes them.
 
+:func:`find_putative_matches_batch` matches one query against a whole shortlist
+with exactly the arrays of :func:`find_putative_matches` (the per-pair
+reference) for every image: float similarities come from a product rounded
+differently, so each of its decisions is certified against a rigorous float32
+rounding bound and the rare uncertain image is recomputed per pair.
+
 numpy only (and the numpy-only ``delg_tf.extraction.binarize``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from delg_tf.extraction.binarize import BITS_PER_BYTE, unpack_binary
 from delg_tf.matching.defaults import DEFAULT_DESCRIPTOR_THRESHOLD
+
 # Upper bound on the number of distance-matrix entries computed at once
 # (float32: 16M entries = 64 MB).
 MAX_DISTANCE_MATRIX_ENTRIES = 16 * 1024 * 1024
+# Unit roundoff of float32 (half an ulp of 1).
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+# Margin on the rigorous rounding bound of the batched path (covers evaluating it in floats).
+ERROR_BOUND_SAFETY = 1.25
+# Absolute term of that bound (float32 underflow of tiny products).
+ERROR_BOUND_ABSOLUTE = 1e-30
 
 
 class DescriptorMismatchError(ValueError):
@@ -67,6 +81,24 @@ def _check_pair(query: np.ndarray, db: np.ndarray, what: str) -> Tuple[np.ndarra
     return query, db
 
 
+def _prepare_query(query: np.ndarray, binary: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 query rows and the per-row offset turning a similarity into a distance."""
+    if binary:
+        q = unpack_binary(query, query.shape[1] * BITS_PER_BYTE)
+        return q, np.full(q.shape[0], q.shape[1] * 0.5, dtype=np.float32)
+    q = query.astype(np.float32, copy=False)
+    return q, np.einsum("ij,ij->i", q, q)
+
+
+def _prepare_db(db: np.ndarray, binary: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 database rows and ``|d|^2 / 2`` (zeros for ±1 vectors, whose norm is constant)."""
+    if binary:
+        d = unpack_binary(db, db.shape[1] * BITS_PER_BYTE)
+        return d, np.zeros(d.shape[0], dtype=np.float32)
+    d = db.astype(np.float32, copy=False)
+    return d, 0.5 * np.einsum("ij,ij->i", d, d)
+
+
 def _nearest_neighbours(
     query: np.ndarray, db: np.ndarray, binary: bool, need_second: bool, need_reverse: bool
 ) -> Tuple[np.ndarray, ...]:
@@ -82,20 +114,26 @@ def _nearest_neighbours(
         ``need_second``); best_q_for_db int [Nd] nearest query of each db row
         (zeros unless ``need_reverse``).
     """
-    nq, nd = query.shape[0], db.shape[0]
-    if binary:
-        q = unpack_binary(query, query.shape[1] * BITS_PER_BYTE)
-        d = unpack_binary(db, db.shape[1] * BITS_PER_BYTE)
-        num_bits = q.shape[1]
-        q_offset = np.full(nq, num_bits * 0.5, dtype=np.float32)
-        half_db_sq = np.zeros(nd, dtype=np.float32)
-        dist_scale = 0.5  # hamming = D/2 - a.b/2
-    else:
-        q = query.astype(np.float32, copy=False)
-        d = db.astype(np.float32, copy=False)
-        q_offset = np.einsum("ij,ij->i", q, q)
-        half_db_sq = 0.5 * np.einsum("ij,ij->i", d, d)
-        dist_scale = 2.0  # |q-d|^2 = |q|^2 - 2 (q.d - |d|^2/2)
+    q, q_offset = _prepare_query(query, binary)
+    d, half_db_sq = _prepare_db(db, binary)
+    return _nearest_neighbours_prepared(
+        q, q_offset, d, half_db_sq, binary, need_second, need_reverse
+    )
+
+
+def _nearest_neighbours_prepared(
+    q: np.ndarray,
+    q_offset: np.ndarray,
+    d: np.ndarray,
+    half_db_sq: np.ndarray,
+    binary: bool,
+    need_second: bool,
+    need_reverse: bool,
+) -> Tuple[np.ndarray, ...]:
+    """:func:`_nearest_neighbours` on the outputs of ``_prepare_query`` / ``_prepare_db``."""
+    nq, nd = q.shape[0], d.shape[0]
+    # hamming = D/2 - a.b/2 (binary); |q-d|^2 = |q|^2 - 2 (q.d - |d|^2/2) (float).
+    dist_scale = 0.5 if binary else 2.0
     d_t = np.ascontiguousarray(d.T)
     chunk = max(1, MAX_DISTANCE_MATRIX_ENTRIES // max(nd, 1))
     nn1 = np.empty(nq, dtype=np.int64)
@@ -148,6 +186,63 @@ def float_squared_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
     return sq
 
 
+def _validated_pair(
+    query_descriptors: np.ndarray, db_descriptors: np.ndarray, binary: bool
+) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """(query, db, both_non_empty) after the shape and binary dtype checks."""
+    query, db = _check_pair(query_descriptors, db_descriptors, "descriptor")
+    if query.size == 0 or db.size == 0:
+        return query, db, False
+    if binary and (query.dtype != np.uint8 or db.dtype != np.uint8):
+        raise ValueError(
+            f"binary descriptors must be packed uint8 (np.packbits), got "
+            f"{query.dtype} and {db.dtype}."
+        )
+    return query, db, True
+
+
+def _squared_threshold(
+    threshold: Optional[float], binary: bool, num_columns: int
+) -> Optional[float]:
+    """The threshold on d1: squared L2 (float) or Hamming (binary, ``num_columns`` bytes)."""
+    if threshold is None:
+        return None
+    if binary:
+        # Hamming distances play the role of squared L2 distances.
+        return hamming_threshold_from_l2(threshold, num_columns * BITS_PER_BYTE)
+    return float(threshold) ** 2
+
+
+def _empty_matches() -> Tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+
+def _select_matches(
+    nn1: np.ndarray,
+    d1: np.ndarray,
+    d2: np.ndarray,
+    best_q_for_db: np.ndarray,
+    num_db: int,
+    sq_threshold: Optional[float],
+    mutual: bool,
+    ratio: Optional[float],
+    binary: bool,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The threshold / ratio / mutual tests on the outputs of :func:`_nearest_neighbours`."""
+    to_dist = np.asarray if binary else np.sqrt
+    keep = np.ones(nn1.shape[0], dtype=bool)
+    if sq_threshold is not None:
+        keep &= d1 < sq_threshold
+    if ratio is not None:
+        if num_db < 2:
+            return _empty_matches()
+        keep &= to_dist(d1) < ratio * to_dist(d2)
+    if mutual:
+        keep &= best_q_for_db[nn1] == np.arange(nn1.shape[0])
+    q_idx = np.flatnonzero(keep).astype(np.int64)
+    return q_idx, nn1[q_idx]
+
+
 def find_putative_matches(
     query_descriptors: np.ndarray,
     db_descriptors: np.ndarray,
@@ -179,37 +274,273 @@ def find_putative_matches(
         DescriptorMismatchError: shapes/dimensions are not comparable.
         ValueError: binary descriptors that are not uint8.
     """
-    query, db = _check_pair(query_descriptors, db_descriptors, "descriptor")
-    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    if query.size == 0 or db.size == 0:
-        return empty
-    if binary:
-        if query.dtype != np.uint8 or db.dtype != np.uint8:
-            raise ValueError(
-                f"binary descriptors must be packed uint8 (np.packbits), got "
-                f"{query.dtype} and {db.dtype}."
-            )
-        num_bits = query.shape[1] * BITS_PER_BYTE
-        # Hamming distances play the role of squared L2 distances.
-        sq_threshold = None if threshold is None else hamming_threshold_from_l2(threshold, num_bits)
-        to_dist = np.asarray
-    else:
-        sq_threshold = None if threshold is None else float(threshold) ** 2
-        to_dist = np.sqrt
+    query, db, non_empty = _validated_pair(query_descriptors, db_descriptors, binary)
+    if not non_empty:
+        return _empty_matches()
     nn1, d1, d2, best_q_for_db = _nearest_neighbours(
         query, db, binary, need_second=ratio is not None, need_reverse=mutual
     )
-    keep = np.ones(query.shape[0], dtype=bool)
-    if sq_threshold is not None:
-        keep &= d1 < sq_threshold
-    if ratio is not None:
-        if db.shape[0] < 2:
-            return empty
-        keep &= to_dist(d1) < ratio * to_dist(d2)
+    return _select_matches(
+        nn1, d1, d2, best_q_for_db, db.shape[0],
+        _squared_threshold(threshold, binary, query.shape[1]), mutual, ratio, binary,
+    )
+
+
+@dataclasses.dataclass
+class BatchMatchStats:
+    """Counters filled by :func:`find_putative_matches_batch` (for benchmarks).
+
+    Attributes:
+        pairs: image pairs matched.
+        fallback_pairs: float pairs recomputed by :func:`find_putative_matches`
+            because a decision was within the rounding bound of the batched product.
+    """
+
+    pairs: int = 0
+    fallback_pairs: int = 0
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): relative error bound of an n-term float32 sum."""
+    return n * FLOAT32_UNIT_ROUNDOFF / (1.0 - n * FLOAT32_UNIT_ROUNDOFF)
+
+
+def similarity_error_bound(q_sq_max: float, half_db_sq_max: float, dim: int) -> float:
+    """Bound on |batched - per-pair| float32 similarity ``q.d - |d|^2/2`` of one image pair.
+
+    The per-pair path computes ``fl(fl(q.d) - h)`` (a dim-term BLAS dot, then a
+    subtraction), the batched path the (dim+1)-term dot ``[q, 1].[d, -h]`` with the
+    same float32 ``h = |d|^2 / 2``. Any summation order of an n-term float32 dot is
+    within ``gamma_n * sum_k |a_k b_k|`` of the exact value, and ``sum_k |q_k d_k| <=
+    |q| |d|``, so the two differ by at most ``(gamma_{dim+1} + gamma_dim + 2u) (|q| |d|
+    + h)``; the einsum norms of either path may differ by ``2 gamma_dim`` relative.
+    Multiplied by :data:`ERROR_BOUND_SAFETY` (norms and bounds evaluated in floating
+    point), plus :data:`ERROR_BOUND_ABSOLUTE` for underflow.
+
+    Args:
+        q_sq_max: largest ``|q|^2`` of the query rows.
+        half_db_sq_max: largest ``|d|^2 / 2`` of the database rows.
+        dim: descriptor dimension.
+
+    Returns:
+        The bound (float; NaN or inf for non-finite descriptors).
+    """
+    unit = FLOAT32_UNIT_ROUNDOFF
+    norms = np.sqrt(q_sq_max) * np.sqrt(2.0 * half_db_sq_max)
+    relative = _gamma(dim + 1) + _gamma(dim) + 2.0 * unit
+    bound = relative * (norms + half_db_sq_max) + 2.0 * _gamma(dim) * half_db_sq_max
+    return float(ERROR_BOUND_SAFETY * bound + ERROR_BOUND_ABSOLUTE)
+
+
+# Tri-state of a certified decision.
+_FALSE, _TRUE, _UNSURE = 0, 1, 2
+
+
+def _tri_state(certainly_true: np.ndarray, certainly_false: np.ndarray) -> np.ndarray:
+    """int8 [N]: _TRUE / _FALSE where certain, _UNSURE elsewhere (also for NaN)."""
+    state = np.full(certainly_true.shape, _UNSURE, dtype=np.int8)
+    state[certainly_false] = _FALSE
+    state[certainly_true & ~certainly_false] = _TRUE
+    return state
+
+
+def _tri_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Three-valued AND: false if either is false, true if both are true, else unsure."""
+    out = np.where((a == _TRUE) & (b == _TRUE), _TRUE, _UNSURE).astype(np.int8)
+    out[(a == _FALSE) | (b == _FALSE)] = _FALSE
+    return out
+
+
+def _sq_distance_bounds(
+    q_sq: np.ndarray, sim: np.ndarray, err: float, dim: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Interval of the per-pair path's ``max(fl32(|q|^2 - 2 s), 0)`` when |s - sim| <= err."""
+    q_sq = q_sq.astype(np.float64)
+    sim = sim.astype(np.float64)
+    q_sq_slack = 2.0 * _gamma(dim) * np.abs(q_sq)
+    # float32 rounding of the per-pair subtraction (u |y|) and float64 evaluation here.
+    pad = 2.0 * FLOAT32_UNIT_ROUNDOFF * (np.abs(q_sq) + 2.0 * np.abs(sim) + 2.0 * err)
+    with np.errstate(invalid="ignore"):
+        low = q_sq - q_sq_slack - 2.0 * (sim + err) - pad
+        high = q_sq + q_sq_slack - 2.0 * (sim - err) + pad
+    return np.maximum(low, 0.0), np.maximum(high, 0.0)
+
+
+def _certified_float_matches(
+    q_aug: np.ndarray,
+    q_sq: np.ndarray,
+    db: np.ndarray,
+    sq_threshold: Optional[float],
+    mutual: bool,
+    ratio: Optional[float],
+    workspace: List[np.ndarray],
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Putative matches of one float pair from ``[q, 1] @ [d, -|d|^2/2].T``, or None.
+
+    Every decision of :func:`find_putative_matches` (nearest neighbour, its
+    distance against the strict threshold, the ratio test, the reverse nearest
+    neighbour) is taken only where it holds for every similarity within
+    :func:`similarity_error_bound` of the batched one, hence also for the
+    per-pair path's own float32 values. None when some decision is not certain
+    (near-ties, e.g. duplicated descriptors, values at the threshold, NaN): the
+    caller then runs the per-pair function. ``workspace`` holds one reusable
+    float32 buffer for the similarities (grown when needed).
+    """
+    nq, dim = q_aug.shape[0], q_aug.shape[1] - 1
+    d, half_db_sq = _prepare_db(db, binary=False)
+    nd = d.shape[0]
+    if ratio is not None and nd < 2:
+        return _empty_matches()
+    if mutual and nq * nd > MAX_DISTANCE_MATRIX_ENTRIES:
+        return None  # the reverse test needs whole columns: per-pair path.
+    err = similarity_error_bound(float(q_sq.max()), float(half_db_sq.max()), dim)
+    d_aug = np.empty((nd, dim + 1), dtype=np.float32)
+    d_aug[:, :dim] = d
+    d_aug[:, dim] = -half_db_sq
+    chunk = max(1, MAX_DISTANCE_MATRIX_ENTRIES // nd)
+    if workspace[0].size < min(chunk, nq) * nd:
+        workspace[0] = np.empty(min(chunk, nq) * nd, dtype=np.float32)
+    nn1 = np.empty(nq, dtype=np.int64)
+    best = np.empty(nq, dtype=np.float32)
+    second = np.full(nq, -np.inf, dtype=np.float32)
+    state = np.empty(nq, dtype=np.int8)
+    sim = None
+    for start in range(0, nq, chunk):
+        stop = min(start + chunk, nq)
+        sim = workspace[0][: (stop - start) * nd].reshape(stop - start, nd)
+        np.matmul(q_aug[start:stop], d_aug.T, out=sim)  # [c, nd] ~ q.d - |d|^2/2
+        rows = np.arange(stop - start)
+        idx = np.argmax(sim, axis=1)
+        nn1[start:stop] = idx
+        best[start:stop] = sim[rows, idx]
+        d1_low, d1_high = _sq_distance_bounds(q_sq[start:stop], best[start:stop], err, dim)
+        part = np.full(stop - start, _TRUE, dtype=np.int8)
+        if sq_threshold is not None:
+            part = _tri_state(d1_high < sq_threshold, d1_low >= sq_threshold)
+        # The second best: for the ratio test of every row, else to certify the
+        # nearest neighbour of the rows that may be kept.
+        if nd > 1 and ratio is not None:
+            sim[rows, idx] = -np.inf
+            second[start:stop] = sim.max(axis=1)
+            sim[rows, idx] = best[start:stop]
+        elif nd > 1:
+            cand = np.flatnonzero(part != _FALSE)
+            others = sim[cand]
+            others[np.arange(cand.size), idx[cand]] = -np.inf
+            second[start + cand] = others.max(axis=1)
+        if ratio is not None:
+            d2_low, d2_high = _sq_distance_bounds(
+                q_sq[start:stop], second[start:stop], err, dim
+            )
+            rel = 4.0 * np.finfo(np.float64).eps
+            with np.errstate(invalid="ignore"):
+                lhs_low, lhs_high = np.sqrt(d1_low) * (1 - rel), np.sqrt(d1_high) * (1 + rel)
+                rhs_a, rhs_b = ratio * np.sqrt(d2_low), ratio * np.sqrt(d2_high)
+                rhs_low = np.minimum(rhs_a, rhs_b)
+                rhs_high = np.maximum(rhs_a, rhs_b)
+                rhs_low = rhs_low - rel * np.abs(rhs_low)
+                rhs_high = rhs_high + rel * np.abs(rhs_high)
+            part = _tri_and(part, _tri_state(lhs_high < rhs_low, lhs_low >= rhs_high))
+        # Rows that may be kept need a certain nearest neighbour.
+        open_rows = part != _FALSE
+        gap_ok = best[start:stop].astype(np.float64) - second[start:stop] > 2.0 * err
+        part[open_rows & ~gap_ok] = _UNSURE
+        if np.any(part == _UNSURE):
+            return None
+        state[start:stop] = part
     if mutual:
-        keep &= best_q_for_db[nn1] == np.arange(query.shape[0])
-    q_idx = np.flatnonzero(keep).astype(np.int64)
+        open_rows = np.flatnonzero(state != _FALSE)
+        if open_rows.size:
+            # Single chunk (checked above): ``sim`` holds every row.
+            cols, pos = np.unique(nn1[open_rows], return_inverse=True)
+            block = sim[:, cols]
+            top_row = np.argmax(block, axis=0)
+            top = block[top_row, np.arange(cols.size)]
+            block[top_row, np.arange(cols.size)] = -np.inf
+            runner_up = block.max(axis=0) if nq > 1 else np.full(cols.size, -np.inf)
+            other = np.where(top_row[pos] == open_rows, runner_up[pos], top[pos])
+            mine = best[open_rows].astype(np.float64)
+            mutual_state = _tri_state(mine - other > 2.0 * err, other - mine > 2.0 * err)
+            if np.any(mutual_state == _UNSURE):
+                return None
+            state[open_rows] = mutual_state
+    q_idx = np.flatnonzero(state == _TRUE).astype(np.int64)
     return q_idx, nn1[q_idx]
+
+
+def find_putative_matches_batch(
+    query_descriptors: np.ndarray,
+    db_descriptors: Sequence[np.ndarray],
+    threshold: Optional[float] = DEFAULT_DESCRIPTOR_THRESHOLD,
+    mutual: bool = False,
+    ratio: Optional[float] = None,
+    binary: bool = False,
+    stats: Optional[BatchMatchStats] = None,
+) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """:func:`find_putative_matches` of one query against many database images.
+
+    Gives exactly the per-pair function's arrays for every image. The query is
+    prepared once. Float descriptors: each image costs one float32 product
+    ``[q, 1] @ [d, -|d|^2/2].T`` (no separate subtraction pass) and one argmax
+    pass; since that product rounds differently from the per-pair one, every
+    decision is certified against :func:`similarity_error_bound`, and an image
+    with an uncertain decision (a near-tie such as duplicated descriptors, a
+    distance at the threshold) is recomputed by the per-pair function. Binary
+    descriptors: ±1 products are exact integers in float32 whatever the
+    summation order, so the per-pair computation runs with the query unpacked
+    once. Memory: like the per-pair function, at most
+    :data:`MAX_DISTANCE_MATRIX_ENTRIES` similarities at once.
+
+    Args:
+        query_descriptors: as in :func:`find_putative_matches`.
+        db_descriptors: sequence of database descriptor arrays (one per image).
+        threshold, mutual, ratio, binary: as in :func:`find_putative_matches`.
+        stats: optional counters, incremented (pairs, per-pair fallbacks).
+
+    Returns:
+        One (query_idx, db_idx) pair of int64 arrays per database image.
+
+    Raises:
+        DescriptorMismatchError, ValueError: as :func:`find_putative_matches`,
+            for the first offending image.
+    """
+    pairs = [_validated_pair(query_descriptors, db, binary) for db in db_descriptors]
+    if stats is not None:
+        stats.pairs += len(pairs)
+    results = [_empty_matches() for _ in pairs]
+    todo = [k for k, (_, _, non_empty) in enumerate(pairs) if non_empty]
+    if not todo:
+        return results
+    query = pairs[todo[0]][0]
+    sq_threshold = _squared_threshold(threshold, binary, query.shape[1])
+    q, q_offset = _prepare_query(query, binary)
+    if binary:
+        for k in todo:
+            db = pairs[k][1]
+            d, half_db_sq = _prepare_db(db, binary=True)
+            nn1, d1, d2, best_q_for_db = _nearest_neighbours_prepared(
+                q, q_offset, d, half_db_sq, True, ratio is not None, mutual
+            )
+            results[k] = _select_matches(
+                nn1, d1, d2, best_q_for_db, db.shape[0], sq_threshold, mutual, ratio, True
+            )
+        return results
+    q_aug = np.empty((q.shape[0], q.shape[1] + 1), dtype=np.float32)
+    q_aug[:, :-1] = q
+    q_aug[:, -1] = 1.0
+    workspace = [np.empty(0, dtype=np.float32)]
+    for k in todo:
+        got = _certified_float_matches(
+            q_aug, q_offset, pairs[k][1], sq_threshold, mutual, ratio, workspace
+        )
+        if got is None:
+            if stats is not None:
+                stats.fallback_pairs += 1
+            got = find_putative_matches(
+                query, pairs[k][1], threshold=threshold, mutual=mutual, ratio=ratio
+            )
+        results[k] = got
+    return results
 
 
 def find_putative_matches_kdtree(
