@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
+from delg_tf.extraction import binarize
 from delg_tf.matching import synthetic as syn
+from delg_tf.matching.features import LocalFeatures
+from delg_tf.matching.pair import MatchingConfig, match_pair
 from delg_tf.retrieval import rerank as rr
 
 NUM_FEATURES = 300
@@ -71,3 +74,52 @@ def test_rerank_all_revisitop_layout(shortlist):
         assert set(out[:3, q].tolist()) == set(np.flatnonzero(is_pos).tolist())
     with pytest.raises(ValueError, match="num_queries=1"):
         rr.Reranker().rerank_all(ranks, [query], feats)
+
+
+def _with_small_images(query, feats):
+    """The shortlist plus an empty image and a 1-feature image."""
+    dim = query.descriptors.shape[1]
+    empty = LocalFeatures(np.zeros((0, 2)), np.zeros((0, dim), dtype=query.descriptors.dtype))
+    single = LocalFeatures(feats[0].keypoints[:1], feats[0].descriptors[:1])
+    return list(feats) + [empty, single]
+
+
+def _binary(features):
+    return LocalFeatures(features.keypoints, binarize.pack_binary(features.descriptors))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MatchingConfig(),
+        MatchingConfig(mutual_nearest=True),
+        MatchingConfig(use_ratio_test=True, ratio_test_threshold=0.9),
+        MatchingConfig(min_inliers=20, seed=7),
+        MatchingConfig(binary_descriptors=True, descriptor_threshold=1.1),
+    ],
+    ids=["default", "mutual", "ratio", "min_inliers", "binary"],
+)
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_batched_inliers_and_ranking_equal_match_pair(shortlist, config, num_workers):
+    query, pairs, _ = shortlist
+    feats = _with_small_images(query, [p.features for p in pairs])
+    if config.binary_descriptors:
+        query, feats = _binary(query), [_binary(f) for f in feats]
+    ids = np.arange(len(feats))
+    reference = np.array([match_pair(query, f, config).num_inliers for f in feats])
+    assert reference.max() > 0
+    scores = np.random.default_rng(0).permutation(len(feats)).astype(float)
+    with rr.Reranker(config, shortlist_size=len(feats), num_workers=num_workers) as reranker:
+        np.testing.assert_array_equal(reranker.count_inliers(query, feats, ids), reference)
+        res = reranker.rerank_query(query, ids[::-1], lambda i: feats[i], scores[::-1])
+    np.testing.assert_array_equal(res.num_inliers, reference[::-1])
+    np.testing.assert_array_equal(
+        res.ranking, ids[::-1][rr.rerank_order(reference[::-1], scores[::-1])]
+    )
+
+
+def test_count_inliers_empty_shortlist(shortlist):
+    query, pairs, _ = shortlist
+    with rr.Reranker(num_workers=2) as reranker:
+        got = reranker.count_inliers(query, [p.features for p in pairs], [])
+    assert got.shape == (0,) and got.dtype == np.int64

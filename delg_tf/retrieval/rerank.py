@@ -8,6 +8,11 @@ pair and its parameters (App. B) are in :mod:`delg_tf.matching.pair`.
 
 Pairs are verified in a thread pool: numpy's matrix product and pycolmap's
 RANSAC both release the GIL, so threads use all cores without pickling features.
+Each pool task takes a group of shortlist images: it loads their features,
+finds the putative matches of the whole group against the query at once
+(:func:`delg_tf.matching.correspondences.find_putative_matches_batch`, the same
+matches as :func:`delg_tf.matching.pair.match_pair`), then runs the RANSAC of
+each pair, so at most one group's features per worker are held in memory.
 While the pool runs, the BLAS library is limited to one thread per worker
 (:func:`delg_tf.matching.pair.limit_blas_threads`; measured in ``bench/rerank.py``).
 """
@@ -20,11 +25,15 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from delg_tf.matching import correspondences as corr
 from delg_tf.matching.features import LocalFeatures
-from delg_tf.matching.pair import MatchingConfig, limit_blas_threads, match_pair
+from delg_tf.matching.pair import MatchingConfig, limit_blas_threads
 
 DEFAULT_SHORTLIST_SIZE = 100  # paper Sec. 4.1.
 DEFAULT_NUM_WORKERS = 2
+# Pool tasks per worker in count_inliers (groups of shortlist images): several, so that
+# slow pairs (many putative matches) balance out across workers.
+TASKS_PER_WORKER = 4
 
 
 def rerank_order(num_inliers: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
@@ -115,6 +124,11 @@ class Reranker:
     ) -> np.ndarray:
         """Inlier counts of ``query`` against each database image in ``db_ids``.
 
+        The same counts as ``match_pair(query, db, config).num_inliers`` for each
+        image: the putative matches of a group of images come from one
+        :func:`~delg_tf.matching.correspondences.find_putative_matches_batch` call
+        (identical arrays), then each pair runs the same RANSAC and ``min_inliers`` rule.
+
         Args:
             query: query local features.
             db_features: sequence indexed by db id, or a callable ``id -> LocalFeatures``.
@@ -124,10 +138,37 @@ class Reranker:
             int64 [len(db_ids)].
         """
         get = db_features if callable(db_features) else db_features.__getitem__
-        return np.asarray(
-            self._map(lambda i: match_pair(query, get(int(i)), self.config).num_inliers, db_ids),
-            dtype=np.int64,
-        ).reshape(-1)
+        ids = [int(i) for i in db_ids]
+        num_tasks = max(1, min(len(ids), self.num_workers * TASKS_PER_WORKER))
+        groups = [g.tolist() for g in np.array_split(np.asarray(ids, dtype=np.int64), num_tasks)]
+        counts = self._map(lambda group: self._count_group(query, [get(i) for i in group]), groups)
+        return np.asarray([c for group in counts for c in group], dtype=np.int64).reshape(-1)
+
+    def _count_group(self, query: LocalFeatures, feats: Sequence[LocalFeatures]) -> list:
+        """Inlier counts of one group of database images (one pool task)."""
+        from delg_tf.matching import colmap_ransac
+
+        config = self.config
+        matches = corr.find_putative_matches_batch(
+            query.descriptors,
+            [f.descriptors for f in feats],
+            threshold=None if config.use_ratio_test else config.descriptor_threshold,
+            ratio=config.ratio_test_threshold if config.use_ratio_test else None,
+            mutual=config.mutual_nearest,
+            binary=config.binary_descriptors,
+        )
+        counts = []
+        for db, (q_idx, d_idx) in zip(feats, matches):
+            # As match_pair: fit database -> query locations; below min_inliers scores 0.
+            res = colmap_ransac.estimate_affine_ransac(
+                db.keypoints[d_idx],
+                query.keypoints[q_idx],
+                residual_threshold=config.ransac_residual_threshold,
+                iterations=config.ransac_iterations,
+                seed=config.seed,
+            )
+            counts.append(res.num_inliers if res.num_inliers >= config.min_inliers else 0)
+        return counts
 
     def rerank_query(
         self,
