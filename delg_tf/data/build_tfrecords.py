@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delg_tf import atomic
 from delg_tf.data.errors import DataError, ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -291,14 +292,12 @@ def write_split(split, records, output_directory, num_shards):
     for shard in range(num_shards):
         path = os.path.join(output_directory,
                             gldv2.shard_name(split, shard, num_shards))
-        tmp = path + ".tmp"
-        with tf.io.TFRecordWriter(tmp) as writer:
+        with atomic.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
             for image_id, encoded, height, width, label in records[
                     spacing[shard]:spacing[shard + 1]]:
                 example = gldv2.make_example(image_id, encoded, height, width,
                                              label)
                 writer.write(example.SerializeToString())
-        os.replace(tmp, path)
         paths.append(path)
     logger.info("wrote %d %s records in %d shards", len(records), split,
                 num_shards)
@@ -475,10 +474,8 @@ def build_tfrecords(config):
         # Relative to the output directory, so the folder can be moved.
         summary[f"{split}_files"] = f"{split}-*-of-{config.num_shards:05d}"
     summary["config"] = _config_key(config)
-    tmp = output / "build_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True),
-                   encoding="utf-8")
-    os.replace(tmp, output / "build_summary.json")
+    atomic.write_json_atomic(summary, output / "build_summary.json", indent=1,
+                             sort_keys=True)
     logger.info("TFRecords ready in %s: %s", output, summary)
     return output
 

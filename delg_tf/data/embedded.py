@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from delg_tf import atomic
 from delg_tf.data.embedded_render import (apply_photometric, sample_photometric,
                                           warp_view)
 from delg_tf.data.errors import DataError
@@ -484,13 +485,6 @@ def _save_jpeg(array, path, quality):
     Image.fromarray(array).save(path, format="JPEG", quality=quality)
 
 
-def _write_json(obj, path):
-    tmp = Path(str(path) + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _read_manifest(paths):
     try:
         with open(paths.manifest, encoding="utf-8") as f:
@@ -587,7 +581,7 @@ def _render_all(tmp_paths, params):
         "sources": sources_meta,
         "images": images_meta,
     }
-    _write_json(meta, tmp_paths.transforms)
+    atomic.write_json_atomic(meta, tmp_paths.transforms, indent=1, sort_keys=True)
     counts = {"train": len(train), "query": len(query_names),
               "database": len(db_names),
               "landmarks": params["num_landmarks"],
@@ -671,8 +665,9 @@ def build_embedded_dataset(root=None, preset="default", seed=None,
     logger.info("building the embedded dataset at %s (%s)", root, params)
     try:
         counts = _render_all(tmp_paths, params)
-        _write_json({"format_version": FORMAT_VERSION, "params": params,
-                     "counts": counts}, tmp_paths.manifest)
+        atomic.write_json_atomic({"format_version": FORMAT_VERSION, "params": params,
+                                  "counts": counts}, tmp_paths.manifest, indent=1,
+                                 sort_keys=True)
         try:
             os.rename(tmp_root, root)
         except OSError:

@@ -16,14 +16,13 @@ image names from a list file may be absolute or hold `..`, and must never put a
 file outside `<folder>` (see `relative_output_path` and `official_file_bases`).
 """
 
-import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from delg_tf.atomic import write_bytes_atomic
 from delg_tf.protos import datum_pb2, feature_pb2
 
 DELF_EXTENSION = ".delf"
@@ -142,23 +141,9 @@ def datum_to_array(datum):
     return values.reshape(tuple(datum.shape.dim))
 
 
-def _write_atomic(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_datum(path, array):
     """Writes a `.delg_global` (or any DatumProto) file."""
-    _write_atomic(path, array_to_datum(array).SerializeToString())
+    write_bytes_atomic(path, array_to_datum(array).SerializeToString(), parents=True)
 
 
 def read_datum(path):
@@ -218,7 +203,7 @@ def delf_features_to_arrays(features):
 def write_delf(path, locations, scales, descriptors, attention, orientations=None):
     """Writes a `.delf` file (official `feature_io.WriteToFile` format)."""
     features = arrays_to_delf_features(locations, scales, descriptors, attention, orientations)
-    _write_atomic(path, features.SerializeToString())
+    write_bytes_atomic(path, features.SerializeToString(), parents=True)
 
 
 def read_delf(path):

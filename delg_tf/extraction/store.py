@@ -33,7 +33,6 @@ rows for evaluation, re-ranking and the demo.
 
 import collections
 import glob
-import os
 import re
 import threading
 from pathlib import Path
@@ -41,11 +40,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from delg_tf import atomic
 from delg_tf.extraction import binarize
 
 FORMAT_VERSION = 1
 PART_PATTERN = re.compile(r"^part-(\d{6})\.h5$")
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = atomic.TMP_SUFFIX  # temporary files of `delg_tf.atomic` end so.
 DEFAULT_FLUSH_EVERY = 64
 LOCAL_DATASETS = ("locations", "descriptors", "descriptors_binary", "scores", "scales")
 REQUIRED_DATASETS = ("names", "image_shapes", "local_offsets")
@@ -105,9 +105,7 @@ def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
 
 
 def _write_h5_atomic(path, arrays, attrs):
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with h5py.File(tmp, "w") as f:
+    with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key, value in arrays.items():
             if key == "names":
                 f.create_dataset(key, data=value.astype(object), dtype=STRING_DTYPE)
@@ -115,9 +113,6 @@ def _write_h5_atomic(path, arrays, attrs):
                 f.create_dataset(key, data=value)
         for key, value in attrs.items():
             f.attrs[key] = value
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _open_h5(path):

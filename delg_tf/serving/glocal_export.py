@@ -33,8 +33,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from delg_tf import atomic
 from delg_tf.extraction.config import ASSETS_EXTRA_DIR
-from delg_tf.serving import atomic
 
 EMBEDDING_KEY = "embedding"
 RGB_CHANNELS = 3
