@@ -429,25 +429,89 @@ class GlocalModel(keras.Model):
 
     # ----------------------------------------------------------- train and test
     def train_step(self, data):
-        """One step on (images float [B, H, W, 3] in [0, 255], labels int [B])."""
+        """One step on (images float [B, H, W, 3] in [0, 255], labels int [B]).
+
+        Under a strategy with R > 1 replicas (B = the replica's share of the global
+        batch) the step is the global batch's, as on one device:
+
+        * L_M (proxy-anchor) is not a per-example mean: it is computed on the
+          embeddings and labels all-gathered from every replica. Each replica
+          differentiates L_M / R; the gather's gradient sums the replicas' upstream
+          gradients, so a replica gets dL_M for its own embeddings and dL_M / R for
+          the proxies, and the optimizers' all-reduce sum gives the global gradient;
+        * L_A (auxiliary cross-entropy) is a batch mean: a replica contributes its mean
+          x B / global batch;
+        * value clipping applies to the global gradient: all-reduced here, clipped and
+          divided by R before the optimizers sum it over the replicas again (one more
+          all-reduce per step when `gradient_clip_value` > 0).
+
+        BatchNormalization layers use per-replica batch statistics.
+
+        Returns:
+          The replica's dict of `compute_losses` (loss, metric_loss, aux_loss,
+          aux_weight); its MEAN over the replicas is the global batch's (metric_loss
+          is the global value on every replica, aux_loss the replica's mean).
+        """
         if self.proxy_optimizer is None:
             raise RuntimeError("GlocalModel.train_step needs compile(optimizer=...) first; it "
                                "also creates the proxies' optimizer.")
         images, labels = data[0], data[1]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         network_variables = [v for v in self.trainable_variables if v is not self.proxies]
+        all_labels = None
+        if replicas > 1:
+            all_labels = tf.distribute.get_replica_context().all_gather(
+                tf.convert_to_tensor(labels), axis=0)
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(images, labels, training=True)
-            # Optimizers sum gradients over replicas; the loss is a batch-level loss.
-            scaled = losses["loss"] / tf.cast(replicas, losses["loss"].dtype)
-        gradients = tape.gradient(scaled, network_variables + [self.proxies])
-        clip = self.config.gradient_clip_value
-        if clip > 0:
-            gradients = [None if g is None else tf.clip_by_value(g, -clip, clip)
-                         for g in gradients]
+            if replicas == 1:
+                losses = self.compute_losses(images, labels, training=True)
+                share = losses["loss"]
+            else:
+                losses, share = self._replica_losses(images, labels, all_labels, replicas)
+        gradients = tape.gradient(share, network_variables + [self.proxies])
+        gradients = self._clipped_gradients(gradients, replicas)
         self.optimizer.apply_gradients(zip(gradients[:-1], network_variables))
         self.proxy_optimizer.apply_gradients([(gradients[-1], self.proxies)])
         return losses
+
+    def _replica_losses(self, images, labels, all_labels, replicas):
+        """(global-batch losses as in `compute_losses`, this replica's share of the loss
+        to differentiate), in a replica context (see `train_step`)."""
+        cfg = self.config
+        embedding, logits = self._forward(images, training=True)
+        all_embeddings = tf.distribute.get_replica_context().all_gather(embedding, axis=0)
+        metric_loss = proxy_anchor_loss(all_embeddings, all_labels, self.proxies,
+                                        cfg.proxy_alpha, cfg.proxy_margin)
+        weight = self.aux_loss_weight(self.optimizer.iterations)
+        if logits is not None:
+            aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing,
+                                              cfg.temperature)
+        else:
+            aux_loss = tf.constant(0.0)
+        batch_share = (tf.cast(tf.shape(embedding)[0], metric_loss.dtype)
+                       / tf.cast(tf.shape(all_embeddings)[0], metric_loss.dtype))
+        share = (metric_loss / tf.cast(replicas, metric_loss.dtype)
+                 + weight * aux_loss * batch_share)
+        losses = {"loss": metric_loss + weight * aux_loss, "metric_loss": metric_loss,
+                  "aux_loss": aux_loss, "aux_weight": weight}
+        return losses, share
+
+    def _clipped_gradients(self, gradients, replicas):
+        """Clips the global gradient's values to +-gradient_clip_value (see `train_step`);
+        with R > 1 replicas returns clip(all-reduced gradient) / R."""
+        clip = self.config.gradient_clip_value
+        if clip <= 0:
+            return gradients
+        if replicas == 1:
+            return [None if g is None else tf.clip_by_value(g, -clip, clip)
+                    for g in gradients]
+        present = [i for i, g in enumerate(gradients) if g is not None]
+        summed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [gradients[i] for i in present])
+        clipped = list(gradients)
+        for i, gradient in zip(present, summed):
+            clipped[i] = tf.clip_by_value(gradient, -clip, clip) / replicas
+        return clipped
 
     def test_step(self, data):
         """Validation losses on (images, labels); Recall@K needs the whole set, see
