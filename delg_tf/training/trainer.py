@@ -26,10 +26,18 @@ Layout of `logdir` (its record and checkpoints are read back by
 
 The optimizer and learning-rate schedule come from `delg_tf.training.optimization`,
 the strategy and runtime settings from `delg_tf.training.runtime`.
+
+Multi-worker runs (`--strategy=multi_worker`): every worker reads the whole input
+pipeline and keeps its replicas' slices of each global batch (tf.data DATA sharding),
+so the global batches are those of a single-process run with the same flags; every
+worker must see the same --logdir (a shared folder), from which all of them resume;
+only the chief writes into it. A lost worker stops the others with `WorkerLostError`.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -39,13 +47,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from delg_tf.training import config as config_lib
 from delg_tf.training.config import ConfigError, TrainConfig
 from delg_tf.training.optimization import make_learning_rate_schedule, make_optimizer
 from delg_tf.training.runs import check_resume_config, checkpoint_step, write_config_files
-from delg_tf.training.runtime import configure_runtime, is_chief, make_strategy
+from delg_tf.training.runtime import (COLLECTIVE_FAILURES, configure_runtime,
+                                      describe_collective_failure, is_chief, is_multi_worker,
+                                      make_strategy, make_worker_scratch_dir, task_name)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,8 @@ SCALARS_PLUGIN_NAME = "scalars"
 # Added to the data seed per resumed step when the iterator position is not
 # checkpointed, so that a resumed run does not replay the first batches.
 RESEED_MULTIPLIER = 1_000_003
+# Hex digits of the weights digest logged at the end of a run.
+WEIGHTS_DIGEST_CHARS = 16
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +83,11 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or Inf; nothing was saved from that state."""
+
+
+class WorkerLostError(TrainingError):
+    """A worker of a multi-worker run died or stopped answering; every worker must be
+    restarted (they resume from the chief's last checkpoint)."""
 
 
 # --------------------------------------------------------------------------
@@ -280,6 +298,8 @@ def train(config: TrainConfig, model_config=None, *,
         ConfigError: bad config or a resumed logdir with another config.
         DataError: missing or empty data.
         NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+        WorkerLostError: a worker of a multi-worker run died or froze.
+        TrainingError: the workers of a multi-worker run resume from different steps.
     """
     config.validate()
     configure_runtime(config)
@@ -290,9 +310,17 @@ def train(config: TrainConfig, model_config=None, *,
         raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the "
                           f"{replicas} replicas of --strategy={config.strategy}.")
     chief = is_chief(strategy)
-    # Non-chief workers of a multi-worker run write to a scratch folder.
-    write_dir = logdir if chief else logdir / f".worker-{os.getpid()}"
-    write_dir.mkdir(parents=True, exist_ok=True)
+    multi_worker = is_multi_worker(strategy)
+    if chief:
+        write_dir = logdir
+        write_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        # Non-chief workers save too (saving may run collective ops), outside --logdir.
+        write_dir = Path(make_worker_scratch_dir(strategy))
+        atexit.register(shutil.rmtree, write_dir, ignore_errors=True)
+        logger.info("%s is not the chief: it reads --logdir=%s and saves its checkpoints "
+                    "to the scratch folder %s (deleted at the end)", task_name(strategy),
+                    logdir, write_dir)
 
     latest = tf.train.latest_checkpoint(str(logdir))
     resumed_step = 0
@@ -341,7 +369,7 @@ def train(config: TrainConfig, model_config=None, *,
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-    train_iterator = iter(strategy.experimental_distribute_dataset(data.train))
+    train_iterator = iter(_distribute(strategy, data.train))
     objects = {"model": model, "optimizer": optimizer, "step": step}
     if iterator_trackable:
         objects[ITERATOR_CHECKPOINT_NAME] = train_iterator
@@ -366,6 +394,11 @@ def train(config: TrainConfig, model_config=None, *,
         elif model_fn is not None or "imagenet_weights" not in _config_fields(model_config):
             _load_imagenet_weights(model, config.imagenet_weights)
 
+    if multi_worker:
+        try:
+            _check_workers_agree(strategy, step, logdir)
+        except COLLECTIVE_FAILURES as e:
+            raise _worker_lost_error(e, strategy, logdir, int(step.numpy())) from e
     start_step = int(step.numpy())
     if start_step >= config.max_iters:
         logger.info("already trained to step %d >= --max_iters=%d: nothing to do",
@@ -432,14 +465,69 @@ def train(config: TrainConfig, model_config=None, *,
             if current % config.checkpoint_interval == 0 or current == config.max_iters:
                 last_saved = manager.save(checkpoint_number=current)
                 logger.info("saved checkpoint %s", last_saved)
+    except COLLECTIVE_FAILURES as e:
+        if not multi_worker:
+            raise
+        raise _worker_lost_error(e, strategy, logdir, current) from e
     finally:
         for writer in (train_writer, validation_writer):
             if writer is not None:
                 writer.close()
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+    task = task_name(strategy)
+    logger.info("model weights at step %d: sha256 %s (%d variables)%s", current,
+                weights_digest(model), len(model.weights), f" on {task}" if task else "")
     logger.info("training finished at step %d; checkpoints in %s", current, logdir)
     return logdir
+
+
+def weights_digest(model) -> str:
+    """The first hex digits of the SHA-256 of the model's weights (paths, shapes, dtypes
+    and bytes, in order): the same on every worker of a multi-worker run."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{weight.path}:{value.shape}:{value.dtype};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:WEIGHTS_DIGEST_CHARS]
+
+
+def _distribute(strategy, dataset):
+    """The distributed dataset; across workers sharded by DATA (each worker keeps its
+    replicas' slices of every global batch), so that the global batches do not depend
+    on the number of workers or of files."""
+    if is_multi_worker(strategy):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dataset = dataset.with_options(options)
+    return strategy.experimental_distribute_dataset(dataset)
+
+
+def _check_workers_agree(strategy, step, logdir):
+    """Every worker restored the same step (they read one shared --logdir)."""
+    @tf.function
+    def gather_steps():
+        per_replica = strategy.run(lambda: tf.reshape(tf.identity(step), [1]))
+        return strategy.gather(per_replica, axis=0)
+
+    steps = [int(s) for s in gather_steps().numpy()]
+    if len(set(steps)) > 1:
+        raise TrainingError(
+            f"the workers start from different steps {steps} (one per replica): every "
+            f"worker must read the chief's checkpoints from the same --logdir={logdir} (a "
+            "shared folder or a gs:// path); fix the folder and restart every worker.")
+
+
+def _worker_lost_error(error, strategy, logdir, step) -> WorkerLostError:
+    latest = tf.train.latest_checkpoint(str(logdir))
+    resume = (f"resume from the chief's last checkpoint {latest}" if latest
+              else "start over (no checkpoint was written yet)")
+    return WorkerLostError(
+        f"multi-worker training stopped at step {step} on {task_name(strategy)}: lost "
+        f"{describe_collective_failure(error, strategy)}; restart every worker of "
+        f"TF_CONFIG with the same flags to {resume}.")
 
 
 def _restore(path, model, optimizer, step, iterator):
@@ -460,7 +548,7 @@ def _restore(path, model, optimizer, step, iterator):
 
 def _run_validation(strategy, step_fn, dataset, max_steps, writer, step):
     totals, count = {}, 0
-    for batch in strategy.experimental_distribute_dataset(dataset.take(max_steps)):
+    for batch in _distribute(strategy, dataset.take(max_steps)):
         metrics = step_fn(batch)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + _to_float(v)
