@@ -61,12 +61,11 @@ def main(argv=None):
     ks = tuple(int(k) for k in args.ks.split(",") if k)
 
     from delg_tf import train as train_entry
+    from delg_tf.configs import ConfigError
     from delg_tf.data import cub
     from delg_tf.evaluation import glocal as glocal_eval
     from delg_tf.training import data as training_data
     from delg_tf.training import trainer
-
-    from delg_tf.training.config import ConfigError
 
     try:
         train_config, model_config = train_entry.parse_flags(

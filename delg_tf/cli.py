@@ -1,4 +1,4 @@
-"""One runner for the command-line entry modules (`delg_tf/{export,extract,...}.py`).
+"""The toolkit of the command-line entry modules (`delg_tf/{train,export,extract,...}.py`).
 
 Every entry module does the same: define its absl flags, turn them into a validated
 config, call its library `main`, and report an *expected* failure (bad flag, missing
@@ -7,8 +7,20 @@ exit code and no traceback. Unexpected errors keep their traceback.
 
     from delg_tf import cli as runner
 
+    def _define_flags():
+        return runner.define_config_flags(MyConfig)
+
+    def _config_from_flags(flag_values):
+        return MyConfig(**runner.config_kwargs(MyConfig, flag_values))
+
     def cli():
         runner.run_config_main(_define_flags, _config_from_flags, main)
+
+Flags from a config dataclass (`define_config_flags`): one flag per field, named like
+it, with the field's default and type (bool, int, float, str, list for tuples, JSON
+text for dicts) and, as help, the field's entry in the class docstring's
+`Attributes:` section; `config_kwargs` reads the parsed values back as field values.
+So a config's fields, its flags and their help never drift apart.
 
 `expected_errors` is an exception class, a tuple of classes (all exit
 `EXIT_USAGE_ERROR`), or a sequence of `ErrorRule`s tried in order (first match wins),
@@ -18,9 +30,15 @@ imported modules such as `tf.errors.OpError`).
 """
 
 import dataclasses
+import json
+import re
 import sys
+import typing
 from typing import Callable, Optional, Tuple
 
+from delg_tf.configs import ConfigError
+
+# Exit code of every entry module for bad flags / configs (the one definition).
 EXIT_USAGE_ERROR = 2
 # Bad flag values / configs, missing inputs, outputs that exist without --overwrite.
 DEFAULT_EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
@@ -127,3 +145,202 @@ def run_config_main(define_flags, config_from_flags, main, expected_errors=DEFAU
         return main(config_from_flags(flag_values))
 
     run_main(define_flags, main_from_flags, expected_errors=expected_errors)
+
+
+# --------------------------------------------------------------------------
+# Flags generated from config dataclasses
+# --------------------------------------------------------------------------
+
+_ELEMENT_NAMES = {int: "integers", float: "floats", str: "strings"}
+# `name:` or `name_a / name_b:` opening an entry of a docstring's `Attributes:` section.
+_ATTRIBUTE_LINE = re.compile(r"^(\s+)(\w+(?:\s*/\s*\w+)*):\s*(.*)$")
+
+
+def attribute_docs(cls) -> dict:
+    """{field: text} of the `Attributes:` section of a class docstring.
+
+    An entry is `name: text` (or `name_a / name_b: text`, for both) at the section's
+    indentation; more indented lines continue it (joined with spaces); the section
+    ends at a less indented line (e.g. `Raises:`).
+    """
+    docs, current, indent, in_section = {}, [], None, False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_section = True
+            continue
+        if not in_section or not stripped:
+            continue
+        width = len(line) - len(line.lstrip())
+        match = _ATTRIBUTE_LINE.match(line)
+        if indent is None:
+            if not match:
+                continue
+            indent = width
+        if width < indent:
+            break
+        if match and width == indent:
+            current = [name.strip() for name in match.group(2).split("/")]
+            for name in current:
+                docs[name] = match.group(3).strip()
+        else:
+            for name in current:
+                docs[name] = f"{docs[name]} {stripped}".strip()
+    return docs
+
+
+def _type_hint(cls, field):
+    try:
+        return typing.get_type_hints(cls).get(field.name, field.type)
+    except (NameError, TypeError):
+        return field.type
+
+
+def field_kind(cls, field) -> str:
+    """"bool", "int", "float", "str", "list" (tuples, lists) or "json" (dicts): the flag
+    type of a dataclass field, from its type hint (Optional[X] as X; others "str")."""
+    hint = _type_hint(cls, field)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint) or hint
+    for kind, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)),
+                        ("str", (str,)), ("list", (tuple, list)), ("json", (dict,))):
+        if isinstance(origin, type) and issubclass(origin, types):
+            return kind
+    default = (field.default if field.default is not dataclasses.MISSING else None)
+    if isinstance(default, bool):
+        return "bool"
+    return "str"
+
+
+def list_element_type(cls, field):
+    """Element type of a tuple/list field (`Tuple[int, ...]` -> int; default str)."""
+    hint = _type_hint(cls, field)
+    hint_args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(hint_args) == 1:
+        hint = hint_args[0]
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    return args[0] if args and isinstance(args[0], type) else str
+
+
+def field_default(field):
+    """A dataclass field's default (its factory's value; None when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def format_default(value) -> str:
+    """A default as written on the command line (tuples comma-separated)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def define_flag(flag_values, kind, name, default, help_text, choices=None):
+    """Defines one absl flag of `kind` (see `field_kind`); an enum if `choices`."""
+    from absl import flags
+
+    # Flags defined through this module belong to the entry module calling it (absl's
+    # help lists them under it, and `--help` shows them as its key flags).
+    flags.disclaim_key_flags()
+    if kind == "list" and isinstance(default, (tuple, list)):
+        default = [str(v) for v in default]
+    if choices:
+        flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
+    elif kind == "bool":
+        flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
+    elif kind == "int":
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif kind == "float":
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    elif kind == "list":
+        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+    else:
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+def config_fields(cls, skip=()):
+    """The dataclass fields of `cls` that are flags (all but `skip`)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def define_config_flags(cls, flag_values=None, *, skip=(), choices=None, unset=False):
+    """Defines one flag per field of the dataclass `cls` (see the module docstring).
+
+    Args:
+      cls: a config dataclass whose docstring has an `Attributes:` section.
+      flag_values: absl `FlagValues` to define into (default: the global `FLAGS`).
+      skip: field names without a flag (nested configs, derived values).
+      choices: {field: allowed values}: those flags are enums.
+      unset: every flag defaults to None ("not given": the caller fills in the
+        field's default, or another source's value) and its help ends with
+        `(default <field default>).`
+
+    Returns:
+      `flag_values`.
+    """
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    docs, choices = attribute_docs(cls), choices or {}
+    for field in config_fields(cls, skip):
+        default, help_text = field_default(field), docs.get(field.name, field.name)
+        if unset:
+            help_text = f"{help_text.rstrip('.')} (default {format_default(default)})."
+            default = None
+        define_flag(flag_values, field_kind(cls, field), field.name, default, help_text,
+                    choices.get(field.name))
+    return flag_values
+
+
+def flag_to_field(cls, field, value):
+    """A parsed flag value as the value of `field` of `cls`: a tuple of the field's
+    element type for lists, a dict for JSON text; others as parsed.
+
+    Raises:
+      ConfigError: an element or the JSON text cannot be converted (names the flag).
+    """
+    kind = field_kind(cls, field)
+    if value is None:
+        return None
+    if kind == "list":
+        element = list_element_type(cls, field)
+        try:
+            return tuple(element(v) for v in value)
+        except ValueError as e:
+            plural = _ELEMENT_NAMES.get(element, element.__name__)
+            raise ConfigError(f"--{field.name} must be a comma-separated list of {plural}; "
+                              f"received {value!r}.", field.name) from e
+    if kind == "json":
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"--{field.name} must be a JSON object such as "
+                              f"'{{\"base_width\": 16}}'; received {value!r}.",
+                              field.name) from e
+    return value
+
+
+def config_kwargs(cls, flag_values, *, skip=(), unset=False) -> dict:
+    """{field: value} of the flags of `cls` (see `define_config_flags`).
+
+    Args:
+      cls: the config dataclass.
+      flag_values: parsed absl `FlagValues`.
+      skip: fields without a flag.
+      unset: leave out fields whose flag is None (not given), so that the config (or
+        the caller) keeps its default.
+    """
+    kwargs = {}
+    for field in config_fields(cls, skip):
+        value = flag_to_field(cls, field, getattr(flag_values, field.name))
+        if value is None and unset:
+            continue
+        kwargs[field.name] = value
+    return kwargs

@@ -43,6 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from delg_tf import atomic  # noqa: E402
+from delg_tf.cli import EXIT_USAGE_ERROR  # noqa: E402
+from delg_tf.configs import ConfigError, expect, require  # noqa: E402
 from delg_tf.progress import progress_wrapper  # noqa: E402
 
 DEFAULT_FLAGFILE = "configs/demo.flags"
@@ -80,7 +83,6 @@ THRESHOLD_JSON = "attention_threshold.json"
 MATCHES_PNG = "matches.png"
 GRID_PNG = "ranking_grid.png"
 SAVED_MODEL_FILE = "saved_model.pb"
-EXIT_USAGE_ERROR = 2
 EXIT_RUN_ERROR = 3
 
 
@@ -127,8 +129,7 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not self.output_dir:
-            raise DemoError("--output_dir is required (where the demo writes its outputs).")
+        require(self.output_dir, "output_dir", "where the demo writes its outputs")
         checks = [
             (self.max_feature_num >= 1, "max_feature_num", "an integer >= 1"),
             (self.train_landmarks is None or self.train_landmarks >= 0, "train_landmarks",
@@ -140,9 +141,7 @@ class DemoConfig:
              "a float >= 0 (or unset to use the trained attention median)"),
         ]
         for ok, name, expected in checks:
-            if not ok:
-                raise DemoError(f"--{name} must be {expected}; received "
-                                f"{getattr(self, name)!r}.")
+            expect(ok, name, expected, getattr(self, name))
 
     @property
     def root(self) -> Path:
@@ -558,17 +557,11 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
 # The whole run
 # --------------------------------------------------------------------------
 
-def _write_json_atomic(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. disk full: never leave a partial JSON behind.
-        raise
-    return path
+def _write_json_atomic(obj, path) -> Path:
+    """The demo's JSON files: sorted keys, indent 2, a final newline; written atomically
+    (disk full: no partial JSON is left behind)."""
+    return atomic.write_json_atomic(obj, path, indent=2, sort_keys=True, default=_json_default,
+                                    end="\n", parents=True)
 
 
 def _json_default(value):
@@ -674,8 +667,8 @@ def _config_from_flags(f) -> DemoConfig:
     try:
         scales = None if f.image_scales is None else tuple(float(s) for s in f.image_scales)
     except ValueError as e:
-        raise DemoError(f"--image_scales must be comma-separated floats; received "
-                        f"{f.image_scales}.") from e
+        raise ConfigError(f"--image_scales must be comma-separated floats; received "
+                          f"{f.image_scales}.", "image_scales") from e
     train_flags = tuple(s if s.startswith("--") else f"--{s}" for s in f.train_flags)
     return DemoConfig(output_dir=f.output_dir, flagfile=f.train_flagfile,
                       train_flags=train_flags, score_threshold=f.score_threshold,

@@ -48,19 +48,19 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from delg_tf.configs import ConfigError, expect
 from delg_tf.evaluation.config import (
-    DATASETS,
-    GLDV2_TASKS,
-    GLOCAL_DATASETS,
     GLOCAL_DEFAULT_DATASET,
     GLOCAL_RECALL_KS,
-    MODEL_FAMILIES,
-    SEARCH_METHODS,
-    ConfigError,
     EvaluateConfig,
     EvaluatePaths,
 )
-from delg_tf.matching.pair import MatchingConfig, MatchingConfigError
+from delg_tf.matching.pair import MatchingConfig
+
+# Fields without a flag: the nested matching config (flags of its own fields) and the
+# matching option the evaluation does not expose.
+EVALUATE_NESTED = ("matching",)
+MATCHING_WITHOUT_FLAG = ("mutual_nearest",)
 
 
 def main(config: EvaluateConfig, paths: EvaluatePaths) -> Path:
@@ -207,167 +207,31 @@ def _main_gldv2(paths: EvaluatePaths):
 
 
 def _define_flags():
-    from absl import flags
+    from delg_tf import cli as runner
 
-    d = EvaluateConfig()  # flag defaults = library defaults (paper values).
-    m = d.matching
-
-    flags.DEFINE_string(
-        "gnd_path", None, "Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat."
-    )
-    flags.DEFINE_string(
-        "ranks_path", None, "ranks.npy, int [num_db, num_queries], column q = ranked db indices."
-    )
-    flags.DEFINE_string(
-        "scores_path", None, "scores.npy, float [num_db, num_queries], higher = more similar."
-    )
-    # Strings, not enums: the config validates them (one-line error, exit code 2).
-    flags.DEFINE_string(
-        "dataset", None, f"Dataset evaluated end to end, one of {DATASETS} (default: embedded)."
-    )
-    flags.DEFINE_string(
-        "dataset_dir", None, "Dataset folder: gnd_<dataset>.pkl/.mat and jpg/ (embedded: root)."
-    )
-    flags.DEFINE_string(
-        "embedded_preset", "default", "Preset of the embedded data built without --dataset_dir."
-    )
-    flags.DEFINE_string(
-        "model_family",
-        "delg",
-        f"One of {MODEL_FAMILIES}: delg (retrieval protocols) or glocal (Recall@K on "
-        f"--dataset in {GLOCAL_DATASETS}).",
-    )
-    flags.DEFINE_string(
-        "model_path",
-        None,
-        "SavedModel used to extract features (glocal: a training logdir or an export).",
-    )
-    flags.DEFINE_string("checkpoint", None, "glocal runs: checkpoint prefix (default latest).")
-    flags.DEFINE_integer("batch_size", 32, "glocal: images embedded at once.")
-    flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt used to extract features.")
-    flags.DEFINE_string(
-        "cache_dir", None, "Resumable feature cache (default: <output_json folder>/cache)."
-    )
-    flags.DEFINE_string(
-        "distractor_list", None, "+1M distractor list (paths relative to the jpg folder)."
-    )
-    flags.DEFINE_string(
-        "search_method", d.search_method, f"Global search index, one of {SEARCH_METHODS}."
-    )
-    flags.DEFINE_integer(
-        "top_k",
-        d.top_k,
-        "0: rank the whole database; K > 0: keep the global top K per query (+1M).",
-    )
-    flags.DEFINE_boolean("progress", True, "Show progress bars.")
-    flags.DEFINE_boolean(
-        "replace_stale_cache",
-        False,
-        "Re-extract into --cache_dir when it holds features of another model.",
-    )
-    flags.DEFINE_string("gldv2_solution", None, "GLDv2 solution CSV (retrieval or recognition).")
-    flags.DEFINE_string("gldv2_predictions", None, "GLDv2 submission CSV to score.")
-    flags.DEFINE_string(
-        "gldv2_task", None, f"One of {GLDV2_TASKS}: retrieval (mAP@100), recognition (GAP)."
-    )
-    flags.DEFINE_string("db_features", None, "HDF5 feature store of the database images.")
-    flags.DEFINE_string(
-        "query_features", None, "HDF5 feature store of the queries cropped to their bbx."
-    )
-    flags.DEFINE_boolean(
-        "binary_descriptors",
-        False,
-        "Re-rank with packed-bit local descriptors (DELG*; use --descriptor_threshold=1.1).",
-    )
-    flags.DEFINE_string("output_json", None, "Where to write the metrics JSON.")
-    flags.DEFINE_list("kappas", [str(k) for k in d.kappas], "k values for mP@k.")
-    flags.DEFINE_boolean(
-        "allow_truncated_ranks",
-        False,
-        "Accept rankings with fewer rows than the database (missing = not retrieved).",
-    )
-    flags.DEFINE_integer(
-        "shortlist_size", d.shortlist_size, "Top-k of the global ranking re-ranked (paper: 100)."
-    )
-    flags.DEFINE_float(
-        "descriptor_threshold",
-        m.descriptor_threshold,
-        "Putative match L2 threshold (paper: 1.0; DELG*: 1.1).",
-    )
-    flags.DEFINE_float(
-        "ransac_residual_threshold",
-        m.ransac_residual_threshold,
-        "RANSAC residual threshold in px (paper: 20).",
-    )
-    flags.DEFINE_integer(
-        "ransac_iterations", m.ransac_iterations, "RANSAC iterations (paper: 1000)."
-    )
-    flags.DEFINE_integer(
-        "min_inliers", m.min_inliers, "Minimum inliers to count a match (paper: 0)."
-    )
-    flags.DEFINE_boolean(
-        "use_ratio_test", False, "Select putative matches by Lowe's ratio test instead."
-    )
-    flags.DEFINE_float(
-        "ratio_test_threshold", m.ratio_test_threshold, "Ratio for --use_ratio_test."
-    )
-    flags.DEFINE_integer("num_workers", d.num_workers, "Threads for re-ranking.")
-    flags.DEFINE_integer("seed", m.seed, "RANSAC seed.")
-    return flags.FLAGS
+    # Defaults = library defaults (paper values); strings, not enums: the configs
+    # validate them (one-line error, exit code 2).
+    runner.define_config_flags(EvaluatePaths)
+    runner.define_config_flags(EvaluateConfig, skip=EVALUATE_NESTED)
+    return runner.define_config_flags(MatchingConfig, skip=MATCHING_WITHOUT_FLAG)
 
 
 def _config_from_flags(flag_values):
-    try:
-        kappas = tuple(int(k) for k in flag_values.kappas)
-    except ValueError as e:
-        raise ConfigError(
-            f"--kappas must be a comma-separated list of integers, got {flag_values.kappas}"
-        ) from e
+    from delg_tf import cli as runner
+
     try:
         matching = MatchingConfig(
-            descriptor_threshold=flag_values.descriptor_threshold,
-            ransac_residual_threshold=flag_values.ransac_residual_threshold,
-            ransac_iterations=flag_values.ransac_iterations,
-            min_inliers=flag_values.min_inliers,
-            use_ratio_test=flag_values.use_ratio_test,
-            ratio_test_threshold=flag_values.ratio_test_threshold,
-            binary_descriptors=flag_values.binary_descriptors,
-            seed=flag_values.seed,
+            **runner.config_kwargs(MatchingConfig, flag_values, skip=MATCHING_WITHOUT_FLAG)
         )
-    except MatchingConfigError as e:  # the fields are named like the flags.
-        raise ConfigError(f"--{e.field} must be {e.expected}, got {e.received!r}.") from e
+    except ConfigError as e:  # named as its field: the flag of the same name.
+        if e.field is None:
+            raise
+        expect(False, e.field, e.expected, e.received)
     config = EvaluateConfig(
-        shortlist_size=flag_values.shortlist_size,
         matching=matching,
-        num_workers=flag_values.num_workers,
-        kappas=kappas,
-        allow_truncated_ranks=flag_values.allow_truncated_ranks,
-        search_method=flag_values.search_method,
-        top_k=flag_values.top_k,
+        **runner.config_kwargs(EvaluateConfig, flag_values, skip=EVALUATE_NESTED),
     )
-    paths = EvaluatePaths(
-        gnd_path=flag_values.gnd_path,
-        output_json=flag_values.output_json,
-        ranks_path=flag_values.ranks_path,
-        scores_path=flag_values.scores_path,
-        db_features=flag_values.db_features,
-        query_features=flag_values.query_features,
-        dataset=flag_values.dataset,
-        dataset_dir=flag_values.dataset_dir,
-        model_path=flag_values.model_path,
-        delf_config=flag_values.delf_config,
-        cache_dir=flag_values.cache_dir,
-        distractor_list=flag_values.distractor_list,
-        gldv2_solution=flag_values.gldv2_solution,
-        gldv2_predictions=flag_values.gldv2_predictions,
-        gldv2_task=flag_values.gldv2_task,
-        embedded_preset=flag_values.embedded_preset,
-        progress=flag_values.progress,
-        replace_stale_cache=flag_values.replace_stale_cache,
-        model_family=flag_values.model_family,
-        checkpoint=flag_values.checkpoint,
-        batch_size=flag_values.batch_size,
-    )
+    paths = EvaluatePaths(**runner.config_kwargs(EvaluatePaths, flag_values))
     return config, paths
 
 

@@ -34,8 +34,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from delg_tf.configs import ConfigError, expect, expect_choice, is_int, require
+
 GLOCAL_FAMILY = "glocal"
 NO_RESIZE = 0  # --image_size value: the Glocal export embeds images at their input size.
+# --compute_dtype values (`delg_tf.extraction.folded.COMPUTE_DTYPES`, which imports TF).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Fields of the run config without a flag of their own: the nested extraction config
+# (from --delf_config and the flags of its fields) and the DELG-only flags given.
+NESTED_FIELDS = ("export", "delg_options")
 # Flags that only configure DELG exports (refused for a Glocal run when given).
 DELG_ONLY_FLAGS = ("delf_config", "image_scales", "global_scales_ind", "max_feature_num",
                    "score_threshold", "iou_threshold", "max_image_size", "min_image_size",
@@ -43,31 +50,32 @@ DELG_ONLY_FLAGS = ("delf_config", "image_scales", "global_scales_ind", "max_feat
                    "fold_batch_norm", "compute_dtype")
 
 
-class ExportConfigError(ValueError):
-    """Invalid export configuration."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportRunConfig:
     """Validated configuration of `python -m delg_tf.export`.
 
+    Each attribute but `export` and `delg_options` is the flag of the same name (this
+    section is their help).
+
     Attributes:
-      checkpoint_dir: training logdir with `config.json` and checkpoints.
+      checkpoint_dir: delg_tf.train logdir (config.json + ckpt-N).
       export_path: SavedModel directory to write.
-      checkpoint: optional explicit checkpoint prefix (default: latest in checkpoint_dir).
-      overwrite: replace an existing export.
-      export: `delg_tf.serving.delg_export.ExportConfig` (what is baked in; DELG runs).
-      image_size: Glocal runs: side inputs are resized to; None = the run's training
-        image size, 0 = no resize. Must stay None for DELG runs.
+      export: `delg_tf.extraction.config.ExportConfig` (what is baked in; DELG runs):
+        from --delf_config, then the flags of its fields.
+      checkpoint: Explicit checkpoint prefix (default: the latest in --checkpoint_dir).
+      overwrite: Replace an existing export.
+      image_size: Glocal runs: resize inputs to this side (default: the run's training
+        --image_size; 0 = no resize). Unset for DELG runs.
       delg_options: names of DELG-only flags given on the command line (refused for a
         Glocal run).
-      fold_batch_norm: DELG runs: export the batch-norm-folded graph (faster on CPU,
-        same outputs up to float rounding; `delg_tf.extraction.folded`).
-      compute_dtype: DELG runs: "float32" or "bfloat16" (backbone convolutions;
-        needs fold_batch_norm; outside the official parity tolerances; faster only on
-        CPUs with native bfloat16 -- AVX512_BF16 / AMX-BF16 -- and one warning line is
-        logged when this machine emulates it, see
-        `delg_tf.extraction.folded.warn_if_bfloat16_emulated`).
+      fold_batch_norm: DELG: export the graph with batch norm folded into the
+        convolutions (faster on CPU, same outputs up to float rounding;
+        --nofold_batch_norm keeps the Keras layers).
+      compute_dtype: DELG: dtype of the backbone convolutions (bfloat16 needs
+        --fold_batch_norm); bfloat16 is ~1.8x faster on CPUs with native bfloat16
+        (AVX512_BF16 / AMX-BF16), likely slower than float32 where it is emulated (e.g.
+        AVX2-only; a warning says so, `delg_tf.extraction.folded`), and not within the
+        official parity tolerances.
     """
 
     checkpoint_dir: str
@@ -81,21 +89,14 @@ class ExportRunConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self):
-        if not self.checkpoint_dir:
-            raise ExportConfigError("--checkpoint_dir is required (a delg_tf.train logdir).")
-        if not self.export_path:
-            raise ExportConfigError("--export_path is required (the SavedModel directory).")
-        if self.image_size is not None and (isinstance(self.image_size, bool)
-                                            or not isinstance(self.image_size, int)
-                                            or self.image_size < 0):
-            raise ExportConfigError(f"--image_size must be an integer >= 0 (0 = no resize); "
-                                    f"received {self.image_size!r}.")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ExportConfigError(f"--compute_dtype must be float32 or bfloat16, received "
-                                    f"{self.compute_dtype!r}.")
+        require(self.checkpoint_dir, "checkpoint_dir", "a delg_tf.train logdir")
+        require(self.export_path, "export_path", "the SavedModel directory")
+        expect(self.image_size is None or (is_int(self.image_size) and self.image_size >= 0),
+               "image_size", "an integer >= 0 (0 = no resize)", self.image_size)
+        expect_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.compute_dtype != "float32" and not self.fold_batch_norm:
-            raise ExportConfigError(f"--compute_dtype={self.compute_dtype} needs the folded "
-                                    "graph; drop --nofold_batch_norm.")
+            raise ConfigError(f"--compute_dtype={self.compute_dtype} needs the folded graph; "
+                              "drop --nofold_batch_norm.", "compute_dtype")
 
 
 def _load_run(config: ExportRunConfig):
@@ -111,7 +112,7 @@ def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
 
     if config.delg_options:
         given = ", ".join(f"--{name}" for name in config.delg_options)
-        raise ExportConfigError(
+        raise ConfigError(
             f"{given} configure DELG exports only, but --checkpoint_dir={config.checkpoint_dir}"
             f" is a glocal run; remove them (a Glocal export takes --image_size).")
     if config.image_size is None:
@@ -141,9 +142,9 @@ def main(config: ExportRunConfig) -> Path:
     if runs.run_family(record, runs.config_path(config.checkpoint_dir)) == GLOCAL_FAMILY:
         return _export_glocal_run(config, record)
     if config.image_size is not None:
-        raise ExportConfigError(f"--image_size applies to Glocal runs only; "
-                                f"--checkpoint_dir={config.checkpoint_dir} is a DELG run "
-                                "(use --max_image_size/--image_scales).")
+        raise ConfigError(f"--image_size applies to Glocal runs only; --checkpoint_dir="
+                          f"{config.checkpoint_dir} is a DELG run (use --max_image_size/"
+                          "--image_scales).", "image_size")
     from delg_tf.serving import delg_export
 
     model = _load_run(config)
@@ -160,67 +161,35 @@ def main(config: ExportRunConfig) -> Path:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("checkpoint_dir", None, "delg_tf.train logdir (config.json + ckpt-N).")
-    flags.DEFINE_string("checkpoint", None, "Explicit checkpoint prefix (default: latest).")
-    flags.DEFINE_string("export_path", None, "SavedModel directory to write.")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing export.")
+    from delg_tf import cli as runner
+    from delg_tf.extraction.config import ExportConfig
+
+    runner.define_config_flags(ExportRunConfig, skip=NESTED_FIELDS,
+                               choices={"compute_dtype": COMPUTE_DTYPES})
     flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt giving the baked-in defaults.")
-    flags.DEFINE_list("image_scales", None, "Pyramid scales (default 0.25 ... 2.0, 7 scales).")
-    flags.DEFINE_list("global_scales_ind", None, "Scale indices of the global descriptor "
-                      "(default 3,4,5).")
-    flags.DEFINE_integer("max_feature_num", None, "Local features kept (default 1000).")
-    flags.DEFINE_float("score_threshold", None, "Attention threshold (default 175.0, official).")
-    flags.DEFINE_float("iou_threshold", None, "NMS IoU (default 1.0 = none).")
-    flags.DEFINE_integer("max_image_size", None, "Resize larger images (default 1024; -1 none).")
-    flags.DEFINE_integer("min_image_size", None, "Resize smaller images (default -1: none).")
-    flags.DEFINE_boolean("use_square_images", None, "Resize images to squares.")
+    # The fields of the nested ExportConfig: unset flags keep the --delf_config values.
+    runner.define_config_flags(ExportConfig, skip=("mode",), unset=True)
     flags.DEFINE_boolean("export_local", True, "Export local features.")
     flags.DEFINE_boolean("export_global", True, "Export global descriptors.")
-    flags.DEFINE_boolean("warmup", True, "Write the TF Serving warm-up requests (DELG).")
-    flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "DELG: dtype of "
-                      "the backbone convolutions; bfloat16 is ~1.8x faster on CPUs with native "
-                      "bfloat16 (AVX512_BF16 / AMX-BF16), likely slower than float32 where it is "
-                      "emulated (e.g. AVX2-only; a warning says so), and not within the "
-                      "official parity tolerances.")
-    flags.DEFINE_boolean("fold_batch_norm", True, "DELG: export the graph with batch norm "
-                         "folded into the convolutions (faster; --nofold_batch_norm keeps "
-                         "the Keras layers).")
-    flags.DEFINE_integer("image_size", None, "Glocal runs: resize inputs to this side "
-                         "(default: the run's training --image_size; 0 = no resize).")
     return flags.FLAGS
 
 
 def _config_from_flags(f):
-    from delg_tf.extraction.config import load_delf_config
-    from delg_tf.extraction import pyramid
-    from delg_tf.extraction.config import ExportConfig
+    from delg_tf import cli as runner
+    from delg_tf.extraction.config import ExportConfig, load_delf_config, mode_of
 
     if not (f.export_local or f.export_global):
-        raise ExportConfigError("--noexport_local and --noexport_global together export "
-                                "nothing; keep at least one.")
-    mode = pyramid.mode_of(f.export_local, f.export_global)
-    overrides = {"mode": mode, "warmup": f.warmup}
-    try:
-        if f.image_scales is not None:
-            overrides["image_scales"] = tuple(float(s) for s in f.image_scales)
-        if f.global_scales_ind is not None:
-            overrides["global_scales_ind"] = tuple(int(i) for i in f.global_scales_ind)
-    except ValueError as e:
-        raise ExportConfigError(f"--image_scales must be floats and --global_scales_ind "
-                                f"integers, comma-separated ({e}).") from e
-    for name in ("max_feature_num", "score_threshold", "iou_threshold", "max_image_size",
-                 "min_image_size", "use_square_images"):
-        if getattr(f, name) is not None:
-            overrides[name] = getattr(f, name)
+        raise ConfigError("--noexport_local and --noexport_global together export nothing; "
+                          "keep at least one.")
+    overrides = {"mode": mode_of(f.export_local, f.export_global),
+                 **runner.config_kwargs(ExportConfig, f, skip=("mode",), unset=True)}
     if f.delf_config:
         export = ExportConfig.from_delf_config(load_delf_config(f.delf_config), **overrides)
     else:
         export = ExportConfig(**overrides)
     delg_options = tuple(name for name in DELG_ONLY_FLAGS if f[name].present)
-    return ExportRunConfig(checkpoint_dir=f.checkpoint_dir, export_path=f.export_path,
-                           export=export, checkpoint=f.checkpoint, overwrite=f.overwrite,
-                           image_size=f.image_size, delg_options=delg_options,
-                           fold_batch_norm=f.fold_batch_norm, compute_dtype=f.compute_dtype)
+    return ExportRunConfig(export=export, delg_options=delg_options,
+                           **runner.config_kwargs(ExportRunConfig, f, skip=NESTED_FIELDS))
 
 
 def cli():

@@ -42,6 +42,7 @@ import re
 import time
 from pathlib import Path
 
+from delg_tf.configs import ConfigError, expect, expect_int, is_int, require
 from delg_tf.progress import progress_bar
 
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
@@ -52,10 +53,6 @@ DELF_SUBDIR = "delf"
 # errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
 OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                                errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
-
-
-class ExtractConfigError(ValueError):
-    """Invalid batch-extraction configuration."""
 
 
 class ExtractOutputError(OSError):
@@ -101,19 +98,24 @@ def output_dir_error(error, output_dir):
 class ExtractConfig:
     """Validated configuration of a batch extraction.
 
+    Each attribute is the flag of the same name of `python -m delg_tf.extract` (this
+    section is their help).
+
     Attributes:
-      output_dir: where the store, parts, error log and .delf files go.
-      images: folder or list file (used when `main` gets no explicit paths).
-      image_root: base folder of relative paths in a list file.
-      delf_config: DelfConfig .pbtxt path (optional if `model_path` is given).
-      model_path: SavedModel directory (overrides the config's `model_path`).
-      shard_index / num_shards: process images[shard_index::num_shards].
-      float16: store descriptors as float16.
-      binarize: also store DELG* packed binary local descriptors.
-      write_delf: also write official `.delf` / `.delg_global` files under
-        `output_dir/delf/` (names mapped inside it, see `official_file_bases`).
-      flush_every: images per crash-safe part file.
-      progress: show a tqdm progress bar.
+      output_dir: Output folder (store, parts, error log, .delf files).
+      images: Folder of images or a text file with one path per line.
+      image_root: Base folder of relative paths in a list file.
+      delf_config: DelfConfig .pbtxt (official DELG configs work); optional with
+        --model_path.
+      model_path: SavedModel directory (overrides the DelfConfig's model_path).
+      shard_index: This machine's shard: it extracts images[shard_index::num_shards].
+      num_shards: Number of shards.
+      float16: Store descriptors as float16.
+      binarize: Also store DELG* binarised local descriptors.
+      write_delf: Also write official .delf / .delg_global files under
+        --output_dir/delf/ (image names mapped inside it).
+      flush_every: Images per crash-safe part file.
+      progress: Show a progress bar.
     """
 
     output_dir: str
@@ -130,17 +132,14 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not self.output_dir:
-            raise ExtractConfigError("--output_dir is required (where the feature store goes).")
+        require(self.output_dir, "output_dir", "where the feature store goes")
         if not self.delf_config and not self.model_path:
-            raise ExtractConfigError("give --delf_config (a DelfConfig .pbtxt) and/or "
-                                     "--model_path (a SavedModel directory); received neither.")
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ExtractConfigError(f"--shard_index must be in [0, --num_shards); received "
-                                     f"shard_index={self.shard_index}, "
-                                     f"num_shards={self.num_shards}.")
-        if self.flush_every < 1:
-            raise ExtractConfigError(f"--flush_every must be >= 1, received {self.flush_every}.")
+            raise ConfigError("give --delf_config (a DelfConfig .pbtxt) and/or --model_path (a "
+                              "SavedModel directory); received neither.", "model_path")
+        expect_int("num_shards", self.num_shards, 1)
+        expect(is_int(self.shard_index) and 0 <= self.shard_index < self.num_shards,
+               "shard_index", f"in [0, --num_shards={self.num_shards})", self.shard_index)
+        expect_int("flush_every", self.flush_every, 1)
 
     @property
     def suffix(self):
@@ -177,8 +176,8 @@ def list_images(images, image_root=None):
                 path = Path(line)
                 pairs.append((line, path if path.is_absolute() else root / path))
         return pairs
-    raise ExtractConfigError(f"--images {images} does not exist; expected a folder of images "
-                             "or a text file with one image path per line.")
+    raise ConfigError(f"--images {images} does not exist; expected a folder of images or a "
+                      "text file with one image path per line.", "images")
 
 
 def image_item(item):
@@ -192,20 +191,20 @@ def image_item(item):
     whole image would be) is passed to the extractor; None: not passed (its default).
 
     Raises:
-      ExtractConfigError: not one of these forms, or a negative resize factor.
+      ConfigError: not one of these forms, or a negative resize factor.
     """
     import numbers
 
     if not isinstance(item, tuple):
         return Path(item).name, Path(item), None
     if len(item) not in (2, 3):
-        raise ExtractConfigError(f"image item {item!r}: expected (name, source) or (name, "
-                                 f"source, resize_factor), received {len(item)} values.")
+        raise ConfigError(f"image item {item!r}: expected (name, source) or (name, source, "
+                          f"resize_factor), received {len(item)} values.")
     name, source = item[:2]
     factor = item[2] if len(item) == 3 else None
     if factor is not None and (not isinstance(factor, numbers.Real) or factor < 0):
-        raise ExtractConfigError(f"image {name!r}: resize_factor must be a number >= 0 or "
-                                 f"None (the extractor's default), received {factor!r}.")
+        raise ConfigError(f"image {name!r}: resize_factor must be a number >= 0 or None (the "
+                          f"extractor's default), received {factor!r}.")
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
     return name, source, factor
@@ -255,14 +254,14 @@ def official_file_bases(names):
     """{name: path relative to `OUT/delf/`} of the `--write_delf` files of `names`.
 
     See `delf_io.official_file_bases` (the mapping, and names whose files would clash,
-    which are refused with ExtractConfigError).
+    which are refused with ConfigError).
     """
     from delg_tf.extraction import delf_io
 
     try:
         return delf_io.official_file_bases(names, folder=f"--output_dir/{DELF_SUBDIR}")
     except ValueError as e:
-        raise ExtractConfigError(f"--write_delf: {e}") from e
+        raise ConfigError(f"--write_delf: {e}") from e
 
 
 def _model_description(config):
@@ -357,7 +356,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
       Path of the consolidated store file.
 
     Raises:
-      ExtractConfigError: duplicated names, bad items, or (`write_delf`) names whose
+      ConfigError: duplicated names, bad items, or (`write_delf`) names whose
         files clash.
       ExtractModelError: the extractor raised on a readable image (stops the run).
       NoImageExtractedError: every image of the shard failed to load.
@@ -367,13 +366,13 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
 
     if paths is None:
         if not config.images:
-            raise ExtractConfigError("no images: pass --images (folder or list file).")
+            raise ConfigError("no images: pass --images (folder or list file).")
         paths = list_images(config.images, config.image_root)
     items = [image_item(p) for p in paths]
     names = [n for n, _, _ in items]
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
-        raise ExtractConfigError(f"image names must be unique; duplicated: {duplicated}.")
+        raise ConfigError(f"image names must be unique; duplicated: {duplicated}.")
     # All shards write into the same delf/ folder: names are checked over all of them.
     bases = official_file_bases(names) if config.write_delf else {}
     shard = items[config.shard_index::config.num_shards]
@@ -429,33 +428,16 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
 
 
 def _define_flags():
-    from absl import flags
+    from delg_tf import cli as runner
 
-    flags.DEFINE_string("images", None, "Folder of images or a text file with one path per line.")
-    flags.DEFINE_string("image_root", None, "Base folder of relative paths in a list file.")
-    flags.DEFINE_string("output_dir", None, "Output folder (store, parts, error log).")
-    flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt (official DELG configs work).")
-    flags.DEFINE_string("model_path", None, "SavedModel directory (overrides the config's).")
-    flags.DEFINE_integer("shard_index", 0, "This machine's shard.")
-    flags.DEFINE_integer("num_shards", 1, "Number of shards.")
-    flags.DEFINE_boolean("float16", False, "Store descriptors as float16.")
-    flags.DEFINE_boolean("binarize", False, "Also store DELG* binarised local descriptors.")
-    flags.DEFINE_boolean("write_delf", False, "Also write official .delf / .delg_global files.")
-    flags.DEFINE_integer("flush_every", 64, "Images per crash-safe part file.")
-    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
-    return flags.FLAGS
+    return runner.define_config_flags(ExtractConfig)
 
 
 def _config_from_flags(flag_values):
-    if not flag_values.images:
-        raise ExtractConfigError("--images is required (folder or list file).")
-    return ExtractConfig(
-        output_dir=flag_values.output_dir, images=flag_values.images,
-        image_root=flag_values.image_root, delf_config=flag_values.delf_config,
-        model_path=flag_values.model_path, shard_index=flag_values.shard_index,
-        num_shards=flag_values.num_shards, float16=flag_values.float16,
-        binarize=flag_values.binarize, write_delf=flag_values.write_delf,
-        flush_every=flag_values.flush_every, progress=flag_values.progress)
+    from delg_tf import cli as runner
+
+    require(flag_values.images, "images", "folder or list file")
+    return ExtractConfig(**runner.config_kwargs(ExtractConfig, flag_values))
 
 
 def _main_from_flags(flag_values):

@@ -25,11 +25,8 @@ validated configs by `parse_flags`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import typing
-from pathlib import Path
 
 # Before TensorFlow is imported: keep its C++ start-up chatter off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,83 +34,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from delg_tf import cli  # noqa: E402
+from delg_tf.cli import EXIT_USAGE_ERROR  # noqa: E402
+from delg_tf.configs import MODEL_FAMILIES, ConfigError  # noqa: E402
 from delg_tf.training import config as config_lib  # noqa: E402
-from delg_tf.training.config import ConfigError, TrainConfig  # noqa: E402
+from delg_tf.training.config import TrainConfig  # noqa: E402
 
-EXIT_USAGE_ERROR = 2
 EXIT_TRAINING_ERROR = 3
 EXIT_INTERRUPTED = 130
 # Placeholder for a model config's required num_classes before the data is read;
 # the trainer replaces it with --num_classes or the value read from the data.
 UNRESOLVED_NUM_CLASSES = 1
 HELP_COMMAND = "python -m delg_tf.train --helpfull"
-_ATTRIBUTE_LINE = re.compile(r"^\s{4,}(\w+)(?:\s*/\s*\w+)*:\s*(.*)$")
-
-
-def _attribute_docs(cls) -> dict:
-    """`Attributes:` section of a dataclass docstring: {name: first sentence}."""
-    docs, current, in_section = {}, None, False
-    for line in (cls.__doc__ or "").splitlines():
-        if line.strip() == "Attributes:":
-            in_section = True
-            continue
-        if not in_section:
-            continue
-        match = _ATTRIBUTE_LINE.match(line)
-        if match and len(line) - len(line.lstrip()) <= 8:
-            current = match.group(1)
-            docs[current] = match.group(2).strip()
-        elif current and line.strip():
-            docs[current] += " " + line.strip()
-    return docs
-
-
-def _field_kind(cls, field) -> str:
-    """"bool", "int", "float", "str", "list" or "json" for a dataclass field."""
-    try:
-        hint = typing.get_type_hints(cls).get(field.name, field.type)
-    except (NameError, TypeError):
-        hint = field.type
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        hint = args[0]
-    origin = typing.get_origin(hint) or hint
-    for kind, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)),
-                        ("str", (str,)), ("list", (tuple, list)), ("json", (dict,))):
-        if isinstance(origin, type) and issubclass(origin, types):
-            return kind
-    default = (field.default if field.default is not dataclasses.MISSING else None)
-    if isinstance(default, bool):
-        return "bool"
-    return "str"
-
-
-def _list_element_type(cls, field):
-    try:
-        hint = typing.get_type_hints(cls).get(field.name)
-    except (NameError, TypeError):
-        return str
-    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-    return args[0] if args and isinstance(args[0], type) else str
-
-
-def _define(flag_values, kind, name, default, help_text, choices=None):
-    if choices:
-        flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
-    elif kind == "bool":
-        flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
-    elif kind == "int":
-        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
-    elif kind == "float":
-        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
-    elif kind == "list":
-        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
-    else:
-        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
-
 
 TRAIN_CHOICES = {
-    "model_family": config_lib.MODEL_FAMILIES, "data_source": config_lib.DATA_SOURCES,
+    "model_family": MODEL_FAMILIES, "data_source": config_lib.DATA_SOURCES,
     "optimizer": config_lib.OPTIMIZERS, "lr_schedule": config_lib.LR_SCHEDULES,
     "strategy": config_lib.STRATEGIES, "embedded_preset": config_lib.EMBEDDED_PRESETS,
 }
@@ -124,7 +58,7 @@ def model_config_classes() -> dict:
     from delg_tf.training.trainer import model_config_class
 
     classes = {}
-    for family in config_lib.MODEL_FAMILIES:
+    for family in MODEL_FAMILIES:
         try:
             classes[family] = model_config_class(family)
         except (ImportError, ValueError):
@@ -135,31 +69,24 @@ def model_config_classes() -> dict:
 def define_flags(flag_values=None) -> flags.FlagValues:
     """Defines the training and model flags into `flag_values` (default: a new set)."""
     flag_values = flag_values if flag_values is not None else flags.FlagValues()
-    train_docs = _attribute_docs(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        default = field.default if field.default is not dataclasses.MISSING else None
-        _define(flag_values, _field_kind(TrainConfig, field), field.name, default,
-                train_docs.get(field.name, field.name), TRAIN_CHOICES.get(field.name))
+    cli.define_config_flags(TrainConfig, flag_values, choices=TRAIN_CHOICES)
     model_flags = {}
     for family, cls in model_config_classes().items():
-        docs = _attribute_docs(cls)
+        docs = cli.attribute_docs(cls)
         for field in dataclasses.fields(cls):
             if field.name in flag_values:
                 if field.name in model_flags:
                     model_flags[field.name][1].append((family, field))
                 continue
-            model_flags[field.name] = (_field_kind(cls, field), [(family, field)],
+            model_flags[field.name] = (cli.field_kind(cls, field), [(family, field)],
                                        docs.get(field.name, field.name))
     for name, (kind, owners, doc) in model_flags.items():
-        defaults = []
-        for family, field in owners:
-            if field.default is not dataclasses.MISSING:
-                defaults.append(f"{family}: {field.default!r}")
-            elif field.default_factory is not dataclasses.MISSING:
-                defaults.append(f"{family}: {field.default_factory()!r}")
+        defaults = [f"{family}: {cli.field_default(field)!r}" for family, field in owners
+                    if field.default is not dataclasses.MISSING
+                    or field.default_factory is not dataclasses.MISSING]
         suffix = "; unset = model default (" + ", ".join(defaults) + ")" if defaults else ""
         families = "/".join(family for family, _ in owners)
-        _define(flag_values, kind, name, None, f"[model {families}] {doc}{suffix}")
+        cli.define_flag(flag_values, kind, name, None, f"[model {families}] {doc}{suffix}")
     return flag_values
 
 
@@ -186,29 +113,12 @@ def _model_config_from_flags(flag_values, family: str, cls):
             if value is not None:
                 kwargs[field.name] = value
             continue
-        value = getattr(flag_values, field.name)
-        if value is None:
-            continue
-        kind = _field_kind(cls, field)
-        if kind == "list":
-            element = _list_element_type(cls, field)
-            try:
-                value = tuple(element(v) for v in value)
-            except ValueError as e:
-                raise ConfigError(f"--{field.name} must be a comma-separated list of "
-                                  f"{element.__name__}; received {value!r}.") from e
-        elif kind == "json":
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise ConfigError(f"--{field.name} must be a JSON object such as "
-                                  f"'{{\"base_width\": 16}}'; received {value!r}.") from e
-        kwargs[field.name] = value
+        value = cli.flag_to_field(cls, field, getattr(flag_values, field.name))
+        if value is not None:
+            kwargs[field.name] = value
     num_classes = flag_values.num_classes or UNRESOLVED_NUM_CLASSES
     try:
-        model_config = cls(num_classes=num_classes, **kwargs)
-        if hasattr(model_config, "validate"):
-            model_config.validate()
+        model_config = cls(num_classes=num_classes, **kwargs)  # validated at construction.
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model flags for --model_family={family}: "
                           f"{' '.join(str(e).split())}") from e
@@ -217,8 +127,7 @@ def _model_config_from_flags(flag_values, family: str, cls):
 
 def config_from_flags(flag_values):
     """Turns parsed flags into (validated TrainConfig, validated model config)."""
-    values = {f.name: getattr(flag_values, f.name) for f in dataclasses.fields(TrainConfig)}
-    train_config = TrainConfig(**values).validate()
+    train_config = TrainConfig(**cli.config_kwargs(TrainConfig, flag_values))
     classes = model_config_classes()
     if train_config.model_family not in classes:
         raise ConfigError(f"--model_family={train_config.model_family} is not available "

@@ -191,4 +191,4 @@ def test_cli_scores_and_missing_input(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "--ransac_iterations must be an integer >= 1, got 0." in bad.stderr
+    assert "--ransac_iterations must be an integer >= 1; received 0." in bad.stderr

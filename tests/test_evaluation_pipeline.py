@@ -6,11 +6,12 @@ import pickle
 import numpy as np
 import pytest
 
+from delg_tf.configs import ConfigError
 from delg_tf.evaluation import pipeline
-from delg_tf.evaluation.config import ConfigError, EvaluateConfig, EvaluatePaths
+from delg_tf.evaluation.config import EvaluateConfig, EvaluatePaths
 from delg_tf.matching import synthetic as syn
 from delg_tf.matching.features import LocalFeatures
-from delg_tf.matching.pair import MatchingConfig, MatchingConfigError
+from delg_tf.matching.pair import MatchingConfig
 
 NUM_DB, NUM_FEATURES, DIM_GLOBAL = 12, 150, 16
 
@@ -163,7 +164,7 @@ def test_config_record_is_flat_with_the_flag_keys():
     }
     mutual = EvaluateConfig(matching=MatchingConfig(mutual_nearest=True)).record()
     assert mutual["mutual_nearest"] is True
-    with pytest.raises(MatchingConfigError, match="MatchingConfig.min_inliers"):
+    with pytest.raises(ConfigError, match="MatchingConfig.min_inliers"):
         EvaluateConfig(matching=MatchingConfig(min_inliers=-1))
     with pytest.raises(ConfigError, match="EvaluateConfig.matching must be"):
         EvaluateConfig(matching={"ransac_iterations": 3})

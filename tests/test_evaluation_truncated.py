@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from delg_tf.configs import ConfigError
 from delg_tf.evaluation import pipeline
 from delg_tf.evaluation import ranks as rk
-from delg_tf.evaluation.config import ConfigError, EvaluateConfig
+from delg_tf.evaluation.config import EvaluateConfig
 from delg_tf.evaluation.revisitop import PROTOCOLS, compute_map, evaluate_revisitop
 from delg_tf.matching.features import LocalFeatures
 from delg_tf.matching.pair import MatchingConfig

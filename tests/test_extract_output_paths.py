@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from delg_tf import extract
+from delg_tf.configs import ConfigError
 from delg_tf.extraction import delf_io
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.store import FeatureStore
@@ -134,8 +135,8 @@ def test_colliding_names_are_refused_before_anything_is_written(tmp_path, extrac
     config = extract.ExtractConfig(output_dir=str(tmp_path / "out"),
                                    images=str(tmp_path / "imgs" / "list.txt"),
                                    model_path="unused", write_delf=True, progress=False)
-    with pytest.raises(extract.ExtractConfigError, match="--write_delf: images 'a.jpg' and "
-                                                         "'sub/../a.jpg' would both be written"):
+    with pytest.raises(ConfigError, match="--write_delf: images 'a.jpg' and "
+                                          "'sub/../a.jpg' would both be written"):
         extract.main(config, extractor=extractor)
     assert not (tmp_path / "out").exists()
     # Without --write_delf the names are only keys of the store: no clash.

@@ -267,14 +267,13 @@ def test_demo_unwritable_output_dir_gives_one_clear_error(tmp_path):
 
 def test_demo_results_json_write_failure_leaves_no_file(tmp_path, monkeypatch):
     """ENOSPC while writing results.json: the error surfaces, no partial JSON remains."""
-    from pathlib import Path
+    from delg_tf import atomic
 
-    def full_disk(self, data, *args, **kwargs):  # half the bytes reach the disk
-        with open(self, "w", encoding="utf-8") as f:
-            f.write(data[:len(data) // 2])
+    def full_disk(fd):  # half the bytes reach the disk
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     target = tmp_path / demo.RESULTS_JSON
     with pytest.raises(OSError):
         demo._write_json_atomic({"global": {"mAP": 1.0}}, target)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from delg_tf import export as export_entry
+from delg_tf.configs import ConfigError
 from delg_tf.data import cub
 from delg_tf.evaluation.glocal import embed_dataset, evaluate_glocal, load_glocal_run
 from delg_tf.evaluation.recall_at_k import RECALL_KS, recall_at_k
@@ -137,7 +138,7 @@ def test_export_cli_reloads_without_the_package(run, tmp_path):
 
 
 def test_export_refuses_flags_of_the_other_family(run, tmp_path):
-    with pytest.raises(export_entry.ExportConfigError, match="--image_scales.*glocal"):
+    with pytest.raises(ConfigError, match="--image_scales.*glocal"):
         export_entry.main(export_entry.ExportRunConfig(
             checkpoint_dir=run.logdir, export_path=str(tmp_path / "x"), export=None,
             delg_options=("image_scales",)))

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from delg_tf import export as export_entry
+from delg_tf.configs import ConfigError
 from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.testing import random_image
 from delg_tf.models import registry
@@ -68,7 +69,7 @@ def test_export_cli_flags_and_errors(logdir, tmp_path):
         export_entry.main(export_entry.ExportRunConfig(
             checkpoint_dir=str(tmp_path), export_path=str(tmp_path / "x"),
             export=ExportConfig()))
-    with pytest.raises(export_entry.ExportConfigError, match="--nofold_batch_norm"):
+    with pytest.raises(ConfigError, match="--nofold_batch_norm"):
         export_entry.ExportRunConfig(checkpoint_dir=str(directory), export_path="x",
                                      export=ExportConfig(), fold_batch_norm=False,
                                      compute_dtype="bfloat16")

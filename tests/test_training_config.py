@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from delg_tf.configs import ConfigError
 from delg_tf.train import parse_flags
 from delg_tf.training import config as config_lib
-from delg_tf.training.config import ConfigError, TrainConfig
+from delg_tf.training.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))

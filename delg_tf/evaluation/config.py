@@ -10,6 +10,14 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple
 
+from delg_tf.configs import (
+    MODEL_FAMILIES,
+    ConfigError,
+    expect,
+    expect_choice,
+    expect_int,
+    is_int,
+)
 from delg_tf.evaluation.revisitop import DEFAULT_KAPPAS
 from delg_tf.matching.pair import MatchingConfig
 from delg_tf.retrieval.rerank import DEFAULT_NUM_WORKERS, DEFAULT_SHORTLIST_SIZE
@@ -18,7 +26,6 @@ FULL_RANKING = 0  # top_k value meaning "rank the whole database".
 SEARCH_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # retrieval.search.METHODS
 GLDV2_TASKS = ("retrieval", "recognition")
 DATASETS = ("embedded", "roxford5k", "rparis6k")
-MODEL_FAMILIES = ("delg", "glocal")
 # Glocal Retriever (metric learning): Recall@K on the unseen test classes.
 GLOCAL_DATASETS = ("cub", "embedded")
 GLOCAL_DEFAULT_DATASET = "cub"
@@ -27,30 +34,30 @@ GLOCAL_DEFAULT_BATCH_SIZE = 32
 DEFAULT_DATASET = "embedded"
 
 
-class ConfigError(ValueError):
-    """An evaluation flag/config value is invalid."""
-
-
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """Matching / re-ranking / metric settings.
 
+    Each attribute but `matching` is the ``python -m delg_tf.evaluate`` flag of the same
+    name (this section is their help).
+
     Attributes:
-        shortlist_size: number of top global results re-ranked (flag --shortlist_size).
+        shortlist_size: Top-k of the global ranking re-ranked (paper: 100).
         matching: local matching of a pair (validated by :class:`MatchingConfig`), from
             the flags of the same names: --descriptor_threshold,
             --ransac_residual_threshold, --ransac_iterations, --min_inliers,
             --use_ratio_test, --ratio_test_threshold, --binary_descriptors (re-rank with
             packed-bit DELG* descriptors, read from the stores' ``descriptors_binary``)
             and --seed (RANSAC, and the faiss IVF training).
-        num_workers: threads used for re-ranking (--num_workers).
+        num_workers: Threads for re-ranking.
         kappas: k values for mP@k.
-        allow_truncated_ranks: accept rankings shorter than the database.
-        search_method: global search, ``"exact"`` (numpy) or a faiss index
-            (``"faiss_flat"``, ``"faiss_hnsw"``, ``"faiss_ivf"``) (--search_method).
-        top_k: 0 ranks the whole database (revisitop layout ``[num_db, num_queries]``);
-            k > 0 keeps only the global top-k of each query (memory ``[k, num_queries]``,
-            for +1M distractors) and scores the truncated ranking (--top_k).
+        allow_truncated_ranks: Accept rankings with fewer rows than the database
+            (missing = not retrieved).
+        search_method: Global search index: exact (numpy), faiss_flat, faiss_hnsw or
+            faiss_ivf.
+        top_k: 0: rank the whole database (revisitop layout [num_db, num_queries]);
+            K > 0: keep the global top K per query (memory [K, num_queries], for +1M
+            distractors) and score the truncated ranking.
     """
 
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
@@ -62,29 +69,30 @@ class EvaluateConfig:
     top_k: int = FULL_RANKING
 
     def __post_init__(self):
-        if not isinstance(self.matching, MatchingConfig):
-            raise ConfigError(
-                f"EvaluateConfig.matching must be a delg_tf.matching.pair.MatchingConfig, got "
-                f"{type(self.matching).__name__}; build one from the matching settings."
-            )
-        checks = [
-            (self.search_method in SEARCH_METHODS, "search_method", f"one of {SEARCH_METHODS}"),
-            (
-                self.top_k == FULL_RANKING or self.top_k >= max(self.shortlist_size, 1),
-                "top_k",
-                f"0 (full ranking) or an integer >= --shortlist_size={self.shortlist_size}",
-            ),
-            (self.shortlist_size >= 0, "shortlist_size", "an integer >= 0"),
-            (self.num_workers >= 1, "num_workers", "an integer >= 1"),
-            (
-                len(self.kappas) > 0 and all(k >= 1 for k in self.kappas),
-                "kappas",
-                "a non-empty list of integers >= 1",
-            ),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"--{name} must be {expected}, got {getattr(self, name)!r}.")
+        expect(
+            isinstance(self.matching, MatchingConfig),
+            "matching",
+            "a delg_tf.matching.pair.MatchingConfig",
+            type(self.matching).__name__,
+            owner="EvaluateConfig",
+            fix="build one from the matching settings",
+        )
+        expect_choice("search_method", self.search_method, SEARCH_METHODS)
+        expect_int("shortlist_size", self.shortlist_size, 0)
+        expect(
+            is_int(self.top_k)
+            and (self.top_k == FULL_RANKING or self.top_k >= max(self.shortlist_size, 1)),
+            "top_k",
+            f"0 (full ranking) or an integer >= --shortlist_size={self.shortlist_size}",
+            self.top_k,
+        )
+        expect_int("num_workers", self.num_workers, 1)
+        expect(
+            len(self.kappas) > 0 and all(is_int(k) and k >= 1 for k in self.kappas),
+            "kappas",
+            "a non-empty list of integers >= 1",
+            self.kappas,
+        )
 
     def record(self) -> dict:
         """The settings as one flat dict (the flag names), as written in results JSONs.
@@ -120,28 +128,35 @@ class EvaluatePaths:
       ``delf_config``) or already-extracted ``db_features``/``query_features``;
       see :mod:`delg_tf.evaluation.end_to_end`.
 
+    Each attribute is the ``python -m delg_tf.evaluate`` flag of the same name (this
+    section is their help).
+
     Attributes:
-        gnd_path: revisitop ground truth (.pkl or .mat) (--gnd_path).
-        output_json: where the metrics JSON is written (--output_json).
-        ranks_path: precomputed ranking .npy [num_db, num_queries] (--ranks_path).
-        scores_path: precomputed similarities .npy [num_db, num_queries] (--scores_path).
-        db_features: HDF5 feature store of the database images (--db_features).
-        query_features: HDF5 feature store of the bbx-cropped queries (--query_features).
-        dataset: ``embedded``, ``roxford5k`` or ``rparis6k`` (--dataset).
-        dataset_dir: dataset folder (gnd file + jpg/) (--dataset_dir).
-        model_path: SavedModel used for extraction (--model_path).
-        delf_config: DelfConfig .pbtxt used for extraction (--delf_config).
-        cache_dir: resumable feature cache (--cache_dir).
-        distractor_list: +1M distractor list (--distractor_list).
-        gldv2_solution: GLDv2 solution CSV (--gldv2_solution).
-        gldv2_predictions: GLDv2 submission CSV (--gldv2_predictions).
-        gldv2_task: ``retrieval`` or ``recognition`` (--gldv2_task).
-        embedded_preset: embedded data preset built without a dataset_dir (--embedded_preset).
-        progress: show progress bars (--progress).
-        replace_stale_cache: re-extract a cache made with another model (--replace_stale_cache).
-        model_family: ``delg`` (retrieval protocols) or ``glocal`` (Recall@K) (--model_family).
-        checkpoint: glocal runs: checkpoint prefix, default the latest (--checkpoint).
-        batch_size: glocal: images embedded at once (--batch_size).
+        gnd_path: Revisitop ground truth: gnd_roxford5k.pkl, gnd_rparis6k.pkl or .mat.
+        output_json: Where to write the metrics JSON.
+        ranks_path: ranks.npy, int [num_db, num_queries], column q = ranked db indices.
+        scores_path: scores.npy, float [num_db, num_queries], higher = more similar.
+        db_features: HDF5 feature store of the database images.
+        query_features: HDF5 feature store of the queries cropped to their bbx.
+        dataset: Dataset evaluated end to end: embedded, roxford5k or rparis6k
+            (default: embedded); glocal: cub (default) or embedded.
+        dataset_dir: Dataset folder: gnd_<dataset>.pkl/.mat and jpg/ (embedded: root).
+        model_path: SavedModel used to extract features (glocal: a training logdir or an
+            export).
+        delf_config: DelfConfig .pbtxt used to extract features.
+        cache_dir: Resumable feature cache (default: <output_json folder>/cache).
+        distractor_list: +1M distractor list (paths relative to the jpg folder).
+        gldv2_solution: GLDv2 solution CSV (retrieval or recognition).
+        gldv2_predictions: GLDv2 submission CSV to score.
+        gldv2_task: retrieval (mAP@100) or recognition (GAP).
+        embedded_preset: Preset of the embedded data built without --dataset_dir.
+        progress: Show progress bars.
+        replace_stale_cache: Re-extract into --cache_dir when it holds features of
+            another model.
+        model_family: delg (retrieval protocols) or glocal (Recall@K on --dataset cub or
+            embedded).
+        checkpoint: glocal runs: checkpoint prefix (default latest).
+        batch_size: glocal: images embedded at once.
     """
 
     gnd_path: Optional[Path] = None
@@ -203,10 +218,7 @@ class EvaluatePaths:
                 "pass either feature stores (--db_features/--query_features) or a "
                 "precomputed ranking (--ranks_path/--scores_path), not both."
             )
-        if self.model_family not in MODEL_FAMILIES:
-            raise ConfigError(
-                f"--model_family must be one of {MODEL_FAMILIES}, got {self.model_family!r}."
-            )
+        expect_choice("model_family", self.model_family, MODEL_FAMILIES)
         mode = self.mode
         if mode == "glocal":
             self._check_glocal()
@@ -246,11 +258,12 @@ class EvaluatePaths:
                 "--model_family=glocal needs --model_path: a `python -m delg_tf.train "
                 "--model_family=glocal` logdir or its `python -m delg_tf.export` folder."
             )
-        if self.dataset is not None and self.dataset not in GLOCAL_DATASETS:
-            raise ConfigError(
-                f"--dataset must be one of {GLOCAL_DATASETS} with --model_family=glocal, "
-                f"got {self.dataset!r}."
-            )
+        expect(
+            self.dataset is None or self.dataset in GLOCAL_DATASETS,
+            "dataset",
+            f"one of {GLOCAL_DATASETS} with --model_family=glocal",
+            self.dataset,
+        )
         unused = [
             f"--{n}"
             for n in ("gnd_path", "ranks_path", "scores_path", "db_features", "delf_config")
@@ -261,8 +274,7 @@ class EvaluatePaths:
                 f"{', '.join(unused)} do not apply to --model_family=glocal (Recall@K of "
                 "--model_path on --dataset); drop them."
             )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be an integer >= 1, got {self.batch_size}.")
+        expect_int("batch_size", self.batch_size, 1)
 
     def _check_gldv2(self):
         if self.gldv2_solution is None or self.gldv2_predictions is None:
@@ -271,11 +283,12 @@ class EvaluatePaths:
                 "and --gldv2_predictions (your submission CSV); received solution="
                 f"{self.gldv2_solution}, predictions={self.gldv2_predictions}."
             )
-        if self.gldv2_task not in GLDV2_TASKS:
-            raise ConfigError(
-                f"--gldv2_task must be one of {GLDV2_TASKS}, got {self.gldv2_task!r}; use "
-                "retrieval for mAP@100 or recognition for GAP."
-            )
+        expect_choice(
+            "gldv2_task",
+            self.gldv2_task,
+            GLDV2_TASKS,
+            fix="use retrieval for mAP@100 or recognition for GAP",
+        )
         others = [
             f"--{n}"
             for n in ("gnd_path", "dataset", "dataset_dir", "model_path", "delf_config")
@@ -298,8 +311,8 @@ class EvaluatePaths:
         return DEFAULT_DATASET
 
     def _check_dataset(self):
-        if self.dataset is not None and self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        if self.dataset is not None:
+            expect_choice("dataset", self.dataset, DATASETS)
         has_input = any(
             getattr(self, n) is not None
             for n in ("dataset", "dataset_dir", "model_path", "delf_config", "db_features")

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -55,13 +54,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from delg_tf.evaluation.config import (
-    DATASETS,
-    DEFAULT_DATASET,
-    FULL_RANKING,
-    ConfigError,
-    EvaluateConfig,
-)
+from delg_tf.atomic import write_json_atomic
+from delg_tf.configs import ConfigError, expect_choice
+from delg_tf.evaluation.config import DATASETS, DEFAULT_DATASET, FULL_RANKING, EvaluateConfig
 from delg_tf.progress import progress_wrapper
 
 # A database larger than this is searched with a top-k shortlist (``LARGE_DB_TOP_K``)
@@ -126,8 +121,7 @@ class DatasetEvalConfig:
     replace_stale_cache: bool = False
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        expect_choice("dataset", self.dataset, DATASETS)
         if (self.db_features is None) != (self.query_features is None):
             raise ConfigError(
                 "pass both --db_features and --query_features (stores of the database and of "
@@ -259,9 +253,7 @@ def _check_cache_key(cache: Path, key: dict, replace_stale: bool = False):
             shutil.rmtree(cache / sub, ignore_errors=True)
         path.unlink()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(key, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(key, path, indent=1, sort_keys=True)
 
 
 def _store_names(store: Path) -> set:

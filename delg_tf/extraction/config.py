@@ -21,9 +21,11 @@ No TensorFlow import.
 import dataclasses
 import os
 from pathlib import Path
+from typing import Tuple
 
 from google.protobuf import text_format
 
+from delg_tf.configs import ConfigError, expect, expect_choice
 from delg_tf.protos import delf_config_pb2
 
 # Official r50delg_gld_config.pbtxt values (paper Sec. 4.1); score threshold of the
@@ -67,6 +69,9 @@ def mode_of(use_local, use_global):
     return "local" if use_local else "global"
 
 
+_OWNER = "ExportConfig"  # how error messages name its fields.
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """What is baked into an export (defaults of the bytes signature and config asset).
@@ -74,21 +79,25 @@ class ExportConfig:
     Also the default extraction parameters of `DelgExtractor.from_model` and of
     SavedModels without a config asset.
 
+    Each attribute but `mode` is also a flag of `python -m delg_tf.export` (this
+    section is their help).
+
     Attributes:
       mode: "local_and_global", "local" or "global".
-      image_scales: pyramid scales.
-      global_scales_ind: indices of `image_scales` used for the global descriptor.
-      max_feature_num: local features kept at most.
-      score_threshold: absolute attention threshold for local features.
-      iou_threshold: NMS IoU (1.0 = none).
-      max_image_size / min_image_size: host-side resize rules (-1 = none).
-      use_square_images: resize to a square of the largest side.
-      warmup: write the TF Serving warm-up file.
+      image_scales: Pyramid scales.
+      global_scales_ind: Scale indices (into image_scales) of the global descriptor.
+      max_feature_num: Local features kept at most.
+      score_threshold: Absolute attention threshold of local features.
+      iou_threshold: NMS IoU of local features (1.0 = none).
+      max_image_size: Resize larger images to this side on the host (-1 = none).
+      min_image_size: Resize smaller images to this side on the host (-1 = none).
+      use_square_images: Resize images to a square of their largest side.
+      warmup: Write the TF Serving warm-up requests (DELG).
     """
 
     mode: str = "local_and_global"
-    image_scales: tuple = DEFAULT_IMAGE_SCALES
-    global_scales_ind: tuple = DEFAULT_GLOBAL_SCALES_IND
+    image_scales: Tuple[float, ...] = DEFAULT_IMAGE_SCALES
+    global_scales_ind: Tuple[int, ...] = DEFAULT_GLOBAL_SCALES_IND
     max_feature_num: int = DEFAULT_MAX_FEATURE_NUM
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
@@ -98,18 +107,17 @@ class ExportConfig:
     warmup: bool = True
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"export mode must be one of {MODES}, received {self.mode!r}.")
-        if not self.image_scales or min(self.image_scales) <= 0:
-            raise ValueError("image_scales must be a non-empty list of positive floats, "
-                             f"received {list(self.image_scales)}.")
+        expect_choice("mode", self.mode, MODES, owner=_OWNER)
+        expect(bool(self.image_scales) and min(self.image_scales) > 0, "image_scales",
+               "a non-empty list of positive floats", list(self.image_scales), owner=_OWNER)
         bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
         if self.mode != "local" and bad:
-            raise ValueError(f"global_scales_ind {list(self.global_scales_ind)} has indices "
-                             f"{bad} outside [0, {len(self.image_scales)}) "
-                             f"(image_scales has {len(self.image_scales)} entries).")
-        if self.max_feature_num < 0:
-            raise ValueError(f"max_feature_num must be >= 0, received {self.max_feature_num}.")
+            raise ConfigError(f"{_OWNER}.global_scales_ind {list(self.global_scales_ind)} has "
+                              f"indices {bad} outside [0, {len(self.image_scales)}) "
+                              f"(image_scales has {len(self.image_scales)} entries).",
+                              "global_scales_ind")
+        expect(self.max_feature_num >= 0, "max_feature_num", ">= 0", self.max_feature_num,
+               owner=_OWNER)
 
     @property
     def use_local(self):

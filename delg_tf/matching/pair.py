@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from delg_tf.configs import expect
 from delg_tf.matching import correspondences as corr
 from delg_tf.matching import defaults
 from delg_tf.matching.features import LocalFeatures
@@ -42,41 +43,30 @@ def limit_blas_threads(num_threads: int = 1):
     return threadpool_limits(limits=num_threads, user_api="blas")
 
 
-class MatchingConfigError(ValueError):
-    """A :class:`MatchingConfig` value is out of range.
-
-    Attributes:
-        field: the offending field (the ``python -m delg_tf.evaluate`` flag of the same name).
-        expected: what the field must be, e.g. ``"an integer >= 1"``.
-        received: the value given.
-    """
-
-    def __init__(self, field: str, expected: str, received, default):
-        super().__init__(
-            f"MatchingConfig.{field} must be {expected}, received {received!r}; pass such a "
-            f"value or keep the default {default!r}."
-        )
-        self.field, self.expected, self.received = field, expected, received
-
-
 @dataclasses.dataclass(frozen=True)
 class MatchingConfig:
     """Local matching parameters (paper App. B defaults for retrieval).
 
+    Each attribute but `mutual_nearest` is also a ``python -m delg_tf.evaluate`` flag
+    (this section is their help).
+
     Attributes:
-        descriptor_threshold: L2 distance threshold for putative matches, > 0
-            (float DELG 1.0; binarised DELG* 1.1; GLDv2-recognition 0.9).
-        ransac_residual_threshold: inlier threshold in pixels, > 0 (20; 10 for recognition).
-        ransac_iterations: RANSAC trials, >= 1 (1000).
-        min_inliers: pairs with fewer inliers score 0, >= 0 (0 for retrieval).
-        use_ratio_test: replace the distance threshold by Lowe's ratio test.
-        ratio_test_threshold: ratio for the ratio test, in (0, 1].
+        descriptor_threshold: Putative match L2 distance threshold, > 0 (paper: 1.0;
+            DELG*: 1.1; GLDv2-recognition: 0.9).
+        ransac_residual_threshold: RANSAC residual (inlier) threshold in px, > 0
+            (paper: 20; GLDv2-recognition: 10).
+        ransac_iterations: RANSAC iterations, >= 1 (paper: 1000).
+        min_inliers: Minimum inliers to count a match (fewer score 0), >= 0 (paper: 0).
+        use_ratio_test: Select putative matches by Lowe's ratio test instead of the
+            distance threshold.
+        ratio_test_threshold: Ratio of the ratio test (--use_ratio_test), in (0, 1].
         mutual_nearest: additionally require mutual nearest neighbours.
-        binary_descriptors: descriptors are packed sign bits (DELG*).
+        binary_descriptors: Match packed-bit local descriptors (binarised DELG*; use
+            --descriptor_threshold=1.1).
         seed: RANSAC seed.
 
     Raises:
-        MatchingConfigError: a value out of range (names the field).
+        ConfigError: a value out of range (names the field, in ``error.field``).
     """
 
     descriptor_threshold: float = defaults.DEFAULT_DESCRIPTOR_THRESHOLD
@@ -99,10 +89,14 @@ class MatchingConfig:
         )
         field_defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for ok, name, expected in checks:
-            if not ok:
-                raise MatchingConfigError(
-                    name, expected, getattr(self, name), field_defaults[name]
-                )
+            expect(
+                ok,
+                name,
+                expected,
+                getattr(self, name),
+                owner="MatchingConfig",
+                fix=f"pass such a value or keep the default {field_defaults[name]!r}",
+            )
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from delg_tf.backbones import resnet
+from delg_tf.configs import ConfigError, expect
 from delg_tf.layers.attention_head import AttentionHead
 from delg_tf.layers.attention_pooling import ATTENTION_POOL_REDUCTIONS, AttentionPooling
 from delg_tf.layers.autoencoder import Autoencoder
@@ -138,12 +139,17 @@ class DelgModelConfig:
             return float(self.arcface_scale_init)
         return math.sqrt(self.embedding_dim)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self):
-        """Raises ValueError naming the field, the expected and the received value."""
+        """Checks every field (done at construction); returns self.
+
+        Raises:
+          ConfigError: naming the field, the expected and the received value.
+        """
         def check(ok, field, expected):
-            if not ok:
-                raise ValueError(f"DelgModelConfig.{field}: expected {expected}, received "
-                                 f"{getattr(self, field)!r}.")
+            expect(ok, field, expected, getattr(self, field), owner="DelgModelConfig")
 
         check(isinstance(self.num_classes, int) and self.num_classes >= 1, "num_classes",
               "an integer >= 1 (the number of training classes)")
@@ -174,7 +180,7 @@ class DelgModelConfig:
         check(self.gradient_clip_norm is None or self.gradient_clip_norm > 0,
               "gradient_clip_norm", "None or a positive number")
         if self.backbone_layout != "keras" and self.imagenet_weights == "imagenet":
-            raise ValueError(
+            raise ConfigError(
                 "DelgModelConfig.imagenet_weights: 'imagenet' (keras.applications weights) "
                 f"needs backbone_layout='keras', received backbone_layout="
                 f"{self.backbone_layout!r}. Pass a tf-slim resnet_v1 checkpoint path for "
@@ -190,8 +196,8 @@ class DelgModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"DelgModelConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}.")
+            raise ConfigError(f"DelgModelConfig: unknown keys {unknown}; expected a subset of "
+                              f"{sorted(known)}.")
         return cls(**values)
 
 

@@ -37,6 +37,7 @@ import keras
 import tensorflow as tf
 
 from delg_tf.backbones.resnet import build_resnet
+from delg_tf.configs import ConfigError, expect
 from delg_tf.layers.global_descriptor import GlobalDescriptor, parse_descriptor_codes
 from delg_tf.layers.local_branch import LocalBranch
 from delg_tf.layers.multi_atrous import DOLG_ATROUS_RATES
@@ -149,13 +150,17 @@ class GlocalModelConfig:
             set_("global_descriptors", ",".join(parse_descriptor_codes(self.global_descriptors)))
         except ValueError:
             pass  # Reported by validate().
+        self.validate()
 
     def validate(self):
-        """Raises ValueError naming the field, the expected and the received value."""
+        """Checks every field (done at construction); returns self.
+
+        Raises:
+          ConfigError: naming the field, the expected and the received value (a
+            ValueError of `parse_descriptor_codes` for `global_descriptors`).
+        """
         def check(ok, field, expected):
-            if not ok:
-                raise ValueError(f"GlocalModelConfig.{field}: expected {expected}, received "
-                                 f"{getattr(self, field)!r}.")
+            expect(ok, field, expected, getattr(self, field), owner="GlocalModelConfig")
 
         check(isinstance(self.num_classes, int) and self.num_classes >= 1, "num_classes",
               "an integer >= 1 (the number of training classes)")
@@ -191,12 +196,11 @@ class GlocalModelConfig:
 
     def check_steps_per_epoch(self):
         """The epoch-limited auxiliary loss needs steps_per_epoch (known after the data)."""
-        if self.use_aux and self.aux_epochs > 0 and self.steps_per_epoch < 1:
-            raise ValueError(
-                f"GlocalModelConfig.steps_per_epoch: expected >= 1 with aux_epochs="
-                f"{self.aux_epochs} (optimizer steps per epoch = training images // batch "
-                f"size), received {self.steps_per_epoch!r}; set --steps_per_epoch, or "
-                f"--aux_epochs={AUX_ALL_EPOCHS} (all epochs) or --aux_weight=0 (off).")
+        expect(not (self.use_aux and self.aux_epochs > 0 and self.steps_per_epoch < 1),
+               "steps_per_epoch", f">= 1 with aux_epochs={self.aux_epochs} (optimizer steps "
+               "per epoch = training images // batch size)", self.steps_per_epoch,
+               owner="GlocalModelConfig", fix=f"set --steps_per_epoch, or --aux_epochs="
+               f"{AUX_ALL_EPOCHS} (all epochs) or --aux_weight=0 (off)")
 
     def resolved_image_normalization(self):
         """The normalisation mode actually used."""
@@ -233,8 +237,8 @@ class GlocalModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"GlocalModelConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}.")
+            raise ConfigError(f"GlocalModelConfig: unknown keys {unknown}; expected a subset "
+                              f"of {sorted(known)}.")
         return cls(**values)
 
 

@@ -29,12 +29,12 @@
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from delg_tf import atomic
+from delg_tf.configs import ConfigError, expect
 from delg_tf.extraction.config import DEFAULT_GLOBAL_SCALES_IND, DEFAULT_IMAGE_SCALES
 from delg_tf.extraction.raw_model import FORMAT_TF1, FORMAT_TF2, detect_format
 from delg_tf.official import mapping as mapping_lib
@@ -106,11 +106,17 @@ class ConvertConfig:
     export: bool = True
     verify_export: bool = True
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self):
+        """Checks every field (done at construction); returns self.
+
+        Raises:
+          ConfigError: naming the flag, the expected and the received value.
+        """
         def check(ok, field, expected):
-            if not ok:
-                raise ValueError(f"--{field}: expected {expected}, received "
-                                 f"{getattr(self, field)!r}.")
+            expect(ok, field, expected, getattr(self, field))
 
         check(bool(self.model_path), "model_path", "an official DELG SavedModel directory")
         check(bool(self.output_dir), "output_dir", "a directory to write the conversion to")
@@ -121,7 +127,7 @@ class ConvertConfig:
         for field in ("global_tolerance", "descriptor_tolerance", "attention_tolerance"):
             check(getattr(self, field) > 0, field, "a positive number")
         if Path(self.model_path).resolve() == Path(self.output_dir).resolve():
-            raise ValueError("--output_dir must differ from --model_path.")
+            raise ConfigError("--output_dir must differ from --model_path.", "output_dir")
         return self
 
 
@@ -323,9 +329,9 @@ def convert(config, log=print):
     candidate_fn = pyramid.PyramidExtractor(model)
     results = run_self_check(reference_fn, candidate_fn, images, config, log)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+    # Written aside and renamed into place: `out` is the old or the new conversion.
+    with atomic.staged_directory(out) as tmp:
+        tmp.mkdir()
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(**{CHECKPOINT_MODEL_KEY: model}),
                                              str(tmp / CHECKPOINT_DIR), max_to_keep=1)
         checkpoint_path = manager.save(checkpoint_number=0)
@@ -355,12 +361,6 @@ def convert(config, log=print):
             "export_self_check": export_results,
         }
         (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out}/{CHECKPOINT_DIR}, {out}/{MODEL_CONFIG_FILE}, {out}/{MODEL_FLAGS_FILE}, "
         f"{out}/{CONVERSION_FILE}" + (f", {out}/{SAVED_MODEL_DIR}" if config.export else ""))
     log(f"fine-tune: python -m delg_tf.train --flagfile={out}/{MODEL_FLAGS_FILE} "

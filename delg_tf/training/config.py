@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
-MODEL_FAMILIES = ("delg", "glocal")
+from delg_tf.configs import (MODEL_FAMILIES, ConfigError, expect, expect_choice, expect_int,
+                             is_finite, is_int)
+
 DATA_SOURCES = ("gldv2", "embedded", "cub")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -58,10 +59,6 @@ RESUMABLE_CHANGES = frozenset({
 # Intra-op threads of a --deterministic run that sets none: oneDNN and Eigen split a
 # reduction by thread count, so the count must be the same on every machine.
 DETERMINISTIC_INTRA_OP_THREADS = 2
-
-
-class ConfigError(ValueError):
-    """An invalid training flag/config value. The message names the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,54 +158,55 @@ class TrainConfig:
     deterministic: bool = False
     intra_op_threads: int = 0
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "TrainConfig":
-        """Checks every field; returns self so calls chain.
+        """Checks every field (done at construction); returns self so calls chain.
 
         Raises:
             ConfigError: naming the flag, the expected and the received value.
         """
-        _expect(bool(self.logdir), "logdir", "a folder for checkpoints and summaries",
-                self.logdir)
-        _expect_choice("model_family", self.model_family, MODEL_FAMILIES)
-        _expect_choice("data_source", self.data_source, DATA_SOURCES)
-        _expect_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _expect_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _expect_choice("strategy", self.strategy, STRATEGIES)
-        _expect_choice("embedded_preset", self.embedded_preset, EMBEDDED_PRESETS)
+        expect(bool(self.logdir), "logdir", "a folder for checkpoints and summaries",
+               self.logdir)
+        expect_choice("model_family", self.model_family, MODEL_FAMILIES)
+        expect_choice("data_source", self.data_source, DATA_SOURCES)
+        expect_choice("optimizer", self.optimizer, OPTIMIZERS)
+        expect_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        expect_choice("strategy", self.strategy, STRATEGIES)
+        expect_choice("embedded_preset", self.embedded_preset, EMBEDDED_PRESETS)
         for name in ("max_iters", "batch_size", "image_size", "checkpoint_interval",
                      "max_checkpoints_to_keep", "summary_interval", "log_interval",
                      "validation_steps", "num_parallel_reads"):
-            value = getattr(self, name)
-            _expect(_is_int(value) and value >= 1, name, "an integer >= 1", value)
+            expect_int(name, getattr(self, name), 1)
         for name in ("validation_interval", "warmup_steps", "seed", "embedded_train_landmarks",
                      "intra_op_threads"):
-            value = getattr(self, name)
-            _expect(_is_int(value) and value >= 0, name, "an integer >= 0", value)
-        _expect(self.warmup_steps < self.max_iters, "warmup_steps",
-                f"fewer steps than --max_iters={self.max_iters}", self.warmup_steps)
-        _expect(self.num_classes is None or (_is_int(self.num_classes)
-                                             and self.num_classes >= 2),
-                "num_classes", "an integer >= 2, or unset to read it from the data",
-                self.num_classes)
-        _expect(_is_finite(self.initial_lr) and self.initial_lr > 0, "initial_lr",
-                "a float > 0 (paper: within [3e-4, 1e-2])", self.initial_lr)
-        _expect(_is_finite(self.momentum) and 0 <= self.momentum < 1, "momentum",
-                "a float in [0, 1)", self.momentum)
-        _expect(_is_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-                "a float >= 0", self.weight_decay)
+            expect_int(name, getattr(self, name), 0)
+        expect(self.warmup_steps < self.max_iters, "warmup_steps",
+               f"fewer steps than --max_iters={self.max_iters}", self.warmup_steps)
+        expect(self.num_classes is None or (is_int(self.num_classes)
+                                            and self.num_classes >= 2),
+               "num_classes", "an integer >= 2, or unset to read it from the data",
+               self.num_classes)
+        expect(is_finite(self.initial_lr) and self.initial_lr > 0, "initial_lr",
+               "a float > 0 (paper: within [3e-4, 1e-2])", self.initial_lr)
+        expect(is_finite(self.momentum) and 0 <= self.momentum < 1, "momentum",
+               "a float in [0, 1)", self.momentum)
+        expect(is_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+               "a float >= 0", self.weight_decay)
         if self.data_source == "gldv2":
-            _expect(bool(self.train_file_pattern), "train_file_pattern",
-                    "a glob of GLDv2 training TFRecords, e.g. "
-                    "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
-                    "python -m delg_tf.data.build_tfrecords)", self.train_file_pattern)
+            expect(bool(self.train_file_pattern), "train_file_pattern",
+                   "a glob of GLDv2 training TFRecords, e.g. "
+                   "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
+                   "python -m delg_tf.data.build_tfrecords)", self.train_file_pattern)
         if self.embedded_train_landmarks:
-            _expect(self.data_source == "embedded" and self.model_family == "delg",
-                    "embedded_train_landmarks",
-                    "0 unless --data_source=embedded --model_family=delg (Glocal has its own "
-                    "split of the embedded landmarks; other sources have their own data)",
-                    self.embedded_train_landmarks)
+            expect(self.data_source == "embedded" and self.model_family == "delg",
+                   "embedded_train_landmarks",
+                   "0 unless --data_source=embedded --model_family=delg (Glocal has its own "
+                   "split of the embedded landmarks; other sources have their own data)",
+                   self.embedded_train_landmarks)
         if self.strategy != "tpu":
-            _expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
+            expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
         return self
 
     @property
@@ -309,21 +307,3 @@ def flags_text(record: dict) -> str:
             if line is not None:
                 lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value)
-
-
-def _expect(ok, name, expected, received):
-    if not ok:
-        raise ConfigError(f"--{name} must be {expected}; received {received!r}.")
-
-
-def _expect_choice(name, value, choices):
-    _expect(value in choices, name, f"one of {', '.join(choices)}", value)

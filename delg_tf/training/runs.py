@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
+from delg_tf.atomic import write_json_atomic, write_text_atomic
+from delg_tf.configs import MODEL_FAMILIES, ConfigError
 from delg_tf.training import config as config_lib
-from delg_tf.training.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def run_family(record: dict, source=config_lib.CONFIG_JSON_NAME) -> str:
       RunError: a family the trainer does not know (`source` names the file).
     """
     family = record.get("train", {}).get("model_family", DEFAULT_FAMILY)
-    if family not in config_lib.MODEL_FAMILIES:
+    if family not in MODEL_FAMILIES:
         raise RunError(f"{source}: model_family {family!r} is not a delg_tf model family; "
-                       f"expected one of {', '.join(config_lib.MODEL_FAMILIES)}.")
+                       f"expected one of {', '.join(MODEL_FAMILIES)}.")
     return family
 
 
@@ -206,18 +206,12 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
 # Writing the record and checking a resumed run against it (the trainer)
 # --------------------------------------------------------------------------
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_config_files(logdir: Path, record: dict):
     """Writes `config.json` and the re-runnable `flags.txt` into `logdir`."""
     logdir = Path(logdir)
-    _atomic_write(logdir / config_lib.CONFIG_JSON_NAME,
-                  json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _atomic_write(logdir / config_lib.FLAGS_TXT_NAME, config_lib.flags_text(record))
+    write_json_atomic(record, logdir / config_lib.CONFIG_JSON_NAME, indent=2, sort_keys=True,
+                      end="\n")
+    write_text_atomic(logdir / config_lib.FLAGS_TXT_NAME, config_lib.flags_text(record))
 
 
 def check_resume_config(logdir: Path, record: dict):
