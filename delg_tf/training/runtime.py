@@ -20,8 +20,9 @@ import tempfile
 
 import tensorflow as tf
 
+from delg_tf.configs import ConfigError
 from delg_tf.training import config as config_lib
-from delg_tf.training.config import ConfigError, TrainConfig
+from delg_tf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from delg_tf.configs import ConfigError
 from delg_tf.training import config as config_lib
-from delg_tf.training.config import ConfigError, TrainConfig
+from delg_tf.training.config import TrainConfig
 from delg_tf.training.optimization import make_learning_rate_schedule, make_optimizer
 from delg_tf.training.runs import check_resume_config, checkpoint_step, write_config_files
 from delg_tf.training.runtime import (COLLECTIVE_FAILURES, configure_runtime,
@@ -283,7 +284,7 @@ def train(config: TrainConfig, model_config=None, *,
     """Trains (or resumes training) until `config.max_iters`.
 
     Args:
-        config: validated training config (`TrainConfig.validate()` is called again).
+        config: training config (validated at construction).
         model_config: the model family's config (e.g. `DelgModelConfig`); None = the
             family's defaults. Its `num_classes` is filled from the data when unset.
         model_fn: optional `num_classes -> keras.Model` replacing the registry
@@ -301,7 +302,6 @@ def train(config: TrainConfig, model_config=None, *,
         WorkerLostError: a worker of a multi-worker run died or froze.
         TrainingError: the workers of a multi-worker run resume from different steps.
     """
-    config.validate()
     configure_runtime(config)
     logdir = Path(config.logdir)
     strategy = strategy or make_strategy(config.strategy, config.tpu)
