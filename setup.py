@@ -94,6 +94,7 @@ setup(
             "delg-train=delg_tf.train:run",
             "delg-export=delg_tf.export:cli",
             "delg-extract=delg_tf.extract:cli",
+            "delg-extract-beam=delg_tf.extract_beam:cli",
             "delg-evaluate=delg_tf.evaluate:cli",
             "delg-convert-official=delg_tf.convert_official:cli",
             "delg-index=delg_tf.index:cli",
