@@ -42,6 +42,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -89,6 +91,11 @@ class NonFiniteLossError(TrainingError):
 class WorkerLostError(TrainingError):
     """A worker of a multi-worker run died or stopped answering; every worker must be
     restarted (they resume from the chief's last checkpoint)."""
+
+
+class WorkerTerminatedError(TrainingError):
+    """This worker of a multi-worker run received SIGTERM (e.g. `kill <pid>`) and stopped;
+    the others stop with `WorkerLostError`."""
 
 
 # --------------------------------------------------------------------------
@@ -300,11 +307,25 @@ def train(config: TrainConfig, model_config=None, *,
         DataError: missing or empty data.
         NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
         WorkerLostError: a worker of a multi-worker run died or froze.
+        WorkerTerminatedError: this worker of a multi-worker run received SIGTERM.
         TrainingError: the workers of a multi-worker run resume from different steps.
     """
     configure_runtime(config)
-    logdir = Path(config.logdir)
     strategy = strategy or make_strategy(config.strategy, config.tpu)
+    if (not is_multi_worker(strategy)
+            or threading.current_thread() is not threading.main_thread()):
+        return _train(config, model_config, model_fn, data_fn, strategy)
+    # TensorFlow's coordination service takes SIGTERM over (as a preemption notice that
+    # nothing acts on): without this handler `kill <pid>` would not stop the worker.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm(config.logdir, strategy))
+    try:
+        return _train(config, model_config, model_fn, data_fn, strategy)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(config, model_config, model_fn, data_fn, strategy) -> Path:
+    logdir = Path(config.logdir)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the "
@@ -520,14 +541,28 @@ def _check_workers_agree(strategy, step, logdir):
             "shared folder or a gs:// path); fix the folder and restart every worker.")
 
 
-def _worker_lost_error(error, strategy, logdir, step) -> WorkerLostError:
+def _restart_advice(logdir) -> str:
     latest = tf.train.latest_checkpoint(str(logdir))
     resume = (f"resume from the chief's last checkpoint {latest}" if latest
               else "start over (no checkpoint was written yet)")
+    return f"restart every worker of TF_CONFIG with the same flags to {resume}"
+
+
+def _worker_lost_error(error, strategy, logdir, step) -> WorkerLostError:
     return WorkerLostError(
         f"multi-worker training stopped at step {step} on {task_name(strategy)}: lost "
-        f"{describe_collective_failure(error, strategy)}; restart every worker of "
-        f"TF_CONFIG with the same flags to {resume}.")
+        f"{describe_collective_failure(error, strategy)}; {_restart_advice(logdir)}.")
+
+
+def _stop_on_sigterm(logdir, strategy):
+    """A SIGTERM handler raising WorkerTerminatedError (in the main thread)."""
+    def stop(signum, frame):
+        del frame
+        raise WorkerTerminatedError(
+            f"{task_name(strategy)} received {signal.Signals(signum).name} and stopped (the "
+            f"other workers stop too); {_restart_advice(logdir)}.")
+
+    return stop
 
 
 def _restore(path, model, optimizer, step, iterator):
