@@ -452,12 +452,35 @@ class DelgModel(keras.Model):
             losses, outputs = self._forward_losses(images, labels, training=True)
         grads, variables = self._gradients(tape, losses)
         del tape
-        if self.config.gradient_clip_norm is not None:
-            grads, gradient_norm = tf.clip_by_global_norm(grads, self.config.gradient_clip_norm)
-        else:
-            gradient_norm = tf.linalg.global_norm(grads)
+        grads, gradient_norm = self._clip_global_gradient(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
         return self._train_logs(outputs, gradient_norm)
+
+    def _clip_global_gradient(self, grads):
+        """Global-norm clipping of the global batch's gradient; returns (grads, its norm).
+
+        With R > 1 replicas each replica holds one share g_r of the gradient G = sum_r g_r
+        (the losses are scaled by the global batch) and the optimizer sums the shares, so
+        the clipping factor min(1, c / ||G||) must come from the all-reduced G: every share
+        is scaled by it (one extra all-reduce per step). One replica: ``clip_by_global_norm``.
+        """
+        clip = self.config.gradient_clip_norm
+        context = tf.distribute.get_replica_context()
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas == 1 or context is None:
+            if clip is None:
+                return grads, tf.linalg.global_norm(grads)
+            return tf.clip_by_global_norm(grads, clip)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+        norm = tf.linalg.global_norm(summed)
+        if clip is None:
+            return grads, norm
+        factor = clip / tf.maximum(norm, clip)
+        clipped = list(grads)
+        for i in present:
+            clipped[i] = grads[i] * tf.cast(factor, grads[i].dtype)
+        return clipped, norm
 
     def _train_logs(self, outputs, gradient_norm):
         config = self.config
