@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -137,15 +137,32 @@ class Reranker:
         Returns:
             int64 [len(db_ids)].
         """
+        return self.count_matches(query, db_features, db_ids)[0]
+
+    def count_matches(
+        self, query: LocalFeatures, db_features: FeatureSource, db_ids: Sequence[int]
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Inlier and putative-match counts of ``query`` against each image in ``db_ids``.
+
+        Args:
+            query: query local features.
+            db_features: sequence indexed by db id, or a callable ``id -> LocalFeatures``.
+            db_ids: database ids to verify.
+
+        Returns:
+            (inliers int64 [len(db_ids)], as :meth:`count_inliers`; putative int64
+            [len(db_ids)], the putative matches RANSAC was given).
+        """
         get = db_features if callable(db_features) else db_features.__getitem__
         ids = [int(i) for i in db_ids]
         num_tasks = max(1, min(len(ids), self.num_workers * TASKS_PER_WORKER))
         groups = [g.tolist() for g in np.array_split(np.asarray(ids, dtype=np.int64), num_tasks)]
         counts = self._map(lambda group: self._count_group(query, [get(i) for i in group]), groups)
-        return np.asarray([c for group in counts for c in group], dtype=np.int64).reshape(-1)
+        pairs = np.asarray([c for group in counts for c in group], dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
 
     def _count_group(self, query: LocalFeatures, feats: Sequence[LocalFeatures]) -> list:
-        """Inlier counts of one group of database images (one pool task)."""
+        """(inliers, putative matches) of one group of database images (one pool task)."""
         from delg_tf.matching import colmap_ransac
 
         config = self.config
@@ -167,7 +184,8 @@ class Reranker:
                 iterations=config.ransac_iterations,
                 seed=config.seed,
             )
-            counts.append(res.num_inliers if res.num_inliers >= config.min_inliers else 0)
+            inliers = res.num_inliers if res.num_inliers >= config.min_inliers else 0
+            counts.append((inliers, int(q_idx.size)))
         return counts
 
     def rerank_query(
