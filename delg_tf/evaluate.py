@@ -27,6 +27,16 @@ Extracted features (HDF5 stores of ``delg_tf.extraction.store``):
     python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl \
         --db_features=db.h5 --query_features=queries.h5 --output_json=out.json
 
+Post-processing of the global ranking (stores or end to end), in this order: DBA
+(``--dba=K``), alphaQE (``--query_expansion=aqe --aqe_neighbours=n``), then the
+re-ranker ``--rerank=none|ransac|superglobal|superglobal+ransac|diffusion|ransac_fused``
+(default ransac, the paper's); the JSON's ``postprocessing`` lists what ran, its
+parameters and ms/query per stage:
+
+    python -m delg_tf.evaluate --gnd_path=gnd_roxford5k.pkl --db_features=db.h5 \
+        --query_features=queries.h5 --dba=2 --query_expansion=aqe \
+        --rerank=superglobal+ransac --output_json=out.json
+
 Glocal Retriever (Recall@1, 2, 4, 8, 16, 32 on the unseen test classes; a training
 logdir or an export):
 
@@ -246,11 +256,27 @@ def _main_from_flags(flag_values):
     return main(config, paths)
 
 
+def _parse_flags(argv):
+    """Parses the flags; a malformed value (``--aqe_alpha=abc``) is one ``error:`` line."""
+    from absl import flags
+
+    from delg_tf import cli as runner
+
+    def describe(error):
+        return f"{runner.one_line(error)}; see python -m delg_tf.evaluate --helpfull."
+
+    return runner.report_errors(
+        flags.FLAGS, list(argv),
+        expected_errors=[runner.ErrorRule((flags.Error,), runner.EXIT_USAGE_ERROR, describe)],
+    )
+
+
 def cli():
     """Console entry point."""
     from delg_tf import cli as runner
 
-    runner.run_main(_define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS)
+    runner.run_main(_define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS,
+                    flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

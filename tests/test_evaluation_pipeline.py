@@ -161,6 +161,21 @@ def test_config_record_is_flat_with_the_flag_keys():
         "binary_descriptors": True,
         "search_method": "exact",
         "top_k": 0,
+        "rerank": "ransac",
+        "query_expansion": "none",
+        "aqe_neighbours": 2,
+        "aqe_alpha": 3.0,
+        "dba": 0,
+        "dba_alpha": 3.0,
+        "superglobal_m": 400,
+        "superglobal_k": 9,
+        "superglobal_beta": 0.15,
+        "diffusion_k": 50,
+        "diffusion_query_k": 10,
+        "diffusion_gamma": 3.0,
+        "diffusion_alpha": 0.99,
+        "diffusion_iterations": 20,
+        "diffusion_tolerance": 1e-6,
     }
     mutual = EvaluateConfig(matching=MatchingConfig(mutual_nearest=True)).record()
     assert mutual["mutual_nearest"] is True

@@ -16,10 +16,14 @@ from delg_tf.configs import (
     expect,
     expect_choice,
     expect_int,
+    is_finite,
     is_int,
 )
 from delg_tf.evaluation.revisitop import DEFAULT_KAPPAS
 from delg_tf.matching.pair import MatchingConfig
+from delg_tf.retrieval import diffusion as diffusion_defaults
+from delg_tf.retrieval import query_expansion as qe_defaults
+from delg_tf.retrieval import superglobal as superglobal_defaults
 from delg_tf.retrieval.rerank import DEFAULT_NUM_WORKERS, DEFAULT_SHORTLIST_SIZE
 
 FULL_RANKING = 0  # top_k value meaning "rank the whole database".
@@ -32,6 +36,23 @@ GLOCAL_DEFAULT_DATASET = "cub"
 GLOCAL_RECALL_KS = (1, 2, 4, 8, 16, 32)
 GLOCAL_DEFAULT_BATCH_SIZE = 32
 DEFAULT_DATASET = "embedded"
+# Post-processing of the global ranking (delg_tf.evaluation.pipeline.postprocess).
+RERANK_NONE = "none"
+RERANK_RANSAC = "ransac"  # the paper's: RANSAC inliers of the top shortlist_size.
+RERANK_SUPERGLOBAL = "superglobal"
+RERANK_SUPERGLOBAL_RANSAC = "superglobal+ransac"
+RERANK_DIFFUSION = "diffusion"
+RERANK_RANSAC_FUSED = "ransac_fused"  # significant inliers first, then global similarity.
+RERANK_METHODS = (RERANK_NONE, RERANK_RANSAC, RERANK_SUPERGLOBAL, RERANK_SUPERGLOBAL_RANSAC,
+                  RERANK_DIFFUSION, RERANK_RANSAC_FUSED)
+RANSAC_RERANKERS = (RERANK_RANSAC, RERANK_SUPERGLOBAL_RANSAC, RERANK_RANSAC_FUSED)
+SUPERGLOBAL_RERANKERS = (RERANK_SUPERGLOBAL, RERANK_SUPERGLOBAL_RANSAC)
+QUERY_EXPANSION_NONE = "none"
+QUERY_EXPANSION_AQE = "aqe"
+QUERY_EXPANSIONS = (QUERY_EXPANSION_NONE, QUERY_EXPANSION_AQE)
+# alphaQE's n is tuned per dataset in Radenovic et al. (no paper default): a small one.
+DEFAULT_AQE_NEIGHBOURS = 2
+DBA_OFF = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +79,34 @@ class EvaluateConfig:
         top_k: 0: rank the whole database (revisitop layout [num_db, num_queries]);
             K > 0: keep the global top K per query (memory [K, num_queries], for +1M
             distractors) and score the truncated ranking.
+        rerank: Re-ranking of the global ranking: none; ransac (paper: the top
+            --shortlist_size by RANSAC inliers, ties by global similarity);
+            superglobal (SuperGlobal MDescAug + RerankwMDA of the top --superglobal_m,
+            global descriptors only); superglobal+ransac (SuperGlobal of the top M, then
+            RANSAC of the top --shortlist_size of that, ties in SuperGlobal order);
+            diffusion (Iscen et al. diffusion on the database kNN graph, whole
+            database, needs --top_k=0); ransac_fused (RANSAC inliers count only when
+            significant for the pair, the others keep their global order; see
+            delg_tf.retrieval.significance).
+        query_expansion: none or aqe (alpha-weighted query expansion, Radenovic et al.
+            TPAMI 2018), applied to the global ranking before --rerank.
+        aqe_neighbours: aqe: database neighbours n added to each query (tuned per
+            dataset in the paper).
+        aqe_alpha: aqe: similarity exponent of the neighbour weights (paper: 3).
+        dba: Database-side augmentation before the search: K neighbours added to each
+            database descriptor with the aqe weights (0 = off).
+        dba_alpha: DBA similarity exponent (paper: 3).
+        superglobal_m: SuperGlobal shortlist M (paper: 400).
+        superglobal_k: SuperGlobal neighbours K (paper: 9).
+        superglobal_beta: SuperGlobal neighbour weight beta (paper: 0.15).
+        diffusion_k: Diffusion kNN graph neighbours, the image itself included
+            (paper: 50).
+        diffusion_query_k: Diffusion: nonzeros of each query vector y (paper: 10).
+        diffusion_gamma: Diffusion similarity exponent (paper: 3).
+        diffusion_alpha: Diffusion parameter alpha in [0, 1) (paper: 0.99).
+        diffusion_iterations: Diffusion conjugate-gradient iterations (paper code: 20).
+        diffusion_tolerance: Diffusion conjugate-gradient relative residual (paper
+            code: 1e-6).
     """
 
     shortlist_size: int = DEFAULT_SHORTLIST_SIZE
@@ -67,6 +116,21 @@ class EvaluateConfig:
     allow_truncated_ranks: bool = False
     search_method: str = "exact"
     top_k: int = FULL_RANKING
+    rerank: str = RERANK_RANSAC
+    query_expansion: str = QUERY_EXPANSION_NONE
+    aqe_neighbours: int = DEFAULT_AQE_NEIGHBOURS
+    aqe_alpha: float = qe_defaults.DEFAULT_ALPHA
+    dba: int = DBA_OFF
+    dba_alpha: float = qe_defaults.DEFAULT_ALPHA
+    superglobal_m: int = superglobal_defaults.DEFAULT_TOP_M
+    superglobal_k: int = superglobal_defaults.DEFAULT_NUM_NEIGHBORS
+    superglobal_beta: float = superglobal_defaults.DEFAULT_BETA
+    diffusion_k: int = diffusion_defaults.DEFAULT_GRAPH_NEIGHBORS
+    diffusion_query_k: int = diffusion_defaults.DEFAULT_QUERY_NEIGHBORS
+    diffusion_gamma: float = diffusion_defaults.DEFAULT_GAMMA
+    diffusion_alpha: float = diffusion_defaults.DEFAULT_ALPHA
+    diffusion_iterations: int = diffusion_defaults.DEFAULT_CG_ITERATIONS
+    diffusion_tolerance: float = diffusion_defaults.DEFAULT_CG_TOLERANCE
 
     def __post_init__(self):
         expect(
@@ -93,6 +157,70 @@ class EvaluateConfig:
             "a non-empty list of integers >= 1",
             self.kappas,
         )
+        self._check_postprocessing()
+
+    def _check_postprocessing(self):
+        expect_choice("rerank", self.rerank, RERANK_METHODS)
+        expect_choice("query_expansion", self.query_expansion, QUERY_EXPANSIONS)
+        expect_int("aqe_neighbours", self.aqe_neighbours, 1)
+        expect_int("dba", self.dba, 0, fix="0 turns database-side augmentation off")
+        for name in ("aqe_alpha", "dba_alpha", "superglobal_beta", "diffusion_gamma"):
+            value = getattr(self, name)
+            expect(is_finite(value) and value >= 0, name, "a float >= 0", value)
+        expect_int("superglobal_m", self.superglobal_m, 1)
+        expect_int("superglobal_k", self.superglobal_k, 0)
+        expect_int("diffusion_k", self.diffusion_k, 2,
+                   fix="the graph lists the image itself and k - 1 neighbours")
+        expect_int("diffusion_query_k", self.diffusion_query_k, 1)
+        expect_int("diffusion_iterations", self.diffusion_iterations, 1)
+        expect(is_finite(self.diffusion_alpha) and 0 <= self.diffusion_alpha < 1,
+               "diffusion_alpha", "a float in [0, 1)", self.diffusion_alpha)
+        expect(is_finite(self.diffusion_tolerance) and self.diffusion_tolerance > 0,
+               "diffusion_tolerance", "a float > 0", self.diffusion_tolerance)
+        if self.rerank == RERANK_DIFFUSION:
+            expect(self.top_k == FULL_RANKING, "top_k",
+                   "0 with --rerank=diffusion (diffusion ranks the whole database; databases "
+                   "above the full-ranking limit are searched top-k)", self.top_k,
+                   fix="use --rerank=superglobal or ransac for a top-k search")
+        if self.rerank in SUPERGLOBAL_RERANKERS:
+            expect(self.top_k == FULL_RANKING or self.top_k >= self.superglobal_m, "top_k",
+                   f"0 (full ranking) or an integer >= --superglobal_m={self.superglobal_m} "
+                   f"with --rerank={self.rerank}", self.top_k)
+        if self.rerank == RERANK_SUPERGLOBAL_RANSAC:
+            expect(self.shortlist_size <= self.superglobal_m, "shortlist_size",
+                   f"<= --superglobal_m={self.superglobal_m} with --rerank={self.rerank} "
+                   "(RANSAC verifies the top of the SuperGlobal shortlist)",
+                   self.shortlist_size)
+
+    @property
+    def uses_ransac(self) -> bool:
+        """The re-ranker verifies local features (needs them and shortlist_size > 0)."""
+        return self.rerank in RANSAC_RERANKERS
+
+    def postprocessing_record(self) -> dict:
+        """What :func:`delg_tf.evaluation.pipeline.postprocess` runs, with its parameters.
+
+        ``{"dba": {"neighbours", "alpha"} | None, "query_expansion": {"method",
+        "neighbours", "alpha"} | None, "rerank": {"method", ...its parameters}}``.
+        """
+        dba = None if self.dba == DBA_OFF else {"neighbours": self.dba, "alpha": self.dba_alpha}
+        expansion = None
+        if self.query_expansion == QUERY_EXPANSION_AQE:
+            expansion = {"method": self.query_expansion, "neighbours": self.aqe_neighbours,
+                         "alpha": self.aqe_alpha}
+        rerank = {"method": self.rerank}
+        if self.rerank in SUPERGLOBAL_RERANKERS:
+            rerank["superglobal"] = {"m": self.superglobal_m, "k": self.superglobal_k,
+                                     "beta": self.superglobal_beta}
+        if self.uses_ransac:
+            rerank["ransac"] = {"shortlist_size": self.shortlist_size,
+                                "significant_only": self.rerank == RERANK_RANSAC_FUSED}
+        if self.rerank == RERANK_DIFFUSION:
+            rerank["diffusion"] = {
+                "graph_neighbours": self.diffusion_k, "query_neighbours": self.diffusion_query_k,
+                "gamma": self.diffusion_gamma, "alpha": self.diffusion_alpha,
+                "iterations": self.diffusion_iterations, "tolerance": self.diffusion_tolerance}
+        return {"dba": dba, "query_expansion": expansion, "rerank": rerank}
 
     def record(self) -> dict:
         """The settings as one flat dict (the flag names), as written in results JSONs.

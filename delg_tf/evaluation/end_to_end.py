@@ -9,7 +9,10 @@ Oxford/Paris (or the embedded default data, which has the same layout):
    whole image would be) with :func:`delg_tf.extract.main` into a resumable cache;
 2. rank the database by global similarity (full ranking, or a top-k shortlist of a
    :class:`~delg_tf.retrieval.search.GlobalIndex` for +1M distractors);
-3. re-rank the top ``shortlist_size`` by affine-RANSAC inliers;
+3. re-rank the top ``shortlist_size`` by affine-RANSAC inliers (or the
+   post-processing of ``EvaluateConfig``: DBA, alphaQE, SuperGlobal, diffusion,
+   SuperGlobal then RANSAC, significant-inlier RANSAC; see
+   :func:`delg_tf.evaluation.pipeline.postprocess`);
 4. print the table (global-only vs re-ranked, Easy/Medium/Hard) and write the JSON.
 
 API (used by ``python -m delg_tf.evaluate`` and ``delg_tf.demo``)::
@@ -26,11 +29,13 @@ API (used by ``python -m delg_tf.evaluate`` and ``delg_tf.demo``)::
 ``evaluate_dataset(config, extractor=None) -> dict`` returns the JSON content::
 
     {"global":   {"easy": {"mAP", "mP@1", "mP@5", "mP@10"}, "medium": {...}, "hard": {...}},
-     "reranked": {...same...},
+     "reranked": {...same...},         # "expanded" / "superglobal" too when they ran
      "ranking":  {"search_method", "rows", "num_db", "num_queries", "truncated"},
      "dataset":  {"name", "gnd_path", "images_dir", "num_db", "num_queries"},
      "features": {"db_store", "query_store", "reused_cache", "model"},
      "failed_images": {"database": [names], "queries": [names]},
+     "postprocessing": {"dba", "query_expansion", "rerank", "stages": [{"stage",
+                        "seconds", "ms_per_query", "offline"}], "skipped"},
      "config":   {EvaluateConfig fields}, "timings": {seconds per stage},
      "output_json": path}
 
@@ -541,6 +546,7 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
         **evaluation.results,
         "ranking": evaluation.ranking,
         **extra,
+        "postprocessing": evaluation.postprocessing,
         "config": evaluate.record(),
         "timings": timings,
     }

@@ -5,6 +5,15 @@ descriptor similarity, re-rank the top 100 by the number of affine-RANSAC
 inliers of local features (ties by global similarity), and report revisitop
 Easy/Medium/Hard mAP and mP@k for both rankings.
 
+Post-processing (:func:`postprocess`, the ``EvaluateConfig`` fields ``dba``,
+``query_expansion``, ``rerank``), in this order: DBA of the database and alphaQE
+of the queries (:mod:`delg_tf.retrieval.query_expansion`) give the global ranking
+the re-ranker starts from; then the re-ranker: RANSAC (the paper's), SuperGlobal
+(:mod:`delg_tf.retrieval.superglobal`), SuperGlobal then RANSAC of the top of its
+ranking, diffusion (:mod:`delg_tf.retrieval.diffusion`) or RANSAC with significant
+inliers only (:mod:`delg_tf.retrieval.significance`). Each stage is timed
+(:class:`StageTimer`); the results JSON lists them under ``postprocessing``.
+
 Inputs are numpy arrays, so this module does not depend on how features were
 extracted; :func:`load_store_features` reads them from a delg_tf HDF5 feature
 store (``delg_tf.extraction.store``, imported lazily).
@@ -23,7 +32,16 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from delg_tf.evaluation.config import FULL_RANKING, EvaluateConfig
+from delg_tf.evaluation.config import (
+    DBA_OFF,
+    FULL_RANKING,
+    QUERY_EXPANSION_AQE,
+    RERANK_DIFFUSION,
+    RERANK_RANSAC_FUSED,
+    RERANK_SUPERGLOBAL_RANSAC,
+    SUPERGLOBAL_RERANKERS,
+    EvaluateConfig,
+)
 from delg_tf.evaluation.ranks import write_json
 from delg_tf.evaluation.revisitop import (
     MISSING_ID,
@@ -33,6 +51,22 @@ from delg_tf.evaluation.revisitop import (
 from delg_tf.matching.features import LocalFeatures
 from delg_tf.retrieval import search
 from delg_tf.retrieval.rerank import Reranker
+
+# Stages of the evaluation, in the order they run (results JSON "postprocessing").
+STAGE_SEARCH = "search"  # global search with the descriptors as given (the "global" row).
+STAGE_DBA = "dba"
+STAGE_AQE = "aqe"
+STAGE_SEARCH_EXPANDED = "search_expanded"  # global search after DBA / alphaQE.
+STAGE_SUPERGLOBAL = "superglobal"
+STAGE_RANSAC = "ransac"
+STAGE_RANSAC_FUSED = "ransac_fused"
+STAGE_DIFFUSION_GRAPH = "diffusion_graph"
+STAGE_DIFFUSION = "diffusion"
+# Database-side stages, run once for every query (their ms/query is amortised).
+OFFLINE_STAGES = (STAGE_DBA, STAGE_DIFFUSION_GRAPH)
+RERANK_STAGES = (STAGE_SUPERGLOBAL, STAGE_RANSAC, STAGE_RANSAC_FUSED, STAGE_DIFFUSION_GRAPH,
+                 STAGE_DIFFUSION)
+MS_PER_SECOND = 1000.0
 
 
 class FeatureInputError(ValueError):
@@ -73,9 +107,215 @@ class FeaturesEvaluation:
     global_scores: Optional[np.ndarray] = None
     truncated: bool = False
     ranking: dict = dataclasses.field(default_factory=dict)
+    expanded_ranks: Optional[np.ndarray] = None
+    superglobal_ranks: Optional[np.ndarray] = None
+    postprocessing: dict = dataclasses.field(default_factory=dict)
 
 
-def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: EvaluateConfig):
+class StageTimer:
+    """Wall time of each evaluation stage, in the order the stages ran.
+
+    Args:
+        num_queries: queries the stages serve (ms/query = seconds / num_queries).
+    """
+
+    def __init__(self, num_queries: int):
+        self.num_queries = int(num_queries)
+        self.seconds = {}
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)``, its wall time added to stage ``name``."""
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    def record(self) -> list:
+        """``[{"stage", "seconds", "ms_per_query", "offline"}, ...]`` in run order."""
+        return [
+            {
+                "stage": name,
+                "seconds": seconds,
+                "ms_per_query": MS_PER_SECOND * seconds / max(self.num_queries, 1),
+                "offline": name in OFFLINE_STAGES,
+            }
+            for name, seconds in self.seconds.items()
+        ]
+
+
+def _nonzero_rows(x: np.ndarray) -> np.ndarray:
+    """Rows with a descriptor, bool [N] (failed images have all-zero rows)."""
+    return np.any(x != 0, axis=1)
+
+
+def expand_descriptors(
+    db_global: np.ndarray,
+    query_global: np.ndarray,
+    config: EvaluateConfig,
+    timer: Optional[StageTimer] = None,
+):
+    """DBA of the database (``config.dba`` > 0) and alphaQE of the queries (``aqe``).
+
+    Descriptors are L2-normalised first. DBA: each database row += its ``dba``
+    nearest other rows weighted by similarity^``dba_alpha``
+    (:func:`~delg_tf.retrieval.query_expansion.database_augmentation`); alphaQE: each
+    query += its ``aqe_neighbours`` nearest rows of the (augmented) database,
+    weighted by similarity^``aqe_alpha``
+    (:func:`~delg_tf.retrieval.query_expansion.alpha_query_expansion`). All-zero
+    rows (images whose extraction failed) are left out of both and stay zero.
+
+    Args:
+        db_global: float [num_db, D].
+        query_global: float [num_queries, D].
+        config: ``dba``, ``dba_alpha``, ``query_expansion``, ``aqe_neighbours``, ``aqe_alpha``.
+        timer: records the ``dba`` and ``aqe`` stages.
+
+    Returns:
+        (database float32 [num_db, D], queries float32 [num_queries, D]), unit rows.
+    """
+    from delg_tf.retrieval import query_expansion as qe
+
+    timer = timer if timer is not None else StageTimer(len(query_global))
+    database = search.l2_normalize(db_global)
+    queries = search.l2_normalize(query_global)
+    db_ok, q_ok = _nonzero_rows(database), _nonzero_rows(queries)
+    if config.dba != DBA_OFF and db_ok.any():
+        augmented = timer.run(
+            STAGE_DBA, qe.database_augmentation, database[db_ok], config.dba, config.dba_alpha
+        )
+        database = augmented if db_ok.all() else _scatter_rows(database, db_ok, augmented)
+    if config.query_expansion == QUERY_EXPANSION_AQE and db_ok.any() and q_ok.any():
+        expanded = timer.run(
+            STAGE_AQE,
+            qe.alpha_query_expansion,
+            queries[q_ok],
+            database[db_ok],
+            config.aqe_neighbours,
+            config.aqe_alpha,
+        )
+        queries = expanded if q_ok.all() else _scatter_rows(queries, q_ok, expanded)
+    return database, queries
+
+
+def _scatter_rows(base: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    out = base.copy()
+    out[mask] = rows
+    return out
+
+
+def superglobal_ranking(
+    ranks: np.ndarray,
+    db_global: np.ndarray,
+    query_global: np.ndarray,
+    config: EvaluateConfig,
+    normalized: bool = False,
+) -> np.ndarray:
+    """SuperGlobal re-ranking (MDescAug + RerankwMDA) of the top ``superglobal_m`` of each column.
+
+    The computation of :func:`delg_tf.retrieval.superglobal.superglobal_rerank`
+    (``superglobal_k`` neighbours, ``superglobal_beta``) per query, on the valid
+    prefix of each column (a truncated ranking may end with -1), reading only the
+    shortlisted database rows, so a +1M database is never normalised whole.
+
+    Args:
+        ranks: int [R, num_queries] initial ranking.
+        db_global: float [num_db, D] database descriptors.
+        query_global: float [num_queries, D].
+        config: ``superglobal_m``, ``superglobal_k``, ``superglobal_beta``.
+        normalized: the descriptors are already L2-normalised (else each shortlist
+            row is normalised, as :func:`~delg_tf.retrieval.search.l2_normalize`).
+
+    Returns:
+        int64 [R, num_queries]: re-ranked shortlists, the rest unchanged.
+    """
+    from delg_tf.retrieval import superglobal as sg
+
+    out = np.array(ranks, dtype=np.int64, copy=True)
+    queries = np.asarray(query_global, np.float32) if normalized else search.l2_normalize(
+        query_global
+    )
+    for q in range(out.shape[1]):
+        valid = int(np.count_nonzero(out[:, q] != MISSING_ID))
+        size = min(config.superglobal_m, valid)
+        if size == 0:
+            continue
+        ids = out[:size, q].copy()
+        shortlist = np.asarray(db_global[ids], np.float32)
+        if not normalized:
+            shortlist = search.l2_normalize(shortlist)
+        final, refined = sg.superglobal_scores(
+            queries[q], shortlist, config.superglobal_k, config.superglobal_beta
+        )
+        out[:size, q] = ids[sg.rerank_shortlist(final, refined)]
+    return out
+
+
+def diffusion_ranking(
+    database: np.ndarray,
+    queries: np.ndarray,
+    fallback_ranks: np.ndarray,
+    config: EvaluateConfig,
+    timer: Optional[StageTimer] = None,
+) -> np.ndarray:
+    """Diffusion ranking of the whole database (Iscen et al. CVPR 2017).
+
+    :func:`delg_tf.retrieval.diffusion.diffusion_ranking` with the ``diffusion_*``
+    settings; the graph (``diffusion_graph`` stage, database side) is built once.
+    Images without a descriptor (all-zero rows) are not graph nodes and come last,
+    by id; a query without a descriptor keeps its ``fallback_ranks`` column.
+
+    Args:
+        database: float [num_db, D], L2-normalised rows (or zero).
+        queries: float [num_queries, D], L2-normalised rows (or zero).
+        fallback_ranks: int [num_db, num_queries] the global ranking.
+        config: ``diffusion_k``, ``diffusion_query_k``, ``diffusion_gamma``,
+            ``diffusion_alpha``, ``diffusion_iterations``, ``diffusion_tolerance``.
+        timer: records the ``diffusion_graph`` and ``diffusion`` stages.
+
+    Returns:
+        int64 [num_db, num_queries].
+    """
+    from delg_tf.retrieval import diffusion
+
+    timer = timer if timer is not None else StageTimer(len(queries))
+    db_ok, q_ok = _nonzero_rows(database), _nonzero_rows(queries)
+    out = np.array(fallback_ranks, dtype=np.int64, copy=True)
+    if not db_ok.any() or not q_ok.any():
+        return out
+    db_ids = np.flatnonzero(db_ok)
+    system = timer.run(
+        STAGE_DIFFUSION_GRAPH,
+        diffusion.diffusion_system,
+        database[db_ok],
+        config.diffusion_k,
+        config.diffusion_gamma,
+        config.diffusion_alpha,
+    )
+    ranks, _ = timer.run(
+        STAGE_DIFFUSION,
+        diffusion.diffusion_ranking,
+        queries[q_ok],
+        database[db_ok],
+        system=system,
+        query_neighbors=config.diffusion_query_k,
+        gamma=config.diffusion_gamma,
+        tolerance=config.diffusion_tolerance,
+        max_iterations=config.diffusion_iterations,
+    )
+    missing = np.flatnonzero(~db_ok)
+    columns = np.concatenate(
+        [db_ids[ranks], np.repeat(missing[:, None], ranks.shape[1], axis=1)], axis=0
+    )
+    out[:, q_ok] = columns
+    return out
+
+
+def global_ranking(
+    db_global: np.ndarray,
+    query_global: np.ndarray,
+    config: EvaluateConfig,
+    normalized: bool = False,
+):
     """Ranks the database for every query by global similarity (cosine).
 
     With ``config.top_k == 0`` and exact search: the complete ranking (revisitop
@@ -88,6 +328,8 @@ def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: Eval
         db_global: float [num_db, D].
         query_global: float [num_queries, D].
         config: ``search_method`` and ``top_k``.
+        normalized: the rows are L2-normalised already (the exact full ranking then
+            uses them as they are: ``database @ queries.T``).
 
     Returns:
         (ranks int64 [R, num_queries], scores float32 [R, num_queries] aligned with
@@ -95,9 +337,11 @@ def global_ranking(db_global: np.ndarray, query_global: np.ndarray, config: Eval
     """
     num_db = db_global.shape[0]
     if config.top_k == FULL_RANKING and config.search_method == "exact":
-        ranks, by_id = search.full_ranking(
-            search.l2_normalize(query_global), search.l2_normalize(db_global)
-        )
+        if not normalized:
+            query_global, db_global = (
+                search.l2_normalize(query_global), search.l2_normalize(db_global)
+            )
+        ranks, by_id = search.full_ranking(query_global, db_global)
         return ranks, np.take_along_axis(by_id, ranks, axis=0), False
     k = num_db if config.top_k == FULL_RANKING else min(config.top_k, num_db)
     index = search.GlobalIndex(config.search_method, seed=config.matching.seed).build(db_global)
@@ -115,31 +359,152 @@ def rerank_ranking(
     config: EvaluateConfig,
     binary: bool = False,
     progress: Optional[Callable] = None,
+    significant_only: bool = False,
 ) -> np.ndarray:
     """Re-ranks the top ``config.shortlist_size`` of each column by RANSAC inliers.
 
     Args:
         ranks: int [R, num_queries] global ranking (full or truncated, -1 padding last).
-        scores: float [R, num_queries] global similarities aligned with ``ranks``.
+        scores: float [R, num_queries] global similarities aligned with ``ranks``, or
+            None: ties keep the order of ``ranks``.
         query_local: LocalFeatures of each query.
         db_local: LocalFeatures by database id (sequence or callable ``id -> LocalFeatures``).
         config: matching settings, shortlist size, workers.
         binary: packed-bit descriptors (DELG*).
         progress: optional iterator wrapper (tqdm).
+        significant_only: count inliers only when significant for the pair
+            (:func:`delg_tf.retrieval.significance.rerank_query_significant`).
 
     Returns:
         int64 [R, num_queries] re-ranked ranking (entries after the shortlist unchanged).
     """
+    from delg_tf.retrieval.significance import rerank_query_significant
+
     out = ranks.copy()
     queries = range(ranks.shape[1])
     matching = dataclasses.replace(config.matching, binary_descriptors=binary)
     with Reranker(matching, config.shortlist_size, config.num_workers) as reranker:
         for q in progress(queries) if progress else queries:
             valid = int(np.count_nonzero(ranks[:, q] != MISSING_ID))
-            result = reranker.rerank_query(
-                query_local[q], ranks[:valid, q], db_local, scores[:valid, q]
-            )
+            column = None if scores is None else scores[:valid, q]
+            if significant_only:
+                result = rerank_query_significant(
+                    reranker, query_local[q], ranks[:valid, q], db_local, column
+                )
+            else:
+                result = reranker.rerank_query(query_local[q], ranks[:valid, q], db_local, column)
             out[:valid, q] = result.ranking
+    return out
+
+
+@dataclasses.dataclass
+class PostprocessedRanking:
+    """Result of :func:`postprocess`.
+
+    Attributes:
+        ranks: int [R, num_queries] the final ranking.
+        expanded: (ranks, scores, truncated) of the global search after DBA / alphaQE,
+            or None when neither ran.
+        superglobal: the SuperGlobal ranking of ``superglobal+ransac`` before RANSAC
+            (None otherwise).
+        reranked: the re-ranker's output (None when no re-ranker ran).
+        skipped: stages the config asked for that could not run, with the reason.
+    """
+
+    ranks: np.ndarray
+    expanded: Optional[tuple] = None
+    superglobal: Optional[np.ndarray] = None
+    reranked: Optional[np.ndarray] = None
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+def postprocess(
+    ranks: np.ndarray,
+    scores: np.ndarray,
+    db_global: np.ndarray,
+    query_global: np.ndarray,
+    config: EvaluateConfig,
+    query_local: Optional[Sequence[LocalFeatures]] = None,
+    db_local=None,
+    binary: bool = False,
+    progress: Optional[Callable] = None,
+    timer: Optional[StageTimer] = None,
+) -> PostprocessedRanking:
+    """DBA and alphaQE, then the re-ranker, on the global ranking (``ranks``, ``scores``).
+
+    1. DBA / alphaQE (:func:`expand_descriptors`) and a new global search with the
+       expanded descriptors (:func:`global_ranking`, same ``search_method`` and
+       ``top_k``); skipped when both are off.
+    2. ``config.rerank``: ``ransac`` (:func:`rerank_ranking`, ties by the global
+       similarity), ``superglobal`` (:func:`superglobal_ranking`),
+       ``superglobal+ransac`` (SuperGlobal of the top ``superglobal_m``, then RANSAC
+       of the top ``shortlist_size`` of that, ties in SuperGlobal order),
+       ``diffusion`` (:func:`diffusion_ranking`) or ``ransac_fused`` (RANSAC with
+       significant inliers only). SuperGlobal and diffusion use the descriptors of
+       step 1. RANSAC stages need local features and ``shortlist_size`` > 0; without
+       them they are skipped (listed in ``skipped``).
+
+    Args:
+        ranks: int [R, num_queries] global ranking of :func:`global_ranking`.
+        scores: float [R, num_queries] its similarities.
+        db_global: float [num_db, D] database descriptors (as given to the search).
+        query_global: float [num_queries, D].
+        config: the post-processing settings (see :class:`EvaluateConfig`).
+        query_local: LocalFeatures of each query (None: no RANSAC).
+        db_local: LocalFeatures by database id (sequence or callable), or None.
+        binary: packed-bit local descriptors (DELG*).
+        progress: optional iterator wrapper over queries (RANSAC).
+        timer: records every stage (:data:`STAGE_DBA` ... :data:`STAGE_DIFFUSION`).
+
+    Returns:
+        PostprocessedRanking.
+    """
+    timer = timer if timer is not None else StageTimer(len(query_global))
+    out = PostprocessedRanking(ranks)
+    database, queries, normalized = db_global, query_global, False
+    if config.dba != DBA_OFF or config.query_expansion == QUERY_EXPANSION_AQE:
+        database, queries = expand_descriptors(db_global, query_global, config, timer)
+        normalized = True
+        ranks, scores, truncated = timer.run(
+            STAGE_SEARCH_EXPANDED, global_ranking, database, queries, config, normalized=True
+        )
+        out.expanded = (ranks, scores, truncated)
+        out.ranks = ranks
+    has_local = db_local is not None and query_local is not None and config.shortlist_size > 0
+    rerank_scores = scores
+    if config.rerank in SUPERGLOBAL_RERANKERS:
+        ranks = timer.run(
+            STAGE_SUPERGLOBAL, superglobal_ranking, ranks, database, queries, config, normalized
+        )
+        out.ranks = out.reranked = ranks
+        rerank_scores = None  # RANSAC ties keep the SuperGlobal order.
+        if config.rerank == RERANK_SUPERGLOBAL_RANSAC:
+            out.superglobal = ranks
+    elif config.rerank == RERANK_DIFFUSION:
+        if not normalized:
+            database, queries = search.l2_normalize(database), search.l2_normalize(queries)
+        ranks = diffusion_ranking(database, queries, ranks, config, timer)
+        out.ranks = out.reranked = ranks
+    if config.uses_ransac:
+        if not has_local:
+            out.skipped.append(
+                f"{config.rerank}: no local features (or shortlist_size=0); RANSAC not run"
+            )
+        else:
+            stage = STAGE_RANSAC_FUSED if config.rerank == RERANK_RANSAC_FUSED else STAGE_RANSAC
+            ranks = timer.run(
+                stage,
+                rerank_ranking,
+                ranks,
+                rerank_scores,
+                query_local,
+                db_local,
+                config,
+                binary,
+                progress=progress,
+                significant_only=config.rerank == RERANK_RANSAC_FUSED,
+            )
+            out.ranks = out.reranked = ranks
     return out
 
 
@@ -156,7 +521,7 @@ def evaluate_features(
     verbose: bool = True,
     extra_json: Optional[Mapping] = None,
 ) -> FeaturesEvaluation:
-    """Global-only vs re-ranked revisitop evaluation from feature arrays.
+    """Global-only vs post-processed (DBA, alphaQE, re-ranking) revisitop evaluation.
 
     Args:
         db_global: float [num_db, D] global descriptors (normalised here).
@@ -169,8 +534,15 @@ def evaluate_features(
         config: shortlist size, matching thresholds, workers, kappas, and the global
             search (``search_method``, ``top_k``; see :func:`global_ranking`).
         binary: local descriptors are packed bits (DELG*).
-        output_json: if given, the JSON ``{"global": {...}, "reranked": {...},
-            "ranking": {...}, "config": {...}, "timings": {...}}`` is written there.
+        output_json: if given, the JSON ``{"global": {...}, "expanded": {...},
+            "superglobal": {...}, "reranked": {...}, "ranking": {...},
+            "postprocessing": {...}, "config": {...}, "timings": {...}}`` is written
+            there: ``global`` = the search with the descriptors as given, ``expanded``
+            = after DBA / alphaQE (when on), ``superglobal`` = the SuperGlobal stage of
+            ``superglobal+ransac``, ``reranked`` = after ``config.rerank`` (when a
+            re-ranker ran); ``postprocessing`` = :meth:`EvaluateConfig.postprocessing_record`
+            plus ``stages`` (``[{"stage", "seconds", "ms_per_query", "offline"}]`` in run
+            order) and ``skipped``.
         progress: optional iterator wrapper (e.g. tqdm) over queries.
         verbose: print the results table.
         extra_json: more top-level entries for the JSON (e.g. dataset, failed images).
@@ -199,34 +571,58 @@ def evaluate_features(
         )
     rerank = db_local is not None and query_local is not None and config.shortlist_size > 0
     num_db_local = db_global.shape[0] if callable(db_local) or not rerank else len(db_local)
-    if rerank and (num_db_local != db_global.shape[0] or len(query_local) != len(gnd)):
+    if rerank and config.uses_ransac and (
+        num_db_local != db_global.shape[0] or len(query_local) != len(gnd)
+    ):
         raise FeatureInputError(
             f"need one LocalFeatures per image: got {num_db_local} database (expected "
             f"{db_global.shape[0]}) and {len(query_local)} queries (expected {len(gnd)})."
         )
-    timings = {}
-    start = time.perf_counter()
-    ranks, scores, truncated = global_ranking(db_global, query_global, config)
-    timings["global_search_s"] = time.perf_counter() - start
+    timer = StageTimer(len(gnd))
+    ranks, scores, truncated = timer.run(STAGE_SEARCH, global_ranking, db_global, query_global,
+                                         config)
     results = {"global": evaluate_revisitop(ranks, gnd, config.kappas)}
-    reranked = None
-    if rerank:
-        start = time.perf_counter()
-        reranked = rerank_ranking(
-            ranks, scores, query_local, db_local, config, binary, progress=progress
-        )
-        timings["rerank_s"] = time.perf_counter() - start
-        results["reranked"] = evaluate_revisitop(reranked, gnd, config.kappas)
+    post = postprocess(
+        ranks,
+        scores,
+        db_global,
+        query_global,
+        config,
+        query_local if rerank else None,
+        db_local if rerank else None,
+        binary,
+        progress=progress,
+        timer=timer,
+    )
+    ranked = ranks
+    if post.expanded is not None:
+        ranked, _, truncated = post.expanded
+        results["expanded"] = evaluate_revisitop(ranked, gnd, config.kappas)
+    if post.superglobal is not None:
+        results["superglobal"] = evaluate_revisitop(post.superglobal, gnd, config.kappas)
+    if post.reranked is not None:
+        results["reranked"] = evaluate_revisitop(post.reranked, gnd, config.kappas)
+    timings = {f"{name}_s": seconds for name, seconds in timer.seconds.items()}
+    timings["global_search_s"] = timer.seconds[STAGE_SEARCH]
+    rerank_seconds = [timer.seconds[n] for n in RERANK_STAGES if n in timer.seconds]
+    if rerank_seconds:
+        timings["rerank_s"] = float(sum(rerank_seconds))
+    postprocessing = {
+        **config.postprocessing_record(),
+        "stages": timer.record(),
+        "skipped": post.skipped,
+    }
     if verbose:
         print(format_results_table(results, config.kappas))
         if truncated:
             print(
-                f"(ranking truncated to the global top {ranks.shape[0]} of "
+                f"(ranking truncated to the global top {ranked.shape[0]} of "
                 f"{db_global.shape[0]}: positives beyond it count as not retrieved)"
             )
+        print(format_stages(postprocessing))
     ranking_info = {
         "search_method": config.search_method,
-        "rows": int(ranks.shape[0]),
+        "rows": int(ranked.shape[0]),
         "num_db": int(db_global.shape[0]),
         "num_queries": int(query_global.shape[0]),
         "truncated": bool(truncated),
@@ -237,14 +633,37 @@ def evaluate_features(
                 **results,
                 "ranking": ranking_info,
                 **dict(extra_json or {}),
+                "postprocessing": postprocessing,
                 "config": config.record(),
                 "timings": timings,
             },
             output_json,
         )
     return FeaturesEvaluation(
-        ranks, reranked, results, timings, scores, truncated, ranking_info
+        ranks,
+        post.reranked,
+        results,
+        timings,
+        scores,
+        truncated,
+        ranking_info,
+        expanded_ranks=None if post.expanded is None else post.expanded[0],
+        superglobal_ranks=post.superglobal,
+        postprocessing=postprocessing,
     )
+
+
+def format_stages(postprocessing: Mapping) -> str:
+    """One line: the stages that ran with their ms/query (offline ones marked)."""
+    parts = [
+        f"{stage['stage']} {stage['ms_per_query']:.3g}"
+        + (" (offline)" if stage["offline"] else "")
+        for stage in postprocessing["stages"]
+    ]
+    line = "ms/query: " + ", ".join(parts)
+    for note in postprocessing.get("skipped", []):
+        line += f"\nskipped: {note}"
+    return line
 
 
 class StoreFeatures:
