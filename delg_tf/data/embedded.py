@@ -156,6 +156,16 @@ PRESETS = {
                  num_junk=1, num_distractor_photos=2,
                  num_views_per_distractor=1, jpeg_quality=90),
 }
+# For evaluations where a few points of mAP must not be noise (bench/rerank_quality.py):
+# the default preset's photos, sizes, training and landmark database views, with 10
+# queries per landmark and 42 views per distractor photo (406 database images, so that
+# SuperGlobal's top 400 is a real shortlist). Images are seeded one by one
+# (`_image_rng`), so the default preset's queries and distractors are among them, pixel
+# for pixel, and its files do not change.
+EVAL_QUERIES_PER_LANDMARK = 10
+EVAL_VIEWS_PER_DISTRACTOR = 42
+PRESETS["eval"] = dict(PRESETS["default"], num_queries=EVAL_QUERIES_PER_LANDMARK,
+                       num_views_per_distractor=EVAL_VIEWS_PER_DISTRACTOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,7 +619,8 @@ def build_embedded_dataset(root=None, preset="default", seed=None,
     Args:
         root: dataset folder (created); None = `default_root(preset, ...)`
             (under $DELG_TF_DATA_DIR or ~/.cache/delg_tf).
-        preset: "default" (demo-sized) or "tiny" (tests); the other arguments
+        preset: "default" (demo-sized), "tiny" (tests) or "eval" (the default one
+            with 10 queries per landmark and 336 distractors); the other arguments
             override the preset when not None.
         seed: int seed; same seed and parameters give identical files.
         image_size: long side of query/database/train views in pixels.

@@ -23,7 +23,7 @@ DATA_SOURCES = ("gldv2", "embedded", "cub")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-EMBEDDED_PRESETS = ("default", "tiny")
+EMBEDDED_PRESETS = ("default", "tiny", "eval")  # delg_tf.data.embedded.PRESETS
 
 # Paper Sec. 4.1.
 PAPER_BATCH_SIZE = 16
@@ -80,7 +80,7 @@ class TrainConfig:
         data_dir: "embedded": cache folder for the built dataset and its TFRecords
             (default `<logdir>/data`); "cub": the CUB_200_2011 folder (checked
             when the data is read, with what to download if it is missing).
-        embedded_preset: size preset of the embedded dataset ("default", "tiny").
+        embedded_preset: size preset of the embedded dataset ("default", "tiny", "eval").
         embedded_train_landmarks: "embedded" source, DELG: train on the landmarks with
             id < this only (0 = all), so the others stay unseen for evaluation (the
             paper trains on GLDv2 and tests on other landmarks; `configs/demo.flags`
