@@ -17,9 +17,10 @@ views per "landmark" made with known homographies; no download):
 4. extracts the database and the queries (cropped to their bbx) with
    ``delg_tf.extract`` into ``OUT/features/{database,queries}``;
 5. ranks the queries of the unseen landmarks against the whole database by global
-   descriptors, re-ranks the top 20 by pycolmap affine-RANSAC inliers, and
-   evaluates revisitop Easy/Medium/Hard mAP and mP@k for both, written to
-   ``OUT/results.json``;
+   descriptors, re-ranks the top 20 by pycolmap affine-RANSAC inliers and, beside
+   it, the top 400 (here the whole database) by SuperGlobal (global descriptors
+   only), and evaluates revisitop Easy/Medium/Hard mAP and mP@k for the three,
+   written to ``OUT/results.json``;
 6. draws ``OUT/matches.png`` (a query and its best database image with inlier
    correspondences) and ``OUT/ranking_grid.png`` (top-k before/after re-ranking).
 
@@ -387,13 +388,23 @@ def extract_stage(config: DemoConfig, model_path, paths, gnd_cfg) -> dict:
 # --------------------------------------------------------------------------
 
 def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
-    """Global search, top-k RANSAC re-ranking, revisitop metrics; writes results.json.
+    """Global search, top-k RANSAC and SuperGlobal re-ranking, revisitop metrics.
+
+    ``results["superglobal"]`` is SuperGlobal (MDescAug + RerankwMDA, M = 400,
+    K = 9, beta = 0.15) of the same global ranking, beside the RANSAC one
+    (``results["reranked"]``); its wall time goes to ``evaluation.timings``
+    (``timings.json``), not to the results.
 
     Returns:
         (FeaturesEvaluation, db LocalFeatures, query LocalFeatures, results dict).
     """
     from delg_tf.evaluation.config import EvaluateConfig
-    from delg_tf.evaluation.pipeline import evaluate_features, load_store_features
+    from delg_tf.evaluation.pipeline import (
+        evaluate_features,
+        load_store_features,
+        superglobal_ranking,
+    )
+    from delg_tf.evaluation.revisitop import evaluate_revisitop
 
     db_global, db_local = load_store_features(stores["database"], gnd_cfg["imlist"])
     q_global, q_local = load_store_features(stores["queries"], gnd_cfg["qimlist"])
@@ -401,12 +412,18 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
                                  num_workers=config.num_workers)
     progress = progress_wrapper("re-rank", "query", enabled=config.progress)
     _log(f"retrieve + re-rank: {len(q_local)} queries x {len(db_local)} database images, "
-         f"top-{eval_config.shortlist_size} re-ranked by affine-RANSAC inliers")
+         f"top-{eval_config.shortlist_size} re-ranked by affine-RANSAC inliers; SuperGlobal "
+         f"re-ranks the top {min(eval_config.superglobal_m, len(db_local))}")
     evaluation = evaluate_features(db_global, q_global, gnd_cfg["gnd"], db_local, q_local,
                                    eval_config, progress=progress, verbose=False)
+    start = time.perf_counter()
+    superglobal = superglobal_ranking(evaluation.global_ranks, db_global, q_global, eval_config)
+    evaluation.timings["superglobal_s"] = time.perf_counter() - start
+    rows = {**evaluation.results,
+            "superglobal": evaluate_revisitop(superglobal, gnd_cfg["gnd"], eval_config.kappas)}
     results = {}
-    for name in ("global", "reranked"):
-        per_protocol = evaluation.results[name]
+    for name in ("global", "reranked", "superglobal"):
+        per_protocol = rows[name]
         results[name] = {**per_protocol[MEDIUM], **per_protocol}
     results["protocol"] = MEDIUM
     results["units"] = "percent"
@@ -423,14 +440,17 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
 
 
 def format_table(results: dict) -> str:
-    """Global vs re-ranked, one row per protocol and metric (percent)."""
+    """Global, RANSAC re-ranked and SuperGlobal (if present) per protocol and metric (%)."""
     metrics = [k for k in results["global"][MEDIUM]]
-    lines = [f"{'':<16}{'global':>10}{'re-ranked':>12}"]
+    columns = [("global", 10), ("reranked", 12)]
+    if "superglobal" in results:
+        columns.append(("superglobal", 13))
+    titles = {"reranked": "re-ranked"}
+    lines = [f"{'':<16}" + "".join(f"{titles.get(n, n):>{w}}" for n, w in columns)]
     for protocol in PROTOCOLS:
         for metric in metrics:
-            g = results["global"][protocol][metric]
-            r = results["reranked"][protocol][metric]
-            lines.append(f"{protocol + ' ' + metric:<16}{g:>10.2f}{r:>12.2f}")
+            lines.append(f"{protocol + ' ' + metric:<16}" + "".join(
+                f"{results[n][protocol][metric]:>{w}.2f}" for n, w in columns))
     return "\n".join(lines)
 
 
@@ -627,6 +647,9 @@ def main(config: DemoConfig) -> Path:
     print(format_table(results))
     print(f"medium mAP: global {results['global']['mAP']:.2f} -> re-ranked "
           f"{results['reranked']['mAP']:.2f}")
+    print(f"SuperGlobal (global descriptors only, top "
+          f"{min(results['config']['superglobal_m'], results['num_database'])}): medium mAP "
+          f"{results['superglobal']['mAP']:.2f}")
     if check["inliers"]:
         print(f"ground truth: {check['inliers']} RANSAC inliers of {check['pairs']} correct "
               f"top-1 pairs, median error under the known homography "

@@ -81,7 +81,8 @@ def test_outputs_and_results_json(demo_run):
     assert "stage_seconds" not in results and "timings" not in results
     timings = json.loads((config.root / demo.TIMINGS_JSON).read_text())
     assert timings["stage_seconds"]["train"] > 0
-    for row in ("global", "reranked"):
+    assert timings["evaluation_seconds"]["superglobal_s"] > 0
+    for row in ("global", "reranked", "superglobal"):  # SuperGlobal beside RANSAC.
         assert results[row]["mAP"] == results[row]["medium"]["mAP"]
         for protocol in demo.PROTOCOLS:
             assert set(results[row][protocol]) == {"mAP", "mP@1", "mP@5", "mP@10"}
