@@ -35,6 +35,7 @@ import dataclasses
 from pathlib import Path
 
 from delg_tf.configs import ConfigError, expect, expect_choice, is_int, require
+from delg_tf.locking import output_lock, sibling_lock_file
 
 GLOCAL_FAMILY = "glocal"
 NO_RESIZE = 0  # --image_size value: the Glocal export embeds images at their input size.
@@ -130,7 +131,19 @@ def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
 
 
 def main(config: ExportRunConfig) -> Path:
-    """Restores the trained model and writes the SavedModel. Returns its path."""
+    """Restores the trained model and writes the SavedModel. Returns its path.
+
+    One export per path at a time: it holds the lock file `.<name>.lock` beside
+    `--export_path` (`delg_tf.locking`; the export folder itself appears by a rename) from
+    the first check to the rename; another export to that path refuses (`LockedError`).
+    """
+    lock_file = sibling_lock_file(config.export_path)
+    with output_lock(lock_file, f"--export_path={config.export_path}", name=None):
+        return _export(config)
+
+
+def _export(config: ExportRunConfig) -> Path:
+    """`main` once the export path is locked."""
     if Path(config.export_path).exists() and not config.overwrite:
         # Checked before building anything (export_saved_model checks again).
         raise FileExistsError(

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from delg_tf.configs import ConfigError, expect, expect_int, is_int, require
+from delg_tf.locking import output_lock
 from delg_tf.progress import progress_bar
 
 ERROR_LOG_HEADER = "name\treason\tmessage\n"
@@ -158,6 +159,11 @@ class ExtractConfig:
     @property
     def error_log(self):
         return Path(self.output_dir) / f"errors{self.suffix}.tsv"
+
+    @property
+    def lock_name(self):
+        """The shard's lock file in --output_dir (`delg_tf.locking`), held while it writes."""
+        return f".features{self.suffix}.lock"
 
 
 def list_images(images, image_root=None):
@@ -360,9 +366,9 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
         files clash.
       ExtractModelError: the extractor raised on a readable image (stops the run).
       NoImageExtractedError: every image of the shard failed to load.
+      LockedError: another process is writing this shard of `output_dir`.
     """
-    from delg_tf.data.errors import ImageLoadError
-    from delg_tf.extraction.store import FeatureStoreWriter, completed_names, consolidate
+    from delg_tf.extraction.store import completed_names
 
     if paths is None:
         if not config.images:
@@ -383,6 +389,18 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
         extractor = make_extractor(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per shard (other shards may run in the same folder); see delg_tf.locking.
+    with output_lock(output_dir, f"--output_dir={output_dir} (shard {config.shard_index}/"
+                     f"{config.num_shards})", name=config.lock_name):
+        return _extract_shard(config, shard, extractor, bases, output_dir)
+
+
+def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
+    """`main` once the shard's lock is held: extracts the images of `shard` not yet in
+    its parts, then consolidates the store."""
+    from delg_tf.data.errors import ImageLoadError
+    from delg_tf.extraction.store import FeatureStoreWriter, consolidate
+
     writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
                                 binarized=config.binarize, flush_every=config.flush_every)
     todo = [item for item in shard if item[0] not in writer.done]

@@ -45,10 +45,14 @@ are evaluated as images without features (similarity 0, 0 inliers) and listed in
 records the model, config and extraction settings, and a cache made with another
 model is refused (use another ``--cache_dir``, delete it, or pass
 ``replace_stale_cache=True`` / ``--replace_stale_cache`` to re-extract into it).
+One run writes a cache at a time: while extracting into it, a run holds the lock
+``<cache_dir>/.delg_tf.lock`` (:mod:`delg_tf.locking`) and another one refuses with one
+line naming it; runs that find the cache complete only read it and take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -62,6 +66,7 @@ import numpy as np
 from delg_tf.atomic import write_json_atomic
 from delg_tf.configs import ConfigError, expect_choice
 from delg_tf.evaluation.config import DATASETS, DEFAULT_DATASET, FULL_RANKING, EvaluateConfig
+from delg_tf.locking import output_lock
 from delg_tf.progress import progress_wrapper
 
 # A database larger than this is searched with a top-k shortlist (``LARGE_DB_TOP_K``)
@@ -420,11 +425,14 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
 
     Returns:
         (db store path, query store path, reused: bool = nothing was extracted).
+
+    Raises:
+        LockedError: another run is writing the cache (a complete one is only read).
     """
     from delg_tf import extract
 
     cache = config.cache_path
-    _check_cache_key(cache, model_fingerprint(config), config.replace_stale_cache)
+    key = model_fingerprint(config)
     settings = extract.ExtractConfig(
         output_dir=str(cache),
         delf_config=config.delf_config,
@@ -432,9 +440,26 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
         binarize=config.evaluate.matching.binary_descriptors,
         progress=config.progress,
     )
-    return extract_retrieval_stores(
-        dataset, cache / DB_CACHE_SUBDIR, cache / QUERY_CACHE_SUBDIR, settings, extractor
-    )
+    # One writer per cache (delg_tf.locking); a complete cache of this key is only read.
+    complete = _cache_is_complete(cache, key, dataset, settings)
+    with contextlib.nullcontext() if complete else output_lock(cache, f"--cache_dir={cache}"):
+        _check_cache_key(cache, key, config.replace_stale_cache)
+        return extract_retrieval_stores(
+            dataset, cache / DB_CACHE_SUBDIR, cache / QUERY_CACHE_SUBDIR, settings, extractor
+        )
+
+
+def _cache_is_complete(cache: Path, key: dict, dataset, settings) -> bool:
+    """True if ``cache`` was made with ``key`` and its stores hold every database image and
+    query: evaluating then only reads it (no lock, nothing written)."""
+    try:
+        stored = json.loads((cache / CACHE_KEY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    wanted = {DB_CACHE_SUBDIR: _db_names(dataset), QUERY_CACHE_SUBDIR: list(dataset.qimlist)}
+    return stored == key and all(
+        set(names) <= _store_names(dataclasses.replace(settings, output_dir=str(cache / sub))
+                                   .store_path) for sub, names in wanted.items())
 
 
 def _db_names(dataset) -> list:

@@ -33,6 +33,8 @@ The pipeline, for the images not yet in the output:
   shards as one store.
 * Resume: a rerun reads the manifest, and the names of complete shards that a failed
   run wrote but did not list, and extracts only the other images (failed ones again).
+* One run per local output: `run` holds `OUT/.delg_tf.lock` (`delg_tf.locking`) while it
+  writes; another run refuses with one line naming it (a remote `OUT` has no locks).
 """
 
 import dataclasses
@@ -57,6 +59,7 @@ from delg_tf import atomic, extract
 from delg_tf.configs import ConfigError, expect_int, require
 from delg_tf.data.errors import ImageLoadError
 from delg_tf.extraction import store as store_lib
+from delg_tf.locking import output_lock
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "delg_tf.extract_beam/1"
@@ -600,6 +603,7 @@ def run(config):
       ConfigError: bad --images / duplicated names.
       StoreError: the output was written with other store options.
       NoImageExtractedError: every image still to do failed (listed in errors.tsv).
+      LockedError: another run is writing `output_dir` (a local one).
     """
     started = time.time()
     _check_file_system(config.output_dir, "--output_dir")
@@ -608,11 +612,7 @@ def run(config):
         raise ConfigError(f"--images={config.images} holds no image file; check the "
                           "folder, list or pattern.", "images")
     check_unique([name for name, _ in items])
-    previous = known_shards(config)
-    done = {name for names in previous.values() for name in names}
-    todo = [(index, name, path) for index, (name, path) in
-            enumerate(item for item in items if item[0] not in done)]
-    skipped = len(items) - len(todo)
+    _, todo, skipped = _pending(config, items)
     if not todo:
         print(f"extract_beam: {len(items)} images, 0 extracted, {skipped} already done, 0 "
               f"failed; manifest: {config.manifest}")
@@ -620,6 +620,26 @@ def run(config):
     _check_model(config)
     if not FileSystems.exists(config.output_dir):
         FileSystems.mkdirs(config.output_dir)
+    # One run per output (delg_tf.locking; remote file systems have no locks): another run
+    # would delete this one's temporary shards and extract the same images again.
+    with output_lock(config.output_dir, f"--output_dir={config.output_dir}"):
+        return _run_locked(config, items, started)
+
+
+def _pending(config, items):
+    """(complete shards of the output, (index, name, path) of the images still to do,
+    how many are done)."""
+    previous = known_shards(config)
+    done = {name for names in previous.values() for name in names}
+    todo = [(index, name, path) for index, (name, path) in
+            enumerate(item for item in items if item[0] not in done)]
+    return previous, todo, len(items) - len(todo)
+
+
+def _run_locked(config, items, started):
+    """`run` once the output is locked: the images still to do are listed again (a run
+    that ended meanwhile may have done some; if it did all, the pipeline runs empty)."""
+    previous, todo, skipped = _pending(config, items)
     remove_stale_temporaries(config.shards_dir)
     if previous != (read_manifest(config.output_dir) or {"shards": {}})["shards"]:
         write_manifest(previous.items(), config.output_dir, config.float16, config.binarize)

@@ -23,6 +23,7 @@ Layout of `logdir` (its record and checkpoints are read back by
     flags.txt          the same as a re-runnable flagfile
     checkpoint, ckpt-<step>.*   tf.train.CheckpointManager files
     train/, validation/        TensorBoard event files
+    .delg_tf.lock      while training: the lock of the one writer (`delg_tf.locking`)
 
 The optimizer and learning-rate schedule come from `delg_tf.training.optimization`,
 the strategy and runtime settings from `delg_tf.training.runtime`.
@@ -53,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from delg_tf.configs import ConfigError
+from delg_tf.locking import output_lock
 from delg_tf.training import config as config_lib
 from delg_tf.training.config import TrainConfig
 from delg_tf.training.optimization import make_learning_rate_schedule, make_optimizer
@@ -309,6 +311,7 @@ def train(config: TrainConfig, model_config=None, *,
         WorkerLostError: a worker of a multi-worker run died or froze.
         WorkerTerminatedError: this worker of a multi-worker run received SIGTERM.
         TrainingError: the workers of a multi-worker run resume from different steps.
+        LockedError: another run is training into `config.logdir` (one line naming it).
     """
     configure_runtime(config)
     strategy = strategy or make_strategy(config.strategy, config.tpu)
@@ -325,6 +328,16 @@ def train(config: TrainConfig, model_config=None, *,
 
 
 def _train(config, model_config, model_fn, data_fn, strategy) -> Path:
+    """One writer per --logdir (`delg_tf.locking`): the chief holds its lock for the whole
+    run; the other workers of a multi-worker run only read it (they save to scratch
+    folders)."""
+    if not is_chief(strategy):
+        return _train_holding_logdir(config, model_config, model_fn, data_fn, strategy)
+    with output_lock(config.logdir, f"--logdir={config.logdir}"):
+        return _train_holding_logdir(config, model_config, model_fn, data_fn, strategy)
+
+
+def _train_holding_logdir(config, model_config, model_fn, data_fn, strategy) -> Path:
     logdir = Path(config.logdir)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
