@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401,E402 - in .[all] (the plots extra)
 
 from delg_tf.matching import synthetic as syn  # noqa: E402
 from delg_tf.matching.pair import match_pair  # noqa: E402

@@ -348,7 +348,7 @@ def test_evaluation_refuses_a_cache_another_run_writes(tmp_path):
 
 
 def test_beam_extraction_refuses_an_output_another_run_writes(tmp_path, images):
-    beam_lib = pytest.importorskip("delg_tf.extraction.beam")
+    from delg_tf.extraction import beam as beam_lib  # .[all] installs apache-beam
 
     model = tmp_path / "model"
     model.mkdir()
