@@ -4,6 +4,7 @@ The only thing this adds to a plain setuptools build is compiling `protos/*.prot
 into `delg_tf/protos/*_pb2.py` with grpcio-tools (a pinned build requirement in
 pyproject.toml), for regular and editable installs alike: no manual protoc step.
 """
+
 import glob
 import os
 
@@ -25,8 +26,12 @@ def compile_protos(out_root=HERE):
     if not protos:
         raise RuntimeError(f"no .proto files found in {PROTO_DIR}")
     os.makedirs(os.path.join(out_root, GENERATED_PACKAGE), exist_ok=True)
-    args = ["grpc_tools.protoc", f"-I{GENERATED_PACKAGE}={PROTO_DIR}",
-            f"-I{well_known}", f"--python_out={out_root}"] + protos
+    args = [
+        "grpc_tools.protoc",
+        f"-I{GENERATED_PACKAGE}={PROTO_DIR}",
+        f"-I{well_known}",
+        f"--python_out={out_root}",
+    ] + protos
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
 
@@ -44,9 +49,11 @@ class BuildPyWithProtos(build_py):
 setup(
     name="delg_tf",
     version="0.1.0",
-    description=("DELG (Cao, Araujo, Sim, ECCV 2020) and Glocal Retriever in "
-                 "TensorFlow/Keras 3: training, multi-scale extraction, "
-                 "SavedModel export, RANSAC re-ranking and evaluation."),
+    description=(
+        "DELG (Cao, Araujo, Sim, ECCV 2020) and Glocal Retriever in "
+        "TensorFlow/Keras 3: training, multi-scale extraction, "
+        "SavedModel export, RANSAC re-ranking and evaluation."
+    ),
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -85,9 +92,15 @@ setup(
         # delg_tf.extract_beam (extraction as an Apache Beam pipeline); runners' own
         # extras (apache-beam[gcp] for Dataflow, ...) are installed on top where needed.
         "beam": ["apache-beam==2.77.*"],
-        "all": ["faiss-cpu>=1.9,<2", "tqdm>=4.66,<5",
-                "matplotlib>=3.9,<4", "tensorflow-serving-api>=2.21,<2.22",
-                "tensorboard>=2.21,<2.22", "pytest>=8,<10", "apache-beam==2.77.*"],
+        "all": [
+            "faiss-cpu>=1.9,<2",
+            "tqdm>=4.66,<5",
+            "matplotlib>=3.9,<4",
+            "tensorflow-serving-api>=2.21,<2.22",
+            "tensorboard>=2.21,<2.22",
+            "pytest>=8,<10",
+            "apache-beam==2.77.*",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -16,6 +16,7 @@ global and re-ranked) per instruction set, its spread (max - min) and the traini
 seconds; then whether the repeated run was identical and the determinism cost
 (deterministic / non-deterministic training seconds, same machine, same run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,15 @@ ROWS = ("global", "reranked")
 PROTOCOLS = ("easy", "medium", "hard")
 METRICS = ("mAP", "mP@5")
 # ONEDNN_MAX_CPU_ISA value -> /proc/cpuinfo flag the CPU needs for it.
-ISA_CPU_FLAG = {"ALL": None, "AVX512_CORE_AMX": "amx_tile", "AVX512_CORE_BF16": "avx512_bf16",
-                "AVX512_CORE": "avx512bw", "AVX2": "avx2", "AVX": "avx", "SSE41": "sse4_1"}
+ISA_CPU_FLAG = {
+    "ALL": None,
+    "AVX512_CORE_AMX": "amx_tile",
+    "AVX512_CORE_BF16": "avx512_bf16",
+    "AVX512_CORE": "avx512bw",
+    "AVX2": "avx2",
+    "AVX": "avx",
+    "SSE41": "sse4_1",
+}
 
 
 def cpu_flags() -> set:
@@ -46,8 +54,7 @@ def cpu_flags() -> set:
 
 def run_demo(output_dir: Path, isa: str, train_flags=()) -> dict:
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
-    command = [sys.executable, "-m", "delg_tf.demo", f"--output_dir={output_dir}",
-               "--noprogress"]
+    command = [sys.executable, "-m", "delg_tf.demo", f"--output_dir={output_dir}", "--noprogress"]
     if train_flags:
         command.append("--train_flags=" + ",".join(train_flags))
     print(f"$ ONEDNN_MAX_CPU_ISA={isa} {' '.join(command[1:])}", flush=True)
@@ -56,17 +63,22 @@ def run_demo(output_dir: Path, isa: str, train_flags=()) -> dict:
         sys.exit(f"error: the demo failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     results = json.loads((output_dir / "results.json").read_text())
     timings = json.loads((output_dir / "timings.json").read_text())
-    return {"results": results, "train_seconds": timings["stage_seconds"]["train"],
-            "text": (output_dir / "results.json").read_text()}
+    return {
+        "results": results,
+        "train_seconds": timings["stage_seconds"]["train"],
+        "text": (output_dir / "results.json").read_text(),
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_root", default="bench_output/demo_spread")
-    parser.add_argument("--isas", default="ALL,AVX512_CORE,AVX2",
-                        help="comma-separated ONEDNN_MAX_CPU_ISA values")
-    parser.add_argument("--nodeterminism_cost", action="store_true",
-                        help="skip the non-deterministic training run")
+    parser.add_argument(
+        "--isas", default="ALL,AVX512_CORE,AVX2", help="comma-separated ONEDNN_MAX_CPU_ISA values"
+    )
+    parser.add_argument(
+        "--nodeterminism_cost", action="store_true", help="skip the non-deterministic training run"
+    )
     args = parser.parse_args(argv)
     root = Path(args.output_root)
     flags = cpu_flags()
@@ -87,8 +99,9 @@ def main(argv=None):
     repeat = run_demo(root / f"{isas[0].lower()}_again", isas[0])
     nondet = None
     if not args.nodeterminism_cost:
-        nondet = run_demo(root / f"{isas[0].lower()}_nodeterministic", isas[0],
-                          ("--nodeterministic",))
+        nondet = run_demo(
+            root / f"{isas[0].lower()}_nodeterministic", isas[0], ("--nodeterministic",)
+        )
 
     print()
     header = f"{'metric':<22}" + "".join(f"{isa:>13}" for isa in isas) + f"{'spread':>9}"
@@ -98,20 +111,24 @@ def main(argv=None):
         for protocol in PROTOCOLS:
             for metric in METRICS:
                 values = [runs[isa]["results"][row][protocol][metric] for isa in isas]
-                print(f"{row + ' ' + protocol + ' ' + metric:<22}"
-                      + "".join(f"{v:>13.2f}" for v in values)
-                      + f"{max(values) - min(values):>9.2f}")
-    print(f"{'train seconds':<22}" + "".join(f"{runs[isa]['train_seconds']:>13.1f}"
-                                              for isa in isas))
+                print(
+                    f"{row + ' ' + protocol + ' ' + metric:<22}"
+                    + "".join(f"{v:>13.2f}" for v in values)
+                    + f"{max(values) - min(values):>9.2f}"
+                )
+    print(
+        f"{'train seconds':<22}" + "".join(f"{runs[isa]['train_seconds']:>13.1f}" for isa in isas)
+    )
     same = repeat["text"] == runs[isas[0]]["text"]
-    print(f"\nsecond run with {isas[0]}: results.json "
-          f"{'identical' if same else 'DIFFERENT'}")
+    print(f"\nsecond run with {isas[0]}: results.json {'identical' if same else 'DIFFERENT'}")
     if nondet is not None:
         det_s, nondet_s = runs[isas[0]]["train_seconds"], nondet["train_seconds"]
-        print(f"training with {isas[0]}: deterministic {det_s:.1f} s, non-deterministic "
-              f"{nondet_s:.1f} s (x{det_s / nondet_s:.2f}); non-deterministic medium mAP "
-              f"global {nondet['results']['global']['mAP']:.2f}, re-ranked "
-              f"{nondet['results']['reranked']['mAP']:.2f}")
+        print(
+            f"training with {isas[0]}: deterministic {det_s:.1f} s, non-deterministic "
+            f"{nondet_s:.1f} s (x{det_s / nondet_s:.2f}); non-deterministic medium mAP "
+            f"global {nondet['results']['global']['mAP']:.2f}, re-ranked "
+            f"{nondet['results']['reranked']['mAP']:.2f}"
+        )
     return 0 if same else 1
 
 

@@ -39,8 +39,9 @@ def build_model(backbone):
     from delg_tf.models import registry
     from delg_tf.models.delg import DelgModelConfig
 
-    return registry.build_model("delg", DelgModelConfig(num_classes=10, backbone=backbone),
-                                load_imagenet=False)
+    return registry.build_model(
+        "delg", DelgModelConfig(num_classes=10, backbone=backbone), load_imagenet=False
+    )
 
 
 def time_cases(cases, repeats):
@@ -102,27 +103,46 @@ def main(argv=None):
     cases = [
         ("floor: backbone forward, 1 scale", lambda: floor(image)),
         ("backbone only over the pyramid (7 conv4 + 3 conv5)", lambda: backbone_pyramid(image)),
-        ("global only, 3 scales", lambda: global_only.extract(
-            image, scales7, tf.constant(PAPER_GLOBAL_SCALES_IND))),
-        ("delg_tf 3 global + 7 local scales", lambda: joint.extract(
-            image, scales7, tf.constant(1000), tf.constant(0.0),
-            tf.constant(PAPER_GLOBAL_SCALES_IND))),
-        ("delg_tf 3 global + 3 local scales", lambda: joint.extract(
-            image, scales3, tf.constant(1000), tf.constant(0.0), tf.constant([0, 1, 2]))),
+        (
+            "global only, 3 scales",
+            lambda: global_only.extract(image, scales7, tf.constant(PAPER_GLOBAL_SCALES_IND)),
+        ),
+        (
+            "delg_tf 3 global + 7 local scales",
+            lambda: joint.extract(
+                image,
+                scales7,
+                tf.constant(1000),
+                tf.constant(0.0),
+                tf.constant(PAPER_GLOBAL_SCALES_IND),
+            ),
+        ),
+        (
+            "delg_tf 3 global + 3 local scales",
+            lambda: joint.extract(
+                image, scales3, tf.constant(1000), tf.constant(0.0), tf.constant([0, 1, 2])
+            ),
+        ),
     ]
-    print(f"bench/extract.py: {args.size}x{args.size} image, backbone {args.backbone}, "
-          f"median of {args.repeats} after 1 warm-up, TF {tf.__version__}, "
-          f"{len(tf.config.list_physical_devices('CPU'))} CPU device(s)")
+    print(
+        f"bench/extract.py: {args.size}x{args.size} image, backbone {args.backbone}, "
+        f"median of {args.repeats} after 1 warm-up, TF {tf.__version__}, "
+        f"{len(tf.config.list_physical_devices('CPU'))} CPU device(s)"
+    )
     results = time_cases(cases, args.repeats)
     floor_time = results[cases[0][0]]
     pyramid_time = results[cases[1][0]]
     for name, _ in cases:
-        print(f"  {name:<52s} {results[name]:8.3f} s   x{results[name] / floor_time:5.2f} floor"
-              f"   x{results[name] / pyramid_time:5.2f} pyramid backbone")
+        print(
+            f"  {name:<52s} {results[name]:8.3f} s   x{results[name] / floor_time:5.2f} floor"
+            f"   x{results[name] / pyramid_time:5.2f} pyramid backbone"
+        )
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB  # Linux: KiB
     tf_peak = tf_cpu_peak_mib()
-    print(f"  peak host memory (ru_maxrss): {peak_host:.0f} MiB; TF CPU allocator peak: "
-          + (f"{tf_peak:.0f} MiB" if tf_peak is not None else "not reported by this TF build"))
+    print(
+        f"  peak host memory (ru_maxrss): {peak_host:.0f} MiB; TF CPU allocator peak: "
+        + (f"{tf_peak:.0f} MiB" if tf_peak is not None else "not reported by this TF build")
+    )
     return 0
 
 

@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 KIB = 1024.0
-MIB = 2.0 ** 20
+MIB = 2.0**20
 GEN_BLOCK = 32768  # rows generated per block (seeded per block).
 EXACT_CHUNK = 65536  # database rows per exact-search step in the parent.
 LOCAL_DIM = 128  # DELG local descriptors; packed into 16 bytes.
@@ -81,6 +81,7 @@ DEFAULT_LOCAL = "1000000x100,100000x1000"
 # --------------------------------------------------------------------------
 # Synthetic stores
 # --------------------------------------------------------------------------
+
 
 def _basis(seed, dim, clusters, latent_dim):
     rng = np.random.default_rng([seed, dim, 0])
@@ -142,21 +143,28 @@ def write_global_store(folder, num, dim, shards, args):
         f = h5py.File(str(_shard_path(folder, k, shards)) + ".tmp", "w")
         _write_common(f, start, end, np.zeros(end - start + 1, np.int64))
         f.create_dataset("global_descriptors", (end - start, dim), np.float32)
-        for key, tail, dtype in (("locations", (2,), np.float32), ("descriptors", (0,),
-                                 np.float32), ("scores", (), np.float32),
-                                 ("scales", (), np.float32)):
+        for key, tail, dtype in (
+            ("locations", (2,), np.float32),
+            ("descriptors", (0,), np.float32),
+            ("scores", (), np.float32),
+            ("scales", (), np.float32),
+        ):
             f.create_dataset(key, data=np.zeros((0,) + tail, dtype))
-        f.attrs.update({"float16": False, "binarized": False, "local_dim": 0,
-                        "global_dim": dim})
+        f.attrs.update({"float16": False, "binarized": False, "local_dim": 0, "global_dim": dim})
         handles.append(f)
-    for b, (start, end) in enumerate(progress_bar(blocks, f"bench: write {dim}-D store",
-                                                  "block")):
-        rows = synthetic_rows(np.random.default_rng([args.seed, dim, 1, b]), end - start,
-                              centers, basis, args.spread, args.noise)
+    for b, (start, end) in enumerate(progress_bar(blocks, f"bench: write {dim}-D store", "block")):
+        rows = synthetic_rows(
+            np.random.default_rng([args.seed, dim, 1, b]),
+            end - start,
+            centers,
+            basis,
+            args.spread,
+            args.noise,
+        )
         for k, (s0, s1) in enumerate(bounds):
             lo, hi = max(start, s0), min(end, s1)
             if lo < hi:
-                handles[k]["global_descriptors"][lo - s0:hi - s0] = rows[lo - start:hi - start]
+                handles[k]["global_descriptors"][lo - s0 : hi - s0] = rows[lo - start : hi - start]
     for k, f in enumerate(handles):
         f.close()
         path = _shard_path(folder, k, shards)
@@ -169,8 +177,9 @@ def write_local_store(folder, images, features, shards, seed):
 
     from delg_tf.progress import progress_bar
 
-    for k, (start, end) in enumerate(progress_bar(_shard_bounds(images, shards),
-                                                  "bench: write local store", "shard")):
+    for k, (start, end) in enumerate(
+        progress_bar(_shard_bounds(images, shards), "bench: write local store", "shard")
+    ):
         n, rows = end - start, (end - start) * features
         tmp = str(_shard_path(folder, k, shards)) + ".tmp"
         with h5py.File(tmp, "w") as f:
@@ -178,21 +187,29 @@ def write_local_store(folder, images, features, shards, seed):
             datasets = {
                 "locations": f.create_dataset("locations", (rows, 2), np.float32),
                 "descriptors_binary": f.create_dataset(
-                    "descriptors_binary", (rows, LOCAL_DIM // 8), np.uint8),
+                    "descriptors_binary", (rows, LOCAL_DIM // 8), np.uint8
+                ),
                 "scores": f.create_dataset("scores", (rows,), np.float32),
-                "scales": f.create_dataset("scales", (rows,), np.float32)}
+                "scales": f.create_dataset("scales", (rows,), np.float32),
+            }
             # Declared, never written: HDF5 allocates no chunks (see the module docstring).
-            f.create_dataset("descriptors", (rows, LOCAL_DIM), np.float16,
-                             chunks=(min(max(rows, 1), 4096), LOCAL_DIM))
-            f.attrs.update({"float16": True, "binarized": True, "local_dim": LOCAL_DIM,
-                            "global_dim": 0})
+            f.create_dataset(
+                "descriptors",
+                (rows, LOCAL_DIM),
+                np.float16,
+                chunks=(min(max(rows, 1), 4096), LOCAL_DIM),
+            )
+            f.attrs.update(
+                {"float16": True, "binarized": True, "local_dim": LOCAL_DIM, "global_dim": 0}
+            )
             step = max(1, GEN_BLOCK * 4 // max(features, 1)) * features
             for b, r0 in enumerate(range(0, rows, step)):
                 r1 = min(r0 + step, rows)
                 rng = np.random.default_rng([seed, k, b, 2])
                 datasets["locations"][r0:r1] = rng.uniform(0, IMAGE_SHAPE[1], (r1 - r0, 2))
                 datasets["descriptors_binary"][r0:r1] = rng.integers(
-                    0, 256, (r1 - r0, LOCAL_DIM // 8), dtype=np.uint8)
+                    0, 256, (r1 - r0, LOCAL_DIM // 8), dtype=np.uint8
+                )
                 datasets["scores"][r0:r1] = rng.uniform(0, 2, r1 - r0)
                 datasets["scales"][r0:r1] = rng.choice([0.25, 0.5, 1.0, 2.0], r1 - r0)
         _finish(tmp, _shard_path(folder, k, shards))
@@ -222,6 +239,7 @@ def folder_bytes(folder):
 # Exact ground truth (parent process)
 # --------------------------------------------------------------------------
 
+
 def exact_top_k(features, queries, k, chunk=EXACT_CHUNK):
     """Exact top-k ids of L2-normalised `queries` over the store, chunk by chunk."""
     from delg_tf.extraction.store import FeatureStore
@@ -245,6 +263,7 @@ def exact_top_k(features, queries, k, chunk=EXACT_CHUNK):
 # --------------------------------------------------------------------------
 # Workers (fresh subprocesses: their peak RSS is the method's)
 # --------------------------------------------------------------------------
+
 
 def _peak_rss_mib():
     """Peak RSS of this process: VmHWM of /proc/self/status on Linux (ru_maxrss there
@@ -287,9 +306,13 @@ def worker_build(job):
     build_s = time.perf_counter() - start
     start = time.perf_counter()
     built.save(job["index_dir"], overwrite=True)
-    return {"build_s": build_s, "save_s": time.perf_counter() - start,
-            "peak_rss_mib": _peak_rss_mib(), "resolved": built.manifest["params"],
-            "train_size": built.manifest["train_size"]}
+    return {
+        "build_s": build_s,
+        "save_s": time.perf_counter() - start,
+        "peak_rss_mib": _peak_rss_mib(),
+        "resolved": built.manifest["params"],
+        "train_size": built.manifest["train_size"],
+    }
 
 
 def worker_search(job):
@@ -309,16 +332,21 @@ def worker_search(job):
         ids, _ = loaded.search(queries, job["k"])
         batch_s = time.perf_counter() - start
         single = []
-        for q in queries[:job["single_queries"]]:
+        for q in queries[: job["single_queries"]]:
             start = time.perf_counter()
             loaded.search(q[None], job["k"])
             single.append(time.perf_counter() - start)
         path = f"{job['ids_prefix']}-{len(results)}.npy"
         np.save(path, ids)
-        results.append({"setting": setting, "batch_ms": 1e3 * batch_s / len(queries),
-                        "single_ms": 1e3 * statistics.mean(single),
-                        "single_p95_ms": 1e3 * float(np.percentile(single, 95)),
-                        "ids": path})
+        results.append(
+            {
+                "setting": setting,
+                "batch_ms": 1e3 * batch_s / len(queries),
+                "single_ms": 1e3 * statistics.mean(single),
+                "single_p95_ms": 1e3 * float(np.percentile(single, 95)),
+                "ids": path,
+            }
+        )
     return {"load_s": load_s, "peak_rss_mib": _peak_rss_mib(), "results": results}
 
 
@@ -329,17 +357,22 @@ def run_worker(kind, job, work_dir):
     """Runs `kind` in a fresh Python process; returns its JSON result (last stdout line)."""
     job_path = Path(work_dir) / f"job-{kind}.json"
     job_path.write_text(json.dumps(job))
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-                           "--job", str(job_path)], stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--job", str(job_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if done.returncode:
-        raise RuntimeError(f"bench worker {kind} failed (exit {done.returncode}); job "
-                           f"{job_path}: {job}")
+        raise RuntimeError(
+            f"bench worker {kind} failed (exit {done.returncode}); job {job_path}: {job}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------
 # Settings and the benchmark
 # --------------------------------------------------------------------------
+
 
 def _ints(text):
     return [int(v) for v in text.split(",") if v.strip()]
@@ -352,18 +385,29 @@ def build_settings(args):
         if method == "flat":
             out.append(("flat", {}, [{}]))
         elif method == "ivf_flat":
-            out.append(("ivf_flat", {"nlist": args.nlist},
-                        [{"nprobe": n} for n in _ints(args.nprobes)]))
+            out.append(
+                ("ivf_flat", {"nlist": args.nlist}, [{"nprobe": n} for n in _ints(args.nprobes)])
+            )
         elif method == "ivf_pq":
-            out.append(("ivf_pq", {"nlist": args.nlist, "pq_m": args.pq_m},
-                        [{"nprobe": n} for n in _ints(args.pq_nprobes)]))
+            out.append(
+                (
+                    "ivf_pq",
+                    {"nlist": args.nlist, "pq_m": args.pq_m},
+                    [{"nprobe": n} for n in _ints(args.pq_nprobes)],
+                )
+            )
         elif method == "hnsw":
-            out.append(("hnsw", {"hnsw_m": args.hnsw_m,
-                                 "ef_construction": args.ef_construction},
-                        [{"ef_search": e} for e in _ints(args.ef_searches)]))
+            out.append(
+                (
+                    "hnsw",
+                    {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction},
+                    [{"ef_search": e} for e in _ints(args.ef_searches)],
+                )
+            )
         else:
-            raise SystemExit(f"--methods: unknown {method!r}; expected flat, ivf_flat, "
-                             "ivf_pq, hnsw.")
+            raise SystemExit(
+                f"--methods: unknown {method!r}; expected flat, ivf_flat, ivf_pq, hnsw."
+            )
     if out and out[0][0] != "flat":
         out.insert(0, ("flat", {}, [{}]))  # the reference of the ratios
     return out
@@ -381,86 +425,147 @@ def bench_dimension(dim, args, work_dir):
     from delg_tf.retrieval import search
 
     folder = work_dir / f"global-d{dim}"
-    data_flags = {"num": args.num, "dim": dim, "shards": args.shards, "seed": args.seed,
-                  "clusters": args.clusters, "latent_dim": args.latent_dim,
-                  "spread": args.spread, "noise": args.noise, "version": 1}
-    ensure_store(folder, data_flags,
-                 lambda: write_global_store(folder, args.num, dim, args.shards, args),
-                 args.fresh)
+    data_flags = {
+        "num": args.num,
+        "dim": dim,
+        "shards": args.shards,
+        "seed": args.seed,
+        "clusters": args.clusters,
+        "latent_dim": args.latent_dim,
+        "spread": args.spread,
+        "noise": args.noise,
+        "version": 1,
+    }
+    ensure_store(
+        folder,
+        data_flags,
+        lambda: write_global_store(folder, args.num, dim, args.shards, args),
+        args.fresh,
+    )
     features = store_glob(folder, args.shards)
     centers, basis = _basis(args.seed, dim, args.clusters, args.latent_dim)
-    queries = synthetic_rows(np.random.default_rng([args.seed, dim, 3]), args.num_queries,
-                             centers, basis, args.spread, args.noise)
+    queries = synthetic_rows(
+        np.random.default_rng([args.seed, dim, 3]),
+        args.num_queries,
+        centers,
+        basis,
+        args.spread,
+        args.noise,
+    )
     queries_path = work_dir / f"queries-d{dim}.npy"
     np.save(queries_path, queries)
     start = time.perf_counter()
     exact = exact_top_k(features, queries, args.k)
     exact_s = time.perf_counter() - start
-    print(f"bench: dim {dim}: store {folder_bytes(folder) / MIB:.0f} MiB; exact top-{args.k} "
-          f"of {args.num_queries} queries with numpy over store chunks: {exact_s:.1f} s "
-          f"({1e3 * exact_s / args.num_queries:.1f} ms/query)", file=sys.stderr)
+    print(
+        f"bench: dim {dim}: store {folder_bytes(folder) / MIB:.0f} MiB; exact top-{args.k} "
+        f"of {args.num_queries} queries with numpy over store chunks: {exact_s:.1f} s "
+        f"({1e3 * exact_s / args.num_queries:.1f} ms/query)",
+        file=sys.stderr,
+    )
     rows = []
     for method, params, settings in build_settings(args):
         params = {k: v for k, v in params.items() if v is not None}
         index_dir = work_dir / f"index-d{dim}-{method}"
-        built = run_worker("build", {"features": features, "index_dir": str(index_dir),
-                                     "params": dict(params, method=method),
-                                     "threads": args.threads}, work_dir)
+        built = run_worker(
+            "build",
+            {
+                "features": features,
+                "index_dir": str(index_dir),
+                "params": dict(params, method=method),
+                "threads": args.threads,
+            },
+            work_dir,
+        )
         size = folder_bytes(index_dir)
-        searched = run_worker("search", {
-            "index_dir": str(index_dir), "queries": str(queries_path), "k": args.k,
-            "single_queries": min(args.single_queries, args.num_queries),
-            "settings": settings, "ids_prefix": str(work_dir / f"ids-d{dim}-{method}"),
-            "threads": args.threads}, work_dir)
+        searched = run_worker(
+            "search",
+            {
+                "index_dir": str(index_dir),
+                "queries": str(queries_path),
+                "k": args.k,
+                "single_queries": min(args.single_queries, args.num_queries),
+                "settings": settings,
+                "ids_prefix": str(work_dir / f"ids-d{dim}-{method}"),
+                "threads": args.threads,
+            },
+            work_dir,
+        )
         for result in searched["results"]:
             ids = np.load(result["ids"])
             os.unlink(result["ids"])
-            rows.append({"dim": dim, "method": method,
-                         "build": _describe(built["resolved"], SEARCH_PARAMS),
-                         "search": _describe(result["setting"]), "build_s": built["build_s"],
-                         "save_s": built["save_s"], "size_mib": size / MIB,
-                         "build_rss": built["peak_rss_mib"],
-                         "search_rss": searched["peak_rss_mib"],
-                         "load_s": searched["load_s"], "single_ms": result["single_ms"],
-                         "single_p95_ms": result["single_p95_ms"],
-                         "batch_ms": result["batch_ms"],
-                         "recall": search.recall_at_k(ids, exact)})
+            rows.append(
+                {
+                    "dim": dim,
+                    "method": method,
+                    "build": _describe(built["resolved"], SEARCH_PARAMS),
+                    "search": _describe(result["setting"]),
+                    "build_s": built["build_s"],
+                    "save_s": built["save_s"],
+                    "size_mib": size / MIB,
+                    "build_rss": built["peak_rss_mib"],
+                    "search_rss": searched["peak_rss_mib"],
+                    "load_s": searched["load_s"],
+                    "single_ms": result["single_ms"],
+                    "single_p95_ms": result["single_p95_ms"],
+                    "batch_ms": result["batch_ms"],
+                    "recall": search.recall_at_k(ids, exact),
+                }
+            )
         if not args.keep_indexes:
             shutil.rmtree(index_dir, ignore_errors=True)
     return rows, exact
 
 
 def print_table(rows, k, target_recall, target_ms):
-    head = (f"  {'dim':>5s} {'method':8s} {'build params':34s} {'search':13s} {'build s':>8s} "
-            f"{'save s':>7s} {'disk MiB':>9s} {'x flat':>6s} {'bRSS MiB':>9s} "
-            f"{'sRSS MiB':>9s} {'1q ms':>8s} {'1q p95':>8s} {'batch ms':>9s} "
-            f"{'x flat 1q':>9s} {'x flat b':>8s} {'recall@' + str(k):>10s}")
+    head = (
+        f"  {'dim':>5s} {'method':8s} {'build params':34s} {'search':13s} {'build s':>8s} "
+        f"{'save s':>7s} {'disk MiB':>9s} {'x flat':>6s} {'bRSS MiB':>9s} "
+        f"{'sRSS MiB':>9s} {'1q ms':>8s} {'1q p95':>8s} {'batch ms':>9s} "
+        f"{'x flat 1q':>9s} {'x flat b':>8s} {'recall@' + str(k):>10s}"
+    )
     print(head)
     flats = {r["dim"]: r for r in rows if r["method"] == "flat"}
     for r in rows:
         flat = flats[r["dim"]]
-        print(f"  {r['dim']:5d} {r['method']:8s} {r['build'][:34]:34s} {r['search'][:13]:13s} "
-              f"{r['build_s']:8.1f} {r['save_s']:7.1f} {r['size_mib']:9.1f} "
-              f"{r['size_mib'] / flat['size_mib']:6.2f} {r['build_rss']:9.0f} "
-              f"{r['search_rss']:9.0f} {r['single_ms']:8.2f} {r['single_p95_ms']:8.2f} "
-              f"{r['batch_ms']:9.3f} {flat['single_ms'] / r['single_ms']:9.1f} "
-              f"{flat['batch_ms'] / r['batch_ms']:8.1f} {r['recall']:10.4f}")
+        print(
+            f"  {r['dim']:5d} {r['method']:8s} {r['build'][:34]:34s} {r['search'][:13]:13s} "
+            f"{r['build_s']:8.1f} {r['save_s']:7.1f} {r['size_mib']:9.1f} "
+            f"{r['size_mib'] / flat['size_mib']:6.2f} {r['build_rss']:9.0f} "
+            f"{r['search_rss']:9.0f} {r['single_ms']:8.2f} {r['single_p95_ms']:8.2f} "
+            f"{r['batch_ms']:9.3f} {flat['single_ms'] / r['single_ms']:9.1f} "
+            f"{flat['batch_ms'] / r['batch_ms']:8.1f} {r['recall']:10.4f}"
+        )
     for dim in sorted(flats, reverse=True):
-        ok = [r for r in rows if r["dim"] == dim and r["method"] != "flat"
-              and r["recall"] >= target_recall and r["single_ms"] <= target_ms]
+        ok = [
+            r
+            for r in rows
+            if r["dim"] == dim
+            and r["method"] != "flat"
+            and r["recall"] >= target_recall
+            and r["single_ms"] <= target_ms
+        ]
         if ok:
             best = min(ok, key=lambda r: r["single_ms"])
-            print(f"  target dim {dim} (recall@{k} >= {target_recall} at <= {target_ms} ms "
-                  f"single-query): met by {best['method']} {best['build']} {best['search']} "
-                  f"(recall {best['recall']:.4f}, {best['single_ms']:.2f} ms/query single, "
-                  f"{best['batch_ms']:.3f} batched); {len(ok)} setting(s) meet it")
+            print(
+                f"  target dim {dim} (recall@{k} >= {target_recall} at <= {target_ms} ms "
+                f"single-query): met by {best['method']} {best['build']} {best['search']} "
+                f"(recall {best['recall']:.4f}, {best['single_ms']:.2f} ms/query single, "
+                f"{best['batch_ms']:.3f} batched); {len(ok)} setting(s) meet it"
+            )
         else:
             close = [r for r in rows if r["dim"] == dim and r["recall"] >= target_recall]
             best = min(close, key=lambda r: r["single_ms"]) if close else None
-            hint = (f"; fastest with the recall: {best['method']} {best['search']} "
-                    f"{best['single_ms']:.2f} ms" if best else "")
-            print(f"  target dim {dim} (recall@{k} >= {target_recall} at <= {target_ms} ms "
-                  f"single-query): not met{hint}")
+            hint = (
+                f"; fastest with the recall: {best['method']} {best['search']} "
+                f"{best['single_ms']:.2f} ms"
+                if best
+                else ""
+            )
+            print(
+                f"  target dim {dim} (recall@{k} >= {target_recall} at <= {target_ms} ms "
+                f"single-query): not met{hint}"
+            )
 
 
 def _evict(paths):
@@ -483,11 +588,19 @@ def bench_local(args, work_dir, exact_ids):
         images, features = (int(v) for v in entry.lower().split("x"))
         images = min(images, args.num)
         folder = work_dir / f"local-{images}x{features}"
-        ensure_store(folder, {"images": images, "features": features, "shards": args.shards,
-                              "seed": args.seed, "version": 1},
-                     lambda: write_local_store(folder, images, features, args.shards,
-                                               args.seed), args.fresh)
-        shortlists = exact_ids[:args.local_queries, :SHORTLIST] % images
+        ensure_store(
+            folder,
+            {
+                "images": images,
+                "features": features,
+                "shards": args.shards,
+                "seed": args.seed,
+                "version": 1,
+            },
+            lambda: write_local_store(folder, images, features, args.shards, args.seed),
+            args.fresh,
+        )
+        shortlists = exact_ids[: args.local_queries, :SHORTLIST] % images
         files = sorted(folder.glob("features-*.h5"))
         _evict(files)
         start = time.perf_counter()
@@ -503,16 +616,19 @@ def bench_local(args, work_dir, exact_ids):
                         locations, descriptors = store.local(int(i), binary=True)
                         nbytes += locations.nbytes + descriptors.nbytes
                     per_query.append(time.perf_counter() - start)
-                timings[label] = (1e3 * statistics.mean(per_query),
-                                  1e3 * float(np.percentile(per_query, 95)),
-                                  nbytes / len(shortlists))
+                timings[label] = (
+                    1e3 * statistics.mean(per_query),
+                    1e3 * float(np.percentile(per_query, 95)),
+                    nbytes / len(shortlists),
+                )
         size = folder_bytes(folder) / MIB
         lines.append(
             f"  local {images}x{features} ({args.shards} shards, {size:.0f} MiB, open "
             f"{open_s:.1f} s): top-{SHORTLIST} local features per query, "
             f"{timings['cold'][2] / KIB:.0f} KiB: cold {timings['cold'][0]:.2f} ms/query "
             f"(p95 {timings['cold'][1]:.2f}), warm {timings['warm'][0]:.2f} ms/query "
-            f"(p95 {timings['warm'][1]:.2f}) over {len(shortlists)} queries")
+            f"(p95 {timings['warm'][1]:.2f}) over {len(shortlists)} queries"
+        )
     return lines
 
 
@@ -521,8 +637,9 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=1_000_000, help="database descriptors N")
     parser.add_argument("--dims", default="2048,128", help="descriptor dimensions")
     parser.add_argument("--num_queries", type=int, default=1000)
-    parser.add_argument("--single_queries", type=int, default=100,
-                        help="queries also searched one at a time")
+    parser.add_argument(
+        "--single_queries", type=int, default=100, help="queries also searched one at a time"
+    )
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--clusters", type=int, default=None, help="default N / 1000")
@@ -537,14 +654,21 @@ def main(argv=None):
     parser.add_argument("--hnsw_m", type=int, default=32)
     parser.add_argument("--ef_construction", type=int, default=80)
     parser.add_argument("--ef_searches", default="128,256,512", help="hnsw settings")
-    parser.add_argument("--local", default=DEFAULT_LOCAL,
-                        help="re-ranking read stores, IMAGESxFEATURES,... ('' skips)")
+    parser.add_argument(
+        "--local",
+        default=DEFAULT_LOCAL,
+        help="re-ranking read stores, IMAGESxFEATURES,... ('' skips)",
+    )
     parser.add_argument("--local_queries", type=int, default=100)
     parser.add_argument("--target_recall", type=float, default=0.95)
     parser.add_argument("--target_ms", type=float, default=10.0)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="faiss (OpenMP) threads of the workers; 0: faiss default, all "
-                        "cores (on a loaded machine, 1 avoids OpenMP contention)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="faiss (OpenMP) threads of the workers; 0: faiss default, all "
+        "cores (on a loaded machine, 1 avoids OpenMP contention)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work_dir", default=str(DEFAULT_WORK_DIR))
     parser.add_argument("--fresh", action="store_true", help="regenerate the stores")
@@ -562,13 +686,15 @@ def main(argv=None):
     dims = _ints(args.dims)
     baseline = run_worker("noop", {"threads": args.threads}, work_dir)
     started = time.perf_counter()
-    print(f"bench/index.py: N={args.num} dims={dims} queries={args.num_queries} "
-          f"(single {args.single_queries}) k={args.k} shards={args.shards} "
-          f"clusters={args.clusters} latent_dim={args.latent_dim} spread={args.spread} "
-          f"noise={args.noise} seed={args.seed}; cpus={os.cpu_count()}, faiss threads "
-          f"{baseline['threads']}, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; a worker process with "
-          f"numpy/h5py/faiss imported peaks at {baseline['peak_rss_mib']:.0f} MiB RSS")
+    print(
+        f"bench/index.py: N={args.num} dims={dims} queries={args.num_queries} "
+        f"(single {args.single_queries}) k={args.k} shards={args.shards} "
+        f"clusters={args.clusters} latent_dim={args.latent_dim} spread={args.spread} "
+        f"noise={args.noise} seed={args.seed}; cpus={os.cpu_count()}, faiss threads "
+        f"{baseline['threads']}, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; a worker process with "
+        f"numpy/h5py/faiss imported peaks at {baseline['peak_rss_mib']:.0f} MiB RSS"
+    )
     rows, first_exact = [], None
     for dim in dims:
         dim_rows, exact = bench_dimension(dim, args, work_dir)

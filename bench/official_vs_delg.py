@@ -62,14 +62,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PARITY_DIR = REPO.parent / "shared" / "parity"
 FIXTURES = {
-    "tf2": (PARITY_DIR / "make_official_savedmodel.py",
-            PARITY_DIR / "configs" / "r50delg_gld_parity_1024.pbtxt"),
-    "tf1": (PARITY_DIR / "tf1_slim" / "make_tf1_savedmodel.py",
-            PARITY_DIR / "tf1_slim" / "configs" / "r50delg_tf1sim_gld_config.pbtxt"),
+    "tf2": (
+        PARITY_DIR / "make_official_savedmodel.py",
+        PARITY_DIR / "configs" / "r50delg_gld_parity_1024.pbtxt",
+    ),
+    "tf1": (
+        PARITY_DIR / "tf1_slim" / "make_tf1_savedmodel.py",
+        PARITY_DIR / "tf1_slim" / "configs" / "r50delg_tf1sim_gld_config.pbtxt",
+    ),
 }
-VARIANTS_ALL = ("official", "pyramid", "per_scale", "per_scale_xla", "folded_pyramid",
-                "folded_per_scale", "folded_per_scale_xla", "unrolled", "folded_unrolled",
-                "whole_xla", "folded_whole_xla", "folded_pyramid_bf16")
+VARIANTS_ALL = (
+    "official",
+    "pyramid",
+    "per_scale",
+    "per_scale_xla",
+    "folded_pyramid",
+    "folded_per_scale",
+    "folded_per_scale_xla",
+    "unrolled",
+    "folded_unrolled",
+    "whole_xla",
+    "folded_whole_xla",
+    "folded_pyramid_bf16",
+)
 VARIANTS = ("official", "pyramid", "folded_pyramid", "folded_per_scale", "folded_per_scale_xla")
 
 
@@ -80,14 +95,30 @@ CONV_LAYERS = ((8, 256), (4, 128), (2, 64), (32, 512))
 # Winograd F(m x m, 3x3) matrices (Lavin & Gray 2016): B^T [a, a], G [a, 3], A^T [m, a],
 # a = m + 2.
 WINOGRAD = {
-    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
         [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
-        [[1, 1, 1, 0], [0, 1, -1, -1]]),
-    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
 }
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -106,8 +137,11 @@ def cpu_description():
         return model + " (no /proc/cpuinfo: bfloat16 support unknown)"
     native = [f for f in BF16_CPU_FLAGS if f in flags]
     vector = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "no avx2")
-    bf16 = ("native bfloat16 (" + ", ".join(native) + ")" if native
-            else "bfloat16 emulated (no " + " / ".join(BF16_CPU_FLAGS) + ")")
+    bf16 = (
+        "native bfloat16 (" + ", ".join(native) + ")"
+        if native
+        else "bfloat16 emulated (no " + " / ".join(BF16_CPU_FLAGS) + ")"
+    )
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{model}, {os.cpu_count()} cpus, {vector}, {bf16}; load average {load}"
 
@@ -134,10 +168,12 @@ class WholeGraphXla:
             levels = self.levels
 
             def dense(normalized):
-                return [levels._local_global_fn(normalized, tf.constant(scale))
-                        if index in global_set else levels._local_fn(normalized,
-                                                                     tf.constant(scale))
-                        for index, scale in enumerate(scales)]
+                return [
+                    levels._local_global_fn(normalized, tf.constant(scale))
+                    if index in global_set
+                    else levels._local_fn(normalized, tf.constant(scale))
+                    for index, scale in enumerate(scales)
+                ]
 
             self._compiled[key] = tf.function(dense, jit_compile=True)
         return self._compiled[key]
@@ -163,8 +199,12 @@ def regenerate(fmt, out):
     if (out / "saved_model.pb").is_file():  # already regenerated in this run
         return out
     script, _ = FIXTURES[fmt]
-    subprocess.run([sys.executable, str(script), str(out)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(script), str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -174,10 +214,13 @@ def convert_weights(model_dir):
 
     official = variables.read_official_variables(model_dir)
     backbone = {50: "r50", 101: "r101"}[mapping.infer_depth(official.tensors, official.format)]
-    model = convert.build_converted_model(convert.official_model_config(official.format, backbone),
-                                          convert.attention_bn_epsilon(official.format))
-    result = mapping.map_official_variables(official.tensors, official.format,
-                                            mapping.model_targets(model))
+    model = convert.build_converted_model(
+        convert.official_model_config(official.format, backbone),
+        convert.attention_bn_epsilon(official.format),
+    )
+    result = mapping.map_official_variables(
+        official.tensors, official.format, mapping.model_targets(model)
+    )
     mapping.assign_to_model(model, result, official.tensors)
     return model
 
@@ -186,8 +229,9 @@ def bench_image(size):
     from PIL import Image
     import skimage.data
 
-    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((size, size),
-                                                                       Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.BILINEAR)
+    )
 
 
 def make_extractors(fmt, model_dir, config_path, variants):
@@ -204,15 +248,13 @@ def make_extractors(fmt, model_dir, config_path, variants):
     extractors = {}
     for variant in variants:
         if variant == "official":
-            extractors[variant] = DelgExtractor(raw_model.load_raw_extraction_fn(model_dir),
-                                                config)
+            extractors[variant] = DelgExtractor(raw_model.load_raw_extraction_fn(model_dir), config)
         elif variant == "pyramid":
             extractors[variant] = DelgExtractor.from_model(model, config, fold_batch_norm=False)
         elif variant == "folded_pyramid":
             extractors[variant] = DelgExtractor.from_model(folded, config)
         elif variant == "folded_pyramid_bf16":
-            extractors[variant] = DelgExtractor.from_model(model, config,
-                                                           compute_dtype="bfloat16")
+            extractors[variant] = DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
         else:
             source = folded if variant.startswith("folded") else model
             if variant.endswith("unrolled"):
@@ -223,9 +265,13 @@ def make_extractors(fmt, model_dir, config_path, variants):
                 runner = ConvertedRawExtraction(source, jit_compile=variant.endswith("xla"))
 
             def call(_runner=runner, **kw):
-                return _runner(kw["input_image"], kw["input_scales"],
-                               kw["input_max_feature_num"], kw["input_abs_thres"],
-                               kw["input_global_scales_ind"])
+                return _runner(
+                    kw["input_image"],
+                    kw["input_scales"],
+                    kw["input_max_feature_num"],
+                    kw["input_abs_thres"],
+                    kw["input_global_scales_ind"],
+                )
 
             extractors[variant] = DelgExtractor(raw_model.from_function(call), config)
     return extractors, config
@@ -248,8 +294,7 @@ def pyramid_conv_macs(model, image_hw, scales, global_scales_ind):
     import tensorflow as tf
 
     def traced_macs(fn, shape):
-        graph = tf.function(fn).get_concrete_function(
-            tf.TensorSpec(shape, tf.float32)).graph
+        graph = tf.function(fn).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
         macs = 0
         for op in graph.get_operations():
             if op.type in ("Conv2D", "MatMul"):
@@ -271,7 +316,8 @@ def pyramid_conv_macs(model, image_hw, scales, global_scales_ind):
         if index in global_scales_ind:
             s_shape = [o for o in graph.outputs if o.shape.rank == 4][-1].shape.as_list()
             macs, _ = traced_macs(
-                lambda s: model.global_head(model.backbone.call_conv5(s)), s_shape)
+                lambda s: model.global_head(model.backbone.call_conv5(s)), s_shape
+            )
             total += macs
     return total
 
@@ -298,16 +344,26 @@ def _timed(fn):
 def parity(reference, candidate, threshold):
     from delg_tf.official import selfcheck
 
-    ref = {"locations": reference.locations, "scales": reference.scales,
-           "descriptors": reference.descriptors, "attention": reference.attention}
-    got = {"locations": candidate.locations, "scales": candidate.scales,
-           "descriptors": candidate.descriptors, "attention": candidate.attention}
+    ref = {
+        "locations": reference.locations,
+        "scales": reference.scales,
+        "descriptors": reference.descriptors,
+        "attention": reference.attention,
+    }
+    got = {
+        "locations": candidate.locations,
+        "scales": candidate.scales,
+        "descriptors": candidate.descriptors,
+        "attention": candidate.attention,
+    }
     local = selfcheck.compare_local(ref, got, abs_thres=threshold)
     global_diff = float(np.abs(reference.global_descriptor - candidate.global_descriptor).max())
-    return (f"global max abs {global_diff:.1e}, local {local['num_matched']}/"
-            f"{local['num_reference']} matched ({local['num_missing']} missing, "
-            f"{local['num_extra']} extra), desc {local['descriptor_max_abs']:.1e}, "
-            f"att {local['attention_max_abs']:.1e}")
+    return (
+        f"global max abs {global_diff:.1e}, local {local['num_matched']}/"
+        f"{local['num_reference']} matched ({local['num_missing']} missing, "
+        f"{local['num_extra']} extra), desc {local['descriptor_max_abs']:.1e}, "
+        f"att {local['attention_max_abs']:.1e}"
+    )
 
 
 def time_per_scale(fmt, extractors, variants, image, config, repeats):
@@ -320,9 +376,14 @@ def time_per_scale(fmt, extractors, variants, image, config, repeats):
     medians = {}
     for index, scale in enumerate(scales):
         global_ind = np.int32([0] if index in global_set else [])
-        calls = {v: (lambda e=extractors[v], s=np.float32([scale]): e.raw_fn(
-            image, s, local.max_feature_num, local.score_threshold, global_ind))
-            for v in variants}
+        calls = {
+            v: (
+                lambda e=extractors[v], s=np.float32([scale]): e.raw_fn(
+                    image, s, local.max_feature_num, local.score_threshold, global_ind
+                )
+            )
+            for v in variants
+        }
         for call in calls.values():  # warm-up: tracing / compilation for this level size
             call()
         times = {v: [] for v in variants}
@@ -330,9 +391,12 @@ def time_per_scale(fmt, extractors, variants, image, config, repeats):
             for variant, call in calls.items():
                 times[variant].append(_timed(call))
         medians[index] = {v: statistics.median(t) for v, t in times.items()}
-    print(f"\n{fmt.upper()} fixture, one pyramid level at a time ({image.shape[0]}x"
-          f"{image.shape[1]} image; median wall s of {repeats} interleaved runs"
-          + (", ratio official / variant" if "official" in variants else "") + "):")
+    print(
+        f"\n{fmt.upper()} fixture, one pyramid level at a time ({image.shape[0]}x"
+        f"{image.shape[1]} image; median wall s of {repeats} interleaved runs"
+        + (", ratio official / variant" if "official" in variants else "")
+        + "):"
+    )
     print("  " + f"{'scale':<19s}" + "".join(f"{v:>22s}" for v in variants))
     for index, scale in enumerate(scales):
         kind = "local+global" if index in global_set else "local"
@@ -345,9 +409,15 @@ def time_per_scale(fmt, extractors, variants, image, config, repeats):
             cells.append(f"{cell:>22s}")
         print(f"  {scale:6.4f} {kind:<12s}" + "".join(cells))
     totals = {v: sum(medians[i][v] for i in medians) for v in variants}
-    cells = [f"{totals[v]:.3f}" + (f" x{totals['official'] / totals[v]:.2f}"
-                                   if "official" in totals and v != "official" else "")
-             for v in variants]
+    cells = [
+        f"{totals[v]:.3f}"
+        + (
+            f" x{totals['official'] / totals[v]:.2f}"
+            if "official" in totals and v != "official"
+            else ""
+        )
+        for v in variants
+    ]
     print(f"  {'sum of levels':<19s}" + "".join(f"{c:>22s}" for c in cells))
 
 
@@ -371,15 +441,16 @@ def winograd_conv3x3(x, u, m):
     a = m + 2
     _, height, width, channels = x.shape
     tiles_h, tiles_w = -(-height // m), -(-width // m)
-    padded = tf.pad(x, [[0, 0], [1, tiles_h * m + 1 - height], [1, tiles_w * m + 1 - width],
-                        [0, 0]])
+    padded = tf.pad(
+        x, [[0, 0], [1, tiles_h * m + 1 - height], [1, tiles_w * m + 1 - width], [0, 0]]
+    )
     d = tf.image.extract_patches(padded, [1, a, a, 1], [1, m, m, 1], [1, 1, 1, 1], "VALID")
     d = tf.reshape(d, [tiles_h * tiles_w, a, a, channels])
-    v = tf.einsum("ij,tjkc,lk->iltc", bt, d, bt)               # B^T d B
+    v = tf.einsum("ij,tjkc,lk->iltc", bt, d, bt)  # B^T d B
     v = tf.reshape(v, [a * a, tiles_h * tiles_w, channels])
-    product = tf.matmul(v, u)                                  # [a*a, tiles, K]
+    product = tf.matmul(v, u)  # [a*a, tiles, K]
     product = tf.reshape(product, [a, a, tiles_h * tiles_w, -1])
-    y = tf.einsum("ij,jktn,lk->tiln", at, product, at)         # A^T M A: [tiles, m, m, K]
+    y = tf.einsum("ij,jktn,lk->tiln", at, product, at)  # A^T M A: [tiles, m, m, K]
     y = tf.reshape(y, [tiles_h, tiles_w, m, m, -1])
     y = tf.reshape(tf.transpose(y, [0, 2, 1, 3, 4]), [1, tiles_h * m, tiles_w * m, -1])
     return y[:, :height, :width, :]
@@ -390,47 +461,64 @@ def time_conv_layers(size, repeats):
     import tensorflow as tf
 
     layers = [(max(size // div, 4), ch) for div, ch in CONV_LAYERS]
-    methods = ("direct float32 (oneDNN)", "Winograd F(2x2,3x3)", "Winograd F(4x4,3x3)",
-               "Winograd F(2x2,3x3) XLA", "Winograd F(4x4,3x3) XLA", "bfloat16 direct")
+    methods = (
+        "direct float32 (oneDNN)",
+        "Winograd F(2x2,3x3)",
+        "Winograd F(4x4,3x3)",
+        "Winograd F(2x2,3x3) XLA",
+        "Winograd F(4x4,3x3) XLA",
+        "bfloat16 direct",
+    )
     results = {name: [] for name in methods}
     for side, channels in layers:
         x = tf.random.stateless_normal([1, side, side, channels], seed=[0, 1])
         w = tf.random.stateless_normal([3, 3, channels, channels], seed=[0, 2]) * (
-            1.0 / (3.0 * channels ** 0.5))
+            1.0 / (3.0 * channels**0.5)
+        )
         direct = tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"))
         u = {m: winograd_kernel(w, m) for m in (2, 4)}  # weight transform: once, untimed
-        winograd = {m: tf.function(lambda x, u, m=m: winograd_conv3x3(x, u, m))
-                    for m in (2, 4)}
-        winograd_xla = {m: tf.function(lambda x, u, m=m: winograd_conv3x3(x, u, m),
-                                       jit_compile=True) for m in (2, 4)}
+        winograd = {m: tf.function(lambda x, u, m=m: winograd_conv3x3(x, u, m)) for m in (2, 4)}
+        winograd_xla = {
+            m: tf.function(lambda x, u, m=m: winograd_conv3x3(x, u, m), jit_compile=True)
+            for m in (2, 4)
+        }
         x16, w16 = tf.cast(x, tf.bfloat16), tf.cast(w, tf.bfloat16)
-        calls = {methods[0]: lambda: direct(x, w),
-                 methods[1]: lambda: winograd[2](x, u[2]),
-                 methods[2]: lambda: winograd[4](x, u[4]),
-                 methods[3]: lambda: winograd_xla[2](x, u[2]),
-                 methods[4]: lambda: winograd_xla[4](x, u[4]),
-                 methods[5]: lambda: tf.cast(direct(x16, w16), tf.float32)}
+        calls = {
+            methods[0]: lambda: direct(x, w),
+            methods[1]: lambda: winograd[2](x, u[2]),
+            methods[2]: lambda: winograd[4](x, u[4]),
+            methods[3]: lambda: winograd_xla[2](x, u[2]),
+            methods[4]: lambda: winograd_xla[4](x, u[4]),
+            methods[5]: lambda: tf.cast(direct(x16, w16), tf.float32),
+        }
         reference = calls[methods[0]]().numpy()
         scale = float(np.abs(reference).max())
-        errors = {name: float(np.abs(call().numpy() - reference).max()) / scale
-                  for name, call in calls.items()}  # also the warm-up (tracing, XLA)
+        errors = {
+            name: float(np.abs(call().numpy() - reference).max()) / scale
+            for name, call in calls.items()
+        }  # also the warm-up (tracing, XLA)
         times = {name: [] for name in methods}
         for _ in range(repeats):
             for name, call in calls.items():
                 times[name].append(_timed(lambda: call().numpy()))
         for name in methods:
             results[name].append((statistics.median(times[name]), errors[name]))
-    print(f"\nsingle 3x3 convolutions (stride 1, SAME, channels in = out), median ms of "
-          f"{repeats} interleaved runs; ratio = direct float32 / method; err = max |y - "
-          f"y_direct| / max |y_direct|:")
+    print(
+        f"\nsingle 3x3 convolutions (stride 1, SAME, channels in = out), median ms of "
+        f"{repeats} interleaved runs; ratio = direct float32 / method; err = max |y - "
+        f"y_direct| / max |y_direct|:"
+    )
     header = "".join(f"{f'{side}x{side}x{ch}':>28s}" for side, ch in layers)
     print(f"  {'method':26s}{header}")
     base = results[methods[0]]
     for name in methods:
         cells = []
         for (t, err), (t0, _) in zip(results[name], base):
-            cell = f"{t * 1e3:.1f}" if name == methods[0] else (
-                f"{t * 1e3:.1f} x{t0 / t:.2f} err {err:.1e}")
+            cell = (
+                f"{t * 1e3:.1f}"
+                if name == methods[0]
+                else (f"{t * 1e3:.1f} x{t0 / t:.2f} err {err:.1e}")
+            )
             cells.append(f"{cell:>28s}")
         print(f"  {name:26s}" + "".join(cells))
 
@@ -440,11 +528,19 @@ def run_selfcheck(fmt, workdir):
     from delg_tf.official.convert import ConvertConfig, convert
 
     model_dir = regenerate(fmt, Path(workdir) / fmt)
-    print(f"\n{fmt.upper()} fixture: converter self-check (converted Keras model vs the official "
-          f"SavedModel, every cell kept):")
-    convert(ConvertConfig(model_path=str(model_dir), output_dir=str(Path(workdir) / (
-        fmt + "_converted")), overwrite=True, export=False),
-            log=lambda line: print("  " + line) if line.startswith("self-check") else None)
+    print(
+        f"\n{fmt.upper()} fixture: converter self-check (converted Keras model vs the official "
+        f"SavedModel, every cell kept):"
+    )
+    convert(
+        ConvertConfig(
+            model_path=str(model_dir),
+            output_dir=str(Path(workdir) / (fmt + "_converted")),
+            overwrite=True,
+            export=False,
+        ),
+        log=lambda line: print("  " + line) if line.startswith("self-check") else None,
+    )
 
 
 def run(fmt, size, repeats, variants, workdir, per_scale=False):
@@ -465,28 +561,45 @@ def run(fmt, size, repeats, variants, workdir, per_scale=False):
     medians = {v: statistics.median(t) for v, t in times.items()}
     cpu_medians = {v: statistics.median(t) for v, t in cpu.items()}
     threshold = config.delf_local_config.score_threshold
-    print(f"\n{fmt.upper()} fixture, {size}x{size} image, 7 local + 3 global scales, "
-          f"{repeats} interleaved runs (median wall s, ratio; median process CPU s, ratio; "
-          f"all wall runs):")
+    print(
+        f"\n{fmt.upper()} fixture, {size}x{size} image, 7 local + 3 global scales, "
+        f"{repeats} interleaved runs (median wall s, ratio; median process CPU s, ratio; "
+        f"all wall runs):"
+    )
     base = medians.get("official")
     cpu_base = cpu_medians.get("official")
     for variant in variants:
-        ratio = (f" x{base / medians[variant]:.2f}  cpu {cpu_medians[variant]:6.2f} "
-                 f"x{cpu_base / cpu_medians[variant]:.2f}") if base else ""
-        check = ("" if variant == "official" or "official" not in outputs
-                 else "  | " + parity(outputs["official"], outputs[variant], threshold))
+        ratio = (
+            (
+                f" x{base / medians[variant]:.2f}  cpu {cpu_medians[variant]:6.2f} "
+                f"x{cpu_base / cpu_medians[variant]:.2f}"
+            )
+            if base
+            else ""
+        )
+        check = (
+            ""
+            if variant == "official" or "official" not in outputs
+            else "  | " + parity(outputs["official"], outputs[variant], threshold)
+        )
         runs = " ".join(f"{t:.2f}" for t in times[variant])
         print(f"  {variant:20s} {medians[variant]:6.2f}{ratio}  ({runs}){check}")
     folded = extractors.get("folded_pyramid")
     if folded is not None:
-        macs = pyramid_conv_macs(folded.pyramid.model, image.shape[:2], folded.image_scales,
-                                 tuple(folded.global_scales_ind))
+        macs = pyramid_conv_macs(
+            folded.pyramid.model,
+            image.shape[:2],
+            folded.image_scales,
+            tuple(folded.global_scales_ind),
+        )
         ceiling = conv_ceiling_gflops()
         achieved = 2 * macs / medians["folded_pyramid"] / 1e9
-        print(f"\n  work of one extraction (delg_tf graph): {macs / 1e9:.1f} G multiply-adds; "
-              f"folded_pyramid runs it at {achieved:.0f} GFLOP/s = {achieved / ceiling:.0%} of "
-              f"one large 3x3 convolution on this CPU ({ceiling:.0f} GFLOP/s). At equal float32 "
-              f"work no variant can be more than x{ceiling / achieved:.2f} faster than it.")
+        print(
+            f"\n  work of one extraction (delg_tf graph): {macs / 1e9:.1f} G multiply-adds; "
+            f"folded_pyramid runs it at {achieved:.0f} GFLOP/s = {achieved / ceiling:.0%} of "
+            f"one large 3x3 convolution on this CPU ({ceiling:.0f} GFLOP/s). At equal float32 "
+            f"work no variant can be more than x{ceiling / achieved:.2f} faster than it."
+        )
     if per_scale:
         time_per_scale(fmt, extractors, variants, image, config, repeats)
     return medians
@@ -497,14 +610,24 @@ def main(argv=None):
     parser.add_argument("--format", choices=("tf1", "tf2", "both"), default="both")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated; empty: no extraction timings")
-    parser.add_argument("--per_scale", action="store_true",
-                        help="also time each pyramid level alone (official and every variant)")
-    parser.add_argument("--conv_layers", action="store_true",
-                        help="time single 3x3 convolutions: direct float32, Winograd, bfloat16")
-    parser.add_argument("--selfcheck", action="store_true",
-                        help="print the converter's self-check on each fixture")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated; empty: no extraction timings",
+    )
+    parser.add_argument(
+        "--per_scale",
+        action="store_true",
+        help="also time each pyramid level alone (official and every variant)",
+    )
+    parser.add_argument(
+        "--conv_layers",
+        action="store_true",
+        help="time single 3x3 convolutions: direct float32, Winograd, bfloat16",
+    )
+    parser.add_argument(
+        "--selfcheck", action="store_true", help="print the converter's self-check on each fixture"
+    )
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS_ALL))

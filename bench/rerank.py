@@ -117,6 +117,7 @@ def _timeit_alternating(fns, repeats):
 
 def per_pair_inliers(pool, query: LocalFeatures, feats, config: MatchingConfig) -> np.ndarray:
     """The per-pair path: ``match_pair`` for each pair in ``pool`` (None: serial), BLAS 1 thread."""
+
     def count(f):
         return match_pair(query, f, config).num_inliers
 
@@ -137,19 +138,27 @@ def main(argv=None) -> int:
         "--repeats", type=int, default=3, help="timing repeats for delg_tf (minimum)."
     )
     parser.add_argument(
-        "--data_seed", "--seed", dest="data_seed", type=int, default=0,
+        "--data_seed",
+        "--seed",
+        dest="data_seed",
+        type=int,
+        default=0,
         help="seed of the synthetic features (--seed: the former name).",
     )
     parser.add_argument(
-        "--ransac_seeds", "--ransac_seed", dest="ransac_seeds", default="0",
+        "--ransac_seeds",
+        "--ransac_seed",
+        dest="ransac_seeds",
+        default="0",
         help="comma-separated seeds of the baseline's skimage RANSAC (first: the table).",
     )
     args = parser.parse_args(argv)
     try:
         ransac_seeds = [int(s) for s in args.ransac_seeds.split(",") if s.strip()]
     except ValueError:
-        parser.error(f"--ransac_seeds: expected comma-separated integers, received "
-                     f"{args.ransac_seeds!r}")
+        parser.error(
+            f"--ransac_seeds: expected comma-separated integers, received {args.ransac_seeds!r}"
+        )
     if not ransac_seeds:
         parser.error("--ransac_seeds: expected at least one seed")
 
@@ -360,8 +369,10 @@ def main(argv=None) -> int:
         print(f"{name:<{width}}  {value}")
     print("-" * (width + 30))
     seeds = " ".join(f"{f'seed {seed}':>8s}" for seed in ransac_seeds)
-    print(f"positives (image: true correspondences, putative matches, delg_tf inliers; "
-          f"baseline inliers per RANSAC seed):")
+    print(
+        "positives (image: true correspondences, putative matches, delg_tf inliers; "
+        "baseline inliers per RANSAC seed):"
+    )
     print(f"  {'image':>5s} {'true':>5s} {'putative':>8s} {'delg_tf':>7s}  {seeds}")
     for row, i in enumerate(positives):
         counts = " ".join(f"{int(base_by_seed[seed][row]):>8d}" for seed in ransac_seeds)

@@ -28,6 +28,7 @@ to SuperGlobal top-400 ms/query, both re-run ``--repeats`` times alternately on 
 global ranking (minimum of each), against the target >= 1000x. The header prints the
 load average: on a shared machine the times are noisy, the metrics are not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,10 @@ def machine_line() -> str:
 
 def _model_stamp(export: Path) -> dict:
     files = [export / "saved_model.pb", export / "variables" / "variables.index"]
-    return {"export": str(export.resolve()),
-            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    return {
+        "export": str(export.resolve()),
+        "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+    }
 
 
 def extract_eval_features(demo_output: Path):
@@ -92,26 +95,38 @@ def extract_eval_features(demo_output: Path):
 
     config = demo.DemoConfig(output_dir=str(demo_output), progress=False)
     if not (config.export_path / demo.SAVED_MODEL_FILE).is_file():
-        sys.exit(f"error: --demo_output={demo_output} has no SavedModel in "
-                 f"{config.export_path}; run `python -m delg_tf.demo "
-                 f"--output_dir={demo_output}` first.")
-    paths = embedded.build_embedded_dataset(config.data_dir / f"embedded-{EVAL_PRESET}",
-                                            preset=EVAL_PRESET)
+        sys.exit(
+            f"error: --demo_output={demo_output} has no SavedModel in "
+            f"{config.export_path}; run `python -m delg_tf.demo "
+            f"--output_dir={demo_output}` first."
+        )
+    paths = embedded.build_embedded_dataset(
+        config.data_dir / f"embedded-{EVAL_PRESET}", preset=EVAL_PRESET
+    )
     gnd_all = load_gnd(paths.gnd, require_bbx=False)
     features = config.features_dir / EVAL_PRESET
     stamp, wanted = features / STAMP_NAME, _model_stamp(config.export_path)
     if stamp.is_file() and json.loads(stamp.read_text()) != wanted:
-        sys.exit(f"error: {features} holds features of another export ({stamp}); delete "
-                 "that folder to extract them again with the current model.")
+        sys.exit(
+            f"error: {features} holds features of another export ({stamp}); delete "
+            "that folder to extract them again with the current model."
+        )
     features.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(wanted, indent=1))
-    dataset = RevisitopDataset(name="embedded", gnd_path=Path(paths.gnd),
-                               images_dir=paths.jpg_dir, imlist=list(gnd_all["imlist"]),
-                               qimlist=list(gnd_all["qimlist"]), gnd=list(gnd_all["gnd"]))
-    settings = extract_entry.ExtractConfig(output_dir=str(features),
-                                           model_path=str(config.export_path), progress=False)
+    dataset = RevisitopDataset(
+        name="embedded",
+        gnd_path=Path(paths.gnd),
+        images_dir=paths.jpg_dir,
+        imlist=list(gnd_all["imlist"]),
+        qimlist=list(gnd_all["qimlist"]),
+        gnd=list(gnd_all["gnd"]),
+    )
+    settings = extract_entry.ExtractConfig(
+        output_dir=str(features), model_path=str(config.export_path), progress=False
+    )
     db_store, query_store, _ = extract_retrieval_stores(
-        dataset, features / "database", features / "queries", settings)
+        dataset, features / "database", features / "queries", settings
+    )
     return config, paths, gnd_all, db_store, query_store
 
 
@@ -124,16 +139,22 @@ def trained_landmarks(config) -> int:
     if saved.is_file():
         train = json.loads(saved.read_text()).get("train", {})
         if "data_source" in train:
-            return (int(train.get("embedded_train_landmarks", 0))
-                    if train["data_source"] == "embedded" else 0)
+            return (
+                int(train.get("embedded_train_landmarks", 0))
+                if train["data_source"] == "embedded"
+                else 0
+            )
     return demo.trained_landmarks(demo.train_configs(config)[0])
 
 
 def online_ms(stages) -> float:
     """ms/query of the online stages that produced the row's ranking."""
     names = {s["stage"] for s in stages}
-    return sum(s["ms_per_query"] for s in stages if not s["offline"]
-               and not (s["stage"] == "search" and "search_expanded" in names))
+    return sum(
+        s["ms_per_query"]
+        for s in stages
+        if not s["offline"] and not (s["stage"] == "search" and "search_expanded" in names)
+    )
 
 
 def final_metrics(results: dict) -> dict:
@@ -158,21 +179,35 @@ def time_ratio(evaluation, db_global, q_global, q_local, db_local, base, repeats
         pipeline.rerank_ranking(ranks, scores, q_local, db_local, base)
         ransac.append(time.perf_counter() - start)
     num_queries = ranks.shape[1]
-    return (MS_PER_SECOND * min(ransac) / num_queries,
-            MS_PER_SECOND * min(superglobal) / num_queries)
+    return (
+        MS_PER_SECOND * min(ransac) / num_queries,
+        MS_PER_SECOND * min(superglobal) / num_queries,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo_output", default="demo_output")
-    parser.add_argument("--queries", choices=("unseen", "all"), default="unseen",
-                        help="the queries of the landmarks the model was not trained on "
-                             "(as the demo), or every query")
+    parser.add_argument(
+        "--queries",
+        choices=("unseen", "all"),
+        default="unseen",
+        help="the queries of the landmarks the model was not trained on "
+        "(as the demo), or every query",
+    )
     parser.add_argument("--num_workers", type=int, default=2, help="RANSAC threads")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help="alternating runs of RANSAC and SuperGlobal for the ratio")
-    parser.add_argument("--max_queries", type=int, default=0,
-                        help="evaluate only the first N queries (a quick check; 0 = all)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="alternating runs of RANSAC and SuperGlobal for the ratio",
+    )
+    parser.add_argument(
+        "--max_queries",
+        type=int,
+        default=0,
+        help="evaluate only the first N queries (a quick check; 0 = all)",
+    )
     args = parser.parse_args(argv)
 
     from delg_tf import demo
@@ -181,58 +216,73 @@ def main(argv=None):
     from delg_tf.evaluation.config import EvaluateConfig
 
     started = time.perf_counter()
-    config, paths, gnd_all, db_store, query_store = extract_eval_features(
-        Path(args.demo_output))
+    config, paths, gnd_all, db_store, query_store = extract_eval_features(Path(args.demo_output))
     extract_s = time.perf_counter() - started
     gnd = gnd_all
     if args.queries == "unseen":
-        gnd = demo.evaluation_subset(trained_landmarks(config), gnd_all,
-                                     load_transforms(paths))
+        gnd = demo.evaluation_subset(trained_landmarks(config), gnd_all, load_transforms(paths))
     if args.max_queries:
-        gnd = {**gnd, "qimlist": gnd["qimlist"][:args.max_queries],
-               "gnd": gnd["gnd"][:args.max_queries]}
+        gnd = {
+            **gnd,
+            "qimlist": gnd["qimlist"][: args.max_queries],
+            "gnd": gnd["gnd"][: args.max_queries],
+        }
     db_global, db_local = pipeline.load_store_features(db_store, gnd["imlist"])
     q_global, q_local = pipeline.load_store_features(query_store, gnd["qimlist"])
     base = EvaluateConfig(shortlist_size=PAPER_SHORTLIST, num_workers=args.num_workers)
 
-    print(f"bench/rerank_quality.py --demo_output={args.demo_output} --queries={args.queries}"
-          f" --repeats={args.repeats} --num_workers={args.num_workers}"
-          + (f" --max_queries={args.max_queries}" if args.max_queries else ""))
+    print(
+        f"bench/rerank_quality.py --demo_output={args.demo_output} --queries={args.queries}"
+        f" --repeats={args.repeats} --num_workers={args.num_workers}"
+        + (f" --max_queries={args.max_queries}" if args.max_queries else "")
+    )
     print(f"machine: {machine_line()}")
-    print(f"model: {config.export_path}; data: embedded '{EVAL_PRESET}' preset, "
-          f"{len(q_local)} queries ({args.queries} landmarks) x {len(db_local)} database "
-          f"images; global {db_global.shape[1]}-d, local "
-          f"{db_local[0].descriptors.shape[1]}-d, "
-          f"{np.mean([len(f) for f in db_local]):.0f} local features per database image; "
-          f"extraction (or reuse) {extract_s:.1f} s")
-    print("mAP and mP@10 in percent (revisitop; mP@10 of Medium); ms/query = online wall "
-          "time per query (search + expansion + re-ranking); offline = database-side "
-          "seconds (DBA, diffusion graph)")
-    header = (f"{'ranking':<30}{'mAP E':>8}{'mAP M':>8}{'mAP H':>8}{'mP@10 M':>9}"
-              f"{'ms/query':>10}{'offline s':>11}")
+    print(
+        f"model: {config.export_path}; data: embedded '{EVAL_PRESET}' preset, "
+        f"{len(q_local)} queries ({args.queries} landmarks) x {len(db_local)} database "
+        f"images; global {db_global.shape[1]}-d, local "
+        f"{db_local[0].descriptors.shape[1]}-d, "
+        f"{np.mean([len(f) for f in db_local]):.0f} local features per database image; "
+        f"extraction (or reuse) {extract_s:.1f} s"
+    )
+    print(
+        "mAP and mP@10 in percent (revisitop; mP@10 of Medium); ms/query = online wall "
+        "time per query (search + expansion + re-ranking); offline = database-side "
+        "seconds (DBA, diffusion graph)"
+    )
+    header = (
+        f"{'ranking':<30}{'mAP E':>8}{'mAP M':>8}{'mAP H':>8}{'mP@10 M':>9}"
+        f"{'ms/query':>10}{'offline s':>11}"
+    )
     print(header)
     print("-" * len(header))
     evaluations = {}
     for label, overrides in ROWS:
         cfg = dataclasses.replace(base, **overrides)
-        out = pipeline.evaluate_features(db_global, q_global, gnd["gnd"], db_local, q_local,
-                                         cfg, verbose=False)
+        out = pipeline.evaluate_features(
+            db_global, q_global, gnd["gnd"], db_local, q_local, cfg, verbose=False
+        )
         evaluations[label] = out
         metrics = final_metrics(out.results)
         stages = out.postprocessing["stages"]
         offline = sum(s["seconds"] for s in stages if s["offline"])
-        print(f"{label:<30}" + "".join(f"{metrics[p]['mAP']:>8.2f}"
-                                       for p in ("easy", "medium", "hard"))
-              + f"{metrics['medium']['mP@10']:>9.2f}{online_ms(stages):>10.2f}"
-              + (f"{offline:>11.3f}" if offline else f"{'-':>11}"))
-    ransac_ms, superglobal_ms = time_ratio(evaluations["global only"], db_global, q_global,
-                                           q_local, db_local, base, args.repeats)
+        print(
+            f"{label:<30}"
+            + "".join(f"{metrics[p]['mAP']:>8.2f}" for p in ("easy", "medium", "hard"))
+            + f"{metrics['medium']['mP@10']:>9.2f}{online_ms(stages):>10.2f}"
+            + (f"{offline:>11.3f}" if offline else f"{'-':>11}")
+        )
+    ransac_ms, superglobal_ms = time_ratio(
+        evaluations["global only"], db_global, q_global, q_local, db_local, base, args.repeats
+    )
     ratio = ransac_ms / superglobal_ms
     top_m = min(base.superglobal_m, len(db_local))
-    print(f"re-ranking cost, min of {args.repeats} alternating runs: RANSAC top-"
-          f"{base.shortlist_size} {ransac_ms:.1f} ms/query ({args.num_workers} threads), "
-          f"SuperGlobal top-{top_m} {superglobal_ms:.2f} ms/query: ratio {ratio:.0f}x "
-          f"(target >= {RATIO_TARGET:.0f}x: {'met' if ratio >= RATIO_TARGET else 'not met'})")
+    print(
+        f"re-ranking cost, min of {args.repeats} alternating runs: RANSAC top-"
+        f"{base.shortlist_size} {ransac_ms:.1f} ms/query ({args.num_workers} threads), "
+        f"SuperGlobal top-{top_m} {superglobal_ms:.2f} ms/query: ratio {ratio:.0f}x "
+        f"(target >= {RATIO_TARGET:.0f}x: {'met' if ratio >= RATIO_TARGET else 'not met'})"
+    )
     print(f"machine after the run: {machine_line()}; total {time.perf_counter() - started:.0f} s")
     return 0
 

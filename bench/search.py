@@ -67,12 +67,15 @@ def main(argv=None):
     if "exact" not in methods:
         methods.insert(0, "exact")  # the baseline of the ratios and of recall
 
-    database, queries = make_data(args.seed, args.num_db, args.num_queries, args.dim,
-                                  args.clusters, args.noise)
-    print(f"bench/search.py: {args.num_db} database, {args.num_queries} query descriptors, "
-          f"dim {args.dim}, {args.clusters} clusters, noise {args.noise}, seed {args.seed}, "
-          f"top {args.k}; cpus={os.cpu_count()}, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    database, queries = make_data(
+        args.seed, args.num_db, args.num_queries, args.dim, args.clusters, args.noise
+    )
+    print(
+        f"bench/search.py: {args.num_db} database, {args.num_queries} query descriptors, "
+        f"dim {args.dim}, {args.clusters} clusters, noise {args.noise}, seed {args.seed}, "
+        f"top {args.k}; cpus={os.cpu_count()}, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     rows, exact_ids, exact_time = [], None, None
     for method in methods:
         try:
@@ -86,14 +89,18 @@ def main(argv=None):
             exact_ids, exact_time = ids, t_search
         recall = search.recall_at_k(ids, exact_ids)
         rows.append((method, t_build, t_search, recall, ""))
-    print(f"  {'method':12s} {'build s':>9s} {'search s':>9s} {'x exact':>8s} "
-          f"{'recall@' + str(args.k):>11s}")
+    print(
+        f"  {'method':12s} {'build s':>9s} {'search s':>9s} {'x exact':>8s} "
+        f"{'recall@' + str(args.k):>11s}"
+    )
     for method, t_build, t_search, recall, note in rows:
         if note:
             print(f"  {method:12s} {note}")
             continue
-        print(f"  {method:12s} {t_build:9.4f} {t_search:9.4f} {exact_time / t_search:8.2f} "
-              f"{recall:11.4f}")
+        print(
+            f"  {method:12s} {t_build:9.4f} {t_search:9.4f} {exact_time / t_search:8.2f} "
+            f"{recall:11.4f}"
+        )
     return 0
 
 

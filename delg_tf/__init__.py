@@ -29,5 +29,6 @@ def __getattr__(name):
     # Lazy so that `import delg_tf` does not import TensorFlow.
     if name == "DelgExtractor":
         from delg_tf.extraction.extractor import DelgExtractor
+
         return DelgExtractor
     raise AttributeError(f"module 'delg_tf' has no attribute {name!r}")

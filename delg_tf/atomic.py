@@ -108,7 +108,8 @@ def write_bytes_atomic(path, data: bytes, *, parents=False) -> Path:
 
 def write_json_atomic(obj, path, *, end="", parents=False, **dumps_kwargs) -> Path:
     """Writes `json.dumps(obj, **dumps_kwargs) + end` to `path` atomically (UTF-8);
-    returns `path`."""
+    returns `path`.
+    """
     return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + end, parents=parents)
 
 

@@ -47,7 +47,8 @@ def field_name(field, owner=None) -> str:
 
 def expect(ok, field, expected, received, *, owner=None, fix=None):
     """Raises ConfigError ``<name> must be <expected>; received <received!r>[; <fix>].``
-    unless `ok` (see `field_name` for `owner`)."""
+    unless `ok` (see `field_name` for `owner`).
+    """
     if ok:
         return
     message = f"{field_name(field, owner)} must be {expected}; received {received!r}"
@@ -56,14 +57,21 @@ def expect(ok, field, expected, received, *, owner=None, fix=None):
 
 def expect_choice(field, value, choices, *, owner=None, fix=None):
     """`expect` that `value` is one of `choices` (listed as ``one of a, b, c``)."""
-    expect(value in choices, field, f"one of {', '.join(str(c) for c in choices)}", value,
-           owner=owner, fix=fix)
+    expect(
+        value in choices,
+        field,
+        f"one of {', '.join(str(c) for c in choices)}",
+        value,
+        owner=owner,
+        fix=fix,
+    )
 
 
 def expect_int(field, value, minimum=None, *, owner=None, fix=None, expected=None):
     """`expect` that `value` is an integer (not a bool), >= `minimum` if given.
 
-    `expected` replaces the default wording (``an integer >= <minimum>``)."""
+    `expected` replaces the default wording (``an integer >= <minimum>``).
+    """
     ok = is_int(value) and (minimum is None or value >= minimum)
     if expected is None:
         expected = "an integer" if minimum is None else f"an integer >= {minimum}"
@@ -73,8 +81,9 @@ def expect_int(field, value, minimum=None, *, owner=None, fix=None, expected=Non
 def require(value, field, description, *, owner=None):
     """Raises ConfigError ``<name> is required (<description>).`` if `value` is empty."""
     if not value:
-        raise ConfigError(f"{field_name(field, owner)} is required ({description}).", field,
-                          description, value)
+        raise ConfigError(
+            f"{field_name(field, owner)} is required ({description}).", field, description, value
+        )
 
 
 def is_int(value) -> bool:
@@ -84,5 +93,4 @@ def is_int(value) -> bool:
 
 def is_finite(value) -> bool:
     """True for finite real numbers (not bools)."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

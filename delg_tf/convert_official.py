@@ -30,25 +30,39 @@ def main(config: ConvertConfig) -> Path:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("model_path", None, "Official DELG SavedModel directory (saved_model.pb "
-                        "and variables/), e.g. the extracted r50delg_gld_20200814 tarball.")
-    flags.DEFINE_string("output_dir", None, "Where to write checkpoint/, saved_model/, "
-                        "model_config.json and conversion.json.")
+    flags.DEFINE_string(
+        "model_path",
+        None,
+        "Official DELG SavedModel directory (saved_model.pb "
+        "and variables/), e.g. the extracted r50delg_gld_20200814 tarball.",
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Where to write checkpoint/, saved_model/, model_config.json and conversion.json.",
+    )
     flags.DEFINE_enum("backbone", None, ["r50", "r101"], "ResNet depth; inferred if unset.")
     flags.DEFINE_boolean("overwrite", False, "Replace a non-empty --output_dir.")
-    flags.DEFINE_list("self_check_images", ["chelsea", "coffee", "astronaut"],
-                      "skimage.data photos used by the self-check.")
+    flags.DEFINE_list(
+        "self_check_images",
+        ["chelsea", "coffee", "astronaut"],
+        "skimage.data photos used by the self-check.",
+    )
     flags.DEFINE_integer("self_check_max_side", 320, "Self-check photos are shrunk to this side.")
     flags.DEFINE_boolean("export", True, "Also write OUT/saved_model (a delg_tf export).")
     return flags.FLAGS
 
 
 def _config_from_flags(flag_values) -> ConvertConfig:
-    return ConvertConfig(model_path=flag_values.model_path, output_dir=flag_values.output_dir,
-                         backbone=flag_values.backbone, overwrite=flag_values.overwrite,
-                         self_check_images=tuple(flag_values.self_check_images),
-                         self_check_max_side=flag_values.self_check_max_side,
-                         export=flag_values.export).validate()
+    return ConvertConfig(
+        model_path=flag_values.model_path,
+        output_dir=flag_values.output_dir,
+        backbone=flag_values.backbone,
+        overwrite=flag_values.overwrite,
+        self_check_images=tuple(flag_values.self_check_images),
+        self_check_max_side=flag_values.self_check_max_side,
+        export=flag_values.export,
+    ).validate()
 
 
 def cli():

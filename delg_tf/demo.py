@@ -133,13 +133,19 @@ class DemoConfig:
         require(self.output_dir, "output_dir", "where the demo writes its outputs")
         checks = [
             (self.max_feature_num >= 1, "max_feature_num", "an integer >= 1"),
-            (self.train_landmarks is None or self.train_landmarks >= 0, "train_landmarks",
-             "an integer >= 0 (or unset for the flagfile's --embedded_train_landmarks)"),
+            (
+                self.train_landmarks is None or self.train_landmarks >= 0,
+                "train_landmarks",
+                "an integer >= 0 (or unset for the flagfile's --embedded_train_landmarks)",
+            ),
             (self.shortlist_size >= 1, "shortlist_size", "an integer >= 1"),
             (self.grid_top_k >= 1, "grid_top_k", "an integer >= 1"),
             (self.num_workers >= 1, "num_workers", "an integer >= 1"),
-            (self.score_threshold is None or self.score_threshold >= 0, "score_threshold",
-             "a float >= 0 (or unset to use the trained attention median)"),
+            (
+                self.score_threshold is None or self.score_threshold >= 0,
+                "score_threshold",
+                "a float >= 0 (or unset to use the trained attention median)",
+            ),
         ]
         for ok, name, expected in checks:
             expect(ok, name, expected, getattr(self, name))
@@ -173,8 +179,10 @@ def resolve_flagfile(flagfile: str) -> Path:
     candidate = Path(__file__).resolve().parent.parent / flagfile
     if not path.is_absolute() and candidate.is_file():
         return candidate
-    raise DemoError(f"--flagfile={flagfile} does not exist (also looked for {candidate}); "
-                    "run from the repository root or pass --flagfile=path/to/demo.flags.")
+    raise DemoError(
+        f"--flagfile={flagfile} does not exist (also looked for {candidate}); "
+        "run from the repository root or pass --flagfile=path/to/demo.flags."
+    )
 
 
 def _log(message: str):
@@ -185,31 +193,52 @@ def _log(message: str):
 # Stage 1: training
 # --------------------------------------------------------------------------
 
+
 def train_configs(config: DemoConfig):
     """(TrainConfig, model config) from the flagfile, with the demo's logdir/data_dir and,
     if `train_landmarks` is set, that `--embedded_train_landmarks` (the trainer then
-    builds the TFRecords of those landmarks only)."""
+    builds the TFRecords of those landmarks only).
+    """
     from delg_tf import train as train_entry
 
-    landmarks = ([] if config.train_landmarks is None
-                 else [f"--embedded_train_landmarks={config.train_landmarks}"])
+    landmarks = (
+        []
+        if config.train_landmarks is None
+        else [f"--embedded_train_landmarks={config.train_landmarks}"]
+    )
     return train_entry.parse_flags(
-        ["delg_tf.demo", f"--flagfile={resolve_flagfile(config.flagfile)}", *landmarks,
-         *config.train_flags, f"--logdir={config.logdir}", f"--data_dir={config.data_dir}"])
+        [
+            "delg_tf.demo",
+            f"--flagfile={resolve_flagfile(config.flagfile)}",
+            *landmarks,
+            *config.train_flags,
+            f"--logdir={config.logdir}",
+            f"--data_dir={config.data_dir}",
+        ]
+    )
 
 
 def evaluation_subset(train_landmarks: int, gnd_cfg, transforms) -> dict:
     """The ground truth restricted to queries of landmarks not used for training
-    (ids >= `train_landmarks`, the trainer's `embedded_train_landmarks`; 0 = all)."""
+    (ids >= `train_landmarks`, the trainer's `embedded_train_landmarks`; 0 = all).
+    """
     if not train_landmarks:
         return gnd_cfg
-    keep = [i for i, name in enumerate(gnd_cfg["qimlist"])
-            if transforms["images"][name]["landmark_id"] >= train_landmarks]
+    keep = [
+        i
+        for i, name in enumerate(gnd_cfg["qimlist"])
+        if transforms["images"][name]["landmark_id"] >= train_landmarks
+    ]
     if not keep:
-        raise DemoError(f"--embedded_train_landmarks={train_landmarks} leaves no unseen "
-                        "landmark to query; use a smaller value (0 = all landmarks).")
-    return {**gnd_cfg, "qimlist": [gnd_cfg["qimlist"][i] for i in keep],
-            "gnd": [gnd_cfg["gnd"][i] for i in keep]}
+        raise DemoError(
+            f"--embedded_train_landmarks={train_landmarks} leaves no unseen "
+            "landmark to query; use a smaller value (0 = all landmarks)."
+        )
+    return {
+        **gnd_cfg,
+        "qimlist": [gnd_cfg["qimlist"][i] for i in keep],
+        "gnd": [gnd_cfg["gnd"][i] for i in keep],
+    }
 
 
 def trained_step(logdir) -> int:
@@ -226,7 +255,8 @@ def trained_step(logdir) -> int:
 
 def trained_landmarks(train_config) -> int:
     """Landmark ids < this are the training ones (0: all, e.g. a flagfile with its own
-    data); the demo evaluates the queries of the others."""
+    data); the demo evaluates the queries of the others.
+    """
     if train_config.data_source != "embedded":
         return 0
     return train_config.embedded_train_landmarks
@@ -238,14 +268,19 @@ def train_stage(config: DemoConfig) -> Path:
 
     train_config, model_config = train_configs(config)
     if train_config.model_family != "delg":
-        raise DemoError(f"{config.flagfile} sets --model_family={train_config.model_family}; "
-                        "the demo needs a DELG model (--model_family=delg).")
+        raise DemoError(
+            f"{config.flagfile} sets --model_family={train_config.model_family}; "
+            "the demo needs a DELG model (--model_family=delg)."
+        )
     done = trained_step(config.logdir)
     if done >= train_config.max_iters:
         _log(f"train: already trained to step {done} in {config.logdir}, skipped")
         return config.logdir
-    _log(f"train: {train_config.max_iters} steps from {config.flagfile}"
-         + (f" (resuming at step {done})" if done else "") + f" -> {config.logdir}")
+    _log(
+        f"train: {train_config.max_iters} steps from {config.flagfile}"
+        + (f" (resuming at step {done})" if done else "")
+        + f" -> {config.logdir}"
+    )
     return train_entry.main(train_config, model_config)
 
 
@@ -276,18 +311,23 @@ def read_attention_threshold(logdir, last_n: int = ATTENTION_MEDIAN_LAST_N) -> d
                 if value.tag == ATTENTION_MEDIAN_TAG:
                     series[int(event.step)] = float(tf.make_ndarray(value.tensor))
     if not series:
-        raise DemoError(f"no '{ATTENTION_MEDIAN_TAG}' scalar in the TensorBoard events of "
-                        f"{event_dir}; train a DELG model there first (or pass "
-                        "--score_threshold=TAU).")
+        raise DemoError(
+            f"no '{ATTENTION_MEDIAN_TAG}' scalar in the TensorBoard events of "
+            f"{event_dir}; train a DELG model there first (or pass "
+            "--score_threshold=TAU)."
+        )
     steps = sorted(series)[-last_n:]
     values = [series[s] for s in steps]
-    return {"tau": float(np.mean(values)), "steps": steps, "values": values,
-            "source": f"mean of the last {len(steps)} '{ATTENTION_MEDIAN_TAG}' scalars in "
-                      f"{event_dir}"}
+    return {
+        "tau": float(np.mean(values)),
+        "steps": steps,
+        "values": values,
+        "source": f"mean of the last {len(steps)} '{ATTENTION_MEDIAN_TAG}' scalars in {event_dir}",
+    }
 
 
 def attention_threshold_stage(config: DemoConfig) -> float:
-    """tau from the flag or from the run; written to ``OUT/attention_threshold.json``."""
+    """Tau from the flag or from the run; written to ``OUT/attention_threshold.json``."""
     if config.score_threshold is not None:
         info = {"tau": float(config.score_threshold), "source": "--score_threshold"}
     else:
@@ -301,6 +341,7 @@ def attention_threshold_stage(config: DemoConfig) -> float:
 # Stage 2: export
 # --------------------------------------------------------------------------
 
+
 def export_stage(config: DemoConfig, tau: float) -> Path:
     """Writes the SavedModel (skipped when a complete one with the same tau exists)."""
     from delg_tf import export as export_entry
@@ -312,16 +353,20 @@ def export_stage(config: DemoConfig, tau: float) -> Path:
         overrides["image_scales"] = tuple(config.image_scales)
     export = ExportConfig(**overrides)
     stamp = path / "assets.extra" / "demo_export.json"
-    wanted = {"checkpoint_step": trained_step(config.logdir),
-              "export": dataclasses.asdict(export)}
+    wanted = {"checkpoint_step": trained_step(config.logdir), "export": dataclasses.asdict(export)}
     if (path / SAVED_MODEL_FILE).is_file() and stamp.is_file():
         if json.loads(stamp.read_text()) == json.loads(json.dumps(wanted)):
             _log(f"export: {path} is up to date, skipped")
             return path
     _log(f"export: SavedModel -> {path}")
-    out = export_entry.main(export_entry.ExportRunConfig(
-        checkpoint_dir=str(config.logdir), export_path=str(path), export=export,
-        overwrite=path.exists()))
+    out = export_entry.main(
+        export_entry.ExportRunConfig(
+            checkpoint_dir=str(config.logdir),
+            export_path=str(path),
+            export=export,
+            overwrite=path.exists(),
+        )
+    )
     _write_json_atomic(wanted, stamp)
     return out
 
@@ -330,23 +375,31 @@ def export_stage(config: DemoConfig, tau: float) -> Path:
 # Stage 3: extraction
 # --------------------------------------------------------------------------
 
+
 def dataset_paths(config: DemoConfig):
     """The embedded default dataset under ``OUT/data`` (built if missing)."""
     from delg_tf.data import embedded
     from delg_tf.training.data import EMBEDDED_SUBDIR
 
     return embedded.build_embedded_dataset(
-        config.data_dir / f"{EMBEDDED_SUBDIR}-{EMBEDDED_PRESET}", preset=EMBEDDED_PRESET)
+        config.data_dir / f"{EMBEDDED_SUBDIR}-{EMBEDDED_PRESET}", preset=EMBEDDED_PRESET
+    )
 
 
 def _retrieval_dataset(paths, gnd_cfg):
     """The embedded data restricted to `gnd_cfg` (`evaluation_subset`) as a
-    `RevisitopDataset`, the input of the evaluation's extraction."""
+    `RevisitopDataset`, the input of the evaluation's extraction.
+    """
     from delg_tf.data.revisitop import RevisitopDataset
 
-    return RevisitopDataset(name="embedded", gnd_path=Path(paths.gnd), images_dir=paths.jpg_dir,
-                            imlist=list(gnd_cfg["imlist"]), qimlist=list(gnd_cfg["qimlist"]),
-                            gnd=list(gnd_cfg["gnd"]))
+    return RevisitopDataset(
+        name="embedded",
+        gnd_path=Path(paths.gnd),
+        images_dir=paths.jpg_dir,
+        imlist=list(gnd_cfg["imlist"]),
+        qimlist=list(gnd_cfg["qimlist"]),
+        gnd=list(gnd_cfg["gnd"]),
+    )
 
 
 def query_images(config: DemoConfig, paths, gnd_cfg) -> list:
@@ -372,20 +425,23 @@ def extract_stage(config: DemoConfig, model_path, paths, gnd_cfg) -> dict:
     from delg_tf import extract as extract_entry
     from delg_tf.evaluation.end_to_end import extract_retrieval_stores
 
-    _log(f"extract: {len(gnd_cfg['imlist'])} database images, {len(gnd_cfg['qimlist'])} "
-         "queries")
-    settings = extract_entry.ExtractConfig(output_dir=str(config.features_dir),
-                                           model_path=str(model_path),
-                                           progress=config.progress)
+    _log(f"extract: {len(gnd_cfg['imlist'])} database images, {len(gnd_cfg['qimlist'])} queries")
+    settings = extract_entry.ExtractConfig(
+        output_dir=str(config.features_dir), model_path=str(model_path), progress=config.progress
+    )
     database, queries, _ = extract_retrieval_stores(
-        _retrieval_dataset(paths, gnd_cfg), config.features_dir / "database",
-        config.features_dir / "queries", settings)
+        _retrieval_dataset(paths, gnd_cfg),
+        config.features_dir / "database",
+        config.features_dir / "queries",
+        settings,
+    )
     return {"database": database, "queries": queries}
 
 
 # --------------------------------------------------------------------------
 # Stages 4-5: retrieval, re-ranking, evaluation
 # --------------------------------------------------------------------------
+
 
 def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
     """Global search, top-k RANSAC and SuperGlobal re-ranking, revisitop metrics.
@@ -408,19 +464,32 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
 
     db_global, db_local = load_store_features(stores["database"], gnd_cfg["imlist"])
     q_global, q_local = load_store_features(stores["queries"], gnd_cfg["qimlist"])
-    eval_config = EvaluateConfig(shortlist_size=min(config.shortlist_size, len(db_local)),
-                                 num_workers=config.num_workers)
+    eval_config = EvaluateConfig(
+        shortlist_size=min(config.shortlist_size, len(db_local)), num_workers=config.num_workers
+    )
     progress = progress_wrapper("re-rank", "query", enabled=config.progress)
-    _log(f"retrieve + re-rank: {len(q_local)} queries x {len(db_local)} database images, "
-         f"top-{eval_config.shortlist_size} re-ranked by affine-RANSAC inliers; SuperGlobal "
-         f"re-ranks the top {min(eval_config.superglobal_m, len(db_local))}")
-    evaluation = evaluate_features(db_global, q_global, gnd_cfg["gnd"], db_local, q_local,
-                                   eval_config, progress=progress, verbose=False)
+    _log(
+        f"retrieve + re-rank: {len(q_local)} queries x {len(db_local)} database images, "
+        f"top-{eval_config.shortlist_size} re-ranked by affine-RANSAC inliers; SuperGlobal "
+        f"re-ranks the top {min(eval_config.superglobal_m, len(db_local))}"
+    )
+    evaluation = evaluate_features(
+        db_global,
+        q_global,
+        gnd_cfg["gnd"],
+        db_local,
+        q_local,
+        eval_config,
+        progress=progress,
+        verbose=False,
+    )
     start = time.perf_counter()
     superglobal = superglobal_ranking(evaluation.global_ranks, db_global, q_global, eval_config)
     evaluation.timings["superglobal_s"] = time.perf_counter() - start
-    rows = {**evaluation.results,
-            "superglobal": evaluate_revisitop(superglobal, gnd_cfg["gnd"], eval_config.kappas)}
+    rows = {
+        **evaluation.results,
+        "superglobal": evaluate_revisitop(superglobal, gnd_cfg["gnd"], eval_config.kappas),
+    }
     results = {}
     for name in ("global", "reranked", "superglobal"):
         per_protocol = rows[name]
@@ -434,8 +503,9 @@ def evaluate_stage(config: DemoConfig, stores: dict, gnd_cfg, tau: float):
     }
     results["num_queries"] = len(q_local)
     results["num_database"] = len(db_local)
-    results["config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in eval_config.record().items()}
+    results["config"] = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in eval_config.record().items()
+    }
     return evaluation, db_local, q_local, results
 
 
@@ -449,14 +519,17 @@ def format_table(results: dict) -> str:
     lines = [f"{'':<16}" + "".join(f"{titles.get(n, n):>{w}}" for n, w in columns)]
     for protocol in PROTOCOLS:
         for metric in metrics:
-            lines.append(f"{protocol + ' ' + metric:<16}" + "".join(
-                f"{results[n][protocol][metric]:>{w}.2f}" for n, w in columns))
+            lines.append(
+                f"{protocol + ' ' + metric:<16}"
+                + "".join(f"{results[n][protocol][metric]:>{w}.2f}" for n, w in columns)
+            )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
 # Stage 6: pictures, and the ground-truth check of the matches
 # --------------------------------------------------------------------------
+
 
 def gt_reprojection_errors(transforms, query_name, db_name, query_xy, db_xy) -> np.ndarray:
     """Distance (px) between matched query keypoints mapped by the true homography and
@@ -481,8 +554,9 @@ def gt_reprojection_errors(transforms, query_name, db_name, query_xy, db_xy) -> 
 
 def same_photo(transforms, name_a, name_b) -> bool:
     images = transforms["images"]
-    return (name_a in images and name_b in images
-            and images[name_a]["photo"] == images[name_b]["photo"])
+    return (
+        name_a in images and name_b in images and images[name_a]["photo"] == images[name_b]["photo"]
+    )
 
 
 def choose_showcase_query(evaluation, gnd) -> int:
@@ -495,8 +569,9 @@ def choose_showcase_query(evaluation, gnd) -> int:
     return int(np.argmax(after - before))
 
 
-def match_statistics(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
-                     transforms) -> dict:
+def match_statistics(
+    config: DemoConfig, evaluation, q_local, db_local, gnd_cfg, transforms
+) -> dict:
     """Inlier reprojection errors under the true homographies for the re-ranked top-1.
 
     For every query whose re-ranked top-1 shows the same photo, the RANSAC inliers
@@ -525,15 +600,21 @@ def match_statistics(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
         errors.append(gt_reprojection_errors(transforms, q_name, d_name, q_xy, d_xy))
         names.append([q_name, d_name])
     errors = np.concatenate(errors) if errors else np.zeros(0)
-    return {"pairs": len(names), "pair_names": names, "inliers": int(errors.size),
-            "median_error_px": float(np.median(errors)) if errors.size else None,
-            "fraction_within_px": (float(np.mean(errors <= GT_REPROJECTION_THRESHOLD_PX))
-                                   if errors.size else None),
-            "threshold_px": GT_REPROJECTION_THRESHOLD_PX}
+    return {
+        "pairs": len(names),
+        "pair_names": names,
+        "inliers": int(errors.size),
+        "median_error_px": float(np.median(errors)) if errors.size else None,
+        "fraction_within_px": (
+            float(np.mean(errors <= GT_REPROJECTION_THRESHOLD_PX)) if errors.size else None
+        ),
+        "threshold_px": GT_REPROJECTION_THRESHOLD_PX,
+    }
 
 
-def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
-                    query_pairs, paths) -> dict:
+def visualize_stage(
+    config: DemoConfig, evaluation, q_local, db_local, gnd_cfg, query_pairs, paths
+) -> dict:
     """Writes matches.png and ranking_grid.png for the showcase query."""
     from PIL import Image
 
@@ -548,40 +629,54 @@ def visualize_stage(config: DemoConfig, evaluation, q_local, db_local, gnd_cfg,
     query_image = load_image_source(query_pairs[q][1])
 
     def load_db(db_id):
-        return np.asarray(Image.open(paths.jpg_dir / f"{gnd_cfg['imlist'][db_id]}.jpg")
-                          .convert("RGB"))
+        return np.asarray(
+            Image.open(paths.jpg_dir / f"{gnd_cfg['imlist'][db_id]}.jpg").convert("RGB")
+        )
 
     best = int(evaluation.reranked_ranks[0, q])
     match_config = EvaluateConfig().matching
     pair = match_pair(q_local[q], db_local[best], match_config)
-    matches = draw_pair_match(query_image, load_db(best), q_local[q], db_local[best], pair,
-                              config.root / MATCHES_PNG)
-    top = evaluation.reranked_ranks[:config.grid_top_k, q]
-    inliers = {int(d): match_pair(q_local[q], db_local[int(d)], match_config).num_inliers
-               for d in top}
-    positives = np.concatenate([np.ravel(gnd[q].get("easy", [])),
-                                np.ravel(gnd[q].get("hard", []))])
-    grid = draw_ranking_grid(query_image, evaluation.global_ranks[:, q],
-                             evaluation.reranked_ranks[:, q], load_db,
-                             config.root / GRID_PNG, top_k=config.grid_top_k,
-                             positives=positives, junk=np.ravel(gnd[q].get("junk", [])),
-                             num_inliers=inliers)
-    return {"query": gnd_cfg["qimlist"][q], "best_database_image": gnd_cfg["imlist"][best],
-            "inliers": int(pair.num_inliers),
-            # Relative to --output_dir: results.json does not depend on where it is.
-            "matches_png": os.path.relpath(matches, config.root),
-            "grid_png": os.path.relpath(grid, config.root)}
+    matches = draw_pair_match(
+        query_image, load_db(best), q_local[q], db_local[best], pair, config.root / MATCHES_PNG
+    )
+    top = evaluation.reranked_ranks[: config.grid_top_k, q]
+    inliers = {
+        int(d): match_pair(q_local[q], db_local[int(d)], match_config).num_inliers for d in top
+    }
+    positives = np.concatenate([np.ravel(gnd[q].get("easy", [])), np.ravel(gnd[q].get("hard", []))])
+    grid = draw_ranking_grid(
+        query_image,
+        evaluation.global_ranks[:, q],
+        evaluation.reranked_ranks[:, q],
+        load_db,
+        config.root / GRID_PNG,
+        top_k=config.grid_top_k,
+        positives=positives,
+        junk=np.ravel(gnd[q].get("junk", [])),
+        num_inliers=inliers,
+    )
+    return {
+        "query": gnd_cfg["qimlist"][q],
+        "best_database_image": gnd_cfg["imlist"][best],
+        "inliers": int(pair.num_inliers),
+        # Relative to --output_dir: results.json does not depend on where it is.
+        "matches_png": os.path.relpath(matches, config.root),
+        "grid_png": os.path.relpath(grid, config.root),
+    }
 
 
 # --------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------
 
+
 def _write_json_atomic(obj, path) -> Path:
     """The demo's JSON files: sorted keys, indent 2, a final newline; written atomically
-    (disk full: no partial JSON is left behind)."""
-    return atomic.write_json_atomic(obj, path, indent=2, sort_keys=True, default=_json_default,
-                                    end="\n", parents=True)
+    (disk full: no partial JSON is left behind).
+    """
+    return atomic.write_json_atomic(
+        obj, path, indent=2, sort_keys=True, default=_json_default, end="\n", parents=True
+    )
 
 
 def _json_default(value):
@@ -619,46 +714,67 @@ def main(config: DemoConfig) -> Path:
     tau = attention_threshold_stage(config)
     model_path = timed("export", export_stage, config, tau)
     transforms = load_transforms(paths)
-    gnd_cfg = evaluation_subset(train_landmarks, load_gnd(paths.gnd, require_bbx=False),
-                                transforms)
+    gnd_cfg = evaluation_subset(train_landmarks, load_gnd(paths.gnd, require_bbx=False), transforms)
     stores = timed("extract", extract_stage, config, model_path, paths, gnd_cfg)
     evaluation, db_local, q_local, results = timed(
-        "retrieve_rerank_evaluate", evaluate_stage, config, stores, gnd_cfg, tau)
+        "retrieve_rerank_evaluate", evaluate_stage, config, stores, gnd_cfg, tau
+    )
     results["train_landmarks"] = train_landmarks
     results["queries"] = list(gnd_cfg["qimlist"])
-    results["ground_truth_check"] = match_statistics(config, evaluation, q_local, db_local,
-                                                     gnd_cfg, transforms)
+    results["ground_truth_check"] = match_statistics(
+        config, evaluation, q_local, db_local, gnd_cfg, transforms
+    )
     query_pairs = query_images(config, paths, gnd_cfg)
-    results["pictures"] = timed("visualize", visualize_stage, config, evaluation, q_local,
-                                db_local, gnd_cfg, query_pairs, paths)
+    results["pictures"] = timed(
+        "visualize",
+        visualize_stage,
+        config,
+        evaluation,
+        q_local,
+        db_local,
+        gnd_cfg,
+        query_pairs,
+        paths,
+    )
     timings["total"] = round(time.perf_counter() - started, 2)
     out = _write_json_atomic(results, config.root / RESULTS_JSON)
-    _write_json_atomic({"stage_seconds": timings, "evaluation_seconds": evaluation.timings},
-                       config.root / TIMINGS_JSON)
+    _write_json_atomic(
+        {"stage_seconds": timings, "evaluation_seconds": evaluation.timings},
+        config.root / TIMINGS_JSON,
+    )
     check = results["ground_truth_check"]
     print()
     landmarks = {transforms["images"][q]["landmark_id"] for q in gnd_cfg["qimlist"]}
-    unseen = (f" of the {len(landmarks)} landmarks not used for training"
-              if train_landmarks else "")
-    print(f"DELG demo: {results['num_queries']} queries{unseen}, {results['num_database']} "
-          f"database images, tau = {tau:.6g} (trained attention median), "
-          f"{results['local_features_per_image']['database_mean']:.0f} local features "
-          "per database image on average")
+    unseen = f" of the {len(landmarks)} landmarks not used for training" if train_landmarks else ""
+    print(
+        f"DELG demo: {results['num_queries']} queries{unseen}, {results['num_database']} "
+        f"database images, tau = {tau:.6g} (trained attention median), "
+        f"{results['local_features_per_image']['database_mean']:.0f} local features "
+        "per database image on average"
+    )
     print(format_table(results))
-    print(f"medium mAP: global {results['global']['mAP']:.2f} -> re-ranked "
-          f"{results['reranked']['mAP']:.2f}")
-    print(f"SuperGlobal (global descriptors only, top "
-          f"{min(results['config']['superglobal_m'], results['num_database'])}): medium mAP "
-          f"{results['superglobal']['mAP']:.2f}")
+    print(
+        f"medium mAP: global {results['global']['mAP']:.2f} -> re-ranked "
+        f"{results['reranked']['mAP']:.2f}"
+    )
+    print(
+        f"SuperGlobal (global descriptors only, top "
+        f"{min(results['config']['superglobal_m'], results['num_database'])}): medium mAP "
+        f"{results['superglobal']['mAP']:.2f}"
+    )
     if check["inliers"]:
-        print(f"ground truth: {check['inliers']} RANSAC inliers of {check['pairs']} correct "
-              f"top-1 pairs, median error under the known homography "
-              f"{check['median_error_px']:.1f} px, {100 * check['fraction_within_px']:.0f}% "
-              f"within {check['threshold_px']:.0f} px")
+        print(
+            f"ground truth: {check['inliers']} RANSAC inliers of {check['pairs']} correct "
+            f"top-1 pairs, median error under the known homography "
+            f"{check['median_error_px']:.1f} px, {100 * check['fraction_within_px']:.0f}% "
+            f"within {check['threshold_px']:.0f} px"
+        )
     print(f"stage seconds: {timings}")
-    print(f"wrote {out}, {config.root / TIMINGS_JSON}, "
-          f"{config.root / results['pictures']['matches_png']}, "
-          f"{config.root / results['pictures']['grid_png']}")
+    print(
+        f"wrote {out}, {config.root / TIMINGS_JSON}, "
+        f"{config.root / results['pictures']['matches_png']}, "
+        f"{config.root / results['pictures']['grid_png']}"
+    )
     return out
 
 
@@ -668,18 +784,33 @@ def _define_flags():
     d = DemoConfig()
     flags.DEFINE_string("output_dir", d.output_dir, "Folder for every demo output.")
     flags.DEFINE_string("train_flagfile", d.flagfile, "Training flagfile of the demo.")
-    flags.DEFINE_list("train_flags", [], "Extra training flags, e.g. --train_flags="
-                      "--max_iters=200 (applied after the flagfile).")
-    flags.DEFINE_float("score_threshold", None, "Attention threshold tau (default: the "
-                       "trained run's final attention median, as in the paper).")
-    flags.DEFINE_list("image_scales", None, "Local pyramid scales of the export "
-                      "(default 0.25 ... 2.0, 7 scales).")
+    flags.DEFINE_list(
+        "train_flags",
+        [],
+        "Extra training flags, e.g. --train_flags=--max_iters=200 (applied after the flagfile).",
+    )
+    flags.DEFINE_float(
+        "score_threshold",
+        None,
+        "Attention threshold tau (default: the "
+        "trained run's final attention median, as in the paper).",
+    )
+    flags.DEFINE_list(
+        "image_scales", None, "Local pyramid scales of the export (default 0.25 ... 2.0, 7 scales)."
+    )
     flags.DEFINE_integer("max_feature_num", d.max_feature_num, "Local features per image.")
-    flags.DEFINE_integer("train_landmarks", d.train_landmarks, "Train on the embedded "
-                         "landmarks with id < this, evaluate the others' queries (0 = all; "
-                         "default: the flagfile's --embedded_train_landmarks).")
-    flags.DEFINE_integer("shortlist_size", d.shortlist_size, "Top-k re-ranked (paper: 100 "
-                         "of ~5k images; the demo database has 86).")
+    flags.DEFINE_integer(
+        "train_landmarks",
+        d.train_landmarks,
+        "Train on the embedded "
+        "landmarks with id < this, evaluate the others' queries (0 = all; "
+        "default: the flagfile's --embedded_train_landmarks).",
+    )
+    flags.DEFINE_integer(
+        "shortlist_size",
+        d.shortlist_size,
+        "Top-k re-ranked (paper: 100 of ~5k images; the demo database has 86).",
+    )
     flags.DEFINE_integer("grid_top_k", d.grid_top_k, "Results per row of ranking_grid.png.")
     flags.DEFINE_integer("num_workers", d.num_workers, "Re-ranking threads.")
     flags.DEFINE_boolean("progress", d.progress, "Show progress bars.")
@@ -690,20 +821,31 @@ def _config_from_flags(f) -> DemoConfig:
     try:
         scales = None if f.image_scales is None else tuple(float(s) for s in f.image_scales)
     except ValueError as e:
-        raise ConfigError(f"--image_scales must be comma-separated floats; received "
-                          f"{f.image_scales}.", "image_scales") from e
+        raise ConfigError(
+            f"--image_scales must be comma-separated floats; received {f.image_scales}.",
+            "image_scales",
+        ) from e
     train_flags = tuple(s if s.startswith("--") else f"--{s}" for s in f.train_flags)
-    return DemoConfig(output_dir=f.output_dir, flagfile=f.train_flagfile,
-                      train_flags=train_flags, score_threshold=f.score_threshold,
-                      image_scales=scales, max_feature_num=f.max_feature_num,
-                      train_landmarks=f.train_landmarks,
-                      shortlist_size=f.shortlist_size, grid_top_k=f.grid_top_k,
-                      num_workers=f.num_workers, progress=f.progress)
+    return DemoConfig(
+        output_dir=f.output_dir,
+        flagfile=f.train_flagfile,
+        train_flags=train_flags,
+        score_threshold=f.score_threshold,
+        image_scales=scales,
+        max_feature_num=f.max_feature_num,
+        train_landmarks=f.train_landmarks,
+        shortlist_size=f.shortlist_size,
+        grid_top_k=f.grid_top_k,
+        num_workers=f.num_workers,
+        progress=f.progress,
+    )
 
 
 def _describe_run_error(error) -> str:
-    return (f"{error}; free space or fix permissions under the output folder and rerun "
-            "(finished stages are kept).")
+    return (
+        f"{error}; free space or fix permissions under the output folder and rerun "
+        "(finished stages are kept)."
+    )
 
 
 def cli():
@@ -711,11 +853,24 @@ def cli():
     from delg_tf import cli as runner
     from delg_tf.data.errors import DataError
 
-    usage_errors = (DemoError, DataError, ValueError, FileNotFoundError, FileExistsError,
-                    PermissionError, ImportError)
-    runner.run_config_main(_define_flags, _config_from_flags, main, expected_errors=[
-        runner.ErrorRule(usage_errors, EXIT_USAGE_ERROR),
-        runner.ErrorRule((OSError,), EXIT_RUN_ERROR, _describe_run_error)])
+    usage_errors = (
+        DemoError,
+        DataError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        ImportError,
+    )
+    runner.run_config_main(
+        _define_flags,
+        _config_from_flags,
+        main,
+        expected_errors=[
+            runner.ErrorRule(usage_errors, EXIT_USAGE_ERROR),
+            runner.ErrorRule((OSError,), EXIT_RUN_ERROR, _describe_run_error),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -266,7 +266,8 @@ def _parse_flags(argv):
         return f"{runner.one_line(error)}; see python -m delg_tf.evaluate --helpfull."
 
     return runner.report_errors(
-        flags.FLAGS, list(argv),
+        flags.FLAGS,
+        list(argv),
         expected_errors=[runner.ErrorRule((flags.Error,), runner.EXIT_USAGE_ERROR, describe)],
     )
 
@@ -275,8 +276,9 @@ def cli():
     """Console entry point."""
     from delg_tf import cli as runner
 
-    runner.run_main(_define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS,
-                    flags_parser=_parse_flags)
+    runner.run_main(
+        _define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS, flags_parser=_parse_flags
+    )
 
 
 if __name__ == "__main__":

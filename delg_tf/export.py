@@ -45,10 +45,22 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # (from --delf_config and the flags of its fields) and the DELG-only flags given.
 NESTED_FIELDS = ("export", "delg_options")
 # Flags that only configure DELG exports (refused for a Glocal run when given).
-DELG_ONLY_FLAGS = ("delf_config", "image_scales", "global_scales_ind", "max_feature_num",
-                   "score_threshold", "iou_threshold", "max_image_size", "min_image_size",
-                   "use_square_images", "export_local", "export_global", "warmup",
-                   "fold_batch_norm", "compute_dtype")
+DELG_ONLY_FLAGS = (
+    "delf_config",
+    "image_scales",
+    "global_scales_ind",
+    "max_feature_num",
+    "score_threshold",
+    "iou_threshold",
+    "max_image_size",
+    "min_image_size",
+    "use_square_images",
+    "export_local",
+    "export_global",
+    "warmup",
+    "fold_batch_norm",
+    "compute_dtype",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +104,19 @@ class ExportRunConfig:
     def __post_init__(self):
         require(self.checkpoint_dir, "checkpoint_dir", "a delg_tf.train logdir")
         require(self.export_path, "export_path", "the SavedModel directory")
-        expect(self.image_size is None or (is_int(self.image_size) and self.image_size >= 0),
-               "image_size", "an integer >= 0 (0 = no resize)", self.image_size)
+        expect(
+            self.image_size is None or (is_int(self.image_size) and self.image_size >= 0),
+            "image_size",
+            "an integer >= 0 (0 = no resize)",
+            self.image_size,
+        )
         expect_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.compute_dtype != "float32" and not self.fold_batch_norm:
-            raise ConfigError(f"--compute_dtype={self.compute_dtype} needs the folded graph; "
-                              "drop --nofold_batch_norm.", "compute_dtype")
+            raise ConfigError(
+                f"--compute_dtype={self.compute_dtype} needs the folded graph; "
+                "drop --nofold_batch_norm.",
+                "compute_dtype",
+            )
 
 
 def _load_run(config: ExportRunConfig):
@@ -115,18 +134,26 @@ def _export_glocal_run(config: ExportRunConfig, record: dict) -> Path:
         given = ", ".join(f"--{name}" for name in config.delg_options)
         raise ConfigError(
             f"{given} configure DELG exports only, but --checkpoint_dir={config.checkpoint_dir}"
-            f" is a glocal run; remove them (a Glocal export takes --image_size).")
+            f" is a glocal run; remove them (a Glocal export takes --image_size)."
+        )
     if config.image_size is None:
         image_size = record.get("train", {}).get("image_size")
     else:
         image_size = None if config.image_size == NO_RESIZE else config.image_size
     model = _load_run(config)
-    path = glocal_export.export_glocal(model, config.export_path, image_size=image_size,
-                                       overwrite=config.overwrite, run_record=record)
+    path = glocal_export.export_glocal(
+        model,
+        config.export_path,
+        image_size=image_size,
+        overwrite=config.overwrite,
+        run_record=record,
+    )
     resize = f"inputs resized to {image_size}x{image_size}" if image_size else "no resize"
-    print(f"export: wrote {path} (glocal embedding [B, {model.config.embedding_dim}], "
-          f"{resize}, signatures {glocal_export.SIGNATURE_IMAGES}, "
-          f"{glocal_export.SIGNATURE_UINT8}, {glocal_export.SIGNATURE_ENCODED})")
+    print(
+        f"export: wrote {path} (glocal embedding [B, {model.config.embedding_dim}], "
+        f"{resize}, signatures {glocal_export.SIGNATURE_IMAGES}, "
+        f"{glocal_export.SIGNATURE_UINT8}, {glocal_export.SIGNATURE_ENCODED})"
+    )
     return path
 
 
@@ -148,26 +175,36 @@ def _export(config: ExportRunConfig) -> Path:
         # Checked before building anything (export_saved_model checks again).
         raise FileExistsError(
             f"export path {config.export_path} already exists; expected a new directory. "
-            "Pass --overwrite to replace it, or choose another --export_path.")
+            "Pass --overwrite to replace it, or choose another --export_path."
+        )
     from delg_tf.training import runs
 
     record = runs.read_run_record(config.checkpoint_dir, flag="checkpoint_dir")
     if runs.run_family(record, runs.config_path(config.checkpoint_dir)) == GLOCAL_FAMILY:
         return _export_glocal_run(config, record)
     if config.image_size is not None:
-        raise ConfigError(f"--image_size applies to Glocal runs only; --checkpoint_dir="
-                          f"{config.checkpoint_dir} is a DELG run (use --max_image_size/"
-                          "--image_scales).", "image_size")
+        raise ConfigError(
+            f"--image_size applies to Glocal runs only; --checkpoint_dir="
+            f"{config.checkpoint_dir} is a DELG run (use --max_image_size/"
+            "--image_scales).",
+            "image_size",
+        )
     from delg_tf.serving import delg_export
 
     model = _load_run(config)
-    path = delg_export.export_saved_model(model, config.export_path, config.export,
-                                          overwrite=config.overwrite,
-                                          fold_batch_norm=config.fold_batch_norm,
-                                          compute_dtype=config.compute_dtype)
-    print(f"export: wrote {path} (mode {config.export.mode}, compute dtype "
-          f"{config.compute_dtype}, signatures {delg_export.SIGNATURE_DEFAULT}, "
-          f"{delg_export.SIGNATURE_IMAGE_BYTES})")
+    path = delg_export.export_saved_model(
+        model,
+        config.export_path,
+        config.export,
+        overwrite=config.overwrite,
+        fold_batch_norm=config.fold_batch_norm,
+        compute_dtype=config.compute_dtype,
+    )
+    print(
+        f"export: wrote {path} (mode {config.export.mode}, compute dtype "
+        f"{config.compute_dtype}, signatures {delg_export.SIGNATURE_DEFAULT}, "
+        f"{delg_export.SIGNATURE_IMAGE_BYTES})"
+    )
     return path
 
 
@@ -177,8 +214,9 @@ def _define_flags():
     from delg_tf import cli as runner
     from delg_tf.extraction.config import ExportConfig
 
-    runner.define_config_flags(ExportRunConfig, skip=NESTED_FIELDS,
-                               choices={"compute_dtype": COMPUTE_DTYPES})
+    runner.define_config_flags(
+        ExportRunConfig, skip=NESTED_FIELDS, choices={"compute_dtype": COMPUTE_DTYPES}
+    )
     flags.DEFINE_string("delf_config", None, "DelfConfig .pbtxt giving the baked-in defaults.")
     # The fields of the nested ExportConfig: unset flags keep the --delf_config values.
     runner.define_config_flags(ExportConfig, skip=("mode",), unset=True)
@@ -192,17 +230,23 @@ def _config_from_flags(f):
     from delg_tf.extraction.config import ExportConfig, load_delf_config, mode_of
 
     if not (f.export_local or f.export_global):
-        raise ConfigError("--noexport_local and --noexport_global together export nothing; "
-                          "keep at least one.")
-    overrides = {"mode": mode_of(f.export_local, f.export_global),
-                 **runner.config_kwargs(ExportConfig, f, skip=("mode",), unset=True)}
+        raise ConfigError(
+            "--noexport_local and --noexport_global together export nothing; keep at least one."
+        )
+    overrides = {
+        "mode": mode_of(f.export_local, f.export_global),
+        **runner.config_kwargs(ExportConfig, f, skip=("mode",), unset=True),
+    }
     if f.delf_config:
         export = ExportConfig.from_delf_config(load_delf_config(f.delf_config), **overrides)
     else:
         export = ExportConfig(**overrides)
     delg_options = tuple(name for name in DELG_ONLY_FLAGS if f[name].present)
-    return ExportRunConfig(export=export, delg_options=delg_options,
-                           **runner.config_kwargs(ExportRunConfig, f, skip=NESTED_FIELDS))
+    return ExportRunConfig(
+        export=export,
+        delg_options=delg_options,
+        **runner.config_kwargs(ExportRunConfig, f, skip=NESTED_FIELDS),
+    )
 
 
 def cli():

@@ -34,8 +34,10 @@ from pathlib import Path
 
 from delg_tf import extract
 
-BEAM_MISSING = ("apache-beam is not installed; `pip install 'delg_tf[beam]'` (plus "
-                "apache-beam[gcp] for Dataflow) to run python -m delg_tf.extract_beam.")
+BEAM_MISSING = (
+    "apache-beam is not installed; `pip install 'delg_tf[beam]'` (plus "
+    "apache-beam[gcp] for Dataflow) to run python -m delg_tf.extract_beam."
+)
 NOT_FLAGS = ("pipeline_args",)  # BeamExtractConfig fields without a flag of this module
 # Beam logs every bundle and worker message at INFO (absl shows INFO): warnings only.
 BEAM_LOG_LEVEL = logging.WARNING
@@ -66,8 +68,11 @@ def main(config) -> Path:
     try:
         manifest = beam_lib.run(config)
     except OSError as e:
-        output_error = (extract.output_dir_error(e, config.output_dir)
-                        if beam_lib.is_local(config.output_dir) else None)
+        output_error = (
+            extract.output_dir_error(e, config.output_dir)
+            if beam_lib.is_local(config.output_dir)
+            else None
+        )
         if output_error is None:
             raise
         raise output_error from e
@@ -85,7 +90,7 @@ def _define_flags():
 
 
 def _parse_flags(argv, pipeline_args):
-    """absl parse of this module's flags; the other arguments go to `pipeline_args`."""
+    """Absl parse of this module's flags; the other arguments go to `pipeline_args`."""
     from absl import flags
 
     from delg_tf import cli as runner
@@ -104,7 +109,8 @@ def _config_from_flags(flag_values, pipeline_args):
     beam_lib = _beam_lib()
     return beam_lib.BeamExtractConfig(
         **runner.config_kwargs(beam_lib.BeamExtractConfig, flag_values, skip=NOT_FLAGS),
-        pipeline_args=tuple(pipeline_args))
+        pipeline_args=tuple(pipeline_args),
+    )
 
 
 def _main_from_flags(flag_values, pipeline_args):
@@ -118,11 +124,14 @@ def cli():
 
     pipeline_args = []
     runner.run_main(
-        _define_flags, lambda flag_values: _main_from_flags(flag_values, pipeline_args),
+        _define_flags,
+        lambda flag_values: _main_from_flags(flag_values, pipeline_args),
         expected_errors=[
             runner.ErrorRule((extract.ExtractRunError,), extract.EXIT_RUN_ERROR),
-            runner.ErrorRule(runner.DEFAULT_EXPECTED_ERRORS + (extract.ExtractOutputError,))],
-        flags_parser=lambda argv: _parse_flags(argv, pipeline_args))
+            runner.ErrorRule(runner.DEFAULT_EXPECTED_ERRORS + (extract.ExtractOutputError,)),
+        ],
+        flags_parser=lambda argv: _parse_flags(argv, pipeline_args),
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from delg_tf.retrieval.index import (
     read_manifest,
 )
 
-BYTES_PER_MIB = 2 ** 20
+BYTES_PER_MIB = 2**20
 FAISS_LOADER_LOGGER = "faiss.loader"
 PARAMS_FIELD = "params"  # IndexConfig field holding IndexParams (whose fields are flags).
 
@@ -62,12 +62,18 @@ class IndexConfig:
     progress: bool = True
 
     def __post_init__(self):
-        require(self.features, "features", "a feature store: an .h5 file, a parts "
-                "directory or a glob of shard files such as OUT/features-*-of-00004.h5")
+        require(
+            self.features,
+            "features",
+            "a feature store: an .h5 file, a parts "
+            "directory or a glob of shard files such as OUT/features-*-of-00004.h5",
+        )
         require(self.index_dir, "index_dir", "the folder the index is written to")
         if not isinstance(self.params, IndexParams):
-            raise ConfigError(f"IndexConfig.params must be an IndexParams, got "
-                              f"{type(self.params).__name__}.", PARAMS_FIELD)
+            raise ConfigError(
+                f"IndexConfig.params must be an IndexParams, got {type(self.params).__name__}.",
+                PARAMS_FIELD,
+            )
 
 
 def main(config: IndexConfig) -> Path:
@@ -77,14 +83,21 @@ def main(config: IndexConfig) -> Path:
       Path of the index folder.
     """
     started = time.perf_counter()
-    index_dir = build_index(config.features, config.index_dir, config.params,
-                            overwrite=config.overwrite, progress=config.progress)
+    index_dir = build_index(
+        config.features,
+        config.index_dir,
+        config.params,
+        overwrite=config.overwrite,
+        progress=config.progress,
+    )
     size = sum(p.stat().st_size for p in index_dir.iterdir() if p.is_file())
     manifest = read_manifest(index_dir)
     settings = ", ".join(f"{k}={v}" for k, v in manifest["params"].items()) or "exact"
-    print(f"index: {manifest['method']} ({settings}) of {manifest['count']} descriptors of "
-          f"dimension {manifest['dim']} in {time.perf_counter() - started:.1f} s, "
-          f"{size / BYTES_PER_MIB:.1f} MiB: {index_dir}")
+    print(
+        f"index: {manifest['method']} ({settings}) of {manifest['count']} descriptors of "
+        f"dimension {manifest['dim']} in {time.perf_counter() - started:.1f} s, "
+        f"{size / BYTES_PER_MIB:.1f} MiB: {index_dir}"
+    )
     return index_dir
 
 
@@ -101,13 +114,19 @@ def _config_from_flags(flag_values) -> IndexConfig:
     from delg_tf import cli as runner
 
     params = IndexParams(**runner.config_kwargs(IndexParams, flag_values))
-    return IndexConfig(params=params, **runner.config_kwargs(IndexConfig, flag_values,
-                                                             skip=(PARAMS_FIELD,)))
+    return IndexConfig(
+        params=params, **runner.config_kwargs(IndexConfig, flag_values, skip=(PARAMS_FIELD,))
+    )
 
 
 # ConfigError and StoreError are ValueErrors; IndexExistsError is a FileExistsError.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IndexOutputError,
-                   FaissMissingError)
+EXPECTED_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IndexOutputError,
+    FaissMissingError,
+)
 
 
 def cli():
@@ -118,8 +137,7 @@ def cli():
 
     # faiss logs which CPU build it loads at INFO, which absl's handler would print.
     logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)
-    runner.run_config_main(_define_flags, _config_from_flags, main,
-                           expected_errors=EXPECTED_ERRORS)
+    runner.run_config_main(_define_flags, _config_from_flags, main, expected_errors=EXPECTED_ERRORS)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ class OutputLock:
 
 def sibling_lock_file(path) -> Path:
     """`<folder>/.<name>.lock` beside `path`: the lock of an output that is created by
-    a rename (a staged directory), so that it cannot hold its own lock file."""
+    a rename (a staged directory), so that it cannot hold its own lock file.
+    """
     path = Path(path).absolute()
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")
 
@@ -122,14 +123,18 @@ def lock_file_path(directory_or_file, name=LOCK_NAME) -> Path:
 def holder_record() -> dict:
     """This process's record: pid, host, start time (local ISO 8601), command line."""
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": shlex.join(str(a) for a in argv)}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(str(a) for a in argv),
+    }
 
 
 def read_holder(path) -> Optional[dict]:
     """The record in the lock file `path`, or None (absent, empty, half written, not
-    ours). Reading needs no lock."""
+    ours). Reading needs no lock.
+    """
     try:
         with open(path, "rb") as f:
             return _parse_record(f.read(MAX_RECORD_BYTES))
@@ -152,17 +157,20 @@ def describe_holder(holder: Optional[dict]) -> str:
     command = " ".join(str(holder.get("command", "?")).split())  # one line
     if len(command) > MAX_COMMAND_CHARS:
         command = command[:MAX_COMMAND_CHARS] + "..."
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started "
-            f"{holder.get('started', '?')}, command: {command})")
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started "
+        f"{holder.get('started', '?')}, command: {command})"
+    )
 
 
 def _locked_error(what, path, holder) -> LockedError:
-    stop = (f"stop it (kill {holder.get('pid')} on {holder.get('host')})" if holder
-            else "stop it")
+    stop = f"stop it (kill {holder.get('pid')} on {holder.get('host')})" if holder else "stop it"
     return LockedError(
         f"{what} is being written by {describe_holder(holder)}; one writer per output "
         f"(lock file {path}): wait for that run to end, {stop}, or use another folder.",
-        path, holder)
+        path,
+        holder,
+    )
 
 
 def _acquire(path: Path, what: str) -> int:
@@ -185,7 +193,8 @@ def _acquire(path: Path, what: str) -> int:
             raise ConfigError(
                 f"{what}: cannot lock {path} ({os.strerror(e.errno)}): this file system "
                 "has no file locks (e.g. NFS without a lock service); write to a local "
-                "folder or one on a file system with locks.") from e
+                "folder or one on a file system with locks."
+            ) from e
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
@@ -193,8 +202,10 @@ def _acquire(path: Path, what: str) -> int:
         if same:
             return fd
         os.close(fd)  # released by its holder meanwhile: lock the new file.
-    raise ConfigError(f"{what}: the lock file {path} keeps being replaced; another process "
-                      "is taking and releasing it in a loop: stop it, or use another folder.")
+    raise ConfigError(
+        f"{what}: the lock file {path} keeps being replaced; another process "
+        "is taking and releasing it in a loop: stop it, or use another folder."
+    )
 
 
 @contextlib.contextmanager
@@ -220,8 +231,11 @@ def output_lock(directory_or_file, what, name=LOCK_NAME):
       ConfigError: the file system has no file locks.
     """
     if URL_PATTERN.match(os.fspath(directory_or_file)):
-        logger.warning("%s: %s has no file locks; writing without one (make sure no other "
-                       "run writes there).", what, directory_or_file)
+        logger.warning(
+            "%s: %s has no file locks; writing without one (make sure no other run writes there).",
+            what,
+            directory_or_file,
+        )
         yield OutputLock(None, holder_record())
         return
     path = lock_file_path(directory_or_file, name).absolute()
@@ -230,8 +244,12 @@ def output_lock(directory_or_file, what, name=LOCK_NAME):
     try:
         previous = _parse_record(os.pread(fd, MAX_RECORD_BYTES, 0))
         if previous is not None:
-            logger.info("%s: took over the lock %s left by %s, which is no longer running",
-                        what, path, describe_holder(previous))
+            logger.info(
+                "%s: took over the lock %s left by %s, which is no longer running",
+                what,
+                path,
+                describe_holder(previous),
+            )
         holder = holder_record()
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)

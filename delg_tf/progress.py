@@ -17,11 +17,13 @@ def _plain_progress(items, desc, unit, total):
         if now - last >= FALLBACK_INTERVAL_S:
             last = now
             of = f"/{total}" if total is not None else ""
-            print(f"{desc}: {done}{of} {unit} ({now - start:.0f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"{desc}: {done}{of} {unit} ({now - start:.0f} s)", file=sys.stderr, flush=True)
     of = f"/{total}" if total is not None else ""
-    print(f"{desc}: {done}{of} {unit} done in {time.monotonic() - start:.1f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"{desc}: {done}{of} {unit} done in {time.monotonic() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def progress_bar(items, desc, unit="it", enabled=True, total=None):

@@ -1,4 +1,4 @@
-"""``python -m delg_tf.train``: train DELG (or the Glocal Retriever) from absl flags.
+r"""``python -m delg_tf.train``: train DELG (or the Glocal Retriever) from absl flags.
 
 Paper setup (Cao, Araujo, Sim, ECCV 2020, Sec. 4.1) on GLDv2 TFRecords::
 
@@ -22,6 +22,7 @@ validated configs by `parse_flags`:
   (`DelgModelConfig`, `GlocalModelConfig`), generated from the dataclasses so
   they never drift. Unset model flags keep the family's defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,12 @@ UNRESOLVED_NUM_CLASSES = 1
 HELP_COMMAND = "python -m delg_tf.train --helpfull"
 
 TRAIN_CHOICES = {
-    "model_family": MODEL_FAMILIES, "data_source": config_lib.DATA_SOURCES,
-    "optimizer": config_lib.OPTIMIZERS, "lr_schedule": config_lib.LR_SCHEDULES,
-    "strategy": config_lib.STRATEGIES, "embedded_preset": config_lib.EMBEDDED_PRESETS,
+    "model_family": MODEL_FAMILIES,
+    "data_source": config_lib.DATA_SOURCES,
+    "optimizer": config_lib.OPTIMIZERS,
+    "lr_schedule": config_lib.LR_SCHEDULES,
+    "strategy": config_lib.STRATEGIES,
+    "embedded_preset": config_lib.EMBEDDED_PRESETS,
 }
 
 
@@ -79,12 +83,18 @@ def define_flags(flag_values=None) -> flags.FlagValues:
                 if field.name in model_flags:
                     model_flags[field.name][1].append((family, field))
                 continue
-            model_flags[field.name] = (cli.field_kind(cls, field), [(family, field)],
-                                       docs.get(field.name, field.name))
+            model_flags[field.name] = (
+                cli.field_kind(cls, field),
+                [(family, field)],
+                docs.get(field.name, field.name),
+            )
     for name, (kind, owners, doc) in model_flags.items():
-        defaults = [f"{family}: {cli.field_default(field)!r}" for family, field in owners
-                    if field.default is not dataclasses.MISSING
-                    or field.default_factory is not dataclasses.MISSING]
+        defaults = [
+            f"{family}: {cli.field_default(field)!r}"
+            for family, field in owners
+            if field.default is not dataclasses.MISSING
+            or field.default_factory is not dataclasses.MISSING
+        ]
         suffix = "; unset = model default (" + ", ".join(defaults) + ")" if defaults else ""
         families = "/".join(family for family, _ in owners)
         cli.define_flag(flag_values, kind, name, None, f"[model {families}] {doc}{suffix}")
@@ -100,8 +110,10 @@ def _check_family_flags(flag_values, family: str, classes: dict):
             name = field.name
             if name in own or name in train_fields or not flag_values[name].present:
                 continue
-            raise ConfigError(f"--{name} is a flag of model family {other}, not of "
-                              f"--model_family={family}; drop it or change the family.")
+            raise ConfigError(
+                f"--{name} is a flag of model family {other}, not of "
+                f"--model_family={family}; drop it or change the family."
+            )
 
 
 def _model_config_from_flags(flag_values, family: str, cls):
@@ -121,8 +133,9 @@ def _model_config_from_flags(flag_values, family: str, cls):
     try:
         model_config = cls(num_classes=num_classes, **kwargs)  # validated at construction.
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model flags for --model_family={family}: "
-                          f"{' '.join(str(e).split())}") from e
+        raise ConfigError(
+            f"model flags for --model_family={family}: {' '.join(str(e).split())}"
+        ) from e
     return model_config
 
 
@@ -131,11 +144,14 @@ def config_from_flags(flag_values):
     train_config = TrainConfig(**cli.config_kwargs(TrainConfig, flag_values))
     classes = model_config_classes()
     if train_config.model_family not in classes:
-        raise ConfigError(f"--model_family={train_config.model_family} is not available "
-                          f"(importable families: {sorted(classes)}).")
+        raise ConfigError(
+            f"--model_family={train_config.model_family} is not available "
+            f"(importable families: {sorted(classes)})."
+        )
     _check_family_flags(flag_values, train_config.model_family, classes)
-    model_config = _model_config_from_flags(flag_values, train_config.model_family,
-                                            classes[train_config.model_family])
+    model_config = _model_config_from_flags(
+        flag_values, train_config.model_family, classes[train_config.model_family]
+    )
     return train_config, model_config
 
 
@@ -143,8 +159,10 @@ def _check_flagfiles(argv):
     for arg in argv[1:]:
         match = re.match(r"^--?flagfile=(.*)$", arg)
         if match and not os.path.isfile(os.path.expanduser(match.group(1))):
-            raise ConfigError(f"--flagfile={match.group(1)} does not exist; expected a file "
-                              "of --name=value lines such as configs/r50.flags.")
+            raise ConfigError(
+                f"--flagfile={match.group(1)} does not exist; expected a file "
+                "of --name=value lines such as configs/r50.flags."
+            )
 
 
 def _flags_error(error) -> ConfigError:
@@ -168,8 +186,9 @@ def parse_flags(argv, flag_values=None):
     except flags.Error as e:
         raise _flags_error(e) from e
     if len(extra) > 1:
-        raise ConfigError(f"unexpected arguments {extra[1:]}; every setting is a --flag. See "
-                          f"{HELP_COMMAND}.")
+        raise ConfigError(
+            f"unexpected arguments {extra[1:]}; every setting is a --flag. See {HELP_COMMAND}."
+        )
     return config_from_flags(flag_values)
 
 
@@ -188,8 +207,10 @@ def _main_from_flags(flag_values) -> Path:
 
 def _describe_op_error(error) -> str:
     first = (error.message or str(error)).strip().splitlines()[0]
-    return (f"TensorFlow {type(error).__name__} during training: {first}; the last "
-            "checkpoint in --logdir is kept, rerun to resume once fixed.")
+    return (
+        f"TensorFlow {type(error).__name__} during training: {first}; the last "
+        "checkpoint in --logdir is kept, rerun to resume once fixed."
+    )
 
 
 def _describe_interrupt(error) -> str:
@@ -203,10 +224,12 @@ def _training_error_rules():
     from delg_tf.data.errors import DataError
     from delg_tf.training.trainer import TrainingError
 
-    return [cli.ErrorRule((ConfigError, DataError), EXIT_USAGE_ERROR),
-            cli.ErrorRule((TrainingError,), EXIT_TRAINING_ERROR),
-            cli.ErrorRule((tf.errors.OpError,), EXIT_TRAINING_ERROR, _describe_op_error),
-            cli.ErrorRule((KeyboardInterrupt,), EXIT_INTERRUPTED, _describe_interrupt)]
+    return [
+        cli.ErrorRule((ConfigError, DataError), EXIT_USAGE_ERROR),
+        cli.ErrorRule((TrainingError,), EXIT_TRAINING_ERROR),
+        cli.ErrorRule((tf.errors.OpError,), EXIT_TRAINING_ERROR, _describe_op_error),
+        cli.ErrorRule((KeyboardInterrupt,), EXIT_INTERRUPTED, _describe_interrupt),
+    ]
 
 
 def _parse_into_global_flags(argv):
@@ -216,15 +239,21 @@ def _parse_into_global_flags(argv):
 
 
 def _parse_or_exit(argv):
-    return cli.report_errors(_parse_into_global_flags, argv, expected_errors=[
-        cli.ErrorRule((ConfigError,), EXIT_USAGE_ERROR),
-        cli.ErrorRule((flags.Error,), EXIT_USAGE_ERROR, _flags_error)])
+    return cli.report_errors(
+        _parse_into_global_flags,
+        argv,
+        expected_errors=[
+            cli.ErrorRule((ConfigError,), EXIT_USAGE_ERROR),
+            cli.ErrorRule((flags.Error,), EXIT_USAGE_ERROR, _flags_error),
+        ],
+    )
 
 
 def run():
     """Console entry point (`delg-train`)."""
-    cli.run_main(None, _main_from_flags, expected_errors=_training_error_rules,
-                 flags_parser=_parse_or_exit)
+    cli.run_main(
+        None, _main_from_flags, expected_errors=_training_error_rules, flags_parser=_parse_or_exit
+    )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,19 @@ def seeded_initializer(class_name="HeNormal", seed=7):
 def constructor_arguments(cls):
     """{name: default or inspect.Parameter.empty} of `cls.__init__` (no self, **kwargs)."""
     parameters = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in parameters
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
 def _assert_every_argument_non_default(cls, args):
     expected = constructor_arguments(cls)
     assert sorted(args) == sorted(expected), (
         f"{cls.__name__}: the test must set every constructor argument; missing "
-        f"{sorted(set(expected) - set(args))}, unknown {sorted(set(args) - set(expected))}")
+        f"{sorted(set(expected) - set(args))}, unknown {sorted(set(args) - set(expected))}"
+    )
     for name, default in expected.items():
         if default is not inspect.Parameter.empty:
             assert args[name] != default, f"{cls.__name__}({name}=...) is its default {default!r}"
@@ -64,7 +68,8 @@ def assert_config_round_trip(cls, args, inputs=None, call_kwargs=None):
     assert config == full, (
         f"{cls.__name__}.get_config() differs from its constructor arguments: missing "
         f"{sorted(set(full) - set(config))}, extra {sorted(set(config) - set(full))}, "
-        f"changed {sorted(k for k in set(full) & set(config) if full[k] != config[k])}")
+        f"changed {sorted(k for k in set(full) & set(config) if full[k] != config[k])}"
+    )
     clone = cls.from_config(config)
     assert clone is not layer
     assert clone.get_config() == full

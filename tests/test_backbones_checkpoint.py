@@ -13,8 +13,11 @@ from delg_tf.models.delg import DelgModel, DelgModelConfig
 
 
 def _checkpoint_keys(prefix):
-    return {name for name, _ in tf.train.list_variables(prefix)
-            if name.startswith("model/") and name.endswith(".ATTRIBUTES/VARIABLE_VALUE")}
+    return {
+        name
+        for name, _ in tf.train.list_variables(prefix)
+        if name.startswith("model/") and name.endswith(".ATTRIBUTES/VARIABLE_VALUE")
+    }
 
 
 def test_backbone_checkpoint_holds_every_variable(tmp_path):
@@ -25,8 +28,9 @@ def test_backbone_checkpoint_holds_every_variable(tmp_path):
 
 
 def test_delg_model_weights_round_trip_through_checkpoint(tmp_path):
-    config = DelgModelConfig(num_classes=3, backbone="tiny", embedding_dim=16, local_dim=8,
-                             attention_hidden=8)
+    config = DelgModelConfig(
+        num_classes=3, backbone="tiny", embedding_dim=16, local_dim=8, attention_hidden=8
+    )
     images = tf.random.uniform([1, 64, 64, 3], 0, 255, seed=1)
     source = DelgModel(config)
     source(images)

@@ -23,15 +23,20 @@ def test_slim_names_of_r50_keys():
     scope = naming.slim_scope(50)
     assert naming.key_to_slim("conv1/conv/kernel", scope) == "resnet_v1_50/conv1/weights"
     assert naming.key_to_slim("conv1/bn/moving_mean", scope) == (
-        "resnet_v1_50/conv1/BatchNorm/moving_mean")
+        "resnet_v1_50/conv1/BatchNorm/moving_mean"
+    )
     assert naming.key_to_slim("conv4_block6/2/conv/kernel", scope) == (
-        "resnet_v1_50/block3/unit_6/bottleneck_v1/conv2/weights")
+        "resnet_v1_50/block3/unit_6/bottleneck_v1/conv2/weights"
+    )
     assert naming.key_to_slim("conv2_block1/0/bn/gamma", scope) == (
-        "resnet_v1_50/block1/unit_1/bottleneck_v1/shortcut/BatchNorm/gamma")
+        "resnet_v1_50/block1/unit_1/bottleneck_v1/shortcut/BatchNorm/gamma"
+    )
     assert naming.key_to_slim("conv2_block1/1/conv/bias", scope) is None
     assert naming.slim_to_key("resnet_v1_50/logits/weights") is None
     assert naming.key_to_keras_applications("conv5_block3/3/bn/beta") == (
-        "conv5_block3_3_bn", "beta")
+        "conv5_block3_3_bn",
+        "beta",
+    )
     assert naming.keras_applications_to_key("conv1_conv", "bias") == "conv1/conv/bias"
     with pytest.raises(ValueError, match="expected e.g."):
         naming.parse_key("conv6_block1/1/conv/kernel")
@@ -58,8 +63,9 @@ def _write_fake_slim_checkpoint(path, backbone, drop=None, extra=True):
     if extra:  # What the real ImageNet checkpoint also holds.
         names += ["resnet_v1_50/logits/weights", "global_step"]
         tensors += [tf.zeros([1, 1, 256, 10]), tf.constant(7, tf.int64)]
-    tf.raw_ops.SaveV2(prefix=path, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=tensors)
+    tf.raw_ops.SaveV2(
+        prefix=path, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors
+    )
     return expected
 
 
@@ -78,8 +84,7 @@ def test_slim_checkpoint_problems_are_listed_and_nothing_assigned(tmp_path):
     _write_fake_slim_checkpoint(prefix, _built(), drop="conv3_block1/2/bn/gamma")
     target = _built()
     before = [v.numpy() for v in target.weights]
-    with pytest.raises(imagenet.ImageNetWeightsError,
-                       match=r"conv3_block1/2/bn/gamma: missing"):
+    with pytest.raises(imagenet.ImageNetWeightsError, match=r"conv3_block1/2/bn/gamma: missing"):
         imagenet.load_imagenet_weights(target, prefix)
     for value, variable in zip(before, target.weights):
         np.testing.assert_array_equal(value, variable.numpy())
@@ -108,8 +113,7 @@ def test_imagenet_unreachable_gives_a_clear_error(monkeypatch):
 
 
 def test_keras_applications_weights_reproduce_keras_resnet50():
-    app = keras.applications.ResNet50(include_top=False, weights=None,
-                                      input_shape=(None, None, 3))
+    app = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(None, None, 3))
     rng = np.random.default_rng(1)
     for layer in app.layers:  # Non-trivial BN statistics.
         if isinstance(layer, keras.layers.BatchNormalization):

@@ -1,4 +1,5 @@
 """`delg_tf.cli`: the shared error reporting of the entry modules."""
+
 import pytest
 
 from delg_tf import cli
@@ -23,8 +24,10 @@ def test_unexpected_error_keeps_its_traceback():
 
 
 def test_rules_first_match_wins_with_their_code_and_message(capsys):
-    rules = [cli.ErrorRule((FileNotFoundError,)),
-             cli.ErrorRule((OSError,), RUN_ERROR_CODE, lambda e: f"{e}; free space")]
+    rules = [
+        cli.ErrorRule((FileNotFoundError,)),
+        cli.ErrorRule((OSError,), RUN_ERROR_CODE, lambda e: f"{e}; free space"),
+    ]
     with pytest.raises(SystemExit) as info:
         cli.report_errors(_raise, FileNotFoundError("x missing"), expected_errors=rules)
     assert info.value.code == cli.EXIT_USAGE_ERROR

@@ -34,9 +34,9 @@ def test_crop_box_respects_official_ranges():
 
 def test_full_crop_area_resize_matches_numpy_block_mean():
     image = RNG.uniform(0, 255, (64, 64, 3)).astype(np.float32)
-    config = aug.AugmentationConfig(area_range=(1.0, 1.0),
-                                    aspect_ratio_range=(1.0, 1.0),
-                                    min_object_covered=1.0)
+    config = aug.AugmentationConfig(
+        area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), min_object_covered=1.0
+    )
     out = aug.random_crop_and_resize(tf.constant(image), 32, [0, 0], config)
     expected = image.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-3)
@@ -65,8 +65,9 @@ def test_brightness_is_a_constant_shift():
 
 
 def test_training_augmentation_shapes_ranges_determinism():
-    config = aug.AugmentationConfig(random_flip=True, brightness=0.3,
-                                    contrast=0.3, saturation=0.3, hue=0.1)
+    config = aug.AugmentationConfig(
+        random_flip=True, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1
+    )
     uint8 = tf.cast(IMAGE, tf.uint8)
     out = aug.augment_for_training(uint8, 40, [9, 9], config)
     assert out.shape == (40, 40, 3) and out.dtype == tf.float32
@@ -76,8 +77,7 @@ def test_training_augmentation_shapes_ranges_determinism():
     other = aug.augment_for_training(uint8, 40, [9, 10], config)
     assert not np.array_equal(out.numpy(), other.numpy())
     graph = tf.function(lambda x, s: aug.augment_for_training(x, 40, s, config))
-    np.testing.assert_allclose(graph(uint8, tf.constant([9, 9])).numpy(),
-                               out.numpy(), atol=1e-3)
+    np.testing.assert_allclose(graph(uint8, tf.constant([9, 9])).numpy(), out.numpy(), atol=1e-3)
 
 
 def test_eval_resize_and_metric_center_crop():
@@ -88,7 +88,7 @@ def test_eval_resize_and_metric_center_crop():
     assert resized.shape == (256, 341, 3)
     cropped = aug.metric_eval_preprocess(tf.constant(image)).numpy()
     oy, ox = (256 - 224) // 2, (341 - 224) // 2
-    np.testing.assert_array_equal(cropped, resized[oy:oy + 224, ox:ox + 224])
+    np.testing.assert_array_equal(cropped, resized[oy : oy + 224, ox : ox + 224])
     train = aug.metric_train_augment(tf.constant(image), [1, 2])
     assert train.shape == (224, 224, 3)
 

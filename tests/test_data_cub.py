@@ -87,19 +87,18 @@ def test_balanced_batches():
 
 def test_metric_datasets(fake_cub):
     train = cub.load_cub(fake_cub, "train")
-    ds = cub.make_metric_dataset(train, batch_size=6, training=True,
-                                 samples_per_class=2, image_size=32)
+    ds = cub.make_metric_dataset(
+        train, batch_size=6, training=True, samples_per_class=2, image_size=32
+    )
     images, labels = next(iter(ds))
     assert images.shape == (6, 32, 32, 3) and labels.dtype.name == "int64"
     assert len(set(labels.numpy().tolist())) == 3
     assert 0 <= float(images.numpy().min()) <= float(images.numpy().max()) <= 255
     test = cub.load_cub(fake_cub, "test")
-    ds = cub.make_metric_dataset(test, batch_size=64, training=False,
-                                 image_size=32, resize_size=40)
+    ds = cub.make_metric_dataset(test, batch_size=64, training=False, image_size=32, resize_size=40)
     got = np.concatenate([lab.numpy() for _, lab in ds])
     np.testing.assert_array_equal(got, test.labels)
-    plain = cub.make_metric_dataset(train, batch_size=4, training=True,
-                                    image_size=32)
+    plain = cub.make_metric_dataset(train, batch_size=4, training=True, image_size=32)
     assert next(iter(plain))[0].shape == (4, 32, 32, 3)
 
 
@@ -118,6 +117,7 @@ def test_embedded_metric_split(tmp_path):
 
 def test_cars196_and_sop(tmp_path):
     from scipy.io import savemat
+
     cars = tmp_path / "cars"
     (cars / "car_ims").mkdir(parents=True)
     records = []
@@ -125,8 +125,7 @@ def test_cars196_and_sop(tmp_path):
         rel = f"car_ims/{i:06d}.jpg"
         Image.fromarray(IMAGE).save(cars / rel)
         records.append((rel, class_id))
-    annotations = np.array(records, dtype=[("relative_im_path", "O"),
-                                           ("class", "O")])
+    annotations = np.array(records, dtype=[("relative_im_path", "O"), ("class", "O")])
     savemat(str(cars / "cars_annos.mat"), {"annotations": annotations[None]})
     train = cub.load_cars196(cars, "train")
     test = cub.load_cars196(cars, "test")

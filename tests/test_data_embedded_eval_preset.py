@@ -11,8 +11,10 @@ from delg_tf.data import embedded
 from delg_tf.training.config import EMBEDDED_PRESETS
 
 # default_root() digests of the presets before "eval" was added (their cache folders).
-EXISTING_PRESET_ROOTS = {"default": "embedded-default-d7ba8fb511",
-                         "tiny": "embedded-tiny-9f9fcbf9ea"}
+EXISTING_PRESET_ROOTS = {
+    "default": "embedded-default-d7ba8fb511",
+    "tiny": "embedded-tiny-9f9fcbf9ea",
+}
 
 
 def test_existing_presets_unchanged_and_trainer_accepts_every_preset(monkeypatch):
@@ -25,9 +27,9 @@ def test_existing_presets_unchanged_and_trainer_accepts_every_preset(monkeypatch
 def test_eval_preset_extends_the_default_one():
     default = embedded._resolve_params("default", {})
     params = embedded._resolve_params("eval", {})
-    assert {k: v for k, v in params.items()
-            if k not in ("num_queries", "num_views_per_distractor")} == {
-        k: v for k, v in default.items() if k not in ("num_queries", "num_views_per_distractor")}
+    assert {
+        k: v for k, v in params.items() if k not in ("num_queries", "num_views_per_distractor")
+    } == {k: v for k, v in default.items() if k not in ("num_queries", "num_views_per_distractor")}
     plan = embedded.plan_images(params)
     counts = {split: sum(i["split"] == split for i in plan) for split in ("query", "database")}
     assert counts == {"query": 10 * 10, "database": 10 * 7 + 8 * 42}

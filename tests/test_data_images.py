@@ -17,8 +17,7 @@ def corpus(tmp_path_factory):
 def test_corpus_has_every_kind(corpus):
     _, entries = corpus
     reasons = {e.reason for e in entries.values() if not e.ok}
-    assert reasons == {"truncated", "empty", "too_small", "too_large",
-                       "not_an_image"}
+    assert reasons == {"truncated", "empty", "too_small", "too_large", "not_an_image"}
     assert any(not name.isascii() for name in entries)
     assert sum(e.ok for e in entries.values()) >= 8
 
@@ -33,8 +32,7 @@ def test_every_corpus_file_loaded_or_reported(corpus):
         else:
             assert array is None, name
             assert isinstance(error, ImageLoadError)
-            assert isinstance(error, DataError) and isinstance(error,
-                                                               ValueError)
+            assert isinstance(error, DataError) and isinstance(error, ValueError)
             assert error.reason == entry.reason, (name, error)
             assert name in str(error) and "\n" not in str(error)
 
@@ -54,6 +52,7 @@ def test_conversions_preserve_content(corpus):
 
 def test_sixteen_bit_scaling_exact(tmp_path):
     from PIL import Image
+
     values = np.linspace(0, 65535, 64 * 40).reshape(40, 64).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "g.png")
     out = images.load_image_rgb(tmp_path / "g.png")[..., 0]
@@ -68,8 +67,7 @@ def test_alpha_composite_and_drop(corpus):
     half = CORPUS_IMAGE_SIZE[1] // 2
     assert np.all(composited[:half] == 255)
     np.testing.assert_array_equal(composited[half:], dropped[half:])
-    black = images.load_image_rgb(directory / "alpha.png",
-                                  background=(0, 0, 0))
+    black = images.load_image_rgb(directory / "alpha.png", background=(0, 0, 0))
     assert np.all(black[:half] == 0)
 
 
@@ -77,8 +75,7 @@ def test_exif_orientation_is_optional(corpus):
     directory, _ = corpus
     width, height = CORPUS_IMAGE_SIZE
     stored = images.load_image_rgb(directory / "exif_rotated.jpg")
-    rotated = images.load_image_rgb(directory / "exif_rotated.jpg",
-                                    apply_exif_orientation=True)
+    rotated = images.load_image_rgb(directory / "exif_rotated.jpg", apply_exif_orientation=True)
     assert stored.shape == (height, width, 3)
     assert rotated.shape == (width, height, 3)
 
@@ -116,5 +113,6 @@ def test_decoding_read_bytes_matches_loading_the_file(corpus):
                 assert error is None, (name, error)
                 np.testing.assert_array_equal(array, expected, err_msg=name)
             else:
-                assert (error.reason, str(error)) == (expected_error.reason,
-                                                      str(expected_error)), name
+                assert (error.reason, str(error)) == (expected_error.reason, str(expected_error)), (
+                    name
+                )

@@ -7,6 +7,7 @@ against the README's table, RANSAC inliers against the dataset's known homograph
 (recomputed here with scikit-image), and a rerun that skips the finished stages and
 writes an identical results.json.
 """
+
 import json
 import re
 import subprocess
@@ -41,7 +42,11 @@ PROTOCOL_NAMES = {"Easy": "easy", "Medium": "medium", "Hard": "hard"}
 def _run_demo(output_dir):
     done = subprocess.run(
         [sys.executable, "-m", "delg_tf.demo", f"--output_dir={output_dir}", "--noprogress"],
-        cwd=REPO, capture_output=True, text=True, timeout=1800)
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -64,7 +69,8 @@ def readme_table():
         match = re.match(r"^\|\s*(Easy|Medium|Hard)\s*\|(.*)\|\s*$", line)
         if match:
             rows[PROTOCOL_NAMES[match.group(1)]] = tuple(
-                float(v) for v in match.group(2).split("|"))
+                float(v) for v in match.group(2).split("|")
+            )
         elif rows:
             break
     assert set(rows) == set(PROTOCOL_NAMES.values()), rows
@@ -73,8 +79,13 @@ def readme_table():
 
 def test_outputs_and_results_json(demo_run):
     config, results, _ = demo_run
-    for name in (demo.RESULTS_JSON, demo.TIMINGS_JSON, demo.MATCHES_PNG, demo.GRID_PNG,
-                 demo.THRESHOLD_JSON):
+    for name in (
+        demo.RESULTS_JSON,
+        demo.TIMINGS_JSON,
+        demo.MATCHES_PNG,
+        demo.GRID_PNG,
+        demo.THRESHOLD_JSON,
+    ):
         path = config.root / name
         assert path.is_file() and path.stat().st_size > 0, path
     assert (config.export_path / demo.SAVED_MODEL_FILE).is_file()
@@ -99,13 +110,17 @@ def test_results_match_the_readme(demo_run):
     _, results, _ = demo_run
     assert results["global"]["easy"]["mAP"] >= MIN_GLOBAL_EASY_MAP
     for protocol, documented in readme_table().items():
-        measured = (results["global"][protocol]["mAP"], results["reranked"][protocol]["mAP"],
-                    results["global"][protocol]["mP@5"],
-                    results["reranked"][protocol]["mP@5"])
+        measured = (
+            results["global"][protocol]["mAP"],
+            results["reranked"][protocol]["mAP"],
+            results["global"][protocol]["mP@5"],
+            results["reranked"][protocol]["mP@5"],
+        )
         tolerance = [GLOBAL_TOLERANCE_POINTS, RERANKED_TOLERANCE_POINTS] * 2
         assert np.all(np.abs(np.subtract(measured, documented)) <= tolerance), (
             f"{protocol}: demo (global mAP, re-ranked mAP, global mP@5, re-ranked mP@5) "
-            f"{measured} vs README {documented}, tolerance {tolerance}")
+            f"{measured} vs README {documented}, tolerance {tolerance}"
+        )
 
 
 def _independent_errors(transforms, query, database, query_xy, database_xy):
@@ -114,9 +129,11 @@ def _independent_errors(transforms, query, database, query_xy, database_xy):
     from skimage.transform import ProjectiveTransform
 
     to_query = ProjectiveTransform(
-        matrix=np.asarray(transforms["images"][query]["homography_source_to_view"]))
+        matrix=np.asarray(transforms["images"][query]["homography_source_to_view"])
+    )
     to_database = ProjectiveTransform(
-        matrix=np.asarray(transforms["images"][database]["homography_source_to_view"]))
+        matrix=np.asarray(transforms["images"][database]["homography_source_to_view"])
+    )
     mapped = to_database(to_query.inverse(query_xy))
     return np.hypot(*(mapped - database_xy).T)
 
@@ -136,21 +153,27 @@ def test_ransac_inliers_agree_with_known_homographies(demo_run):
     queries = [q for q, _ in check["pair_names"]]
     databases = [d for _, d in check["pair_names"]]
     _, q_local = load_store_features(config.features_dir / "queries" / "features.h5", queries)
-    _, d_local = load_store_features(config.features_dir / "database" / "features.h5",
-                                     databases)
+    _, d_local = load_store_features(config.features_dir / "database" / "features.h5", databases)
     errors = []
     for (query, database), q, d in zip(check["pair_names"], q_local, d_local):
         assert transforms["images"][query]["photo"] == transforms["images"][database]["photo"]
         pair = match_pair(q, d, EvaluateConfig().matching)
         inl = pair.inlier_mask
-        errors.append(_independent_errors(transforms, query, database,
-                                          q.keypoints[pair.query_idx[inl]][:, ::-1],
-                                          d.keypoints[pair.db_idx[inl]][:, ::-1]))
+        errors.append(
+            _independent_errors(
+                transforms,
+                query,
+                database,
+                q.keypoints[pair.query_idx[inl]][:, ::-1],
+                d.keypoints[pair.db_idx[inl]][:, ::-1],
+            )
+        )
     errors = np.concatenate(errors)
     assert errors.size == check["inliers"]
     np.testing.assert_allclose(np.median(errors), check["median_error_px"], atol=1e-6)
-    np.testing.assert_allclose(np.mean(errors <= check["threshold_px"]),
-                               check["fraction_within_px"], atol=1e-9)
+    np.testing.assert_allclose(
+        np.mean(errors <= check["threshold_px"]), check["fraction_within_px"], atol=1e-9
+    )
 
 
 def test_rerun_skips_finished_stages_and_writes_identical_results(demo_run):
@@ -162,5 +185,4 @@ def test_rerun_skips_finished_stages_and_writes_identical_results(demo_run):
     assert out.count(" 0 extracted") == 2
     assert (config.root / demo.RESULTS_JSON).read_bytes() == before
     table = [line for line in first_stdout.splitlines() if line.startswith("medium mAP")]
-    assert table and table == [line for line in out.splitlines()
-                               if line.startswith("medium mAP")]
+    assert table and table == [line for line in out.splitlines() if line.startswith("medium mAP")]

@@ -20,11 +20,18 @@ from delg_tf.serving.delg_export import export_saved_model
 
 NUM_CLASSES = 4
 # Random weights: a zero score threshold keeps local features for the plumbing.
-EXPORT = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=30, max_image_size=96, warmup=False)
+EXPORT = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=30,
+    max_image_size=96,
+    warmup=False,
+)
 # Few RANSAC trials and a short shortlist keep the run at a few seconds.
-FAST = EvaluateConfig(shortlist_size=5, matching=MatchingConfig(ransac_iterations=50),
-                      num_workers=1)
+FAST = EvaluateConfig(
+    shortlist_size=5, matching=MatchingConfig(ransac_iterations=50), num_workers=1
+)
 PROTOCOL_KEYS = {"easy", "medium", "hard"}
 METRIC_KEYS = {"mAP", "mP@1", "mP@5", "mP@10"}
 
@@ -35,8 +42,13 @@ def setup(tmp_path_factory):
     data = build_embedded_dataset(root / "embedded", preset="tiny")
     model = registry.build_model(
         "delg",
-        DelgModelConfig(num_classes=NUM_CLASSES, backbone="tiny", embedding_dim=32,
-                        local_dim=16, attention_hidden=16),
+        DelgModelConfig(
+            num_classes=NUM_CLASSES,
+            backbone="tiny",
+            embedding_dim=32,
+            local_dim=16,
+            attention_hidden=16,
+        ),
         load_imagenet=False,
     )
     export = export_saved_model(model, root / "export", EXPORT)
@@ -46,9 +58,13 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(setup):
     root, data, export = setup
-    config = DatasetEvalConfig(output_json=str(root / "out" / "results.json"),
-                               dataset_dir=str(data.root), model_path=str(export),
-                               evaluate=FAST, progress=False)
+    config = DatasetEvalConfig(
+        output_json=str(root / "out" / "results.json"),
+        dataset_dir=str(data.root),
+        model_path=str(export),
+        evaluate=FAST,
+        progress=False,
+    )
     return config, evaluate_dataset(config)
 
 
@@ -105,10 +121,17 @@ def _self_retrieval_dataset(data, folder, shift=0):
             width, height = image.size
         positive = np.array([(index + shift) % len(names)], np.int64)
         easy, hard = (positive, empty) if index % 2 == 0 else (empty, positive)
-        gnd.append({"easy": easy, "hard": hard, "junk": empty,
-                    "bbx": [0.0, 0.0, float(width), float(height)]})
-    (folder / "gnd_embedded.pkl").write_bytes(pickle.dumps(
-        {"imlist": names, "qimlist": names, "gnd": gnd}, protocol=4))
+        gnd.append(
+            {
+                "easy": easy,
+                "hard": hard,
+                "junk": empty,
+                "bbx": [0.0, 0.0, float(width), float(height)],
+            }
+        )
+    (folder / "gnd_embedded.pkl").write_bytes(
+        pickle.dumps({"imlist": names, "qimlist": names, "gnd": gnd}, protocol=4)
+    )
     return folder, len(names)
 
 
@@ -121,9 +144,14 @@ def test_queries_that_are_database_images_are_retrieved_first(setup, tmp_path):
 
     _, data, export = setup
     folder, num_db = _self_retrieval_dataset(data, tmp_path / "self")
-    config = DatasetEvalConfig(output_json=str(tmp_path / "out" / "self.json"),
-                               dataset_dir=str(folder), model_path=str(export), evaluate=FAST,
-                               progress=False, verbose=False)
+    config = DatasetEvalConfig(
+        output_json=str(tmp_path / "out" / "self.json"),
+        dataset_dir=str(folder),
+        model_path=str(export),
+        evaluate=FAST,
+        progress=False,
+        verbose=False,
+    )
     results = evaluate_dataset(config)
     assert results["dataset"]["num_db"] == results["dataset"]["num_queries"] == num_db > 2
     assert results["failed_images"] == {"database": [], "queries": []}
@@ -138,12 +166,18 @@ def test_queries_that_are_database_images_are_retrieved_first(setup, tmp_path):
     for row in ("global", "reranked"):
         for protocol in PROTOCOL_KEYS:
             assert results[row][protocol] == {key: 100.0 for key in METRIC_KEYS}, (
-                row, protocol, results[row][protocol])
+                row,
+                protocol,
+                results[row][protocol],
+            )
 
     # Control: the next database image as the only positive (features from the cache).
     shifted, _ = _self_retrieval_dataset(data, tmp_path / "shifted", shift=1)
-    control = evaluate_dataset(dataclasses.replace(
-        config, dataset_dir=str(shifted), output_json=str(tmp_path / "out" / "shifted.json")))
+    control = evaluate_dataset(
+        dataclasses.replace(
+            config, dataset_dir=str(shifted), output_json=str(tmp_path / "out" / "shifted.json")
+        )
+    )
     assert control["features"]["reused_cache"] is True
     for row in ("global", "reranked"):
         for protocol in PROTOCOL_KEYS:
@@ -156,8 +190,13 @@ def test_cache_of_another_model_is_refused(setup, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "cache_key.json").write_text(json.dumps({"model_path": "/elsewhere"}))
-    paths = EvaluatePaths(dataset="embedded", dataset_dir=data.root, model_path=export,
-                          cache_dir=cache, output_json=tmp_path / "o.json")
+    paths = EvaluatePaths(
+        dataset="embedded",
+        dataset_dir=data.root,
+        model_path=export,
+        cache_dir=cache,
+        output_json=tmp_path / "o.json",
+    )
     with pytest.raises(ValueError, match="--cache_dir=.*another model"):
         evaluate.main(FAST, paths)
 
@@ -165,25 +204,51 @@ def test_cache_of_another_model_is_refused(setup, tmp_path):
 def test_cli_end_to_end_and_missing_model(setup, first_run, tmp_path):
     root, data, export = setup
     out = tmp_path / "cli.json"
-    common = [sys.executable, "-m", "delg_tf.evaluate", f"--dataset_dir={data.root}",
-              "--noprogress", "--shortlist_size=3", "--ransac_iterations=20", "--num_workers=1"]
+    common = [
+        sys.executable,
+        "-m",
+        "delg_tf.evaluate",
+        f"--dataset_dir={data.root}",
+        "--noprogress",
+        "--shortlist_size=3",
+        "--ransac_iterations=20",
+        "--num_workers=1",
+    ]
     # The features cached by the first run (same model) are reused.
-    result = subprocess.run(common + [f"--model_path={export}", f"--output_json={out}",
-                                      f"--cache_dir={root / 'out' / 'cache'}"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        common
+        + [
+            f"--model_path={export}",
+            f"--output_json={out}",
+            f"--cache_dir={root / 'out' / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reranked" in result.stdout
     saved = json.loads(out.read_text())
     assert set(saved["reranked"]) == PROTOCOL_KEYS and saved["features"]["reused_cache"]
     assert saved["config"]["shortlist_size"] == 3
     # No model and no demo export in the working directory: one line naming the flag.
-    missing = subprocess.run(common + [f"--output_json={tmp_path / 'x.json'}"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    missing = subprocess.run(
+        common + [f"--output_json={tmp_path / 'x.json'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2
     assert "--model_path is required" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
-    wrong = subprocess.run(common + [f"--model_path={tmp_path / 'nope'}"],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    wrong = subprocess.run(
+        common + [f"--model_path={tmp_path / 'nope'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert wrong.returncode == 2 and "--model_path=" in wrong.stderr and "not found" in wrong.stderr
 
 
@@ -204,14 +269,22 @@ def test_query_crops_use_the_official_resize_factor(tmp_path):
         Image.fromarray(np.full((80, 100, 3), value, np.uint8)).save(root / "jpg" / f"{name}.jpg")
     Image.fromarray(np.full((80, 100, 3), 30, np.uint8)).save(root / "escape.jpg")
     crop_bbx, full_bbx = [10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 100.0, 80.0]
-    gnd = {"imlist": ["q"], "qimlist": ["q", "full", "../escape"],
-           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": bbx}
-                   for bbx in (crop_bbx, full_bbx, crop_bbx)]}
+    gnd = {
+        "imlist": ["q"],
+        "qimlist": ["q", "full", "../escape"],
+        "gnd": [
+            {"easy": [0], "hard": [], "junk": [], "bbx": bbx}
+            for bbx in (crop_bbx, full_bbx, crop_bbx)
+        ],
+    }
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
     dataset = RevisitopDataset.from_dir(root)
     items = end_to_end.query_items(dataset)
     assert [(name, factor) for name, _, factor in items] == [
-        ("q", 0.5), ("full", None), ("../escape", 0.5)]  # max(crop) / max(image) = 50 / 100
+        ("q", 0.5),
+        ("full", None),
+        ("../escape", 0.5),
+    ]  # max(crop) / max(image) = 50 / 100
     assert items[1][1] == root / "jpg" / "full.jpg"  # whole-image bbx: the file as is
     with Image.open(root / "jpg" / "q.jpg") as image:
         expected = np.asarray(image.convert("RGB").crop((10, 10, 60, 50)))
@@ -221,15 +294,23 @@ def test_query_crops_use_the_official_resize_factor(tmp_path):
 
     def fake_extractor(image, **kwargs):
         calls.append((image.shape, kwargs))
-        return {"image_shape": image.shape, "global_descriptor": np.ones(4, np.float32),
-                "locations": np.zeros((0, 2)), "descriptors": np.zeros((0, 0)),
-                "attention": np.zeros(0), "scales": np.zeros(0)}
+        return {
+            "image_shape": image.shape,
+            "global_descriptor": np.ones(4, np.float32),
+            "locations": np.zeros((0, 2)),
+            "descriptors": np.zeros((0, 0)),
+            "attention": np.zeros(0),
+            "scales": np.zeros(0),
+        }
 
     out = tmp_path / "out"
     config = extract.ExtractConfig(output_dir=str(out), model_path="unused", progress=False)
     store = FeatureStore(extract.main(config, items, extractor=fake_extractor))
-    assert calls == [((40, 50, 3), {"resize_factor": 0.5}), ((80, 100, 3), {}),
-                     ((40, 50, 3), {"resize_factor": 0.5})]
+    assert calls == [
+        ((40, 50, 3), {"resize_factor": 0.5}),
+        ((80, 100, 3), {}),
+        ((40, 50, 3), {"resize_factor": 0.5}),
+    ]
     assert store.names == ["q", "full", "../escape"]
     store.close()
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
@@ -249,9 +330,16 @@ def test_unreadable_image_is_listed_and_stale_cache_replaced(setup, tmp_path):
     cache.mkdir()
     (cache / "cache_key.json").write_text(json.dumps({"model_path": "/an/old/model"}))
     (cache / "keep.txt").write_text("user file")
-    config = DatasetEvalConfig(output_json=str(tmp_path / "r.json"), dataset_dir=str(retrieval),
-                               model_path=str(export), cache_dir=str(cache), evaluate=FAST,
-                               progress=False, verbose=False, replace_stale_cache=True)
+    config = DatasetEvalConfig(
+        output_json=str(tmp_path / "r.json"),
+        dataset_dir=str(retrieval),
+        model_path=str(export),
+        cache_dir=str(cache),
+        evaluate=FAST,
+        progress=False,
+        verbose=False,
+        replace_stale_cache=True,
+    )
     results = evaluate_dataset(config)
     assert results["failed_images"] == {"database": [broken], "queries": []}
     assert set(results["reranked"]) == PROTOCOL_KEYS

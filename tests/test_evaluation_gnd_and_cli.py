@@ -176,11 +176,21 @@ def test_cli_scores_and_missing_input(tmp_path):
     scores = -np.tile(np.arange(8, dtype=np.float64)[:, None], (1, 2))  # db 0 most similar
     np.save(tmp_path / "scores.npy", scores)
     out = tmp_path / "out.json"
-    base = [sys.executable, "-m", "delg_tf.evaluate", f"--gnd_path={gnd_path}", f"--output_json={out}"]
-    subprocess.run(base + [f"--scores_path={tmp_path / 'scores.npy'}"], check=True, capture_output=True)
+    base = [
+        sys.executable,
+        "-m",
+        "delg_tf.evaluate",
+        f"--gnd_path={gnd_path}",
+        f"--output_json={out}",
+    ]
+    subprocess.run(
+        base + [f"--scores_path={tmp_path / 'scores.npy'}"], check=True, capture_output=True
+    )
     by_scores = json.loads(out.read_text())
     np.save(tmp_path / "ranks.npy", np.tile(np.arange(8)[:, None], (1, 2)))
-    subprocess.run(base + [f"--ranks_path={tmp_path / 'ranks.npy'}"], check=True, capture_output=True)
+    subprocess.run(
+        base + [f"--ranks_path={tmp_path / 'ranks.npy'}"], check=True, capture_output=True
+    )
     assert json.loads(out.read_text()) == by_scores
     missing = subprocess.run(base, capture_output=True, text=True)
     assert missing.returncode == 2 and "--ranks_path" in missing.stderr

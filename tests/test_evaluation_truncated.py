@@ -27,7 +27,11 @@ def _random_problem(seed=0):
     gnd = []
     ids = rng.permutation(NUM_DB)
     for q in range(NUM_QUERIES):
-        easy, hard, junk = ids[q * 8:q * 8 + 3], ids[q * 8 + 3:q * 8 + 6], ids[q * 8 + 6:q * 8 + 8]
+        easy, hard, junk = (
+            ids[q * 8 : q * 8 + 3],
+            ids[q * 8 + 3 : q * 8 + 6],
+            ids[q * 8 + 6 : q * 8 + 8],
+        )
         for i, noise in [(i, 0.5) for i in easy] + [(i, 1.5) for i in np.r_[hard, junk]]:
             db[i] = queries[q] + noise * rng.normal(size=DIM)
         gnd.append({"easy": easy, "hard": hard, "junk": junk})
@@ -62,17 +66,26 @@ def test_top_k_ranking_matches_full_ranking_when_k_covers_positives(method):
 def test_top_k_reranking_equals_full_reranking():
     db, queries, gnd = _random_problem(1)
     rng = np.random.default_rng(3)
-    local = [LocalFeatures(rng.uniform(0, 100, (20, 2)), rng.normal(size=(20, 8)) / 3)
-             for _ in range(NUM_DB + NUM_QUERIES)]
-    config = EvaluateConfig(shortlist_size=10, matching=MatchingConfig(ransac_iterations=20),
-                            num_workers=1)
-    full = pipeline.evaluate_features(db, queries, gnd, local[:NUM_DB], local[NUM_DB:], config,
-                                      verbose=False)
+    local = [
+        LocalFeatures(rng.uniform(0, 100, (20, 2)), rng.normal(size=(20, 8)) / 3)
+        for _ in range(NUM_DB + NUM_QUERIES)
+    ]
+    config = EvaluateConfig(
+        shortlist_size=10, matching=MatchingConfig(ransac_iterations=20), num_workers=1
+    )
+    full = pipeline.evaluate_features(
+        db, queries, gnd, local[:NUM_DB], local[NUM_DB:], config, verbose=False
+    )
     k = max(_deepest_positive(full.global_ranks, gnd), config.shortlist_size)
-    top = pipeline.evaluate_features(db, queries, gnd, local[:NUM_DB].__getitem__,
-                                     local[NUM_DB:], EvaluateConfig(**{**vars(config),
-                                                                       "top_k": k}),
-                                     verbose=False)
+    top = pipeline.evaluate_features(
+        db,
+        queries,
+        gnd,
+        local[:NUM_DB].__getitem__,
+        local[NUM_DB:],
+        EvaluateConfig(**{**vars(config), "top_k": k}),
+        verbose=False,
+    )
     np.testing.assert_array_equal(top.reranked_ranks, full.reranked_ranks[:k])
     assert top.results == full.results
 
@@ -104,8 +117,12 @@ def test_truncated_padding_validation():
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "delg_tf.evaluate", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "delg_tf.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_gldv2_cli_retrieval_and_recognition(tmp_path):
@@ -114,8 +131,12 @@ def test_gldv2_cli_retrieval_and_recognition(tmp_path):
     pred = tmp_path / "preds.csv"
     pred.write_text("id,images\nq1,a x b\nq2,y c\n")
     out = tmp_path / "gldv2.json"
-    result = _run_cli("--gldv2_task=retrieval", f"--gldv2_solution={sol}",
-                      f"--gldv2_predictions={pred}", f"--output_json={out}")
+    result = _run_cli(
+        "--gldv2_task=retrieval",
+        f"--gldv2_solution={sol}",
+        f"--gldv2_predictions={pred}",
+        f"--output_json={out}",
+    )
     assert result.returncode == 0, result.stderr
     assert "mAP@100" in result.stdout and "83.33" in result.stdout and "50.00" in result.stdout
     saved = json.loads(out.read_text())
@@ -126,18 +147,26 @@ def test_gldv2_cli_retrieval_and_recognition(tmp_path):
     rpred = tmp_path / "rpreds.csv"
     # sorted by score: t2 (non-landmark, wrong), t1 (right), t3 (wrong): (1/2) / 2.
     rpred.write_text("id,landmarks\nt1,7 0.8\nt2,3 0.9\nt3,5 0.4\n")
-    result = _run_cli("--gldv2_task=recognition", f"--gldv2_solution={rsol}",
-                      f"--gldv2_predictions={rpred}")
+    result = _run_cli(
+        "--gldv2_task=recognition", f"--gldv2_solution={rsol}", f"--gldv2_predictions={rpred}"
+    )
     assert result.returncode == 0, result.stderr
     assert "GAP" in result.stdout and "25.00" in result.stdout and "n/a" in result.stdout
 
     bad = _run_cli("--gldv2_task=retrieval", f"--gldv2_solution={sol}")
     assert bad.returncode == 2 and "--gldv2_predictions" in bad.stderr
-    missing = _run_cli("--gldv2_task=recognition", f"--gldv2_solution={tmp_path / 'no.csv'}",
-                       f"--gldv2_predictions={rpred}")
+    missing = _run_cli(
+        "--gldv2_task=recognition",
+        f"--gldv2_solution={tmp_path / 'no.csv'}",
+        f"--gldv2_predictions={rpred}",
+    )
     assert missing.returncode == 2 and "--gldv2_solution" in missing.stderr
-    unwritable = _run_cli("--gldv2_task=retrieval", f"--gldv2_solution={sol}",
-                          f"--gldv2_predictions={pred}", f"--output_json={sol}/out.json")
+    unwritable = _run_cli(
+        "--gldv2_task=retrieval",
+        f"--gldv2_solution={sol}",
+        f"--gldv2_predictions={pred}",
+        f"--output_json={sol}/out.json",
+    )
     assert unwritable.returncode == 2 and "--output_json" in unwritable.stderr
     assert "Traceback" not in unwritable.stderr
 
@@ -163,18 +192,21 @@ def test_every_search_method_of_the_config_ranks_like_numpy():
     db, queries, _ = _random_problem(2)
     db64, q64 = db.astype(np.float64), queries.astype(np.float64)
     cosine = (db64 / np.linalg.norm(db64, axis=1, keepdims=True)) @ (
-        q64 / np.linalg.norm(q64, axis=1, keepdims=True)).T  # [NUM_DB, NUM_QUERIES]
+        q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    ).T  # [NUM_DB, NUM_QUERIES]
     oracle = np.argsort(-cosine, axis=0, kind="stable")[:SEARCH_TOP_K]
     # No near-ties among the top k + 1 scores: the oracle's order is unambiguous.
-    assert np.diff(np.sort(cosine, axis=0)[::-1][:SEARCH_TOP_K + 1], axis=0).max() < -1e-6
+    assert np.diff(np.sort(cosine, axis=0)[::-1][: SEARCH_TOP_K + 1], axis=0).max() < -1e-6
     ran = []
     for method in config.SEARCH_METHODS:
-        evaluate = EvaluateConfig(top_k=SEARCH_TOP_K, shortlist_size=SEARCH_TOP_K,
-                                  search_method=method)
+        evaluate = EvaluateConfig(
+            top_k=SEARCH_TOP_K, shortlist_size=SEARCH_TOP_K, search_method=method
+        )
         ranks, scores, truncated = pipeline.global_ranking(db, queries, evaluate)
         np.testing.assert_array_equal(ranks, oracle, err_msg=method)
-        np.testing.assert_allclose(scores, np.take_along_axis(cosine, oracle, axis=0),
-                                   atol=1e-5, err_msg=method)
+        np.testing.assert_allclose(
+            scores, np.take_along_axis(cosine, oracle, axis=0), atol=1e-5, err_msg=method
+        )
         assert truncated, method
         ran.append(method)
     assert ran == ["exact", "faiss_flat", "faiss_hnsw", "faiss_ivf"]  # faiss ones included

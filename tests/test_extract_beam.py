@@ -8,6 +8,7 @@ gs:// run takes (remote list file, shards uploaded under a temporary name, manif
 an in-memory Beam file system, in-process; and a complete shard that a failed run did
 not list is taken as done.
 """
+
 import dataclasses
 import io
 import json
@@ -30,11 +31,20 @@ from delg_tf.extraction.store import FeatureStore
 from delg_tf.extraction.testing import TinyDelgStandIn
 from delg_tf.serving.delg_export import export_saved_model
 
-CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=20, max_image_size=64, warmup=False)
+CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=20,
+    max_image_size=64,
+    warmup=False,
+)
 IMAGES_PER_SHARD = 8
-WORKERS = ("--runner=DirectRunner", "--direct_running_mode=multi_processing",
-           "--direct_num_workers=2")
+WORKERS = (
+    "--runner=DirectRunner",
+    "--direct_running_mode=multi_processing",
+    "--direct_num_workers=2",
+)
 SUBPROCESS_TIMEOUT_S = 300
 EXIT_USAGE, EXIT_RUN = 2, 3
 MEMORY_SCHEME = "memtest"
@@ -118,8 +128,7 @@ class MemoryFileSystem(FileSystem):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("beam") / "export",
-                              CONFIG)
+    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("beam") / "export", CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +144,12 @@ def images(tmp_path_factory):
 
 
 def _run_beam(*args):
-    return subprocess.run([sys.executable, "-m", "delg_tf.extract_beam", *map(str, args)],
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "delg_tf.extract_beam", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
 
 
 def _error_lines(result):
@@ -146,12 +159,22 @@ def _error_lines(result):
 def test_beam_pipeline_gives_the_store_and_error_log_of_extract(tmp_path, export_dir, images):
     folder, bad = images
     reference = extract.main(
-        extract.ExtractConfig(output_dir=str(tmp_path / "reference"), images=str(folder),
-                              model_path=str(export_dir), progress=False),
-        extractor=DelgExtractor.from_saved_model(str(export_dir)))
+        extract.ExtractConfig(
+            output_dir=str(tmp_path / "reference"),
+            images=str(folder),
+            model_path=str(export_dir),
+            progress=False,
+        ),
+        extractor=DelgExtractor.from_saved_model(str(export_dir)),
+    )
     out = tmp_path / "beam"
-    flags = [f"--images={folder}/*", f"--model_path={export_dir}", f"--output_dir={out}",
-             f"--images_per_shard={IMAGES_PER_SHARD}", *WORKERS]
+    flags = [
+        f"--images={folder}/*",
+        f"--model_path={export_dir}",
+        f"--output_dir={out}",
+        f"--images_per_shard={IMAGES_PER_SHARD}",
+        *WORKERS,
+    ]
     result = _run_beam(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -170,16 +193,18 @@ def test_beam_pipeline_gives_the_store_and_error_log_of_extract(tmp_path, export
     assert logged == (tmp_path / "reference" / "errors.tsv").read_text(encoding="utf-8")
     assert sorted(line.split("\t")[0] for line in logged.splitlines()[1:]) == bad
     extracted = len(expected.names)
-    assert f"{extracted + len(bad)} images, {extracted} extracted, 0 already done, " \
-           f"{len(bad)} failed" in result.stdout
+    assert (
+        f"{extracted + len(bad)} images, {extracted} extracted, 0 already done, "
+        f"{len(bad)} failed" in result.stdout
+    )
 
     # A rerun (the folder this time) extracts nothing: same manifest and shards.
     manifest = json.loads((out / beam_lib.MANIFEST_NAME).read_text(encoding="utf-8"))
     assert sorted(n for names in manifest["shards"].values() for n in names) == sorted(
-        expected.names)
+        expected.names
+    )
     shards = sorted(p.name for p in (out / beam_lib.SHARDS_SUBDIR).iterdir())
-    again = _run_beam(*[f"--images={folder}" if f.startswith("--images=") else f
-                        for f in flags])
+    again = _run_beam(*[f"--images={folder}" if f.startswith("--images=") else f for f in flags])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"0 extracted, {extracted} already done, {len(bad)} failed" in again.stdout
     assert json.loads((out / beam_lib.MANIFEST_NAME).read_text(encoding="utf-8")) == manifest
@@ -193,21 +218,28 @@ def test_only_bad_images_exit_with_one_error_line(tmp_path, export_dir, images):
     only_bad = tmp_path / "bad.txt"
     only_bad.write_text("".join(f"{folder / name}\n" for name in bad), encoding="utf-8")
     out = tmp_path / "out"
-    result = _run_beam(f"--images={only_bad}", f"--model_path={export_dir}",
-                       f"--output_dir={out}", *WORKERS)
+    result = _run_beam(
+        f"--images={only_bad}", f"--model_path={export_dir}", f"--output_dir={out}", *WORKERS
+    )
     assert result.returncode == EXIT_RUN, result.stderr[-3000:]
     errors = _error_lines(result)
     assert len(errors) == 1 and f"all {len(bad)} of {len(bad)} images failed" in errors[0]
     assert "Traceback" not in result.stderr
     assert len((out / beam_lib.ERROR_LOG_NAME).read_text(encoding="utf-8").splitlines()) == (
-        len(bad) + 1)
+        len(bad) + 1
+    )
     assert not list((out / beam_lib.SHARDS_SUBDIR).glob("*.h5"))
 
 
 def test_flags_neither_ours_nor_beams_are_refused(tmp_path, export_dir, images):
     folder, _ = images
-    result = _run_beam(f"--images={folder}", f"--model_path={export_dir}",
-                       f"--output_dir={tmp_path / 'out'}", "--image_per_shard=4", *WORKERS)
+    result = _run_beam(
+        f"--images={folder}",
+        f"--model_path={export_dir}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--image_per_shard=4",
+        *WORKERS,
+    )
     assert result.returncode == EXIT_USAGE
     errors = _error_lines(result)
     assert len(errors) == 1 and "--image_per_shard" in errors[0], result.stderr[-2000:]
@@ -228,9 +260,13 @@ def test_remote_file_system_paths_in_process(tmp_path, export_dir, images):
     for path in export_dir.rglob("*"):  # the SavedModel too: each worker copies it
         if path.is_file():
             files[f"{root}/model/{path.relative_to(export_dir).as_posix()}"] = path.read_bytes()
-    config = beam_lib.BeamExtractConfig(output_dir=f"{root}/out", images=f"{root}/list.txt",
-                                        model_path=f"{root}/model", images_per_shard=2,
-                                        pipeline_args=("--runner=DirectRunner",))
+    config = beam_lib.BeamExtractConfig(
+        output_dir=f"{root}/out",
+        images=f"{root}/list.txt",
+        model_path=f"{root}/model",
+        images_per_shard=2,
+        pipeline_args=("--runner=DirectRunner",),
+    )
     beam_lib.run(config)
     shards = beam_lib.shard_files(config.output_dir)
     assert len(shards) == 3 and not [p for p in files if p.endswith(".tmp")]
@@ -240,33 +276,39 @@ def test_remote_file_system_paths_in_process(tmp_path, export_dir, images):
     assert sorted(store.names) == lines[:NUM_MEMORY_IMAGES]
     extractor = DelgExtractor.from_saved_model(str(export_dir))
     want = extractor(str(good[0]))
-    np.testing.assert_array_equal(store.get(lines[0])["global_descriptor"],
-                                  want.global_descriptor)
+    np.testing.assert_array_equal(store.get(lines[0])["global_descriptor"], want.global_descriptor)
     np.testing.assert_array_equal(store.get(lines[0])["descriptors"], want.descriptors)
     logged = files[config.error_log].decode("utf-8").splitlines()
     assert logged[0] == extract.ERROR_LOG_HEADER.strip()
     assert [line.split("\t")[:2] for line in logged[1:]] == [
         [lines[-2], reasons[bad[0]]],
-        ["img/missing.jpg", "missing"]]
+        ["img/missing.jpg", "missing"],
+    ]
     assert f"{root}/img/missing.jpg: no such file" in logged[2]
 
 
 def test_complete_shard_missing_from_the_manifest_counts_as_done(tmp_path):
-    config = beam_lib.BeamExtractConfig(output_dir=str(tmp_path), images=str(tmp_path),
-                                        model_path="unused")
-    record = {"image_shape": (40, 50, 3), "global_descriptor": np.ones(4, np.float32),
-              "locations": np.zeros((2, 2), np.float32),
-              "descriptors": np.ones((2, 8), np.float32) / np.sqrt(8),
-              "attention": np.ones(2, np.float32), "scales": np.ones(2, np.float32)}
+    config = beam_lib.BeamExtractConfig(
+        output_dir=str(tmp_path), images=str(tmp_path), model_path="unused"
+    )
+    record = {
+        "image_shape": (40, 50, 3),
+        "global_descriptor": np.ones(4, np.float32),
+        "locations": np.zeros((2, 2), np.float32),
+        "descriptors": np.ones((2, 8), np.float32) / np.sqrt(8),
+        "attention": np.ones(2, np.float32),
+        "scales": np.ones(2, np.float32),
+    }
     beam_lib.write_manifest([("shards/a-00000.h5", ["a.jpg"])], str(tmp_path), False, False)
     (tmp_path / "shards").mkdir()
     for shard, name in (("a-00000.h5", "a.jpg"), ("b-00000.h5", "b.jpg")):
         beam_lib.write_shard(str(tmp_path / "shards" / shard), [(name, record)])
     (tmp_path / "shards" / "b-00001.h5.tmp").write_bytes(b"half a shard")
-    assert beam_lib.known_shards(config) == {"shards/a-00000.h5": ["a.jpg"],
-                                             "shards/b-00000.h5": ["b.jpg"]}
+    assert beam_lib.known_shards(config) == {
+        "shards/a-00000.h5": ["a.jpg"],
+        "shards/b-00000.h5": ["b.jpg"],
+    }
     with pytest.raises(ValueError, match="--float16"):
         beam_lib.known_shards(dataclasses.replace(config, float16=True))
     beam_lib.remove_stale_temporaries(config.shards_dir)
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["a-00000.h5",
-                                                                       "b-00000.h5"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["a-00000.h5", "b-00000.h5"]

@@ -5,6 +5,7 @@ every image fails, or where the model raises on a readable image, stops with an
 `ExtractRunError` (exit `EXIT_RUN_ERROR` on the command line, see
 tests/test_faults_pipeline.py for the CLI).
 """
+
 import pytest
 import tensorflow as tf
 from PIL import Image
@@ -15,8 +16,13 @@ from delg_tf.extraction.store import FeatureStore
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.extraction.config import ExportConfig
 
-CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=10, max_image_size=64)
+CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=10,
+    max_image_size=64,
+)
 IMAGE_SIDE = 48
 
 
@@ -49,17 +55,20 @@ def _folder(tmp_path, good=0, bad=0):
     folder = tmp_path / "images"
     folder.mkdir(exist_ok=True)
     for i in range(good):
-        Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=i)).save(
-            folder / f"good_{i}.png")
+        Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=i)).save(folder / f"good_{i}.png")
     for i in range(bad):
         (folder / f"bad_{i}.jpg").write_bytes(b"not a jpeg")
     return folder
 
 
 def _config(tmp_path, **kwargs):
-    return extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                 images=str(tmp_path / "images"), model_path="the_model",
-                                 progress=False, **kwargs)
+    return extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"),
+        images=str(tmp_path / "images"),
+        model_path="the_model",
+        progress=False,
+        **kwargs,
+    )
 
 
 def _logged(tmp_path):
@@ -129,19 +138,27 @@ def test_any_exception_of_the_model_on_a_readable_image_stops_the_run(tmp_path):
 
     with pytest.raises(extract.ExtractModelError, match="RuntimeError: ops not registered;"):
         extract.main(_config(tmp_path), extractor=broken)
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "o2"), images=str(tmp_path /
-                                   "images"), delf_config="cfg.pbtxt", progress=False)
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "o2"),
+        images=str(tmp_path / "images"),
+        delf_config="cfg.pbtxt",
+        progress=False,
+    )
     with pytest.raises(extract.ExtractModelError, match="--delf_config=cfg.pbtxt"):
         extract.main(config, extractor=broken)
 
 
 def test_error_summary_keeps_the_message_of_the_op():
-    graph_error = ("Graph execution error:\n\nDetected at node Reshape defined at (most recent "
-                   "call last):\n  File \"x.py\", line 5, in <module>\n\n  File \"x.py\", line "
-                   "3, in f\n\nInput to reshape is a tensor with 6912 values\n\t [[{{node "
-                   "Reshape}}]] [Op:__inference_f_9]")
+    graph_error = (
+        "Graph execution error:\n\nDetected at node Reshape defined at (most recent "
+        'call last):\n  File "x.py", line 5, in <module>\n\n  File "x.py", line '
+        "3, in f\n\nInput to reshape is a tensor with 6912 values\n\t [[{{node "
+        "Reshape}}]] [Op:__inference_f_9]"
+    )
     error = tf.errors.InvalidArgumentError(None, None, graph_error)
-    assert extract.error_summary(error) == "Input to reshape is a tensor with 6912 values " \
-                                           "(node Reshape)"
+    assert (
+        extract.error_summary(error) == "Input to reshape is a tensor with 6912 values "
+        "(node Reshape)"
+    )
     assert extract.error_summary(ValueError("first\nsecond")) == "first"
     assert extract.error_summary(RuntimeError()) == "RuntimeError"

@@ -4,6 +4,7 @@ Image names come from the list file as written (absolute, `../`, unicode); they 
 mapped to relative paths by `delf_io.relative_output_path`, and names whose files
 would clash are refused before anything is written.
 """
+
 import subprocess
 import sys
 import unicodedata
@@ -21,29 +22,37 @@ from delg_tf.extraction.store import FeatureStore
 from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.extraction.config import ExportConfig
 
-CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=10, max_image_size=64)
+CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=10,
+    max_image_size=64,
+)
 IMAGE_SIDE = 48
 EXIT_USAGE = 2
 UNICODE_NAME = "sous-dossier/église_東京_😀.png"
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("a.jpg", "a.jpg"),
-    ("sub/dir/a.jpg", "sub/dir/a.jpg"),
-    ("/data/imgs/a.jpg", "data/imgs/a.jpg"),
-    ("//server/share/a.jpg", "server/share/a.jpg"),
-    ("C:\\imgs\\a.jpg", "imgs/a.jpg"),
-    ("c:/imgs/a.jpg", "imgs/a.jpg"),
-    ("../a.jpg", "a.jpg"),
-    ("../../shared/x/a.jpg", "shared/x/a.jpg"),
-    ("imgs/../a.jpg", "a.jpg"),
-    ("imgs/./x/../../../a.jpg", "a.jpg"),
-    ("./a//b.jpg", "a/b.jpg"),
-    ("imgs\\sub/a.jpg", "imgs/sub/a.jpg"),
-    (UNICODE_NAME, UNICODE_NAME),
-    ("..a/b..jpg", "..a/b..jpg"),  # dots inside names are not segments
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("a.jpg", "a.jpg"),
+        ("sub/dir/a.jpg", "sub/dir/a.jpg"),
+        ("/data/imgs/a.jpg", "data/imgs/a.jpg"),
+        ("//server/share/a.jpg", "server/share/a.jpg"),
+        ("C:\\imgs\\a.jpg", "imgs/a.jpg"),
+        ("c:/imgs/a.jpg", "imgs/a.jpg"),
+        ("../a.jpg", "a.jpg"),
+        ("../../shared/x/a.jpg", "shared/x/a.jpg"),
+        ("imgs/../a.jpg", "a.jpg"),
+        ("imgs/./x/../../../a.jpg", "a.jpg"),
+        ("./a//b.jpg", "a/b.jpg"),
+        ("imgs\\sub/a.jpg", "imgs/sub/a.jpg"),
+        (UNICODE_NAME, UNICODE_NAME),
+        ("..a/b..jpg", "..a/b..jpg"),  # dots inside names are not segments
+    ],
+)
 def test_relative_output_path_maps_names_inside_the_folder(name, expected):
     got = delf_io.relative_output_path(name)
     assert got == PurePosixPath(expected)
@@ -56,14 +65,17 @@ def test_names_that_name_no_file_are_refused(name):
         delf_io.relative_output_path(name)
 
 
-@pytest.mark.parametrize("names", [
-    ["/data/a.jpg", "data/a.jpg"],
-    ["../a.jpg", "a.jpg"],
-    ["x/../a.jpg", "a.jpg"],
-    ["A.jpg", "a.jpg"],  # one file on case-insensitive file systems
-    [unicodedata.normalize("NFC", "é.jpg"), unicodedata.normalize("NFD", "é.jpg")],
-    ["imgs\\a.jpg", "imgs/a.jpg"],
-])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["/data/a.jpg", "data/a.jpg"],
+        ["../a.jpg", "a.jpg"],
+        ["x/../a.jpg", "a.jpg"],
+        ["A.jpg", "a.jpg"],  # one file on case-insensitive file systems
+        [unicodedata.normalize("NFC", "é.jpg"), unicodedata.normalize("NFD", "é.jpg")],
+        ["imgs\\a.jpg", "imgs/a.jpg"],
+    ],
+)
 def test_names_mapped_to_the_same_file_are_refused(names):
     with pytest.raises(ValueError, match="would both be written to") as info:
         delf_io.official_file_bases(names)
@@ -94,34 +106,42 @@ def _files_under(folder):
 
 
 def test_list_with_absolute_parent_and_unicode_lines_writes_only_inside_output_dir(
-        tmp_path, extractor):
+    tmp_path, extractor
+):
     elsewhere = _image(tmp_path / "elsewhere" / "abs.jpg", 0)  # an absolute line
     lists = tmp_path / "lists"
-    _image(tmp_path / "above.jpg", 1)                           # ../above.jpg
+    _image(tmp_path / "above.jpg", 1)  # ../above.jpg
     _image(lists / UNICODE_NAME, 2)
     _image(lists / "plain.jpg", 3)
     lines = [str(elsewhere), "../above.jpg", UNICODE_NAME, "plain.jpg"]
     (lists / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     before = set(_files_under(tmp_path))
     out = tmp_path / "out"
-    config = extract.ExtractConfig(output_dir=str(out), images=str(lists / "list.txt"),
-                                   model_path="unused", write_delf=True, progress=False)
+    config = extract.ExtractConfig(
+        output_dir=str(out),
+        images=str(lists / "list.txt"),
+        model_path="unused",
+        write_delf=True,
+        progress=False,
+    )
     store = FeatureStore(extract.main(config, extractor=extractor))
     assert sorted(store.names) == sorted(lines)  # store names stay the list's lines
     created = set(_files_under(tmp_path)) - before
     assert created and all(out in p.parents for p in created), sorted(created)
     delf = out / "delf"
-    expected = {elsewhere: delf / str(elsewhere).lstrip("/"),
-                tmp_path / "above.jpg": delf / "above.jpg",
-                lists / UNICODE_NAME: delf / UNICODE_NAME,
-                lists / "plain.jpg": delf / "plain.jpg"}
+    expected = {
+        elsewhere: delf / str(elsewhere).lstrip("/"),
+        tmp_path / "above.jpg": delf / "above.jpg",
+        lists / UNICODE_NAME: delf / UNICODE_NAME,
+        lists / "plain.jpg": delf / "plain.jpg",
+    }
     for name, (source, base) in zip(lines, expected.items()):
         record = store.get(name)
         global_file = base.with_name(base.name + delf_io.DELG_GLOBAL_EXTENSION)
-        np.testing.assert_allclose(delf_io.read_datum(global_file),
-                                   record["global_descriptor"])
+        np.testing.assert_allclose(delf_io.read_datum(global_file), record["global_descriptor"])
         locations, _, descriptors, _, _ = delf_io.read_delf(
-            base.with_name(base.name + delf_io.DELF_EXTENSION))
+            base.with_name(base.name + delf_io.DELF_EXTENSION)
+        )
         np.testing.assert_allclose(descriptors, record["descriptors"])
         assert not source.with_name(source.name + delf_io.DELG_GLOBAL_EXTENSION).exists()
     assert not (tmp_path / "out" / "above.jpg.delf").exists()  # nothing above delf/
@@ -130,19 +150,28 @@ def test_list_with_absolute_parent_and_unicode_lines_writes_only_inside_output_d
 def test_colliding_names_are_refused_before_anything_is_written(tmp_path, extractor):
     _image(tmp_path / "imgs" / "a.jpg", 0)
     (tmp_path / "imgs" / "sub").mkdir()
-    (tmp_path / "imgs" / "list.txt").write_text(f"a.jpg\n{tmp_path / 'imgs' / 'a.jpg'}\n"
-                                                "sub/../a.jpg\n")
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                   images=str(tmp_path / "imgs" / "list.txt"),
-                                   model_path="unused", write_delf=True, progress=False)
-    with pytest.raises(ConfigError, match="--write_delf: images 'a.jpg' and "
-                                          "'sub/../a.jpg' would both be written"):
+    (tmp_path / "imgs" / "list.txt").write_text(
+        f"a.jpg\n{tmp_path / 'imgs' / 'a.jpg'}\nsub/../a.jpg\n"
+    )
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"),
+        images=str(tmp_path / "imgs" / "list.txt"),
+        model_path="unused",
+        write_delf=True,
+        progress=False,
+    )
+    with pytest.raises(
+        ConfigError, match="--write_delf: images 'a.jpg' and 'sub/../a.jpg' would both be written"
+    ):
         extract.main(config, extractor=extractor)
     assert not (tmp_path / "out").exists()
     # Without --write_delf the names are only keys of the store: no clash.
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                   images=str(tmp_path / "imgs" / "list.txt"),
-                                   model_path="unused", progress=False)
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"),
+        images=str(tmp_path / "imgs" / "list.txt"),
+        model_path="unused",
+        progress=False,
+    )
     assert len(FeatureStore(extract.main(config, extractor=extractor))) == 3
 
 
@@ -151,9 +180,20 @@ def test_cli_refuses_a_collision_with_one_error_line(tmp_path):
     _image(tmp_path / "a.jpg", 0)
     (tmp_path / "list.txt").write_text("a.jpg\nA.JPG\n")
     result = subprocess.run(
-        [sys.executable, "-m", "delg_tf.extract", f"--images={tmp_path / 'list.txt'}",
-         f"--model_path={tmp_path / 'no_model'}", f"--output_dir={tmp_path / 'out'}",
-         "--write_delf", "--noprogress"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "delg_tf.extract",
+            f"--images={tmp_path / 'list.txt'}",
+            f"--model_path={tmp_path / 'no_model'}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--write_delf",
+            "--noprogress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == EXIT_USAGE, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr

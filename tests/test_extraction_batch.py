@@ -16,8 +16,13 @@ from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.extraction.config import ExportConfig
 from delg_tf.serving.delg_export import export_saved_model
 
-CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=20, max_image_size=64)
+CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=20,
+    max_image_size=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +37,15 @@ def extractor(model):
 
 def test_bad_corpus_is_reported_and_resume_skips_done(tmp_path, extractor, capsys):
     entries = write_bad_image_corpus(tmp_path / "images")
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                   images=str(tmp_path / "images"), model_path="unused",
-                                   write_delf=True, binarize=True, flush_every=3, progress=False)
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"),
+        images=str(tmp_path / "images"),
+        model_path="unused",
+        write_delf=True,
+        binarize=True,
+        flush_every=3,
+        progress=False,
+    )
     store_path = extract.main(config, extractor=extractor)
     good = sorted(name for name, e in entries.items() if e.ok)
     bad = {name: e.reason for name, e in entries.items() if not e.ok}
@@ -48,13 +59,15 @@ def test_bad_corpus_is_reported_and_resume_skips_done(tmp_path, extractor, capsy
     # Official per-image files for interop.
     name = "good_rgb.jpg"
     locations, scales, descriptors, attention, _ = delf_io.read_delf(
-        tmp_path / "out" / "delf" / (name + ".delf"))
+        tmp_path / "out" / "delf" / (name + ".delf")
+    )
     record = store.get(name)
     np.testing.assert_allclose(locations, record["locations"])
     np.testing.assert_allclose(descriptors, record["descriptors"])
-    np.testing.assert_allclose(delf_io.read_datum(tmp_path / "out" / "delf" /
-                                                  (name + ".delg_global")),
-                               record["global_descriptor"])
+    np.testing.assert_allclose(
+        delf_io.read_datum(tmp_path / "out" / "delf" / (name + ".delg_global")),
+        record["global_descriptor"],
+    )
     # Resume: nothing left to extract, same store content.
     before = store.arrays()
     extract.main(config, extractor=extractor)
@@ -72,9 +85,14 @@ def test_shards_partition_a_list_file(tmp_path, extractor):
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
     seen = []
     for shard in range(2):
-        config = extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                       images=str(tmp_path / "list.txt"), model_path="unused",
-                                       shard_index=shard, num_shards=2, progress=False)
+        config = extract.ExtractConfig(
+            output_dir=str(tmp_path / "out"),
+            images=str(tmp_path / "list.txt"),
+            model_path="unused",
+            shard_index=shard,
+            num_shards=2,
+            progress=False,
+        )
         path = extract.main(config, extractor=extractor)
         assert path.name == f"features-{shard:05d}-of-00002.h5"
         seen += FeatureStore(path).names
@@ -89,13 +107,27 @@ def test_cli_with_an_export(tmp_path, model):
     for i in range(2):
         Image.fromarray(random_image(50, 70, seed=i)).save(tmp_path / "images" / f"{i}.jpg")
     result = subprocess.run(
-        [sys.executable, "-m", "delg_tf.extract", f"--images={tmp_path / 'images'}",
-         f"--model_path={export}", f"--output_dir={tmp_path / 'out'}", "--float16",
-         "--noprogress"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "delg_tf.extract",
+            f"--images={tmp_path / 'images'}",
+            f"--model_path={export}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--float16",
+            "--noprogress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 extracted" in result.stdout
     store = FeatureStore(tmp_path / "out" / "features.h5")
     assert store.arrays()["descriptors"].dtype == np.float16
-    missing = subprocess.run([sys.executable, "-m", "delg_tf.extract", "--images=x",
-                              f"--output_dir={tmp_path / 'o2'}"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "delg_tf.extract", "--images=x", f"--output_dir={tmp_path / 'o2'}"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "--delf_config" in missing.stderr

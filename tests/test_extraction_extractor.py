@@ -57,8 +57,9 @@ def test_resize_like_official():
 
 
 def test_in_memory_extractor_on_array_and_path(tmp_path):
-    config = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(0, 1), score_threshold=0.0,
-                          max_image_size=48).to_delf_config("")
+    config = ExportConfig(
+        image_scales=(0.5, 1.0), global_scales_ind=(0, 1), score_threshold=0.0, max_image_size=48
+    ).to_delf_config("")
     extractor = DelgExtractor.from_model(TinyDelgStandIn(), config)
     image = random_image(60, 96)
     Image.fromarray(image).save(tmp_path / "x.png")
@@ -81,8 +82,10 @@ def _fixture_model(tmp_path_factory):
     return out
 
 
-@pytest.mark.skipif(not (PARITY / "make_official_savedmodel.py").exists(),
-                    reason=f"{PARITY} absent: official TF2 parity fixture not available")
+@pytest.mark.skipif(
+    not (PARITY / "make_official_savedmodel.py").exists(),
+    reason=f"{PARITY} absent: official TF2 parity fixture not available",
+)
 def test_official_tf2_fixture_parity(tmp_path_factory):
     import skimage.data as skimage_data
 
@@ -93,13 +96,18 @@ def test_official_tf2_fixture_parity(tmp_path_factory):
     assert extractor.raw_fn.model_format == "tf2"
     expected = np.load(PARITY / "expected" / "320_chelsea.npz")
     features = extractor(skimage_data.chelsea())
-    np.testing.assert_allclose(features.global_descriptor, expected["global_descriptor"],
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        features.global_descriptor, expected["global_descriptor"], atol=1e-5, rtol=0
+    )
     assert features.num_features == len(expected["attention"])
-    index = {(round(float(y), 2), round(float(x), 2), round(float(s), 5)): i
-             for i, ((y, x), s) in enumerate(zip(features.locations, features.scales))}
-    rows = [index[(round(float(y), 2), round(float(x), 2), round(float(s), 5))]
-            for (y, x), s in zip(expected["locations"], expected["scales"])]
+    index = {
+        (round(float(y), 2), round(float(x), 2), round(float(s), 5)): i
+        for i, ((y, x), s) in enumerate(zip(features.locations, features.scales))
+    }
+    rows = [
+        index[(round(float(y), 2), round(float(x), 2), round(float(s), 5))]
+        for (y, x), s in zip(expected["locations"], expected["scales"])
+    ]
     np.testing.assert_allclose(features.locations[rows], expected["locations"], atol=1e-3)
     np.testing.assert_allclose(features.descriptors[rows], expected["descriptors"], atol=1e-5)
     np.testing.assert_allclose(features.attention[rows], expected["attention"], atol=1e-4)

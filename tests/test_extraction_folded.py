@@ -16,11 +16,23 @@ from delg_tf.serving import delg_export
 # Two conv4 units, so the last one is an identity unit (the one that is evaluated
 # only at the kept cells in the stride-16 layouts).
 BACKBONE_KWARGS = {"units": (1, 1, 2, 1)}
-TINY = dict(num_classes=3, backbone="tiny", embedding_dim=16, local_dim=8, attention_hidden=8,
-            arcface_scale_init=4.0, backbone_kwargs=BACKBONE_KWARGS)
+TINY = dict(
+    num_classes=3,
+    backbone="tiny",
+    embedding_dim=16,
+    local_dim=8,
+    attention_hidden=8,
+    arcface_scale_init=4.0,
+    backbone_kwargs=BACKBONE_KWARGS,
+)
 SCALES = (0.5, 1.0, 1.4142135)
-CONFIG = delg_export.ExportConfig(image_scales=SCALES, global_scales_ind=(0, 2),
-                                  max_feature_num=60, score_threshold=0.0, max_image_size=-1)
+CONFIG = delg_export.ExportConfig(
+    image_scales=SCALES,
+    global_scales_ind=(0, 2),
+    max_feature_num=60,
+    score_threshold=0.0,
+    max_image_size=-1,
+)
 # Folding changes the rounding only; relative to each output's magnitude.
 RELATIVE_TOL = 1e-5
 
@@ -54,10 +66,12 @@ def _assert_close(got, want, what):
     assert error <= RELATIVE_TOL, f"{what}: max abs error {error:.2e} of the output's range"
 
 
-LAYOUTS = [dict(backbone_layout="slim"),
-           dict(backbone_layout="tf2_delf", attention_input="reconstruction"),
-           dict(backbone_layout="keras", attention_use_bn=False),
-           dict(backbone_layout="slim", block3_stride=False)]
+LAYOUTS = [
+    dict(backbone_layout="slim"),
+    dict(backbone_layout="tf2_delf", attention_input="reconstruction"),
+    dict(backbone_layout="keras", attention_use_bn=False),
+    dict(backbone_layout="slim", block3_stride=False),
+]
 
 
 @pytest.mark.parametrize("overrides", LAYOUTS, ids=lambda o: "-".join(map(str, o.values())))
@@ -71,8 +85,9 @@ def test_folded_view_computes_the_keras_model(overrides, height, width):
     _assert_close(s_folded, s_keras, "S (conv4)")
     d_keras = model.backbone.call_conv5(s_keras)
     _assert_close(view.backbone.call_conv5(s_keras), d_keras, "D (conv5)")
-    for got, want, what in zip(view.local_head(s_keras), model.local_head(s_keras),
-                               ("attention", "descriptors")):
+    for got, want, what in zip(
+        view.local_head(s_keras), model.local_head(s_keras), ("attention", "descriptors")
+    ):
         _assert_close(got, want, what)
     _assert_close(view.global_head(d_keras), model.global_head(d_keras), "global head")
     assert view.local_descriptor_dim == TINY["local_dim"]
@@ -125,14 +140,18 @@ def test_export_stores_folded_weights_as_variables(tmp_path):
     used = [v for v in view.variables if "/decoder/" not in v.name]
     assert sorted(v.name for v in loaded.model_variables) == sorted(v.name for v in used)
     reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
-    stored = sum(int(np.prod(shape)) for name, shape in reader.get_variable_to_shape_map().items()
-                 if name.startswith("model_variables/"))
+    stored = sum(
+        int(np.prod(shape))
+        for name, shape in reader.get_variable_to_shape_map().items()
+        if name.startswith("model_variables/")
+    )
     assert stored == sum(int(np.prod(v.shape)) for v in used)
     image = random_image(64, 80, seed=6)
     want = DelgExtractor.from_model(model, CONFIG.to_delf_config(""), fold_batch_norm=False)
     got = DelgExtractor.from_saved_model(str(path))
-    np.testing.assert_allclose(got(image).global_descriptor, want(image).global_descriptor,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        got(image).global_descriptor, want(image).global_descriptor, atol=1e-5
+    )
 
 
 def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
@@ -147,8 +166,12 @@ def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
     exact = DelgExtractor.from_model(model, config)
     fast = DelgExtractor.from_model(model, config, compute_dtype="bfloat16")
     graph = fast.pyramid.extract.get_concrete_function().graph
-    conv_dtypes = {op.get_attr("T") for function in graph._functions.values()
-                   for op in function.graph.get_operations() if op.type == "Conv2D"}
+    conv_dtypes = {
+        op.get_attr("T")
+        for function in graph._functions.values()
+        for op in function.graph.get_operations()
+        if op.type == "Conv2D"
+    }
     assert tf.bfloat16 in conv_dtypes
     image = random_image(96, 96, seed=8)
     got, want = fast(image), exact(image)
@@ -165,39 +188,49 @@ def test_bfloat16_backbone_is_opt_in_close_and_really_bfloat16():
 # /proc/cpuinfo excerpts (one core each): an AVX2-only desktop CPU, an AVX512 CPU
 # without bfloat16 (Skylake-SP), a Cooper Lake (AVX512_BF16) and a Sapphire Rapids
 # (AVX512_BF16 + AMX-BF16) server, and an aarch64 CPU (no x86 `flags` line).
-CPUINFO_AVX2 = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Core(TM) "
-                "i7-8700\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2\n")
+CPUINFO_AVX2 = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Core(TM) "
+    "i7-8700\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2\n"
+)
 CPUINFO_AVX512 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
 CPUINFO_COOPER_LAKE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
-CPUINFO_SAPPHIRE_RAPIDS = ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
-                           "avx512_fp16 amx_bf16 amx_tile amx_int8\n"
-                           "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
-                           "avx512_fp16 amx_bf16 amx_tile amx_int8\n")
+CPUINFO_SAPPHIRE_RAPIDS = (
+    "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+    "avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+    "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+    "avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+)
 CPUINFO_AARCH64 = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve bf16\n"
 
 
-@pytest.mark.parametrize("cpuinfo,env,emulated", [
-    (CPUINFO_AVX2, {}, "neither avx512_bf16 nor amx_bf16"),
-    (CPUINFO_AVX512, {}, "neither avx512_bf16 nor amx_bf16"),
-    (CPUINFO_COOPER_LAKE, {}, None),
-    (CPUINFO_SAPPHIRE_RAPIDS, {}, None),
-    ("fpu avx2 amx_bf16", {}, None),  # a bare flags list
-    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2"),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"},
-     "caps oneDNN below AVX512_CORE_BF16"),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "DNNL_MAX_CPU_ISA"),
-    # The new variable wins over the old spelling (oneDNN reads it first).
-    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "AVX2"}, None),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, None),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, None),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0"),
-    (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "1"}, None),
-    # A cap cannot add what the CPU lacks.
-    (CPUINFO_AVX2, {"ONEDNN_MAX_CPU_ISA": "ALL"}, "neither"),
-    # Unknown flags (another architecture, no /proc): no warning without evidence.
-    (CPUINFO_AARCH64, {}, None),
-    ("", {}, None),
-])
+@pytest.mark.parametrize(
+    "cpuinfo,env,emulated",
+    [
+        (CPUINFO_AVX2, {}, "neither avx512_bf16 nor amx_bf16"),
+        (CPUINFO_AVX512, {}, "neither avx512_bf16 nor amx_bf16"),
+        (CPUINFO_COOPER_LAKE, {}, None),
+        (CPUINFO_SAPPHIRE_RAPIDS, {}, None),
+        ("fpu avx2 amx_bf16", {}, None),  # a bare flags list
+        (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2"),
+        (
+            CPUINFO_SAPPHIRE_RAPIDS,
+            {"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"},
+            "caps oneDNN below AVX512_CORE_BF16",
+        ),
+        (CPUINFO_SAPPHIRE_RAPIDS, {"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "DNNL_MAX_CPU_ISA"),
+        # The new variable wins over the old spelling (oneDNN reads it first).
+        (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "AVX2"}, None),
+        (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, None),
+        (CPUINFO_SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, None),
+        (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0"),
+        (CPUINFO_SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "1"}, None),
+        # A cap cannot add what the CPU lacks.
+        (CPUINFO_AVX2, {"ONEDNN_MAX_CPU_ISA": "ALL"}, "neither"),
+        # Unknown flags (another architecture, no /proc): no warning without evidence.
+        (CPUINFO_AARCH64, {}, None),
+        ("", {}, None),
+    ],
+)
 def test_native_bfloat16_detection_from_cpuinfo_and_environment(cpuinfo, env, emulated):
     reason = folded.emulated_bfloat16_reason(cpuinfo, env)
     if emulated is None:
@@ -213,8 +246,7 @@ def test_cpu_flags_of_a_cpuinfo_text():
 
 
 def _warnings(caplog):
-    return [r for r in caplog.records
-            if r.name == folded.__name__ and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == folded.__name__ and r.levelno == logging.WARNING]
 
 
 def test_bfloat16_warning_is_one_line_and_only_where_emulated(caplog):
@@ -224,15 +256,17 @@ def test_bfloat16_warning_is_one_line_and_only_where_emulated(caplog):
     assert "\n" not in message and "slower than float32" in message
     assert "avx512_bf16" in message
     caplog.clear()
-    assert folded.warn_if_bfloat16_emulated("bfloat16", cpuinfo_text=CPUINFO_SAPPHIRE_RAPIDS,
-                                            env={}) is None
-    assert folded.warn_if_bfloat16_emulated("float32", cpuinfo_text=CPUINFO_AVX2,
-                                            env={}) is None
+    assert (
+        folded.warn_if_bfloat16_emulated("bfloat16", cpuinfo_text=CPUINFO_SAPPHIRE_RAPIDS, env={})
+        is None
+    )
+    assert folded.warn_if_bfloat16_emulated("float32", cpuinfo_text=CPUINFO_AVX2, env={}) is None
     assert not _warnings(caplog)
 
 
-def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(tmp_path, monkeypatch,
-                                                                        caplog):
+def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(
+    tmp_path, monkeypatch, caplog
+):
     """The machine's /proc/cpuinfo replaced by an AVX2-only one (no environment change)."""
     model = _model(seed=9)
     config = CONFIG.to_delf_config("")
@@ -256,8 +290,11 @@ def test_asking_an_extractor_for_bfloat16_warns_once_on_an_emulating_cpu(tmp_pat
 
 
 def test_bfloat16_refused_where_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(folded, "bfloat16_convolution_error",
-                        lambda: "AbortedError: could not create a primitive descriptor")
+    monkeypatch.setattr(
+        folded,
+        "bfloat16_convolution_error",
+        lambda: "AbortedError: could not create a primitive descriptor",
+    )
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     model = _model(seed=7, backbone_layout="tf2_delf")
     with pytest.raises(folded.BFloat16UnavailableError) as info:
@@ -274,8 +311,9 @@ def test_bfloat16_probe_matches_running_a_bfloat16_convolution():
     model = _model(seed=7, backbone_layout="tf2_delf")
     error = folded.bfloat16_convolution_error()
     if error is None:
-        features = DelgExtractor.from_model(model, CONFIG.to_delf_config(""),
-                                            compute_dtype="bfloat16")(random_image(64, 64, seed=3))
+        features = DelgExtractor.from_model(
+            model, CONFIG.to_delf_config(""), compute_dtype="bfloat16"
+        )(random_image(64, 64, seed=3))
         assert np.all(np.isfinite(features.global_descriptor))
     else:
         backbone = folded.fold_delg_model(model, "bfloat16").backbone

@@ -9,14 +9,17 @@ from delg_tf.extraction import geometry
 def test_r50_slim_layers_give_the_official_constants():
     layers = geometry.resnet_conv4_layers(build_resnet("r50", layout="slim"))
     rf = geometry.receptive_field(layers)
-    assert (rf.size, rf.stride, rf.padding) == (geometry.RECEPTIVE_FIELD_SIZE,
-                                               geometry.FEATURE_STRIDE,
-                                               geometry.RECEPTIVE_FIELD_PADDING)
+    assert (rf.size, rf.stride, rf.padding) == (
+        geometry.RECEPTIVE_FIELD_SIZE,
+        geometry.FEATURE_STRIDE,
+        geometry.RECEPTIVE_FIELD_PADDING,
+    )
     assert (rf.size, rf.stride, rf.padding) == (291, 32, 145)
     # With an even conv1 output, slim's SAME pool1 pads only after: offset 143
     # (../shared/parity/tf1_slim/README.md), the official code keeps 145.
-    even = geometry.receptive_field(geometry.resnet_conv4_layers(build_resnet("r50"),
-                                                                 input_size_odd=False))
+    even = geometry.receptive_field(
+        geometry.resnet_conv4_layers(build_resnet("r50"), input_size_odd=False)
+    )
     assert (even.size, even.stride, even.padding) == (291, 32, 143)
 
 
@@ -40,8 +43,10 @@ def test_boxes_and_keypoints_by_hand():
 def test_tf_boxes_equal_numpy():
     import tensorflow as tf
 
-    np.testing.assert_array_equal(geometry.receptive_boxes(tf.constant(3), tf.constant(4)).numpy(),
-                                  geometry.receptive_boxes_np(3, 4))
+    np.testing.assert_array_equal(
+        geometry.receptive_boxes(tf.constant(3), tf.constant(4)).numpy(),
+        geometry.receptive_boxes_np(3, 4),
+    )
 
 
 def test_pyramid_uses_official_field_unless_no_block3_stride():

@@ -38,8 +38,9 @@ def test_global_descriptor_is_mean_of_separate_scales(model, pyramid):
     raw = pyramid(image, SCALES, abs_thres=0.0, global_scales_ind=GLOBAL_IND)
     separate = np.stack([_single_scale(model, image, SCALES[i])[2] for i in GLOBAL_IND])
     np.testing.assert_allclose(raw["global_descriptors"], separate, rtol=1e-4, atol=1e-4)
-    config = ExportConfig(image_scales=SCALES, global_scales_ind=GLOBAL_IND,
-                          score_threshold=0.0, max_image_size=-1).to_delf_config("")
+    config = ExportConfig(
+        image_scales=SCALES, global_scales_ind=GLOBAL_IND, score_threshold=0.0, max_image_size=-1
+    ).to_delf_config("")
     final = DelgExtractor.from_model(model, config)(image).global_descriptor
     per_scale = separate / np.linalg.norm(separate, axis=1, keepdims=True)
     mean = per_scale.mean(axis=0)
@@ -51,8 +52,7 @@ def test_local_features_match_a_single_scale_by_hand(model, pyramid):
     scale = 0.70710677
     attention, descriptors, _ = _single_scale(model, image, scale)
     threshold = float(np.median(attention))
-    raw = pyramid(image, [scale], max_feature_num=1000, abs_thres=threshold,
-                  global_scales_ind=[0])
+    raw = pyramid(image, [scale], max_feature_num=1000, abs_thres=threshold, global_scales_ind=[0])
     keep = attention.reshape(-1) >= threshold
     assert raw["scores"].shape == (keep.sum(), 1)
     # Sorted by descending score (NMS with IoU 1.0 only sorts).
@@ -60,19 +60,32 @@ def test_local_features_match_a_single_scale_by_hand(model, pyramid):
     order = np.argsort(-attention.reshape(-1)[keep], kind="stable")
     boxes = geometry.receptive_boxes_np(*attention.shape[:2])[keep][order] / np.float32(scale)
     np.testing.assert_allclose(raw["boxes"], boxes, rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose(raw["features"],
-                               descriptors.reshape(-1, descriptors.shape[-1])[keep][order],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        raw["features"],
+        descriptors.reshape(-1, descriptors.shape[-1])[keep][order],
+        rtol=1e-4,
+        atol=1e-4,
+    )
     np.testing.assert_allclose(raw["scales"], 1.0 / np.float32(scale))
 
 
 def test_top_k_scale_order_and_no_retracing(pyramid):
-    first = pyramid(random_image(70, 50, seed=1), SCALES, max_feature_num=7, abs_thres=0.0,
-                    global_scales_ind=[3, 0])
+    first = pyramid(
+        random_image(70, 50, seed=1),
+        SCALES,
+        max_feature_num=7,
+        abs_thres=0.0,
+        global_scales_ind=[3, 0],
+    )
     assert first["boxes"].shape == (7, 4) and first["features"].shape == (7, 128)
     assert first["global_descriptors"].shape[0] == 2
-    all_scores = pyramid(random_image(70, 50, seed=1), SCALES, max_feature_num=10 ** 6,
-                         abs_thres=0.0, global_scales_ind=[0, 3])
+    all_scores = pyramid(
+        random_image(70, 50, seed=1),
+        SCALES,
+        max_feature_num=10**6,
+        abs_thres=0.0,
+        global_scales_ind=[0, 3],
+    )
     np.testing.assert_allclose(first["scores"][:, 0], all_scores["scores"][:7, 0])
     # Global rows in increasing scale index whatever the order of the indices.
     np.testing.assert_allclose(first["global_descriptors"], all_scores["global_descriptors"])

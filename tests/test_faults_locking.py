@@ -14,6 +14,7 @@ A long run is simulated by SIGSTOP: the first process is stopped once it writes 
 keeps its lock: a stopped process is alive), the second runs, then SIGCONT lets the
 first finish; so the second always meets a held lock, whatever the machine's speed.
 """
+
 import json
 import os
 import re
@@ -71,8 +72,13 @@ def _env():
 
 
 def _start_holder(path, name=locking.LOCK_NAME):
-    process = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(path), name or ""],
-                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_SCRIPT, str(path), name or ""],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -109,6 +115,7 @@ def _assert_names_holder(message, pid, what):
 # --------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------
+
 
 def test_second_process_refuses_naming_the_holder(tmp_path):
     holder = _start_holder(tmp_path / "out")
@@ -151,9 +158,16 @@ def test_object_store_paths_are_written_without_a_lock(caplog):
 
 def test_of_processes_starting_together_exactly_one_gets_the_lock(tmp_path):
     go = tmp_path / "go"
-    racers = [subprocess.Popen([sys.executable, "-c", RACER_SCRIPT, str(tmp_path / "out"),
-                                str(go)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                               text=True) for _ in range(NUM_RACERS)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER_SCRIPT, str(tmp_path / "out"), str(go)],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(NUM_RACERS)
+    ]
     time.sleep(0.5)  # every racer is polling for the start signal
     go.write_text("go")
     outputs = [racer.communicate(timeout=TIMEOUT_S)[0].strip() for racer in racers]
@@ -163,6 +177,7 @@ def test_of_processes_starting_together_exactly_one_gets_the_lock(tmp_path):
 # --------------------------------------------------------------------------
 # python -m delg_tf.train
 # --------------------------------------------------------------------------
+
 
 def _checkpoint_state(logdir):
     state = logdir / "checkpoint"
@@ -174,20 +189,31 @@ def test_two_trainings_on_one_logdir_the_second_refuses(tmp_path):
     from training_helpers import embedded_tiny_data_dir
 
     logdir = tmp_path / "run"
-    args = [sys.executable, "-m", "delg_tf.train", "--flagfile=configs/demo.flags",
-            f"--logdir={logdir}", f"--data_dir={embedded_tiny_data_dir()}",
-            "--embedded_preset=tiny", "--embedded_train_landmarks=0", "--image_size=64",
-            "--batch_size=4", f"--max_iters={TRAIN_STEPS}", "--log_interval=1",
-            "--checkpoint_interval=50", "--validation_interval=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "delg_tf.train",
+        "--flagfile=configs/demo.flags",
+        f"--logdir={logdir}",
+        f"--data_dir={embedded_tiny_data_dir()}",
+        "--embedded_preset=tiny",
+        "--embedded_train_landmarks=0",
+        "--image_size=64",
+        "--batch_size=4",
+        f"--max_iters={TRAIN_STEPS}",
+        "--log_interval=1",
+        "--checkpoint_interval=50",
+        "--validation_interval=0",
+    ]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=out,
-                                 stderr=subprocess.STDOUT)
+        first = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: f"step 1/{TRAIN_STEPS}" in log.read_text(), first, "step 1")
         first.send_signal(signal.SIGSTOP)  # mid-run, holding the lock
-        second = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
-                                timeout=TIMEOUT_S)
+        second = subprocess.run(
+            args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+        )
         first.send_signal(signal.SIGCONT)
         assert second.returncode == EXIT_USAGE, second.stderr[-3000:]
         _assert_names_holder(_one_error_line(second), first.pid, f"--logdir={logdir}")
@@ -211,17 +237,22 @@ def test_two_trainings_on_one_logdir_the_second_refuses(tmp_path):
 # python -m delg_tf.extract
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     from delg_tf.extraction.config import ExportConfig
     from delg_tf.extraction.testing import TinyDelgStandIn
     from delg_tf.serving.delg_export import export_saved_model
 
-    config = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,),
-                          score_threshold=0.0, max_feature_num=20, max_image_size=64,
-                          warmup=False)
-    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("lk") / "export",
-                              config)
+    config = ExportConfig(
+        image_scales=(0.5, 1.0),
+        global_scales_ind=(1,),
+        score_threshold=0.0,
+        max_feature_num=20,
+        max_image_size=64,
+        warmup=False,
+    )
+    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("lk") / "export", config)
 
 
 @pytest.fixture(scope="module")
@@ -232,22 +263,31 @@ def images(tmp_path_factory):
     folder.mkdir()
     for i in range(NUM_IMAGES):
         Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=i)).save(
-            folder / f"img_{i:03d}.jpg")
+            folder / f"img_{i:03d}.jpg"
+        )
     return folder
 
 
 def _extract_args(images, export_dir, out, *extra):
-    return [sys.executable, "-m", "delg_tf.extract", f"--images={images}",
-            f"--model_path={export_dir}", f"--output_dir={out}", "--flush_every=1",
-            "--noprogress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--output_dir={out}",
+        "--flush_every=1",
+        "--noprogress",
+        *extra,
+    ]
 
 
 def _start_and_stop_once_writing(args, parts):
     """Starts an extraction and SIGSTOPs it once its first part is written."""
-    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: parts.is_dir() and any(parts.glob("part-*.h5")), process,
-              "the first part")
+    process = subprocess.Popen(
+        args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(lambda: parts.is_dir() and any(parts.glob("part-*.h5")), process, "the first part")
     process.send_signal(signal.SIGSTOP)
     return process
 
@@ -271,19 +311,18 @@ def test_two_extractions_of_one_shard_the_second_refuses(tmp_path, export_dir, i
     args = _extract_args(images, export_dir, out)
     first = _start_and_stop_once_writing(args, out / "features.parts")
     try:
-        second = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
-                                timeout=TIMEOUT_S)
+        second = subprocess.run(
+            args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+        )
         assert second.returncode == EXIT_USAGE, second.stderr[-3000:]
-        _assert_names_holder(_one_error_line(second), first.pid,
-                             f"--output_dir={out} (shard 0/1)")
+        _assert_names_holder(_one_error_line(second), first.pid, f"--output_dir={out} (shard 0/1)")
         assert f"{NUM_IMAGES} extracted, 0 already done" in _finish(first)
     finally:
         first.send_signal(signal.SIGCONT)
         _stop(first)
     assert _store_names(out / "features.h5") == sorted(p.name for p in images.iterdir())
     assert (out / "errors.tsv").read_text().count("\n") == 1  # the header only
-    assert sorted(p.name for p in out.iterdir()) == ["errors.tsv", "features.h5",
-                                                     "features.parts"]
+    assert sorted(p.name for p in out.iterdir()) == ["errors.tsv", "features.h5", "features.parts"]
 
 
 def test_two_shards_in_one_folder_both_run(tmp_path, export_dir, images):
@@ -291,11 +330,17 @@ def test_two_shards_in_one_folder_both_run(tmp_path, export_dir, images):
     shard = ["--num_shards=2", "--shard_index={}"]
     first = _start_and_stop_once_writing(
         _extract_args(images, export_dir, out, shard[0], shard[1].format(0)),
-        out / "features-00000-of-00002.parts")
+        out / "features-00000-of-00002.parts",
+    )
     try:
         second = subprocess.run(
-            _extract_args(images, export_dir, out, shard[0], shard[1].format(1)), cwd=REPO,
-            env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+            _extract_args(images, export_dir, out, shard[0], shard[1].format(1)),
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         assert second.returncode == 0, second.stderr[-3000:]  # while shard 0 holds its lock
         _finish(first)
     finally:
@@ -310,6 +355,7 @@ def test_two_shards_in_one_folder_both_run(tmp_path, export_dir, images):
 # export, evaluate's cache, the Beam output (in process, held by a subprocess)
 # --------------------------------------------------------------------------
 
+
 def test_export_refuses_while_another_writes_the_path(tmp_path):
     from delg_tf import export
     from delg_tf.extraction.config import ExportConfig
@@ -317,8 +363,9 @@ def test_export_refuses_while_another_writes_the_path(tmp_path):
     target = tmp_path / "exports" / "model"
     holder = _start_holder(locking.sibling_lock_file(target), name=None)
     try:
-        config = export.ExportRunConfig(checkpoint_dir=str(tmp_path / "run"),
-                                        export_path=str(target), export=ExportConfig())
+        config = export.ExportRunConfig(
+            checkpoint_dir=str(tmp_path / "run"), export_path=str(target), export=ExportConfig()
+        )
         with pytest.raises(locking.LockedError) as info:
             export.main(config)
         _assert_names_holder(str(info.value), holder.pid, f"--export_path={target}")
@@ -336,8 +383,12 @@ def test_evaluation_refuses_a_cache_another_run_writes(tmp_path):
     cache = tmp_path / "cache"
     holder = _start_holder(cache)
     try:
-        config = DatasetEvalConfig(output_json=str(tmp_path / "r.json"), cache_dir=str(cache),
-                                   model_path=str(model), progress=False)
+        config = DatasetEvalConfig(
+            output_json=str(tmp_path / "r.json"),
+            cache_dir=str(cache),
+            model_path=str(model),
+            progress=False,
+        )
         dataset = types.SimpleNamespace(imlist=["a"], distractors=[], qimlist=["q"])
         with pytest.raises(locking.LockedError) as info:
             extract_dataset(dataset, config)
@@ -356,8 +407,9 @@ def test_beam_extraction_refuses_an_output_another_run_writes(tmp_path, images):
     out = tmp_path / "out"
     holder = _start_holder(out)
     try:
-        config = beam_lib.BeamExtractConfig(output_dir=str(out), images=str(images),
-                                            model_path=str(model))
+        config = beam_lib.BeamExtractConfig(
+            output_dir=str(out), images=str(images), model_path=str(model)
+        )
         with pytest.raises(locking.LockedError) as info:
             beam_lib.run(config)
         _assert_names_holder(str(info.value), holder.pid, f"--output_dir={out}")

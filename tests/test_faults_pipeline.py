@@ -15,6 +15,7 @@ image (a TensorFlow graph error is not a bad image): exit `EXIT_RUN_ERROR`.
 Each fault must give one clear error line (no traceback) and leave no output that a
 later run would trust.
 """
+
 import dataclasses
 import errno
 import os
@@ -39,8 +40,14 @@ from delg_tf.extraction.testing import TinyDelgStandIn, random_image
 from delg_tf.extraction.config import ExportConfig
 from delg_tf.serving.delg_export import export_saved_model
 
-CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=20, max_image_size=64, warmup=False)
+CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=20,
+    max_image_size=64,
+    warmup=False,
+)
 NUM_KILL_IMAGES = 240
 KILL_FLUSH_EVERY = 2
 IMAGE_SIDE = 64
@@ -82,14 +89,17 @@ FAILING_MODEL_CLI = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("fx") / "export",
-                              CONFIG)
+    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("fx") / "export", CONFIG)
 
 
 def _run_cli(module, *args, **kwargs):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)],
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        **kwargs,
+    )
 
 
 def _assert_one_clear_error(result, *needles):
@@ -105,7 +115,8 @@ def _write_images(directory, count, seed=0):
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=seed + i)).save(
-            directory / f"img_{i:04d}.jpg")
+            directory / f"img_{i:04d}.jpg"
+        )
     return directory
 
 
@@ -118,16 +129,22 @@ def _assert_same_store(path_a, path_b):
 
 def test_kill_9_during_extract_cli_then_rerun_gives_identical_store(tmp_path, export_dir):
     images = _write_images(tmp_path / "images", NUM_KILL_IMAGES)
-    common = [f"--images={images}", f"--model_path={export_dir}",
-              f"--flush_every={KILL_FLUSH_EVERY}", "--noprogress"]
+    common = [
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--flush_every={KILL_FLUSH_EVERY}",
+        "--noprogress",
+    ]
     clean = _run_cli("delg_tf.extract", *common, f"--output_dir={tmp_path / 'clean'}")
     assert clean.returncode == 0, clean.stderr[-2000:]
 
     out = tmp_path / "killed"
     parts = out / "features.parts"
-    process = subprocess.Popen([sys.executable, "-m", "delg_tf.extract", *common,
-                                f"--output_dir={out}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "delg_tf.extract", *common, f"--output_dir={out}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + SUBPROCESS_TIMEOUT_S
     while time.time() < deadline and process.poll() is None:
         if parts.is_dir() and len(list(parts.glob("part-*.h5"))) >= 2:
@@ -145,15 +162,19 @@ def test_kill_9_during_extract_cli_then_rerun_gives_identical_store(tmp_path, ex
     _assert_same_store(tmp_path / "clean" / "features.h5", out / "features.h5")
 
 
-def test_disk_full_leaves_no_trusted_output_and_rerun_completes(tmp_path, monkeypatch,
-                                                                export_dir):
+def test_disk_full_leaves_no_trusted_output_and_rerun_completes(tmp_path, monkeypatch, export_dir):
     images = _write_images(tmp_path / "images", 9)
     extractor = DelgExtractor.from_saved_model(str(export_dir))
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "out"), images=str(images),
-                                   model_path=str(export_dir), flush_every=2,
-                                   progress=False)
-    reference = extract.main(dataclasses.replace(config, output_dir=str(tmp_path / "ref")),
-                             extractor=extractor)
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"),
+        images=str(images),
+        model_path=str(export_dir),
+        flush_every=2,
+        progress=False,
+    )
+    reference = extract.main(
+        dataclasses.replace(config, output_dir=str(tmp_path / "ref")), extractor=extractor
+    )
 
     original = h5py.Group.create_dataset
     calls = {"n": 0}
@@ -184,8 +205,13 @@ def test_unwritable_output_dir_gives_one_clear_error(tmp_path, export_dir):
     images = _write_images(tmp_path / "images", 2)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where a folder is expected")
-    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={export_dir}",
-                      f"--output_dir={blocker / 'out'}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--output_dir={blocker / 'out'}",
+        "--noprogress",
+    )
     _assert_one_clear_error(result, str(blocker / "out"))
 
 
@@ -197,8 +223,13 @@ def test_output_dir_blocked_by_a_file_gives_one_clear_error(tmp_path, export_dir
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder is expected")
     output_dir = blocker if layout == "output_dir_is_a_file" else blocker / "a" / "b"
-    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={export_dir}",
-                      f"--output_dir={output_dir}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--output_dir={output_dir}",
+        "--noprogress",
+    )
     _assert_one_clear_error(result, str(output_dir), "--output_dir")
     assert result.returncode == EXIT_USAGE
     assert blocker.read_text() == "a file where a folder is expected"
@@ -213,8 +244,9 @@ def test_output_dir_disk_full_gives_one_clear_error(tmp_path, monkeypatch, expor
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
-    flag_values = _extract_flags(images=str(images), model_path=str(export_dir),
-                                 output_dir=str(out), progress=False)
+    flag_values = _extract_flags(
+        images=str(images), model_path=str(export_dir), output_dir=str(out), progress=False
+    )
     with pytest.raises(extract.ExtractOutputError, match="free space") as info:
         extract._main_from_flags(flag_values)
     assert str(out) in str(info.value)
@@ -223,17 +255,33 @@ def test_output_dir_disk_full_gives_one_clear_error(tmp_path, monkeypatch, expor
 
 def _extract_flags(**values):
     """Stand-in for the parsed absl flags of `delg_tf.extract` (attribute access only)."""
-    defaults = {"images": None, "image_root": None, "output_dir": None, "delf_config": None,
-                "model_path": None, "shard_index": 0, "num_shards": 1, "float16": False,
-                "binarize": False, "write_delf": False, "flush_every": 64, "progress": True}
+    defaults = {
+        "images": None,
+        "image_root": None,
+        "output_dir": None,
+        "delf_config": None,
+        "model_path": None,
+        "shard_index": 0,
+        "num_shards": 1,
+        "float16": False,
+        "binarize": False,
+        "write_delf": False,
+        "flush_every": 64,
+        "progress": True,
+    }
     return types.SimpleNamespace(**{**defaults, **values})
 
 
 def test_missing_saved_model_gives_one_clear_error_and_no_store(tmp_path):
     images = _write_images(tmp_path / "images", 2)
     missing = tmp_path / "no_export"
-    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={missing}",
-                      f"--output_dir={tmp_path / 'out'}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--model_path={missing}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--noprogress",
+    )
     _assert_one_clear_error(result, str(missing), "delg_tf.export")
     assert not (tmp_path / "out" / "features.h5").exists()
     assert not list((tmp_path / "out").rglob("part-*.h5"))
@@ -241,8 +289,11 @@ def test_missing_saved_model_gives_one_clear_error_and_no_store(tmp_path):
 
 
 def test_export_of_a_missing_logdir_gives_one_clear_error(tmp_path):
-    result = _run_cli("delg_tf.export", f"--checkpoint_dir={tmp_path / 'no_run'}",
-                      f"--export_path={tmp_path / 'export'}")
+    result = _run_cli(
+        "delg_tf.export",
+        f"--checkpoint_dir={tmp_path / 'no_run'}",
+        f"--export_path={tmp_path / 'export'}",
+    )
     _assert_one_clear_error(result, "config.json")
     assert not (tmp_path / "export").exists()
 
@@ -250,8 +301,13 @@ def test_export_of_a_missing_logdir_gives_one_clear_error(tmp_path):
 def test_extract_config_naming_a_missing_delf_config_file(tmp_path):
     images = _write_images(tmp_path / "images", 1)
     missing = tmp_path / "missing_config.pbtxt"
-    result = _run_cli("delg_tf.extract", f"--images={images}", f"--delf_config={missing}",
-                      f"--output_dir={tmp_path / 'out'}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--delf_config={missing}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--noprogress",
+    )
     _assert_one_clear_error(result, str(missing))
     assert "does not exist" in result.stderr or "not found" in result.stderr
     assert not (tmp_path / "out" / "features.h5").exists()
@@ -282,8 +338,12 @@ def test_demo_results_json_write_failure_leaves_no_file(tmp_path, monkeypatch):
 
 def test_demo_with_a_missing_flagfile_fails_before_writing(tmp_path):
     out = tmp_path / "demo_out"
-    result = _run_cli("delg_tf.demo", f"--output_dir={out}",
-                      f"--train_flagfile={tmp_path / 'missing.flags'}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.demo",
+        f"--output_dir={out}",
+        f"--train_flagfile={tmp_path / 'missing.flags'}",
+        "--noprogress",
+    )
     _assert_one_clear_error(result, "missing.flags")
     assert not out.exists()
 
@@ -291,11 +351,14 @@ def test_demo_with_a_missing_flagfile_fails_before_writing(tmp_path):
 def test_demo_config_naming_a_missing_file_fails_before_writing(tmp_path):
     """A flagfile that itself names a missing file (the training data)."""
     flagfile = tmp_path / "bad.flags"
-    flagfile.write_text("--model_family=delg\n--data_source=gldv2\n"
-                        f"--train_file_pattern={tmp_path / 'nowhere' / 'train-*'}\n")
+    flagfile.write_text(
+        "--model_family=delg\n--data_source=gldv2\n"
+        f"--train_file_pattern={tmp_path / 'nowhere' / 'train-*'}\n"
+    )
     out = tmp_path / "demo_out"
-    result = _run_cli("delg_tf.demo", f"--output_dir={out}", f"--train_flagfile={flagfile}",
-                      "--noprogress")
+    result = _run_cli(
+        "delg_tf.demo", f"--output_dir={out}", f"--train_flagfile={flagfile}", "--noprogress"
+    )
     _assert_one_clear_error(result)
     assert not (out / demo.RESULTS_JSON).exists()
     assert not (out / demo.EXPORT_SUBDIR).exists()
@@ -307,24 +370,41 @@ def test_bad_input_folder_through_extract_and_evaluate(tmp_path, export_dir):
     bad = sorted(name for name, e in entries.items() if not e.ok)
     assert bad and good
     out = tmp_path / "features"
-    result = _run_cli("delg_tf.extract", f"--images={tmp_path / 'images'}",
-                      f"--model_path={export_dir}", f"--output_dir={out}", "--noprogress")
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={tmp_path / 'images'}",
+        f"--model_path={export_dir}",
+        f"--output_dir={out}",
+        "--noprogress",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{len(good)} extracted" in result.stdout and f"{len(bad)} failed" in result.stdout
     assert sorted(FeatureStore(out / "features.h5").names) == good  # every good one
-    logged = [line.split("\t")[0] for line in
-              (out / "errors.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    logged = [
+        line.split("\t")[0]
+        for line in (out / "errors.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
     assert sorted(logged) == bad  # every bad one listed, by name
 
     # Evaluate over the good images (each queries the database of all good images).
-    gnd = {"imlist": good, "qimlist": good[:2],
-           "gnd": [{"easy": np.array([i]), "hard": np.array([], np.int64),
-                    "junk": np.array([], np.int64)} for i in range(2)]}
+    gnd = {
+        "imlist": good,
+        "qimlist": good[:2],
+        "gnd": [
+            {"easy": np.array([i]), "hard": np.array([], np.int64), "junk": np.array([], np.int64)}
+            for i in range(2)
+        ],
+    }
     gnd_path = tmp_path / "gnd_good.pkl"
     gnd_path.write_bytes(pickle.dumps(gnd))
     store = out / "features.h5"
-    ok = _run_cli("delg_tf.evaluate", f"--gnd_path={gnd_path}", f"--db_features={store}",
-                  f"--query_features={store}", f"--output_json={tmp_path / 'eval.json'}")
+    ok = _run_cli(
+        "delg_tf.evaluate",
+        f"--gnd_path={gnd_path}",
+        f"--db_features={store}",
+        f"--query_features={store}",
+        f"--output_json={tmp_path / 'eval.json'}",
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "eval.json").is_file()
 
@@ -332,8 +412,13 @@ def test_bad_input_folder_through_extract_and_evaluate(tmp_path, export_dir):
     gnd["imlist"] = good + [bad[0]]
     bad_gnd = tmp_path / "gnd_with_bad.pkl"
     bad_gnd.write_bytes(pickle.dumps(gnd))
-    failed = _run_cli("delg_tf.evaluate", f"--gnd_path={bad_gnd}", f"--db_features={store}",
-                      f"--query_features={store}", f"--output_json={tmp_path / 'bad.json'}")
+    failed = _run_cli(
+        "delg_tf.evaluate",
+        f"--gnd_path={bad_gnd}",
+        f"--db_features={store}",
+        f"--query_features={store}",
+        f"--output_json={tmp_path / 'bad.json'}",
+    )
     _assert_one_clear_error(failed, bad[0])
     assert not (tmp_path / "bad.json").exists()
 
@@ -346,14 +431,22 @@ def test_extract_cli_of_only_bad_images_fails_with_one_line(tmp_path, export_dir
     for name in bad:
         (tmp_path / "corpus" / name).rename(images / name)
     out = tmp_path / "out"
-    result = _run_cli("delg_tf.extract", f"--images={images}", f"--model_path={export_dir}",
-                      f"--output_dir={out}", "--noprogress")
-    _assert_one_clear_error(result, f"all {len(bad)} of {len(bad)} images failed",
-                            str(out / "errors.tsv"))
+    result = _run_cli(
+        "delg_tf.extract",
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--output_dir={out}",
+        "--noprogress",
+    )
+    _assert_one_clear_error(
+        result, f"all {len(bad)} of {len(bad)} images failed", str(out / "errors.tsv")
+    )
     assert result.returncode == EXIT_RUN
     assert not (out / "features.h5").exists()
-    logged = [line.split("\t")[0] for line in
-              (out / "errors.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    logged = [
+        line.split("\t")[0]
+        for line in (out / "errors.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
     assert sorted(logged) == bad
 
 
@@ -365,22 +458,39 @@ def test_extract_cli_stops_when_the_model_fails_and_a_rerun_resumes(tmp_path, ex
     script = tmp_path / "failing_model_extract.py"
     script.write_text(FAILING_MODEL_CLI)
     result = subprocess.run(
-        [sys.executable, str(script), str(TALL_SIDE), f"--images={images}",
-         f"--model_path={export_dir}", f"--output_dir={out}", "--flush_every=1",
-         "--noprogress"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
-    _assert_one_clear_error(result, "'img_0002.jpg'", f"--model_path={export_dir}",
-                            "InvalidArgumentError", "not a bad image")
+        [
+            sys.executable,
+            str(script),
+            str(TALL_SIDE),
+            f"--images={images}",
+            f"--model_path={export_dir}",
+            f"--output_dir={out}",
+            "--flush_every=1",
+            "--noprogress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    _assert_one_clear_error(
+        result,
+        "'img_0002.jpg'",
+        f"--model_path={export_dir}",
+        "InvalidArgumentError",
+        "not a bad image",
+    )
     assert result.returncode == EXIT_RUN
     assert "conv4 input too tall" in result.stderr  # the first line of the TF error
-    assert "[[" not in [line for line in result.stderr.splitlines()
-                        if line.startswith("error:")][0]  # no graph node trace
+    assert (
+        "[[" not in [line for line in result.stderr.splitlines() if line.startswith("error:")][0]
+    )  # no graph node trace
     # Not a bad image: no row in the error log, no store; the images before are kept.
     assert (out / "errors.tsv").read_text(encoding="utf-8") == extract.ERROR_LOG_HEADER
     assert not (out / "features.h5").exists()
-    assert sorted(FeatureStore(out / "features.parts").names) == ["img_0000.jpg",
-                                                                 "img_0001.jpg"]
+    assert sorted(FeatureStore(out / "features.parts").names) == ["img_0000.jpg", "img_0001.jpg"]
     # Once the model works, a rerun resumes from the kept images.
-    config = extract.ExtractConfig(output_dir=str(out), images=str(images),
-                                   model_path=str(export_dir), progress=False)
+    config = extract.ExtractConfig(
+        output_dir=str(out), images=str(images), model_path=str(export_dir), progress=False
+    )
     store = extract.main(config, extractor=DelgExtractor.from_saved_model(str(export_dir)))
     assert len(FeatureStore(store)) == 4

@@ -28,22 +28,42 @@ def _recall_at_1(model, dataset):
 
 def test_training_on_embedded_landmarks_raises_recall_at_1(tmp_path):
     config = TrainConfig(
-        logdir=str(tmp_path / "run"), model_family="glocal", data_source="embedded",
-        embedded_preset=PRESET, data_dir=str(tmp_path / "data"), batch_size=BATCH_SIZE,
-        image_size=IMAGE_SIZE, optimizer="adamw", initial_lr=1e-3, weight_decay=1e-4,
-        lr_schedule="constant", max_iters=STEPS, checkpoint_interval=STEPS,
-        summary_interval=STEPS, log_interval=STEPS, validation_interval=0, seed=0).validate()
+        logdir=str(tmp_path / "run"),
+        model_family="glocal",
+        data_source="embedded",
+        embedded_preset=PRESET,
+        data_dir=str(tmp_path / "data"),
+        batch_size=BATCH_SIZE,
+        image_size=IMAGE_SIZE,
+        optimizer="adamw",
+        initial_lr=1e-3,
+        weight_decay=1e-4,
+        lr_schedule="constant",
+        max_iters=STEPS,
+        checkpoint_interval=STEPS,
+        summary_interval=STEPS,
+        log_interval=STEPS,
+        validation_interval=0,
+        seed=0,
+    ).validate()
     trainer.train(config, GlocalModelConfig(backbone="tiny", aux_epochs=1))
 
     paths = training_data.embedded_metric_paths(config.data_dir, PRESET)
     _, held_out = training_data.split_holdout(
-        cub.embedded_metric_split(paths, "train"), training_data.VALIDATION_FRACTION,
-        training_data.EMBEDDED_SPLIT_SEED)
+        cub.embedded_metric_split(paths, "train"),
+        training_data.VALIDATION_FRACTION,
+        training_data.EMBEDDED_SPLIT_SEED,
+    )
     dataset = cub.make_metric_dataset(
-        held_out, BATCH_SIZE, training=False, image_size=IMAGE_SIZE,
-        resize_size=training_data.metric_resize_size(IMAGE_SIZE))
-    before = _recall_at_1(glocal_eval.load_glocal_run(config.logdir, glocal_eval.UNTRAINED),
-                          dataset)
+        held_out,
+        BATCH_SIZE,
+        training=False,
+        image_size=IMAGE_SIZE,
+        resize_size=training_data.metric_resize_size(IMAGE_SIZE),
+    )
+    before = _recall_at_1(
+        glocal_eval.load_glocal_run(config.logdir, glocal_eval.UNTRAINED), dataset
+    )
     after = _recall_at_1(glocal_eval.load_glocal_run(config.logdir), dataset)
     # Measured: 0.75 -> 0.975 on the 40 held-out views (5 landmarks).
     assert after >= before + 0.1, (before, after)

@@ -46,12 +46,26 @@ _RELOAD_SCRIPT = BLOCK_DELG_TF_IMPORTS + textwrap.dedent("""
 
 
 def _config(tmp, family="glocal", **overrides):
-    values = dict(logdir=str(tmp / f"{family}_run"), model_family=family,
-                  data_source="embedded", embedded_preset=PRESET, data_dir=str(tmp / "data"),
-                  batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, optimizer="adamw",
-                  initial_lr=1e-3, weight_decay=1e-4, lr_schedule="constant",
-                  max_iters=STEPS, checkpoint_interval=STEPS, summary_interval=STEPS,
-                  log_interval=STEPS, validation_interval=STEPS, validation_steps=1, seed=0)
+    values = dict(
+        logdir=str(tmp / f"{family}_run"),
+        model_family=family,
+        data_source="embedded",
+        embedded_preset=PRESET,
+        data_dir=str(tmp / "data"),
+        batch_size=BATCH_SIZE,
+        image_size=IMAGE_SIZE,
+        optimizer="adamw",
+        initial_lr=1e-3,
+        weight_decay=1e-4,
+        lr_schedule="constant",
+        max_iters=STEPS,
+        checkpoint_interval=STEPS,
+        summary_interval=STEPS,
+        log_interval=STEPS,
+        validation_interval=STEPS,
+        validation_steps=1,
+        seed=0,
+    )
     values.update(overrides)
     return TrainConfig(**values).validate()
 
@@ -60,8 +74,9 @@ def _config(tmp, family="glocal", **overrides):
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("glocal_e2e")
     config = _config(tmp)
-    trainer.train(config, GlocalModelConfig(backbone="tiny", local_dim=16, embedding_dim=8,
-                                            aux_epochs=1))
+    trainer.train(
+        config, GlocalModelConfig(backbone="tiny", local_dim=16, embedding_dim=8, aux_epochs=1)
+    )
     return config
 
 
@@ -70,7 +85,7 @@ def _landmarks_of(paths, data_dir):
     root = training_data.embedded_root(data_dir, PRESET)
     with open(root / "train" / "train.csv", encoding="utf-8", newline="") as f:
         by_id = {row["id"]: int(row["landmark_id"]) for row in csv.DictReader(f)}
-    return {by_id[path.rsplit("/", 1)[-1][:-len(".jpg")]] for path in paths}
+    return {by_id[path.rsplit("/", 1)[-1][: -len(".jpg")]] for path in paths}
 
 
 def test_glocal_embedded_training_excludes_the_test_classes(run, monkeypatch):
@@ -102,17 +117,26 @@ def test_glocal_embedded_training_excludes_the_test_classes(run, monkeypatch):
 
 
 def test_delg_embedded_training_keeps_all_landmarks(run):
-    data = training_data.make_train_data(_config(training_data.Path(run.data_dir).parent,
-                                                 family="delg"), seed=0)
+    data = training_data.make_train_data(
+        _config(training_data.Path(run.data_dir).parent, family="delg"), seed=0
+    )
     assert data.num_classes == TINY_LANDMARKS
 
 
 def test_export_cli_reloads_without_the_package(run, tmp_path):
     export_dir = tmp_path / "export"
     result = subprocess.run(
-        [sys.executable, "-m", "delg_tf.export", f"--checkpoint_dir={run.logdir}",
-         f"--export_path={export_dir}"],
-        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        [
+            sys.executable,
+            "-m",
+            "delg_tf.export",
+            f"--checkpoint_dir={run.logdir}",
+            f"--export_path={export_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "glocal embedding" in result.stdout
     images = np.random.default_rng(0).uniform(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -120,17 +144,25 @@ def test_export_cli_reloads_without_the_package(run, tmp_path):
     script = tmp_path / "reload.py"
     script.write_text(_RELOAD_SCRIPT)
     reload = subprocess.run(
-        [sys.executable, str(script), str(export_dir), str(tmp_path / "images.npy"),
-         str(tmp_path / "out.npy")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT)
+        [
+            sys.executable,
+            str(script),
+            str(export_dir),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert reload.returncode == 0, reload.stderr[-3000:]
     expected = load_glocal_run(run.logdir)(images.astype(np.float32), training=False).numpy()
     got = np.load(tmp_path / "out.npy")
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
     # The export remembers the run: evaluate_glocal finds the test data from it.
-    from_export = evaluate_glocal(export_dir, "embedded",
-                                  output_json=tmp_path / "export.json")
+    from_export = evaluate_glocal(export_dir, "embedded", output_json=tmp_path / "export.json")
     from_run = evaluate_glocal(run.logdir, "embedded", output_json=tmp_path / "run.json")
     assert from_export["model_kind"] == "export" and from_run["model_kind"] == "run"
     for key, value in from_run["recall"].items():
@@ -139,9 +171,14 @@ def test_export_cli_reloads_without_the_package(run, tmp_path):
 
 def test_export_refuses_flags_of_the_other_family(run, tmp_path):
     with pytest.raises(ConfigError, match="--image_scales.*glocal"):
-        export_entry.main(export_entry.ExportRunConfig(
-            checkpoint_dir=run.logdir, export_path=str(tmp_path / "x"), export=None,
-            delg_options=("image_scales",)))
+        export_entry.main(
+            export_entry.ExportRunConfig(
+                checkpoint_dir=run.logdir,
+                export_path=str(tmp_path / "x"),
+                export=None,
+                delg_options=("image_scales",),
+            )
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -156,8 +193,12 @@ def test_evaluate_glocal_matches_recall_at_k(run, tmp_path):
     assert results["num_images"] == len(test_split)
     assert results["num_classes"] == TINY_LANDMARKS - TINY_LANDMARKS // 2
     dataset = cub.make_metric_dataset(
-        test_split, 4, training=False, image_size=IMAGE_SIZE,
-        resize_size=training_data.metric_resize_size(IMAGE_SIZE))
+        test_split,
+        4,
+        training=False,
+        image_size=IMAGE_SIZE,
+        resize_size=training_data.metric_resize_size(IMAGE_SIZE),
+    )
     embeddings, labels = embed_dataset(load_glocal_run(run.logdir), dataset)
     expected = recall_at_k(embeddings, labels)
     for k in RECALL_KS:
@@ -172,22 +213,35 @@ def test_evaluate_glocal_errors_name_the_fix(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt-99.index"):
         evaluate_glocal(run.logdir, "embedded", checkpoint=f"{run.logdir}/ckpt-99")
     from delg_tf.data.errors import DataError
+
     with pytest.raises(DataError, match="--data_dir=.*download"):
         evaluate_glocal(run.logdir, "cub", data_dir=str(tmp_path / "missing"))
 
 
 def test_evaluate_cli_reports_recall_for_glocal(run, tmp_path):
     output = tmp_path / "cli.json"
-    base = [sys.executable, "-m", "delg_tf.evaluate", "--model_family=glocal",
-            f"--model_path={run.logdir}", "--batch_size=4"]
-    done = subprocess.run(base + ["--dataset=embedded", f"--output_json={output}"],
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    base = [
+        sys.executable,
+        "-m",
+        "delg_tf.evaluate",
+        "--model_family=glocal",
+        f"--model_path={run.logdir}",
+        "--batch_size=4",
+    ]
+    done = subprocess.run(
+        base + ["--dataset=embedded", f"--output_json={output}"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert done.returncode == 0, done.stderr
     assert "R@1=" in done.stdout
-    library = evaluate_glocal(run.logdir, "embedded", batch_size=4,
-                              output_json=tmp_path / "lib.json")
+    library = evaluate_glocal(
+        run.logdir, "embedded", batch_size=4, output_json=tmp_path / "lib.json"
+    )
     assert json.loads(output.read_text())["recall"] == library["recall"]
-    wrong = subprocess.run(base + ["--dataset=roxford5k"], capture_output=True, text=True,
-                           timeout=SUBPROCESS_TIMEOUT)
+    wrong = subprocess.run(
+        base + ["--dataset=roxford5k"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "--dataset must be one of ('cub', 'embedded')" in wrong.stderr

@@ -34,8 +34,11 @@ _RELOAD_SCRIPT = BLOCK_DELG_TF_IMPORTS + textwrap.dedent("""
 
 
 def test_export_reloads_without_the_package(tmp_path):
-    model = build_glocal_model(GlocalModelConfig(num_classes=3, backbone="tiny", local_dim=16,
-                                                 embedding_dim=8, aux_weight=0.0))
+    model = build_glocal_model(
+        GlocalModelConfig(
+            num_classes=3, backbone="tiny", local_dim=16, embedding_dim=8, aux_weight=0.0
+        )
+    )
     export_dir = export_glocal(model, tmp_path / "export")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -45,8 +48,13 @@ def test_export_reloads_without_the_package(tmp_path):
     (tmp_path / "image.png").write_bytes(buffer.getvalue())
     script = tmp_path / "reload.py"
     script.write_text(_RELOAD_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(export_dir), str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(export_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = model(images, training=False).numpy()
     batch = np.load(tmp_path / "batch.npy")

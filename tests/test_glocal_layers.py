@@ -67,8 +67,12 @@ def test_multi_atrous_shapes_and_config(rates):
 
 def test_multi_atrous_config_is_exactly_the_constructor_arguments():
     x = np.random.default_rng(2).normal(size=(2, 9, 7, 8))
-    args = dict(filters=10, rates=[2, 4], branch_filters=3,
-                kernel_initializer=seeded_initializer("GlorotNormal"))
+    args = dict(
+        filters=10,
+        rates=[2, 4],
+        branch_filters=3,
+        kernel_initializer=seeded_initializer("GlorotNormal"),
+    )
     _, clone = assert_config_round_trip(MultiAtrous, args, inputs=[x])
     assert [conv.dilation_rate for conv in clone.atrous_convs] == [(2, 2), (4, 4)]
     assert clone.projection.kernel.shape == (1, 1, 3 * 3, 10)
@@ -85,10 +89,16 @@ def test_local_branch_is_attention_weighted_unit_features():
 
 def test_local_branch_config_is_exactly_the_constructor_arguments():
     x = np.random.default_rng(3).normal(size=(2, 6, 6, 8))
-    args = dict(filters=6, rates=[1, 2], hidden_filters=10, bn_momentum=0.9,
-                kernel_initializer=seeded_initializer("GlorotNormal"))
-    _, clone = assert_config_round_trip(LocalBranch, args, inputs=[x],
-                                        call_kwargs={"training": False})
+    args = dict(
+        filters=6,
+        rates=[1, 2],
+        hidden_filters=10,
+        bn_momentum=0.9,
+        kernel_initializer=seeded_initializer("GlorotNormal"),
+    )
+    _, clone = assert_config_round_trip(
+        LocalBranch, args, inputs=[x], call_kwargs={"training": False}
+    )
     assert clone.multi_atrous.filters == 10 and clone.multi_atrous.rates == (1, 2)
     assert clone.feature_bn.momentum == 0.9 and clone.feature_conv.kernel.shape == (1, 1, 10, 6)
 
@@ -109,5 +119,4 @@ def test_global_descriptor_config_is_exactly_the_constructor_arguments():
     args = dict(code="G", units=5, gem_power=2.0, learn_gem_power=True)
     _, clone = assert_config_round_trip(GlobalDescriptor, args, inputs=[x])
     assert clone.gem.power_init == 2.0 and clone.gem.learn_power
-    np.testing.assert_allclose(clone(x)[0].numpy(), np.sqrt(np.mean(x ** 2, axis=(1, 2))),
-                               rtol=1e-6)
+    np.testing.assert_allclose(clone(x)[0].numpy(), np.sqrt(np.mean(x**2, axis=(1, 2))), rtol=1e-6)

@@ -66,8 +66,7 @@ def test_smoothed_ce_matches_numpy(eps, tau):
     logits = rng.normal(size=(7, 5)) * 3
     labels = rng.integers(0, 5, size=7)
     got = smoothed_cross_entropy(tf.constant(labels), tf.constant(logits), eps, tau)
-    np.testing.assert_allclose(got.numpy(), _numpy_smoothed_ce(labels, logits, eps, tau),
-                               rtol=1e-6)
+    np.testing.assert_allclose(got.numpy(), _numpy_smoothed_ce(labels, logits, eps, tau), rtol=1e-6)
 
 
 def test_smoothed_ce_rejects_bad_values():

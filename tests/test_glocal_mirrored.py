@@ -6,6 +6,7 @@ clipping sees the all-reduced gradient (Kim et al., Electronics 2023, Sec. 3.5.3
 proxy-anchor, Kim et al. CVPR 2020, Eq. 4). Logical devices must be configured before
 TensorFlow initialises, hence the subprocess.
 """
+
 import os
 import subprocess
 import sys
@@ -102,7 +103,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 def test_glocal_step_under_mirrored_strategy_equals_single_device_step():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
-                            text=True, env=env, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 0 and result.stdout.count("OK") == 2, (
-        result.stdout[-2000:] + result.stderr[-3000:])
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )

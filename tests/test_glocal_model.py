@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from delg_tf.models import registry
-from delg_tf.models.glocal import (AUX_ALL_EPOCHS, GlocalModelConfig, build_glocal_model)
+from delg_tf.models.glocal import AUX_ALL_EPOCHS, GlocalModelConfig, build_glocal_model
 
 TINY = dict(num_classes=4, backbone="tiny", local_dim=16, embedding_dim=8)
 IMAGE_SIZE = 64
@@ -26,11 +26,14 @@ def _compiled(**overrides):
 
 def test_embedding_is_unit_norm_and_modes_build():
     images, _ = _batch()
-    for overrides in (dict(), dict(concat_stage="before_ofm", global_descriptors="G,M,S"),
-                      dict(global_layer="layer4", local_layer="layer3", aux_weight=0),
-                      dict(descriptor_branches="global"), dict(descriptor_branches="local")):
-        model = build_glocal_model(GlocalModelConfig(**{**TINY, "steps_per_epoch": 1,
-                                                        **overrides}))
+    for overrides in (
+        dict(),
+        dict(concat_stage="before_ofm", global_descriptors="G,M,S"),
+        dict(global_layer="layer4", local_layer="layer3", aux_weight=0),
+        dict(descriptor_branches="global"),
+        dict(descriptor_branches="local"),
+    ):
+        model = build_glocal_model(GlocalModelConfig(**{**TINY, "steps_per_epoch": 1, **overrides}))
         embedding = model(images).numpy()
         assert embedding.shape == (4, 8)
         np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
@@ -49,7 +52,7 @@ def test_auxiliary_loss_switches_off_after_n_epochs():
     assert weights == [3.0] * 4 + [0.0] * 2
     # -1 = all epochs; lambda = 0 = no auxiliary module at all.
     always = _compiled(aux_epochs=AUX_ALL_EPOCHS)
-    assert float(always.aux_loss_weight(10 ** 6)) == 3.0
+    assert float(always.aux_loss_weight(10**6)) == 3.0
     off = _compiled(aux_weight=0.0)
     assert off.aux_classifier is None and float(off.train_step(_batch())["aux_loss"]) == 0.0
 

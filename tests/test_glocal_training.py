@@ -19,8 +19,10 @@ TRAIN_STEPS = 60
 
 def _prototypes():
     rng = np.random.default_rng(123)
-    protos = [gaussian_filter(rng.normal(size=(PROTOTYPE_SIZE, PROTOTYPE_SIZE)), 2.0 + c % 3)
-              for c in range(NUM_CLASSES)]
+    protos = [
+        gaussian_filter(rng.normal(size=(PROTOTYPE_SIZE, PROTOTYPE_SIZE)), 2.0 + c % 3)
+        for c in range(NUM_CLASSES)
+    ]
     return [(p - p.mean()) / p.std() for p in protos]
 
 
@@ -29,7 +31,7 @@ def _textures(labels, rng, prototypes):
     images = []
     for label in labels:
         y0, x0 = rng.integers(0, PROTOTYPE_SIZE - IMAGE_SIZE, 2)
-        crop = prototypes[label][y0:y0 + IMAGE_SIZE, x0:x0 + IMAGE_SIZE]
+        crop = prototypes[label][y0 : y0 + IMAGE_SIZE, x0 : x0 + IMAGE_SIZE]
         tint = rng.uniform(0.3, 1.0, 3)
         image = 127.5 + 60 * crop[..., None] * tint + rng.normal(0, 25, (IMAGE_SIZE,) * 2 + (3,))
         images.append(np.clip(image, 0, 255))
@@ -42,9 +44,17 @@ def test_short_training_raises_recall_at_1():
     prototypes = _prototypes()
     test_labels = np.repeat(np.arange(NUM_CLASSES), TEST_IMAGES_PER_CLASS)
     test_images = _textures(test_labels, rng, prototypes)
-    model = build_glocal_model(GlocalModelConfig(
-        num_classes=NUM_CLASSES, backbone="tiny", local_dim=32, embedding_dim=32,
-        aux_epochs=1, steps_per_epoch=4, backbone_bn_training=False))
+    model = build_glocal_model(
+        GlocalModelConfig(
+            num_classes=NUM_CLASSES,
+            backbone="tiny",
+            local_dim=32,
+            embedding_dim=32,
+            aux_epochs=1,
+            steps_per_epoch=4,
+            backbone_bn_training=False,
+        )
+    )
     model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4))
 
     def recall_1():
@@ -54,8 +64,9 @@ def test_short_training_raises_recall_at_1():
     step = tf.function(model.train_step)
     losses = []
     for _ in range(TRAIN_STEPS):
-        labels = np.repeat(rng.choice(NUM_CLASSES, CLASSES_PER_BATCH, replace=False),
-                           IMAGES_PER_CLASS)
+        labels = np.repeat(
+            rng.choice(NUM_CLASSES, CLASSES_PER_BATCH, replace=False), IMAGES_PER_CLASS
+        )
         out = step((tf.constant(_textures(labels, rng, prototypes)), tf.constant(labels)))
         losses.append(float(out["metric_loss"]))
     after = recall_1()

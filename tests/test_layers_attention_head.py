@@ -38,8 +38,15 @@ def test_official_tf2_and_slim_variants_and_names():
 
 def test_get_config_is_exactly_the_constructor_arguments():
     x = np.random.default_rng(5).normal(size=(2, 3, 4, 6))
-    args = dict(hidden_channels=7, kernel_size=3, use_bn=False, conv1_bias=False,
-                bn_epsilon=1e-5, bn_momentum=0.9, kernel_initializer=seeded_initializer())
+    args = dict(
+        hidden_channels=7,
+        kernel_size=3,
+        use_bn=False,
+        conv1_bias=False,
+        bn_epsilon=1e-5,
+        bn_momentum=0.9,
+        kernel_initializer=seeded_initializer(),
+    )
     _, clone = assert_config_round_trip(AttentionHead, args, inputs=[x])
     assert clone.conv1.kernel.shape == (3, 3, 6, 7) and clone.conv1.bias is None
     assert clone.bn_conv1 is None

@@ -16,7 +16,8 @@ def test_cosine_scale_and_margin_match_numpy():
     cosine = layer(g).numpy()
     w = layer.kernel.numpy()
     expected = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ (
-        w / np.linalg.norm(w, axis=0, keepdims=True))
+        w / np.linalg.norm(w, axis=0, keepdims=True)
+    )
     np.testing.assert_allclose(cosine, expected, atol=1e-6)
     assert float(layer.scale) == pytest.approx(math.sqrt(8))
     labels = np.array([0, 4, 2])
@@ -40,8 +41,13 @@ def test_scale_init_2048_and_trainability():
 
 def test_get_config_is_exactly_the_constructor_arguments():
     g = np.random.default_rng(8).normal(size=(3, 6))
-    args = dict(num_classes=7, scale_init=10.0, learn_scale=False, margin=0.2,
-                kernel_initializer=seeded_initializer("GlorotNormal"))
+    args = dict(
+        num_classes=7,
+        scale_init=10.0,
+        learn_scale=False,
+        margin=0.2,
+        kernel_initializer=seeded_initializer("GlorotNormal"),
+    )
     _, clone = assert_config_round_trip(CosineClassifier, args, inputs=[g])
     assert float(clone.scale) == 10.0 and not clone.learn_scale
     # The rebuilt layer uses the given scale (10) and margin (0.2).

@@ -35,8 +35,9 @@ def test_power_fixed_by_default_and_learnable_on_request():
 def test_get_config_is_exactly_the_constructor_arguments():
     x = np.random.default_rng(9).uniform(0, 2, size=(2, 5, 4, 6))
     x[0, 0, 0, 0] = 0.0  # clipped to eps
-    _, clone = assert_config_round_trip(GeMPooling, dict(power=2.5, learn_power=True, eps=1e-2),
-                                        inputs=[x])
+    _, clone = assert_config_round_trip(
+        GeMPooling, dict(power=2.5, learn_power=True, eps=1e-2), inputs=[x]
+    )
     assert float(clone.power) == 2.5 and clone.learn_power
     np.testing.assert_allclose(clone(x).numpy(), numpy_gem(x, 2.5, 1e-2), rtol=1e-10)
 

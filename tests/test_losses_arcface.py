@@ -24,10 +24,12 @@ def test_loss_and_logits_match_numpy():
     u = np.random.default_rng(5).uniform(-0.9, 0.9, size=(4, 6)).astype(np.float32)
     labels = np.array([0, 5, 2, 2])
     expected_loss, expected_logits = numpy_arcface_loss(u, labels, 45.25, 0.1)
-    np.testing.assert_allclose(arcface_logits(u, labels, 45.25, 0.1).numpy(), expected_logits,
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(arcface_loss(u, labels, 45.25, 0.1).numpy(), expected_loss,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        arcface_logits(u, labels, 45.25, 0.1).numpy(), expected_logits, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        arcface_loss(u, labels, 45.25, 0.1).numpy(), expected_loss, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_margin_only_on_true_class_and_not_beyond_pi_minus_m():

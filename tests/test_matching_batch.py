@@ -91,12 +91,12 @@ def test_ties_pick_the_lowest_index():
     query = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     db = np.array([[0.0, 1.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8]], dtype=np.float32)
     stats = corr.BatchMatchStats()
-    (q_idx, d_idx), = corr.find_putative_matches_batch(query, [db], stats=stats)
+    ((q_idx, d_idx),) = corr.find_putative_matches_batch(query, [db], stats=stats)
     assert q_idx.tolist() == [0, 1] and d_idx.tolist() == [1, 0]
     assert stats.pairs == 1 and stats.fallback_pairs == 1  # the tie is not certain.
     # Duplicated query rows: the reverse nearest neighbour is the lowest query index.
     query = np.array([[0.6, 0.8], [0.6, 0.8]], dtype=np.float32)
-    (q_idx, d_idx), = corr.find_putative_matches_batch(query, [db], mutual=True)
+    ((q_idx, d_idx),) = corr.find_putative_matches_batch(query, [db], mutual=True)
     assert q_idx.tolist() == [0] and d_idx.tolist() == [1]
 
 

@@ -105,8 +105,9 @@ def test_matching_config_refuses_out_of_range(field, value, expected):
 
 def test_limit_blas_threads_limits_and_restores():
     def blas_threads():
-        return [m["num_threads"] for m in threadpoolctl.threadpool_info()
-                if m["user_api"] == "blas"]
+        return [
+            m["num_threads"] for m in threadpoolctl.threadpool_info() if m["user_api"] == "blas"
+        ]
 
     before = blas_threads()
     assert before, "numpy's BLAS should be visible to threadpoolctl"

@@ -16,8 +16,14 @@ from delg_tf.models.delg import DelgModel, DelgModelConfig
 
 NUM_CLASSES = 4
 IMAGE_SIZE = 64
-TINY = dict(num_classes=NUM_CLASSES, backbone="tiny", embedding_dim=32, local_dim=8,
-            attention_hidden=16, arcface_scale_init=16.0)
+TINY = dict(
+    num_classes=NUM_CLASSES,
+    backbone="tiny",
+    embedding_dim=32,
+    local_dim=8,
+    attention_hidden=16,
+    arcface_scale_init=16.0,
+)
 
 
 def tiny_model(**overrides):
@@ -84,9 +90,10 @@ def test_train_step_stops_backbone_updates_from_local_losses():
     """With stopping, the backbone moves exactly as with L_g alone (lambda = beta = 0)."""
     images, labels = tiny_batch()
     results = {}
-    for name, weights in (("full", dict(reconstruction_weight=10.0, attention_weight=1.0)),
-                          ("global_only", dict(reconstruction_weight=0.0,
-                                               attention_weight=0.0))):
+    for name, weights in (
+        ("full", dict(reconstruction_weight=10.0, attention_weight=1.0)),
+        ("global_only", dict(reconstruction_weight=0.0, attention_weight=0.0)),
+    ):
         keras.utils.set_random_seed(1)
         model = tiny_model(gradient_clip_norm=None, **weights)
         model.compile(optimizer=keras.optimizers.SGD(0.1))
@@ -102,10 +109,21 @@ def test_few_train_steps_lower_the_loss():
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     images, labels = tiny_batch(8)
     logs = [model.train_step((images, labels)) for _ in range(6)]
-    expected_keys = {"loss", "global_loss", "reconstruction_loss", "attention_loss",
-                     "global_accuracy", "attention_accuracy", "arcface_scale", "attention_mean",
-                     "attention_min", "attention_max", "attention_median", "sparsity_conv4",
-                     "sparsity_conv5"}
+    expected_keys = {
+        "loss",
+        "global_loss",
+        "reconstruction_loss",
+        "attention_loss",
+        "global_accuracy",
+        "attention_accuracy",
+        "arcface_scale",
+        "attention_mean",
+        "attention_min",
+        "attention_max",
+        "attention_median",
+        "sparsity_conv4",
+        "sparsity_conv5",
+    }
     assert expected_keys <= set(logs[0])
     assert all(np.isfinite(float(v)) for v in logs[-1].values())
     assert float(logs[-1]["loss"]) < float(logs[0]["loss"])
@@ -117,15 +135,34 @@ def test_few_train_steps_lower_the_loss():
 
 # Every DelgModelConfig field with a non-default value (a valid combination).
 NON_DEFAULT_CONFIG = dict(
-    num_classes=5, backbone="tiny", backbone_layout="tf2_delf", block3_stride=False,
-    backbone_kwargs={"base_width": 4}, image_normalization="caffe", gem_power=2.5,
-    learn_gem_power=True, embedding_dim=24, local_dim=6, attention_hidden=10,
-    attention_use_bn=False, attention_conv1_bias=False, attention_bn_epsilon=1e-5,
-    attention_input="reconstruction", attention_pool_source="features",
-    attention_pool_reduction="mean", attention_pool_normalize=True, arcface_margin=0.2,
-    arcface_scale_init=12.0, learn_arcface_scale=False, reconstruction_weight=5.0,
-    attention_weight=0.5, stop_gradients=False, backbone_bn_training=False,
-    gradient_clip_norm=3.0, imagenet_weights="/not/loaded/by/the/constructor.ckpt")
+    num_classes=5,
+    backbone="tiny",
+    backbone_layout="tf2_delf",
+    block3_stride=False,
+    backbone_kwargs={"base_width": 4},
+    image_normalization="caffe",
+    gem_power=2.5,
+    learn_gem_power=True,
+    embedding_dim=24,
+    local_dim=6,
+    attention_hidden=10,
+    attention_use_bn=False,
+    attention_conv1_bias=False,
+    attention_bn_epsilon=1e-5,
+    attention_input="reconstruction",
+    attention_pool_source="features",
+    attention_pool_reduction="mean",
+    attention_pool_normalize=True,
+    arcface_margin=0.2,
+    arcface_scale_init=12.0,
+    learn_arcface_scale=False,
+    reconstruction_weight=5.0,
+    attention_weight=0.5,
+    stop_gradients=False,
+    backbone_bn_training=False,
+    gradient_clip_norm=3.0,
+    imagenet_weights="/not/loaded/by/the/constructor.ckpt",
+)
 
 
 def test_get_config_is_exactly_the_constructor_config():
@@ -134,8 +171,7 @@ def test_get_config_is_exactly_the_constructor_config():
     fields = dataclasses.fields(DelgModelConfig)
     assert sorted(NON_DEFAULT_CONFIG) == sorted(f.name for f in fields)
     for f in fields:
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-            else f.default
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         assert NON_DEFAULT_CONFIG[f.name] != default, f.name
     model = DelgModel(DelgModelConfig(**NON_DEFAULT_CONFIG), name="delg_probe")
     assert model.get_config() == {"name": "delg_probe", "config": NON_DEFAULT_CONFIG}
@@ -168,8 +204,9 @@ def test_config_validation():
         DelgModelConfig.from_dict({**TINY, "gem_p": 3})
     with pytest.raises(ValueError, match="backbone_layout='keras'"):
         DelgModelConfig(**{**TINY, "imagenet_weights": "imagenet"}).validate()
-    assert DelgModelConfig(num_classes=3).resolved_arcface_scale_init() == pytest.approx(45.25,
-                                                                                         abs=0.01)
+    assert DelgModelConfig(num_classes=3).resolved_arcface_scale_init() == pytest.approx(
+        45.25, abs=0.01
+    )
 
 
 def test_registry_builds_delg_and_refuses_unknown():
@@ -228,8 +265,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("clip", ["none", "0.001"])
 def test_train_step_under_mirrored_strategy_two_cpus(clip):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, clip], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, clip],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -241,5 +283,6 @@ def test_keras_save_and_load_round_trip(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, DelgModel) and loaded.config == model.config
-    np.testing.assert_allclose(loaded(images)["global_descriptor"],
-                               model(images)["global_descriptor"], atol=1e-6)
+    np.testing.assert_allclose(
+        loaded(images)["global_descriptor"], model(images)["global_descriptor"], atol=1e-6
+    )

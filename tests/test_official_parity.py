@@ -23,7 +23,8 @@ TF1_DIR = PARITY_DIR / "tf1_slim"
 pytestmark = pytest.mark.skipif(
     not PARITY_DIR.is_dir(),
     reason=f"parity fixtures not found at {PARITY_DIR} (expected ../shared/parity next to the "
-           "repository); they hold the official-format DELG SavedModels and recorded outputs")
+    "repository); they hold the official-format DELG SavedModels and recorded outputs",
+)
 
 IMAGES = ("astronaut", "coffee", "chelsea", "motorcycle_left")
 # Parity bounds of these tests (issue 12): about 5x the largest difference measured on the
@@ -46,15 +47,27 @@ LOCATION_TOL = selfcheck.LOCATION_TOLERANCE_PX
 # READMEs); `_compare` then still requires every feature to match (no flips on these files).
 THRESHOLD_MARGIN = selfcheck.BORDERLINE_SCORE_MARGIN
 # Numbers every entry of the converter's self-check report (conversion.json) must carry.
-SELF_CHECK_NUMBERS = ("global_max_abs", "descriptor_max_abs", "attention_max_abs",
-                      "location_max_abs", "num_reference", "num_candidate", "num_matched",
-                      "num_missing", "num_extra")
+SELF_CHECK_NUMBERS = (
+    "global_max_abs",
+    "descriptor_max_abs",
+    "attention_max_abs",
+    "location_max_abs",
+    "num_reference",
+    "num_candidate",
+    "num_matched",
+    "num_missing",
+    "num_extra",
+)
 
 
 # ---------------------------------------------------------------- fixtures
 def _regenerate(script, out, flag):
-    subprocess.run([sys.executable, str(script), str(out), flag], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(script), str(out), flag],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -67,15 +80,20 @@ def tf2_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tf1_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("official") / "tf1"
-    return _regenerate(TF1_DIR / "make_tf1_savedmodel.py", out, "--graph=" + str(
-        TF1_DIR / "saved_model.pb"))
+    return _regenerate(
+        TF1_DIR / "make_tf1_savedmodel.py", out, "--graph=" + str(TF1_DIR / "saved_model.pb")
+    )
 
 
 def _convert(model_dir, out):
     from delg_tf.official.convert import ConvertConfig, convert
 
-    config = ConvertConfig(model_path=str(model_dir), output_dir=str(out),
-                           self_check_images=("chelsea",), verify_export=False)
+    config = ConvertConfig(
+        model_path=str(model_dir),
+        output_dir=str(out),
+        self_check_images=("chelsea",),
+        verify_export=False,
+    )
     lines = []
     convert(config, log=lines.append)
     return out, "\n".join(lines)
@@ -110,13 +128,18 @@ def _config_path(fmt, size):
 def _expected(fmt, size, image):
     if fmt == "tf2":
         data = np.load(PARITY_DIR / "expected" / f"{size}_{image}.npz")
-        keys = dict(locations="locations", descriptors="descriptors", scales="scales",
-                    attention="attention")
+        keys = dict(
+            locations="locations", descriptors="descriptors", scales="scales", attention="attention"
+        )
     else:
         name = "fast320" if size == 320 else "gld"
         data = np.load(TF1_DIR / "expected" / f"r50delg_tf1sim_{name}_config__{image}.npz")
-        keys = dict(locations="local_locations", descriptors="local_descriptors",
-                    scales="local_scales", attention="local_attention")
+        keys = dict(
+            locations="local_locations",
+            descriptors="local_descriptors",
+            scales="local_scales",
+            attention="local_attention",
+        )
     expected = {k: data[v] for k, v in keys.items()}
     expected["global_descriptor"] = data["global_descriptor"]
     return expected
@@ -129,27 +152,36 @@ def _threshold(fmt):
 
 
 def _finite_number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _compare(features, expected, threshold, label):
     """Element-wise parity within the PARITY_* bounds; local features matched by (location,
     scale). Prints and returns the measured numbers."""
-    got = {"locations": features.locations, "scales": features.scales,
-           "descriptors": features.descriptors, "attention": features.attention}
+    got = {
+        "locations": features.locations,
+        "scales": features.scales,
+        "descriptors": features.descriptors,
+        "attention": features.attention,
+    }
     assert np.shape(features.global_descriptor) == expected["global_descriptor"].shape, label
-    global_diff = float(np.abs(np.asarray(features.global_descriptor, np.float64)
-                               - expected["global_descriptor"]).max())
+    global_diff = float(
+        np.abs(
+            np.asarray(features.global_descriptor, np.float64) - expected["global_descriptor"]
+        ).max()
+    )
     local = selfcheck.compare_local(expected, got, abs_thres=threshold, margin=THRESHOLD_MARGIN)
     measured = dict(global_max_abs=global_diff, **local)
-    print(f"parity {label}: global {global_diff:.2e}, descriptors "
-          f"{local['descriptor_max_abs']:.2e}, attention {local['attention_max_abs']:.2e}, "
-          f"location {local['location_max_abs']:.2e} px, matched "
-          f"{local['num_matched']}/{local['num_reference']} (candidate {local['num_candidate']})")
+    print(
+        f"parity {label}: global {global_diff:.2e}, descriptors "
+        f"{local['descriptor_max_abs']:.2e}, attention {local['attention_max_abs']:.2e}, "
+        f"location {local['location_max_abs']:.2e} px, matched "
+        f"{local['num_matched']}/{local['num_reference']} (candidate {local['num_candidate']})"
+    )
     assert all(_finite_number(v) for v in measured.values()), (label, measured)
-    assert global_diff <= PARITY_GLOBAL_TOL, \
+    assert global_diff <= PARITY_GLOBAL_TOL, (
         f"{label}: global descriptor max abs {global_diff:.3g} > {PARITY_GLOBAL_TOL}"
+    )
     # Every recorded feature found, nothing else kept (no borderline flips on these files).
     assert local["num_reference"] > 0, (label, local)
     assert local["num_matched"] == local["num_reference"] == local["num_candidate"], (label, local)
@@ -171,9 +203,11 @@ def _assert_self_check_report(report, images):
         for key in SELF_CHECK_NUMBERS:
             assert key in entry, f"self-check report of {name} lacks {key!r}: {entry}"
             assert _finite_number(entry[key]), f"self-check {name}: {key} = {entry[key]!r}"
-        print(f"parity self-check {name}: global {entry['global_max_abs']:.2e}, descriptors "
-              f"{entry['descriptor_max_abs']:.2e}, attention {entry['attention_max_abs']:.2e}, "
-              f"matched {entry['num_matched']}/{entry['num_reference']}")
+        print(
+            f"parity self-check {name}: global {entry['global_max_abs']:.2e}, descriptors "
+            f"{entry['descriptor_max_abs']:.2e}, attention {entry['attention_max_abs']:.2e}, "
+            f"matched {entry['num_matched']}/{entry['num_reference']}"
+        )
         assert entry.get("ok") is True, entry
         assert entry["num_missing"] == 0 and entry["num_extra"] == 0, entry
         assert entry["num_matched"] == entry["num_reference"] == entry["num_candidate"] > 0, entry
@@ -203,9 +237,13 @@ def test_tf1_loader_reproduces_the_recorded_raw_call(tf1_model):
 
     data = np.load(TF1_DIR / "expected" / "r50delg_tf1sim_fast320_config__chelsea.npz")
     fn = load_tf1_extraction_fn(tf1_model)
-    out = fn(data["raw_input_image"], data["raw_input_scales"],
-             data["raw_input_max_feature_num"], data["raw_input_abs_thres"],
-             data["raw_input_global_scales_ind"])
+    out = fn(
+        data["raw_input_image"],
+        data["raw_input_scales"],
+        data["raw_input_max_feature_num"],
+        data["raw_input_abs_thres"],
+        data["raw_input_global_scales_ind"],
+    )
     assert out["global_descriptors"].shape == data["raw_global_descriptors"].shape
     raw_diff = float(np.abs(out["global_descriptors"] - data["raw_global_descriptors"]).max())
     print(f"parity official tf1 raw call chelsea: raw global rows {raw_diff:.2e}")
@@ -234,19 +272,28 @@ def test_tf2_variables_resolve_to_semantic_names(tf2_model):
 
 # ---------------------------------------------------------------- (1) official models as they are
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
-def test_official_model_through_delg_extractor_matches_recorded(fmt, tf1_model, tf2_model,
-                                                                tmp_path):
+def test_official_model_through_delg_extractor_matches_recorded(
+    fmt, tf1_model, tf2_model, tmp_path
+):
     from delg_tf.extraction.extractor import DelgExtractor
 
     model_dir = tf1_model if fmt == "tf1" else tf2_model
     extractor = DelgExtractor.from_config(_config_for(fmt, 320, model_dir, tmp_path))
     for image in IMAGES:
-        _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 f"official {fmt} 320 {image}")
+        _compare(
+            extractor(_skimage(image)),
+            _expected(fmt, 320, image),
+            _threshold(fmt),
+            f"official {fmt} 320 {image}",
+        )
     # One image with the full-size (1024) config.
     extractor = DelgExtractor.from_config(_config_for(fmt, 1024, model_dir, tmp_path))
-    _compare(extractor(_skimage("chelsea")), _expected(fmt, 1024, "chelsea"), _threshold(fmt),
-             f"official {fmt} 1024 chelsea")
+    _compare(
+        extractor(_skimage("chelsea")),
+        _expected(fmt, 1024, "chelsea"),
+        _threshold(fmt),
+        f"official {fmt} 1024 chelsea",
+    )
 
 
 # ---------------------------------------------------------------- (2) converted models
@@ -262,8 +309,12 @@ def test_converted_keras_model_matches_recorded(fmt, converted_tf1, converted_tf
     config = load_delf_config(str(_config_for(fmt, 320, "unused", tmp_path)))
     extractor = DelgExtractor.from_model(model, config)  # the folded graph (default)
     for image in IMAGES:
-        _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 f"converted {fmt} folded {image}")
+        _compare(
+            extractor(_skimage(image)),
+            _expected(fmt, 320, image),
+            _threshold(fmt),
+            f"converted {fmt} folded {image}",
+        )
 
 
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
@@ -278,9 +329,12 @@ def test_self_check_report_without_numbers_fails(converted_tf1):
     out, _ = converted_tf1
     entry = json.loads((out / "conversion.json").read_text())["self_check"][0]
     _assert_self_check_report([entry], ("chelsea",))
-    for broken in ({k: v for k, v in entry.items() if k != "attention_max_abs"},
-                   {**entry, "global_max_abs": None}, {**entry, "descriptor_max_abs": math.nan},
-                   {**entry, "num_matched": entry["num_matched"] - 1}):
+    for broken in (
+        {k: v for k, v in entry.items() if k != "attention_max_abs"},
+        {**entry, "global_max_abs": None},
+        {**entry, "descriptor_max_abs": math.nan},
+        {**entry, "num_matched": entry["num_matched"] - 1},
+    ):
         with pytest.raises(AssertionError):
             _assert_self_check_report([broken], ("chelsea",))
     for report in (None, [], {"chelsea": entry}):
@@ -289,8 +343,9 @@ def test_self_check_report_without_numbers_fails(converted_tf1):
 
 
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
-def test_folded_unfolded_and_unrolled_variants_match_recorded(fmt, converted_tf1, converted_tf2,
-                                                              tmp_path):
+def test_folded_unfolded_and_unrolled_variants_match_recorded(
+    fmt, converted_tf1, converted_tf2, tmp_path
+):
     from delg_tf.extraction import raw_model
     from delg_tf.extraction.config import load_delf_config
     from delg_tf.extraction.extractor import DelgExtractor
@@ -305,15 +360,26 @@ def test_folded_unfolded_and_unrolled_variants_match_recorded(fmt, converted_tf1
     unrolled = UnrolledPyramid(folded)
 
     def call(**kw):
-        return unrolled(kw["input_image"], kw["input_scales"], kw["input_max_feature_num"],
-                        kw["input_abs_thres"], kw["input_global_scales_ind"])
+        return unrolled(
+            kw["input_image"],
+            kw["input_scales"],
+            kw["input_max_feature_num"],
+            kw["input_abs_thres"],
+            kw["input_global_scales_ind"],
+        )
 
-    variants = {"unfolded keras": DelgExtractor.from_model(model, config, fold_batch_norm=False),
-                "folded": DelgExtractor.from_model(folded, config),
-                "unrolled folded": DelgExtractor(raw_model.from_function(call), config)}
+    variants = {
+        "unfolded keras": DelgExtractor.from_model(model, config, fold_batch_norm=False),
+        "folded": DelgExtractor.from_model(folded, config),
+        "unrolled folded": DelgExtractor(raw_model.from_function(call), config),
+    }
     for name, extractor in variants.items():
-        _compare(extractor(_skimage("coffee")), _expected(fmt, 320, "coffee"),
-                 _threshold(fmt), f"converted {fmt} {name} coffee")
+        _compare(
+            extractor(_skimage("coffee")),
+            _expected(fmt, 320, "coffee"),
+            _threshold(fmt),
+            f"converted {fmt} {name} coffee",
+        )
 
 
 @pytest.mark.parametrize("fmt", ["tf2", "tf1"])
@@ -324,8 +390,12 @@ def test_converted_export_matches_recorded(fmt, converted_tf1, converted_tf2, tm
     config = _config_for(fmt, 320, out / "saved_model", tmp_path)
     extractor = DelgExtractor.from_config(config)
     for image in ("chelsea", "motorcycle_left"):
-        _compare(extractor(_skimage(image)), _expected(fmt, 320, image), _threshold(fmt),
-                 f"converted {fmt} export {image}")
+        _compare(
+            extractor(_skimage(image)),
+            _expected(fmt, 320, image),
+            _threshold(fmt),
+            f"converted {fmt} export {image}",
+        )
 
 
 def test_converted_checkpoint_restores_into_a_training_model(converted_tf1):
@@ -346,7 +416,8 @@ def test_converted_checkpoint_restores_into_a_training_model(converted_tf1):
     compared = 0
     for variable in converted.variables:
         np.testing.assert_array_equal(
-            by_path[relative_path(converted, variable)].numpy(), variable.numpy())
+            by_path[relative_path(converted, variable)].numpy(), variable.numpy()
+        )
         compared += 1
     # Backbone blocks included (Keras 3 lists are not checkpointed by themselves).
     assert compared == len(converted.variables) > 270
@@ -367,10 +438,15 @@ def test_altered_head_shape_is_refused_and_nothing_written(tf1_model, tmp_path):
     reader = tf.train.load_checkpoint(str(tf1_model / "variables" / "variables"))
     names = sorted(reader.get_variable_to_shape_map())
     bad = "autoencoder/encoder/weights"
-    tensors = [reader.get_tensor(n) if n != bad else np.zeros([1, 1, 1024, 64], np.float32)
-               for n in names]
-    tf.raw_ops.SaveV2(prefix=str(altered / "variables" / "variables"), tensor_names=names,
-                      shape_and_slices=[""] * len(names), tensors=tensors)
+    tensors = [
+        reader.get_tensor(n) if n != bad else np.zeros([1, 1, 1024, 64], np.float32) for n in names
+    ]
+    tf.raw_ops.SaveV2(
+        prefix=str(altered / "variables" / "variables"),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=tensors,
+    )
     out = tmp_path / "out"
     config = ConvertConfig(model_path=str(altered), output_dir=str(out))
     with pytest.raises(MappingError) as error:

@@ -7,12 +7,15 @@ from delg_tf.models.delg import DelgModelConfig
 from delg_tf.ops import image as image_ops
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("delf", lambda x: (x - 127.5) / 127.5),
-    ("delf_tf1", lambda x: (x - 128.0) / 128.0),
-    ("caffe", lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68])),
-    ("vgg", lambda x: x - np.array([123.68, 116.78, 103.94])),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("delf", lambda x: (x - 127.5) / 127.5),
+        ("delf_tf1", lambda x: (x - 128.0) / 128.0),
+        ("caffe", lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68])),
+        ("vgg", lambda x: x - np.array([123.68, 116.78, 103.94])),
+    ],
+)
 def test_normalize_images_matches_numpy(mode, expected):
     x = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3)).astype(np.uint8)
     got = image_ops.normalize_images(x, mode).numpy()

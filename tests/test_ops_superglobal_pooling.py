@@ -12,15 +12,15 @@ def torch_like_lppool_rgem(x_nchw, pr=2.5, size=5):
 
     LPPool2d = (avg_pool(x^p) * kw * kh)^(1/p), i.e. the window sum; explicit loops.
     """
-    nominator = (size ** 2) ** (1.0 / pr)
+    nominator = (size**2) ** (1.0 / pr)
     pad = (size - 1) // 2
     padded = np.pad(x_nchw / nominator, [(0, 0), (0, 0), (pad, pad), (pad, pad)], mode="reflect")
     b, c, h, w = x_nchw.shape
     pooled = np.zeros_like(x_nchw, dtype=np.float64)
     for i in range(h):
         for j in range(w):
-            window = padded[:, :, i:i + size, j:j + size]
-            pooled[:, :, i, j] = (np.sum(window ** pr, axis=(2, 3))) ** (1.0 / pr)
+            window = padded[:, :, i : i + size, j : j + size]
+            pooled[:, :, i, j] = (np.sum(window**pr, axis=(2, 3))) ** (1.0 / pr)
     return 0.5 * pooled + 0.5 * x_nchw
 
 
@@ -64,8 +64,9 @@ def test_regional_gem_then_gem_plus_is_the_reference_head(feature_map):
 
 
 def test_regional_gem_dynamic_shape_and_errors():
-    fn = tf.function(pooling.regional_gem,
-                     input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)])
+    fn = tf.function(
+        pooling.regional_gem, input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)]
+    )
     out = fn(tf.random.uniform((1, 5, 9, 4)))
     assert out.shape == (1, 5, 9, 4)
     with pytest.raises(ValueError, match="odd integer >= 1, got 4"):
@@ -104,8 +105,8 @@ def test_scale_gem_finite_power_per_image_equals_reference_at_batch_one():
     per_scale = [rng.normal(size=(3, 5)).astype(np.float32) for _ in range(3)]
     got = pooling.scale_gem(per_scale, power=pooling.SCALE_GEM_FINITE_P).numpy()
     for b in range(3):  # the reference runs one image at a time
-        ref = sgem_numpy([s[b:b + 1] for s in per_scale], ps=10.0, infinity=False)
-        np.testing.assert_allclose(got[b:b + 1], ref, rtol=1e-5, atol=1e-6)
+        ref = sgem_numpy([s[b : b + 1] for s in per_scale], ps=10.0, infinity=False)
+        np.testing.assert_allclose(got[b : b + 1], ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"\[num_scales, batch, channels\], got shape \(3, 5\)"):
         pooling.scale_gem(tf.zeros((3, 5)))
     with pytest.raises(ValueError, match="power must be > 0 or inf, got 0.0"):

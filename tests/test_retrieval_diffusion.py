@@ -91,8 +91,15 @@ def test_cg_equals_dense_solve_of_the_same_system(data, k, kq, alpha):
 @pytest.mark.parametrize("k, kq, alpha", [(10, 5, 0.99), (25, 10, 0.9), (5, 3, 0.5)])
 def test_end_to_end_equals_independent_closed_form(data, k, kq, alpha):
     q, db = data
-    ranks, scores = df.diffusion_ranking(q, db, graph_neighbors=k, query_neighbors=kq,
-                                         alpha=alpha, tolerance=1e-13, max_iterations=2000)
+    ranks, scores = df.diffusion_ranking(
+        q,
+        db,
+        graph_neighbors=k,
+        query_neighbors=kq,
+        alpha=alpha,
+        tolerance=1e-13,
+        max_iterations=2000,
+    )
     ref = dense_scores(q, db, k, kq, 3.0, alpha)  # float64 similarities, loops, dense solve
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
     reached = ref[:, 0] > 1e-6 * ref[:, 0].max()
@@ -107,7 +114,7 @@ def test_truncated_cg_is_the_reference_iteration(data, iterations):
     system = df.diffusion_system(db)
     sims = (db @ q.T).astype(np.float64)
     for c in range(NUM_Q):
-        ids = np.argsort(-sims[:, c], kind="stable")[:df.DEFAULT_QUERY_NEIGHBORS]
+        ids = np.argsort(-sims[:, c], kind="stable")[: df.DEFAULT_QUERY_NEIGHBORS]
         y = np.zeros(NUM_DB)
         y[ids] = np.maximum(sims[ids, c], 0) ** 3
         ref = textbook_cg(system.toarray(), y, df.DEFAULT_CG_TOLERANCE, iterations)

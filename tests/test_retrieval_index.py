@@ -42,9 +42,14 @@ def _name(i):
 
 
 def _features(descriptor):
-    return {"image_shape": (8, 8, 3), "global_descriptor": descriptor,
-            "locations": np.zeros((0, 2)), "descriptors": np.zeros((0, 8)),
-            "attention": np.zeros(0), "scales": np.zeros(0)}
+    return {
+        "image_shape": (8, 8, 3),
+        "global_descriptor": descriptor,
+        "locations": np.zeros((0, 2)),
+        "descriptors": np.zeros((0, 8)),
+        "attention": np.zeros(0),
+        "scales": np.zeros(0),
+    }
 
 
 def _write(parts, path, items):
@@ -62,22 +67,32 @@ def data(tmp_path_factory):
     centers = rng.normal(size=(CLUSTERS, DIM))
 
     def draw(n):
-        return search.l2_normalize(centers[rng.integers(0, CLUSTERS, n)]
-                                   + NOISE * rng.normal(size=(n, DIM)))
+        return search.l2_normalize(
+            centers[rng.integers(0, CLUSTERS, n)] + NOISE * rng.normal(size=(n, DIM))
+        )
 
     database, queries = draw(NUM_IMAGES), draw(NUM_QUERIES)
     items = [(_name(i), database[i]) for i in range(NUM_IMAGES)]
     (root / "out").mkdir()
     for k in range(NUM_SHARDS):
-        _write(root / f"s{k}.parts",
-               root / "out" / f"features-{k:05d}-of-{NUM_SHARDS:05d}.h5", items[k::NUM_SHARDS])
+        _write(
+            root / f"s{k}.parts",
+            root / "out" / f"features-{k:05d}-of-{NUM_SHARDS:05d}.h5",
+            items[k::NUM_SHARDS],
+        )
     single = _write(root / "single.parts", root / "features.h5", items)
     glob = str(root / "out" / f"features-*-of-{NUM_SHARDS:05d}.h5")
     with FeatureStore(glob) as store:
         stored = store.global_descriptors  # store order: shard 0, 1, 2
         names = list(store.names)
-    return {"glob": glob, "single": single, "stored": stored, "names": names,
-            "queries": queries, "root": root}
+    return {
+        "glob": glob,
+        "single": single,
+        "stored": stored,
+        "names": names,
+        "queries": queries,
+        "root": root,
+    }
 
 
 def _exact(data, k=K):
@@ -92,14 +107,14 @@ def test_flat_is_exact_search_on_shards_by_glob(data):
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, atol=SCORE_TOLERANCE)
     # IVF scanning every cell is exact too; the single-file store gives the same names.
-    full = ix.build(data["single"], ix.IndexParams("ivf_flat", nlist=16, nprobe=16),
-                    progress=False)
+    full = ix.build(data["single"], ix.IndexParams("ivf_flat", nlist=16, nprobe=16), progress=False)
     got, _ = full.search_names(data["queries"], K)
     assert got == [[data["names"][i] for i in row] for row in exact_ids]
     manifest = index.manifest
     assert manifest["count"] == NUM_IMAGES and manifest["dim"] == DIM
     assert [s["size"] for s in manifest["sources"]] == [
-        os.path.getsize(p) for p in sorted(data["root"].glob("out/*.h5"))]
+        os.path.getsize(p) for p in sorted(data["root"].glob("out/*.h5"))
+    ]
 
 
 @pytest.mark.parametrize("method", sorted(APPROXIMATE))
@@ -114,7 +129,8 @@ def test_approximate_methods_reach_their_measured_recall(data, method):
         more = {"nprobe": 16} if method.startswith("ivf") else {"ef_search": 200}
         better, _ = index.set_search_params(**more).search(data["queries"], K)
         assert search.recall_at_k(better, _exact(data)[0]) >= search.recall_at_k(
-            ids, _exact(data)[0])
+            ids, _exact(data)[0]
+        )
 
 
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
@@ -136,8 +152,7 @@ def test_save_load_round_trip_gives_identical_results(data, tmp_path, method):
 
 
 def test_load_refuses_mismatched_or_incomplete_indexes(data, tmp_path):
-    path = ix.build_index(data["glob"], tmp_path / "index", ix.IndexParams("flat"),
-                          progress=False)
+    path = ix.build_index(data["glob"], tmp_path / "index", ix.IndexParams("flat"), progress=False)
     with pytest.raises(ix.IndexLoadError, match=f"dimension {DIM}, the queries.* have 64"):
         ix.load_index(path, dim=64)
     with pytest.raises(search.SearchError, match=f"dimension {DIM}"):
@@ -147,7 +162,7 @@ def test_load_refuses_mismatched_or_incomplete_indexes(data, tmp_path):
     # A store file changed after the build: refused unless check_sources=False.
     source = sorted(data["root"].glob("out/*.h5"))[1]
     stat = source.stat()
-    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
         with pytest.raises(ix.IndexLoadError, match=f"built from {source}.*rebuild"):
             ix.load_index(path)
@@ -180,11 +195,11 @@ def test_existing_folders_and_a_crash_while_writing(data, tmp_path, monkeypatch)
         ix.build_index(data["glob"], other, params, overwrite=True, progress=False)
     reference = ix.load_index(path).search(data["queries"], K)
     # A failure while writing the replacement leaves the old index, no temporary folder.
-    monkeypatch.setattr(faiss, "write_index", lambda *a: (_ for _ in ()).throw(
-        RuntimeError("disk exploded")))
+    monkeypatch.setattr(
+        faiss, "write_index", lambda *a: (_ for _ in ()).throw(RuntimeError("disk exploded"))
+    )
     with pytest.raises(ix.IndexOutputError, match="cannot write.*faiss: disk exploded"):
-        ix.build_index(data["glob"], path, ix.IndexParams("hnsw"), overwrite=True,
-                       progress=False)
+        ix.build_index(data["glob"], path, ix.IndexParams("hnsw"), overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "photos"]
     loaded = ix.load_index(path)
     assert loaded.method == "flat"
@@ -202,7 +217,8 @@ def test_aligned_view_uses_dataset_positions(data):
     assert view.size == len(db_names)
     ids, scores = view.search(data["queries"], K)
     exact_ids, exact_scores = search.exact_search(
-        search.l2_normalize(data["queries"]), data["stored"][subset], K)
+        search.l2_normalize(data["queries"]), data["stored"][subset], K
+    )
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, atol=SCORE_TOLERANCE)
     with pytest.raises(ix.IndexLoadError, match="1 image.*not in the index.*'absent'"):
@@ -223,21 +239,33 @@ def test_parameters_are_validated_with_the_flag_named():
     with pytest.raises(ConfigError, match="--train_size"):
         ix.IndexParams("ivf_flat", nlist=64, train_size=10).resolve(NUM_IMAGES, DIM)
     # Defaults for ~1M descriptors of the real model.
-    resolved = ix.IndexParams("ivf_pq").resolve(10 ** 6, 2048)
-    assert resolved == {"nlist": 4000, "nprobe": ix.DEFAULT_NPROBE, "pq_m": 64, "pq_nbits": 8,
-                        "train_size": 200000}
+    resolved = ix.IndexParams("ivf_pq").resolve(10**6, 2048)
+    assert resolved == {
+        "nlist": 4000,
+        "nprobe": ix.DEFAULT_NPROBE,
+        "pq_m": 64,
+        "pq_nbits": 8,
+        "train_size": 200000,
+    }
     assert ix.default_pq_m(64) == 16 and ix.default_pq_m(96) == 24
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "delg_tf.index", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "delg_tf.index", *args], capture_output=True, text=True
+    )
 
 
 def test_cli_end_to_end_and_one_line_errors(data, tmp_path):
     out = tmp_path / "index"
-    done = _cli(f"--features={data['glob']}", f"--index_dir={out}", "--method=ivf_flat",
-                "--nlist=16", "--nprobe=16", "--noprogress")
+    done = _cli(
+        f"--features={data['glob']}",
+        f"--index_dir={out}",
+        "--method=ivf_flat",
+        "--nlist=16",
+        "--nprobe=16",
+        "--noprogress",
+    )
     assert done.returncode == 0, done.stderr
     assert f"index: ivf_flat (nlist=16, nprobe=16) of {NUM_IMAGES} descriptors" in done.stdout
     ids, _ = ix.load_index(out).search(data["queries"], K)

@@ -22,8 +22,11 @@ def brute_expand(x, pool, n, alpha, exclude_self):
     """One row at a time: sort all similarities, skip itself, weight max(s, 0)^alpha."""
     out = np.zeros_like(x, dtype=np.float64)
     for r in range(x.shape[0]):
-        sims = [(float(np.dot(x[r], pool[j])), j) for j in range(pool.shape[0])
-                if not (exclude_self and j == r)]
+        sims = [
+            (float(np.dot(x[r], pool[j])), j)
+            for j in range(pool.shape[0])
+            if not (exclude_self and j == r)
+        ]
         sims.sort(key=lambda t: (-t[0], t[1]))
         total = x[r].astype(np.float64).copy()
         for s, j in sims[:n]:
@@ -52,10 +55,12 @@ def test_zero_neighbors_is_identity_and_too_many_are_clipped(data):
     np.testing.assert_array_equal(qe.alpha_query_expansion(q, db, 0), q)
     np.testing.assert_array_equal(qe.database_augmentation(db, 0), db)
     small = db[:6]
-    np.testing.assert_allclose(qe.alpha_query_expansion(q, small, 50),
-                               brute_expand(q, small, 6, 3.0, False), atol=2e-6)
-    np.testing.assert_allclose(qe.database_augmentation(small, 50),
-                               brute_expand(small, small, 5, 3.0, True), atol=2e-6)
+    np.testing.assert_allclose(
+        qe.alpha_query_expansion(q, small, 50), brute_expand(q, small, 6, 3.0, False), atol=2e-6
+    )
+    np.testing.assert_allclose(
+        qe.database_augmentation(small, 50), brute_expand(small, small, 5, 3.0, True), atol=2e-6
+    )
     np.testing.assert_array_equal(qe.database_augmentation(db[:1], 3), db[:1])
 
 

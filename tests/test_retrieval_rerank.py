@@ -55,9 +55,10 @@ def test_true_matches_move_to_top(shortlist):
 def test_threads_and_serial_agree(shortlist):
     query, pairs, _ = shortlist
     feats = [p.features for p in pairs]
-    with rr.Reranker(shortlist_size=20, num_workers=1) as a, rr.Reranker(
-        shortlist_size=20, num_workers=2
-    ) as b:
+    with (
+        rr.Reranker(shortlist_size=20, num_workers=1) as a,
+        rr.Reranker(shortlist_size=20, num_workers=2) as b,
+    ):
         np.testing.assert_array_equal(
             a.count_inliers(query, feats, range(20)), b.count_inliers(query, feats, range(20))
         )

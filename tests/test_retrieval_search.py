@@ -46,6 +46,7 @@ def test_full_ranking_layout(data):
 
 def test_faiss_flat_equals_exact(data):
     import faiss  # noqa: F401 - in .[all]
+
     db, q = data
     exact_ids, exact_scores = search.GlobalIndex("exact").build(db).search(q, 100)
     ids, scores = search.GlobalIndex("faiss_flat").build(db).search(q, 100)
@@ -56,6 +57,7 @@ def test_faiss_flat_equals_exact(data):
 @pytest.mark.parametrize("method, min_recall", [("faiss_hnsw", 0.9), ("faiss_ivf", 0.9)])
 def test_faiss_approximate_recall_at_100(data, method, min_recall):
     import faiss  # noqa: F401 - in .[all]
+
     db, q = data
     exact_ids, _ = search.exact_search(q, db, 100)
     ids, _ = search.GlobalIndex(method).build(db).search(q, 100)

@@ -17,35 +17,40 @@ def exact_nfa(k, n, p):
 
 def exact_log_nfa(k, n, p):
     """Integer binomials (exact), so no float overflow or underflow."""
-    return (math.log(n - 3) + math.log(math.comb(n, k)) + math.log(math.comb(k, 3))
-            + (k - 3) * math.log(p))
+    return (
+        math.log(n - 3)
+        + math.log(math.comb(n, k))
+        + math.log(math.comb(k, 3))
+        + (k - 3) * math.log(p)
+    )
 
 
 @pytest.mark.parametrize("n", [4, 10, 57, 300])
 def test_log_false_alarms_is_the_binomial_formula(n):
     p = 0.0163
     for k in range(4, n + 1, max(1, n // 9)):
-        assert sig.log_false_alarms(k, n, p) == pytest.approx(exact_log_nfa(k, n, p),
-                                                              rel=1e-9, abs=1e-9)
+        assert sig.log_false_alarms(k, n, p) == pytest.approx(
+            exact_log_nfa(k, n, p), rel=1e-9, abs=1e-9
+        )
     # 3 matches or fewer always fit an affine map: never evidence.
     assert np.isinf(sig.log_false_alarms(3, n, p)) and np.isinf(sig.log_false_alarms(2, 3, p))
 
 
 def test_significance_threshold_grows_with_the_putative_matches():
-    p = np.pi * 20.0 ** 2 / (320 * 240)
+    p = np.pi * 20.0**2 / (320 * 240)
     thresholds = [sig.min_significant_inliers(n, p) for n in (10, 50, 200, 1000)]
     assert thresholds == sorted(thresholds) and thresholds[1] == 12
     for n, k in zip((10, 50, 200, 1000), thresholds):
         assert exact_nfa(k, n, p) <= 1.0 < exact_nfa(k - 1, n, p)
-    np.testing.assert_array_equal(sig.significant_inliers([11, 12, 40], [50, 50, 50], p),
-                                  [0, 12, 40])
+    np.testing.assert_array_equal(
+        sig.significant_inliers([11, 12, 40], [50, 50, 50], p), [0, 12, 40]
+    )
     assert sig.min_significant_inliers(100, 1.0) is None  # a match lands anywhere: no test.
 
 
 def test_chance_probability_from_the_query_keypoints():
     corners = np.array([[0.0, 0.0], [240.0, 320.0], [100.0, 50.0]])
-    assert sig.chance_inlier_probability(corners, 20.0) == pytest.approx(
-        np.pi * 400 / (240 * 320))
+    assert sig.chance_inlier_probability(corners, 20.0) == pytest.approx(np.pi * 400 / (240 * 320))
     assert sig.chance_inlier_probability(corners[:1], 20.0) == 1.0
     assert sig.chance_inlier_probability(np.zeros((5, 2)), 20.0) == 1.0
     assert sig.chance_inlier_probability(corners, 1e4) == 1.0

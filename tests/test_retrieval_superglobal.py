@@ -62,8 +62,7 @@ def assert_separated(scores, gap=1e-5):
     assert np.min(np.abs(np.diff(scores, axis=0))) > gap
 
 
-@pytest.mark.parametrize("M, K, beta", [(40, 9, 0.15), (25, 3, 0.5), (60, 0, 0.15),
-                                        (12, 30, 0.15)])
+@pytest.mark.parametrize("M, K, beta", [(40, 9, 0.15), (25, 3, 0.5), (60, 0, 0.15), (12, 30, 0.15)])
 def test_matches_reference_transcription(data, M, K, beta):
     q, db = data
     ranks, scores = sg.superglobal_rerank(q, db, top_m=M, num_neighbors=K, beta=beta)
@@ -79,8 +78,9 @@ def test_defaults_and_m_larger_than_database(data):
     q, db = data
     small = db[:120]
     ranks, scores = sg.superglobal_rerank(q, small)  # M = 400 > 120
-    ref_ranks, ref_scores = reference_superglobal(small, q, sg.DEFAULT_TOP_M,
-                                                  sg.DEFAULT_NUM_NEIGHBORS, sg.DEFAULT_BETA)
+    ref_ranks, ref_scores = reference_superglobal(
+        small, q, sg.DEFAULT_TOP_M, sg.DEFAULT_NUM_NEIGHBORS, sg.DEFAULT_BETA
+    )
     assert ranks.shape == (120, NUM_Q) and scores.shape == (120, NUM_Q)
     np.testing.assert_array_equal(ranks, ref_ranks)
     np.testing.assert_allclose(scores, ref_scores, atol=2e-6)

@@ -20,6 +20,7 @@ and 1, 30 local features; the bounds asserted in brackets:
 * mAP after RANSAC re-ranking: <= 3.4 points over 6 random models (inlier counts of
   near-tie random local features change with the descriptors' last bits) [<= 5 points].
 """
+
 import json
 import logging
 import os
@@ -46,15 +47,29 @@ from delg_tf.extraction.config import ExportConfig
 from no_delg_tf import BLOCK_DELG_TF_IMPORTS
 
 SEED = 0
-MODEL = DelgModelConfig(num_classes=4, backbone="tiny", embedding_dim=32, local_dim=16,
-                        attention_hidden=16)
+MODEL = DelgModelConfig(
+    num_classes=4, backbone="tiny", embedding_dim=32, local_dim=16, attention_hidden=16
+)
 # The export settings of tests/test_evaluation_end_to_end.py, as flags for the CLI too.
-EXPORT = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0,
-                      max_feature_num=30, max_image_size=96, warmup=False)
-EXPORT_FLAGS = ["--image_scales=0.5,1.0", "--global_scales_ind=1", "--score_threshold=0",
-                "--max_feature_num=30", "--max_image_size=96", "--nowarmup"]
-FAST = EvaluateConfig(shortlist_size=5, matching=MatchingConfig(ransac_iterations=50),
-                      num_workers=1)
+EXPORT = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=30,
+    max_image_size=96,
+    warmup=False,
+)
+EXPORT_FLAGS = [
+    "--image_scales=0.5,1.0",
+    "--global_scales_ind=1",
+    "--score_threshold=0",
+    "--max_feature_num=30",
+    "--max_image_size=96",
+    "--nowarmup",
+]
+FAST = EvaluateConfig(
+    shortlist_size=5, matching=MatchingConfig(ransac_iterations=50), num_workers=1
+)
 # The tiny preset with 10 landmarks x 5 queries (and 1 training view: training is unused).
 EMBEDDED = dict(preset="tiny", num_landmarks=10, num_queries=5, num_train_views=1)
 PROTOCOLS = ("easy", "medium", "hard")
@@ -102,17 +117,32 @@ def setup(tmp_path_factory):
     keras.utils.set_random_seed(SEED)
     model = registry.build_model("delg", MODEL, load_imagenet=False)
     logdir = root / "logdir"
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(logdir), 1,
-                               checkpoint_name="ckpt").save(1)
-    (logdir / "config.json").write_text(json.dumps({"train": {"model_family": "delg"},
-                                                    "model": MODEL.to_dict()}))
-    float32 = export_entry.main(export_entry.ExportRunConfig(
-        checkpoint_dir=str(logdir), export_path=str(root / "export_float32"), export=EXPORT))
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model), str(logdir), 1, checkpoint_name="ckpt"
+    ).save(1)
+    (logdir / "config.json").write_text(
+        json.dumps({"train": {"model_family": "delg"}, "model": MODEL.to_dict()})
+    )
+    float32 = export_entry.main(
+        export_entry.ExportRunConfig(
+            checkpoint_dir=str(logdir), export_path=str(root / "export_float32"), export=EXPORT
+        )
+    )
     cli = subprocess.run(
-        [sys.executable, "-m", "delg_tf.export", f"--checkpoint_dir={logdir}",
-         f"--export_path={root / 'export_bfloat16'}", "--compute_dtype=bfloat16",
-         *EXPORT_FLAGS], capture_output=True, text=True, timeout=TIMEOUT_S,
-        env={**os.environ, **EMULATING_ENV})
+        [
+            sys.executable,
+            "-m",
+            "delg_tf.export",
+            f"--checkpoint_dir={logdir}",
+            f"--export_path={root / 'export_bfloat16'}",
+            "--compute_dtype=bfloat16",
+            *EXPORT_FLAGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={**os.environ, **EMULATING_ENV},
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     return root, data, {"float32": float32, "bfloat16": root / "export_bfloat16"}, cli
 
@@ -126,22 +156,29 @@ def test_bfloat16_export_cli_warns_once_where_emulated_and_really_is_bfloat16(se
     assert extract.saved_model_computes_in_bfloat16(exports["bfloat16"])
     assert not extract.saved_model_computes_in_bfloat16(exports["float32"])
     # Same baked-in extraction settings: only the compute dtype differs.
-    configs = {dtype: (path / "assets.extra" / delg_export.CONFIG_ASSET).read_text()
-               for dtype, path in exports.items()}
+    configs = {
+        dtype: (path / "assets.extra" / delg_export.CONFIG_ASSET).read_text()
+        for dtype, path in exports.items()
+    }
     assert configs["float32"] == configs["bfloat16"]
 
 
 def _keypoints(features, prefix):
-    return np.round(np.concatenate([features[prefix + "locations"],
-                                    features[prefix + "scales"][:, None]], axis=1),
-                    KEYPOINT_DECIMALS)
+    return np.round(
+        np.concatenate(
+            [features[prefix + "locations"], features[prefix + "scales"][:, None]], axis=1
+        ),
+        KEYPOINT_DECIMALS,
+    )
 
 
 def _require_bfloat16_convolutions():
     error = folded.bfloat16_convolution_error()
     if error is not None:
-        pytest.skip(f"bfloat16 convolutions cannot run in this process ({error}); "
-                    "tests/test_extraction_folded.py checks that they are refused here")
+        pytest.skip(
+            f"bfloat16 convolutions cannot run in this process ({error}); "
+            "tests/test_extraction_folded.py checks that they are refused here"
+        )
 
 
 def test_bfloat16_export_reloads_without_delg_tf_close_to_float32(setup):
@@ -150,8 +187,13 @@ def test_bfloat16_export_reloads_without_delg_tf_close_to_float32(setup):
     images = sorted(str(p) for p in (data.root / "retrieval" / "jpg").glob("*.jpg"))
     script = root / "reload.py"
     script.write_text(_RELOAD_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(root), *images],
-                            capture_output=True, text=True, cwd=root, timeout=TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, str(script), str(root), *images],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     features = np.load(root / "features.npz")
     cosines, differences, matched, local_cosines, local_abs = [], [], [], [], []
@@ -161,17 +203,20 @@ def test_bfloat16_export_reloads_without_delg_tf_close_to_float32(setup):
         cosines.append(float(g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16))))
         differences.append(float(np.abs(g32 - g16).max()))
         rows = {tuple(k): r for r, k in enumerate(_keypoints(features, f32))}
-        pairs = [(rows[tuple(k)], r) for r, k in enumerate(_keypoints(features, b16))
-                 if tuple(k) in rows]
+        pairs = [
+            (rows[tuple(k)], r) for r, k in enumerate(_keypoints(features, b16)) if tuple(k) in rows
+        ]
         matched.append(len(pairs) / max(len(rows), 1))
         if pairs:
             a, b = (list(index) for index in zip(*pairs))
             d32, d16 = features[f32 + "descriptors"][a], features[b16 + "descriptors"][b]
             local_cosines.append(float(np.min(np.sum(d32 * d16, axis=1))))
             local_abs.append(float(np.abs(d32 - d16).max()))
-    measured = (f"global cosine min {min(cosines):.7f}, max abs {max(differences):.2e}; "
-                f"matched keypoints min {min(matched):.2f}, local cosine min "
-                f"{min(local_cosines):.6f}, local max abs {max(local_abs):.2e}")
+    measured = (
+        f"global cosine min {min(cosines):.7f}, max abs {max(differences):.2e}; "
+        f"matched keypoints min {min(matched):.2f}, local cosine min "
+        f"{min(local_cosines):.6f}, local max abs {max(local_abs):.2e}"
+    )
     print(measured)
     assert min(cosines) >= GLOBAL_COSINE_MIN, measured
     assert max(differences) > NOT_IDENTICAL_MIN, measured  # bfloat16 for real
@@ -186,22 +231,37 @@ def test_bfloat16_export_global_map_on_embedded_data_within_one_point(setup):
     root, data, exports, _ = setup
     scores = {}
     for dtype, path in exports.items():
-        results = evaluate_dataset(DatasetEvalConfig(
-            output_json=str(root / f"results_{dtype}.json"), dataset_dir=str(data.root),
-            model_path=str(path), cache_dir=str(root / f"cache_{dtype}"), evaluate=FAST,
-            progress=False, verbose=False))
-        scores[dtype] = {(row, protocol): results[row][protocol]["mAP"]
-                         for row in ("global", "reranked") for protocol in PROTOCOLS}
-    print({key: (round(scores["float32"][key], 2), round(scores["bfloat16"][key], 2))
-           for key in scores["float32"]})
+        results = evaluate_dataset(
+            DatasetEvalConfig(
+                output_json=str(root / f"results_{dtype}.json"),
+                dataset_dir=str(data.root),
+                model_path=str(path),
+                cache_dir=str(root / f"cache_{dtype}"),
+                evaluate=FAST,
+                progress=False,
+                verbose=False,
+            )
+        )
+        scores[dtype] = {
+            (row, protocol): results[row][protocol]["mAP"]
+            for row in ("global", "reranked")
+            for protocol in PROTOCOLS
+        }
+    print(
+        {
+            key: (round(scores["float32"][key], 2), round(scores["bfloat16"][key], 2))
+            for key in scores["float32"]
+        }
+    )
     assert results["dataset"]["num_queries"] == 50
     for (row, protocol), value in scores["float32"].items():
         bound = MAP_POINTS_MAX if row == "global" else RERANKED_MAP_POINTS_MAX
         assert abs(scores["bfloat16"][row, protocol] - value) <= bound, (row, protocol, scores)
 
 
-def test_extract_warns_once_for_a_bfloat16_export_on_an_emulating_cpu(setup, tmp_path,
-                                                                     monkeypatch, caplog):
+def test_extract_warns_once_for_a_bfloat16_export_on_an_emulating_cpu(
+    setup, tmp_path, monkeypatch, caplog
+):
     _, _, exports, _ = setup
     fake = tmp_path / "cpuinfo"
     monkeypatch.setattr(folded, "CPUINFO_PATH", str(fake))
@@ -214,8 +274,9 @@ def test_extract_warns_once_for_a_bfloat16_export_on_an_emulating_cpu(setup, tmp
     def warnings_of(dtype, cpuinfo):
         fake.write_text(cpuinfo)
         caplog.clear()
-        extract.make_extractor(extract.ExtractConfig(output_dir=str(tmp_path / "out"),
-                                                     model_path=str(exports[dtype])))
+        extract.make_extractor(
+            extract.ExtractConfig(output_dir=str(tmp_path / "out"), model_path=str(exports[dtype]))
+        )
         return [r.getMessage() for r in caplog.records if r.name == folded.__name__]
 
     emulated = warnings_of("bfloat16", CPUINFO_AVX2)

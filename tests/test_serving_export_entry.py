@@ -23,18 +23,22 @@ def logdir(tmp_path_factory):
     config = DelgModelConfig(num_classes=5, backbone="tiny", attention_hidden=16)
     model = registry.build_model("delg", config, load_imagenet=False)
     directory = tmp_path_factory.mktemp("logdir")
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(directory), 1,
-                               checkpoint_name="ckpt").save(1)
-    (directory / "config.json").write_text(json.dumps({"train": {"model_family": "delg"},
-                                                       "model": config.to_dict()}))
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model), str(directory), 1, checkpoint_name="ckpt"
+    ).save(1)
+    (directory / "config.json").write_text(
+        json.dumps({"train": {"model_family": "delg"}, "model": config.to_dict()})
+    )
     return directory, model
 
 
 def test_export_main_matches_the_trained_model(logdir, tmp_path):
     directory, model = logdir
     config = export_entry.ExportRunConfig(
-        checkpoint_dir=str(directory), export_path=str(tmp_path / "export"),
-        export=ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0))
+        checkpoint_dir=str(directory),
+        export_path=str(tmp_path / "export"),
+        export=ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,), score_threshold=0.0),
+    )
     path = export_entry.main(config)
     exported = DelgExtractor.from_saved_model(path)
     image = random_image(70, 90)
@@ -46,8 +50,9 @@ def test_export_main_matches_the_trained_model(logdir, tmp_path):
     assert not any("classifier" in n for n in names)
     # Batch norm is folded by default; --nofold_batch_norm exports the Keras layers.
     assert all(n.startswith("folded_delg/") for n in names)
-    keras_path = export_entry.main(dataclasses.replace(
-        config, export_path=str(tmp_path / "keras"), fold_batch_norm=False))
+    keras_path = export_entry.main(
+        dataclasses.replace(config, export_path=str(tmp_path / "keras"), fold_batch_norm=False)
+    )
     keras_names = {v.name for v in tf.saved_model.load(str(keras_path)).model_variables}
     assert any("moving_variance" in n for n in keras_names)
     unfolded = DelgExtractor.from_saved_model(keras_path)(image)
@@ -57,19 +62,33 @@ def test_export_main_matches_the_trained_model(logdir, tmp_path):
 
 def test_export_cli_flags_and_errors(logdir, tmp_path):
     directory, _ = logdir
-    args = [sys.executable, "-m", "delg_tf.export", f"--checkpoint_dir={directory}",
-            f"--export_path={tmp_path / 'g'}", "--noexport_local", "--image_scales=0.5,1",
-            "--global_scales_ind=0,1", "--nowarmup"]
+    args = [
+        sys.executable,
+        "-m",
+        "delg_tf.export",
+        f"--checkpoint_dir={directory}",
+        f"--export_path={tmp_path / 'g'}",
+        "--noexport_local",
+        "--image_scales=0.5,1",
+        "--global_scales_ind=0,1",
+        "--nowarmup",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mode global" in result.stdout
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     with pytest.raises(ValueError, match="config.json.*--checkpoint_dir"):
-        export_entry.main(export_entry.ExportRunConfig(
-            checkpoint_dir=str(tmp_path), export_path=str(tmp_path / "x"),
-            export=ExportConfig()))
+        export_entry.main(
+            export_entry.ExportRunConfig(
+                checkpoint_dir=str(tmp_path), export_path=str(tmp_path / "x"), export=ExportConfig()
+            )
+        )
     with pytest.raises(ConfigError, match="--nofold_batch_norm"):
-        export_entry.ExportRunConfig(checkpoint_dir=str(directory), export_path="x",
-                                     export=ExportConfig(), fold_batch_norm=False,
-                                     compute_dtype="bfloat16")
+        export_entry.ExportRunConfig(
+            checkpoint_dir=str(directory),
+            export_path="x",
+            export=ExportConfig(),
+            fold_batch_norm=False,
+            compute_dtype="bfloat16",
+        )

@@ -1,4 +1,5 @@
 """`python -m delg_tf.train` in subprocesses: clear errors, kill -9 then resume, mirrored."""
+
 import os
 import re
 import signal
@@ -24,8 +25,14 @@ def _env():
 
 
 def _train(args, timeout=RUN_TIMEOUT_S):
-    return subprocess.run([sys.executable, "-m", "delg_tf.train", *args], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "delg_tf.train", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _assert_one_line_error(result, *needles):
@@ -37,21 +44,33 @@ def _assert_one_line_error(result, *needles):
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--flagfile=configs/r50.flags", "--no_such_flag=1"], ["no_such_flag"]),
-    (["--flagfile=configs/missing.flags"], ["--flagfile=configs/missing.flags",
-                                             "does not exist"]),
-    (["--flagfile=configs/r50.flags", "--train_file_pattern=/nonexistent/gldv2/train-*"],
-     ["/nonexistent/gldv2/train-*", "build_tfrecords"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--flagfile=configs/r50.flags", "--no_such_flag=1"], ["no_such_flag"]),
+        (
+            ["--flagfile=configs/missing.flags"],
+            ["--flagfile=configs/missing.flags", "does not exist"],
+        ),
+        (
+            ["--flagfile=configs/r50.flags", "--train_file_pattern=/nonexistent/gldv2/train-*"],
+            ["/nonexistent/gldv2/train-*", "build_tfrecords"],
+        ),
+    ],
+)
 def test_bad_input_gives_one_line_error(args, needles):
     _assert_one_line_error(_train(args), *needles)
 
 
 def test_empty_tfrecords_give_one_line_error(tmp_path):
     (tmp_path / "train-00000-of-00001").write_bytes(b"")
-    result = _train(["--flagfile=configs/r50.flags", f"--logdir={tmp_path / 'run'}",
-                     f"--train_file_pattern={tmp_path}/train-*"])
+    result = _train(
+        [
+            "--flagfile=configs/r50.flags",
+            f"--logdir={tmp_path / 'run'}",
+            f"--train_file_pattern={tmp_path}/train-*",
+        ]
+    )
     _assert_one_line_error(result, str(tmp_path), "empty")
 
 
@@ -65,12 +84,21 @@ def _checkpoint_step(logdir):
 
 def test_kill_during_training_then_resume(tmp_path):
     logdir = str(tmp_path / "run")
-    args = [*TINY_DELG_FLAGS, f"--data_dir={embedded_tiny_data_dir()}", f"--logdir={logdir}",
-            "--checkpoint_interval=3", "--validation_interval=0"]
+    args = [
+        *TINY_DELG_FLAGS,
+        f"--data_dir={embedded_tiny_data_dir()}",
+        f"--logdir={logdir}",
+        "--checkpoint_interval=3",
+        "--validation_interval=0",
+    ]
     with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "delg_tf.train", *args,
-                                    "--max_iters=1000000"], cwd=REPO, env=_env(),
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "delg_tf.train", *args, "--max_iters=1000000"],
+            cwd=REPO,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.time() + FIRST_CHECKPOINT_TIMEOUT_S
             while _checkpoint_step(logdir) is None:
@@ -115,9 +143,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     logdir = str(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, logdir,
-                             embedded_tiny_data_dir()], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, logdir, embedded_tiny_data_dir()],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "over 2 replica(s)" in result.stderr
     assert re.search(r"step 4/4: .*loss=\d", result.stderr)

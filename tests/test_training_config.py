@@ -1,4 +1,5 @@
 """TrainConfig, flag parsing of every configs/*.flags, flags.txt round trip, LR schedules."""
+
 import dataclasses
 import glob
 import json
@@ -44,28 +45,42 @@ def test_paper_configs_match_section_4_1(path):
     assert (model.gem_power, model.learn_gem_power) == (3.0, False)
     assert (model.embedding_dim, model.local_dim, model.attention_hidden) == (2048, 128, 512)
     assert (model.arcface_margin, model.reconstruction_weight, model.attention_weight) == (
-        0.1, 10.0, 1.0)
+        0.1,
+        10.0,
+        1.0,
+    )
     assert model.stop_gradients and model.learn_arcface_scale
 
 
 def test_command_line_overrides_flagfile():
-    train_config, _ = parse_flags(["train", f"--flagfile={PAPER_CONFIGS[0]}",
-                                   "--train_file_pattern=/x/train-*", "--initial_lr=0.001"])
+    train_config, _ = parse_flags(
+        [
+            "train",
+            f"--flagfile={PAPER_CONFIGS[0]}",
+            "--train_file_pattern=/x/train-*",
+            "--initial_lr=0.001",
+        ]
+    )
     assert train_config.train_file_pattern == "/x/train-*"
     assert train_config.initial_lr == 0.001
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--foo=1"], "foo"),
-    (["--flagfile=/no/such.flags"], "/no/such.flags"),
-    (["--logdir=x", "--strategy=nccl"], "--strategy"),
-    (["--logdir=x", "--data_source=gldv2"], "--train_file_pattern"),
-    (["--logdir=x", "--data_source=embedded", "--batch_size=0"], "--batch_size"),
-    (["--logdir=x", "--data_source=embedded", "--backbone=r7"], "backbone"),
-    (["--logdir=x", "--data_source=embedded", "--proxy_alpha=16"], "--proxy_alpha"),
-    (["--logdir=x", "--data_source=embedded", "--warmup_steps=10", "--max_iters=5"],
-     "--warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--foo=1"], "foo"),
+        (["--flagfile=/no/such.flags"], "/no/such.flags"),
+        (["--logdir=x", "--strategy=nccl"], "--strategy"),
+        (["--logdir=x", "--data_source=gldv2"], "--train_file_pattern"),
+        (["--logdir=x", "--data_source=embedded", "--batch_size=0"], "--batch_size"),
+        (["--logdir=x", "--data_source=embedded", "--backbone=r7"], "backbone"),
+        (["--logdir=x", "--data_source=embedded", "--proxy_alpha=16"], "--proxy_alpha"),
+        (
+            ["--logdir=x", "--data_source=embedded", "--warmup_steps=10", "--max_iters=5"],
+            "--warmup_steps",
+        ),
+    ],
+)
 def test_bad_flags_raise_one_line_config_error(argv, needle):
     with pytest.raises(ConfigError) as info:
         parse_flags(["train"] + argv)
@@ -80,9 +95,12 @@ def test_validate_names_flag_expected_and_received():
 
 def test_flags_txt_round_trip(tmp_path):
     train_config, model_config = parse_flags(
-        ["train", f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}"])
-    record = config_lib.config_record(dataclasses.replace(train_config, num_classes=10),
-                                      dataclasses.replace(model_config, num_classes=10))
+        ["train", f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}"]
+    )
+    record = config_lib.config_record(
+        dataclasses.replace(train_config, num_classes=10),
+        dataclasses.replace(model_config, num_classes=10),
+    )
     path = tmp_path / "flags.txt"
     path.write_text(config_lib.flags_text(record))
     again_train, again_model = parse_flags(["train", f"--flagfile={path}"])
@@ -102,8 +120,9 @@ def test_resume_rule_allows_bookkeeping_changes_only(tmp_path):
     with pytest.raises(ConfigError, match="--initial_lr: saved 0.01, received 0.5"):
         check_resume_config(tmp_path, {"train": other_lr.to_dict(), "model": model})
     with pytest.raises(ConfigError, match="flags.txt"):
-        check_resume_config(tmp_path, {"train": base.to_dict(),
-                                       "model": {**model, "backbone": "r50"}})
+        check_resume_config(
+            tmp_path, {"train": base.to_dict(), "model": {**model, "backbone": "r50"}}
+        )
 
 
 def test_learning_rate_schedules():
@@ -113,8 +132,9 @@ def test_learning_rate_schedules():
     values = [float(linear(s)) for s in (0, 50, 100, 150)]
     np.testing.assert_allclose(values, [0.01, 0.005, 0.0, 0.0], atol=1e-9)
     warm = WarmupDecaySchedule(0.01, 110, warmup_steps=10, kind="cosine")
-    np.testing.assert_allclose([float(warm(s)) for s in (0, 5, 10, 60, 110)],
-                               [0.0, 0.005, 0.01, 0.005, 0.0], atol=1e-7)
+    np.testing.assert_allclose(
+        [float(warm(s)) for s in (0, 5, 10, 60, 110)], [0.0, 0.005, 0.01, 0.005, 0.0], atol=1e-7
+    )
     constant = WarmupDecaySchedule(0.01, 100, kind="constant")
     assert float(constant(99)) == pytest.approx(0.01)
     restored = WarmupDecaySchedule(**linear.get_config())
@@ -123,19 +143,27 @@ def test_learning_rate_schedules():
 
 def test_demo_flags_train_on_the_first_landmarks_only():
     train_config, _ = parse_flags(
-        ["train", f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}"])
+        ["train", f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}"]
+    )
     from delg_tf import demo
 
     assert train_config.data_source == "embedded"
     assert train_config.embedded_train_landmarks == demo.DEFAULT_TRAIN_LANDMARKS
 
 
-@pytest.mark.parametrize("argv", [
-    ["--logdir=x", "--data_source=embedded", "--embedded_train_landmarks=-1"],
-    ["--logdir=x", "--data_source=embedded", "--model_family=glocal",
-     "--embedded_train_landmarks=5"],
-    ["--logdir=x", "--train_file_pattern=t-*", "--embedded_train_landmarks=5"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--logdir=x", "--data_source=embedded", "--embedded_train_landmarks=-1"],
+        [
+            "--logdir=x",
+            "--data_source=embedded",
+            "--model_family=glocal",
+            "--embedded_train_landmarks=5",
+        ],
+        ["--logdir=x", "--train_file_pattern=t-*", "--embedded_train_landmarks=5"],
+    ],
+)
 def test_embedded_train_landmarks_is_checked(argv):
     with pytest.raises(ConfigError, match="--embedded_train_landmarks"):
         parse_flags(["train", *argv])

@@ -4,6 +4,7 @@ when the process may use another number of cores (the intra-op thread count is f
 Each run is a fresh `python -m delg_tf.train` process (the thread count and TF op
 determinism are process-wide and must be set before TensorFlow runs an op).
 """
+
 import os
 import subprocess
 import sys
@@ -20,16 +21,27 @@ STEPS = 20
 
 
 def _train(logdir, data_dir, *extra, cores=None):
-    command = [sys.executable, "-m", "delg_tf.train",
-               f"--flagfile={REPO / 'configs' / 'demo.flags'}", f"--logdir={logdir}",
-               f"--data_dir={data_dir}", f"--max_iters={STEPS}", "--validation_interval=0",
-               f"--checkpoint_interval={STEPS}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "delg_tf.train",
+        f"--flagfile={REPO / 'configs' / 'demo.flags'}",
+        f"--logdir={logdir}",
+        f"--data_dir={data_dir}",
+        f"--max_iters={STEPS}",
+        "--validation_interval=0",
+        f"--checkpoint_interval={STEPS}",
+        *extra,
+    ]
     preexec = None
     if cores is not None:
+
         def preexec():
             os.sched_setaffinity(0, cores)
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=preexec, timeout=600)
+
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, preexec_fn=preexec, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr + done.stdout
 
@@ -37,8 +49,11 @@ def _train(logdir, data_dir, *extra, cores=None):
 def _weights(logdir):
     path = tf.train.latest_checkpoint(str(logdir))
     reader = tf.train.load_checkpoint(path)
-    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
-            if name.startswith("model/") and "OPTIMIZER" not in name}
+    return {
+        name: reader.get_tensor(name)
+        for name, _ in tf.train.list_variables(path)
+        if name.startswith("model/") and "OPTIMIZER" not in name
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +101,11 @@ def test_nondeterministic_run_trains_without_the_settings(runs):
 def test_resolved_threads():
     base = dict(logdir="x", data_source="embedded")
     assert TrainConfig(**base).resolved_intra_op_threads == 0
-    assert (TrainConfig(**base, deterministic=True).resolved_intra_op_threads
-            == DETERMINISTIC_INTRA_OP_THREADS)
-    assert TrainConfig(**base, deterministic=True,
-                       intra_op_threads=3).resolved_intra_op_threads == 3
+    assert (
+        TrainConfig(**base, deterministic=True).resolved_intra_op_threads
+        == DETERMINISTIC_INTRA_OP_THREADS
+    )
+    assert (
+        TrainConfig(**base, deterministic=True, intra_op_threads=3).resolved_intra_op_threads == 3
+    )
     assert TrainConfig(**base, intra_op_threads=1).resolved_intra_op_threads == 1

@@ -1,4 +1,5 @@
 """The training loop in-process: loss goes down, TensorBoard scalars, resume, NaN guard."""
+
 import dataclasses
 import logging
 
@@ -8,34 +9,74 @@ import tensorflow as tf
 
 from delg_tf.models.delg import DelgModelConfig
 from delg_tf.training.config import TrainConfig
-from delg_tf.training.trainer import (NonFiniteLossError, TRAIN_SUMMARY_DIR,
-                                      VALIDATION_SUMMARY_DIR, train)
-from training_helpers import (STANDIN_IMAGE_SIZE, StandInModel, embedded_tiny_data_dir,
-                              read_scalars, standin_data_fn, standin_model_fn)
+from delg_tf.training.trainer import (
+    NonFiniteLossError,
+    TRAIN_SUMMARY_DIR,
+    VALIDATION_SUMMARY_DIR,
+    train,
+)
+from training_helpers import (
+    STANDIN_IMAGE_SIZE,
+    StandInModel,
+    embedded_tiny_data_dir,
+    read_scalars,
+    standin_data_fn,
+    standin_model_fn,
+)
 
-DELG_METRICS = ("loss", "global_loss", "reconstruction_loss", "attention_loss",
-                "global_accuracy", "attention_accuracy", "arcface_scale", "attention_mean",
-                "sparsity_conv4", "sparsity_conv5", "learning_rate")
+DELG_METRICS = (
+    "loss",
+    "global_loss",
+    "reconstruction_loss",
+    "attention_loss",
+    "global_accuracy",
+    "attention_accuracy",
+    "arcface_scale",
+    "attention_mean",
+    "sparsity_conv4",
+    "sparsity_conv5",
+    "learning_rate",
+)
 
 
 def _standin_config(logdir, **overrides):
-    values = dict(logdir=str(logdir), data_source="embedded", max_iters=20, batch_size=8,
-                  image_size=STANDIN_IMAGE_SIZE, initial_lr=0.05, checkpoint_interval=10,
-                  summary_interval=1, log_interval=5, validation_interval=10,
-                  validation_steps=1)
+    values = dict(
+        logdir=str(logdir),
+        data_source="embedded",
+        max_iters=20,
+        batch_size=8,
+        image_size=STANDIN_IMAGE_SIZE,
+        initial_lr=0.05,
+        checkpoint_interval=10,
+        summary_interval=1,
+        log_interval=5,
+        validation_interval=10,
+        validation_steps=1,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def test_delg_fit_on_embedded_data_lowers_the_loss(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    config = TrainConfig(logdir=str(tmp_path / "run"), data_source="embedded",
-                         data_dir=embedded_tiny_data_dir(), embedded_preset="tiny",
-                         max_iters=30, batch_size=4, image_size=64, initial_lr=0.01,
-                         checkpoint_interval=30, summary_interval=1, log_interval=10,
-                         validation_interval=30, validation_steps=1)
-    model_config = DelgModelConfig(num_classes=1, backbone="tiny", embedding_dim=32,
-                                   local_dim=8, attention_hidden=16)
+    config = TrainConfig(
+        logdir=str(tmp_path / "run"),
+        data_source="embedded",
+        data_dir=embedded_tiny_data_dir(),
+        embedded_preset="tiny",
+        max_iters=30,
+        batch_size=4,
+        image_size=64,
+        initial_lr=0.01,
+        checkpoint_interval=30,
+        summary_interval=1,
+        log_interval=10,
+        validation_interval=30,
+        validation_steps=1,
+    )
+    model_config = DelgModelConfig(
+        num_classes=1, backbone="tiny", embedding_dim=32, local_dim=8, attention_hidden=16
+    )
     logdir = train(config, model_config)
     scalars = read_scalars(logdir / TRAIN_SUMMARY_DIR)
     for name in DELG_METRICS:
@@ -50,8 +91,9 @@ def test_delg_fit_on_embedded_data_lowers_the_loss(tmp_path, caplog):
     assert (logdir / "config.json").is_file() and (logdir / "flags.txt").is_file()
     assert "--backbone=tiny" in (logdir / "flags.txt").read_text()
     assert "--num_classes=4" in (logdir / "flags.txt").read_text()
-    assert any("step 10/30" in r.getMessage() and "steps/s=" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "step 10/30" in r.getMessage() and "steps/s=" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, caplog):
@@ -90,8 +132,11 @@ def test_init_from_fine_tunes_with_another_number_of_classes(tmp_path, caplog):
     source = _standin_config(tmp_path / "source", max_iters=5, validation_interval=0)
     train(source, model_fn=standin_model_fn(), data_fn=standin_data_fn)
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(source.logdir))
-    conv_kernel = next(reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-                       if k.startswith("model/conv/") and "kernel" in k)
+    conv_kernel = next(
+        reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if k.startswith("model/conv/") and "kernel" in k
+    )
     captured = {}
 
     def five_classes(num_classes):
@@ -99,8 +144,9 @@ def test_init_from_fine_tunes_with_another_number_of_classes(tmp_path, caplog):
         captured["model"] = StandInModel(5)
         return captured["model"]
 
-    target = _standin_config(tmp_path / "target", max_iters=1, validation_interval=0,
-                             init_from=source.logdir)
+    target = _standin_config(
+        tmp_path / "target", max_iters=1, validation_interval=0, init_from=source.logdir
+    )
     train(target, model_fn=five_classes, data_fn=standin_data_fn)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "initialised the model from" in messages and "classifier" in messages

@@ -7,6 +7,7 @@ batch; a killed, terminated (SIGTERM) or frozen worker stops the other one with 
 error line within a bounded time; restarting both resumes from the chief's last
 checkpoint; workers that do not share --logdir are refused.
 """
+
 import glob
 import json
 import os
@@ -44,11 +45,20 @@ ATOL, RTOL = 1e-6, 1e-5
 # One intra-op thread per worker on a 2-core machine, and the same for the reference.
 # Batch statistics are per replica (BN off), so that one process and two workers compute
 # the same step (the gradient clipping of configs/demo.flags acts on the global gradient).
-FLAGS = ("--flagfile=configs/demo.flags", "--embedded_preset=tiny",
-         "--embedded_train_landmarks=0", "--batch_size=4", "--image_size=64",
-         "--validation_interval=0", f"--checkpoint_interval={CHECKPOINT_INTERVAL}",
-         "--log_interval=1", "--summary_interval=1", "--intra_op_threads=1",
-         "--backbone_bn_training=false", "--attention_use_bn=false")
+FLAGS = (
+    "--flagfile=configs/demo.flags",
+    "--embedded_preset=tiny",
+    "--embedded_train_landmarks=0",
+    "--batch_size=4",
+    "--image_size=64",
+    "--validation_interval=0",
+    f"--checkpoint_interval={CHECKPOINT_INTERVAL}",
+    "--log_interval=1",
+    "--summary_interval=1",
+    "--intra_op_threads=1",
+    "--backbone_bn_training=false",
+    "--attention_use_bn=false",
+)
 DIGEST = re.compile(r"model weights at step (\d+): sha256 (\w+)")
 SCRATCH = re.compile(r"saves its checkpoints to the scratch folder (\S+)")
 NOT_COMPARED = ("_CHECKPOINTABLE_OBJECT_GRAPH", "data_iterator/.ATTRIBUTES/ITERATOR_STATE")
@@ -77,8 +87,15 @@ def _env(tf_config=None):
 
 
 def _train_args(logdir, *extra):
-    return [sys.executable, "-m", "delg_tf.train", *FLAGS,
-            f"--data_dir={embedded_tiny_data_dir()}", f"--logdir={logdir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "delg_tf.train",
+        *FLAGS,
+        f"--data_dir={embedded_tiny_data_dir()}",
+        f"--logdir={logdir}",
+        *extra,
+    ]
 
 
 class Workers:
@@ -91,9 +108,15 @@ class Workers:
         for index, (logdir, log) in enumerate(zip(logdirs, self.logs)):
             tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             with open(log, "w") as out:
-                self.processes.append(subprocess.Popen(
-                    _train_args(logdir, "--strategy=multi_worker", *extra), cwd=REPO,
-                    env=_env(tf_config), stdout=out, stderr=subprocess.STDOUT))
+                self.processes.append(
+                    subprocess.Popen(
+                        _train_args(logdir, "--strategy=multi_worker", *extra),
+                        cwd=REPO,
+                        env=_env(tf_config),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
     def text(self, index):
         with open(self.logs[index]) as f:
@@ -158,7 +181,8 @@ def test_only_the_chief_writes_into_the_logdir(two_worker_run):
     assert f"saved checkpoint {scratch[0]}/ckpt-{MAX_ITERS}" in other
     kept = [f"ckpt-{MAX_ITERS - CHECKPOINT_INTERVAL}", f"ckpt-{MAX_ITERS}"]
     expected = {"checkpoint", "config.json", "flags.txt", "train", "validation"} | {
-        f"{c}.{suffix}" for c in kept for suffix in ("index", "data-00000-of-00001")}
+        f"{c}.{suffix}" for c in kept for suffix in ("index", "data-00000-of-00001")
+    }
     assert set(os.listdir(logdir)) == expected
     # One writer of events: the chief (a second worker would add its own file).
     assert len(glob.glob(os.path.join(logdir, "train", "events.out.tfevents.*"))) == 1
@@ -173,9 +197,14 @@ def test_workers_end_with_identical_weights(two_worker_run):
 def test_two_workers_equal_one_process_with_the_same_global_batch(two_worker_run):
     folder, logdir, _ = two_worker_run
     single = str(folder / "single")
-    result = subprocess.run(_train_args(single, f"--max_iters={MAX_ITERS}"), cwd=REPO,
-                            env=_env(), capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        _train_args(single, f"--max_iters={MAX_ITERS}"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     multi = _float_tensors(os.path.join(logdir, f"ckpt-{MAX_ITERS}"))
     reference = _float_tensors(os.path.join(single, f"ckpt-{MAX_ITERS}"))
@@ -192,20 +221,24 @@ def test_workers_with_different_logdirs_are_refused(two_worker_run, tmp_path):
     _, logdir, _ = two_worker_run
     chief_logdir = str(tmp_path / "shared")
     shutil.copytree(logdir, chief_logdir)
-    workers = Workers(str(tmp_path), [chief_logdir, str(tmp_path / "elsewhere")],
-                      f"--max_iters={MAX_ITERS + EXTRA_STEPS}")
+    workers = Workers(
+        str(tmp_path),
+        [chief_logdir, str(tmp_path / "elsewhere")],
+        f"--max_iters={MAX_ITERS + EXTRA_STEPS}",
+    )
     assert workers.wait() == [EXIT_TRAINING_ERROR] * WORKERS, workers.text(0)[-3000:]
     for index in range(WORKERS):
-        errors = [line for line in workers.text(index).splitlines()
-                  if line.startswith("error: ")]
+        errors = [line for line in workers.text(index).splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, workers.text(index)[-3000:]
         assert f"different steps [{MAX_ITERS}, 0]" in errors[0]
         assert "same --logdir" in errors[0]
 
 
-@pytest.mark.parametrize("victim, how", [(0, signal.SIGKILL), (1, signal.SIGSTOP),
-                                         (1, signal.SIGTERM)],
-                         ids=["chief_killed", "worker_frozen", "worker_terminated"])
+@pytest.mark.parametrize(
+    "victim, how",
+    [(0, signal.SIGKILL), (1, signal.SIGSTOP), (1, signal.SIGTERM)],
+    ids=["chief_killed", "worker_frozen", "worker_terminated"],
+)
 def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
     logdir = str(tmp_path / "run")
     workers = Workers(str(tmp_path), [logdir] * WORKERS, "--max_iters=1000000")
@@ -226,8 +259,10 @@ def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
         try:
             code = workers.processes[survivor].wait(timeout=SURVIVOR_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"worker {survivor} still runs {SURVIVOR_EXIT_TIMEOUT_S} s after "
-                        f"worker {victim} got signal {how}")
+            pytest.fail(
+                f"worker {survivor} still runs {SURVIVOR_EXIT_TIMEOUT_S} s after "
+                f"worker {victim} got signal {how}"
+            )
         waited = time.time() - lost_at
     finally:
         workers.kill()  # Also the frozen worker.
@@ -242,10 +277,12 @@ def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
     assert "restart every worker of TF_CONFIG" in errors[0]
     assert f"resume from the chief's last checkpoint {logdir}/ckpt-{saved}" in errors[0]
     if how == signal.SIGTERM:  # The worker stops itself, with its own error line.
-        victim_errors = [line for line in workers.text(victim).splitlines()
-                         if line.startswith("error: ")]
-        assert victim_code == EXIT_TRAINING_ERROR and len(victim_errors) == 1, (
-            workers.text(victim)[-3000:])
+        victim_errors = [
+            line for line in workers.text(victim).splitlines() if line.startswith("error: ")
+        ]
+        assert victim_code == EXIT_TRAINING_ERROR and len(victim_errors) == 1, workers.text(victim)[
+            -3000:
+        ]
         assert f"/job:worker/task:{victim} received SIGTERM and stopped" in victim_errors[0]
         assert "restart every worker of TF_CONFIG" in victim_errors[0]
     for scratch in SCRATCH.findall(workers.text(1)):

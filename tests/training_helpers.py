@@ -2,6 +2,7 @@
 
 Used by tests/test_training_*.py to exercise the loop without the DELG model.
 """
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -33,19 +34,24 @@ class StandInModel(keras.Model):
     def build(self, input_shape):
         self.conv.build(input_shape)
         self.classifier.build((None, 8))
-        self.steps_seen = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                          name="steps_seen")
+        self.steps_seen = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="steps_seen"
+        )
 
     def call(self, images, training=False):
         return self.classifier(self.pool(self.conv(images / PIXEL_MAX - 0.5)))
 
     def _loss(self, images, labels, training):
         logits = self(images, training=training)
-        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True))
-        accuracy = tf.reduce_mean(tf.cast(
-            tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
-            tf.float32))
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        )
+        accuracy = tf.reduce_mean(
+            tf.cast(
+                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
+                tf.float32,
+            )
+        )
         return loss, accuracy
 
     def train_step(self, data):
@@ -80,12 +86,21 @@ def standin_examples(seed=0, count=STANDIN_EXAMPLES):
 def standin_data_fn(config, seed):
     images, labels = standin_examples()
     split = int(len(labels) * 0.8)
-    train = (tf.data.Dataset.from_tensor_slices((images[:split], labels[:split]))
-             .shuffle(split, seed=seed).repeat().batch(config.batch_size, drop_remainder=True))
-    validation = tf.data.Dataset.from_tensor_slices(
-        (images[split:], labels[split:])).batch(config.batch_size, drop_remainder=True)
-    return TrainData(train=train, validation=validation, num_classes=STANDIN_CLASSES,
-                     description="stand-in colour squares")
+    train = (
+        tf.data.Dataset.from_tensor_slices((images[:split], labels[:split]))
+        .shuffle(split, seed=seed)
+        .repeat()
+        .batch(config.batch_size, drop_remainder=True)
+    )
+    validation = tf.data.Dataset.from_tensor_slices((images[split:], labels[split:])).batch(
+        config.batch_size, drop_remainder=True
+    )
+    return TrainData(
+        train=train,
+        validation=validation,
+        num_classes=STANDIN_CLASSES,
+        description="stand-in colour squares",
+    )
 
 
 def standin_model_fn(nan_at_step=0):
@@ -97,11 +112,21 @@ def standin_model_fn(nan_at_step=0):
 # --------------------------------------------------------------------------
 
 _EMBEDDED_CACHE = {}
-TINY_DELG_FLAGS = ("--model_family=delg", "--data_source=embedded", "--embedded_preset=tiny",
-                   "--backbone=tiny", "--embedding_dim=32", "--local_dim=8",
-                   "--attention_hidden=16", "--batch_size=4", "--image_size=64",
-                   "--initial_lr=0.01", "--log_interval=5", "--summary_interval=1",
-                   "--validation_steps=1")
+TINY_DELG_FLAGS = (
+    "--model_family=delg",
+    "--data_source=embedded",
+    "--embedded_preset=tiny",
+    "--backbone=tiny",
+    "--embedding_dim=32",
+    "--local_dim=8",
+    "--attention_hidden=16",
+    "--batch_size=4",
+    "--image_size=64",
+    "--initial_lr=0.01",
+    "--log_interval=5",
+    "--summary_interval=1",
+    "--validation_steps=1",
+)
 
 
 def embedded_tiny_data_dir():
@@ -116,8 +141,11 @@ def embedded_tiny_data_dir():
     if "dir" not in _EMBEDDED_CACHE:
         data_dir = tempfile.mkdtemp(prefix="delg_tf_train_data_")
         atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
-        _embedded_tfrecords(TrainConfig(logdir=data_dir, data_source="embedded",
-                                        data_dir=data_dir, embedded_preset="tiny"))
+        _embedded_tfrecords(
+            TrainConfig(
+                logdir=data_dir, data_source="embedded", data_dir=data_dir, embedded_preset="tiny"
+            )
+        )
         _EMBEDDED_CACHE["dir"] = data_dir
     return _EMBEDDED_CACHE["dir"]
 

@@ -62,15 +62,19 @@ def _assign_all(backbone, values, source):
         if key not in values:
             problems.append(f"{key}: missing in {source}")
         elif tuple(values[key].shape) != tuple(variable.shape):
-            problems.append(f"{key}: expected shape {tuple(variable.shape)}, received "
-                            f"{tuple(values[key].shape)}")
+            problems.append(
+                f"{key}: expected shape {tuple(variable.shape)}, received "
+                f"{tuple(values[key].shape)}"
+            )
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         more = len(problems) - MAX_LISTED_PROBLEMS
         raise ImageNetWeightsError(
             f"{source} does not fit the {backbone.layout!r} backbone ({len(problems)} "
-            f"problems):\n  {listed}" + (f"\n  ... and {more} more" if more > 0 else "")
-            + "\nCheck the depth (r50/r101) and layout of the backbone against the file.")
+            f"problems):\n  {listed}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\nCheck the depth (r50/r101) and layout of the backbone against the file."
+        )
     for key, variable in variables.items():
         variable.assign(values[key])
     logger.info("Backbone initialised from %s (%d weights).", source, len(variables))
@@ -83,7 +87,8 @@ def _require_layout(backbone, layout, spec):
             f"imagenet weights {spec!r} are {layout!r}-layout weights but the backbone layout is "
             f"{backbone.layout!r}. Use backbone_layout={layout!r}, or give weights of the "
             f"{backbone.layout!r} layout (slim: a tf-slim resnet_v1 checkpoint; keras: "
-            f"'imagenet' or a keras.applications .h5).")
+            f"'imagenet' or a keras.applications .h5)."
+        )
 
 
 def load_keras_application(backbone, application_model, source="keras.applications"):
@@ -103,24 +108,30 @@ def _keras_weights(backbone, spec):
     if depth is None:
         raise ImageNetWeightsError(
             f"keras.applications ImageNet weights exist for ResNet-50/101 only; the backbone "
-            f"has units {backbone.units} and base width {backbone.base_width}.")
+            f"has units {backbone.units} and base width {backbone.base_width}."
+        )
     constructor = getattr(keras.applications, KERAS_APPLICATIONS[depth])
     include_top = False
     if spec != IMAGENET:
         include_top = _h5_has_top(spec)
     try:
-        app = constructor(include_top=include_top, weights=spec,
-                          input_shape=None if include_top else (None, None, 3))
+        app = constructor(
+            include_top=include_top,
+            weights=spec,
+            input_shape=None if include_top else (None, None, 3),
+        )
     except Exception as error:  # Download or file errors come in many types.
         if spec == IMAGENET:
             raise ImageNetWeightsError(
                 f"ImageNet weights for keras.applications.{KERAS_APPLICATIONS[depth]} are "
                 f"unreachable (download failed: {type(error).__name__}: {error}). Pass a local "
                 f"weights file instead, e.g. imagenet_weights=/path/to/resnet{depth}_weights_tf_"
-                f"dim_ordering_tf_kernels_notop.h5, or put it in ~/.keras/models/.") from error
+                f"dim_ordering_tf_kernels_notop.h5, or put it in ~/.keras/models/."
+            ) from error
         raise ImageNetWeightsError(
             f"could not load {spec!r} into keras.applications.{KERAS_APPLICATIONS[depth]}: "
-            f"{type(error).__name__}: {error}. Expected that model's weights file.") from error
+            f"{type(error).__name__}: {error}. Expected that model's weights file."
+        ) from error
     return load_keras_application(backbone, app, source=f"{spec} (keras.applications)")
 
 
@@ -128,6 +139,7 @@ def _h5_has_top(path):
     """Whether a keras.applications .h5 file holds the classification layer."""
     try:
         import h5py
+
         with h5py.File(path, "r") as handle:
             names = set()
             handle.visit(names.add)
@@ -143,10 +155,11 @@ def _slim_checkpoint_path(spec):
             return latest
         index_files = [f for f in os.listdir(spec) if f.endswith(".index")]
         if len(index_files) == 1:
-            return os.path.join(spec, index_files[0][:-len(".index")])
+            return os.path.join(spec, index_files[0][: -len(".index")])
         raise ImageNetWeightsError(
             f"no TF checkpoint found in directory {spec!r}: expected a 'checkpoint' file or "
-            f"exactly one '*.index' file (found {len(index_files)}).")
+            f"exactly one '*.index' file (found {len(index_files)})."
+        )
     return spec
 
 
@@ -169,16 +182,22 @@ def load_slim_checkpoint(backbone, path, scope=None):
     except Exception as error:  # NotFoundError / DataLossError / ValueError.
         raise ImageNetWeightsError(
             f"cannot read TF checkpoint {path!r}: {type(error).__name__}: {error}. Expected a "
-            f"tf-slim checkpoint prefix such as resnet_v1_50.ckpt (with its .index file).") \
-            from error
+            f"tf-slim checkpoint prefix such as resnet_v1_50.ckpt (with its .index file)."
+        ) from error
     names = reader.get_variable_to_shape_map()
     if scope is None:
-        scopes = sorted({n.split("/")[0] for n in names if n.endswith("/conv1/weights")
-                         and naming.slim_to_key(n) is not None})
+        scopes = sorted(
+            {
+                n.split("/")[0]
+                for n in names
+                if n.endswith("/conv1/weights") and naming.slim_to_key(n) is not None
+            }
+        )
         if len(scopes) != 1:
             raise ImageNetWeightsError(
                 f"{path}: expected exactly one tf-slim ResNet scope with '<scope>/conv1/weights' "
-                f"(e.g. resnet_v1_50), found {scopes}. Pass scope= explicitly.")
+                f"(e.g. resnet_v1_50), found {scopes}. Pass scope= explicitly."
+            )
         scope = scopes[0]
     values = {}
     for name in names:
@@ -197,20 +216,23 @@ def load_imagenet_weights(backbone, spec):
       A one-line description of what was done (also logged).
     """
     if not spec:
-        message = ("Backbone randomly initialised: no ImageNet weights given (set "
-                   "imagenet_weights to 'imagenet' for the keras layout or to a tf-slim "
-                   "resnet_v1 checkpoint for the slim layout).")
+        message = (
+            "Backbone randomly initialised: no ImageNet weights given (set "
+            "imagenet_weights to 'imagenet' for the keras layout or to a tf-slim "
+            "resnet_v1 checkpoint for the slim layout)."
+        )
         logger.warning(message)
         return message
     if spec == IMAGENET:
         count = _keras_weights(backbone, spec)
     else:
         spec = os.fspath(spec)
-        looks_like_checkpoint = (os.path.exists(spec + ".index") or os.path.isdir(spec))
+        looks_like_checkpoint = os.path.exists(spec + ".index") or os.path.isdir(spec)
         if not (os.path.exists(spec) or looks_like_checkpoint):
             raise ImageNetWeightsError(
                 f"imagenet weights path {spec!r} does not exist. Expected 'imagenet', a "
-                f"keras.applications .h5 file or a tf-slim checkpoint prefix.")
+                f"keras.applications .h5 file or a tf-slim checkpoint prefix."
+            )
         if spec.endswith(KERAS_WEIGHT_SUFFIXES) and not looks_like_checkpoint:
             count = _keras_weights(backbone, spec)
         else:

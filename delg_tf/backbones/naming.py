@@ -36,11 +36,13 @@ CONV_WEIGHTS = ("kernel", "bias")
 
 _KEY_RE = re.compile(
     r"^(?:(?P<stem>conv1)|conv(?P<stage>[2-5])_block(?P<unit>\d+)/(?P<conv>[0-3]))"
-    r"/(?P<part>conv|bn)/(?P<weight>kernel|bias|gamma|beta|moving_mean|moving_variance)$")
+    r"/(?P<part>conv|bn)/(?P<weight>kernel|bias|gamma|beta|moving_mean|moving_variance)$"
+)
 _SLIM_RE = re.compile(
     r"^(?P<scope>[^/]+)/(?:(?P<stem>conv1)|block(?P<block>\d+)/unit_(?P<unit>\d+)/"
     r"bottleneck_v1/(?P<conv>conv[1-3]|shortcut))"
-    r"/(?:(?P<kernel>weights)|BatchNorm/(?P<bn>gamma|beta|moving_mean|moving_variance))$")
+    r"/(?:(?P<kernel>weights)|BatchNorm/(?P<bn>gamma|beta|moving_mean|moving_variance))$"
+)
 
 
 def parse_key(key):
@@ -51,12 +53,19 @@ def parse_key(key):
     """
     match = _KEY_RE.match(key)
     if match is None:
-        raise ValueError(f"not a backbone weight key: {key!r}; expected e.g. "
-                         f"'conv1/conv/kernel' or 'conv4_block6/2/bn/gamma'.")
+        raise ValueError(
+            f"not a backbone weight key: {key!r}; expected e.g. "
+            f"'conv1/conv/kernel' or 'conv4_block6/2/bn/gamma'."
+        )
     if match["stem"]:
         return 1, None, None, match["part"], match["weight"]
-    return (int(match["stage"]), int(match["unit"]), int(match["conv"]), match["part"],
-            match["weight"])
+    return (
+        int(match["stage"]),
+        int(match["unit"]),
+        int(match["conv"]),
+        match["part"],
+        match["weight"],
+    )
 
 
 def make_key(stage, unit, conv, part, weight):
@@ -71,14 +80,15 @@ def relative_key(variable_path, backbone_name):
     index = variable_path.find(marker)
     if index < 0:
         raise ValueError(f"variable {variable_path!r} is not under backbone {backbone_name!r}.")
-    return variable_path[index + len(marker):]
+    return variable_path[index + len(marker) :]
 
 
 def slim_scope(depth):
     """'resnet_v1_50' or 'resnet_v1_101'."""
     if depth not in SLIM_SCOPES:
-        raise ValueError(f"tf-slim ResNet depth must be one of {sorted(SLIM_SCOPES)}, "
-                         f"received {depth!r}.")
+        raise ValueError(
+            f"tf-slim ResNet depth must be one of {sorted(SLIM_SCOPES)}, received {depth!r}."
+        )
     return SLIM_SCOPES[depth]
 
 
@@ -94,8 +104,10 @@ def key_to_slim(key, scope):
     if stage == 1:
         return f"{scope}/{STEM}/{leaf}"
     conv_scope = SLIM_SHORTCUT if conv == SHORTCUT_INDEX else f"conv{conv}"
-    return (f"{scope}/block{stage - SLIM_BLOCK_OFFSET}/unit_{unit}/{SLIM_UNIT_SCOPE}/"
-            f"{conv_scope}/{leaf}")
+    return (
+        f"{scope}/block{stage - SLIM_BLOCK_OFFSET}/unit_{unit}/{SLIM_UNIT_SCOPE}/"
+        f"{conv_scope}/{leaf}"
+    )
 
 
 def slim_to_key(name):
@@ -107,8 +119,7 @@ def slim_to_key(name):
     if match["stem"]:
         return make_key(1, None, None, part, weight)
     conv = SHORTCUT_INDEX if match["conv"] == SLIM_SHORTCUT else int(match["conv"][-1])
-    return make_key(int(match["block"]) + SLIM_BLOCK_OFFSET, int(match["unit"]), conv, part,
-                    weight)
+    return make_key(int(match["block"]) + SLIM_BLOCK_OFFSET, int(match["unit"]), conv, part, weight)
 
 
 def key_to_keras_applications(key):
@@ -125,5 +136,6 @@ def keras_applications_to_key(layer_name, weight_name):
         return None
     if match.group(1):
         return make_key(1, None, None, match.group(5), weight_name)
-    return make_key(int(match.group(2)), int(match.group(3)), int(match.group(4)),
-                    match.group(5), weight_name)
+    return make_key(
+        int(match.group(2)), int(match.group(3)), int(match.group(4)), match.group(5), weight_name
+    )

@@ -64,12 +64,30 @@ class LayoutNumerics:
 
 
 LAYOUT_NUMERICS = {
-    "slim": LayoutNumerics(stride_in_last_unit=True, conv_bias=False, bn_epsilon=1e-5,
-                           bn_momentum=0.997, stem_padding="symmetric", pool1="same"),
-    "tf2_delf": LayoutNumerics(stride_in_last_unit=False, conv_bias=True, bn_epsilon=1e-3,
-                               bn_momentum=0.99, stem_padding="same", pool1="valid"),
-    "keras": LayoutNumerics(stride_in_last_unit=False, conv_bias=True, bn_epsilon=1.001e-5,
-                            bn_momentum=0.99, stem_padding="symmetric", pool1="pad_valid"),
+    "slim": LayoutNumerics(
+        stride_in_last_unit=True,
+        conv_bias=False,
+        bn_epsilon=1e-5,
+        bn_momentum=0.997,
+        stem_padding="symmetric",
+        pool1="same",
+    ),
+    "tf2_delf": LayoutNumerics(
+        stride_in_last_unit=False,
+        conv_bias=True,
+        bn_epsilon=1e-3,
+        bn_momentum=0.99,
+        stem_padding="same",
+        pool1="valid",
+    ),
+    "keras": LayoutNumerics(
+        stride_in_last_unit=False,
+        conv_bias=True,
+        bn_epsilon=1.001e-5,
+        bn_momentum=0.99,
+        stem_padding="symmetric",
+        pool1="pad_valid",
+    ),
 }
 
 
@@ -103,9 +121,19 @@ class ConvBN(keras.layers.Layer):
     Input shape: [B, H, W, C_in]. Output shape: [B, ceil(H/s), ceil(W/s), filters].
     """
 
-    def __init__(self, filters, kernel_size, strides=1, padding="symmetric", use_bias=False,
-                 bn_epsilon=1e-5, bn_momentum=0.997, activation=True,
-                 kernel_initializer="he_normal", **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="symmetric",
+        use_bias=False,
+        bn_epsilon=1e-5,
+        bn_momentum=0.997,
+        activation=True,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if padding not in ("symmetric", "same"):
             raise ValueError(f"padding must be 'symmetric' or 'same', received {padding!r}.")
@@ -119,14 +147,23 @@ class ConvBN(keras.layers.Layer):
         self.activation = activation
         self.kernel_initializer = kernel_initializer
         pad_explicitly = strides > 1 and padding == "symmetric"
-        self.pad = (keras.layers.ZeroPadding2D(symmetric_padding(kernel_size), name="pad")
-                    if pad_explicitly else None)
+        self.pad = (
+            keras.layers.ZeroPadding2D(symmetric_padding(kernel_size), name="pad")
+            if pad_explicitly
+            else None
+        )
         self.conv = keras.layers.Conv2D(
-            filters, kernel_size, strides=strides,
-            padding="valid" if pad_explicitly else "same", use_bias=use_bias,
-            kernel_initializer=kernel_initializer, name="conv")
-        self.bn = keras.layers.BatchNormalization(epsilon=bn_epsilon, momentum=bn_momentum,
-                                                  name="bn")
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="valid" if pad_explicitly else "same",
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            name="conv",
+        )
+        self.bn = keras.layers.BatchNormalization(
+            epsilon=bn_epsilon, momentum=bn_momentum, name="bn"
+        )
 
     def build(self, input_shape):
         shape = input_shape
@@ -150,10 +187,17 @@ class ConvBN(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-                      padding=self.padding, use_bias=self.use_bias, bn_epsilon=self.bn_epsilon,
-                      bn_momentum=self.bn_momentum, activation=self.activation,
-                      kernel_initializer=self.kernel_initializer)
+        config.update(
+            filters=self.filters,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            bn_epsilon=self.bn_epsilon,
+            bn_momentum=self.bn_momentum,
+            activation=self.activation,
+            kernel_initializer=self.kernel_initializer,
+        )
         return config
 
 
@@ -171,8 +215,15 @@ class Bottleneck(keras.layers.Layer):
     Input shape: [B, H, W, C_in]. Output shape: [B, H/s, W/s, 4 * width].
     """
 
-    def __init__(self, width, strides=1, stride_in_3x3=True, projection=False,
-                 numerics=LAYOUT_NUMERICS["slim"], **kwargs):
+    def __init__(
+        self,
+        width,
+        strides=1,
+        stride_in_3x3=True,
+        projection=False,
+        numerics=LAYOUT_NUMERICS["slim"],
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.width = width
         self.strides = strides
@@ -180,14 +231,20 @@ class Bottleneck(keras.layers.Layer):
         self.projection = projection
         self.numerics = numerics
         out = width * BOTTLENECK_EXPANSION
-        common = dict(use_bias=numerics.conv_bias, bn_epsilon=numerics.bn_epsilon,
-                      bn_momentum=numerics.bn_momentum)
+        common = dict(
+            use_bias=numerics.conv_bias,
+            bn_epsilon=numerics.bn_epsilon,
+            bn_momentum=numerics.bn_momentum,
+        )
         s1, s3 = (1, strides) if stride_in_3x3 else (strides, 1)
         self.conv_1 = ConvBN(width, 1, strides=s1, name="1", **common)
         self.conv_2 = ConvBN(width, 3, strides=s3, name="2", **common)
         self.conv_3 = ConvBN(out, 1, activation=False, name="3", **common)
-        self.shortcut = (ConvBN(out, 1, strides=strides, activation=False, name="0", **common)
-                         if projection else None)
+        self.shortcut = (
+            ConvBN(out, 1, strides=strides, activation=False, name="0", **common)
+            if projection
+            else None
+        )
 
     def build(self, input_shape):
         self.conv_1.build(input_shape)
@@ -209,7 +266,7 @@ class Bottleneck(keras.layers.Layer):
             shortcut = self.shortcut(x, training=training)
         elif self.strides > 1:
             # slim's subsample(): a 1x1 max-pool with stride, i.e. x[:, ::s, ::s].
-            shortcut = x[:, ::self.strides, ::self.strides, :]
+            shortcut = x[:, :: self.strides, :: self.strides, :]
         else:
             shortcut = x
         y = self.conv_1(x, training=training)
@@ -219,8 +276,12 @@ class Bottleneck(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(width=self.width, strides=self.strides, stride_in_3x3=self.stride_in_3x3,
-                      projection=self.projection)
+        config.update(
+            width=self.width,
+            strides=self.strides,
+            stride_in_3x3=self.stride_in_3x3,
+            projection=self.projection,
+        )
         return config
 
 
@@ -246,16 +307,26 @@ class ResNet(keras.Model):
     `block3_stride`; sizes rounded up).
     """
 
-    def __init__(self, depth=50, layout="slim", base_width=DEFAULT_BASE_WIDTH, units=None,
-                 block3_stride=True, bn_epsilon=None, **kwargs):
+    def __init__(
+        self,
+        depth=50,
+        layout="slim",
+        base_width=DEFAULT_BASE_WIDTH,
+        units=None,
+        block3_stride=True,
+        bn_epsilon=None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "resnet")
         super().__init__(**kwargs)
         if layout not in LAYOUTS:
             raise ValueError(f"ResNet layout must be one of {LAYOUTS}, received {layout!r}.")
         if units is None:
             if depth not in UNITS_PER_STAGE:
-                raise ValueError(f"ResNet depth must be one of {sorted(UNITS_PER_STAGE)} "
-                                 f"(or pass `units`), received {depth!r}.")
+                raise ValueError(
+                    f"ResNet depth must be one of {sorted(UNITS_PER_STAGE)} "
+                    f"(or pass `units`), received {depth!r}."
+                )
             units = UNITS_PER_STAGE[depth]
         units = tuple(int(u) for u in units)
         if len(units) != 4 or min(units) < 1:
@@ -271,15 +342,27 @@ class ResNet(keras.Model):
             numerics = dataclasses.replace(numerics, bn_epsilon=bn_epsilon)
         self.numerics = numerics
 
-        self.stem = ConvBN(base_width, STEM_KERNEL_SIZE, strides=2,
-                           padding=numerics.stem_padding, use_bias=numerics.conv_bias,
-                           bn_epsilon=numerics.bn_epsilon, bn_momentum=numerics.bn_momentum,
-                           name="conv1")
-        self.pool1_pad = (keras.layers.ZeroPadding2D(1, name="pool1_pad")
-                          if numerics.pool1 == "pad_valid" else None)
+        self.stem = ConvBN(
+            base_width,
+            STEM_KERNEL_SIZE,
+            strides=2,
+            padding=numerics.stem_padding,
+            use_bias=numerics.conv_bias,
+            bn_epsilon=numerics.bn_epsilon,
+            bn_momentum=numerics.bn_momentum,
+            name="conv1",
+        )
+        self.pool1_pad = (
+            keras.layers.ZeroPadding2D(1, name="pool1_pad")
+            if numerics.pool1 == "pad_valid"
+            else None
+        )
         self.pool1 = keras.layers.MaxPooling2D(
-            POOL1_SIZE, strides=2, padding="same" if numerics.pool1 == "same" else "valid",
-            name="pool1_pool")
+            POOL1_SIZE,
+            strides=2,
+            padding="same" if numerics.pool1 == "same" else "valid",
+            name="pool1_pool",
+        )
 
         stage_strides = [2, 2, 2 if block3_stride else 1, 1]
         if not numerics.stride_in_last_unit:
@@ -287,17 +370,23 @@ class ResNet(keras.Model):
             stage_strides = [1, 2, 2, 1 if block3_stride else 2]
         self.stages = []
         for stage_index, (name, num_units) in enumerate(zip(STAGE_NAMES, units)):
-            width = base_width * 2 ** stage_index
+            width = base_width * 2**stage_index
             blocks = []
             for unit in range(num_units):
                 if numerics.stride_in_last_unit:
                     strides = stage_strides[stage_index] if unit == num_units - 1 else 1
                 else:
                     strides = stage_strides[stage_index] if unit == 0 else 1
-                blocks.append(Bottleneck(width, strides=strides,
-                                         stride_in_3x3=numerics.stride_in_last_unit,
-                                         projection=unit == 0, numerics=numerics,
-                                         name=f"{name}_block{unit + 1}"))
+                blocks.append(
+                    Bottleneck(
+                        width,
+                        strides=strides,
+                        stride_in_3x3=numerics.stride_in_last_unit,
+                        projection=unit == 0,
+                        numerics=numerics,
+                        name=f"{name}_block{unit + 1}",
+                    )
+                )
                 # Also an attribute: Keras 3 lists are not TF-trackable, so without this
                 # tf.train.Checkpoint(model=...) would save only the stem (not the blocks).
                 setattr(self, f"{name}_block{unit + 1}", blocks[-1])
@@ -307,9 +396,13 @@ class ResNet(keras.Model):
     @property
     def feature_channels(self):
         """Channels of each output feature map."""
-        return {"conv1": self.base_width,
-                **{name: self.base_width * 2 ** i * BOTTLENECK_EXPANSION
-                   for i, name in enumerate(STAGE_NAMES)}}
+        return {
+            "conv1": self.base_width,
+            **{
+                name: self.base_width * 2**i * BOTTLENECK_EXPANSION
+                for i, name in enumerate(STAGE_NAMES)
+            },
+        }
 
     def call_to_conv4(self, images, training=False):
         """Runs conv1..conv4. Returns a dict with "conv1".."conv4" (S = "conv4")."""
@@ -340,9 +433,15 @@ class ResNet(keras.Model):
         return outputs
 
     def get_config(self):
-        return {"name": self.name, "depth": self.depth, "layout": self.layout,
-                "base_width": self.base_width, "units": list(self.units),
-                "block3_stride": self.block3_stride, "bn_epsilon": self.bn_epsilon}
+        return {
+            "name": self.name,
+            "depth": self.depth,
+            "layout": self.layout,
+            "base_width": self.base_width,
+            "units": list(self.units),
+            "block3_stride": self.block3_stride,
+            "bn_epsilon": self.bn_epsilon,
+        }
 
 
 def build_resnet(name="r50", layout="slim", **kwargs):

@@ -55,6 +55,7 @@ class AugmentationConfig:
         resize_method: tf.image.resize method after cropping ("area" as in
             the official reader).
     """
+
     min_object_covered: float = MIN_OBJECT_COVERED
     aspect_ratio_range: tuple = ASPECT_RATIO_RANGE
     area_range: tuple = AREA_RANGE
@@ -90,9 +91,14 @@ def element_seed(base_seed, index):
     return tf.stack([tf.cast(base_seed, tf.int64), tf.cast(index, tf.int64)])
 
 
-def sample_crop_box(image_shape, seed, min_object_covered=MIN_OBJECT_COVERED,
-                    aspect_ratio_range=ASPECT_RATIO_RANGE,
-                    area_range=AREA_RANGE, max_attempts=MAX_ATTEMPTS):
+def sample_crop_box(
+    image_shape,
+    seed,
+    min_object_covered=MIN_OBJECT_COVERED,
+    aspect_ratio_range=ASPECT_RATIO_RANGE,
+    area_range=AREA_RANGE,
+    max_attempts=MAX_ATTEMPTS,
+):
     """Samples a random crop like the official `_ImageNetCrop`.
 
     Args:
@@ -107,15 +113,19 @@ def sample_crop_box(image_shape, seed, min_object_covered=MIN_OBJECT_COVERED,
     """
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.cast(image_shape, tf.int32), bounding_boxes=whole_image,
-        seed=tf.cast(seed, tf.int64), min_object_covered=min_object_covered,
-        aspect_ratio_range=aspect_ratio_range, area_range=area_range,
-        max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+        tf.cast(image_shape, tf.int32),
+        bounding_boxes=whole_image,
+        seed=tf.cast(seed, tf.int64),
+        min_object_covered=min_object_covered,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
     return begin, size
 
 
-def random_crop_and_resize(image, image_size, seed,
-                           config=AugmentationConfig()):
+def random_crop_and_resize(image, image_size, seed, config=AugmentationConfig()):
     """Random crop / aspect-ratio distortion, then resize to a square.
 
     Args:
@@ -128,11 +138,15 @@ def random_crop_and_resize(image, image_size, seed,
         float32 [S, S, 3].
     """
     begin, size = sample_crop_box(
-        tf.shape(image), seed, config.min_object_covered,
-        config.aspect_ratio_range, config.area_range, config.max_attempts)
+        tf.shape(image),
+        seed,
+        config.min_object_covered,
+        config.aspect_ratio_range,
+        config.area_range,
+        config.max_attempts,
+    )
     cropped = tf.slice(image, begin, size)
-    resized = tf.image.resize(cropped, [image_size, image_size],
-                              method=config.resize_method)
+    resized = tf.image.resize(cropped, [image_size, image_size], method=config.resize_method)
     return tf.ensure_shape(resized, [image_size, image_size, 3])
 
 
@@ -141,8 +155,7 @@ def random_flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=seed)
 
 
-def color_jitter(image, seed, brightness=0.0, contrast=0.0, saturation=0.0,
-                 hue=0.0):
+def color_jitter(image, seed, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
     """Random brightness, contrast, saturation and hue (stateless).
 
     Operates on [0, 1] intensities internally; zero amounts are skipped.
@@ -163,11 +176,11 @@ def color_jitter(image, seed, brightness=0.0, contrast=0.0, saturation=0.0,
     if brightness > 0:
         out = tf.image.stateless_random_brightness(out, brightness, seeds[0])
     if contrast > 0:
-        out = tf.image.stateless_random_contrast(
-            out, 1.0 - contrast, 1.0 + contrast, seeds[1])
+        out = tf.image.stateless_random_contrast(out, 1.0 - contrast, 1.0 + contrast, seeds[1])
     if saturation > 0:
         out = tf.image.stateless_random_saturation(
-            out, 1.0 - saturation, 1.0 + saturation, seeds[2])
+            out, 1.0 - saturation, 1.0 + saturation, seeds[2]
+        )
     if hue > 0:
         out = tf.image.stateless_random_hue(out, hue, seeds[3])
     return tf.clip_by_value(out, 0.0, 1.0) * PIXEL_MAX
@@ -191,8 +204,9 @@ def augment_for_training(image, image_size, seed, config=AugmentationConfig()):
     if config.random_flip:
         out = random_flip(out, seeds[1])
     if config.brightness or config.contrast or config.saturation or config.hue:
-        out = color_jitter(out, seeds[2], config.brightness, config.contrast,
-                           config.saturation, config.hue)
+        out = color_jitter(
+            out, seeds[2], config.brightness, config.contrast, config.saturation, config.hue
+        )
     return tf.clip_by_value(out, 0.0, PIXEL_MAX)
 
 
@@ -207,8 +221,7 @@ def resize_for_eval(image, image_size):
         float32 [S, S, 3] (aspect ratio not preserved, as in the official
         `_ParseFunction` without augmentation).
     """
-    resized = tf.image.resize(tf.cast(image, tf.float32),
-                              [image_size, image_size])
+    resized = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
     return tf.ensure_shape(resized, [image_size, image_size, 3])
 
 
@@ -235,8 +248,7 @@ def resize_shorter_side(image, size):
     return tf.image.resize(tf.cast(image, tf.float32), new_shape)
 
 
-def metric_train_augment(image, seed, crop_size=METRIC_TRAIN_SIZE,
-                         random_flip_enabled=True):
+def metric_train_augment(image, seed, crop_size=METRIC_TRAIN_SIZE, random_flip_enabled=True):
     """Random resized crop (area 0.08-1, aspect 3/4-4/3) + flip.
 
     The torchvision `RandomResizedCrop` + `RandomHorizontalFlip` recipe of
@@ -251,14 +263,13 @@ def metric_train_augment(image, seed, crop_size=METRIC_TRAIN_SIZE,
     Returns:
         float32 [crop_size, crop_size, 3] in [0, 255].
     """
-    config = AugmentationConfig(min_object_covered=0.0,
-                                resize_method="bilinear",
-                                random_flip=random_flip_enabled)
+    config = AugmentationConfig(
+        min_object_covered=0.0, resize_method="bilinear", random_flip=random_flip_enabled
+    )
     return augment_for_training(image, crop_size, seed, config)
 
 
-def metric_eval_preprocess(image, resize_size=METRIC_RESIZE_SIZE,
-                           crop_size=METRIC_TRAIN_SIZE):
+def metric_eval_preprocess(image, resize_size=METRIC_RESIZE_SIZE, crop_size=METRIC_TRAIN_SIZE):
     """Resize the shorter side to `resize_size`, then centre crop.
 
     Returns:
@@ -267,6 +278,5 @@ def metric_eval_preprocess(image, resize_size=METRIC_RESIZE_SIZE,
     resized = resize_shorter_side(image, resize_size)
     shape = tf.shape(resized)
     offset_y, offset_x = center_crop_offsets(shape[0], shape[1], crop_size)
-    cropped = resized[offset_y:offset_y + crop_size,
-                      offset_x:offset_x + crop_size]
+    cropped = resized[offset_y : offset_y + crop_size, offset_x : offset_x + crop_size]
     return tf.ensure_shape(cropped, [crop_size, crop_size, 3])

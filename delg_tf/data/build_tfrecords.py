@@ -1,4 +1,4 @@
-"""Builds GLDv2-format TFRecords from a GLDv2-style CSV and an image folder.
+r"""Builds GLDv2-format TFRecords from a GLDv2-style CSV and an image folder.
 
 Usage:
     python -m delg_tf.data.build_tfrecords \\
@@ -78,6 +78,7 @@ class BuildConfig:
             are missing or unreadable (skipped and listed).
         shuffle_within_split: shuffle records before sharding.
     """
+
     train_csv_path: str
     train_directory: str
     output_directory: str
@@ -94,17 +95,23 @@ def _check_config(config):
     if config.num_shards < 1:
         raise DataError(f"--num_shards must be >= 1, got {config.num_shards}")
     if not 0.0 <= config.validation_split_proportion < 1.0:
-        raise DataError("--validation_split_proportion must be in [0, 1), got "
-                        f"{config.validation_split_proportion}")
+        raise DataError(
+            "--validation_split_proportion must be in [0, 1), got "
+            f"{config.validation_split_proportion}"
+        )
     if not 0.0 <= config.max_skipped_fraction <= 1.0:
-        raise DataError("--max_skipped_fraction must be in [0, 1], got "
-                        f"{config.max_skipped_fraction}")
+        raise DataError(
+            f"--max_skipped_fraction must be in [0, 1], got {config.max_skipped_fraction}"
+        )
     if not config.train_directory or not os.path.isdir(config.train_directory):
-        raise DataError(f"--train_directory={config.train_directory} is not a "
-                        "folder: expected the folder of <id>.jpg images")
+        raise DataError(
+            f"--train_directory={config.train_directory} is not a "
+            "folder: expected the folder of <id>.jpg images"
+        )
     if not config.output_directory:
-        raise DataError("--output_directory is empty: expected the folder to "
-                        "write the TFRecord shards to")
+        raise DataError(
+            "--output_directory is empty: expected the folder to write the TFRecord shards to"
+        )
 
 
 def _csv_rows(path, flag_name, columns, what, listed_columns):
@@ -118,14 +125,16 @@ def _csv_rows(path, flag_name, columns, what, listed_columns):
         DataError: the file is missing or its header lacks one of `columns`.
     """
     if not path or not os.path.isfile(path):
-        raise DataError(f"--{flag_name}={path} not found: expected {what} "
-                        f"with columns {listed_columns}")
+        raise DataError(
+            f"--{flag_name}={path} not found: expected {what} with columns {listed_columns}"
+        )
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if any(column not in fields for column in columns):
-            raise DataError(f"--{flag_name}={path}: header is {fields}, "
-                            f"expected columns {listed_columns}")
+            raise DataError(
+                f"--{flag_name}={path}: header is {fields}, expected columns {listed_columns}"
+            )
         yield from enumerate(reader, start=2)
 
 
@@ -134,9 +143,11 @@ def _landmark_id(row, path, flag_name, line):
     try:
         return int(row["landmark_id"])
     except (TypeError, ValueError):
-        raise DataError(f"--{flag_name}={path} line {line}: "
-                        f"landmark_id {row['landmark_id']!r} is not "
-                        "an integer") from None
+        raise DataError(
+            f"--{flag_name}={path} line {line}: "
+            f"landmark_id {row['landmark_id']!r} is not "
+            "an integer"
+        ) from None
 
 
 def read_train_csv(path, flag_name="train_csv_path"):
@@ -153,15 +164,15 @@ def read_train_csv(path, flag_name="train_csv_path"):
         DataError: missing file, wrong header, bad label, duplicate id.
     """
     rows, seen = [], set()
-    for line, row in _csv_rows(path, flag_name, ("id", "landmark_id"), "GLDv2's train.csv",
-                               "id,url,landmark_id"):
+    for line, row in _csv_rows(
+        path, flag_name, ("id", "landmark_id"), "GLDv2's train.csv", "id,url,landmark_id"
+    ):
         image_id = (row["id"] or "").strip()
         label = _landmark_id(row, path, flag_name, line)
         if not image_id:
             raise DataError(f"--{flag_name}={path} line {line}: empty id")
         if image_id in seen:
-            raise DataError(f"--{flag_name}={path} line {line}: duplicate "
-                            f"id {image_id}")
+            raise DataError(f"--{flag_name}={path} line {line}: duplicate id {image_id}")
         seen.add(image_id)
         rows.append((image_id, label))
     if not rows:
@@ -176,8 +187,9 @@ def read_clean_csv(path, flag_name="train_clean_csv_path"):
         list of (image_id, landmark_id) in file order.
     """
     rows = []
-    for line, row in _csv_rows(path, flag_name, ("landmark_id", "images"),
-                               "GLDv2's train_clean.csv", "landmark_id,images"):
+    for line, row in _csv_rows(
+        path, flag_name, ("landmark_id", "images"), "GLDv2's train_clean.csv", "landmark_id,images"
+    ):
         label = _landmark_id(row, path, flag_name, line)
         rows.extend((image_id, label) for image_id in (row["images"] or "").split())
     if not rows:
@@ -195,8 +207,7 @@ def find_image(directory, image_id):
     if os.path.isfile(flat):
         return flat
     if len(image_id) >= _GLDV2_NESTING_DEPTH:
-        nested = os.path.join(directory, *image_id[:_GLDV2_NESTING_DEPTH],
-                              f"{image_id}.jpg")
+        nested = os.path.join(directory, *image_id[:_GLDV2_NESTING_DEPTH], f"{image_id}.jpg")
         if os.path.isfile(nested):
             return nested
     return None
@@ -251,6 +262,7 @@ def encode_for_record(path):
     """
     from PIL import Image
     from delg_tf.data.images import load_image_rgb
+
     array = load_image_rgb(path)
     height, width = array.shape[:2]
     with Image.open(path) as image:
@@ -259,13 +271,13 @@ def encode_for_record(path):
         with open(path, "rb") as f:
             return f.read(), height, width
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG",
-                                quality=REENCODE_JPEG_QUALITY)
+    Image.fromarray(array).save(buffer, format="JPEG", quality=REENCODE_JPEG_QUALITY)
     return buffer.getvalue(), height, width
 
 
 def _remove_old_shards(output_directory):
     from delg_tf.data import gldv2
+
     for split in (gldv2.TRAIN_SPLIT, gldv2.VALIDATION_SPLIT):
         for old in Path(output_directory).glob(f"{split}-?????-of-?????"):
             logger.info("removing old shard %s", old)
@@ -287,20 +299,19 @@ def write_split(split, records, output_directory, num_shards):
     """
     import tensorflow as tf
     from delg_tf.data import gldv2
+
     spacing = np.linspace(0, len(records), num_shards + 1).astype(int)
     paths = []
     for shard in range(num_shards):
-        path = os.path.join(output_directory,
-                            gldv2.shard_name(split, shard, num_shards))
+        path = os.path.join(output_directory, gldv2.shard_name(split, shard, num_shards))
         with atomic.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
             for image_id, encoded, height, width, label in records[
-                    spacing[shard]:spacing[shard + 1]]:
-                example = gldv2.make_example(image_id, encoded, height, width,
-                                             label)
+                spacing[shard] : spacing[shard + 1]
+            ]:
+                example = gldv2.make_example(image_id, encoded, height, width, label)
                 writer.write(example.SerializeToString())
         paths.append(path)
-    logger.info("wrote %d %s records in %d shards", len(records), split,
-                num_shards)
+    logger.info("wrote %d %s records in %d shards", len(records), split, num_shards)
     return paths
 
 
@@ -320,8 +331,7 @@ def _load_images(rows, directory):
             continue
         records.append((image_id, encoded, height, width, label))
         if count % _LOG_EVERY == 0:
-            logger.info("read %d/%d images (%.0f s)", count, len(rows),
-                        time.time() - started)
+            logger.info("read %d/%d images (%.0f s)", count, len(rows), time.time() - started)
     return records, missing, bad
 
 
@@ -369,10 +379,13 @@ def ensure_tfrecords(config):
         logger.info("TFRecords already built in %s", output)
         return output
     if output.exists() and summary is None and any(output.iterdir()):
-        raise DataError(f"--output_directory={output} exists and holds no "
-                        "finished TFRecord build; remove it or choose another")
+        raise DataError(
+            f"--output_directory={output} exists and holds no "
+            "finished TFRecord build; remove it or choose another"
+        )
     tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
     import shutil
+
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_tfrecords(dataclasses.replace(config, output_directory=str(tmp)))
@@ -411,21 +424,26 @@ def build_tfrecords(config):
         rows = read_train_csv(config.train_csv_path)
     output = Path(config.output_directory)
     output.mkdir(parents=True, exist_ok=True)
-    logger.info("reading %d images listed in the CSV from %s", len(rows),
-                config.train_directory)
+    logger.info("reading %d images listed in the CSV from %s", len(rows), config.train_directory)
     records, missing, bad = _load_images(rows, config.train_directory)
     _write_lines(output / MISSING_LIST, missing)
     _write_lines(output / BAD_LIST, bad)
     skipped = len(missing) + len(bad)
     if skipped:
-        logger.warning("skipping %d missing and %d unreadable images (listed "
-                       "in %s and %s)", len(missing), len(bad),
-                       output / MISSING_LIST, output / BAD_LIST)
+        logger.warning(
+            "skipping %d missing and %d unreadable images (listed in %s and %s)",
+            len(missing),
+            len(bad),
+            output / MISSING_LIST,
+            output / BAD_LIST,
+        )
     if not records:
-        raise DataError(f"no usable image: none of the {len(rows)} ids of the "
-                        f"CSV has a readable <id>.jpg in --train_directory="
-                        f"{config.train_directory} (see "
-                        f"{output / MISSING_LIST} and {output / BAD_LIST})")
+        raise DataError(
+            f"no usable image: none of the {len(rows)} ids of the "
+            f"CSV has a readable <id>.jpg in --train_directory="
+            f"{config.train_directory} (see "
+            f"{output / MISSING_LIST} and {output / BAD_LIST})"
+        )
     if skipped > config.max_skipped_fraction * len(rows):
         example = missing[0] if missing else bad[0].split("\t")[0]
         raise DataError(
@@ -433,18 +451,21 @@ def build_tfrecords(config):
             f"({len(missing)}) or unreadable ({len(bad)}) in --train_directory"
             f"={config.train_directory} (first: {example}; lists in "
             f"{output}); add them or pass --max_skipped_fraction="
-            f"{skipped / len(rows):.3f} or more to skip them")
+            f"{skipped / len(rows):.3f} or more to skip them"
+        )
 
     labels = [r[4] for r in records]
-    summary = {"num_images": len(records), "num_missing": len(missing),
-               "num_bad": len(bad), "seed": config.seed,
-               "num_shards": config.num_shards,
-               "validation_split_proportion":
-                   config.validation_split_proportion}
+    summary = {
+        "num_images": len(records),
+        "num_missing": len(missing),
+        "num_bad": len(bad),
+        "seed": config.seed,
+        "num_shards": config.num_shards,
+        "validation_split_proportion": config.validation_split_proportion,
+    }
     if config.relabel:
         rules = relabeling_rules(labels)
-        with open(output / "relabeling.csv", "w", encoding="utf-8",
-                  newline="") as f:
+        with open(output / "relabeling.csv", "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["new_label", "old_label"])
             for old, new in rules.items():
@@ -457,8 +478,8 @@ def build_tfrecords(config):
 
     if config.validation_split_proportion > 0:
         val_idx, train_idx = split_train_validation(
-            [r[4] for r in records], config.validation_split_proportion,
-            config.seed)
+            [r[4] for r in records], config.validation_split_proportion, config.seed
+        )
         splits = {"validation": val_idx, "train": train_idx}
     else:
         splits = {"train": list(range(len(records)))}
@@ -466,16 +487,13 @@ def build_tfrecords(config):
     shuffle_rng = np.random.default_rng(config.seed)
     for split, indices in splits.items():
         if config.shuffle_within_split:
-            indices = [indices[i] for i in shuffle_rng.permutation(
-                len(indices))]
-        write_split(split, [records[i] for i in indices], output,
-                    config.num_shards)
+            indices = [indices[i] for i in shuffle_rng.permutation(len(indices))]
+        write_split(split, [records[i] for i in indices], output, config.num_shards)
         summary[f"num_{split}"] = len(indices)
         # Relative to the output directory, so the folder can be moved.
         summary[f"{split}_files"] = f"{split}-*-of-{config.num_shards:05d}"
     summary["config"] = _config_key(config)
-    atomic.write_json_atomic(summary, output / "build_summary.json", indent=1,
-                             sort_keys=True)
+    atomic.write_json_atomic(summary, output / "build_summary.json", indent=1, sort_keys=True)
     logger.info("TFRecords ready in %s: %s", output, summary)
     return output
 
@@ -484,9 +502,12 @@ EMBEDDED_TFRECORDS_DIR = "tfrecords"
 EMBEDDED_NUM_SHARDS = 4
 
 
-def embedded_tfrecords(paths, num_shards=EMBEDDED_NUM_SHARDS,
-                       validation_split_proportion=
-                       DEFAULT_VALIDATION_PROPORTION, seed=0):
+def embedded_tfrecords(
+    paths,
+    num_shards=EMBEDDED_NUM_SHARDS,
+    validation_split_proportion=DEFAULT_VALIDATION_PROPORTION,
+    seed=0,
+):
     """TFRecords of a built embedded dataset (built once, then reused).
 
     Args:
@@ -499,47 +520,51 @@ def embedded_tfrecords(paths, num_shards=EMBEDDED_NUM_SHARDS,
         Path of `<root>/tfrecords` holding `train-*-of-*`,
         `validation-*-of-*`, `relabeling.csv`, `build_summary.json`.
     """
-    return ensure_tfrecords(BuildConfig(
-        train_csv_path=str(paths.train_csv),
-        train_directory=str(paths.train_images_dir),
-        output_directory=str(paths.root / EMBEDDED_TFRECORDS_DIR),
-        num_shards=num_shards,
-        validation_split_proportion=validation_split_proportion, seed=seed))
+    return ensure_tfrecords(
+        BuildConfig(
+            train_csv_path=str(paths.train_csv),
+            train_directory=str(paths.train_images_dir),
+            output_directory=str(paths.root / EMBEDDED_TFRECORDS_DIR),
+            num_shards=num_shards,
+            validation_split_proportion=validation_split_proportion,
+            seed=seed,
+        )
+    )
 
 
 # --------------------------------------------------------------------------
 # Command line (absl flags only here)
 # --------------------------------------------------------------------------
 
+
 def _define_flags(flag_values):
     from absl import flags
+
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("train_csv_path", None,
-                        "GLDv2 train.csv (id,url,landmark_id).", **fv)
-    flags.DEFINE_string("train_directory", None,
-                        "Folder of <id>.jpg training images.", **fv)
-    flags.DEFINE_string("output_directory", None,
-                        "Output folder of the TFRecord shards.", **fv)
-    flags.DEFINE_string("train_clean_csv_path", None,
-                        "Optional GLDv2-clean CSV (landmark_id,images).", **fv)
-    flags.DEFINE_integer("num_shards", DEFAULT_NUM_SHARDS,
-                         "Number of shards per split.", **fv)
-    flags.DEFINE_float("validation_split_proportion",
-                       DEFAULT_VALIDATION_PROPORTION,
-                       "Fraction of each landmark's images in the validation "
-                       "split (0 = no validation split).", **fv)
-    flags.DEFINE_alias("validation_split_size", "validation_split_proportion",
-                       flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.",
-                         **fv)
-    flags.DEFINE_boolean("relabel", True,
-                         "Relabel landmark ids to contiguous labels.", **fv)
-    flags.DEFINE_float("max_skipped_fraction", 0.0,
-                       "Largest accepted fraction of missing/unreadable "
-                       "images.", **fv)
-    flags.DEFINE_boolean("shuffle_within_split", True,
-                         "Shuffle records within a split before sharding.",
-                         **fv)
+    flags.DEFINE_string("train_csv_path", None, "GLDv2 train.csv (id,url,landmark_id).", **fv)
+    flags.DEFINE_string("train_directory", None, "Folder of <id>.jpg training images.", **fv)
+    flags.DEFINE_string("output_directory", None, "Output folder of the TFRecord shards.", **fv)
+    flags.DEFINE_string(
+        "train_clean_csv_path", None, "Optional GLDv2-clean CSV (landmark_id,images).", **fv
+    )
+    flags.DEFINE_integer("num_shards", DEFAULT_NUM_SHARDS, "Number of shards per split.", **fv)
+    flags.DEFINE_float(
+        "validation_split_proportion",
+        DEFAULT_VALIDATION_PROPORTION,
+        "Fraction of each landmark's images in the validation split (0 = no validation split).",
+        **fv,
+    )
+    flags.DEFINE_alias(
+        "validation_split_size", "validation_split_proportion", flag_values=flag_values
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.", **fv)
+    flags.DEFINE_boolean("relabel", True, "Relabel landmark ids to contiguous labels.", **fv)
+    flags.DEFINE_float(
+        "max_skipped_fraction", 0.0, "Largest accepted fraction of missing/unreadable images.", **fv
+    )
+    flags.DEFINE_boolean(
+        "shuffle_within_split", True, "Shuffle records within a split before sharding.", **fv
+    )
 
 
 def parse_flags(argv):
@@ -555,19 +580,18 @@ def parse_flags(argv):
         DataError: unknown flag, bad value or missing required flag.
     """
     from absl import flags
+
     flag_values = flags.FlagValues()
     _define_flags(flag_values)
     try:
         flag_values(argv)
     except flags.Error as e:
-        raise DataError(f"{e}; see `python -m delg_tf.data.build_tfrecords "
-                        "--helpfull`") from None
+        raise DataError(f"{e}; see `python -m delg_tf.data.build_tfrecords --helpfull`") from None
     for required in ("train_directory", "output_directory"):
         if not flag_values[required].value:
             raise DataError(f"--{required} is required")
     if not (flag_values.train_csv_path or flag_values.train_clean_csv_path):
-        raise DataError("--train_csv_path (or --train_clean_csv_path) is "
-                        "required")
+        raise DataError("--train_csv_path (or --train_clean_csv_path) is required")
     names = [f.name for f in dataclasses.fields(BuildConfig)]
     return BuildConfig(**{name: flag_values[name].value for name in names})
 
@@ -575,10 +599,10 @@ def parse_flags(argv):
 def main(argv=None):
     """Entry point: parse flags, build, report errors on one line."""
     argv = sys.argv if argv is None else argv
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         from absl import flags
+
         flag_values = flags.FlagValues()
         _define_flags(flag_values)
         print(__doc__)
@@ -588,6 +612,7 @@ def main(argv=None):
         output = build_tfrecords(parse_flags(argv))
     except DataError as e:
         from delg_tf.cli import print_error
+
         return print_error(e)
     print(output)
     return 0

@@ -54,6 +54,7 @@ class MetricSplit:
         labels: np.int64 [N] labels, contiguous 0..num_classes-1 in the split.
         class_ids: original class id of every label value (list, len C).
     """
+
     name: str
     paths: list
     labels: np.ndarray
@@ -78,16 +79,17 @@ def _make_split(name, paths, raw_labels):
     class_ids = sorted(set(raw_labels))
     index = {c: i for i, c in enumerate(class_ids)}
     labels = np.array([index[c] for c in raw_labels], np.int64)
-    return MetricSplit(name=name, paths=list(paths), labels=labels,
-                       class_ids=class_ids)
+    return MetricSplit(name=name, paths=list(paths), labels=labels, class_ids=class_ids)
 
 
 def _check_files_exist(paths, dataset, flag):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{dataset}: {len(missing)} of {len(paths)} listed "
-                        f"images are missing (first: {missing[0]}); the "
-                        f"folder is incomplete: re-extract it or fix --{flag}")
+        raise DataError(
+            f"{dataset}: {len(missing)} of {len(paths)} listed "
+            f"images are missing (first: {missing[0]}); the "
+            f"folder is incomplete: re-extract it or fix --{flag}"
+        )
 
 
 def _read_id_table(path, dataset, flag, fix):
@@ -101,9 +103,11 @@ def _read_id_table(path, dataset, flag, fix):
                 continue
             parts = line.strip().split(maxsplit=1)
             if len(parts) != 2 or not parts[0].isdigit():
-                raise DataError(f"{dataset}: {path} line {line_no}: expected "
-                                f"'<id> <value>', got {line.strip()!r}; "
-                                f"check --{flag}")
+                raise DataError(
+                    f"{dataset}: {path} line {line_no}: expected "
+                    f"'<id> <value>', got {line.strip()!r}; "
+                    f"check --{flag}"
+                )
             table[int(parts[0])] = parts[1]
     return table
 
@@ -114,16 +118,20 @@ def resolve_cub_root(cub_root, flag="cub_root"):
     Raises:
         DataError: not found, with what to download and which flag to set.
     """
-    fix = (f"download CUB_200_2011.tgz (CUB-200-2011, Caltech: {CUB_URL}), "
-           f"extract it and set --{flag}=/path/to/CUB_200_2011")
+    fix = (
+        f"download CUB_200_2011.tgz (CUB-200-2011, Caltech: {CUB_URL}), "
+        f"extract it and set --{flag}=/path/to/CUB_200_2011"
+    )
     if not cub_root:
         raise DataError(f"no CUB-200-2011 folder given; {fix}")
     root = Path(cub_root).expanduser()
     for candidate in (root, root / CUB_DIR_NAME):
         if (candidate / "images.txt").is_file():
             return candidate
-    raise DataError(f"CUB-200-2011 not found at --{flag}={cub_root} (expected"
-                    f" images.txt, image_class_labels.txt and images/); {fix}")
+    raise DataError(
+        f"CUB-200-2011 not found at --{flag}={cub_root} (expected"
+        f" images.txt, image_class_labels.txt and images/); {fix}"
+    )
 
 
 def load_cub(cub_root, split, check_files=True, flag="cub_root"):
@@ -142,13 +150,14 @@ def load_cub(cub_root, split, check_files=True, flag="cub_root"):
     root = resolve_cub_root(cub_root, flag)
     fix = f"re-extract CUB_200_2011.tgz and check --{flag}"
     images = _read_id_table(root / "images.txt", "CUB-200-2011", flag, fix)
-    classes = _read_id_table(root / "image_class_labels.txt", "CUB-200-2011",
-                             flag, fix)
+    classes = _read_id_table(root / "image_class_labels.txt", "CUB-200-2011", flag, fix)
     unlabelled = sorted(set(images) - set(classes))
     if unlabelled:
-        raise DataError(f"CUB-200-2011: image id {unlabelled[0]} of "
-                        f"images.txt has no class in image_class_labels.txt; "
-                        f"{fix}")
+        raise DataError(
+            f"CUB-200-2011: image id {unlabelled[0]} of "
+            f"images.txt has no class in image_class_labels.txt; "
+            f"{fix}"
+        )
     train_classes = set(CUB_TRAIN_CLASSES)
     paths, raw = [], []
     for image_id in sorted(images):
@@ -157,9 +166,11 @@ def load_cub(cub_root, split, check_files=True, flag="cub_root"):
             paths.append(str(root / "images" / images[image_id]))
             raw.append(class_id)
     if not paths:
-        raise DataError(f"CUB-200-2011: no {split} image (classes "
-                        f"{'1-100' if split == 'train' else '101-200'}) in "
-                        f"{root}; {fix}")
+        raise DataError(
+            f"CUB-200-2011: no {split} image (classes "
+            f"{'1-100' if split == 'train' else '101-200'}) in "
+            f"{root}; {fix}"
+        )
     if check_files:
         _check_files_exist(paths, "CUB-200-2011", flag)
     return _make_split(f"cub200/{split}", paths, raw)
@@ -177,10 +188,13 @@ def load_cars196(cars_root, split, check_files=True, flag="cars_root"):
     root = Path(cars_root or "").expanduser()
     annos = root / "cars_annos.mat"
     if not annos.is_file():
-        raise DataError(f"Cars196 not found at --{flag}={cars_root} (expected "
-                        "cars_annos.mat and car_ims/); download the Stanford "
-                        f"Cars dataset and set --{flag}")
+        raise DataError(
+            f"Cars196 not found at --{flag}={cars_root} (expected "
+            "cars_annos.mat and car_ims/); download the Stanford "
+            f"Cars dataset and set --{flag}"
+        )
     from scipy.io import loadmat
+
     annotations = loadmat(str(annos))["annotations"][0]
     paths, raw = [], []
     for entry in annotations:
@@ -204,16 +218,19 @@ def load_sop(sop_root, split, check_files=True, flag="sop_root"):
     root = Path(sop_root or "").expanduser()
     list_file = root / (SOP_TRAIN_FILE if split == "train" else SOP_TEST_FILE)
     if not list_file.is_file():
-        raise DataError(f"Stanford Online Products not found at --{flag}="
-                        f"{sop_root} (expected {SOP_TRAIN_FILE}, "
-                        f"{SOP_TEST_FILE}); download Stanford_Online_Products "
-                        f"and set --{flag}")
+        raise DataError(
+            f"Stanford Online Products not found at --{flag}="
+            f"{sop_root} (expected {SOP_TRAIN_FILE}, "
+            f"{SOP_TEST_FILE}); download Stanford_Online_Products "
+            f"and set --{flag}"
+        )
     paths, raw = [], []
     with open(list_file, encoding="utf-8") as f:
         header = f.readline().split()
         if header[:2] != ["image_id", "class_id"] or "path" not in header:
-            raise DataError(f"{list_file}: header {header}, expected "
-                            "'image_id class_id super_class_id path'")
+            raise DataError(
+                f"{list_file}: header {header}, expected 'image_id class_id super_class_id path'"
+            )
         path_col = header.index("path")
         for line in f:
             parts = line.split()
@@ -243,31 +260,40 @@ def embedded_metric_split(paths_or_root, split, num_train_classes=None):
     """
     import csv
     from delg_tf.data.embedded import EmbeddedDatasetPaths
+
     _check_split(split)
-    paths = (paths_or_root if isinstance(paths_or_root, EmbeddedDatasetPaths)
-             else EmbeddedDatasetPaths.at(paths_or_root))
+    paths = (
+        paths_or_root
+        if isinstance(paths_or_root, EmbeddedDatasetPaths)
+        else EmbeddedDatasetPaths.at(paths_or_root)
+    )
     if not paths.train_csv.is_file():
-        raise DataError(f"{paths.train_csv} not found: build the embedded "
-                        "dataset first (build_embedded_dataset(root))")
+        raise DataError(
+            f"{paths.train_csv} not found: build the embedded "
+            "dataset first (build_embedded_dataset(root))"
+        )
     with open(paths.train_csv, encoding="utf-8", newline="") as f:
         rows = [(r["id"], int(r["landmark_id"])) for r in csv.DictReader(f)]
     landmarks = sorted({label for _, label in rows})
     if num_train_classes is None:
         num_train_classes = (len(landmarks) + 1) // 2
     if not 1 <= num_train_classes < len(landmarks):
-        raise ValueError(f"num_train_classes must be in [1, {len(landmarks)})"
-                         f", got {num_train_classes}")
+        raise ValueError(
+            f"num_train_classes must be in [1, {len(landmarks)}), got {num_train_classes}"
+        )
     train_set = set(landmarks[:num_train_classes])
-    chosen = [(str(paths.train_images_dir / f"{image_id}.jpg"), label)
-              for image_id, label in rows
-              if (label in train_set) == (split == "train")]
-    return _make_split(f"embedded/{split}", [p for p, _ in chosen],
-                       [label for _, label in chosen])
+    chosen = [
+        (str(paths.train_images_dir / f"{image_id}.jpg"), label)
+        for image_id, label in rows
+        if (label in train_set) == (split == "train")
+    ]
+    return _make_split(f"embedded/{split}", [p for p, _ in chosen], [label for _, label in chosen])
 
 
 # --------------------------------------------------------------------------
 # tf.data
 # --------------------------------------------------------------------------
+
 
 def balanced_batch_indices(labels, batch_size, samples_per_class, seed):
     """Endless class-balanced batches of indices (m images per class).
@@ -287,27 +313,40 @@ def balanced_batch_indices(labels, batch_size, samples_per_class, seed):
     """
     labels = np.asarray(labels)
     if samples_per_class < 1 or batch_size % samples_per_class:
-        raise ValueError(f"batch_size ({batch_size}) must be a multiple of "
-                         f"samples_per_class ({samples_per_class})")
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of "
+            f"samples_per_class ({samples_per_class})"
+        )
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     classes_per_batch = batch_size // samples_per_class
     if classes_per_batch > len(by_class):
-        raise ValueError(f"a batch needs {classes_per_batch} classes but the "
-                         f"split has {len(by_class)}; lower batch_size or "
-                         "raise samples_per_class")
+        raise ValueError(
+            f"a batch needs {classes_per_batch} classes but the "
+            f"split has {len(by_class)}; lower batch_size or "
+            "raise samples_per_class"
+        )
     rng = np.random.default_rng(seed)
     while True:
         chosen = rng.choice(len(by_class), classes_per_batch, replace=False)
-        batch = [rng.choice(by_class[c], samples_per_class,
-                            replace=len(by_class[c]) < samples_per_class)
-                 for c in chosen]
+        batch = [
+            rng.choice(by_class[c], samples_per_class, replace=len(by_class[c]) < samples_per_class)
+            for c in chosen
+        ]
         yield np.concatenate(batch).astype(np.int64)
 
 
-def make_metric_dataset(split, batch_size, training, seed=DEFAULT_SHUFFLE_SEED,
-                        image_size=METRIC_IMAGE_SIZE,
-                        resize_size=METRIC_RESIZE_SIZE, samples_per_class=None,
-                        repeat=None, random_flip=True, drop_remainder=None):
+def make_metric_dataset(
+    split,
+    batch_size,
+    training,
+    seed=DEFAULT_SHUFFLE_SEED,
+    image_size=METRIC_IMAGE_SIZE,
+    resize_size=METRIC_RESIZE_SIZE,
+    samples_per_class=None,
+    repeat=None,
+    random_flip=True,
+    drop_remainder=None,
+):
     """tf.data pipeline of a MetricSplit.
 
     Args:
@@ -329,6 +368,7 @@ def make_metric_dataset(split, batch_size, training, seed=DEFAULT_SHUFFLE_SEED,
     """
     import tensorflow as tf
     from delg_tf.data import augmentation
+
     if len(split) == 0:
         raise DataError(f"{split.name} has no image")
     repeat = training if repeat is None else repeat
@@ -340,17 +380,18 @@ def make_metric_dataset(split, batch_size, training, seed=DEFAULT_SHUFFLE_SEED,
         generator_seed = seed
 
         def index_stream():
-            for batch in balanced_batch_indices(split.labels, batch_size,
-                                                samples_per_class,
-                                                generator_seed):
+            for batch in balanced_batch_indices(
+                split.labels, batch_size, samples_per_class, generator_seed
+            ):
                 yield from batch
+
         dataset = tf.data.Dataset.from_generator(
-            index_stream, output_signature=tf.TensorSpec([], tf.int64))
+            index_stream, output_signature=tf.TensorSpec([], tf.int64)
+        )
     else:
         dataset = tf.data.Dataset.range(len(split))
         if training:
-            dataset = dataset.shuffle(len(split), seed=seed,
-                                      reshuffle_each_iteration=True)
+            dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
         if repeat:
             dataset = dataset.repeat()
 
@@ -360,14 +401,12 @@ def make_metric_dataset(split, batch_size, training, seed=DEFAULT_SHUFFLE_SEED,
         image = tf.ensure_shape(image, [None, None, 3])
         if training:
             image = augmentation.metric_train_augment(
-                image, augmentation.element_seed(seed, index), image_size,
-                random_flip)
+                image, augmentation.element_seed(seed, index), image_size, random_flip
+            )
         else:
-            image = augmentation.metric_eval_preprocess(image, resize_size,
-                                                        image_size)
+            image = augmentation.metric_eval_preprocess(image, resize_size, image_size)
         return image, tf.gather(labels, element)
 
-    dataset = dataset.enumerate().map(
-        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -65,8 +65,7 @@ import numpy as np
 from PIL import Image
 
 from delg_tf import atomic
-from delg_tf.data.embedded_render import (apply_photometric, sample_photometric,
-                                          warp_view)
+from delg_tf.data.embedded_render import apply_photometric, sample_photometric, warp_view
 from delg_tf.data.errors import DataError
 from delg_tf.data.homography import sample_view_geometry
 
@@ -77,11 +76,19 @@ FORMAT_VERSION = 1
 # distractors in the database. Keys are the names used everywhere (files,
 # CSV ids, transforms.json); values the skimage.data loader and an index into
 # a tuple result (stereo_motorcycle returns left, right, disparity).
-LANDMARK_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera",
-                   "hubble_deep_field", "immunohistochemistry", "coins",
-                   "motorcycle_left", "retina")
-DISTRACTOR_PHOTOS = ("clock", "moon", "page", "brick", "gravel", "grass",
-                     "text", "colorwheel")
+LANDMARK_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "motorcycle_left",
+    "retina",
+)
+DISTRACTOR_PHOTOS = ("clock", "moon", "page", "brick", "gravel", "grass", "text", "colorwheel")
 ALL_PHOTOS = LANDMARK_PHOTOS + DISTRACTOR_PHOTOS
 _SKIMAGE_LOADERS = {"motorcycle_left": ("stereo_motorcycle", 0)}
 
@@ -114,6 +121,7 @@ class ViewProfile:
         color_gain: max per-channel gain change (+-).
         noise_std: std of additive Gaussian noise (in [0, 1] units).
     """
+
     area_range: tuple
     aspect_log_range: float
     max_rotation_deg: float
@@ -126,35 +134,60 @@ class ViewProfile:
     noise_std: float
 
 
-_MILD_LIGHT = dict(brightness=0.05, contrast_range=(0.9, 1.1),
-                   gamma_range=(0.9, 1.1), color_gain=0.03, noise_std=0.0)
-_STRONG_LIGHT = dict(brightness=0.15, contrast_range=(0.6, 1.3),
-                     gamma_range=(0.6, 1.6), color_gain=0.1, noise_std=0.02)
+_MILD_LIGHT = dict(
+    brightness=0.05,
+    contrast_range=(0.9, 1.1),
+    gamma_range=(0.9, 1.1),
+    color_gain=0.03,
+    noise_std=0.0,
+)
+_STRONG_LIGHT = dict(
+    brightness=0.15,
+    contrast_range=(0.6, 1.3),
+    gamma_range=(0.6, 1.6),
+    color_gain=0.1,
+    noise_std=0.02,
+)
 PROFILES = {
-    "query": ViewProfile((0.55, 0.85), 0.15, 5.0, 0.05, (1.0, 1.0),
-                         **_MILD_LIGHT),
+    "query": ViewProfile((0.55, 0.85), 0.15, 5.0, 0.05, (1.0, 1.0), **_MILD_LIGHT),
     "easy": ViewProfile((0.5, 0.9), 0.2, 8.0, 0.08, (0.8, 1.0), **_MILD_LIGHT),
-    "hard": ViewProfile((0.2, 0.45), 0.3, 25.0, 0.2, (0.8, 1.0),
-                        **_STRONG_LIGHT),
-    "junk": ViewProfile((0.02, 0.06), 0.3, 10.0, 0.05, (0.8, 1.0),
-                        **_MILD_LIGHT),
-    "train": ViewProfile((0.15, 1.0), 0.3, 20.0, 0.15, (0.8, 1.0),
-                         **_STRONG_LIGHT),
-    "distractor": ViewProfile((0.4, 0.9), 0.2, 10.0, 0.1, (0.8, 1.0),
-                              **_MILD_LIGHT),
+    "hard": ViewProfile((0.2, 0.45), 0.3, 25.0, 0.2, (0.8, 1.0), **_STRONG_LIGHT),
+    "junk": ViewProfile((0.02, 0.06), 0.3, 10.0, 0.05, (0.8, 1.0), **_MILD_LIGHT),
+    "train": ViewProfile((0.15, 1.0), 0.3, 20.0, 0.15, (0.8, 1.0), **_STRONG_LIGHT),
+    "distractor": ViewProfile((0.4, 0.9), 0.2, 10.0, 0.1, (0.8, 1.0), **_MILD_LIGHT),
 }
 
 PRESETS = {
     # Demo-sized: ~520 images, built in well under a minute on one CPU core.
-    "default": dict(seed=0, image_size=320, source_size=640, num_landmarks=10,
-                    num_train_views=40, num_queries=2, num_easy=3, num_hard=3,
-                    num_junk=1, num_distractor_photos=8,
-                    num_views_per_distractor=2, jpeg_quality=90),
+    "default": dict(
+        seed=0,
+        image_size=320,
+        source_size=640,
+        num_landmarks=10,
+        num_train_views=40,
+        num_queries=2,
+        num_easy=3,
+        num_hard=3,
+        num_junk=1,
+        num_distractor_photos=8,
+        num_views_per_distractor=2,
+        jpeg_quality=90,
+    ),
     # For tests: a couple of seconds.
-    "tiny": dict(seed=0, image_size=96, source_size=160, num_landmarks=4,
-                 num_train_views=5, num_queries=1, num_easy=1, num_hard=1,
-                 num_junk=1, num_distractor_photos=2,
-                 num_views_per_distractor=1, jpeg_quality=90),
+    "tiny": dict(
+        seed=0,
+        image_size=96,
+        source_size=160,
+        num_landmarks=4,
+        num_train_views=5,
+        num_queries=1,
+        num_easy=1,
+        num_hard=1,
+        num_junk=1,
+        num_distractor_photos=2,
+        num_views_per_distractor=1,
+        jpeg_quality=90,
+    ),
 }
 # For evaluations where a few points of mAP must not be noise (bench/rerank_quality.py):
 # the default preset's photos, sizes, training and landmark database views, with 10
@@ -164,8 +197,11 @@ PRESETS = {
 # for pixel, and its files do not change.
 EVAL_QUERIES_PER_LANDMARK = 10
 EVAL_VIEWS_PER_DISTRACTOR = 42
-PRESETS["eval"] = dict(PRESETS["default"], num_queries=EVAL_QUERIES_PER_LANDMARK,
-                       num_views_per_distractor=EVAL_VIEWS_PER_DISTRACTOR)
+PRESETS["eval"] = dict(
+    PRESETS["default"],
+    num_queries=EVAL_QUERIES_PER_LANDMARK,
+    num_views_per_distractor=EVAL_VIEWS_PER_DISTRACTOR,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +219,7 @@ class EmbeddedDatasetPaths:
         transforms: transforms.json (per-image geometry).
         sources_dir: canonical source photos <photo>.jpg.
     """
+
     root: Path
     manifest: Path
     train_csv: Path
@@ -198,18 +235,23 @@ class EmbeddedDatasetPaths:
         """The paths of a dataset rooted at `root` (nothing is checked)."""
         root = Path(root).absolute()
         retrieval = root / "retrieval"
-        return cls(root=root, manifest=root / MANIFEST_NAME,
-                   train_csv=root / "train" / "train.csv",
-                   train_images_dir=root / "train" / "images",
-                   retrieval_dir=retrieval, jpg_dir=retrieval / "jpg",
-                   gnd=retrieval / GND_NAME,
-                   transforms=root / TRANSFORMS_NAME,
-                   sources_dir=root / "sources")
+        return cls(
+            root=root,
+            manifest=root / MANIFEST_NAME,
+            train_csv=root / "train" / "train.csv",
+            train_images_dir=root / "train" / "images",
+            retrieval_dir=retrieval,
+            jpg_dir=retrieval / "jpg",
+            gnd=retrieval / GND_NAME,
+            transforms=root / TRANSFORMS_NAME,
+            sources_dir=root / "sources",
+        )
 
 
 # --------------------------------------------------------------------------
 # Source photos
 # --------------------------------------------------------------------------
+
 
 def load_source_photo(photo, source_size):
     """Loads a scikit-image photo as RGB with long side <= `source_size`.
@@ -225,19 +267,22 @@ def load_source_photo(photo, source_size):
         (uint8 [H, W, 3] canonical source, (orig_height, orig_width)).
     """
     import skimage.data
+
     loader, index = _SKIMAGE_LOADERS.get(photo, (photo, None))
     try:
         image = getattr(skimage.data, loader)()
     except Exception as e:  # skimage raises various errors for missing data.
         raise DataError(
             f"cannot load skimage.data.{loader}() for the embedded dataset "
-            f"({type(e).__name__}: {e}); reinstall scikit-image") from e
+            f"({type(e).__name__}: {e}); reinstall scikit-image"
+        ) from e
     if index is not None:
         image = image[index]
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        image = np.round(np.clip(image.astype(np.float64), 0, 1) * 255
-                         if image.max() <= 1 else image).astype(np.uint8)
+        image = np.round(
+            np.clip(image.astype(np.float64), 0, 1) * 255 if image.max() <= 1 else image
+        ).astype(np.uint8)
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     image = image[..., :3]
@@ -245,10 +290,11 @@ def load_source_photo(photo, source_size):
     long_side = max(orig_shape)
     if long_side > source_size:
         scale = source_size / long_side
-        new_size = (max(1, int(round(orig_shape[1] * scale))),
-                    max(1, int(round(orig_shape[0] * scale))))
-        image = np.asarray(Image.fromarray(image).resize(
-            new_size, Image.LANCZOS))
+        new_size = (
+            max(1, int(round(orig_shape[1] * scale))),
+            max(1, int(round(orig_shape[0] * scale))),
+        )
+        image = np.asarray(Image.fromarray(image).resize(new_size, Image.LANCZOS))
     return np.ascontiguousarray(image), orig_shape
 
 
@@ -256,28 +302,30 @@ def load_source_photo(photo, source_size):
 # Plan: which images exist (pure; no pixels)
 # --------------------------------------------------------------------------
 
+
 def _resolve_params(preset, overrides):
     if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, "
-                         f"got {preset!r}")
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     params = dict(PRESETS[preset])
     for key, value in overrides.items():
         if key not in params:
-            raise TypeError(f"unknown embedded dataset parameter {key!r}; "
-                            f"expected one of {sorted(params)}")
+            raise TypeError(
+                f"unknown embedded dataset parameter {key!r}; expected one of {sorted(params)}"
+            )
         if value is not None:
             params[key] = value
     if not 1 <= params["num_landmarks"] <= len(LANDMARK_PHOTOS):
-        raise ValueError(f"num_landmarks must be in [1, "
-                         f"{len(LANDMARK_PHOTOS)}], got "
-                         f"{params['num_landmarks']}")
+        raise ValueError(
+            f"num_landmarks must be in [1, {len(LANDMARK_PHOTOS)}], got {params['num_landmarks']}"
+        )
     if not 0 <= params["num_distractor_photos"] <= len(DISTRACTOR_PHOTOS):
-        raise ValueError(f"num_distractor_photos must be in [0, "
-                         f"{len(DISTRACTOR_PHOTOS)}], got "
-                         f"{params['num_distractor_photos']}")
+        raise ValueError(
+            f"num_distractor_photos must be in [0, "
+            f"{len(DISTRACTOR_PHOTOS)}], got "
+            f"{params['num_distractor_photos']}"
+        )
     if params["num_queries"] < 1 or params["num_easy"] < 1:
-        raise ValueError("num_queries and num_easy must be >= 1 so that "
-                         "every query has a positive")
+        raise ValueError("num_queries and num_easy must be >= 1 so that every query has a positive")
     return params
 
 
@@ -292,38 +340,73 @@ def plan_images(params):
         `landmark_id` (int, or None for distractors), `profile`, `role`, `k`.
     """
     plan = []
-    landmarks = LANDMARK_PHOTOS[:params["num_landmarks"]]
+    landmarks = LANDMARK_PHOTOS[: params["num_landmarks"]]
     for label, photo in enumerate(landmarks):
         for k in range(params["num_train_views"]):
-            plan.append(dict(name=f"{photo}_t{k:04d}", split="train",
-                             photo=photo, landmark_id=label, profile="train",
-                             role="train", k=k))
+            plan.append(
+                dict(
+                    name=f"{photo}_t{k:04d}",
+                    split="train",
+                    photo=photo,
+                    landmark_id=label,
+                    profile="train",
+                    role="train",
+                    k=k,
+                )
+            )
     for label, photo in enumerate(landmarks):
         for k in range(params["num_queries"]):
-            plan.append(dict(name=f"query_{photo}_{k:02d}", split="query",
-                             photo=photo, landmark_id=label, profile="query",
-                             role="query", k=k))
+            plan.append(
+                dict(
+                    name=f"query_{photo}_{k:02d}",
+                    split="query",
+                    photo=photo,
+                    landmark_id=label,
+                    profile="query",
+                    role="query",
+                    k=k,
+                )
+            )
     for label, photo in enumerate(landmarks):
         offset = 0
         for profile in ("easy", "hard", "junk"):
             for k in range(params[f"num_{profile}"]):
-                plan.append(dict(name=f"db_{photo}_{profile}_{k:02d}",
-                                 split="database", photo=photo,
-                                 landmark_id=label, profile=profile,
-                                 role="database", k=offset + k))
+                plan.append(
+                    dict(
+                        name=f"db_{photo}_{profile}_{k:02d}",
+                        split="database",
+                        photo=photo,
+                        landmark_id=label,
+                        profile=profile,
+                        role="database",
+                        k=offset + k,
+                    )
+                )
             offset += params[f"num_{profile}"]
-    for photo in DISTRACTOR_PHOTOS[:params["num_distractor_photos"]]:
+    for photo in DISTRACTOR_PHOTOS[: params["num_distractor_photos"]]:
         for k in range(params["num_views_per_distractor"]):
-            plan.append(dict(name=f"db_distractor_{photo}_{k:02d}",
-                             split="database", photo=photo, landmark_id=None,
-                             profile="distractor", role="distractor", k=k))
+            plan.append(
+                dict(
+                    name=f"db_distractor_{photo}_{k:02d}",
+                    split="database",
+                    photo=photo,
+                    landmark_id=None,
+                    profile="distractor",
+                    role="distractor",
+                    k=k,
+                )
+            )
     return plan
 
 
 def _image_rng(seed, item):
     """Per-image Generator: independent of generation order and subsets."""
-    entropy = [int(seed), ALL_PHOTOS.index(item["photo"]),
-               _ROLE_CODES[item["role"]], int(item["k"])]
+    entropy = [
+        int(seed),
+        ALL_PHOTOS.index(item["photo"]),
+        _ROLE_CODES[item["role"]],
+        int(item["k"]),
+    ]
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
@@ -340,12 +423,11 @@ def render_image(item, source, params):
     """
     rng = _image_rng(params["seed"], item)
     profile = PROFILES[item["profile"]]
-    geometry = sample_view_geometry(rng, profile, source.shape[:2],
-                                    params["image_size"])
+    geometry = sample_view_geometry(rng, profile, source.shape[:2], params["image_size"])
     photometric = sample_photometric(rng, profile)
     view = apply_photometric(
-        warp_view(source, geometry["homography"], geometry["output_size"]),
-        photometric)
+        warp_view(source, geometry["homography"], geometry["output_size"]), photometric
+    )
     meta = {
         "split": item["split"],
         "photo": item["photo"],
@@ -366,6 +448,7 @@ def render_image(item, source, params):
 # Ground truth
 # --------------------------------------------------------------------------
 
+
 def footprint_mask(quad, source_shape, stride=COVERAGE_GRID_STRIDE):
     """Rasterises a view's footprint (its quad on the source) on a grid.
 
@@ -373,6 +456,7 @@ def footprint_mask(quad, source_shape, stride=COVERAGE_GRID_STRIDE):
         bool [ceil(H / stride), ceil(W / stride)].
     """
     from skimage.draw import polygon
+
     height, width = source_shape
     shape = (-(-height // stride), -(-width // stride))
     quad = np.asarray(quad, np.float64) / stride
@@ -410,11 +494,9 @@ def build_ground_truth(images_meta, sources_meta, query_names, db_names):
         lists = {"easy": [], "hard": [], "junk": []}
         for index, name in enumerate(db_names):
             meta = images_meta[name]
-            if meta["landmark_id"] != q_meta["landmark_id"] or (
-                    meta["landmark_id"] is None):
+            if meta["landmark_id"] != q_meta["landmark_id"] or (meta["landmark_id"] is None):
                 continue
-            coverage = (np.logical_and(q_mask, mask_of(name)).sum()
-                        / max(q_mask.sum(), 1))
+            coverage = np.logical_and(q_mask, mask_of(name)).sum() / max(q_mask.sum(), 1)
             if coverage < JUNK_MAX_COVERAGE:
                 lists["junk"].append(index)
             elif meta["profile"] == "easy":
@@ -422,10 +504,11 @@ def build_ground_truth(images_meta, sources_meta, query_names, db_names):
             else:
                 lists["hard"].append(index)
         if not lists["easy"] and not lists["hard"]:
-            raise DataError(f"embedded dataset: query {query} has no positive "
-                            "database image; use more easy views (num_easy)")
-        entry = {"bbx": np.array([0.0, 0.0, float(q_meta["width"]),
-                                  float(q_meta["height"])])}
+            raise DataError(
+                f"embedded dataset: query {query} has no positive "
+                "database image; use more easy views (num_easy)"
+            )
+        entry = {"bbx": np.array([0.0, 0.0, float(q_meta["width"]), float(q_meta["height"])])}
         entry.update({k: np.array(v, np.int64) for k, v in lists.items()})
         gnd.append(entry)
     return gnd
@@ -434,6 +517,7 @@ def build_ground_truth(images_meta, sources_meta, query_names, db_names):
 # --------------------------------------------------------------------------
 # Metadata helpers
 # --------------------------------------------------------------------------
+
 
 def load_transforms(paths_or_root):
     """Loads transforms.json of a built dataset.
@@ -444,22 +528,31 @@ def load_transforms(paths_or_root):
     Returns:
         dict with `convention`, `sources` and `images` (name -> metadata).
     """
-    paths = (paths_or_root if isinstance(paths_or_root, EmbeddedDatasetPaths)
-             else EmbeddedDatasetPaths.at(paths_or_root))
+    paths = (
+        paths_or_root
+        if isinstance(paths_or_root, EmbeddedDatasetPaths)
+        else EmbeddedDatasetPaths.at(paths_or_root)
+    )
     if not paths.transforms.is_file():
-        raise DataError(f"{paths.transforms} not found: build the dataset "
-                        "first with build_embedded_dataset(root)")
+        raise DataError(
+            f"{paths.transforms} not found: build the dataset "
+            "first with build_embedded_dataset(root)"
+        )
     with open(paths.transforms, encoding="utf-8") as f:
         return json.load(f)
 
 
 def load_ground_truth(paths_or_root):
     """Loads gnd_embedded.pkl (revisitop structure) of a built dataset."""
-    paths = (paths_or_root if isinstance(paths_or_root, EmbeddedDatasetPaths)
-             else EmbeddedDatasetPaths.at(paths_or_root))
+    paths = (
+        paths_or_root
+        if isinstance(paths_or_root, EmbeddedDatasetPaths)
+        else EmbeddedDatasetPaths.at(paths_or_root)
+    )
     if not paths.gnd.is_file():
-        raise DataError(f"{paths.gnd} not found: build the dataset first "
-                        "with build_embedded_dataset(root)")
+        raise DataError(
+            f"{paths.gnd} not found: build the dataset first with build_embedded_dataset(root)"
+        )
     with open(paths.gnd, "rb") as f:
         return pickle.load(f)
 
@@ -484,9 +577,11 @@ def default_root(preset="default", **overrides):
         Path (not created).
     """
     import hashlib
+
     params = _resolve_params(preset, overrides)
-    digest = hashlib.sha256(json.dumps(
-        [FORMAT_VERSION, params], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([FORMAT_VERSION, params], sort_keys=True).encode()
+    ).hexdigest()
     base = os.path.expanduser(os.environ.get(ROOT_ENV_VAR) or _DEFAULT_CACHE)
     return Path(base) / f"embedded-{preset}-{digest[:_PARAMS_HASH_CHARS]}"
 
@@ -505,9 +600,11 @@ def _read_manifest(paths):
 
 def _is_complete(paths, params):
     manifest = _read_manifest(paths)
-    return (manifest is not None
-            and manifest.get("format_version") == FORMAT_VERSION
-            and manifest.get("params") == params)
+    return (
+        manifest is not None
+        and manifest.get("format_version") == FORMAT_VERSION
+        and manifest.get("params") == params
+    )
 
 
 def _pid_alive(pid):
@@ -524,7 +621,7 @@ def _clean_stale_temp_dirs(root):
     """Removes <root>.tmp-<host>-<pid> folders of dead builds on this host."""
     prefix = f"{root.name}.tmp-{socket.gethostname()}-"
     for candidate in root.parent.glob(f"{root.name}.tmp-*"):
-        pid = candidate.name[len(prefix):]
+        pid = candidate.name[len(prefix) :]
         if not candidate.name.startswith(prefix) or not pid.isdigit():
             continue
         if not _pid_alive(int(pid)):
@@ -535,8 +632,7 @@ def _clean_stale_temp_dirs(root):
 def _render_all(tmp_paths, params):
     """Renders every image into `tmp_paths`; returns (meta, counts, gnd)."""
     plan = plan_images(params)
-    photos = sorted({item["photo"] for item in plan},
-                    key=ALL_PHOTOS.index)
+    photos = sorted({item["photo"] for item in plan}, key=ALL_PHOTOS.index)
     sources, sources_meta = {}, {}
     for photo in photos:
         source, orig_shape = load_source_photo(photo, params["source_size"])
@@ -546,14 +642,13 @@ def _render_all(tmp_paths, params):
             "shape": list(source.shape[:2]),
             "original_shape": list(orig_shape),
             "is_landmark": photo in LANDMARK_PHOTOS,
-            "skimage": ".".join(str(v) for v in
-                                _SKIMAGE_LOADERS.get(photo, (photo,))),
+            "skimage": ".".join(str(v) for v in _SKIMAGE_LOADERS.get(photo, (photo,))),
             # Pixel-centre convention: x_src = (x_orig + 0.5) * s - 0.5.
             "homography_original_to_source": [
                 [scale, 0.0, 0.5 * scale - 0.5],
-                [0.0, source.shape[0] / orig_shape[0],
-                 0.5 * source.shape[0] / orig_shape[0] - 0.5],
-                [0.0, 0.0, 1.0]],
+                [0.0, source.shape[0] / orig_shape[0], 0.5 * source.shape[0] / orig_shape[0] - 0.5],
+                [0.0, 0.0, 1.0],
+            ],
         }
         _save_jpeg(source, tmp_paths.sources_dir / f"{photo}.jpg", 95)
 
@@ -562,14 +657,13 @@ def _render_all(tmp_paths, params):
     log_every = max(1, len(plan) // 10)
     for count, item in enumerate(plan, 1):
         view, meta = render_image(item, sources[item["photo"]], params)
-        folder = (tmp_paths.train_images_dir if item["split"] == "train"
-                  else tmp_paths.jpg_dir)
-        _save_jpeg(view, folder / f"{item['name']}.jpg",
-                   params["jpeg_quality"])
+        folder = tmp_paths.train_images_dir if item["split"] == "train" else tmp_paths.jpg_dir
+        _save_jpeg(view, folder / f"{item['name']}.jpg", params["jpeg_quality"])
         images_meta[item["name"]] = meta
         if count % log_every == 0 or count == len(plan):
-            logger.info("embedded dataset: %d/%d images (%.1f s)", count,
-                        len(plan), time.time() - started)
+            logger.info(
+                "embedded dataset: %d/%d images (%.1f s)", count, len(plan), time.time() - started
+            )
 
     train = [i for i in plan if i["split"] == "train"]
     with open(tmp_paths.train_csv, "w", encoding="utf-8", newline="") as f:
@@ -581,33 +675,46 @@ def _render_all(tmp_paths, params):
     db_names = [i["name"] for i in plan if i["split"] == "database"]
     gnd = build_ground_truth(images_meta, sources_meta, query_names, db_names)
     with open(tmp_paths.gnd, "wb") as f:
-        pickle.dump({"imlist": db_names, "qimlist": query_names, "gnd": gnd},
-                    f, protocol=4)
+        pickle.dump({"imlist": db_names, "qimlist": query_names, "gnd": gnd}, f, protocol=4)
     meta = {
-        "convention": ("x = column, y = row, pixel centres at integers; "
-                       "homographies map homogeneous source points to view "
-                       "points; homography_between(meta, a, b) = "
-                       "H_b inv(H_a)"),
+        "convention": (
+            "x = column, y = row, pixel centres at integers; "
+            "homographies map homogeneous source points to view "
+            "points; homography_between(meta, a, b) = "
+            "H_b inv(H_a)"
+        ),
         "sources": sources_meta,
         "images": images_meta,
     }
     atomic.write_json_atomic(meta, tmp_paths.transforms, indent=1, sort_keys=True)
-    counts = {"train": len(train), "query": len(query_names),
-              "database": len(db_names),
-              "landmarks": params["num_landmarks"],
-              "easy": int(sum(len(g["easy"]) for g in gnd)),
-              "hard": int(sum(len(g["hard"]) for g in gnd)),
-              "junk": int(sum(len(g["junk"]) for g in gnd))}
+    counts = {
+        "train": len(train),
+        "query": len(query_names),
+        "database": len(db_names),
+        "landmarks": params["num_landmarks"],
+        "easy": int(sum(len(g["easy"]) for g in gnd)),
+        "hard": int(sum(len(g["hard"]) for g in gnd)),
+        "junk": int(sum(len(g["junk"]) for g in gnd)),
+    }
     return counts
 
 
-def build_embedded_dataset(root=None, preset="default", seed=None,
-                           image_size=None, source_size=None,
-                           num_landmarks=None,
-                           num_train_views=None, num_queries=None,
-                           num_easy=None, num_hard=None, num_junk=None,
-                           num_distractor_photos=None,
-                           num_views_per_distractor=None, jpeg_quality=None):
+def build_embedded_dataset(
+    root=None,
+    preset="default",
+    seed=None,
+    image_size=None,
+    source_size=None,
+    num_landmarks=None,
+    num_train_views=None,
+    num_queries=None,
+    num_easy=None,
+    num_hard=None,
+    num_junk=None,
+    num_distractor_photos=None,
+    num_views_per_distractor=None,
+    jpeg_quality=None,
+):
     """Builds (or finds already built) the embedded dataset under `root`.
 
     Idempotent: if `root/manifest.json` exists with the same parameters the
@@ -640,12 +747,19 @@ def build_embedded_dataset(root=None, preset="default", seed=None,
         DataError: `root` exists with other parameters or is not a dataset.
     """
     overrides = dict(
-        seed=seed, image_size=image_size, source_size=source_size,
-        num_landmarks=num_landmarks, num_train_views=num_train_views,
-        num_queries=num_queries, num_easy=num_easy, num_hard=num_hard,
-        num_junk=num_junk, num_distractor_photos=num_distractor_photos,
+        seed=seed,
+        image_size=image_size,
+        source_size=source_size,
+        num_landmarks=num_landmarks,
+        num_train_views=num_train_views,
+        num_queries=num_queries,
+        num_easy=num_easy,
+        num_hard=num_hard,
+        num_junk=num_junk,
+        num_distractor_photos=num_distractor_photos,
         num_views_per_distractor=num_views_per_distractor,
-        jpeg_quality=jpeg_quality)
+        jpeg_quality=jpeg_quality,
+    )
     params = _resolve_params(preset, overrides)
     if root is None:
         root = default_root(preset, **overrides)
@@ -659,26 +773,29 @@ def build_embedded_dataset(root=None, preset="default", seed=None,
         if manifest is None:
             raise DataError(
                 f"{root} exists but is not a complete embedded dataset (no "
-                f"{MANIFEST_NAME}); remove it or choose another root")
+                f"{MANIFEST_NAME}); remove it or choose another root"
+            )
         raise DataError(
             f"{root} holds an embedded dataset built with other parameters "
             f"({manifest.get('params')}, requested {params}); remove it or "
-            "choose another root")
+            "choose another root"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temp_dirs(root)
-    tmp_root = root.parent / (f"{root.name}.tmp-{socket.gethostname()}-"
-                              f"{os.getpid()}")
+    tmp_root = root.parent / (f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp_root, ignore_errors=True)
     tmp_paths = EmbeddedDatasetPaths.at(tmp_root)
-    for folder in (tmp_paths.sources_dir, tmp_paths.train_images_dir,
-                   tmp_paths.jpg_dir):
+    for folder in (tmp_paths.sources_dir, tmp_paths.train_images_dir, tmp_paths.jpg_dir):
         folder.mkdir(parents=True)
     logger.info("building the embedded dataset at %s (%s)", root, params)
     try:
         counts = _render_all(tmp_paths, params)
-        atomic.write_json_atomic({"format_version": FORMAT_VERSION, "params": params,
-                                  "counts": counts}, tmp_paths.manifest, indent=1,
-                                 sort_keys=True)
+        atomic.write_json_atomic(
+            {"format_version": FORMAT_VERSION, "params": params, "counts": counts},
+            tmp_paths.manifest,
+            indent=1,
+            sort_keys=True,
+        )
         try:
             os.rename(tmp_root, root)
         except OSError:

@@ -24,21 +24,27 @@ def warp_view(source, homography, output_size):
         float64 [h, w, 3] in [0, 1].
     """
     from skimage.transform import ProjectiveTransform, warp
+
     inverse = ProjectiveTransform(matrix=np.linalg.inv(homography))
     width, height = output_size
-    return warp(source.astype(np.float64) / _UINT8_MAX, inverse,
-                output_shape=(height, width), order=1, mode="edge")
+    return warp(
+        source.astype(np.float64) / _UINT8_MAX,
+        inverse,
+        output_shape=(height, width),
+        order=1,
+        mode="edge",
+    )
 
 
 def sample_photometric(rng, profile):
     """Samples lighting parameters of one view (dict of floats / lists)."""
     return {
-        "brightness": float(rng.uniform(-profile.brightness,
-                                        profile.brightness)),
+        "brightness": float(rng.uniform(-profile.brightness, profile.brightness)),
         "contrast": float(rng.uniform(*profile.contrast_range)),
         "gamma": float(rng.uniform(*profile.gamma_range)),
-        "color_gain": [float(g) for g in rng.uniform(
-            1 - profile.color_gain, 1 + profile.color_gain, size=3)],
+        "color_gain": [
+            float(g) for g in rng.uniform(1 - profile.color_gain, 1 + profile.color_gain, size=3)
+        ],
         "noise_std": float(profile.noise_std),
         "noise_seed": int(rng.integers(0, 2**31 - 1)),
     }

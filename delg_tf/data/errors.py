@@ -21,8 +21,16 @@ class ImageLoadError(DataError):
         reason: short machine-friendly reason, one of `REASONS`.
     """
 
-    REASONS = ("missing", "empty", "unreadable", "not_an_image", "truncated",
-               "too_large", "too_small", "unsupported_mode")
+    REASONS = (
+        "missing",
+        "empty",
+        "unreadable",
+        "not_an_image",
+        "truncated",
+        "too_large",
+        "too_small",
+        "unsupported_mode",
+    )
 
     def __init__(self, path, reason, message):
         self.path = str(path)

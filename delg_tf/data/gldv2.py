@@ -56,9 +56,11 @@ BUILD_SUMMARY_FILE = "build_summary.json"
 DEFAULT_SHUFFLE_BUFFER = 1000
 DEFAULT_IMAGE_SIZE = augmentation.DELG_IMAGE_SIZE
 _MAX_PARALLEL_FILES = 8
-_BUILD_HINT = ("build them with `python -m delg_tf.data.build_tfrecords "
-               "--train_csv_path=... --train_directory=... "
-               "--output_directory=...`")
+_BUILD_HINT = (
+    "build them with `python -m delg_tf.data.build_tfrecords "
+    "--train_csv_path=... --train_directory=... "
+    "--output_directory=...`"
+)
 
 # The official reader's feature description (same keys and defaults).
 FEATURE_DESCRIPTION = {
@@ -74,9 +76,8 @@ FEATURE_DESCRIPTION = {
 
 
 def shard_name(split, shard, num_shards):
-    """Official shard file name, e.g. shard_name("train", 0, 128)."""
-    return SHARD_NAME_FORMAT.format(split=split, shard=shard,
-                                    num_shards=num_shards)
+    """Official shard file name, e.g. ``train-00000-of-00128`` for ("train", 0, 128)."""
+    return SHARD_NAME_FORMAT.format(split=split, shard=shard, num_shards=num_shards)
 
 
 def _int64_feature(value):
@@ -141,24 +142,32 @@ def resolve_file_pattern(file_pattern, flag_name="file_pattern"):
         DataError: empty pattern, no match, or only empty/unreadable files.
     """
     if not file_pattern or not str(file_pattern).strip():
-        raise DataError(f"--{flag_name} is empty: expected a glob of GLDv2 "
-                        f"TFRecord shards such as /data/gldv2/train-*; "
-                        f"{_BUILD_HINT}")
+        raise DataError(
+            f"--{flag_name} is empty: expected a glob of GLDv2 "
+            f"TFRecord shards such as /data/gldv2/train-*; "
+            f"{_BUILD_HINT}"
+        )
     files = []
     for pattern in str(file_pattern).split(","):
         files.extend(glob.glob(os.path.expanduser(pattern.strip())))
     files = sorted(set(f for f in files if os.path.isfile(f)))
     if not files:
-        raise DataError(f"--{flag_name}={file_pattern} matches no file: "
-                        f"expected GLDv2 TFRecord shards; {_BUILD_HINT}")
+        raise DataError(
+            f"--{flag_name}={file_pattern} matches no file: "
+            f"expected GLDv2 TFRecord shards; {_BUILD_HINT}"
+        )
     unreadable = [f for f in files if not os.access(f, os.R_OK)]
     if unreadable:
-        raise DataError(f"--{flag_name}={file_pattern}: cannot read "
-                        f"{unreadable[0]} ({len(unreadable)} unreadable "
-                        "files); fix the permissions")
+        raise DataError(
+            f"--{flag_name}={file_pattern}: cannot read "
+            f"{unreadable[0]} ({len(unreadable)} unreadable "
+            "files); fix the permissions"
+        )
     if all(os.path.getsize(f) == 0 for f in files):
-        raise DataError(f"--{flag_name}={file_pattern}: all {len(files)} "
-                        f"files are empty (no records); {_BUILD_HINT}")
+        raise DataError(
+            f"--{flag_name}={file_pattern}: all {len(files)} "
+            f"files are empty (no records); {_BUILD_HINT}"
+        )
     return files
 
 
@@ -173,46 +182,59 @@ def check_first_record(files, flag_name="file_pattern"):
         for serialized in tf.data.TFRecordDataset([first]).take(1):
             parsed = parse_example(serialized)
             if not parsed[KEY_ENCODED].numpy():
-                raise DataError(f"--{flag_name}: {first} has records without "
-                                f"{KEY_ENCODED}; expected the official DELF "
-                                f"format; {_BUILD_HINT}")
+                raise DataError(
+                    f"--{flag_name}: {first} has records without "
+                    f"{KEY_ENCODED}; expected the official DELF "
+                    f"format; {_BUILD_HINT}"
+                )
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"--{flag_name}: {first} is not a readable TFRecord "
-                        f"of tf.train.Example ({type(e).__name__}: "
-                        f"{message}); rebuild it: {_BUILD_HINT}") from None
+        raise DataError(
+            f"--{flag_name}: {first} is not a readable TFRecord "
+            f"of tf.train.Example ({type(e).__name__}: "
+            f"{message}); rebuild it: {_BUILD_HINT}"
+        ) from None
 
 
 def decode_image(encoded):
     """Decodes JPEG (or PNG) bytes to uint8 [H, W, 3]."""
-    image = tf.io.decode_image(encoded, channels=CHANNELS,
-                               expand_animations=False)
+    image = tf.io.decode_image(encoded, channels=CHANNELS, expand_animations=False)
     return tf.ensure_shape(image, [None, None, CHANNELS])
 
 
-def _make_parse_fn(image_size, augment, base_seed, augmentation_config,
-                   with_ids):
+def _make_parse_fn(image_size, augment, base_seed, augmentation_config, with_ids):
     def parse(index, serialized):
         parsed = parse_example(serialized)
         image = decode_image(parsed[KEY_ENCODED])
         if augment:
             image = augmentation.augment_for_training(
-                image, image_size, augmentation.element_seed(base_seed, index),
-                augmentation_config)
+                image, image_size, augmentation.element_seed(base_seed, index), augmentation_config
+            )
         else:
             image = augmentation.resize_for_eval(image, image_size)
         label = parsed[KEY_LABEL]
         if with_ids:
             return image, label, parsed[KEY_ID]
         return image, label
+
     return parse
 
 
-def make_dataset(file_pattern, batch_size, image_size=DEFAULT_IMAGE_SIZE,
-                 augment=True, shuffle=True, seed=0, repeat=True,
-                 shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
-                 augmentation_config=None, drop_remainder=None,
-                 with_ids=False, flag_name="file_pattern", check=True):
+def make_dataset(
+    file_pattern,
+    batch_size,
+    image_size=DEFAULT_IMAGE_SIZE,
+    augment=True,
+    shuffle=True,
+    seed=0,
+    repeat=True,
+    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
+    augmentation_config=None,
+    drop_remainder=None,
+    with_ids=False,
+    flag_name="file_pattern",
+    check=True,
+):
     """tf.data pipeline over GLDv2 TFRecords.
 
     Files are shuffled, read interleaved (deterministic order), records
@@ -253,22 +275,23 @@ def make_dataset(file_pattern, batch_size, image_size=DEFAULT_IMAGE_SIZE,
         drop_remainder = repeat
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
-        dataset = dataset.shuffle(len(files), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.interleave(
         tf.data.TFRecordDataset,
         cycle_length=min(len(files), _MAX_PARALLEL_FILES),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     if repeat:
         dataset = dataset.repeat()
     if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.enumerate()
     dataset = dataset.map(
-        _make_parse_fn(image_size, augment, seed, augmentation_config,
-                       with_ids),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        _make_parse_fn(image_size, augment, seed, augmentation_config, with_ids),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -276,14 +299,19 @@ def make_dataset(file_pattern, batch_size, image_size=DEFAULT_IMAGE_SIZE,
 def count_records(file_pattern, flag_name="file_pattern"):
     """Counts the records of all files matching `file_pattern` (full scan)."""
     files = resolve_file_pattern(file_pattern, flag_name)
-    return int(tf.data.TFRecordDataset(files).reduce(
-        tf.constant(0, tf.int64), lambda count, _: count + 1).numpy())
+    return int(
+        tf.data.TFRecordDataset(files)
+        .reduce(tf.constant(0, tf.int64), lambda count, _: count + 1)
+        .numpy()
+    )
 
 
 def _labels_from_records(files):
     dataset = tf.data.TFRecordDataset(files).map(
-        lambda s: tf.io.parse_single_example(
-            s, {KEY_LABEL: FEATURE_DESCRIPTION[KEY_LABEL]})[KEY_LABEL])
+        lambda s: tf.io.parse_single_example(s, {KEY_LABEL: FEATURE_DESCRIPTION[KEY_LABEL]})[
+            KEY_LABEL
+        ]
+    )
     return dataset
 
 
@@ -319,10 +347,11 @@ def infer_num_classes(file_pattern, flag_name="file_pattern", scan=True):
             rows = list(csv.DictReader(f))
         return len(rows)
     if not scan:
-        raise DataError(f"cannot tell the number of classes of "
-                        f"--{flag_name}={file_pattern} (no "
-                        f"{BUILD_SUMMARY_FILE} or {RELABELING_FILE} beside "
-                        "it); set --num_classes")
-    max_label = _labels_from_records(files).reduce(
-        tf.constant(-1, tf.int64), tf.maximum)
+        raise DataError(
+            f"cannot tell the number of classes of "
+            f"--{flag_name}={file_pattern} (no "
+            f"{BUILD_SUMMARY_FILE} or {RELABELING_FILE} beside "
+            "it); set --num_classes"
+        )
+    max_label = _labels_from_records(files).reduce(tf.constant(-1, tf.int64), tf.maximum)
     return int(max_label.numpy()) + 1

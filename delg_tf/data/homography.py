@@ -67,8 +67,7 @@ def shift_homography_convention(h, offset=0.5):
         [3, 3] float64 T(offset) @ h @ T(-offset).
     """
     shift = np.array([[1, 0, offset], [0, 1, offset], [0, 0, 1]], np.float64)
-    unshift = np.array([[1, 0, -offset], [0, 1, -offset], [0, 0, 1]],
-                       np.float64)
+    unshift = np.array([[1, 0, -offset], [0, 1, -offset], [0, 0, 1]], np.float64)
     return normalize_homography(shift @ np.asarray(h, np.float64) @ unshift)
 
 
@@ -80,8 +79,7 @@ def _fit_quad(quad, width, height):
     extent = quad.max(axis=0) - quad.min(axis=0)
     scale = min(1.0, float(np.min((high - low) / np.maximum(extent, 1e-9))))
     quad = center + (quad - center) * scale
-    shift = np.maximum(low - quad.min(axis=0), 0.0) - np.maximum(
-        quad.max(axis=0) - high, 0.0)
+    shift = np.maximum(low - quad.min(axis=0), 0.0) - np.maximum(quad.max(axis=0) - high, 0.0)
     return quad + shift
 
 
@@ -102,34 +100,40 @@ def sample_view_geometry(rng, profile, source_shape, image_size):
     height, width = source_shape
     area = rng.uniform(*profile.area_range) * width * height
     aspect = (width / height) * np.exp(
-        rng.uniform(-profile.aspect_log_range, profile.aspect_log_range))
+        rng.uniform(-profile.aspect_log_range, profile.aspect_log_range)
+    )
     crop_w = min(np.sqrt(area * aspect), width - 1.0)
     crop_h = min(np.sqrt(area / aspect), height - 1.0)
-    center = np.array([rng.uniform(crop_w / 2, width - 1 - crop_w / 2),
-                       rng.uniform(crop_h / 2, height - 1 - crop_h / 2)])
-    corners = np.array([[-crop_w, -crop_h], [crop_w, -crop_h],
-                        [crop_w, crop_h], [-crop_w, crop_h]]) / 2.0
+    center = np.array(
+        [
+            rng.uniform(crop_w / 2, width - 1 - crop_w / 2),
+            rng.uniform(crop_h / 2, height - 1 - crop_h / 2),
+        ]
+    )
+    corners = (
+        np.array([[-crop_w, -crop_h], [crop_w, -crop_h], [crop_w, crop_h], [-crop_w, crop_h]]) / 2.0
+    )
     rotation = rng.uniform(-profile.max_rotation_deg, profile.max_rotation_deg)
     theta = np.deg2rad(rotation)
-    rot = np.array([[np.cos(theta), -np.sin(theta)],
-                    [np.sin(theta), np.cos(theta)]])
-    jitter = rng.uniform(-profile.perspective, profile.perspective,
-                         size=(4, 2)) * np.array([crop_w, crop_h])
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    jitter = rng.uniform(-profile.perspective, profile.perspective, size=(4, 2)) * np.array(
+        [crop_w, crop_h]
+    )
     quad = _fit_quad(center + (corners + jitter) @ rot.T, width, height)
-    mean_w = (np.linalg.norm(quad[1] - quad[0])
-              + np.linalg.norm(quad[2] - quad[3])) / 2
-    mean_h = (np.linalg.norm(quad[3] - quad[0])
-              + np.linalg.norm(quad[2] - quad[1])) / 2
+    mean_w = (np.linalg.norm(quad[1] - quad[0]) + np.linalg.norm(quad[2] - quad[3])) / 2
+    mean_h = (np.linalg.norm(quad[3] - quad[0]) + np.linalg.norm(quad[2] - quad[1])) / 2
     long_side = image_size * rng.uniform(*profile.output_scale_range)
     out_scale = long_side / max(mean_w, mean_h)
     out_w = max(2, int(round(mean_w * out_scale)))
     out_h = max(2, int(round(mean_h * out_scale)))
-    target = np.array([[0, 0], [out_w - 1, 0], [out_w - 1, out_h - 1],
-                       [0, out_h - 1]], np.float64)
-    return {"quad": quad, "output_size": (out_w, out_h),
-            "rotation_deg": float(rotation),
-            "area_fraction": float(_polygon_area(quad) / (width * height)),
-            "homography": homography_from_points(quad, target)}
+    target = np.array([[0, 0], [out_w - 1, 0], [out_w - 1, out_h - 1], [0, out_h - 1]], np.float64)
+    return {
+        "quad": quad,
+        "output_size": (out_w, out_h),
+        "rotation_deg": float(rotation),
+        "area_fraction": float(_polygon_area(quad) / (width * height)),
+        "homography": homography_from_points(quad, target),
+    }
 
 
 def _polygon_area(points):
@@ -142,8 +146,7 @@ def homography_to_view(meta, name):
     """[3, 3] homography from the canonical source photo to image `name`."""
     images = meta["images"]
     if name not in images:
-        raise KeyError(f"image {name!r} not in transforms.json "
-                       "(names have no extension)")
+        raise KeyError(f"image {name!r} not in transforms.json (names have no extension)")
     return np.asarray(images[name]["homography_source_to_view"], np.float64)
 
 
@@ -161,13 +164,13 @@ def homography_between(meta, name_a, name_b):
     Raises:
         ValueError: the two images come from different photos.
     """
-    photo_a = meta["images"][name_a]["photo"] if name_a in meta["images"] \
-        else None
-    photo_b = meta["images"][name_b]["photo"] if name_b in meta["images"] \
-        else None
+    photo_a = meta["images"][name_a]["photo"] if name_a in meta["images"] else None
+    photo_b = meta["images"][name_b]["photo"] if name_b in meta["images"] else None
     h_a = homography_to_view(meta, name_a)
     h_b = homography_to_view(meta, name_b)
     if photo_a != photo_b:
-        raise ValueError(f"{name_a} ({photo_a}) and {name_b} ({photo_b}) show "
-                         "different photos: no homography between them")
+        raise ValueError(
+            f"{name_a} ({photo_a}) and {name_b} ({photo_b}) show "
+            "different photos: no homography between them"
+        )
     return normalize_homography(h_b @ np.linalg.inv(h_a))

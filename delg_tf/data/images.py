@@ -44,8 +44,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 # Pillow's own bomb guard: warn above MAX_IMAGE_PIXELS, error above twice it.
 # Keep it at least as permissive as ours so that our explicit check (with a
 # clear message) is the one that fires.
-if (Image.MAX_IMAGE_PIXELS is not None
-        and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS):
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 ALPHA_MODES = ("composite", "drop")
@@ -56,8 +55,18 @@ _UINT16_MAX = 65535.0
 MISSING_FILE_MESSAGE = "no such file; check the path or the image list"
 DIRECTORY_MESSAGE = "is a directory, expected an image file"
 EMPTY_FILE_MESSAGE = "zero-byte file; re-download or remove it"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 
 def _open_checked(path, max_pixels):
@@ -84,31 +93,37 @@ def _open_checked(path, max_pixels):
 
 def _open_header(source, path, max_pixels):
     """Opens `source` (a file path or a binary stream) with Pillow, reading only the
-    header; errors name `path`. See `_open_checked`."""
+    header; errors name `path`. See `_open_checked`.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
     except Image.DecompressionBombError as e:
         raise ImageLoadError(
-            path, "too_large",
+            path,
+            "too_large",
             f"header claims too many pixels ({e}); limit is "
-            f"{max_pixels} (MAX_IMAGE_PIXELS); resize the image or remove it")
+            f"{max_pixels} (MAX_IMAGE_PIXELS); resize the image or remove it",
+        )
     except UnidentifiedImageError:
         raise ImageLoadError(
-            path, "not_an_image",
-            "not a recognised image format (expected JPEG/PNG/...); "
-            "remove it or fix its content")
+            path,
+            "not_an_image",
+            "not a recognised image format (expected JPEG/PNG/...); remove it or fix its content",
+        )
     except OSError as e:
         raise ImageLoadError(path, "unreadable", f"cannot open file ({e})")
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         image.close()
         raise ImageLoadError(
-            path, "too_large",
+            path,
+            "too_large",
             f"header claims {width}x{height} = {width * height} pixels, more "
             f"than the limit {max_pixels} (MAX_IMAGE_PIXELS); resize the "
-            "image or raise max_pixels")
+            "image or raise max_pixels",
+        )
     return image
 
 
@@ -145,9 +160,14 @@ def _to_rgb(image, alpha, background):
     return image.convert("RGB")
 
 
-def load_image_rgb(path, apply_exif_orientation=False, alpha="composite",
-                   background=DEFAULT_BACKGROUND, min_side=MIN_IMAGE_SIDE,
-                   max_pixels=MAX_IMAGE_PIXELS):
+def load_image_rgb(
+    path,
+    apply_exif_orientation=False,
+    alpha="composite",
+    background=DEFAULT_BACKGROUND,
+    min_side=MIN_IMAGE_SIDE,
+    max_pixels=MAX_IMAGE_PIXELS,
+):
     """Loads an image file as 8-bit RGB, or refuses it with a clear error.
 
     Args:
@@ -176,9 +196,15 @@ def load_image_rgb(path, apply_exif_orientation=False, alpha="composite",
     return _decode_opened(image, path, apply_exif_orientation, alpha, background, min_side)
 
 
-def decode_image_rgb(data, path, apply_exif_orientation=False, alpha="composite",
-                     background=DEFAULT_BACKGROUND, min_side=MIN_IMAGE_SIDE,
-                     max_pixels=MAX_IMAGE_PIXELS):
+def decode_image_rgb(
+    data,
+    path,
+    apply_exif_orientation=False,
+    alpha="composite",
+    background=DEFAULT_BACKGROUND,
+    min_side=MIN_IMAGE_SIDE,
+    max_pixels=MAX_IMAGE_PIXELS,
+):
     """`load_image_rgb` of the bytes of an image file that was read already.
 
     For files read through another file system layer (Apache Beam's `FileSystems`:
@@ -215,12 +241,13 @@ def _decode_opened(image, path, apply_exif_orientation, alpha, background, min_s
                 image.load()
             except OSError as e:
                 raise ImageLoadError(
-                    path, "truncated",
+                    path,
+                    "truncated",
                     f"cannot decode image data ({e}); the file is truncated "
-                    "or corrupt: re-download or remove it")
+                    "or corrupt: re-download or remove it",
+                )
             except (ValueError, SyntaxError, EOFError) as e:
-                raise ImageLoadError(path, "unreadable",
-                                     f"cannot decode image data ({e})")
+                raise ImageLoadError(path, "unreadable", f"cannot decode image data ({e})")
             if apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image, alpha, background)
@@ -228,14 +255,15 @@ def _decode_opened(image, path, apply_exif_orientation, alpha, background, min_s
     except ImageLoadError:
         raise
     except (OSError, ValueError) as e:
-        raise ImageLoadError(path, "unsupported_mode",
-                             f"cannot convert to RGB ({e})")
+        raise ImageLoadError(path, "unsupported_mode", f"cannot convert to RGB ({e})")
     height, width = array.shape[:2]
     if min(height, width) < min_side:
         raise ImageLoadError(
-            path, "too_small",
+            path,
+            "too_small",
             f"image is {width}x{height}, smaller than the minimum side "
-            f"{min_side} px (MIN_IMAGE_SIDE) the network needs; skipped")
+            f"{min_side} px (MIN_IMAGE_SIDE) the network needs; skipped",
+        )
     return np.ascontiguousarray(array)
 
 
@@ -262,5 +290,4 @@ def list_image_files(directory, extensions=IMAGE_EXTENSIONS):
         Sorted list of Path.
     """
     directory = Path(directory)
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.suffix.lower() in extensions)
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in extensions)

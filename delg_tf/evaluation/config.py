@@ -43,8 +43,14 @@ RERANK_SUPERGLOBAL = "superglobal"
 RERANK_SUPERGLOBAL_RANSAC = "superglobal+ransac"
 RERANK_DIFFUSION = "diffusion"
 RERANK_RANSAC_FUSED = "ransac_fused"  # significant inliers first, then global similarity.
-RERANK_METHODS = (RERANK_NONE, RERANK_RANSAC, RERANK_SUPERGLOBAL, RERANK_SUPERGLOBAL_RANSAC,
-                  RERANK_DIFFUSION, RERANK_RANSAC_FUSED)
+RERANK_METHODS = (
+    RERANK_NONE,
+    RERANK_RANSAC,
+    RERANK_SUPERGLOBAL,
+    RERANK_SUPERGLOBAL_RANSAC,
+    RERANK_DIFFUSION,
+    RERANK_RANSAC_FUSED,
+)
 RANSAC_RERANKERS = (RERANK_RANSAC, RERANK_SUPERGLOBAL_RANSAC, RERANK_RANSAC_FUSED)
 SUPERGLOBAL_RERANKERS = (RERANK_SUPERGLOBAL, RERANK_SUPERGLOBAL_RANSAC)
 QUERY_EXPANSION_NONE = "none"
@@ -169,28 +175,51 @@ class EvaluateConfig:
             expect(is_finite(value) and value >= 0, name, "a float >= 0", value)
         expect_int("superglobal_m", self.superglobal_m, 1)
         expect_int("superglobal_k", self.superglobal_k, 0)
-        expect_int("diffusion_k", self.diffusion_k, 2,
-                   fix="the graph lists the image itself and k - 1 neighbours")
+        expect_int(
+            "diffusion_k",
+            self.diffusion_k,
+            2,
+            fix="the graph lists the image itself and k - 1 neighbours",
+        )
         expect_int("diffusion_query_k", self.diffusion_query_k, 1)
         expect_int("diffusion_iterations", self.diffusion_iterations, 1)
-        expect(is_finite(self.diffusion_alpha) and 0 <= self.diffusion_alpha < 1,
-               "diffusion_alpha", "a float in [0, 1)", self.diffusion_alpha)
-        expect(is_finite(self.diffusion_tolerance) and self.diffusion_tolerance > 0,
-               "diffusion_tolerance", "a float > 0", self.diffusion_tolerance)
+        expect(
+            is_finite(self.diffusion_alpha) and 0 <= self.diffusion_alpha < 1,
+            "diffusion_alpha",
+            "a float in [0, 1)",
+            self.diffusion_alpha,
+        )
+        expect(
+            is_finite(self.diffusion_tolerance) and self.diffusion_tolerance > 0,
+            "diffusion_tolerance",
+            "a float > 0",
+            self.diffusion_tolerance,
+        )
         if self.rerank == RERANK_DIFFUSION:
-            expect(self.top_k == FULL_RANKING, "top_k",
-                   "0 with --rerank=diffusion (diffusion ranks the whole database; databases "
-                   "above the full-ranking limit are searched top-k)", self.top_k,
-                   fix="use --rerank=superglobal or ransac for a top-k search")
+            expect(
+                self.top_k == FULL_RANKING,
+                "top_k",
+                "0 with --rerank=diffusion (diffusion ranks the whole database; databases "
+                "above the full-ranking limit are searched top-k)",
+                self.top_k,
+                fix="use --rerank=superglobal or ransac for a top-k search",
+            )
         if self.rerank in SUPERGLOBAL_RERANKERS:
-            expect(self.top_k == FULL_RANKING or self.top_k >= self.superglobal_m, "top_k",
-                   f"0 (full ranking) or an integer >= --superglobal_m={self.superglobal_m} "
-                   f"with --rerank={self.rerank}", self.top_k)
+            expect(
+                self.top_k == FULL_RANKING or self.top_k >= self.superglobal_m,
+                "top_k",
+                f"0 (full ranking) or an integer >= --superglobal_m={self.superglobal_m} "
+                f"with --rerank={self.rerank}",
+                self.top_k,
+            )
         if self.rerank == RERANK_SUPERGLOBAL_RANSAC:
-            expect(self.shortlist_size <= self.superglobal_m, "shortlist_size",
-                   f"<= --superglobal_m={self.superglobal_m} with --rerank={self.rerank} "
-                   "(RANSAC verifies the top of the SuperGlobal shortlist)",
-                   self.shortlist_size)
+            expect(
+                self.shortlist_size <= self.superglobal_m,
+                "shortlist_size",
+                f"<= --superglobal_m={self.superglobal_m} with --rerank={self.rerank} "
+                "(RANSAC verifies the top of the SuperGlobal shortlist)",
+                self.shortlist_size,
+            )
 
     @property
     def uses_ransac(self) -> bool:
@@ -206,20 +235,32 @@ class EvaluateConfig:
         dba = None if self.dba == DBA_OFF else {"neighbours": self.dba, "alpha": self.dba_alpha}
         expansion = None
         if self.query_expansion == QUERY_EXPANSION_AQE:
-            expansion = {"method": self.query_expansion, "neighbours": self.aqe_neighbours,
-                         "alpha": self.aqe_alpha}
+            expansion = {
+                "method": self.query_expansion,
+                "neighbours": self.aqe_neighbours,
+                "alpha": self.aqe_alpha,
+            }
         rerank = {"method": self.rerank}
         if self.rerank in SUPERGLOBAL_RERANKERS:
-            rerank["superglobal"] = {"m": self.superglobal_m, "k": self.superglobal_k,
-                                     "beta": self.superglobal_beta}
+            rerank["superglobal"] = {
+                "m": self.superglobal_m,
+                "k": self.superglobal_k,
+                "beta": self.superglobal_beta,
+            }
         if self.uses_ransac:
-            rerank["ransac"] = {"shortlist_size": self.shortlist_size,
-                                "significant_only": self.rerank == RERANK_RANSAC_FUSED}
+            rerank["ransac"] = {
+                "shortlist_size": self.shortlist_size,
+                "significant_only": self.rerank == RERANK_RANSAC_FUSED,
+            }
         if self.rerank == RERANK_DIFFUSION:
             rerank["diffusion"] = {
-                "graph_neighbours": self.diffusion_k, "query_neighbours": self.diffusion_query_k,
-                "gamma": self.diffusion_gamma, "alpha": self.diffusion_alpha,
-                "iterations": self.diffusion_iterations, "tolerance": self.diffusion_tolerance}
+                "graph_neighbours": self.diffusion_k,
+                "query_neighbours": self.diffusion_query_k,
+                "gamma": self.diffusion_gamma,
+                "alpha": self.diffusion_alpha,
+                "iterations": self.diffusion_iterations,
+                "tolerance": self.diffusion_tolerance,
+            }
         return {"dba": dba, "query_expansion": expansion, "rerank": rerank}
 
     def record(self) -> dict:
@@ -452,8 +493,10 @@ class EvaluatePaths:
                 "feature stores written by `python -m delg_tf.extract`), or --model_path to "
                 "extract the images of the dataset (jpg/ next to --gnd_path)."
             )
-        if self.gnd_path is not None and self.dataset is None and (
-            self.gnd_path.stem.replace("gnd_", "", 1) not in DATASETS
+        if (
+            self.gnd_path is not None
+            and self.dataset is None
+            and (self.gnd_path.stem.replace("gnd_", "", 1) not in DATASETS)
         ):
             raise ConfigError(
                 f"cannot tell the dataset from --gnd_path={self.gnd_path}; pass --dataset "

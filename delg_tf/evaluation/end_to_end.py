@@ -302,10 +302,12 @@ class QueryCrop:
         crop = np.asarray(crop_to_bbx(Image.fromarray(image), self.box))
         if min(crop.shape[:2]) < MIN_IMAGE_SIDE:
             raise ImageLoadError(
-                self.path, "too_small",
+                self.path,
+                "too_small",
                 f"crop to bbx {list(self.box)} is {crop.shape[1]}x{crop.shape[0]}, smaller than "
                 f"the minimum side {MIN_IMAGE_SIDE} px (MIN_IMAGE_SIDE) the network needs; "
-                "skipped")
+                "skipped",
+            )
         return np.ascontiguousarray(crop)
 
     def __str__(self):
@@ -451,15 +453,18 @@ def extract_dataset(dataset, config: DatasetEvalConfig, extractor: Optional[Call
 
 def _cache_is_complete(cache: Path, key: dict, dataset, settings) -> bool:
     """True if ``cache`` was made with ``key`` and its stores hold every database image and
-    query: evaluating then only reads it (no lock, nothing written)."""
+    query: evaluating then only reads it (no lock, nothing written).
+    """
     try:
         stored = json.loads((cache / CACHE_KEY_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     wanted = {DB_CACHE_SUBDIR: _db_names(dataset), QUERY_CACHE_SUBDIR: list(dataset.qimlist)}
     return stored == key and all(
-        set(names) <= _store_names(dataclasses.replace(settings, output_dir=str(cache / sub))
-                                   .store_path) for sub, names in wanted.items())
+        set(names)
+        <= _store_names(dataclasses.replace(settings, output_dir=str(cache / sub)).store_path)
+        for sub, names in wanted.items()
+    )
 
 
 def _db_names(dataset) -> list:
@@ -515,11 +520,12 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
 
     extracted = config.db_features is None
     binary = evaluate.matching.binary_descriptors
-    with StoreFeatures(
-        db_store, names, binary, allow_missing=extracted, what="--db_features"
-    ) as db, StoreFeatures(
-        query_store, dataset.qimlist, binary, allow_missing=extracted, what="--query_features"
-    ) as queries:
+    with (
+        StoreFeatures(db_store, names, binary, allow_missing=extracted, what="--db_features") as db,
+        StoreFeatures(
+            query_store, dataset.qimlist, binary, allow_missing=extracted, what="--query_features"
+        ) as queries,
+    ):
         failed = {"database": db.missing, "queries": queries.missing}
         all_failed = [
             what

@@ -301,9 +301,7 @@ def evaluate_recognition_csv(solution_path, predictions_path) -> dict:
     return {
         split: {
             "GAP": (
-                PERCENT * global_average_precision(preds, truth)
-                if any(truth.values())
-                else None
+                PERCENT * global_average_precision(preds, truth) if any(truth.values()) else None
             )
         }
         for split, preds, truth in (("public", pub, sol.public), ("private", priv, sol.private))

@@ -63,8 +63,10 @@ def embed_dataset(embed_fn, dataset):
         embeddings.append(np.asarray(embed(images), dtype=np.float32))
         labels.append(np.asarray(batch_labels, dtype=np.int64))
     if not embeddings:
-        raise ValueError("evaluation dataset is empty: expected (images, labels) batches; "
-                         "check the split's folder and class range.")
+        raise ValueError(
+            "evaluation dataset is empty: expected (images, labels) batches; "
+            "check the split's folder and class range."
+        )
     return np.concatenate(embeddings), np.concatenate(labels)
 
 
@@ -96,9 +98,11 @@ def _read_run_record(logdir):
     record = runs.read_run_record(logdir)
     family = record.get("train", {}).get("model_family")
     if family != GLOCAL_FAMILY:
-        raise ValueError(f"{path}: model_family is {family!r}; expected a 'glocal' run "
-                         "(python -m delg_tf.train --model_family=glocal). DELG runs are "
-                         "evaluated with mAP by python -m delg_tf.evaluate.")
+        raise ValueError(
+            f"{path}: model_family is {family!r}; expected a 'glocal' run "
+            "(python -m delg_tf.train --model_family=glocal). DELG runs are "
+            "evaluated with mAP by python -m delg_tf.evaluate."
+        )
     return record
 
 
@@ -109,11 +113,13 @@ def _export_embed_fn(export_dir, model_flag):
     inputs = set(signature.structured_input_signature[1]) if signature is not None else set()
     outputs = set(signature.structured_outputs) if signature is not None else set()
     if SERVING_INPUT not in inputs or SERVING_OUTPUT not in outputs:
-        raise ValueError(f"--{model_flag}={export_dir} is a SavedModel but not a Glocal "
-                         f"embedding export (its {SERVING_SIGNATURE} signature takes "
-                         f"{sorted(inputs)} and returns {sorted(outputs)}; expected "
-                         f"'{SERVING_INPUT}' -> '{SERVING_OUTPUT}'); export the run with "
-                         f"python -m delg_tf.export --checkpoint_dir=LOGDIR --export_path=DIR.")
+        raise ValueError(
+            f"--{model_flag}={export_dir} is a SavedModel but not a Glocal "
+            f"embedding export (its {SERVING_SIGNATURE} signature takes "
+            f"{sorted(inputs)} and returns {sorted(outputs)}; expected "
+            f"'{SERVING_INPUT}' -> '{SERVING_OUTPUT}'); export the run with "
+            f"python -m delg_tf.export --checkpoint_dir=LOGDIR --export_path=DIR."
+        )
 
     def embed(images):
         return signature(**{SERVING_INPUT: tf.cast(images, tf.float32)})[SERVING_OUTPUT]
@@ -131,23 +137,34 @@ def _load_embedder(model_path, checkpoint, model_flag):
     if runs.is_run(path):
         record = _read_run_record(path)
         if checkpoint == UNTRAINED:
-            return (runs.untrained_model(record),
-                    {"model_kind": "run", "checkpoint": UNTRAINED}, record, None)
+            return (
+                runs.untrained_model(record),
+                {"model_kind": "run", "checkpoint": UNTRAINED},
+                record,
+                None,
+            )
         resolved = checkpoint or tf.train.latest_checkpoint(str(path))
         model = load_glocal_run(path, resolved)
         return model, {"model_kind": "run", "checkpoint": resolved}, record, None
     if (path / SAVED_MODEL_FILE).is_file():
         if checkpoint:
-            raise ValueError(f"checkpoint={checkpoint!r} applies to training runs only; "
-                             f"--{model_flag}={path} is a SavedModel export.")
+            raise ValueError(
+                f"checkpoint={checkpoint!r} applies to training runs only; "
+                f"--{model_flag}={path} is a SavedModel export."
+            )
         metadata = read_export_metadata(path)
         record = (metadata or {}).get("run")
-        return (_export_embed_fn(path, model_flag), {"model_kind": "export",
-                                                     "checkpoint": None}, record, metadata)
+        return (
+            _export_embed_fn(path, model_flag),
+            {"model_kind": "export", "checkpoint": None},
+            record,
+            metadata,
+        )
     raise FileNotFoundError(
         f"--{model_flag}={model_path}: neither a training run (no {CONFIG_JSON_NAME}) nor "
         f"a SavedModel (no {SAVED_MODEL_FILE}); pass the --logdir of python -m delg_tf.train "
-        "--model_family=glocal or the --export_path of python -m delg_tf.export.")
+        "--model_family=glocal or the --export_path of python -m delg_tf.export."
+    )
 
 
 def _test_split(dataset, data_dir, record, embedded_preset, data_dir_flag):
@@ -167,7 +184,8 @@ def _test_split(dataset, data_dir, record, embedded_preset, data_dir_flag):
             raise ValueError(
                 f"dataset 'embedded' needs --{data_dir_flag}: the folder where the trainer "
                 "built the embedded dataset (the run's --data_dir, e.g. demo_output/data); "
-                "it could not be read from the model's run config.")
+                "it could not be read from the model's run config."
+            )
         data_dir = TrainConfig.from_dict(train).resolved_data_dir
     paths = embedded_metric_paths(data_dir, preset)
     return cub.embedded_metric_split(paths, "test")
@@ -178,10 +196,20 @@ def default_output_json(dataset):
     return Path(DEFAULT_OUTPUT_DIR) / f"glocal_{dataset}" / RESULTS_NAME
 
 
-def evaluate_glocal(logdir_or_export, dataset="cub", data_dir=None, ks=RECALL_KS,
-                    batch_size=DEFAULT_BATCH_SIZE, *, image_size=None, embedded_preset=None,
-                    checkpoint=None, output_json=None, data_dir_flag="data_dir",
-                    model_flag="model_path"):
+def evaluate_glocal(
+    logdir_or_export,
+    dataset="cub",
+    data_dir=None,
+    ks=RECALL_KS,
+    batch_size=DEFAULT_BATCH_SIZE,
+    *,
+    image_size=None,
+    embedded_preset=None,
+    checkpoint=None,
+    output_json=None,
+    data_dir_flag="data_dir",
+    model_flag="model_path",
+):
     """Recall@K of a Glocal Retriever on the unseen test classes; writes the JSON.
 
     Args:
@@ -221,23 +249,30 @@ def evaluate_glocal(logdir_or_export, dataset="cub", data_dir=None, ks=RECALL_KS
     from delg_tf.training.data import metric_resize_size
 
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; received "
-                         f"{dataset!r}.")
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; received {dataset!r}.")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be an integer >= 1; received {batch_size!r}.")
     ks = tuple(int(k) for k in ks)
     tic = time.perf_counter()
-    embed_fn, info, record, metadata = _load_embedder(logdir_or_export, checkpoint,
-                                                      model_flag)
+    embed_fn, info, record, metadata = _load_embedder(logdir_or_export, checkpoint, model_flag)
     load_seconds = time.perf_counter() - tic
     split = _test_split(dataset, data_dir, record, embedded_preset, data_dir_flag)
     if image_size is None:
-        image_size = ((record or {}).get("train", {}).get("image_size")
-                      or (metadata or {}).get("image_size") or cub.METRIC_IMAGE_SIZE)
+        image_size = (
+            (record or {}).get("train", {}).get("image_size")
+            or (metadata or {}).get("image_size")
+            or cub.METRIC_IMAGE_SIZE
+        )
     resize_size = metric_resize_size(int(image_size))
-    test = cub.make_metric_dataset(split, int(batch_size), training=False,
-                                   image_size=int(image_size), resize_size=resize_size,
-                                   repeat=False, drop_remainder=False)
+    test = cub.make_metric_dataset(
+        split,
+        int(batch_size),
+        training=False,
+        image_size=int(image_size),
+        resize_size=resize_size,
+        repeat=False,
+        drop_remainder=False,
+    )
     tic = time.perf_counter()
     embeddings, labels = embed_dataset(embed_fn, test)
     embed_seconds = time.perf_counter() - tic
@@ -258,12 +293,19 @@ def evaluate_glocal(logdir_or_export, dataset="cub", data_dir=None, ks=RECALL_KS
         "resize_size": int(resize_size),
         "ks": list(ks),
         "embedding_dim": int(embeddings.shape[1]),
-        "timings": {"load_seconds": load_seconds, "embed_seconds": embed_seconds,
-                    "recall_seconds": recall_seconds},
+        "timings": {
+            "load_seconds": load_seconds,
+            "embed_seconds": embed_seconds,
+            "recall_seconds": recall_seconds,
+        },
         "output_json": str(output),
     }
     write_json(results, output)
-    logger.info("Recall@K on %s (%d images, %d classes): %s", split.name, len(labels),
-                split.num_classes, "  ".join(f"{k} {v:.2f}" for k, v in
-                                             results["recall"].items()))
+    logger.info(
+        "Recall@K on %s (%d images, %d classes): %s",
+        split.name,
+        len(labels),
+        split.num_classes,
+        "  ".join(f"{k} {v:.2f}" for k, v in results["recall"].items()),
+    )
     return results

@@ -64,8 +64,13 @@ STAGE_DIFFUSION_GRAPH = "diffusion_graph"
 STAGE_DIFFUSION = "diffusion"
 # Database-side stages, run once for every query (their ms/query is amortised).
 OFFLINE_STAGES = (STAGE_DBA, STAGE_DIFFUSION_GRAPH)
-RERANK_STAGES = (STAGE_SUPERGLOBAL, STAGE_RANSAC, STAGE_RANSAC_FUSED, STAGE_DIFFUSION_GRAPH,
-                 STAGE_DIFFUSION)
+RERANK_STAGES = (
+    STAGE_SUPERGLOBAL,
+    STAGE_RANSAC,
+    STAGE_RANSAC_FUSED,
+    STAGE_DIFFUSION_GRAPH,
+    STAGE_DIFFUSION,
+)
 MS_PER_SECOND = 1000.0
 
 
@@ -231,8 +236,8 @@ def superglobal_ranking(
     from delg_tf.retrieval import superglobal as sg
 
     out = np.array(ranks, dtype=np.int64, copy=True)
-    queries = np.asarray(query_global, np.float32) if normalized else search.l2_normalize(
-        query_global
+    queries = (
+        np.asarray(query_global, np.float32) if normalized else search.l2_normalize(query_global)
     )
     for q in range(out.shape[1]):
         valid = int(np.count_nonzero(out[:, q] != MISSING_ID))
@@ -339,7 +344,8 @@ def global_ranking(
     if config.top_k == FULL_RANKING and config.search_method == "exact":
         if not normalized:
             query_global, db_global = (
-                search.l2_normalize(query_global), search.l2_normalize(db_global)
+                search.l2_normalize(query_global),
+                search.l2_normalize(db_global),
             )
         ranks, by_id = search.full_ranking(query_global, db_global)
         return ranks, np.take_along_axis(by_id, ranks, axis=0), False
@@ -571,16 +577,19 @@ def evaluate_features(
         )
     rerank = db_local is not None and query_local is not None and config.shortlist_size > 0
     num_db_local = db_global.shape[0] if callable(db_local) or not rerank else len(db_local)
-    if rerank and config.uses_ransac and (
-        num_db_local != db_global.shape[0] or len(query_local) != len(gnd)
+    if (
+        rerank
+        and config.uses_ransac
+        and (num_db_local != db_global.shape[0] or len(query_local) != len(gnd))
     ):
         raise FeatureInputError(
             f"need one LocalFeatures per image: got {num_db_local} database (expected "
             f"{db_global.shape[0]}) and {len(query_local)} queries (expected {len(gnd)})."
         )
     timer = StageTimer(len(gnd))
-    ranks, scores, truncated = timer.run(STAGE_SEARCH, global_ranking, db_global, query_global,
-                                         config)
+    ranks, scores, truncated = timer.run(
+        STAGE_SEARCH, global_ranking, db_global, query_global, config
+    )
     results = {"global": evaluate_revisitop(ranks, gnd, config.kappas)}
     post = postprocess(
         ranks,
@@ -656,8 +665,7 @@ def evaluate_features(
 def format_stages(postprocessing: Mapping) -> str:
     """One line: the stages that ran with their ms/query (offline ones marked)."""
     parts = [
-        f"{stage['stage']} {stage['ms_per_query']:.3g}"
-        + (" (offline)" if stage["offline"] else "")
+        f"{stage['stage']} {stage['ms_per_query']:.3g}" + (" (offline)" if stage["offline"] else "")
         for stage in postprocessing["stages"]
     ]
     line = "ms/query: " + ", ".join(parts)
@@ -809,8 +817,9 @@ def evaluate_stores(
     if binary and not config.matching.binary_descriptors:
         matching = dataclasses.replace(config.matching, binary_descriptors=True)
         config = dataclasses.replace(config, matching=matching)
-    with StoreFeatures(db_store, cfg["imlist"], binary, what="--db_features") as db, StoreFeatures(
-        query_store, cfg["qimlist"], binary, what="--query_features"
-    ) as queries:
+    with (
+        StoreFeatures(db_store, cfg["imlist"], binary, what="--db_features") as db,
+        StoreFeatures(query_store, cfg["qimlist"], binary, what="--query_features") as queries,
+    ):
         evaluate_store_features(cfg["gnd"], db, queries, config, output_json, progress)
     return Path(output_json)

@@ -40,8 +40,10 @@ def recall_at_k(embeddings, labels, ks=RECALL_KS, chunk_size=DEFAULT_CHUNK_SIZE)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be [N, D], received shape {embeddings.shape}.")
     if labels.shape != (embeddings.shape[0],):
-        raise ValueError(f"labels must be [N] = [{embeddings.shape[0]}], received shape "
-                         f"{labels.shape}; pass one class id per embedding.")
+        raise ValueError(
+            f"labels must be [N] = [{embeddings.shape[0]}], received shape "
+            f"{labels.shape}; pass one class id per embedding."
+        )
     num = embeddings.shape[0]
     if num < 2:
         raise ValueError(f"Recall@K needs at least 2 embeddings, received {num}.")

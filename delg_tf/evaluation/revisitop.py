@@ -91,7 +91,7 @@ def _junk_free_positions(
 def precision_at_k(
     positions_1based: np.ndarray, kappas: Sequence[int], all_positives_ranked: bool = True
 ) -> np.ndarray:
-    """revisitop's precision@k for one query.
+    """Revisitop's precision@k for one query.
 
     Args:
         positions_1based: int array [P'] of 1-based junk-free positions.
@@ -143,7 +143,7 @@ def compute_map(
     gnd: Sequence[Mapping[str, np.ndarray]],
     kappas: Sequence[int] = DEFAULT_KAPPAS,
 ) -> MapResult:
-    """mAP and mP@k for a ranking (revisitop ``compute_map``).
+    """MAP and mP@k for a ranking (revisitop ``compute_map``).
 
     Args:
         ranks: int array [R, num_queries]; column q holds database indices in

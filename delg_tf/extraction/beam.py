@@ -51,8 +51,12 @@ from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
-from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
-                                           RunInference)
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from delg_tf import atomic, extract
@@ -123,18 +127,21 @@ class BeamExtractConfig:
         require(self.output_dir, "output_dir", "where the shards, manifest and error log go")
         require(self.images, "images", "a glob, a folder or a list file of image paths")
         if not self.delf_config and not self.model_path:
-            raise ConfigError("give --delf_config (a DelfConfig .pbtxt) and/or --model_path (a "
-                              "SavedModel directory); received neither.", "model_path")
+            raise ConfigError(
+                "give --delf_config (a DelfConfig .pbtxt) and/or --model_path (a "
+                "SavedModel directory); received neither.",
+                "model_path",
+            )
         expect_int("images_per_shard", self.images_per_shard, 1)
-        expect_int("model_copies", self.model_copies, 0,
-                   fix="0 loads one model per worker process")
+        expect_int("model_copies", self.model_copies, 0, fix="0 loads one model per worker process")
         object.__setattr__(self, "pipeline_args", tuple(self.pipeline_args))
         unknown = unknown_pipeline_args(self.pipeline_args)
         if unknown:
             raise ConfigError(
                 f"unknown flag(s) {', '.join(unknown)}: neither a delg_tf.extract_beam flag nor "
                 "an Apache Beam pipeline option; fix the spelling (Beam options as "
-                "--name=value) or install the Beam extra that defines them.")
+                "--name=value) or install the Beam extra that defines them."
+            )
 
     @property
     def manifest(self):
@@ -162,6 +169,7 @@ def unknown_pipeline_args(args):
 
 # Files -------------------------------------------------------------------------------
 
+
 def is_local(path):
     """True if `path` is on the local file system (no URL scheme Beam knows)."""
     try:
@@ -177,7 +185,8 @@ def _check_file_system(path, flag):
         raise ConfigError(
             f"{flag}={path}: no Beam file system for it ({e}); install the Beam extra of that "
             "scheme (apache-beam[gcp] for gs://, apache-beam[aws] for s3://) or pass a local "
-            "path.") from e
+            "path."
+        ) from e
 
 
 def _read_bytes(path):
@@ -187,7 +196,8 @@ def _read_bytes(path):
 
 def _write_bytes_atomic(path, data):
     """Writes `data` to `path` through a temporary name and a rename (locally with
-    `delg_tf.atomic`: fsynced first)."""
+    `delg_tf.atomic`: fsynced first).
+    """
     if is_local(path):
         atomic.write_bytes_atomic(path, data, parents=True)
         return
@@ -220,10 +230,11 @@ def read_image(path):
 
 # Inputs ------------------------------------------------------------------------------
 
+
 def _glob_folder(pattern):
     """The folder part of a glob (up to the last separator before its first wildcard)."""
     first = min(pattern.index(c) for c in GLOB_CHARACTERS if c in pattern)
-    return pattern[:pattern.rfind("/", 0, first) + 1]
+    return pattern[: pattern.rfind("/", 0, first) + 1]
 
 
 def _match(pattern, flag="--images"):
@@ -262,19 +273,27 @@ def list_inputs(images, image_root=None):
         folder = _glob_folder(images)
         paths = _match(images)
         if not paths:
-            raise ConfigError(f"--images={images} matches no file; check the pattern (e.g. "
-                              "DIR/*.jpg, gs://bucket/img/*).", "images")
-        return [(p[len(folder):] if p.startswith(folder) else p, p) for p in paths]
+            raise ConfigError(
+                f"--images={images} matches no file; check the pattern (e.g. "
+                "DIR/*.jpg, gs://bucket/img/*).",
+                "images",
+            )
+        return [(p[len(folder) :] if p.startswith(folder) else p, p) for p in paths]
     if is_local(images):
-        return [(name, os.fspath(path)) for name, path in
-                extract.list_images(images, image_root)]
+        return [(name, os.fspath(path)) for name, path in extract.list_images(images, image_root)]
     if images.endswith("/"):
-        paths = [p for p in _match(FileSystems.join(images, "*"))
-                 if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+        paths = [
+            p
+            for p in _match(FileSystems.join(images, "*"))
+            if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS
+        ]
         return [(FileSystems.split(p)[1], p) for p in paths]
     if not FileSystems.exists(images):
-        raise ConfigError(f"--images {images} does not exist; expected a glob, a folder "
-                          "(ending in /) or a list file.", "images")
+        raise ConfigError(
+            f"--images {images} does not exist; expected a glob, a folder "
+            "(ending in /) or a list file.",
+            "images",
+        )
     return _remote_list_file(images, image_root)
 
 
@@ -284,11 +303,11 @@ def check_unique(names):
         seen, duplicated = set(), set()
         for name in names:
             (duplicated if name in seen else seen).add(name)
-        raise ConfigError(f"image names must be unique; duplicated: "
-                          f"{sorted(duplicated)[:5]}.")
+        raise ConfigError(f"image names must be unique; duplicated: {sorted(duplicated)[:5]}.")
 
 
 # Manifest and shards -----------------------------------------------------------------
+
 
 def _shard_options(float16, binarized):
     return {"float16": bool(float16), "binarized": bool(binarized)}
@@ -306,11 +325,15 @@ def read_manifest(output_dir):
     try:
         manifest = json.loads(_read_bytes(path).decode("utf-8"))
     except ValueError as e:
-        raise store_lib.StoreError(f"{path}: not a JSON manifest ({e}); delete it (the shards "
-                                   "are kept and listed again by the next run).") from e
+        raise store_lib.StoreError(
+            f"{path}: not a JSON manifest ({e}); delete it (the shards "
+            "are kept and listed again by the next run)."
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise store_lib.StoreError(f"{path}: not a delg_tf.extract_beam manifest (format "
-                                   f"{MANIFEST_FORMAT}); use another --output_dir.")
+        raise store_lib.StoreError(
+            f"{path}: not a delg_tf.extract_beam manifest (format "
+            f"{MANIFEST_FORMAT}); use another --output_dir."
+        )
     return manifest
 
 
@@ -319,8 +342,10 @@ def shard_files(output_dir):
     output_dir = os.fspath(output_dir)
     manifest = read_manifest(output_dir)
     if manifest is None:
-        raise store_lib.StoreError(f"{FileSystems.join(output_dir, MANIFEST_NAME)} does not "
-                                   "exist; run `python -m delg_tf.extract_beam` first.")
+        raise store_lib.StoreError(
+            f"{FileSystems.join(output_dir, MANIFEST_NAME)} does not "
+            "exist; run `python -m delg_tf.extract_beam` first."
+        )
     return [FileSystems.join(output_dir, shard) for shard in sorted(manifest["shards"])]
 
 
@@ -346,7 +371,8 @@ def known_shards(config):
     if manifest["shards"] and manifest.get("options") != wanted:
         raise store_lib.StoreError(
             f"{config.manifest}: written with {manifest.get('options')}; this run asks for "
-            f"{wanted}. Use the same --float16 / --binarize to resume, or another --output_dir.")
+            f"{wanted}. Use the same --float16 / --binarize to resume, or another --output_dir."
+        )
     shards = dict(manifest["shards"])
     for path in _match(FileSystems.join(config.shards_dir, "*" + SHARD_EXTENSION)):
         relative = f"{SHARDS_SUBDIR}/{FileSystems.split(path)[1]}"
@@ -355,7 +381,8 @@ def known_shards(config):
             if options != wanted:
                 raise store_lib.StoreError(
                     f"{path}: written with {options}; this run asks for {wanted}. Use the "
-                    "same --float16 / --binarize to resume, or another --output_dir.")
+                    "same --float16 / --binarize to resume, or another --output_dir."
+                )
             shards[relative] = names
     return shards
 
@@ -363,28 +390,35 @@ def known_shards(config):
 def write_manifest(new_shards, output_dir, float16, binarized):
     """Writes `output_dir`'s manifest: the shards of the one there (if any) plus
     `new_shards` ((relative path, names) pairs); atomic (temporary name and rename).
-    Returns its path."""
+    Returns its path.
+    """
     shards = dict((read_manifest(output_dir) or {"shards": {}})["shards"])
     shards.update({relative: list(names) for relative, names in new_shards})
-    manifest = {"format": MANIFEST_FORMAT, "options": _shard_options(float16, binarized),
-                "shards": dict(sorted(shards.items()))}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "options": _shard_options(float16, binarized),
+        "shards": dict(sorted(shards.items())),
+    }
     path = FileSystems.join(output_dir, MANIFEST_NAME)
-    _write_bytes_atomic(path, (json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
-                        .encode("utf-8"))
+    _write_bytes_atomic(
+        path, (json.dumps(manifest, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    )
     return path
 
 
 def write_error_log(rows, path):
     """Writes the error log `path` (header, then the rows of (index, line) in index order),
-    atomic (temporary name and rename)."""
+    atomic (temporary name and rename).
+    """
     text = extract.ERROR_LOG_HEADER + "".join(line for _, line in sorted(rows))
     _write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _write_part(directory, records, float16, binarized):
     """One store file of `records` ((name, features dict)) in `directory`; its path."""
-    with store_lib.FeatureStoreWriter(directory, float16=float16, binarized=binarized,
-                                      flush_every=len(records) + 1) as writer:
+    with store_lib.FeatureStoreWriter(
+        directory, float16=float16, binarized=binarized, flush_every=len(records) + 1
+    ) as writer:
         for name, features in records:
             writer.add(name, features)
     (part,) = [p for p in os.listdir(directory) if store_lib.PART_PATTERN.match(p)]
@@ -393,7 +427,8 @@ def _write_part(directory, records, float16, binarized):
 
 def write_shard(path, records, float16=False, binarized=False):
     """Writes `records` ((name, features dict) pairs) as one HDF5 store file at `path`
-    (any `FileSystems` path) under a temporary name, then renames it to `path`."""
+    (any `FileSystems` path) under a temporary name, then renames it to `path`.
+    """
     tmp = path + store_lib.TMP_SUFFIX
     if is_local(path):  # a temporary folder beside it: the rename stays on one disk
         shutil.rmtree(tmp, ignore_errors=True)
@@ -403,25 +438,30 @@ def write_shard(path, records, float16=False, binarized=False):
         return
     with tempfile.TemporaryDirectory() as local:
         part = _write_part(local, records, float16, binarized)
-        with open(part, "rb") as source, FileSystems.create(
-                tmp, compression_type=CompressionTypes.UNCOMPRESSED) as target:
+        with (
+            open(part, "rb") as source,
+            FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as target,
+        ):
             shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
     FileSystems.rename([tmp], [path])
 
 
 def stage_model(model_path):
     """A local copy (a new temporary folder) of the SavedModel folder at `model_path`, a
-    `FileSystems` URL: the model loader reads local files only."""
+    `FileSystems` URL: the model loader reads local files only.
+    """
     local = tempfile.mkdtemp(prefix="delg_tf_model_")
     base = model_path.rstrip("/") + "/"
     for path in _match(base + "**", "--model_path"):
-        relative = path[len(base):]
+        relative = path[len(base) :]
         if not relative or relative.endswith("/"):  # folder placeholder objects
             continue
         target = os.path.join(local, *relative.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
-                open(target, "wb") as copy:
+        with (
+            FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as source,
+            open(target, "wb") as copy,
+        ):
             shutil.copyfileobj(source, copy, COPY_CHUNK_BYTES)
     return local
 
@@ -437,9 +477,11 @@ def remove_stale_temporaries(shards_dir):
 
 # Pipeline steps ----------------------------------------------------------------------
 
+
 class ReadImageFn(beam.DoFn):
     """(index, name, path) -> ((index, name), image), or to `ERRORS_TAG` the
-    (index, errors.tsv line) of an image that cannot be read."""
+    (index, errors.tsv line) of an image that cannot be read.
+    """
 
     def process(self, item):
         index, name, path = item
@@ -453,12 +495,14 @@ class ReadImageFn(beam.DoFn):
 
 def features_record(features):
     """The store fields of `DelgFeatures` as a dict of numpy arrays."""
-    return {"image_shape": tuple(int(v) for v in features.image_shape),
-            "global_descriptor": np.asarray(features.global_descriptor),
-            "locations": np.asarray(features.locations),
-            "descriptors": np.asarray(features.descriptors),
-            "attention": np.asarray(features.attention),
-            "scales": np.asarray(features.scales)}
+    return {
+        "image_shape": tuple(int(v) for v in features.image_shape),
+        "global_descriptor": np.asarray(features.global_descriptor),
+        "locations": np.asarray(features.locations),
+        "descriptors": np.asarray(features.descriptors),
+        "attention": np.asarray(features.attention),
+        "scales": np.asarray(features.scales),
+    }
 
 
 class DelgModelHandler(ModelHandler):
@@ -476,8 +520,9 @@ class DelgModelHandler(ModelHandler):
     """
 
     def __init__(self, config):
-        super().__init__(min_batch_size=1, max_batch_size=1,
-                         model_copies=config.model_copies or None)
+        super().__init__(
+            min_batch_size=1, max_batch_size=1, model_copies=config.model_copies or None
+        )
         self._config = config
 
     def load_model(self):
@@ -491,8 +536,7 @@ class DelgModelHandler(ModelHandler):
             shutil.rmtree(local, ignore_errors=True)
 
     def run_inference(self, batch, model, inference_args=None):
-        return [PredictionResult(image.shape, features_record(model(image)))
-                for image in batch]
+        return [PredictionResult(image.shape, features_record(model(image))) for image in batch]
 
     def get_num_bytes(self, batch):
         return sum(np.asarray(image).nbytes for image in batch)
@@ -508,7 +552,8 @@ def _keyed_by_shard(element, images_per_shard):
 
 class WriteShardFn(beam.DoFn):
     """(shard key, [(index, name, record)]) -> (shard path relative to the output, names);
-    writes the shard `shards/<run_id>-<key>.h5` (same content if a bundle is retried)."""
+    writes the shard `shards/<run_id>-<key>.h5` (same content if a bundle is retried).
+    """
 
     def __init__(self, config, run_id):
         self._config = config
@@ -519,15 +564,19 @@ class WriteShardFn(beam.DoFn):
         values = sorted(values, key=lambda value: value[0])
         names = [name for _, name, _ in values]
         relative = f"{SHARDS_SUBDIR}/{self._run_id}-{key:05d}{SHARD_EXTENSION}"
-        write_shard(FileSystems.join(self._config.output_dir, relative),
-                    [(name, record) for _, name, record in values],
-                    self._config.float16, self._config.binarize)
+        write_shard(
+            FileSystems.join(self._config.output_dir, relative),
+            [(name, record) for _, name, record in values],
+            self._config.float16,
+            self._config.binarize,
+        )
         yield relative, names
 
 
 def write_inputs(path, todo):
     """Writes the (index, name, path) triples `todo` as JSON lines (the pipeline's input:
-    a file, not a `Create` of millions of values inside the job graph)."""
+    a file, not a `Create` of millions of values inside the job graph).
+    """
     lines = "".join(json.dumps(list(item), ensure_ascii=False) + "\n" for item in todo)
     _write_bytes_atomic(path, lines.encode("utf-8"))
 
@@ -539,30 +588,40 @@ def _parse_input(line):
 
 def build_pipeline(pipeline, config, inputs, run_id):
     """Adds the extraction of the images listed in `inputs` (`write_inputs`) to `pipeline`;
-    shards are named after `run_id`."""
-    read = (pipeline
-            | "Images" >> beam.io.ReadFromText(inputs, coder=beam.coders.StrUtf8Coder())
-            | "Parse" >> beam.Map(_parse_input)
-            | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadImageFn()).with_outputs(ERRORS_TAG, main="images"))
-    shards = (read.images
-              | "Extract" >> RunInference(KeyedModelHandler(DelgModelHandler(config)))
-              | "ShardKey" >> beam.Map(_keyed_by_shard, config.images_per_shard)
-              | "GroupShards" >> beam.GroupByKey()
-              | "WriteShards" >> beam.ParDo(WriteShardFn(config, run_id)))
-    _ = (shards
-         | "CollectShards" >> beam.combiners.ToList()
-         | "WriteManifest" >> beam.Map(write_manifest, config.output_dir, config.float16,
-                                       config.binarize))
-    _ = (read[ERRORS_TAG]
-         | "CollectErrors" >> beam.combiners.ToList()
-         | "WriteErrors" >> beam.Map(write_error_log, config.error_log))
+    shards are named after `run_id`.
+    """
+    read = (
+        pipeline
+        | "Images" >> beam.io.ReadFromText(inputs, coder=beam.coders.StrUtf8Coder())
+        | "Parse" >> beam.Map(_parse_input)
+        | "Spread" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(ReadImageFn()).with_outputs(ERRORS_TAG, main="images")
+    )
+    shards = (
+        read.images
+        | "Extract" >> RunInference(KeyedModelHandler(DelgModelHandler(config)))
+        | "ShardKey" >> beam.Map(_keyed_by_shard, config.images_per_shard)
+        | "GroupShards" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteShardFn(config, run_id))
+    )
+    _ = (
+        shards
+        | "CollectShards" >> beam.combiners.ToList()
+        | "WriteManifest"
+        >> beam.Map(write_manifest, config.output_dir, config.float16, config.binarize)
+    )
+    _ = (
+        read[ERRORS_TAG]
+        | "CollectErrors" >> beam.combiners.ToList()
+        | "WriteErrors" >> beam.Map(write_error_log, config.error_log)
+    )
     return pipeline
 
 
 def make_runner(options):
     """The runner object for `options`: the FnApiRunner for the DirectRunner (see
-    `DIRECT_RUNNER_NAMES`), else None (Beam makes the `--runner` it names)."""
+    `DIRECT_RUNNER_NAMES`), else None (Beam makes the `--runner` it names).
+    """
     runner = options.view_as(StandardOptions).runner
     if runner is None or runner.lower() in DIRECT_RUNNER_NAMES:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -574,20 +633,28 @@ def make_runner(options):
 def _check_model(config):
     """One clear error before any worker starts if the model files are not there (or a
     --delf_config is not local: it, and the files it names, are read with local file
-    APIs on the workers)."""
+    APIs on the workers).
+    """
     if config.delf_config and not is_local(config.delf_config):
-        raise ConfigError(f"--delf_config={config.delf_config}: must be a local file (on the "
-                          "workers too, e.g. in their container); a remote SavedModel can be "
-                          "given with --model_path.", "delf_config")
-    for flag, path, needed in (("--model_path", config.model_path, "saved_model.pb"),
-                               ("--delf_config", config.delf_config, None)):
+        raise ConfigError(
+            f"--delf_config={config.delf_config}: must be a local file (on the "
+            "workers too, e.g. in their container); a remote SavedModel can be "
+            "given with --model_path.",
+            "delf_config",
+        )
+    for flag, path, needed in (
+        ("--model_path", config.model_path, "saved_model.pb"),
+        ("--delf_config", config.delf_config, None),
+    ):
         if not path:
             continue
         _check_file_system(path, flag)
         if not FileSystems.exists(FileSystems.join(path, needed) if needed else path):
             what = "a SavedModel directory (with saved_model.pb)" if needed else "a .pbtxt file"
-            raise FileNotFoundError(f"{flag}={path} does not exist or is not {what}; pass "
-                                    "the path of the model to extract with.")
+            raise FileNotFoundError(
+                f"{flag}={path} does not exist or is not {what}; pass "
+                "the path of the model to extract with."
+            )
 
 
 def run(config):
@@ -609,13 +676,17 @@ def run(config):
     _check_file_system(config.output_dir, "--output_dir")
     items = list_inputs(config.images, config.image_root)
     if not items:
-        raise ConfigError(f"--images={config.images} holds no image file; check the "
-                          "folder, list or pattern.", "images")
+        raise ConfigError(
+            f"--images={config.images} holds no image file; check the folder, list or pattern.",
+            "images",
+        )
     check_unique([name for name, _ in items])
     _, todo, skipped = _pending(config, items)
     if not todo:
-        print(f"extract_beam: {len(items)} images, 0 extracted, {skipped} already done, 0 "
-              f"failed; manifest: {config.manifest}")
+        print(
+            f"extract_beam: {len(items)} images, 0 extracted, {skipped} already done, 0 "
+            f"failed; manifest: {config.manifest}"
+        )
         return config.manifest
     _check_model(config)
     if not FileSystems.exists(config.output_dir):
@@ -628,17 +699,21 @@ def run(config):
 
 def _pending(config, items):
     """(complete shards of the output, (index, name, path) of the images still to do,
-    how many are done)."""
+    how many are done).
+    """
     previous = known_shards(config)
     done = {name for names in previous.values() for name in names}
-    todo = [(index, name, path) for index, (name, path) in
-            enumerate(item for item in items if item[0] not in done)]
+    todo = [
+        (index, name, path)
+        for index, (name, path) in enumerate(item for item in items if item[0] not in done)
+    ]
     return previous, todo, len(items) - len(todo)
 
 
 def _run_locked(config, items, started):
     """`run` once the output is locked: the images still to do are listed again (a run
-    that ended meanwhile may have done some; if it did all, the pipeline runs empty)."""
+    that ended meanwhile may have done some; if it did all, the pipeline runs empty).
+    """
     previous, todo, skipped = _pending(config, items)
     remove_stale_temporaries(config.shards_dir)
     if previous != (read_manifest(config.output_dir) or {"shards": {}})["shards"]:
@@ -653,15 +728,21 @@ def _run_locked(config, items, started):
     finally:
         FileSystems.delete([inputs])
     shards = (read_manifest(config.output_dir) or {"shards": {}})["shards"]
-    extracted = sum(len(names) for shard, names in shards.items()
-                    if shard.startswith(f"{SHARDS_SUBDIR}/{run_id}-"))
+    extracted = sum(
+        len(names)
+        for shard, names in shards.items()
+        if shard.startswith(f"{SHARDS_SUBDIR}/{run_id}-")
+    )
     failures = len(_read_bytes(config.error_log).decode("utf-8").splitlines()) - 1
     if extracted + skipped == 0:
         raise extract.NoImageExtractedError(
             f"all {failures} of {len(todo)} images failed, none extracted (no shard written); "
             f"the reason of each is in {config.error_log}: check --images / --image_root and "
-            "the image files.")
-    print(f"extract_beam: {len(items)} images, {extracted} extracted, {skipped} already done, "
-          f"{failures} failed (see {config.error_log}) in {time.time() - started:.1f} s; "
-          f"manifest: {config.manifest}")
+            "the image files."
+        )
+    print(
+        f"extract_beam: {len(items)} images, {extracted} extracted, {skipped} already done, "
+        f"{failures} failed (see {config.error_log}) in {time.time() - started:.1f} s; "
+        f"manifest: {config.manifest}"
+    )
     return config.manifest

@@ -20,8 +20,9 @@ def pack_binary(descriptors):
     """Packs the signs of [N, d] descriptors into uint8 [N, ceil(d / 8)]."""
     descriptors = np.asarray(descriptors)
     if descriptors.ndim != 2:
-        raise ValueError(f"pack_binary expects descriptors [N, d], received shape "
-                         f"{descriptors.shape}.")
+        raise ValueError(
+            f"pack_binary expects descriptors [N, d], received shape {descriptors.shape}."
+        )
     return np.packbits(descriptors > 0, axis=1)
 
 

@@ -108,16 +108,24 @@ class ExportConfig:
 
     def __post_init__(self):
         expect_choice("mode", self.mode, MODES, owner=_OWNER)
-        expect(bool(self.image_scales) and min(self.image_scales) > 0, "image_scales",
-               "a non-empty list of positive floats", list(self.image_scales), owner=_OWNER)
+        expect(
+            bool(self.image_scales) and min(self.image_scales) > 0,
+            "image_scales",
+            "a non-empty list of positive floats",
+            list(self.image_scales),
+            owner=_OWNER,
+        )
         bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
         if self.mode != "local" and bad:
-            raise ConfigError(f"{_OWNER}.global_scales_ind {list(self.global_scales_ind)} has "
-                              f"indices {bad} outside [0, {len(self.image_scales)}) "
-                              f"(image_scales has {len(self.image_scales)} entries).",
-                              "global_scales_ind")
-        expect(self.max_feature_num >= 0, "max_feature_num", ">= 0", self.max_feature_num,
-               owner=_OWNER)
+            raise ConfigError(
+                f"{_OWNER}.global_scales_ind {list(self.global_scales_ind)} has "
+                f"indices {bad} outside [0, {len(self.image_scales)}) "
+                f"(image_scales has {len(self.image_scales)} entries).",
+                "global_scales_ind",
+            )
+        expect(
+            self.max_feature_num >= 0, "max_feature_num", ">= 0", self.max_feature_num, owner=_OWNER
+        )
 
     @property
     def use_local(self):
@@ -152,13 +160,17 @@ class ExportConfig:
         values = dict(
             mode=mode_of(config.use_local_features, config.use_global_features),
             image_scales=tuple(config.image_scales) or DEFAULT_IMAGE_SCALES,
-            global_scales_ind=(tuple(config.delf_global_config.image_scales_ind)
-                               or tuple(range(len(config.image_scales)))),
+            global_scales_ind=(
+                tuple(config.delf_global_config.image_scales_ind)
+                or tuple(range(len(config.image_scales)))
+            ),
             max_feature_num=config.delf_local_config.max_feature_num,
             score_threshold=config.delf_local_config.score_threshold,
             iou_threshold=config.delf_local_config.iou_threshold,
-            max_image_size=config.max_image_size, min_image_size=config.min_image_size,
-            use_square_images=config.use_square_images)
+            max_image_size=config.max_image_size,
+            min_image_size=config.min_image_size,
+            use_square_images=config.use_square_images,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -198,16 +210,19 @@ def load_delf_config(config):
             raise FileNotFoundError(
                 f"DelfConfig file {path} does not exist; pass an existing .pbtxt (e.g. the "
                 "official r50delg_gld_config.pbtxt) as --delf_config, or use --model_path "
-                "alone.")
+                "alone."
+            )
         text, origin = path.read_text(), str(path)
     else:
         text, origin = str(config), "<text>"
     try:
         text_format.Parse(text, parsed)
     except text_format.ParseError as e:
-        raise ValueError(f"{origin}: not a valid DelfConfig text proto ({e}); expected fields "
-                         "of delf_config.proto (model_path, image_scales, delf_local_config, "
-                         "...)") from e
+        raise ValueError(
+            f"{origin}: not a valid DelfConfig text proto ({e}); expected fields "
+            "of delf_config.proto (model_path, image_scales, delf_local_config, "
+            "...)"
+        ) from e
     return parsed
 
 
@@ -235,6 +250,5 @@ def saved_model_delf_config(export_path, use_local, use_global):
     """
     config = read_export_config(export_path)
     if config is None:
-        config = ExportConfig(mode=mode_of(use_local, use_global)).to_delf_config(
-            str(export_path))
+        config = ExportConfig(mode=mode_of(use_local, use_global)).to_delf_config(str(export_path))
     return config

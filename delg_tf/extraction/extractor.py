@@ -69,13 +69,20 @@ class DelgFeatures:
 
     def to_official_dict(self):
         """The dict returned by the official `ExtractorFn`."""
-        return {"global_descriptor": self.global_descriptor,
-                "local_features": {"locations": self.locations, "descriptors": self.descriptors,
-                                   "scales": self.scales, "attention": self.attention}}
+        return {
+            "global_descriptor": self.global_descriptor,
+            "local_features": {
+                "locations": self.locations,
+                "descriptors": self.descriptors,
+                "scales": self.scales,
+                "attention": self.attention,
+            },
+        }
 
 
-def resize_image_like_official(image, max_image_size=-1, min_image_size=-1,
-                               use_square_images=False, resize_factor=1.0):
+def resize_image_like_official(
+    image, max_image_size=-1, min_image_size=-1, use_square_images=False, resize_factor=1.0
+):
     """The official `utils.ResizeImage` (Pillow bilinear, antialiased when shrinking).
 
     Returns:
@@ -110,13 +117,16 @@ def resize_image_like_official(image, max_image_size=-1, min_image_size=-1,
 def _read_pca(pca_parameters):
     from delg_tf.extraction import delf_io
 
-    params = {"mean": delf_io.read_datum(pca_parameters.mean_path).astype(np.float32),
-              "matrix": delf_io.read_datum(
-                  pca_parameters.projection_matrix_path).astype(np.float32),
-              "dim": pca_parameters.pca_dim, "variances": None}
+    params = {
+        "mean": delf_io.read_datum(pca_parameters.mean_path).astype(np.float32),
+        "matrix": delf_io.read_datum(pca_parameters.projection_matrix_path).astype(np.float32),
+        "dim": pca_parameters.pca_dim,
+        "variances": None,
+    }
     if pca_parameters.use_whitening:
         params["variances"] = np.squeeze(
-            delf_io.read_datum(pca_parameters.pca_variances_path)).astype(np.float32)
+            delf_io.read_datum(pca_parameters.pca_variances_path)
+        ).astype(np.float32)
     return params
 
 
@@ -131,9 +141,9 @@ def _post_process(descriptors, use_pca, pca):
     """Official `PostProcessDescriptors`: L2, optional PCA (+whitening) then L2."""
     out = _l2_normalize(descriptors, axis=1)
     if use_pca:
-        out = (out - pca["mean"]) @ pca["matrix"][:pca["dim"]].T
+        out = (out - pca["mean"]) @ pca["matrix"][: pca["dim"]].T
         if pca["variances"] is not None:
-            out = out / np.sqrt(pca["variances"][:pca["dim"]])
+            out = out / np.sqrt(pca["variances"][: pca["dim"]])
         out = _l2_normalize(out, axis=1)
     return out
 
@@ -152,25 +162,39 @@ class DelgExtractor:
         self.use_local = bool(config.use_local_features) and raw_fn.use_local
         self.use_global = bool(config.use_global_features) and raw_fn.use_global
         if config.use_local_features and not raw_fn.use_local:
-            raise ValueError("the config asks for local features (use_local_features: true) "
-                             "but the model has no local outputs; set use_local_features: "
-                             "false or use a local+global export.")
+            raise ValueError(
+                "the config asks for local features (use_local_features: true) "
+                "but the model has no local outputs; set use_local_features: "
+                "false or use a local+global export."
+            )
         if config.use_global_features and not raw_fn.use_global:
-            raise ValueError("the config asks for global features (use_global_features: true) "
-                             "but the model has no global outputs; set use_global_features: "
-                             "false or use a local+global export.")
+            raise ValueError(
+                "the config asks for global features (use_global_features: true) "
+                "but the model has no global outputs; set use_global_features: "
+                "false or use a local+global export."
+            )
         if not (self.use_local or self.use_global):
-            raise ValueError("invalid config: at least one of use_local_features / "
-                             "use_global_features must be true.")
+            raise ValueError(
+                "invalid config: at least one of use_local_features / "
+                "use_global_features must be true."
+            )
         self.image_scales = np.asarray(
-            list(config.image_scales) or config_lib.DEFAULT_IMAGE_SCALES, np.float32)
+            list(config.image_scales) or config_lib.DEFAULT_IMAGE_SCALES, np.float32
+        )
         indices = list(config.delf_global_config.image_scales_ind)
-        self.global_scales_ind = np.asarray(indices if indices
-                                            else range(len(self.image_scales)), np.int32)
-        self.local_pca = (_read_pca(config.delf_local_config.pca_parameters)
-                          if self.use_local and config.delf_local_config.use_pca else None)
-        self.global_pca = (_read_pca(config.delf_global_config.pca_parameters)
-                           if self.use_global and config.delf_global_config.use_pca else None)
+        self.global_scales_ind = np.asarray(
+            indices if indices else range(len(self.image_scales)), np.int32
+        )
+        self.local_pca = (
+            _read_pca(config.delf_local_config.pca_parameters)
+            if self.use_local and config.delf_local_config.use_pca
+            else None
+        )
+        self.global_pca = (
+            _read_pca(config.delf_global_config.pca_parameters)
+            if self.use_global and config.delf_global_config.use_pca
+            else None
+        )
 
     # Constructors ---------------------------------------------------------------
 
@@ -186,8 +210,7 @@ class DelgExtractor:
         """
         raw_fn = raw_model.load_raw_extraction_fn(path)
         if config is None:
-            config = config_lib.saved_model_delf_config(path, raw_fn.use_local,
-                                                        raw_fn.use_global)
+            config = config_lib.saved_model_delf_config(path, raw_fn.use_local, raw_fn.use_global)
         return cls(raw_fn, config_lib.load_delf_config(config))
 
     @classmethod
@@ -199,8 +222,10 @@ class DelgExtractor:
         config = config_lib.load_delf_config(pbtxt_path)
         path = model_path or config.model_path
         if not path or path == config_lib.MODEL_PATH_PLACEHOLDER:
-            raise ValueError(f"{pbtxt_path}: model_path is {config.model_path!r}; expected the "
-                             "SavedModel directory (or pass model_path=...).")
+            raise ValueError(
+                f"{pbtxt_path}: model_path is {config.model_path!r}; expected the "
+                "SavedModel directory (or pass model_path=...)."
+            )
         if not os.path.isabs(path) and isinstance(pbtxt_path, (str, os.PathLike)):
             candidate = Path(pbtxt_path).parent / path
             if candidate.exists():
@@ -218,17 +243,21 @@ class DelgExtractor:
         `compute_dtype="bfloat16"`: backbone convolutions in bfloat16 (folded graph
         only; ~1.8x faster on AVX512_BF16 CPUs, not within official parity).
         """
-        config = config_lib.load_delf_config(config) if config is not None else (
-            config_lib.ExportConfig().to_delf_config(""))
+        config = (
+            config_lib.load_delf_config(config)
+            if config is not None
+            else (config_lib.ExportConfig().to_delf_config(""))
+        )
         mode = config_lib.mode_of(config.use_local_features, config.use_global_features)
         inference = folded.inference_model(model, fold_batch_norm, compute_dtype)
         if compute_dtype == folded.BFLOAT16:
             folded.check_bfloat16_runs()
-        extractor = pyramid.PyramidExtractor(inference,
-                                             mode=mode,
-                                             iou_threshold=config.delf_local_config.iou_threshold)
-        raw_fn = raw_model.from_function(extractor.extract, extractor.use_local,
-                                         extractor.use_global)
+        extractor = pyramid.PyramidExtractor(
+            inference, mode=mode, iou_threshold=config.delf_local_config.iou_threshold
+        )
+        raw_fn = raw_model.from_function(
+            extractor.extract, extractor.use_local, extractor.use_global
+        )
         instance = cls(raw_fn, config)
         instance.pyramid = extractor
         return instance
@@ -238,52 +267,81 @@ class DelgExtractor:
     def raw(self, image):
         """Raw model outputs for an already resized uint8 image (official inputs)."""
         local = self.config.delf_local_config
-        return self.raw_fn(image, self.image_scales, local.max_feature_num,
-                           local.score_threshold, self.global_scales_ind)
+        return self.raw_fn(
+            image,
+            self.image_scales,
+            local.max_feature_num,
+            local.score_threshold,
+            self.global_scales_ind,
+        )
 
     def _empty(self, image_shape, scale_factors):
         local_dim = 0
-        return DelgFeatures(np.zeros([0], np.float32), np.zeros([0, 2], np.float32),
-                            np.zeros([0, local_dim], np.float32), np.zeros([0], np.float32),
-                            np.zeros([0], np.float32), tuple(image_shape), scale_factors)
+        return DelgFeatures(
+            np.zeros([0], np.float32),
+            np.zeros([0, 2], np.float32),
+            np.zeros([0, local_dim], np.float32),
+            np.zeros([0], np.float32),
+            np.zeros([0], np.float32),
+            tuple(image_shape),
+            scale_factors,
+        )
 
     def __call__(self, image, resize_factor=1.0):
         """Extracts the features of an RGB uint8 array [H, W, 3] or an image file path."""
         if isinstance(image, (str, os.PathLike)):
             from delg_tf.data.images import load_image_rgb
+
             # alpha dropped like the official RgbLoader (Image.convert("RGB")).
             image = load_image_rgb(image, alpha="drop")
         image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise TypeError(f"DelgExtractor expects a uint8 RGB image [H, W, 3], received dtype "
-                            f"{image.dtype}; convert with np.clip(x, 0, 255).astype(np.uint8).")
+            raise TypeError(
+                f"DelgExtractor expects a uint8 RGB image [H, W, 3], received dtype "
+                f"{image.dtype}; convert with np.clip(x, 0, 255).astype(np.uint8)."
+            )
         if image.ndim != raw_model.IMAGE_RANK or image.shape[2] != raw_model.IMAGE_CHANNELS:
-            raise ValueError(f"DelgExtractor expects an RGB image of shape [H, W, 3], received "
-                             f"{image.shape}; pass one image without batch dimension.")
+            raise ValueError(
+                f"DelgExtractor expects an RGB image of shape [H, W, 3], received "
+                f"{image.shape}; pass one image without batch dimension."
+            )
         config = self.config
         resized, scale_factors = resize_image_like_official(
-            image, config.max_image_size, config.min_image_size, config.use_square_images,
-            resize_factor)
+            image,
+            config.max_image_size,
+            config.min_image_size,
+            config.use_square_images,
+            resize_factor,
+        )
         if min(resized.shape[:2]) < config_lib.MIN_EXTRACTION_SIDE:
             return self._empty(image.shape, scale_factors)
         raw = self.raw(resized)
         global_descriptor = np.zeros([0], np.float32)
         if self.use_global:
-            per_scale = _post_process(raw["global_descriptors"],
-                                      config.delf_global_config.use_pca, self.global_pca)
+            per_scale = _post_process(
+                raw["global_descriptors"], config.delf_global_config.use_pca, self.global_pca
+            )
             global_descriptor = _l2_normalize(np.sum(per_scale, axis=0), axis=0)
         if self.use_local:
             boxes = raw["boxes"].astype(np.float32)
             locations = geometry.box_centers(boxes)
             if not config.delf_local_config.use_resized_coordinates:
                 locations = locations / scale_factors.astype(np.float32)
-            descriptors = _post_process(raw["features"], config.delf_local_config.use_pca,
-                                        self.local_pca)
+            descriptors = _post_process(
+                raw["features"], config.delf_local_config.use_pca, self.local_pca
+            )
             scales = raw["scales"].astype(np.float32)
             attention = raw["scores"].reshape([-1]).astype(np.float32)
         else:
             locations = np.zeros([0, 2], np.float32)
             descriptors = np.zeros([0, 0], np.float32)
             scales = attention = np.zeros([0], np.float32)
-        return DelgFeatures(global_descriptor, locations, descriptors, scales, attention,
-                            tuple(image.shape), scale_factors)
+        return DelgFeatures(
+            global_descriptor,
+            locations,
+            descriptors,
+            scales,
+            attention,
+            tuple(image.shape),
+            scale_factors,
+        )

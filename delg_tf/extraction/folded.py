@@ -60,8 +60,15 @@ CPUINFO_FLAGS_KEY = "flags"  # x86 lines `flags : fpu vme ...` (other CPUs: unkn
 ONEDNN_ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # oneDNN x86 ISA names below AVX512_CORE_BF16 (the first with bfloat16 instructions): a
 # cap at one of them makes oneDNN emulate bfloat16 even on a CPU that has it.
-ONEDNN_ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
-                                "AVX512_CORE", "AVX512_CORE_VNNI")
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+)
 # TensorFlow's switch of its oneDNN CPU kernels; off, convolutions use Eigen (emulated).
 TF_ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 TF_ONEDNN_OFF_VALUES = ("0", "false")
@@ -70,10 +77,15 @@ TF_ONEDNN_OFF_VALUES = ("0", "false")
 def cpu_flags(cpuinfo_text):
     """The x86 CPU flags of a /proc/cpuinfo text (its `flags : ...` lines), or None when it
     has none (another architecture, no /proc). A text without any ':' is read as a bare
-    space-separated flags list."""
+    space-separated flags list.
+    """
     lines = [line.partition(":") for line in cpuinfo_text.splitlines()]
-    flags = {flag for key, colon, value in lines
-             if colon and key.strip() == CPUINFO_FLAGS_KEY for flag in value.split()}
+    flags = {
+        flag
+        for key, colon, value in lines
+        if colon and key.strip() == CPUINFO_FLAGS_KEY
+        for flag in value.split()
+    }
     if flags:
         return frozenset(flags)
     if cpuinfo_text.strip() and ":" not in cpuinfo_text:
@@ -119,8 +131,9 @@ def emulated_bfloat16_reason(cpuinfo_text=None, env=None):
     return None
 
 
-def warn_if_bfloat16_emulated(compute_dtype, what="compute_dtype=bfloat16", cpuinfo_text=None,
-                              env=None):
+def warn_if_bfloat16_emulated(
+    compute_dtype, what="compute_dtype=bfloat16", cpuinfo_text=None, env=None
+):
     """Logs ONE warning line if `compute_dtype` is bfloat16 and this CPU emulates it.
 
     Args:
@@ -136,10 +149,12 @@ def warn_if_bfloat16_emulated(compute_dtype, what="compute_dtype=bfloat16", cpui
     reason = emulated_bfloat16_reason(cpuinfo_text, env)
     if reason is None:
         return None
-    message = (f"{what}: no native bfloat16 on this CPU ({reason}), oneDNN emulates it: "
-               "bfloat16 will likely be slower than float32 here (measured slower on an "
-               "AVX2-only CPU); use float32 unless it runs on a CPU with AVX512_BF16 or "
-               "AMX-BF16.")
+    message = (
+        f"{what}: no native bfloat16 on this CPU ({reason}), oneDNN emulates it: "
+        "bfloat16 will likely be slower than float32 here (measured slower on an "
+        "AVX2-only CPU); use float32 unless it runs on a CPU with AVX512_BF16 or "
+        "AMX-BF16."
+    )
     logger.warning("%s", message)
     return message
 
@@ -161,18 +176,24 @@ def bfloat16_convolution_error():
     ReLU in a ``tf.function`` (the graph form extraction runs).
     """
     if "error" not in _BFLOAT16_PROBE:
+
         @tf.function
         def conv(x, kernel, bias):
             return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
 
         try:
-            conv(tf.ones([1, 8, 8, 16], tf.bfloat16), tf.ones([3, 3, 16, 16], tf.bfloat16),
-                 tf.zeros([16], tf.bfloat16)).numpy()
+            conv(
+                tf.ones([1, 8, 8, 16], tf.bfloat16),
+                tf.ones([3, 3, 16, 16], tf.bfloat16),
+                tf.zeros([16], tf.bfloat16),
+            ).numpy()
             _BFLOAT16_PROBE["error"] = None
         except tf.errors.OpError as e:
             lines = [line.strip() for line in e.message.splitlines() if line.strip()]
-            detail = next((line for line in lines if "primitive" in line), lines[0] if lines
-                          else type(e).__name__)
+            detail = next(
+                (line for line in lines if "primitive" in line),
+                lines[0] if lines else type(e).__name__,
+            )
             _BFLOAT16_PROBE["error"] = f"{type(e).__name__}: {detail[:200]}"
     return _BFLOAT16_PROBE["error"]
 
@@ -185,29 +206,35 @@ def _isa_cap_text(env=None):
 
 def check_bfloat16_runs(what="compute_dtype=bfloat16"):
     """Raises BFloat16UnavailableError (one line naming `what` and the fix) where
-    `bfloat16_convolution_error()` reports that bfloat16 convolutions cannot run."""
+    `bfloat16_convolution_error()` reports that bfloat16 convolutions cannot run.
+    """
     error = bfloat16_convolution_error()
     if error is not None:
         raise BFloat16UnavailableError(
             f"{what}: this CPU / oneDNN configuration{_isa_cap_text()} cannot run bfloat16 "
             f"convolutions ({error}); use float32 (--compute_dtype=float32, a float32 "
             "export), or run where oneDNN supports bfloat16 (AVX512_BF16 / AMX, or without "
-            "an ONEDNN_MAX_CPU_ISA cap).")
+            "an ONEDNN_MAX_CPU_ISA cap)."
+        )
 
 
 def check_compute_dtype(compute_dtype):
     """Returns `compute_dtype` if it is one of `COMPUTE_DTYPES`, else raises ValueError."""
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, received "
-                         f"{compute_dtype!r}.")
+        raise ValueError(
+            f"compute_dtype must be one of {COMPUTE_DTYPES}, received {compute_dtype!r}."
+        )
     return compute_dtype
 
 
 def _fold(conv, bn):
     """(kernel, bias) float32 numpy arrays of conv followed by frozen BN (bn may be None)."""
     kernel = np.asarray(conv.kernel.numpy(), np.float64)
-    bias = (np.asarray(conv.bias.numpy(), np.float64) if conv.bias is not None
-            else np.zeros(kernel.shape[-1]))
+    bias = (
+        np.asarray(conv.bias.numpy(), np.float64)
+        if conv.bias is not None
+        else np.zeros(kernel.shape[-1])
+    )
     if bn is not None:
         gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.scale else 1.0
         beta = np.asarray(bn.beta.numpy(), np.float64) if bn.center else 0.0
@@ -266,9 +293,11 @@ class FoldedConv(tf.Module):
         or symmetric) padding: pad (k - 1) / 2 on every side, VALID, `stride`.
         """
         if self.strides != 1 or self.kernel_size % 2 != 1:
-            raise ValueError(f"{self.name}: subsampled() needs a stride-1 convolution with an "
-                             f"odd kernel, got stride {self.strides} and kernel "
-                             f"{self.kernel_size}.")
+            raise ValueError(
+                f"{self.name}: subsampled() needs a stride-1 convolution with an "
+                f"odd kernel, got stride {self.strides} and kernel "
+                f"{self.kernel_size}."
+            )
         half = (self.kernel_size - 1) // 2
         if half:
             x = tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]])
@@ -287,16 +316,19 @@ class FoldedBottleneck(tf.Module):
         super().__init__(name=name)
         self.strides = block.strides
         with self.name_scope:
-            self.convs = [_folded_conv_bn(c, f"conv_{i}")
-                          for i, c in enumerate((block.conv_1, block.conv_2, block.conv_3), 1)]
-            self.shortcut = (_folded_conv_bn(block.shortcut, "shortcut")
-                             if block.shortcut is not None else None)
+            self.convs = [
+                _folded_conv_bn(c, f"conv_{i}")
+                for i, c in enumerate((block.conv_1, block.conv_2, block.conv_3), 1)
+            ]
+            self.shortcut = (
+                _folded_conv_bn(block.shortcut, "shortcut") if block.shortcut is not None else None
+            )
 
     def _shortcut(self, x):
         if self.shortcut is not None:
             return self.shortcut(x)
         if self.strides > 1:
-            return x[:, ::self.strides, ::self.strides, :]
+            return x[:, :: self.strides, :: self.strides, :]
         return x
 
     def __call__(self, x):
@@ -308,10 +340,14 @@ class FoldedBottleneck(tf.Module):
     def can_subsample(self):
         """True if `subsampled` applies: a stride-1 unit of 1x1 / kxk / 1x1 convolutions."""
         first, middle, last = self.convs
-        return (self.strides == 1 and all(c.strides == 1 for c in self.convs)
-                and first.kernel_size == 1 and last.kernel_size == 1
-                and middle.kernel_size % 2 == 1
-                and (self.shortcut is None or self.shortcut.kernel_size == 1))
+        return (
+            self.strides == 1
+            and all(c.strides == 1 for c in self.convs)
+            and first.kernel_size == 1
+            and last.kernel_size == 1
+            and middle.kernel_size % 2 == 1
+            and (self.shortcut is None or self.shortcut.kernel_size == 1)
+        )
 
     def subsampled(self, x, stride):
         """``self(x)[:, ::stride, ::stride, :]``, evaluating only the kept cells."""
@@ -333,10 +369,10 @@ class FoldedResNet(tf.Module):
         self.compute_dtype = tf.as_dtype(compute_dtype)
         with self.name_scope:
             self.stem = _folded_conv_bn(resnet.stem, "stem")
-            self.stages = [[FoldedBottleneck(block, f"{stage}_unit_{i}")
-                            for i, block in enumerate(blocks, 1)]
-                           for stage, blocks in zip(("conv2", "conv3", "conv4", "conv5"),
-                                                    resnet.stages)]
+            self.stages = [
+                [FoldedBottleneck(block, f"{stage}_unit_{i}") for i, block in enumerate(blocks, 1)]
+                for stage, blocks in zip(("conv2", "conv3", "conv4", "conv5"), resnet.stages)
+            ]
         self.pool1_pad = resnet.pool1_pad is not None
         self.pool1_size = resnet.pool1.pool_size
         self.pool1_strides = resnet.pool1.strides
@@ -405,16 +441,20 @@ class FoldedDelg(tf.Module):
         attention = model.attention
         with self.name_scope:
             self.backbone = FoldedResNet(model.backbone, compute_dtype)
-            self.attention_conv1 = FoldedConv(attention.conv1, attention.bn_conv1, 1, None, True,
-                                              "attention_conv1")
-            self.attention_conv2 = FoldedConv(attention.conv2, None, 1, None, False,
-                                              "attention_conv2")
+            self.attention_conv1 = FoldedConv(
+                attention.conv1, attention.bn_conv1, 1, None, True, "attention_conv1"
+            )
+            self.attention_conv2 = FoldedConv(
+                attention.conv2, None, 1, None, False, "attention_conv2"
+            )
             self.encoder = FoldedConv(model.autoencoder.conv1, None, 1, None, False, "encoder")
             self.decoder = FoldedConv(model.autoencoder.conv2, None, 1, None, True, "decoder")
-            self.whitening_kernel = tf.Variable(model.whitening.kernel.numpy(), trainable=False,
-                                                name="whitening_kernel")
-            self.whitening_bias = tf.Variable(model.whitening.bias.numpy(), trainable=False,
-                                              name="whitening_bias")
+            self.whitening_kernel = tf.Variable(
+                model.whitening.kernel.numpy(), trainable=False, name="whitening_kernel"
+            )
+            self.whitening_bias = tf.Variable(
+                model.whitening.bias.numpy(), trainable=False, name="whitening_bias"
+            )
         self.attention_on_reconstruction = model.config.attention_input == "reconstruction"
         self.gem_power = float(model.gem.power.numpy())
         self.gem_eps = model.gem.eps
@@ -455,9 +495,11 @@ def inference_model(model, fold_batch_norm=True, compute_dtype="float32"):
     check_compute_dtype(compute_dtype)
     foldable = fold_batch_norm and isinstance(model, DelgModel)
     if compute_dtype != "float32" and not foldable:
-        raise ValueError(f"compute_dtype={compute_dtype!r} runs the batch-norm-folded graph of "
-                         "a DelgModel; keep fold_batch_norm=True (--fold_batch_norm) and pass "
-                         "a DelgModel, or use compute_dtype='float32'.")
+        raise ValueError(
+            f"compute_dtype={compute_dtype!r} runs the batch-norm-folded graph of "
+            "a DelgModel; keep fold_batch_norm=True (--fold_batch_norm) and pass "
+            "a DelgModel, or use compute_dtype='float32'."
+        )
     if foldable:
         warn_if_bfloat16_emulated(compute_dtype)
         return fold_delg_model(model, compute_dtype)

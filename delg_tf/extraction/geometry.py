@@ -70,8 +70,9 @@ class ReceptiveField:
     padding: int
 
 
-OFFICIAL_RECEPTIVE_FIELD = ReceptiveField(RECEPTIVE_FIELD_SIZE, FEATURE_STRIDE,
-                                          RECEPTIVE_FIELD_PADDING)
+OFFICIAL_RECEPTIVE_FIELD = ReceptiveField(
+    RECEPTIVE_FIELD_SIZE, FEATURE_STRIDE, RECEPTIVE_FIELD_PADDING
+)
 
 
 def same_pad_before(kernel, stride, input_size_odd=True):
@@ -154,8 +155,14 @@ def resnet_conv4_layers(resnet, input_size_odd=True):
                     pad = resnet_lib.symmetric_padding(conv.kernel_size)[0][0]
                 else:
                     pad = same_pad_before(conv.kernel_size, conv.strides, input_size_odd)
-                layers.append(LayerGeometry(conv.kernel_size, conv.strides, pad,
-                                            f"{stage_name}_block{unit + 1}_{conv_name}"))
+                layers.append(
+                    LayerGeometry(
+                        conv.kernel_size,
+                        conv.strides,
+                        pad,
+                        f"{stage_name}_block{unit + 1}_{conv_name}",
+                    )
+                )
     if getattr(resnet, "conv4_subsample", False):
         layers.append(LayerGeometry(1, 2, 0, "conv4_subsample"))
     return layers
@@ -174,8 +181,9 @@ def receptive_boxes_np(height, width, rf=OFFICIAL_RECEPTIVE_FIELD):
     ii, jj = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     coords = np.stack([ii.ravel(), jj.ravel()], axis=1).astype(np.float32)
     point_boxes = np.concatenate([coords, coords], axis=1)
-    bias = np.array([-rf.padding, -rf.padding, -rf.padding + rf.size - 1,
-                     -rf.padding + rf.size - 1], np.float32)
+    bias = np.array(
+        [-rf.padding, -rf.padding, -rf.padding + rf.size - 1, -rf.padding + rf.size - 1], np.float32
+    )
     return rf.stride * point_boxes + bias
 
 
@@ -186,8 +194,9 @@ def receptive_boxes(height, width, rf=OFFICIAL_RECEPTIVE_FIELD):
     ii, jj = tf.meshgrid(tf.range(height), tf.range(width), indexing="ij")
     coords = tf.cast(tf.reshape(tf.stack([ii, jj], axis=2), [-1, 2]), tf.float32)
     point_boxes = tf.concat([coords, coords], axis=1)
-    bias = tf.constant([-rf.padding, -rf.padding, -rf.padding + rf.size - 1,
-                        -rf.padding + rf.size - 1], tf.float32)
+    bias = tf.constant(
+        [-rf.padding, -rf.padding, -rf.padding + rf.size - 1, -rf.padding + rf.size - 1], tf.float32
+    )
     return float(rf.stride) * point_boxes + bias
 
 

@@ -33,9 +33,16 @@ import numpy as np
 import tensorflow as tf
 
 from delg_tf.extraction import geometry
-from delg_tf.extraction.config import (DEFAULT_GLOBAL_SCALES_IND, DEFAULT_IMAGE_SCALES,
-                                       DEFAULT_IOU_THRESHOLD, DEFAULT_MAX_FEATURE_NUM, MODES,
-                                       mode_uses_global, mode_uses_local)
+from delg_tf.extraction.config import (
+    DEFAULT_GLOBAL_SCALES_IND,
+    DEFAULT_IMAGE_SCALES,
+    DEFAULT_IOU_THRESHOLD,
+    DEFAULT_MAX_FEATURE_NUM,
+    MODES,
+    mode_uses_global,
+    mode_uses_local,
+)
+
 # Re-exported for `delg_tf.export` (which calls `pyramid.mode_of`); defined in `config`.
 from delg_tf.extraction.config import mode_of  # noqa: F401
 
@@ -51,11 +58,15 @@ _PROBE_IMAGE_SIDE = 64
 
 def input_signature(mode="local_and_global"):
     """`tf.TensorSpec`s of the official `serving_default` inputs for a mode, in order."""
-    specs = [tf.TensorSpec([None, None, IMAGE_CHANNELS], tf.uint8, name="input_image"),
-             tf.TensorSpec([None], tf.float32, name="input_scales")]
+    specs = [
+        tf.TensorSpec([None, None, IMAGE_CHANNELS], tf.uint8, name="input_image"),
+        tf.TensorSpec([None], tf.float32, name="input_scales"),
+    ]
     if mode_uses_local(mode):
-        specs += [tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
-                  tf.TensorSpec([], tf.float32, name="input_abs_thres")]
+        specs += [
+            tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
+            tf.TensorSpec([], tf.float32, name="input_abs_thres"),
+        ]
     if mode_uses_global(mode):
         specs.append(tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"))
     return specs
@@ -92,13 +103,19 @@ class PyramidExtractor:
         `OUTPUT_KEYS[mode]`.
     """
 
-    def __init__(self, model, mode="local_and_global", iou_threshold=DEFAULT_IOU_THRESHOLD,
-                 receptive_field=None):
+    def __init__(
+        self,
+        model,
+        mode="local_and_global",
+        iou_threshold=DEFAULT_IOU_THRESHOLD,
+        receptive_field=None,
+    ):
         if mode not in MODES:
             raise ValueError(f"PyramidExtractor mode must be one of {MODES}, received {mode!r}.")
         if not 0.0 <= iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in [0, 1] (1.0 = no suppression), "
-                             f"received {iou_threshold}.")
+            raise ValueError(
+                f"iou_threshold must be in [0, 1] (1.0 = no suppression), received {iou_threshold}."
+            )
         self.model = model
         self.mode = mode
         self.iou_threshold = float(iou_threshold)
@@ -106,12 +123,12 @@ class PyramidExtractor:
             receptive_field = geometry.OFFICIAL_RECEPTIVE_FIELD
             backbone = getattr(model, "backbone", None)
             if getattr(backbone, "block3_stride", True) is False:
-                receptive_field = geometry.receptive_field(
-                    geometry.resnet_conv4_layers(backbone))
+                receptive_field = geometry.receptive_field(geometry.resnet_conv4_layers(backbone))
         self.receptive_field = receptive_field
         self.local_dim, self.global_dim = _descriptor_dims(model)
-        self.extract = tf.function(self._extract_fn(), input_signature=input_signature(mode),
-                                   reduce_retracing=True)
+        self.extract = tf.function(
+            self._extract_fn(), input_signature=input_signature(mode), reduce_retracing=True
+        )
 
     @property
     def use_local(self):
@@ -124,18 +141,32 @@ class PyramidExtractor:
     def _extract_fn(self):
         mode = self.mode
         if mode == "local_and_global":
-            def extract(input_image, input_scales, input_max_feature_num, input_abs_thres,
-                        input_global_scales_ind):
-                return self._extract(input_image, input_scales, input_max_feature_num,
-                                     input_abs_thres, input_global_scales_ind)
+
+            def extract(
+                input_image,
+                input_scales,
+                input_max_feature_num,
+                input_abs_thres,
+                input_global_scales_ind,
+            ):
+                return self._extract(
+                    input_image,
+                    input_scales,
+                    input_max_feature_num,
+                    input_abs_thres,
+                    input_global_scales_ind,
+                )
         elif mode == "local":
+
             def extract(input_image, input_scales, input_max_feature_num, input_abs_thres):
-                return self._extract(input_image, input_scales, input_max_feature_num,
-                                     input_abs_thres, None)
+                return self._extract(
+                    input_image, input_scales, input_max_feature_num, input_abs_thres, None
+                )
         else:
+
             def extract(input_image, input_scales, input_global_scales_ind):
-                return self._extract(input_image, input_scales, None, None,
-                                     input_global_scales_ind)
+                return self._extract(input_image, input_scales, None, None, input_global_scales_ind)
+
         return extract
 
     def _extract(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
@@ -181,50 +212,63 @@ class PyramidExtractor:
                 out_scales = tf.concat([out_scales, tf.ones_like(kept_scores) / scale], 0)
                 scores = tf.concat([scores, kept_scores], 0)
                 if use_global:
-                    global_descriptors = tf.concat(
-                        [global_descriptors, global_at(index, s)], 0)
+                    global_descriptors = tf.concat([global_descriptors, global_at(index, s)], 0)
             else:
                 global_descriptors = tf.concat([global_descriptors, global_at(index)], 0)
             return index + 1, boxes, features, out_scales, scores, global_descriptors
 
-        loop_vars = (tf.constant(0, tf.int32),
-                     tf.zeros([0, geometry.BOX_COORDINATES], tf.float32),
-                     tf.zeros([0, local_dim], tf.float32),
-                     tf.zeros([0], tf.float32),
-                     tf.zeros([0], tf.float32),
-                     tf.zeros([0, global_dim], tf.float32))
-        invariants = (tf.TensorShape([]),
-                      tf.TensorShape([None, geometry.BOX_COORDINATES]),
-                      tf.TensorShape([None, local_dim]),
-                      tf.TensorShape([None]),
-                      tf.TensorShape([None]),
-                      # [None, None] as the official export (its signature shape).
-                      tf.TensorShape([None, None]))
+        loop_vars = (
+            tf.constant(0, tf.int32),
+            tf.zeros([0, geometry.BOX_COORDINATES], tf.float32),
+            tf.zeros([0, local_dim], tf.float32),
+            tf.zeros([0], tf.float32),
+            tf.zeros([0], tf.float32),
+            tf.zeros([0, global_dim], tf.float32),
+        )
+        invariants = (
+            tf.TensorShape([]),
+            tf.TensorShape([None, geometry.BOX_COORDINATES]),
+            tf.TensorShape([None, local_dim]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None]),
+            # [None, None] as the official export (its signature shape).
+            tf.TensorShape([None, None]),
+        )
         _, boxes, features, out_scales, scores, global_descriptors = tf.nest.map_structure(
             tf.stop_gradient,
-            tf.while_loop(lambda index, *_: index < num_scales, body, loop_vars,
-                          shape_invariants=invariants))
+            tf.while_loop(
+                lambda index, *_: index < num_scales, body, loop_vars, shape_invariants=invariants
+            ),
+        )
 
         outputs = {}
         if use_local:
             max_boxes = tf.minimum(max_feature_num, tf.shape(boxes)[0])
-            selected = tf.image.non_max_suppression(boxes, scores, max_boxes,
-                                                    iou_threshold=self.iou_threshold)
+            selected = tf.image.non_max_suppression(
+                boxes, scores, max_boxes, iou_threshold=self.iou_threshold
+            )
             outputs.update(
                 boxes=tf.gather(boxes, selected, name="boxes"),
                 features=tf.gather(features, selected, name="features"),
                 scales=tf.gather(out_scales, selected, name="scales"),
-                scores=tf.expand_dims(tf.gather(scores, selected), 1, name="scores"))
+                scores=tf.expand_dims(tf.gather(scores, selected), 1, name="scores"),
+            )
         if use_global:
-            outputs["global_descriptors"] = tf.identity(global_descriptors,
-                                                        name="global_descriptors")
+            outputs["global_descriptors"] = tf.identity(
+                global_descriptors, name="global_descriptors"
+            )
         return outputs
 
-    def __call__(self, image, scales=DEFAULT_IMAGE_SCALES, max_feature_num=DEFAULT_MAX_FEATURE_NUM,
-                 abs_thres=0.0, global_scales_ind=DEFAULT_GLOBAL_SCALES_IND):
+    def __call__(
+        self,
+        image,
+        scales=DEFAULT_IMAGE_SCALES,
+        max_feature_num=DEFAULT_MAX_FEATURE_NUM,
+        abs_thres=0.0,
+        global_scales_ind=DEFAULT_GLOBAL_SCALES_IND,
+    ):
         """Eager convenience call with Python/numpy inputs; returns numpy arrays."""
-        args = [tf.convert_to_tensor(np.asarray(image, np.uint8)),
-                tf.constant(scales, tf.float32)]
+        args = [tf.convert_to_tensor(np.asarray(image, np.uint8)), tf.constant(scales, tf.float32)]
         if self.use_local:
             args += [tf.constant(max_feature_num, tf.int32), tf.constant(abs_thres, tf.float32)]
         if self.use_global:

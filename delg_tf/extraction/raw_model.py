@@ -33,8 +33,13 @@ GLOBAL_INPUT = "input_global_scales_ind"
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
 GLOBAL_OUTPUT = "global_descriptors"
 # Order of the official extractor's `prune` call (extractor.py, TF1 branch).
-TF1_FEED_ORDER = ("input_image", "input_scales", "input_abs_thres", "input_max_feature_num",
-                  "input_global_scales_ind")
+TF1_FEED_ORDER = (
+    "input_image",
+    "input_scales",
+    "input_abs_thres",
+    "input_max_feature_num",
+    "input_global_scales_ind",
+)
 TF1_FETCHES = LOCAL_OUTPUTS + (GLOBAL_OUTPUT,)
 TF1_PLACEHOLDER_OPS = ("Placeholder", "PlaceholderWithDefault")
 TENSOR_SUFFIX = ":0"
@@ -50,8 +55,9 @@ class ModelFormatError(ValueError):
     """The directory is not a DELG SavedModel of a known format."""
 
 
-def validate_raw_inputs(image, scales, max_feature_num, abs_thres, global_scales_ind,
-                        check_global=True):
+def validate_raw_inputs(
+    image, scales, max_feature_num, abs_thres, global_scales_ind, check_global=True
+):
     """Checks dtypes and ranks before calling a model; returns the converted inputs.
 
     `check_global=False` skips the range check of `global_scales_ind` (models
@@ -62,37 +68,53 @@ def validate_raw_inputs(image, scales, max_feature_num, abs_thres, global_scales
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise TypeError(f"input_image must be uint8 RGB [H, W, 3], received dtype {image.dtype}; "
-                        "convert with np.clip(x, 0, 255).astype(np.uint8) (or load the file "
-                        "with delg_tf.data.images.load_image_rgb).")
+        raise TypeError(
+            f"input_image must be uint8 RGB [H, W, 3], received dtype {image.dtype}; "
+            "convert with np.clip(x, 0, 255).astype(np.uint8) (or load the file "
+            "with delg_tf.data.images.load_image_rgb)."
+        )
     if image.ndim != IMAGE_RANK or image.shape[-1] != IMAGE_CHANNELS:
-        raise ValueError(f"input_image must have shape [H, W, 3], received {image.shape}; "
-                         "pass one RGB image (no batch dimension; grayscale -> stack 3 times).")
+        raise ValueError(
+            f"input_image must have shape [H, W, 3], received {image.shape}; "
+            "pass one RGB image (no batch dimension; grayscale -> stack 3 times)."
+        )
     scales = np.asarray(scales, np.float32)
     if scales.ndim != 1 or scales.size == 0 or np.any(scales <= 0):
-        raise ValueError(f"input_scales must be a non-empty 1-D list of positive floats, "
-                         f"received {scales.tolist()}.")
+        raise ValueError(
+            f"input_scales must be a non-empty 1-D list of positive floats, "
+            f"received {scales.tolist()}."
+        )
     max_feature_num = np.asarray(max_feature_num)
     if max_feature_num.ndim != 0 or not np.issubdtype(max_feature_num.dtype, np.integer):
-        raise TypeError(f"input_max_feature_num must be an integer scalar, received "
-                        f"{max_feature_num!r}.")
+        raise TypeError(
+            f"input_max_feature_num must be an integer scalar, received {max_feature_num!r}."
+        )
     abs_thres = np.asarray(abs_thres, np.float32)
     if abs_thres.ndim != 0:
-        raise ValueError(f"input_abs_thres must be a float scalar, received shape "
-                         f"{abs_thres.shape}.")
+        raise ValueError(
+            f"input_abs_thres must be a float scalar, received shape {abs_thres.shape}."
+        )
     global_scales_ind = np.asarray(global_scales_ind)
-    if global_scales_ind.ndim != 1 or (global_scales_ind.size
-                                       and not np.issubdtype(global_scales_ind.dtype,
-                                                             np.integer)):
-        raise ValueError(f"input_global_scales_ind must be a 1-D list of integers, received "
-                         f"{global_scales_ind.tolist()}.")
+    if global_scales_ind.ndim != 1 or (
+        global_scales_ind.size and not np.issubdtype(global_scales_ind.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"input_global_scales_ind must be a 1-D list of integers, received "
+            f"{global_scales_ind.tolist()}."
+        )
     bad = [int(i) for i in global_scales_ind if not 0 <= i < scales.size]
     if bad and check_global:
-        raise ValueError(f"input_global_scales_ind {global_scales_ind.tolist()} has indices {bad} "
-                         f"outside [0, {scales.size}) for {scales.size} input_scales.")
-    return (tf.convert_to_tensor(image), tf.convert_to_tensor(scales),
-            tf.constant(int(max_feature_num), tf.int32), tf.convert_to_tensor(abs_thres),
-            tf.constant(global_scales_ind.astype(np.int32)))
+        raise ValueError(
+            f"input_global_scales_ind {global_scales_ind.tolist()} has indices {bad} "
+            f"outside [0, {scales.size}) for {scales.size} input_scales."
+        )
+    return (
+        tf.convert_to_tensor(image),
+        tf.convert_to_tensor(scales),
+        tf.constant(int(max_feature_num), tf.int32),
+        tf.convert_to_tensor(abs_thres),
+        tf.constant(global_scales_ind.astype(np.int32)),
+    )
 
 
 class RawExtractionFn:
@@ -115,8 +137,13 @@ class RawExtractionFn:
 
     def __call__(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
         image, scales, max_feature_num, abs_thres, global_scales_ind = validate_raw_inputs(
-            image, scales, max_feature_num, abs_thres, global_scales_ind,
-            check_global=self.use_global)
+            image,
+            scales,
+            max_feature_num,
+            abs_thres,
+            global_scales_ind,
+            check_global=self.use_global,
+        )
         kwargs = {"input_image": image, "input_scales": scales}
         if self.use_local:
             kwargs.update(input_max_feature_num=max_feature_num, input_abs_thres=abs_thres)
@@ -144,16 +171,20 @@ def read_saved_model_proto(path):
         raise ModelFormatError(
             f"{path} is not a SavedModel directory (no {SAVED_MODEL_FILE}); expected the "
             "directory written by `python -m delg_tf.export` or extracted from an official "
-            "DELG tarball (the one holding saved_model.pb and variables/).")
+            "DELG tarball (the one holding saved_model.pb and variables/)."
+        )
     proto = saved_model_pb2.SavedModel()
     try:
         proto.ParseFromString(pb.read_bytes())
     except Exception as error:  # DecodeError and friends
-        raise ModelFormatError(f"{pb}: not a SavedModel protobuf ({error}); re-export the "
-                               "model or re-extract the official tarball.") from error
+        raise ModelFormatError(
+            f"{pb}: not a SavedModel protobuf ({error}); re-export the "
+            "model or re-extract the official tarball."
+        ) from error
     if not proto.meta_graphs:
-        raise ModelFormatError(f"{pb}: the SavedModel has no meta graph; expected a DELG "
-                               "SavedModel.")
+        raise ModelFormatError(
+            f"{pb}: the SavedModel has no meta graph; expected a DELG SavedModel."
+        )
     return proto
 
 
@@ -172,15 +203,17 @@ def detect_format(path):
     has_objects = len(meta_graph.object_graph_def.nodes) > 1
     if has_objects and SIGNATURE_DEFAULT in meta_graph.signature_def:
         return FORMAT_TF2
-    placeholders = {node.name for node in meta_graph.graph_def.node
-                    if node.op in TF1_PLACEHOLDER_OPS}
+    placeholders = {
+        node.name for node in meta_graph.graph_def.node if node.op in TF1_PLACEHOLDER_OPS
+    }
     if set(TF1_FEED_ORDER) <= placeholders:
         return FORMAT_TF1
     raise ModelFormatError(
         f"{path}: not a DELG SavedModel. Expected either a {SIGNATURE_DEFAULT!r} signature "
         f"(delg_tf or official TF2 export) or placeholders {sorted(TF1_FEED_ORDER)} "
         f"(official TF1 release); found signatures {sorted(meta_graph.signature_def)} and "
-        f"placeholders {sorted(placeholders)[:10]}.")
+        f"placeholders {sorted(placeholders)[:10]}."
+    )
 
 
 def _tf2_fn(loaded, path):
@@ -189,7 +222,8 @@ def _tf2_fn(loaded, path):
     if IMAGE_INPUT not in inputs:
         raise ModelFormatError(
             f"{path}: serving_default has inputs {sorted(inputs)}, expected the official DELG "
-            f"inputs ({IMAGE_INPUT}, {SCALES_INPUT}, ...). Is this a DELG export?")
+            f"inputs ({IMAGE_INPUT}, {SCALES_INPUT}, ...). Is this a DELG export?"
+        )
     use_local = all(name in inputs for name in LOCAL_INPUTS)
     use_global = GLOBAL_INPUT in inputs
     return RawExtractionFn(signature, use_local, use_global, FORMAT_TF2, owner=loaded)
@@ -209,7 +243,8 @@ def load_tf1_extraction_fn(path):
         raise ModelFormatError(
             f"{path}: expected a TF1-format DELG SavedModel (tensor names, no signature), "
             f"received a {fmt.upper()} export. Use load_raw_extraction_fn, which handles "
-            "both.")
+            "both."
+        )
     loaded = tf.saved_model.load(str(path))
     feeds = [name + TENSOR_SUFFIX for name in TF1_FEED_ORDER]
     fetches = [name + TENSOR_SUFFIX for name in TF1_FETCHES]
@@ -218,7 +253,8 @@ def load_tf1_extraction_fn(path):
     except (KeyError, ValueError) as error:
         raise ModelFormatError(
             f"{path}: the TF1 graph lacks a tensor the official extractor needs; expected "
-            f"feeds {feeds} and fetches {fetches} ({error}).") from error
+            f"feeds {feeds} and fetches {fetches} ({error})."
+        ) from error
 
     def call(**kwargs):
         outputs = pruned(*[kwargs[name] for name in TF1_FEED_ORDER])
@@ -241,9 +277,11 @@ def load_raw_extraction_fn(path):
     """
     path = str(path)
     if not tf.saved_model.contains_saved_model(path):
-        raise ModelFormatError(f"{path} is not a SavedModel directory (no saved_model.pb); "
-                               "expected the directory written by `python -m delg_tf.export` "
-                               "or an extracted official DELG tarball.")
+        raise ModelFormatError(
+            f"{path} is not a SavedModel directory (no saved_model.pb); "
+            "expected the directory written by `python -m delg_tf.export` "
+            "or an extracted official DELG tarball."
+        )
     if detect_format(path) == FORMAT_TF2:
         return _tf2_fn(tf.saved_model.load(path), path)
     return load_tf1_extraction_fn(path)

@@ -34,8 +34,13 @@ class TinyDelgStandIn(keras.Model):
     `global_head(D [B,h,w,C5]) -> [B, global_dim]` (GeM p=3 + whitening FC, raw).
     """
 
-    def __init__(self, global_dim=GLOBAL_DESCRIPTOR_DIM, local_dim=LOCAL_DESCRIPTOR_DIM,
-                 seed=STAND_IN_SEED, **kwargs):
+    def __init__(
+        self,
+        global_dim=GLOBAL_DESCRIPTOR_DIM,
+        local_dim=LOCAL_DESCRIPTOR_DIM,
+        seed=STAND_IN_SEED,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "tiny_delg_stand_in")
         super().__init__(**kwargs)
         self.global_dim = global_dim
@@ -43,16 +48,23 @@ class TinyDelgStandIn(keras.Model):
         self.seed = seed
         init = lambda i: keras.initializers.HeNormal(seed=seed + i)  # noqa: E731
         self.backbone = build_resnet("tiny")
-        self.attention_conv1 = keras.layers.Conv2D(ATTENTION_HIDDEN, 1, kernel_initializer=init(1),
-                                                   name="attention_conv1")
+        self.attention_conv1 = keras.layers.Conv2D(
+            ATTENTION_HIDDEN, 1, kernel_initializer=init(1), name="attention_conv1"
+        )
         self.attention_conv2 = keras.layers.Conv2D(
-            1, 1, kernel_initializer=keras.initializers.RandomNormal(
-                stddev=ATTENTION_OUTPUT_GAIN / np.sqrt(ATTENTION_HIDDEN), seed=seed + 2),
-            name="attention_conv2")
-        self.encoder = keras.layers.Conv2D(local_dim, 1, kernel_initializer=init(3),
-                                           name="autoencoder_encoder")
-        self.whitening = keras.layers.Dense(global_dim, kernel_initializer=init(4),
-                                            name="whitening")
+            1,
+            1,
+            kernel_initializer=keras.initializers.RandomNormal(
+                stddev=ATTENTION_OUTPUT_GAIN / np.sqrt(ATTENTION_HIDDEN), seed=seed + 2
+            ),
+            name="attention_conv2",
+        )
+        self.encoder = keras.layers.Conv2D(
+            local_dim, 1, kernel_initializer=init(3), name="autoencoder_encoder"
+        )
+        self.whitening = keras.layers.Dense(
+            global_dim, kernel_initializer=init(4), name="whitening"
+        )
         channels = self.backbone.feature_channels
         self.backbone(tf.zeros([1, 64, 64, 3]))  # Creates the backbone weights.
         self.attention_conv1.build((None, None, None, channels["conv4"]))
@@ -75,19 +87,21 @@ class TinyDelgStandIn(keras.Model):
         features = self.backbone.call_to_conv4(self.preprocess(images), training=training)
         d = self.backbone.call_conv5(features["conv4"], training=training)
         attention, descriptors = self.local_head(features["conv4"])
-        return {"attention": attention, "descriptors": descriptors,
-                "global": self.global_head(d)}
+        return {"attention": attention, "descriptors": descriptors, "global": self.global_head(d)}
 
     def get_config(self):
-        return {"name": self.name, "global_dim": self.global_dim, "local_dim": self.local_dim,
-                "seed": self.seed}
+        return {
+            "name": self.name,
+            "global_dim": self.global_dim,
+            "local_dim": self.local_dim,
+            "seed": self.seed,
+        }
 
 
 def random_image(height, width, seed=0):
     """A smooth random uint8 RGB image [height, width, 3] (deterministic)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [127.5 + 100.0 * np.sin(xx / (7.0 + 3 * c) + yy / (11.0 + c) + c)
-                for c in range(3)]
+    channels = [127.5 + 100.0 * np.sin(xx / (7.0 + 3 * c) + yy / (11.0 + c) + c) for c in range(3)]
     image = np.stack(channels, axis=-1) + rng.normal(0.0, 10.0, (height, width, 3))
     return np.clip(image, 0, 255).astype(np.uint8)

@@ -38,9 +38,17 @@ class AttentionHead(keras.layers.Layer):
     2017.
     """
 
-    def __init__(self, hidden_channels=DEFAULT_HIDDEN_CHANNELS, kernel_size=DEFAULT_KERNEL_SIZE,
-                 use_bn=True, conv1_bias=True, bn_epsilon=DEFAULT_BN_EPSILON,
-                 bn_momentum=DEFAULT_BN_MOMENTUM, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self,
+        hidden_channels=DEFAULT_HIDDEN_CHANNELS,
+        kernel_size=DEFAULT_KERNEL_SIZE,
+        use_bn=True,
+        conv1_bias=True,
+        bn_epsilon=DEFAULT_BN_EPSILON,
+        bn_momentum=DEFAULT_BN_MOMENTUM,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.hidden_channels = int(hidden_channels)
         self.kernel_size = int(kernel_size)
@@ -49,16 +57,29 @@ class AttentionHead(keras.layers.Layer):
         self.bn_epsilon = float(bn_epsilon)
         self.bn_momentum = float(bn_momentum)
         self.kernel_initializer = kernel_initializer
-        self.conv1 = keras.layers.Conv2D(self.hidden_channels, self.kernel_size, padding="same",
-                                         use_bias=self.conv1_bias,
-                                         kernel_initializer=kernel_initializer, name="conv1")
-        self.bn_conv1 = (keras.layers.BatchNormalization(epsilon=self.bn_epsilon,
-                                                         momentum=self.bn_momentum,
-                                                         name="bn_conv1")
-                         if self.use_bn else None)
-        self.conv2 = keras.layers.Conv2D(ATTENTION_CHANNELS, self.kernel_size, padding="same",
-                                         use_bias=True, kernel_initializer=kernel_initializer,
-                                         name="conv2")
+        self.conv1 = keras.layers.Conv2D(
+            self.hidden_channels,
+            self.kernel_size,
+            padding="same",
+            use_bias=self.conv1_bias,
+            kernel_initializer=kernel_initializer,
+            name="conv1",
+        )
+        self.bn_conv1 = (
+            keras.layers.BatchNormalization(
+                epsilon=self.bn_epsilon, momentum=self.bn_momentum, name="bn_conv1"
+            )
+            if self.use_bn
+            else None
+        )
+        self.conv2 = keras.layers.Conv2D(
+            ATTENTION_CHANNELS,
+            self.kernel_size,
+            padding="same",
+            use_bias=True,
+            kernel_initializer=kernel_initializer,
+            name="conv2",
+        )
 
     def build(self, input_shape):
         self.conv1.build(input_shape)
@@ -82,9 +103,15 @@ class AttentionHead(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(hidden_channels=self.hidden_channels, kernel_size=self.kernel_size,
-                      use_bn=self.use_bn, conv1_bias=self.conv1_bias, bn_epsilon=self.bn_epsilon,
-                      bn_momentum=self.bn_momentum,
-                      kernel_initializer=keras.initializers.serialize(
-                          keras.initializers.get(self.kernel_initializer)))
+        config.update(
+            hidden_channels=self.hidden_channels,
+            kernel_size=self.kernel_size,
+            use_bn=self.use_bn,
+            conv1_bias=self.conv1_bias,
+            bn_epsilon=self.bn_epsilon,
+            bn_momentum=self.bn_momentum,
+            kernel_initializer=keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            ),
+        )
         return config

@@ -22,8 +22,10 @@ def attention_pool(features, attention, reduction="sum", normalize=False):
       float tensor [B, C].
     """
     if reduction not in ATTENTION_POOL_REDUCTIONS:
-        raise ValueError(f"attention pooling reduction must be one of "
-                         f"{ATTENTION_POOL_REDUCTIONS}, received {reduction!r}.")
+        raise ValueError(
+            f"attention pooling reduction must be one of "
+            f"{ATTENTION_POOL_REDUCTIONS}, received {reduction!r}."
+        )
     if normalize:
         features = tf.math.l2_normalize(features, axis=-1)
     weighted = features * attention
@@ -52,8 +54,10 @@ class AttentionPooling(keras.layers.Layer):
     def __init__(self, reduction="sum", normalize=False, **kwargs):
         super().__init__(**kwargs)
         if reduction not in ATTENTION_POOL_REDUCTIONS:
-            raise ValueError(f"AttentionPooling reduction must be one of "
-                             f"{ATTENTION_POOL_REDUCTIONS}, received {reduction!r}.")
+            raise ValueError(
+                f"AttentionPooling reduction must be one of "
+                f"{ATTENTION_POOL_REDUCTIONS}, received {reduction!r}."
+            )
         self.reduction = reduction
         self.normalize = bool(normalize)
 
@@ -64,8 +68,9 @@ class AttentionPooling(keras.layers.Layer):
         return (features_shape[0], features_shape[-1])
 
     def call(self, features, attention):
-        return attention_pool(features, attention, reduction=self.reduction,
-                              normalize=self.normalize)
+        return attention_pool(
+            features, attention, reduction=self.reduction, normalize=self.normalize
+        )
 
     def get_config(self):
         config = super().get_config()

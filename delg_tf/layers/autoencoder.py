@@ -29,19 +29,35 @@ class Autoencoder(keras.layers.Layer):
     Reference: Cao et al., ECCV 2020, Sec. 3.2 (L = T(S)) and Sec. 3.3 (S' = T'(L)).
     """
 
-    def __init__(self, local_dim=DEFAULT_LOCAL_DIM, output_dim=1024,
-                 kernel_size=DEFAULT_KERNEL_SIZE, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self,
+        local_dim=DEFAULT_LOCAL_DIM,
+        output_dim=1024,
+        kernel_size=DEFAULT_KERNEL_SIZE,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.local_dim = int(local_dim)
         self.output_dim = int(output_dim)
         self.kernel_size = int(kernel_size)
         self.kernel_initializer = kernel_initializer
-        self.conv1 = keras.layers.Conv2D(self.local_dim, self.kernel_size, padding="same",
-                                         use_bias=True, kernel_initializer=kernel_initializer,
-                                         name="conv1")
-        self.conv2 = keras.layers.Conv2D(self.output_dim, self.kernel_size, padding="same",
-                                         use_bias=True, kernel_initializer=kernel_initializer,
-                                         name="conv2")
+        self.conv1 = keras.layers.Conv2D(
+            self.local_dim,
+            self.kernel_size,
+            padding="same",
+            use_bias=True,
+            kernel_initializer=kernel_initializer,
+            name="conv1",
+        )
+        self.conv2 = keras.layers.Conv2D(
+            self.output_dim,
+            self.kernel_size,
+            padding="same",
+            use_bias=True,
+            kernel_initializer=kernel_initializer,
+            name="conv2",
+        )
 
     def build(self, input_shape):
         self.conv1.build(input_shape)
@@ -66,8 +82,12 @@ class Autoencoder(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(local_dim=self.local_dim, output_dim=self.output_dim,
-                      kernel_size=self.kernel_size,
-                      kernel_initializer=keras.initializers.serialize(
-                          keras.initializers.get(self.kernel_initializer)))
+        config.update(
+            local_dim=self.local_dim,
+            output_dim=self.output_dim,
+            kernel_size=self.kernel_size,
+            kernel_initializer=keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            ),
+        )
         return config

@@ -37,12 +37,20 @@ class CosineClassifier(keras.layers.Layer):
     CVPR 2019.
     """
 
-    def __init__(self, num_classes, scale_init=None, learn_scale=True,
-                 margin=DEFAULT_ARCFACE_MARGIN, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self,
+        num_classes,
+        scale_init=None,
+        learn_scale=True,
+        margin=DEFAULT_ARCFACE_MARGIN,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if int(num_classes) < 1:
-            raise ValueError(f"CosineClassifier num_classes must be >= 1, "
-                             f"received {num_classes!r}.")
+            raise ValueError(
+                f"CosineClassifier num_classes must be >= 1, received {num_classes!r}."
+            )
         self.num_classes = int(num_classes)
         self.scale_init = None if scale_init is None else float(scale_init)
         self.learn_scale = bool(learn_scale)
@@ -52,11 +60,18 @@ class CosineClassifier(keras.layers.Layer):
     def build(self, input_shape):
         dim = int(input_shape[-1])
         scale_init = math.sqrt(dim) if self.scale_init is None else self.scale_init
-        self.kernel = self.add_weight(name="kernel", shape=(dim, self.num_classes),
-                                      initializer=self.kernel_initializer, trainable=True)
-        self.scale = self.add_weight(name="scale", shape=(),
-                                     initializer=keras.initializers.Constant(scale_init),
-                                     trainable=self.learn_scale)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(dim, self.num_classes),
+            initializer=self.kernel_initializer,
+            trainable=True,
+        )
+        self.scale = self.add_weight(
+            name="scale",
+            shape=(),
+            initializer=keras.initializers.Constant(scale_init),
+            trainable=self.learn_scale,
+        )
         self.built = True
 
     def compute_output_shape(self, input_shape):
@@ -68,14 +83,20 @@ class CosineClassifier(keras.layers.Layer):
         return tf.matmul(normalized, weights)
 
     def logits(self, embeddings, labels=None):
-        """gamma * AF(u, c) with the margin on the true class, or gamma * u if no labels."""
-        return arcface.arcface_logits(self(embeddings), labels,
-                                      tf.convert_to_tensor(self.scale), self.margin)
+        """Gamma * AF(u, c) with the margin on the true class, or gamma * u if no labels."""
+        return arcface.arcface_logits(
+            self(embeddings), labels, tf.convert_to_tensor(self.scale), self.margin
+        )
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_classes=self.num_classes, scale_init=self.scale_init,
-                      learn_scale=self.learn_scale, margin=self.margin,
-                      kernel_initializer=keras.initializers.serialize(
-                          keras.initializers.get(self.kernel_initializer)))
+        config.update(
+            num_classes=self.num_classes,
+            scale_init=self.scale_init,
+            learn_scale=self.learn_scale,
+            margin=self.margin,
+            kernel_initializer=keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            ),
+        )
         return config

@@ -29,8 +29,9 @@ class GeMPooling(keras.layers.Layer):
     for Image Search", ECCV 2020, eq. 1.
     """
 
-    def __init__(self, power=DEFAULT_GEM_POWER, learn_power=False, eps=DEFAULT_GEM_EPSILON,
-                 **kwargs):
+    def __init__(
+        self, power=DEFAULT_GEM_POWER, learn_power=False, eps=DEFAULT_GEM_EPSILON, **kwargs
+    ):
         super().__init__(**kwargs)
         if power <= 0:
             raise ValueError(f"GeMPooling power must be > 0, received {power!r}.")
@@ -40,8 +41,11 @@ class GeMPooling(keras.layers.Layer):
 
     def build(self, input_shape):
         self.power = self.add_weight(
-            name="power", shape=(), initializer=keras.initializers.Constant(self.power_init),
-            trainable=self.learn_power)
+            name="power",
+            shape=(),
+            initializer=keras.initializers.Constant(self.power_init),
+            trainable=self.learn_power,
+        )
         self.built = True
 
     def compute_output_shape(self, input_shape):

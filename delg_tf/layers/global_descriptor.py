@@ -21,9 +21,11 @@ def parse_descriptor_codes(spec):
         letters = [str(c).upper() for c in spec]
     unknown = [c for c in letters if c not in DESCRIPTOR_POOLINGS]
     if not letters or unknown or len(set(letters)) != len(letters):
-        raise ValueError(f"global descriptors must be distinct letters of "
-                         f"{sorted(DESCRIPTOR_POOLINGS)} such as 'G,M' (GeM + MAC, the paper's "
-                         f"best), received {spec!r}.")
+        raise ValueError(
+            f"global descriptors must be distinct letters of "
+            f"{sorted(DESCRIPTOR_POOLINGS)} such as 'G,M' (GeM + MAC, the paper's "
+            f"best), received {spec!r}."
+        )
     return tuple(letters)
 
 
@@ -44,21 +46,26 @@ class GlobalDescriptor(keras.layers.Layer):
     Electronics 2023, Sec. 3.2.
     """
 
-    def __init__(self, code, units=None, gem_power=DEFAULT_GEM_POWER, learn_gem_power=False,
-                 **kwargs):
+    def __init__(
+        self, code, units=None, gem_power=DEFAULT_GEM_POWER, learn_gem_power=False, **kwargs
+    ):
         super().__init__(**kwargs)
         code = str(code).upper()
         if code not in DESCRIPTOR_POOLINGS:
-            raise ValueError(f"GlobalDescriptor code must be one of {sorted(DESCRIPTOR_POOLINGS)}, "
-                             f"received {code!r}.")
+            raise ValueError(
+                f"GlobalDescriptor code must be one of {sorted(DESCRIPTOR_POOLINGS)}, "
+                f"received {code!r}."
+            )
         self.code = code
         self.units = int(units) if units else None
         self.gem_power = float(gem_power)
         self.learn_gem_power = bool(learn_gem_power)
-        self.gem = (GeMPooling(power=self.gem_power, learn_power=self.learn_gem_power,
-                               name="gem") if code == "G" else None)
-        self.fc = (keras.layers.Dense(self.units, use_bias=False, name="fc")
-                   if self.units else None)
+        self.gem = (
+            GeMPooling(power=self.gem_power, learn_power=self.learn_gem_power, name="gem")
+            if code == "G"
+            else None
+        )
+        self.fc = keras.layers.Dense(self.units, use_bias=False, name="fc") if self.units else None
 
     def build(self, input_shape):
         if self.gem is not None:
@@ -76,6 +83,10 @@ class GlobalDescriptor(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(code=self.code, units=self.units, gem_power=self.gem_power,
-                      learn_gem_power=self.learn_gem_power)
+        config.update(
+            code=self.code,
+            units=self.units,
+            gem_power=self.gem_power,
+            learn_gem_power=self.learn_gem_power,
+        )
         return config

@@ -32,25 +32,40 @@ class LocalBranch(keras.layers.Layer):
     "Glocal Retriever", Electronics 2023, Sec. 3.3.
     """
 
-    def __init__(self, filters, rates=DOLG_ATROUS_RATES, hidden_filters=None, bn_momentum=0.99,
-                 kernel_initializer="he_normal", **kwargs):
+    def __init__(
+        self,
+        filters,
+        rates=DOLG_ATROUS_RATES,
+        hidden_filters=None,
+        bn_momentum=0.99,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.rates = tuple(int(r) for r in rates)
         self.hidden_filters = int(hidden_filters) if hidden_filters else self.filters
         self.bn_momentum = float(bn_momentum)
         self.kernel_initializer = kernel_initializer
-        self.multi_atrous = MultiAtrous(self.hidden_filters, rates=self.rates,
-                                        kernel_initializer=kernel_initializer,
-                                        name="multi_atrous")
-        self.feature_conv = keras.layers.Conv2D(self.filters, 1, use_bias=False,
-                                                kernel_initializer=kernel_initializer,
-                                                name="feature_conv")
-        self.feature_bn = keras.layers.BatchNormalization(momentum=self.bn_momentum,
-                                                          name="feature_bn")
-        self.attention_conv = keras.layers.Conv2D(ATTENTION_CHANNELS, 1,
-                                                  kernel_initializer=kernel_initializer,
-                                                  name="attention_conv")
+        self.multi_atrous = MultiAtrous(
+            self.hidden_filters,
+            rates=self.rates,
+            kernel_initializer=kernel_initializer,
+            name="multi_atrous",
+        )
+        self.feature_conv = keras.layers.Conv2D(
+            self.filters,
+            1,
+            use_bias=False,
+            kernel_initializer=kernel_initializer,
+            name="feature_conv",
+        )
+        self.feature_bn = keras.layers.BatchNormalization(
+            momentum=self.bn_momentum, name="feature_bn"
+        )
+        self.attention_conv = keras.layers.Conv2D(
+            ATTENTION_CHANNELS, 1, kernel_initializer=kernel_initializer, name="attention_conv"
+        )
 
     def build(self, input_shape):
         self.multi_atrous.build(input_shape)
@@ -69,8 +84,13 @@ class LocalBranch(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, rates=list(self.rates),
-                      hidden_filters=self.hidden_filters, bn_momentum=self.bn_momentum,
-                      kernel_initializer=keras.initializers.serialize(
-                          keras.initializers.get(self.kernel_initializer)))
+        config.update(
+            filters=self.filters,
+            rates=list(self.rates),
+            hidden_filters=self.hidden_filters,
+            bn_momentum=self.bn_momentum,
+            kernel_initializer=keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            ),
+        )
         return config

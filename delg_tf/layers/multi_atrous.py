@@ -33,32 +33,59 @@ class MultiAtrous(keras.layers.Layer):
     the Glocal Retriever (Kim, Kim, Suh, Electronics 2023, Sec. 3.3).
     """
 
-    def __init__(self, filters, rates=DOLG_ATROUS_RATES, branch_filters=None,
-                 kernel_initializer="he_normal", **kwargs):
+    def __init__(
+        self,
+        filters,
+        rates=DOLG_ATROUS_RATES,
+        branch_filters=None,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         rates = tuple(int(r) for r in rates)
         if not rates or min(rates) < 1 or len(set(rates)) != len(rates):
-            raise ValueError(f"MultiAtrous rates must be distinct positive integers such as "
-                             f"(3, 6, 9), received {rates!r}.")
+            raise ValueError(
+                f"MultiAtrous rates must be distinct positive integers such as "
+                f"(3, 6, 9), received {rates!r}."
+            )
         if filters < 1:
             raise ValueError(f"MultiAtrous filters must be >= 1, received {filters!r}.")
         self.filters = int(filters)
         self.rates = rates
-        self.branch_filters = (int(branch_filters) if branch_filters else
-                               max(1, self.filters // (len(rates) + NUM_GAP_BRANCHES)))
+        self.branch_filters = (
+            int(branch_filters)
+            if branch_filters
+            else max(1, self.filters // (len(rates) + NUM_GAP_BRANCHES))
+        )
         self.kernel_initializer = kernel_initializer
         # One attribute per branch (not a list): Keras 3 lists of layers are not
         # tf.train.Checkpoint dependencies.
         for rate in rates:
-            setattr(self, f"atrous_rate{rate}", keras.layers.Conv2D(
-                self.branch_filters, ATROUS_KERNEL_SIZE, dilation_rate=rate, padding="same",
-                kernel_initializer=kernel_initializer, name=f"atrous_rate{rate}"))
-        self.gap_conv = keras.layers.Dense(self.branch_filters, activation="relu",
-                                           kernel_initializer=kernel_initializer,
-                                           name="gap_conv")
-        self.projection = keras.layers.Conv2D(self.filters, 1, activation="relu",
-                                              kernel_initializer=kernel_initializer,
-                                              name="projection")
+            setattr(
+                self,
+                f"atrous_rate{rate}",
+                keras.layers.Conv2D(
+                    self.branch_filters,
+                    ATROUS_KERNEL_SIZE,
+                    dilation_rate=rate,
+                    padding="same",
+                    kernel_initializer=kernel_initializer,
+                    name=f"atrous_rate{rate}",
+                ),
+            )
+        self.gap_conv = keras.layers.Dense(
+            self.branch_filters,
+            activation="relu",
+            kernel_initializer=kernel_initializer,
+            name="gap_conv",
+        )
+        self.projection = keras.layers.Conv2D(
+            self.filters,
+            1,
+            activation="relu",
+            kernel_initializer=kernel_initializer,
+            name="projection",
+        )
 
     @property
     def atrous_convs(self):
@@ -80,14 +107,21 @@ class MultiAtrous(keras.layers.Layer):
         branches = [conv(x) for conv in self.atrous_convs]
         pooled = self.gap_conv(tf.reduce_mean(x, axis=SPATIAL_AXES))  # [B, branch]
         shape = tf.shape(x)
-        branches.append(tf.broadcast_to(pooled[:, None, None, :],
-                                        [shape[0], shape[1], shape[2], self.branch_filters]))
+        branches.append(
+            tf.broadcast_to(
+                pooled[:, None, None, :], [shape[0], shape[1], shape[2], self.branch_filters]
+            )
+        )
         return self.projection(tf.concat(branches, axis=-1))
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, rates=list(self.rates),
-                      branch_filters=self.branch_filters,
-                      kernel_initializer=keras.initializers.serialize(
-                          keras.initializers.get(self.kernel_initializer)))
+        config.update(
+            filters=self.filters,
+            rates=list(self.rates),
+            branch_filters=self.branch_filters,
+            kernel_initializer=keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            ),
+        )
         return config

@@ -55,8 +55,10 @@ class OrthogonalFusion(keras.layers.Layer):
     def __init__(self, pooling="spoc", **kwargs):
         super().__init__(**kwargs)
         if pooling not in ORTHOGONAL_POOLINGS:
-            raise ValueError(f"OrthogonalFusion pooling must be one of {ORTHOGONAL_POOLINGS}, "
-                             f"received {pooling!r}.")
+            raise ValueError(
+                f"OrthogonalFusion pooling must be one of {ORTHOGONAL_POOLINGS}, "
+                f"received {pooling!r}."
+            )
         self.pooling = pooling
 
     def build(self, local_features_shape, global_descriptor_shape=None):
@@ -66,13 +68,17 @@ class OrthogonalFusion(keras.layers.Layer):
         return (local_features_shape[0], 2 * local_features_shape[-1])
 
     def call(self, local_features, global_descriptor):
-        if local_features.shape[-1] is not None and global_descriptor.shape[-1] is not None \
-                and local_features.shape[-1] != global_descriptor.shape[-1]:
+        if (
+            local_features.shape[-1] is not None
+            and global_descriptor.shape[-1] is not None
+            and local_features.shape[-1] != global_descriptor.shape[-1]
+        ):
             raise ValueError(
                 f"OrthogonalFusion needs local features and global descriptor of the same "
                 f"dimension, received {local_features.shape[-1]} and "
                 f"{global_descriptor.shape[-1]}; project the global descriptor to the local "
-                f"channel count first.")
+                f"channel count first."
+            )
         return orthogonal_fusion(local_features, global_descriptor, self.pooling)
 
     def get_config(self):

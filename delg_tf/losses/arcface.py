@@ -38,7 +38,7 @@ def arcface_cosine(cosine, labels, margin=DEFAULT_ARCFACE_MARGIN):
 
 
 def arcface_logits(cosine, labels, scale, margin=DEFAULT_ARCFACE_MARGIN):
-    """gamma * AF(u, c): the logits of eq. 3. `labels=None` gives gamma * u (no margin)."""
+    """Gamma * AF(u, c): the logits of eq. 3. `labels=None` gives gamma * u (no margin)."""
     if labels is not None:
         cosine = arcface_cosine(cosine, labels, margin)
     return tf.cast(scale, cosine.dtype) * cosine
@@ -59,5 +59,6 @@ def arcface_loss(cosine, labels, scale, margin=DEFAULT_ARCFACE_MARGIN):
       `tf.nn.compute_average_loss`).
     """
     logits = arcface_logits(cosine, labels, scale, margin)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32),
-                                                          logits=logits)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=logits
+    )

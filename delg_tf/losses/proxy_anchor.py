@@ -37,8 +37,9 @@ def _log1p_sum_exp(logits, mask):
     return tf.nn.softplus(tf.reduce_logsumexp(masked, axis=0))
 
 
-def proxy_anchor_loss(embeddings, labels, proxies, alpha=PROXY_ANCHOR_ALPHA,
-                      margin=PROXY_ANCHOR_MARGIN):
+def proxy_anchor_loss(
+    embeddings, labels, proxies, alpha=PROXY_ANCHOR_ALPHA, margin=PROXY_ANCHOR_MARGIN
+):
     """Proxy-anchor loss of a batch.
 
     Args:
@@ -54,17 +55,19 @@ def proxy_anchor_loss(embeddings, labels, proxies, alpha=PROXY_ANCHOR_ALPHA,
     embeddings = tf.convert_to_tensor(embeddings)
     proxies = tf.cast(proxies, embeddings.dtype)
     num_classes = tf.shape(proxies)[0]
-    cosine = tf.matmul(tf.math.l2_normalize(embeddings, axis=-1),
-                       tf.math.l2_normalize(proxies, axis=-1), transpose_b=True)  # [B, P]
-    positive = tf.one_hot(tf.cast(labels, tf.int32), num_classes, on_value=True,
-                          off_value=False)  # [B, P]
+    cosine = tf.matmul(
+        tf.math.l2_normalize(embeddings, axis=-1),
+        tf.math.l2_normalize(proxies, axis=-1),
+        transpose_b=True,
+    )  # [B, P]
+    positive = tf.one_hot(
+        tf.cast(labels, tf.int32), num_classes, on_value=True, off_value=False
+    )  # [B, P]
     alpha = tf.cast(alpha, cosine.dtype)
     margin = tf.cast(margin, cosine.dtype)
     positive_terms = _log1p_sum_exp(-alpha * (cosine - margin), positive)
     negative_terms = _log1p_sum_exp(alpha * (cosine + margin), tf.logical_not(positive))
-    proxies_with_positives = tf.reduce_sum(
-        tf.cast(tf.reduce_any(positive, axis=0), cosine.dtype))
-    positive_term = tf.math.divide_no_nan(tf.reduce_sum(positive_terms),
-                                          proxies_with_positives)
+    proxies_with_positives = tf.reduce_sum(tf.cast(tf.reduce_any(positive, axis=0), cosine.dtype))
+    positive_term = tf.math.divide_no_nan(tf.reduce_sum(positive_terms), proxies_with_positives)
     negative_term = tf.reduce_sum(negative_terms) / tf.cast(num_classes, cosine.dtype)
     return positive_term + negative_term

@@ -20,5 +20,4 @@ def reconstruction_loss(reconstruction, features):
     Returns:
       float tensor [B].
     """
-    return tf.reduce_mean(tf.math.squared_difference(reconstruction, features),
-                          axis=NON_BATCH_AXES)
+    return tf.reduce_mean(tf.math.squared_difference(reconstruction, features), axis=NON_BATCH_AXES)

@@ -19,8 +19,9 @@ CGD_LABEL_SMOOTHING = 0.1
 CGD_TEMPERATURE = 0.5
 
 
-def smoothed_cross_entropy(labels, logits, smoothing=CGD_LABEL_SMOOTHING,
-                           temperature=CGD_TEMPERATURE):
+def smoothed_cross_entropy(
+    labels, logits, smoothing=CGD_LABEL_SMOOTHING, temperature=CGD_TEMPERATURE
+):
     """Label-smoothed, temperature-scaled softmax cross-entropy, batch mean.
 
     Args:

@@ -281,8 +281,15 @@ def find_putative_matches(
         query, db, binary, need_second=ratio is not None, need_reverse=mutual
     )
     return _select_matches(
-        nn1, d1, d2, best_q_for_db, db.shape[0],
-        _squared_threshold(threshold, binary, query.shape[1]), mutual, ratio, binary,
+        nn1,
+        d1,
+        d2,
+        best_q_for_db,
+        db.shape[0],
+        _squared_threshold(threshold, binary, query.shape[1]),
+        mutual,
+        ratio,
+        binary,
     )
 
 
@@ -429,9 +436,7 @@ def _certified_float_matches(
             others[np.arange(cand.size), idx[cand]] = -np.inf
             second[start + cand] = others.max(axis=1)
         if ratio is not None:
-            d2_low, d2_high = _sq_distance_bounds(
-                q_sq[start:stop], second[start:stop], err, dim
-            )
+            d2_low, d2_high = _sq_distance_bounds(q_sq[start:stop], second[start:stop], err, dim)
             rel = 4.0 * np.finfo(np.float64).eps
             with np.errstate(invalid="ignore"):
                 lhs_low, lhs_high = np.sqrt(d1_low) * (1 - rel), np.sqrt(d1_high) * (1 + rel)

@@ -134,7 +134,7 @@ class DelgModelConfig:
         return "delf"
 
     def resolved_arcface_scale_init(self):
-        """gamma at initialisation (sqrt(C_F) unless given)."""
+        """Gamma at initialisation (sqrt(C_F) unless given)."""
         if self.arcface_scale_init is not None:
             return float(self.arcface_scale_init)
         return math.sqrt(self.embedding_dim)
@@ -148,43 +148,71 @@ class DelgModelConfig:
         Raises:
           ConfigError: naming the field, the expected and the received value.
         """
+
         def check(ok, field, expected):
             expect(ok, field, expected, getattr(self, field), owner="DelgModelConfig")
 
-        check(isinstance(self.num_classes, int) and self.num_classes >= 1, "num_classes",
-              "an integer >= 1 (the number of training classes)")
+        check(
+            isinstance(self.num_classes, int) and self.num_classes >= 1,
+            "num_classes",
+            "an integer >= 1 (the number of training classes)",
+        )
         check(self.backbone in BACKBONES, "backbone", f"one of {BACKBONES}")
-        check(self.backbone_layout in resnet.LAYOUTS, "backbone_layout",
-              f"one of {resnet.LAYOUTS}")
+        check(self.backbone_layout in resnet.LAYOUTS, "backbone_layout", f"one of {resnet.LAYOUTS}")
         check(isinstance(self.backbone_kwargs, dict), "backbone_kwargs", "a dict")
-        check(self.image_normalization is None
-              or self.image_normalization in image_ops.NORMALIZATIONS, "image_normalization",
-              f"None or one of {image_ops.NORMALIZATIONS}")
+        check(
+            self.image_normalization is None
+            or self.image_normalization in image_ops.NORMALIZATIONS,
+            "image_normalization",
+            f"None or one of {image_ops.NORMALIZATIONS}",
+        )
         check(self.attention_bn_epsilon > 0, "attention_bn_epsilon", "a positive number")
         check(self.gem_power > 0, "gem_power", "a positive number (paper: 3.0)")
         for field in ("embedding_dim", "local_dim", "attention_hidden"):
-            check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field,
-                  "a positive integer")
-        check(self.attention_input in ATTENTION_INPUTS, "attention_input",
-              f"one of {ATTENTION_INPUTS}")
-        check(self.attention_pool_source in ATTENTION_POOL_SOURCES, "attention_pool_source",
-              f"one of {ATTENTION_POOL_SOURCES}")
-        check(self.attention_pool_reduction in ATTENTION_POOL_REDUCTIONS,
-              "attention_pool_reduction", f"one of {ATTENTION_POOL_REDUCTIONS}")
-        check(0.0 <= self.arcface_margin < math.pi / 2, "arcface_margin",
-              "a margin in radians in [0, pi/2) (paper: 0.1)")
-        check(self.arcface_scale_init is None or self.arcface_scale_init > 0,
-              "arcface_scale_init", "None (sqrt(embedding_dim)) or a positive number")
+            check(
+                isinstance(getattr(self, field), int) and getattr(self, field) >= 1,
+                field,
+                "a positive integer",
+            )
+        check(
+            self.attention_input in ATTENTION_INPUTS,
+            "attention_input",
+            f"one of {ATTENTION_INPUTS}",
+        )
+        check(
+            self.attention_pool_source in ATTENTION_POOL_SOURCES,
+            "attention_pool_source",
+            f"one of {ATTENTION_POOL_SOURCES}",
+        )
+        check(
+            self.attention_pool_reduction in ATTENTION_POOL_REDUCTIONS,
+            "attention_pool_reduction",
+            f"one of {ATTENTION_POOL_REDUCTIONS}",
+        )
+        check(
+            0.0 <= self.arcface_margin < math.pi / 2,
+            "arcface_margin",
+            "a margin in radians in [0, pi/2) (paper: 0.1)",
+        )
+        check(
+            self.arcface_scale_init is None or self.arcface_scale_init > 0,
+            "arcface_scale_init",
+            "None (sqrt(embedding_dim)) or a positive number",
+        )
         check(self.reconstruction_weight >= 0, "reconstruction_weight", "a number >= 0")
         check(self.attention_weight >= 0, "attention_weight", "a number >= 0")
-        check(self.gradient_clip_norm is None or self.gradient_clip_norm > 0,
-              "gradient_clip_norm", "None or a positive number")
+        check(
+            self.gradient_clip_norm is None or self.gradient_clip_norm > 0,
+            "gradient_clip_norm",
+            "None or a positive number",
+        )
         if self.backbone_layout != "keras" and self.imagenet_weights == "imagenet":
             raise ConfigError(
                 "DelgModelConfig.imagenet_weights: 'imagenet' (keras.applications weights) "
                 f"needs backbone_layout='keras', received backbone_layout="
                 f"{self.backbone_layout!r}. Pass a tf-slim resnet_v1 checkpoint path for "
-                "the 'slim' layout, or use backbone_layout='keras'.")
+                "the 'slim' layout, or use backbone_layout='keras'."
+            )
         return self
 
     def to_dict(self):
@@ -196,8 +224,9 @@ class DelgModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"DelgModelConfig: unknown keys {unknown}; expected a subset of "
-                              f"{sorted(known)}.")
+            raise ConfigError(
+                f"DelgModelConfig: unknown keys {unknown}; expected a subset of {sorted(known)}."
+            )
         return cls(**values)
 
 
@@ -254,37 +283,50 @@ class DelgModel(keras.Model):
         self.config = config.validate()
         self.global_batch_size = None
         self.backbone = resnet.build_resnet(
-            config.backbone, layout=config.backbone_layout, block3_stride=config.block3_stride,
-            **config.backbone_kwargs)
+            config.backbone,
+            layout=config.backbone_layout,
+            block3_stride=config.block3_stride,
+            **config.backbone_kwargs,
+        )
         channels = self.backbone.feature_channels
         self.local_channels = channels["conv4"]
         self.global_channels = channels["conv5"]
-        self.gem = GeMPooling(power=config.gem_power, learn_power=config.learn_gem_power,
-                              name="gem")
-        self.whitening = keras.layers.Dense(config.embedding_dim, use_bias=True,
-                                            name="whitening")
+        self.gem = GeMPooling(
+            power=config.gem_power, learn_power=config.learn_gem_power, name="gem"
+        )
+        self.whitening = keras.layers.Dense(config.embedding_dim, use_bias=True, name="whitening")
         self.cosine_classifier = CosineClassifier(
-            config.num_classes, scale_init=config.resolved_arcface_scale_init(),
-            learn_scale=config.learn_arcface_scale, margin=config.arcface_margin,
-            name="cosine_classifier")
-        self.attention = AttentionHead(hidden_channels=config.attention_hidden,
-                                       use_bn=config.attention_use_bn,
-                                       conv1_bias=config.attention_conv1_bias,
-                                       bn_epsilon=config.attention_bn_epsilon, name="attention")
-        self.autoencoder = Autoencoder(local_dim=config.local_dim,
-                                       output_dim=self.local_channels, name="autoencoder")
-        self.attention_pooling = AttentionPooling(reduction=config.attention_pool_reduction,
-                                                  normalize=config.attention_pool_normalize,
-                                                  name="attention_pooling")
-        self.attention_classifier = keras.layers.Dense(config.num_classes, use_bias=True,
-                                                       name="attention_classifier")
+            config.num_classes,
+            scale_init=config.resolved_arcface_scale_init(),
+            learn_scale=config.learn_arcface_scale,
+            margin=config.arcface_margin,
+            name="cosine_classifier",
+        )
+        self.attention = AttentionHead(
+            hidden_channels=config.attention_hidden,
+            use_bn=config.attention_use_bn,
+            conv1_bias=config.attention_conv1_bias,
+            bn_epsilon=config.attention_bn_epsilon,
+            name="attention",
+        )
+        self.autoencoder = Autoencoder(
+            local_dim=config.local_dim, output_dim=self.local_channels, name="autoencoder"
+        )
+        self.attention_pooling = AttentionPooling(
+            reduction=config.attention_pool_reduction,
+            normalize=config.attention_pool_normalize,
+            name="attention_pooling",
+        )
+        self.attention_classifier = keras.layers.Dense(
+            config.num_classes, use_bias=True, name="attention_classifier"
+        )
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape=None):
         """Creates all weights (runs the backbone once on a small dummy batch)."""
         if self.built:
             return
-        self.backbone(tf.zeros([1, 2 ** 6, 2 ** 6, INPUT_CHANNELS]), training=False)
+        self.backbone(tf.zeros([1, 2**6, 2**6, INPUT_CHANNELS]), training=False)
         s_shape = (None, None, None, self.local_channels)
         d_shape = (None, None, None, self.global_channels)
         self.gem.build(d_shape)
@@ -326,7 +368,8 @@ class DelgModel(keras.Model):
         features = self.backbone(self.preprocess(images), training=training)
         g = self.global_head(features["conv5"], training=training)
         attention_prob, attention_logits, descriptors, _ = self._local_branch(
-            features["conv4"], training=training)
+            features["conv4"], training=training
+        )
         return {
             "global_descriptor": tf.math.l2_normalize(g, axis=-1),
             "global_descriptor_raw": g,
@@ -342,12 +385,16 @@ class DelgModel(keras.Model):
             self.build()
         return {
             GROUP_BACKBONE: list(self.backbone.trainable_variables),
-            GROUP_GLOBAL_HEAD: (list(self.gem.trainable_variables)
-                                + list(self.whitening.trainable_variables)
-                                + list(self.cosine_classifier.trainable_variables)),
-            GROUP_LOCAL_HEAD: (list(self.attention.trainable_variables)
-                               + list(self.autoencoder.trainable_variables)
-                               + list(self.attention_classifier.trainable_variables)),
+            GROUP_GLOBAL_HEAD: (
+                list(self.gem.trainable_variables)
+                + list(self.whitening.trainable_variables)
+                + list(self.cosine_classifier.trainable_variables)
+            ),
+            GROUP_LOCAL_HEAD: (
+                list(self.attention.trainable_variables)
+                + list(self.autoencoder.trainable_variables)
+                + list(self.attention_classifier.trainable_variables)
+            ),
         }
 
     def _forward_losses(self, images, labels, training=True):
@@ -370,8 +417,9 @@ class DelgModel(keras.Model):
         # The reconstruction target never trains the backbone through L_r's target side
         # when stopping; in naive mode both sides carry gradients (as one total loss would).
         reconstruction_per_example = reconstruction_loss(reconstruction, s_local)
-        pool_source = (reconstruction if config.attention_pool_source == "reconstruction"
-                       else s_local)
+        pool_source = (
+            reconstruction if config.attention_pool_source == "reconstruction" else s_local
+        )
         pooled = self.attention_pooling(pool_source, attention_prob)
         attention_logits = self.attention_classifier(pooled)
         attention_per_example = attention_loss(attention_logits, labels)
@@ -382,12 +430,19 @@ class DelgModel(keras.Model):
             "reconstruction_loss": _average_loss(reconstruction_per_example, gbs),
             "attention_loss": _average_loss(attention_per_example, gbs),
         }
-        losses["local_loss"] = (config.reconstruction_weight * losses["reconstruction_loss"]
-                                + config.attention_weight * losses["attention_loss"])
+        losses["local_loss"] = (
+            config.reconstruction_weight * losses["reconstruction_loss"]
+            + config.attention_weight * losses["attention_loss"]
+        )
         losses["loss"] = losses["global_loss"] + losses["local_loss"]
         outputs = {
-            "labels": labels, "cosine": cosine, "scale": scale, "s": s, "d": d,
-            "attention": attention_prob, "attention_logits": attention_logits,
+            "labels": labels,
+            "cosine": cosine,
+            "scale": scale,
+            "s": s,
+            "d": d,
+            "attention": attention_prob,
+            "attention_logits": attention_logits,
             "global_per_example": global_per_example,
             "reconstruction_per_example": reconstruction_per_example,
             "attention_per_example": attention_per_example,
@@ -405,12 +460,14 @@ class DelgModel(keras.Model):
         if self.config.stop_gradients:
             global_vars = groups[GROUP_BACKBONE] + groups[GROUP_GLOBAL_HEAD]
             local_vars = groups[GROUP_LOCAL_HEAD]
-            grads = (tape.gradient(losses["global_loss"], global_vars)
-                     + tape.gradient(losses["local_loss"], local_vars))
+            grads = tape.gradient(losses["global_loss"], global_vars) + tape.gradient(
+                losses["local_loss"], local_vars
+            )
             variables = global_vars + local_vars
         else:
-            variables = groups[GROUP_BACKBONE] + groups[GROUP_GLOBAL_HEAD] + groups[
-                GROUP_LOCAL_HEAD]
+            variables = (
+                groups[GROUP_BACKBONE] + groups[GROUP_GLOBAL_HEAD] + groups[GROUP_LOCAL_HEAD]
+            )
             grads = tape.gradient(losses["loss"], variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         return grads, variables
@@ -490,8 +547,11 @@ class DelgModel(keras.Model):
         scores = outputs["attention"]
         labels = outputs["labels"]
         return {
-            "loss": (global_loss + config.reconstruction_weight * reconstruction
-                     + config.attention_weight * attention),
+            "loss": (
+                global_loss
+                + config.reconstruction_weight * reconstruction
+                + config.attention_weight * attention
+            ),
             "global_loss": global_loss,
             "reconstruction_loss": reconstruction,
             "attention_loss": attention,
@@ -537,8 +597,9 @@ class DelgModel(keras.Model):
             result[loss_name] = {}
             for group, variables in groups.items():
                 grads = tape.gradient(losses[loss_name], variables)
-                result[loss_name][group] = [tf.zeros_like(v) if g is None else g
-                                            for g, v in zip(grads, variables)]
+                result[loss_name][group] = [
+                    tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)
+                ]
         del tape
         return result
 
@@ -550,6 +611,7 @@ class DelgModel(keras.Model):
         description of what was loaded.
         """
         from delg_tf.backbones import imagenet  # Local import: optional dependency chain.
+
         spec = self.config.imagenet_weights if spec is None else spec
         if not self.built:
             self.build()
@@ -566,6 +628,7 @@ class DelgModel(keras.Model):
 
 def _register():
     from delg_tf.models import registry
+
     registry.register_model("delg", DelgModel, DelgModelConfig)
 
 

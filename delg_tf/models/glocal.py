@@ -42,10 +42,8 @@ from delg_tf.layers.global_descriptor import GlobalDescriptor, parse_descriptor_
 from delg_tf.layers.local_branch import LocalBranch
 from delg_tf.layers.multi_atrous import DOLG_ATROUS_RATES
 from delg_tf.layers.orthogonal_fusion import OrthogonalFusion
-from delg_tf.losses.proxy_anchor import (PROXY_ANCHOR_ALPHA, PROXY_ANCHOR_MARGIN,
-                                         proxy_anchor_loss)
-from delg_tf.losses.smoothed_ce import (CGD_LABEL_SMOOTHING, CGD_TEMPERATURE,
-                                        smoothed_cross_entropy)
+from delg_tf.losses.proxy_anchor import PROXY_ANCHOR_ALPHA, PROXY_ANCHOR_MARGIN, proxy_anchor_loss
+from delg_tf.losses.smoothed_ce import CGD_LABEL_SMOOTHING, CGD_TEMPERATURE, smoothed_cross_entropy
 from delg_tf.ops.image import NORMALIZATIONS, normalize_images
 from delg_tf.ops.pooling import spoc
 
@@ -53,8 +51,7 @@ CONCAT_STAGES = ("after_ofm", "before_ofm")
 # Table 4's ablation: both descriptor types (the method), only global, only local.
 DESCRIPTOR_BRANCHES = ("global,local", "global", "local")
 AUX_ALL_EPOCHS = -1  # aux_epochs value: auxiliary loss during the whole training.
-PYTORCH_LAYER_NAMES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4",
-                       "layer4": "conv5"}
+PYTORCH_LAYER_NAMES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4", "layer4": "conv5"}
 BACKBONE_FEATURES = ("conv2", "conv3", "conv4", "conv5")
 PAPER_AUX_WEIGHT = 3.0  # lambda of Eq. 1 (Table 2's best).
 PAPER_AUX_EPOCHS = 2
@@ -144,8 +141,10 @@ class GlocalModelConfig:
         set_("local_layer", PYTORCH_LAYER_NAMES.get(self.local_layer, self.local_layer))
         set_("atrous_rates", tuple(int(r) for r in self.atrous_rates))
         set_("backbone_kwargs", dict(self.backbone_kwargs or {}))
-        set_("descriptor_branches", ",".join(
-            part.strip().lower() for part in str(self.descriptor_branches).split(",")))
+        set_(
+            "descriptor_branches",
+            ",".join(part.strip().lower() for part in str(self.descriptor_branches).split(",")),
+        )
         try:
             set_("global_descriptors", ",".join(parse_descriptor_codes(self.global_descriptors)))
         except ValueError:
@@ -159,33 +158,59 @@ class GlocalModelConfig:
           ConfigError: naming the field, the expected and the received value (a
             ValueError of `parse_descriptor_codes` for `global_descriptors`).
         """
+
         def check(ok, field, expected):
             expect(ok, field, expected, getattr(self, field), owner="GlocalModelConfig")
 
-        check(isinstance(self.num_classes, int) and self.num_classes >= 1, "num_classes",
-              "an integer >= 1 (the number of training classes)")
+        check(
+            isinstance(self.num_classes, int) and self.num_classes >= 1,
+            "num_classes",
+            "an integer >= 1 (the number of training classes)",
+        )
         parse_descriptor_codes(self.global_descriptors)  # Raises with its own message.
         for field in ("global_layer", "local_layer"):
-            check(getattr(self, field) in BACKBONE_FEATURES, field,
-                  f"one of {BACKBONE_FEATURES} (or PyTorch's {sorted(PYTORCH_LAYER_NAMES)})")
+            check(
+                getattr(self, field) in BACKBONE_FEATURES,
+                field,
+                f"one of {BACKBONE_FEATURES} (or PyTorch's {sorted(PYTORCH_LAYER_NAMES)})",
+            )
         check(self.concat_stage in CONCAT_STAGES, "concat_stage", f"one of {CONCAT_STAGES}")
-        check(self.descriptor_branches in DESCRIPTOR_BRANCHES, "descriptor_branches",
-              f"one of {DESCRIPTOR_BRANCHES}")
-        check(self.image_normalization is None or self.image_normalization in NORMALIZATIONS,
-              "image_normalization", f"None or one of {NORMALIZATIONS}")
-        check(self.atrous_rates and min(self.atrous_rates) >= 1, "atrous_rates",
-              "positive dilation rates such as 3,6,9")
+        check(
+            self.descriptor_branches in DESCRIPTOR_BRANCHES,
+            "descriptor_branches",
+            f"one of {DESCRIPTOR_BRANCHES}",
+        )
+        check(
+            self.image_normalization is None or self.image_normalization in NORMALIZATIONS,
+            "image_normalization",
+            f"None or one of {NORMALIZATIONS}",
+        )
+        check(
+            self.atrous_rates and min(self.atrous_rates) >= 1,
+            "atrous_rates",
+            "positive dilation rates such as 3,6,9",
+        )
         for field in ("embedding_dim", "local_dim"):
-            check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field,
-                  "an integer >= 1")
+            check(
+                isinstance(getattr(self, field), int) and getattr(self, field) >= 1,
+                field,
+                "an integer >= 1",
+            )
         num_descriptors = len(self.descriptor_codes)
-        check(self.concat_stage == "before_ofm" or not self.uses_global_descriptors
-              or self.embedding_dim % num_descriptors == 0,
-              "embedding_dim", f"a multiple of the number of global descriptors "
-              f"({num_descriptors}: {self.global_descriptors}) with concat_stage=after_ofm")
+        check(
+            self.concat_stage == "before_ofm"
+            or not self.uses_global_descriptors
+            or self.embedding_dim % num_descriptors == 0,
+            "embedding_dim",
+            f"a multiple of the number of global descriptors "
+            f"({num_descriptors}: {self.global_descriptors}) with concat_stage=after_ofm",
+        )
         check(self.aux_weight >= 0, "aux_weight", "lambda >= 0 (0 = no auxiliary loss)")
-        check(self.aux_epochs >= AUX_ALL_EPOCHS, "aux_epochs",
-              f"an integer >= 0, or {AUX_ALL_EPOCHS} for all epochs")
+        check(
+            self.aux_epochs >= AUX_ALL_EPOCHS,
+            "aux_epochs",
+            f"an integer >= 0, or {AUX_ALL_EPOCHS} for all epochs",
+        )
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "an integer >= 0")
         check(0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)")
         check(self.temperature > 0, "temperature", "a value > 0")
@@ -196,11 +221,16 @@ class GlocalModelConfig:
 
     def check_steps_per_epoch(self):
         """The epoch-limited auxiliary loss needs steps_per_epoch (known after the data)."""
-        expect(not (self.use_aux and self.aux_epochs > 0 and self.steps_per_epoch < 1),
-               "steps_per_epoch", f">= 1 with aux_epochs={self.aux_epochs} (optimizer steps "
-               "per epoch = training images // batch size)", self.steps_per_epoch,
-               owner="GlocalModelConfig", fix=f"set --steps_per_epoch, or --aux_epochs="
-               f"{AUX_ALL_EPOCHS} (all epochs) or --aux_weight=0 (off)")
+        expect(
+            not (self.use_aux and self.aux_epochs > 0 and self.steps_per_epoch < 1),
+            "steps_per_epoch",
+            f">= 1 with aux_epochs={self.aux_epochs} (optimizer steps "
+            "per epoch = training images // batch size)",
+            self.steps_per_epoch,
+            owner="GlocalModelConfig",
+            fix=f"set --steps_per_epoch, or --aux_epochs="
+            f"{AUX_ALL_EPOCHS} (all epochs) or --aux_weight=0 (off)",
+        )
 
     def resolved_image_normalization(self):
         """The normalisation mode actually used."""
@@ -237,8 +267,9 @@ class GlocalModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"GlocalModelConfig: unknown keys {unknown}; expected a subset "
-                              f"of {sorted(known)}.")
+            raise ConfigError(
+                f"GlocalModelConfig: unknown keys {unknown}; expected a subset of {sorted(known)}."
+            )
         return cls(**values)
 
 
@@ -265,21 +296,33 @@ class GlocalModel(keras.Model):
         config.check_steps_per_epoch()
         self.config = config
         codes = config.descriptor_codes
-        self.backbone = build_resnet(config.backbone, layout=config.backbone_layout,
-                                     block3_stride=config.block3_stride,
-                                     **config.backbone_kwargs)
+        self.backbone = build_resnet(
+            config.backbone,
+            layout=config.backbone_layout,
+            block3_stride=config.block3_stride,
+            **config.backbone_kwargs,
+        )
         # One attribute per sublayer (not lists): Keras 3 lists of layers are not
         # tf.train.Checkpoint dependencies, so they would not be saved by name.
         if not (config.uses_global_descriptors or config.use_aux):
             codes = ()
         self._global_codes = tuple(codes)
         for code in codes:
-            setattr(self, f"global_{code.lower()}", GlobalDescriptor(
-                code, units=config.local_dim, gem_power=config.gem_power,
-                learn_gem_power=config.learn_gem_power, name=f"global_{code.lower()}"))
+            setattr(
+                self,
+                f"global_{code.lower()}",
+                GlobalDescriptor(
+                    code,
+                    units=config.local_dim,
+                    gem_power=config.gem_power,
+                    learn_gem_power=config.learn_gem_power,
+                    name=f"global_{code.lower()}",
+                ),
+            )
         if config.uses_local_descriptor:
-            self.local_module = LocalBranch(config.local_dim, rates=config.atrous_rates,
-                                            name="local_module")
+            self.local_module = LocalBranch(
+                config.local_dim, rates=config.atrous_rates, name="local_module"
+            )
             self.fusion = OrthogonalFusion(name="orthogonal_fusion")
         else:
             self.local_module = self.fusion = None
@@ -290,11 +333,15 @@ class GlocalModel(keras.Model):
             self.concat_projection = None
             per_descriptor = config.embedding_dim // len(codes)
             for code in codes:
-                setattr(self, f"fusion_fc_{code.lower()}",
-                        keras.layers.Dense(per_descriptor, name=f"fusion_fc_{code.lower()}"))
+                setattr(
+                    self,
+                    f"fusion_fc_{code.lower()}",
+                    keras.layers.Dense(per_descriptor, name=f"fusion_fc_{code.lower()}"),
+                )
         else:
-            self.concat_projection = keras.layers.Dense(config.local_dim, use_bias=False,
-                                                        name="global_concat_fc")
+            self.concat_projection = keras.layers.Dense(
+                config.local_dim, use_bias=False, name="global_concat_fc"
+            )
             self.fusion_fc = keras.layers.Dense(config.embedding_dim, name="fusion_fc")
         if config.use_aux:
             self.aux_bn = keras.layers.BatchNormalization(name="aux_bn")
@@ -321,8 +368,11 @@ class GlocalModel(keras.Model):
         if self.built:
             return
         self.proxies = self.add_weight(
-            name="proxies", shape=(self.config.num_classes, self.config.embedding_dim),
-            initializer=keras.initializers.HeNormal(), trainable=True)
+            name="proxies",
+            shape=(self.config.num_classes, self.config.embedding_dim),
+            initializer=keras.initializers.HeNormal(),
+            trainable=True,
+        )
         if "conv5" not in (self.config.global_layer, self.config.local_layer):
             # conv5 is never run; if a weight loader builds it, it must not be trained
             # (no gradients, but optimizer slots and weight decay).
@@ -342,6 +392,7 @@ class GlocalModel(keras.Model):
         See `delg_tf.backbones.imagenet.load_imagenet_weights`; returns its description.
         """
         from delg_tf.backbones import imagenet  # Local import: optional dependency chain.
+
         spec = self.config.imagenet_weights if spec is None else spec
         if not self.built:
             self.build()
@@ -362,7 +413,8 @@ class GlocalModel(keras.Model):
         proxy_config.pop("learning_rate", None)
         multiplier = self.config.proxy_lr_multiplier
         self.proxy_optimizer = main.__class__(
-            learning_rate=lambda: main.learning_rate * multiplier, **proxy_config)
+            learning_rate=lambda: main.learning_rate * multiplier, **proxy_config
+        )
         self.proxy_optimizer.build([self.proxies])
 
     # ------------------------------------------------------------------ forward
@@ -371,8 +423,11 @@ class GlocalModel(keras.Model):
         cfg = self.config
         x = normalize_images(images, cfg.resolved_image_normalization())
         needs_conv5 = "conv5" in (cfg.global_layer, cfg.local_layer)
-        features = (self.backbone(x, training=training) if needs_conv5
-                    else self.backbone.call_to_conv4(x, training=training))
+        features = (
+            self.backbone(x, training=training)
+            if needs_conv5
+            else self.backbone.call_to_conv4(x, training=training)
+        )
         global_map = features[cfg.global_layer]
         local_features = None
         if self.local_module is not None:
@@ -386,8 +441,9 @@ class GlocalModel(keras.Model):
         if not cfg.uses_global_descriptors:
             embedding = self.fusion_fc(spoc(local_features))
         elif self.concat_projection is None:
-            embedding = tf.concat([fc(fuse(g)) for fc, g in zip(self.fusion_fcs, globals_)],
-                                  axis=-1)
+            embedding = tf.concat(
+                [fc(fuse(g)) for fc, g in zip(self.fusion_fcs, globals_)], axis=-1
+            )
         else:
             g = self.concat_projection(tf.concat(globals_, axis=-1))
             embedding = self.fusion_fcs[0](fuse(g))
@@ -403,7 +459,7 @@ class GlocalModel(keras.Model):
 
     # ------------------------------------------------------------------- losses
     def aux_loss_weight(self, step):
-        """lambda if the auxiliary loss is active at optimizer step `step`, else 0."""
+        """Lambda if the auxiliary loss is active at optimizer step `step`, else 0."""
         cfg = self.config
         if not cfg.use_aux:
             return tf.constant(0.0)
@@ -417,19 +473,23 @@ class GlocalModel(keras.Model):
         """Returns a dict: loss (total), metric_loss, aux_loss, aux_weight."""
         cfg = self.config
         embedding, logits = self._forward(images, training=training)
-        metric_loss = proxy_anchor_loss(embedding, labels, self.proxies, cfg.proxy_alpha,
-                                        cfg.proxy_margin)
+        metric_loss = proxy_anchor_loss(
+            embedding, labels, self.proxies, cfg.proxy_alpha, cfg.proxy_margin
+        )
         optimizer = getattr(self, "optimizer", None)
         step = optimizer.iterations if optimizer is not None else 0
         weight = self.aux_loss_weight(step)
         if logits is not None:
-            aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing,
-                                              cfg.temperature)
+            aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing, cfg.temperature)
         else:
             aux_loss = tf.constant(0.0)
         total = metric_loss + weight * aux_loss
-        return {"loss": total, "metric_loss": metric_loss, "aux_loss": aux_loss,
-                "aux_weight": weight}
+        return {
+            "loss": total,
+            "metric_loss": metric_loss,
+            "aux_loss": aux_loss,
+            "aux_weight": weight,
+        }
 
     # ----------------------------------------------------------- train and test
     def train_step(self, data):
@@ -457,15 +517,18 @@ class GlocalModel(keras.Model):
           is the global value on every replica, aux_loss the replica's mean).
         """
         if self.proxy_optimizer is None:
-            raise RuntimeError("GlocalModel.train_step needs compile(optimizer=...) first; it "
-                               "also creates the proxies' optimizer.")
+            raise RuntimeError(
+                "GlocalModel.train_step needs compile(optimizer=...) first; it "
+                "also creates the proxies' optimizer."
+            )
         images, labels = data[0], data[1]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         network_variables = [v for v in self.trainable_variables if v is not self.proxies]
         all_labels = None
         if replicas > 1:
             all_labels = tf.distribute.get_replica_context().all_gather(
-                tf.convert_to_tensor(labels), axis=0)
+                tf.convert_to_tensor(labels), axis=0
+            )
         with tf.GradientTape() as tape:
             if replicas == 1:
                 losses = self.compute_losses(images, labels, training=True)
@@ -480,38 +543,44 @@ class GlocalModel(keras.Model):
 
     def _replica_losses(self, images, labels, all_labels, replicas):
         """(global-batch losses as in `compute_losses`, this replica's share of the loss
-        to differentiate), in a replica context (see `train_step`)."""
+        to differentiate), in a replica context (see `train_step`).
+        """
         cfg = self.config
         embedding, logits = self._forward(images, training=True)
         all_embeddings = tf.distribute.get_replica_context().all_gather(embedding, axis=0)
-        metric_loss = proxy_anchor_loss(all_embeddings, all_labels, self.proxies,
-                                        cfg.proxy_alpha, cfg.proxy_margin)
+        metric_loss = proxy_anchor_loss(
+            all_embeddings, all_labels, self.proxies, cfg.proxy_alpha, cfg.proxy_margin
+        )
         weight = self.aux_loss_weight(self.optimizer.iterations)
         if logits is not None:
-            aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing,
-                                              cfg.temperature)
+            aux_loss = smoothed_cross_entropy(labels, logits, cfg.label_smoothing, cfg.temperature)
         else:
             aux_loss = tf.constant(0.0)
-        batch_share = (tf.cast(tf.shape(embedding)[0], metric_loss.dtype)
-                       / tf.cast(tf.shape(all_embeddings)[0], metric_loss.dtype))
-        share = (metric_loss / tf.cast(replicas, metric_loss.dtype)
-                 + weight * aux_loss * batch_share)
-        losses = {"loss": metric_loss + weight * aux_loss, "metric_loss": metric_loss,
-                  "aux_loss": aux_loss, "aux_weight": weight}
+        batch_share = tf.cast(tf.shape(embedding)[0], metric_loss.dtype) / tf.cast(
+            tf.shape(all_embeddings)[0], metric_loss.dtype
+        )
+        share = metric_loss / tf.cast(replicas, metric_loss.dtype) + weight * aux_loss * batch_share
+        losses = {
+            "loss": metric_loss + weight * aux_loss,
+            "metric_loss": metric_loss,
+            "aux_loss": aux_loss,
+            "aux_weight": weight,
+        }
         return losses, share
 
     def _clipped_gradients(self, gradients, replicas):
         """Clips the global gradient's values to +-gradient_clip_value (see `train_step`);
-        with R > 1 replicas returns clip(all-reduced gradient) / R."""
+        with R > 1 replicas returns clip(all-reduced gradient) / R.
+        """
         clip = self.config.gradient_clip_value
         if clip <= 0:
             return gradients
         if replicas == 1:
-            return [None if g is None else tf.clip_by_value(g, -clip, clip)
-                    for g in gradients]
+            return [None if g is None else tf.clip_by_value(g, -clip, clip) for g in gradients]
         present = [i for i, g in enumerate(gradients) if g is not None]
         summed = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, [gradients[i] for i in present])
+            tf.distribute.ReduceOp.SUM, [gradients[i] for i in present]
+        )
         clipped = list(gradients)
         for i, gradient in zip(present, summed):
             clipped[i] = tf.clip_by_value(gradient, -clip, clip) / replicas
@@ -519,7 +588,8 @@ class GlocalModel(keras.Model):
 
     def test_step(self, data):
         """Validation losses on (images, labels); Recall@K needs the whole set, see
-        `delg_tf.evaluation.glocal.evaluate_recall`."""
+        `delg_tf.evaluation.glocal.evaluate_recall`.
+        """
         images, labels = data[0], data[1]
         return self.compute_losses(images, labels, training=False)
 
@@ -541,6 +611,7 @@ def build_glocal_model(config):
 
 def _register():
     from delg_tf.models import registry
+
     registry.register_model("glocal", GlocalModel, GlocalModelConfig)
 
 

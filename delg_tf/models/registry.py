@@ -31,11 +31,14 @@ def _lookup(family):
         try:
             importlib.import_module(LAZY_FAMILY_MODULES[family])
         except ImportError as error:
-            raise ValueError(f"model family {family!r} is not available: importing "
-                             f"{LAZY_FAMILY_MODULES[family]} failed ({error}).") from error
+            raise ValueError(
+                f"model family {family!r} is not available: importing "
+                f"{LAZY_FAMILY_MODULES[family]} failed ({error})."
+            ) from error
     if family not in _FAMILIES:
-        raise ValueError(f"model family must be one of {sorted(LAZY_FAMILY_MODULES)}, "
-                         f"received {family!r}.")
+        raise ValueError(
+            f"model family must be one of {sorted(LAZY_FAMILY_MODULES)}, received {family!r}."
+        )
     return _FAMILIES[family]
 
 
@@ -69,11 +72,16 @@ def build_model(family, config, load_imagenet=True):
     """
     model_cls, config_cls = _lookup(family)
     if isinstance(config, dict):
-        config = (config_cls.from_dict(config) if hasattr(config_cls, "from_dict")
-                  else config_cls(**config))
+        config = (
+            config_cls.from_dict(config)
+            if hasattr(config_cls, "from_dict")
+            else config_cls(**config)
+        )
     elif not (dataclasses.is_dataclass(config) and isinstance(config, config_cls)):
-        raise TypeError(f"build_model({family!r}): config must be a {config_cls.__name__} or "
-                        f"a dict, received {type(config).__name__}.")
+        raise TypeError(
+            f"build_model({family!r}): config must be a {config_cls.__name__} or "
+            f"a dict, received {type(config).__name__}."
+        )
     if hasattr(config, "validate"):
         config.validate()
     model = model_cls(config)
@@ -82,6 +90,9 @@ def build_model(family, config, load_imagenet=True):
     if load_imagenet and spec and hasattr(model, "load_imagenet_weights"):
         model.load_imagenet_weights(spec)
     else:
-        logger.warning("%s: backbone randomly initialised (no ImageNet weights given; pass "
-                       "imagenet_weights=\"imagenet\" or a weights path).", family)
+        logger.warning(
+            "%s: backbone randomly initialised (no ImageNet weights given; pass "
+            'imagenet_weights="imagenet" or a weights path).',
+            family,
+        )
     return model

@@ -67,8 +67,13 @@ MODEL_FLAGS_FILE = "model.flags"
 # the trainer sets the real number (the classifier heads are not converted).
 CONVERTED_NUM_CLASSES = 1
 _BUILD_PROBE_SIDE = 64
-_ALWAYS_FLAGS = ("backbone", "backbone_layout", "image_normalization", "attention_input",
-                 "attention_bn_epsilon")
+_ALWAYS_FLAGS = (
+    "backbone",
+    "backbone_layout",
+    "image_normalization",
+    "attention_input",
+    "attention_bn_epsilon",
+)
 _RGB = 3
 
 
@@ -115,13 +120,17 @@ class ConvertConfig:
         Raises:
           ConfigError: naming the flag, the expected and the received value.
         """
+
         def check(ok, field, expected):
             expect(ok, field, expected, getattr(self, field))
 
         check(bool(self.model_path), "model_path", "an official DELG SavedModel directory")
         check(bool(self.output_dir), "output_dir", "a directory to write the conversion to")
-        check(self.backbone is None or self.backbone in BACKBONES, "backbone",
-              f"one of {BACKBONES} (or unset to infer it)")
+        check(
+            self.backbone is None or self.backbone in BACKBONES,
+            "backbone",
+            f"one of {BACKBONES} (or unset to infer it)",
+        )
         check(len(self.self_check_images) >= 1, "self_check_images", "at least one photo")
         check(self.self_check_max_side >= 32, "self_check_max_side", "an integer >= 32")
         for field in ("global_tolerance", "descriptor_tolerance", "attention_tolerance"):
@@ -136,22 +145,30 @@ def official_model_config(fmt, backbone):
     from delg_tf.models.delg import DelgModelConfig
 
     if fmt == FORMAT_TF1:
-        return DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES, backbone=backbone,
-                               backbone_layout="slim",
-                               image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
-                               attention_use_bn=True, attention_conv1_bias=False,
-                               attention_bn_epsilon=TF1_ATTENTION_BN_EPSILON,
-                               attention_input="features")
+        return DelgModelConfig(
+            num_classes=CONVERTED_NUM_CLASSES,
+            backbone=backbone,
+            backbone_layout="slim",
+            image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
+            attention_use_bn=True,
+            attention_conv1_bias=False,
+            attention_bn_epsilon=TF1_ATTENTION_BN_EPSILON,
+            attention_input="features",
+        )
     if fmt == FORMAT_TF2:
-        return DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES, backbone=backbone,
-                               backbone_layout="tf2_delf",
-                               image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
-                               attention_use_bn=True, attention_conv1_bias=True,
-                               attention_bn_epsilon=TF2_ATTENTION_BN_EPSILON,
-                               attention_input="reconstruction",
-                               attention_pool_source="features",
-                               attention_pool_reduction="mean",
-                               attention_pool_normalize=True)
+        return DelgModelConfig(
+            num_classes=CONVERTED_NUM_CLASSES,
+            backbone=backbone,
+            backbone_layout="tf2_delf",
+            image_normalization=OFFICIAL_IMAGE_NORMALIZATION,
+            attention_use_bn=True,
+            attention_conv1_bias=True,
+            attention_bn_epsilon=TF2_ATTENTION_BN_EPSILON,
+            attention_input="reconstruction",
+            attention_pool_source="features",
+            attention_pool_reduction="mean",
+            attention_pool_normalize=True,
+        )
     raise OfficialModelError(f"format must be 'tf1' or 'tf2', received {fmt!r}.")
 
 
@@ -160,8 +177,10 @@ def model_flags(model_config):
     from delg_tf.models.delg import DelgModelConfig
 
     defaults = DelgModelConfig(num_classes=CONVERTED_NUM_CLASSES).to_dict()
-    lines = ["# Model flags of a converted official DELG model "
-             "(python -m delg_tf.convert_official).", "--model_family=delg"]
+    lines = [
+        "# Model flags of a converted official DELG model (python -m delg_tf.convert_official).",
+        "--model_family=delg",
+    ]
     for name, value in model_config.to_dict().items():
         if name == "num_classes" or (value == defaults[name] and name not in _ALWAYS_FLAGS):
             continue
@@ -206,8 +225,10 @@ def self_check_images(names=SELF_CHECK_IMAGES, max_side=SELF_CHECK_MAX_SIDE):
     for name in names:
         loader = getattr(skimage.data, name, None)
         if loader is None:
-            raise ValueError(f"self-check image {name!r} is not in skimage.data; use e.g. "
-                             f"{list(SELF_CHECK_IMAGES)}.")
+            raise ValueError(
+                f"self-check image {name!r} is not in skimage.data; use e.g. "
+                f"{list(SELF_CHECK_IMAGES)}."
+            )
         image = np.asarray(loader())
         if image.ndim == 2:
             image = np.stack([image] * _RGB, axis=-1)
@@ -229,17 +250,31 @@ def run_self_check(reference_fn, candidate_fn, images, config, log=print, label=
     """
     results, failures = [], []
     for name, image in images:
-        args = (image, np.asarray(SELF_CHECK_SCALES, np.float32), SELF_CHECK_MAX_FEATURE_NUM,
-                SELF_CHECK_ABS_THRES, np.asarray(SELF_CHECK_GLOBAL_SCALES_IND, np.int32))
+        args = (
+            image,
+            np.asarray(SELF_CHECK_SCALES, np.float32),
+            SELF_CHECK_MAX_FEATURE_NUM,
+            SELF_CHECK_ABS_THRES,
+            np.asarray(SELF_CHECK_GLOBAL_SCALES_IND, np.int32),
+        )
         reference = reference_fn(*args)
         candidate = candidate_fn(*args)
         comparison = selfcheck.compare_raw_outputs(reference, candidate)
-        ok = comparison.within(config.global_tolerance, config.descriptor_tolerance,
-                               config.attention_tolerance)
-        log(f"self-check [{label}] {name} {image.shape[0]}x{image.shape[1]}: "
-            f"{comparison.describe()} -> {'OK' if ok else 'FAIL'}")
-        results.append({"image": name, "shape": list(image.shape), "ok": bool(ok),
-                        **dataclasses.asdict(comparison)})
+        ok = comparison.within(
+            config.global_tolerance, config.descriptor_tolerance, config.attention_tolerance
+        )
+        log(
+            f"self-check [{label}] {name} {image.shape[0]}x{image.shape[1]}: "
+            f"{comparison.describe()} -> {'OK' if ok else 'FAIL'}"
+        )
+        results.append(
+            {
+                "image": name,
+                "shape": list(image.shape),
+                "ok": bool(ok),
+                **dataclasses.asdict(comparison),
+            }
+        )
         if not ok:
             failures.append(f"{name}: {comparison.describe()}")
     if failures:
@@ -250,8 +285,9 @@ def run_self_check(reference_fn, candidate_fn, images, config, log=print, label=
             f"{config.descriptor_tolerance}, attention <= {config.attention_tolerance}):\n  "
             + "\n  ".join(failures)
             + "\nNothing was written. The official model's numerics differ from what the "
-              "converter assumes (e.g. resize flavour, BN epsilon, normalisation); please "
-              "report this with the printed mapping.")
+            "converter assumes (e.g. resize flavour, BN epsilon, normalisation); please "
+            "report this with the printed mapping."
+        )
     return results
 
 
@@ -262,13 +298,15 @@ def _resolve_backbone(config, official, log):
         if inferred is None:
             raise OfficialModelError(
                 f"{config.model_path}: cannot infer the ResNet depth from the variables "
-                f"(no conv4 units found); pass --backbone=r50 or --backbone=r101.")
+                f"(no conv4 units found); pass --backbone=r50 or --backbone=r101."
+            )
         log(f"backbone: {inferred} (inferred from the conv4 units)")
         return inferred
     if inferred is not None and inferred != config.backbone:
         raise OfficialModelError(
             f"--backbone={config.backbone} but {config.model_path} holds a {inferred} "
-            f"backbone ({depth} layers); pass --backbone={inferred}.")
+            f"backbone ({depth} layers); pass --backbone={inferred}."
+        )
     return config.backbone
 
 
@@ -276,14 +314,18 @@ def _check_checkpoint_complete(checkpoint_path, model):
     """Every model variable must be in the checkpoint (guards against untracked layers)."""
     import tensorflow as tf
 
-    saved = [name for name, _ in tf.train.list_variables(checkpoint_path)
-             if name.startswith(CHECKPOINT_MODEL_KEY + "/")
-             and name.endswith(variables_lib.VARIABLE_VALUE_SUFFIX)]
+    saved = [
+        name
+        for name, _ in tf.train.list_variables(checkpoint_path)
+        if name.startswith(CHECKPOINT_MODEL_KEY + "/")
+        and name.endswith(variables_lib.VARIABLE_VALUE_SUFFIX)
+    ]
     if len(saved) != len(model.variables):
         raise OfficialModelError(
             f"{checkpoint_path}: the checkpoint holds {len(saved)} variables, expected all "
             f"{len(model.variables)} of the model; some layers are not tracked by "
-            f"tf.train.Checkpoint (e.g. layers kept only in Python lists).")
+            f"tf.train.Checkpoint (e.g. layers kept only in Python lists)."
+        )
 
 
 def _prepare_output(config):
@@ -291,7 +333,8 @@ def _prepare_output(config):
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise FileExistsError(
             f"--output_dir={out} exists and is not empty; expected a new or empty directory. "
-            f"Pass --overwrite to replace it.")
+            f"Pass --overwrite to replace it."
+        )
     return out
 
 
@@ -319,7 +362,8 @@ def convert(config, log=print):
     epsilon = attention_bn_epsilon(fmt)
     model = build_converted_model(model_config, epsilon)
     variable_mapping = mapping_lib.map_official_variables(
-        official.tensors, fmt, mapping_lib.model_targets(model))
+        official.tensors, fmt, mapping_lib.model_targets(model)
+    )
     log(f"mapping ({len(variable_mapping.assignments)} variables):")
     log(variable_mapping.describe(official.tensors))
     mapping_lib.assign_to_model(model, variable_mapping, official.tensors)
@@ -332,8 +376,11 @@ def convert(config, log=print):
     # Written aside and renamed into place: `out` is the old or the new conversion.
     with atomic.staged_directory(out) as tmp:
         tmp.mkdir()
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(**{CHECKPOINT_MODEL_KEY: model}),
-                                             str(tmp / CHECKPOINT_DIR), max_to_keep=1)
+        manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(**{CHECKPOINT_MODEL_KEY: model}),
+            str(tmp / CHECKPOINT_DIR),
+            max_to_keep=1,
+        )
         checkpoint_path = manager.save(checkpoint_number=0)
         _check_checkpoint_complete(checkpoint_path, model)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=1))
@@ -343,28 +390,37 @@ def convert(config, log=print):
             delg_export.export_saved_model(model, tmp / SAVED_MODEL_DIR)
             if config.verify_export:
                 exported = load_raw_extraction_fn(tmp / SAVED_MODEL_DIR)
-                export_results = run_self_check(reference_fn, exported, images[:1], config, log,
-                                                label="exported")
+                export_results = run_self_check(
+                    reference_fn, exported, images[:1], config, log, label="exported"
+                )
         record = {
             "source": str(Path(config.model_path).absolute()),
             "source_format": fmt,
             "backbone": backbone,
-            "numerics": {"backbone_layout": model_config.backbone_layout,
-                         "image_normalization": model_config.image_normalization,
-                         "attention_bn_epsilon": epsilon,
-                         "attention_input": model_config.attention_input},
+            "numerics": {
+                "backbone_layout": model_config.backbone_layout,
+                "image_normalization": model_config.image_normalization,
+                "attention_bn_epsilon": epsilon,
+                "attention_input": model_config.attention_input,
+            },
             "checkpoint": os.path.relpath(checkpoint_path, tmp),
-            "mapping": {target: {"source": source, "by": how} for target, (source, how)
-                        in sorted(variable_mapping.assignments.items())},
+            "mapping": {
+                target: {"source": source, "by": how}
+                for target, (source, how) in sorted(variable_mapping.assignments.items())
+            },
             "ignored": variable_mapping.ignored,
             "self_check": results,
             "export_self_check": export_results,
         }
         (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=1))
-    log(f"wrote {out}/{CHECKPOINT_DIR}, {out}/{MODEL_CONFIG_FILE}, {out}/{MODEL_FLAGS_FILE}, "
-        f"{out}/{CONVERSION_FILE}" + (f", {out}/{SAVED_MODEL_DIR}" if config.export else ""))
-    log(f"fine-tune: python -m delg_tf.train --flagfile={out}/{MODEL_FLAGS_FILE} "
-        f"--init_from={out}/{CHECKPOINT_DIR} --logdir=... (data flags)")
+    log(
+        f"wrote {out}/{CHECKPOINT_DIR}, {out}/{MODEL_CONFIG_FILE}, {out}/{MODEL_FLAGS_FILE}, "
+        f"{out}/{CONVERSION_FILE}" + (f", {out}/{SAVED_MODEL_DIR}" if config.export else "")
+    )
+    log(
+        f"fine-tune: python -m delg_tf.train --flagfile={out}/{MODEL_FLAGS_FILE} "
+        f"--init_from={out}/{CHECKPOINT_DIR} --logdir=... (data flags)"
+    )
     return out
 
 
@@ -375,12 +431,15 @@ def load_converted_model(output_dir):
 
     output_dir = Path(output_dir)
     model_config = DelgModelConfig.from_dict(
-        json.loads((output_dir / MODEL_CONFIG_FILE).read_text()))
+        json.loads((output_dir / MODEL_CONFIG_FILE).read_text())
+    )
     numerics = json.loads((output_dir / CONVERSION_FILE).read_text())["numerics"]
     model = build_converted_model(model_config, numerics["attention_bn_epsilon"])
     path = tf.train.latest_checkpoint(str(output_dir / CHECKPOINT_DIR))
     if path is None:
-        raise OfficialModelError(f"{output_dir}/{CHECKPOINT_DIR}: no checkpoint found; expected "
-                                 f"the output of python -m delg_tf.convert_official.")
+        raise OfficialModelError(
+            f"{output_dir}/{CHECKPOINT_DIR}: no checkpoint found; expected "
+            f"the output of python -m delg_tf.convert_official."
+        )
     tf.train.Checkpoint(model=model).restore(path).assert_existing_objects_matched()
     return model

@@ -33,8 +33,12 @@ from delg_tf.official.variables import OfficialModelError
 
 # Stage names of delg_tf's ResNet: slim block{b} / TF2 l{b+1} -> conv{b+1}.
 SLIM_FIRST_STAGE = 2
-SLIM_BN_LEAVES = {"gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
-                  "moving_variance": "moving_variance"}
+SLIM_BN_LEAVES = {
+    "gamma": "gamma",
+    "beta": "beta",
+    "moving_mean": "moving_mean",
+    "moving_variance": "moving_variance",
+}
 SLIM_CONV_LEAVES = {"weights": "kernel", "biases": "bias"}
 SLIM_UNIT_CONVS = {"conv1": "1", "conv2": "2", "conv3": "3", "shortcut": "0"}
 TF2_UNIT_CONVS = {"conv2a": "1", "conv2b": "2", "conv2c": "3", "conv_shortcut": "0"}
@@ -68,10 +72,19 @@ TF2_HEAD_SCOPES = {
 GEM_POWER_TARGET = "gem/power"
 # Source variables that exist only for training; they are reported, not converted.
 IGNORED_SOURCE_PATTERNS = (
-    r"(^|/)global_step$", r"(^|/)save_counter$", r"(^|/)Momentum(_\d+)?$",
-    r"(^|/)Adam(_\d+)?$", r"ExponentialMovingAverage", r"(^|/)optimizer/",
-    r"(^|/)cosine_weights$", r"(^|/)scale_factor$", r"(^|/)attn_classification/",
-    r"(^|/)att_fc/", r"(^|/)logits/", r"(^|/)desc_fc/", r"(^|/)classifier/",
+    r"(^|/)global_step$",
+    r"(^|/)save_counter$",
+    r"(^|/)Momentum(_\d+)?$",
+    r"(^|/)Adam(_\d+)?$",
+    r"ExponentialMovingAverage",
+    r"(^|/)optimizer/",
+    r"(^|/)cosine_weights$",
+    r"(^|/)scale_factor$",
+    r"(^|/)attn_classification/",
+    r"(^|/)att_fc/",
+    r"(^|/)logits/",
+    r"(^|/)desc_fc/",
+    r"(^|/)classifier/",
 )
 MAX_PROBLEMS_SHOWN = 40
 LAYOUT_FOR_FORMAT = {FORMAT_TF1: "slim", FORMAT_TF2: "tf2_delf"}
@@ -117,7 +130,9 @@ def tf1_slim_target(name):
         return "resnet/conv1/" + _slim_leaf(match.group(1))
     match = re.fullmatch(
         r"resnet_v1_\d+/block(\d+)/unit_(\d+)/bottleneck_v1/(conv1|conv2|conv3|shortcut)/"
-        r"(weights|biases|BatchNorm/\w+)", name)
+        r"(weights|biases|BatchNorm/\w+)",
+        name,
+    )
     if match:
         block, unit, conv, leaf = match.groups()
         stage = int(block) + SLIM_FIRST_STAGE - 1
@@ -149,7 +164,7 @@ def _head_leaf(layer, leaf):
 def tf2_keras_target(name):
     """Target path of one TF2 official variable (semantic object path), or None."""
     if name.startswith(TF2_EXPORT_PREFIX):
-        name = name[len(TF2_EXPORT_PREFIX):]
+        name = name[len(TF2_EXPORT_PREFIX) :]
     match = re.fullmatch(r"backbone/conv1/(kernel|bias)", name)
     if match:
         return "resnet/conv1/conv/" + match.group(1)
@@ -215,8 +230,7 @@ def _assign_heads_by_role(unmatched, sources, targets, assignments):
     for scope, leaves in sorted(_source_layers(unmatched).items()):
         if "kernel" not in leaves:
             continue
-        signature = (tuple(sources[leaves["kernel"]].shape), "bias" in leaves,
-                     "bn/gamma" in leaves)
+        signature = (tuple(sources[leaves["kernel"]].shape), "bias" in leaves, "bn/gamma" in leaves)
         candidates = [layer for layer, sig in open_layers.items() if sig == signature]
         if len(candidates) != 1:
             continue
@@ -257,13 +271,18 @@ def map_official_variables(sources, fmt, targets):
     assignments, unmatched, ignored = {}, [], []
     for name in sorted(sources):
         target = name_fn(name)
-        if target is None and re.search(r"(^|/|_)(gem|power)(/|_|$)", name, re.IGNORECASE) \
-                and sources[name].size == 1:
+        if (
+            target is None
+            and re.search(r"(^|/|_)(gem|power)(/|_|$)", name, re.IGNORECASE)
+            and sources[name].size == 1
+        ):
             target = GEM_POWER_TARGET
         if target is not None and target in targets:
             if target in assignments:
-                raise MappingError(f"two official variables map to {target}: "
-                                   f"{assignments[target][0]!r} and {name!r}.")
+                raise MappingError(
+                    f"two official variables map to {target}: "
+                    f"{assignments[target][0]!r} and {name!r}."
+                )
             assignments[target] = (name, "name")
         elif _is_ignored(name):
             ignored.append(name)
@@ -278,22 +297,28 @@ def map_official_variables(sources, fmt, targets):
         if target == GEM_POWER_TARGET:
             received = () if sources[name].size == 1 else received
         if expected != received:
-            problems.append(f"  shape mismatch: {name} has shape {list(received)}, "
-                            f"{target} expects {list(expected)}")
+            problems.append(
+                f"  shape mismatch: {name} has shape {list(received)}, "
+                f"{target} expects {list(expected)}"
+            )
     unfilled = sorted(t for t in targets if t not in assignments and t != GEM_POWER_TARGET)
-    problems += [f"  unmatched official variable: {name} {list(sources[name].shape)}"
-                 for name in unmatched]
-    problems += [f"  delg_tf variable left unfilled: {target} {list(targets[target])}"
-                 for target in unfilled]
+    problems += [
+        f"  unmatched official variable: {name} {list(sources[name].shape)}" for name in unmatched
+    ]
+    problems += [
+        f"  delg_tf variable left unfilled: {target} {list(targets[target])}" for target in unfilled
+    ]
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]
         if len(problems) > len(shown):
             shown.append(f"  ... and {len(problems) - len(shown)} more")
         raise MappingError(
             f"the official {fmt.upper()} variables do not fit the delg_tf DELG model "
-            f"({len(assignments)} mapped, {len(problems)} problems):\n" + "\n".join(shown)
+            f"({len(assignments)} mapped, {len(problems)} problems):\n"
+            + "\n".join(shown)
             + "\nCheck --backbone (r50/r101) and that the model is an official DELG export "
-              "(backbone + attention + autoencoder + whitening); nothing was written.")
+            "(backbone + attention + autoencoder + whitening); nothing was written."
+        )
     return VariableMapping(assignments=assignments, ignored=ignored)
 
 
@@ -301,7 +326,7 @@ def relative_path(model, variable):
     """Variable path without the model's own name (``delg/resnet/...`` -> ``resnet/...``)."""
     prefix = model.name + "/"
     path = variable.path
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def model_targets(model):

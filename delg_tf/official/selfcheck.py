@@ -67,10 +67,18 @@ class ConvertedRawExtraction:
     def __init__(self, model, jit_compile=False):
         self.model = model
         signature = [tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([], tf.float32)]
-        self._local = tf.function(self._local_fn, input_signature=signature,
-                                  jit_compile=jit_compile, reduce_retracing=True)
-        self._local_global = tf.function(self._local_global_fn, input_signature=signature,
-                                         jit_compile=jit_compile, reduce_retracing=True)
+        self._local = tf.function(
+            self._local_fn,
+            input_signature=signature,
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
+        self._local_global = tf.function(
+            self._local_global_fn,
+            input_signature=signature,
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
 
     def _conv4(self, normalized, scale):
         hw = tf.cast(tf.shape(normalized)[:2], tf.float32)
@@ -82,8 +90,11 @@ class ConvertedRawExtraction:
         prob, descriptors = self.model.local_head(s, training=False)
         height, width = tf.shape(s)[1], tf.shape(s)[2]
         boxes = geometry.receptive_boxes(height, width) / scale
-        return (boxes, tf.reshape(descriptors, [-1, tf.shape(descriptors)[-1]]),
-                tf.reshape(prob, [-1]))
+        return (
+            boxes,
+            tf.reshape(descriptors, [-1, tf.shape(descriptors)[-1]]),
+            tf.reshape(prob, [-1]),
+        )
 
     def _local_fn(self, normalized, scale):
         return self._local_outputs(self._conv4(normalized, scale), scale)
@@ -112,15 +123,16 @@ class ConvertedRawExtraction:
             fscales.append(np.full(int(keep.sum()), np.float32(1.0) / scale, np.float32))
         scores = np.concatenate(scores)
         # NMS with IoU 1.0 only sorts by descending score and cuts to max_feature_num.
-        order = np.argsort(-scores, kind="stable")[:int(max_feature_num)]
+        order = np.argsort(-scores, kind="stable")[: int(max_feature_num)]
         channels = self.model.global_channels if not globals_ else globals_[0].shape[-1]
         return {
             "boxes": np.concatenate(boxes)[order],
             "features": np.concatenate(features)[order],
             "scales": np.concatenate(fscales)[order],
             "scores": scores[order][:, None],
-            "global_descriptors": (np.stack(globals_) if globals_
-                                   else np.zeros([0, channels], np.float32)),
+            "global_descriptors": (
+                np.stack(globals_) if globals_ else np.zeros([0, channels], np.float32)
+            ),
         }
 
 
@@ -138,19 +150,29 @@ class RawComparison:
     attention_max_abs: float
     location_max_abs: float
 
-    def within(self, global_tol=GLOBAL_MAX_ABS_TOLERANCE,
-               descriptor_tol=LOCAL_DESCRIPTOR_TOLERANCE, attention_tol=ATTENTION_TOLERANCE):
-        return (self.global_max_abs <= global_tol and self.num_missing == 0
-                and self.num_extra == 0 and self.descriptor_max_abs <= descriptor_tol
-                and self.attention_max_abs <= attention_tol
-                and self.location_max_abs <= LOCATION_TOLERANCE_PX)
+    def within(
+        self,
+        global_tol=GLOBAL_MAX_ABS_TOLERANCE,
+        descriptor_tol=LOCAL_DESCRIPTOR_TOLERANCE,
+        attention_tol=ATTENTION_TOLERANCE,
+    ):
+        return (
+            self.global_max_abs <= global_tol
+            and self.num_missing == 0
+            and self.num_extra == 0
+            and self.descriptor_max_abs <= descriptor_tol
+            and self.attention_max_abs <= attention_tol
+            and self.location_max_abs <= LOCATION_TOLERANCE_PX
+        )
 
     def describe(self):
-        return (f"global max abs {self.global_max_abs:.2e}; local features "
-                f"{self.num_matched}/{self.num_reference} matched by (location, scale) "
-                f"({self.num_missing} missing, {self.num_extra} extra); descriptors max abs "
-                f"{self.descriptor_max_abs:.2e}; attention max abs "
-                f"{self.attention_max_abs:.2e}")
+        return (
+            f"global max abs {self.global_max_abs:.2e}; local features "
+            f"{self.num_matched}/{self.num_reference} matched by (location, scale) "
+            f"({self.num_missing} missing, {self.num_extra} extra); descriptors max abs "
+            f"{self.descriptor_max_abs:.2e}; attention max abs "
+            f"{self.attention_max_abs:.2e}"
+        )
 
 
 def box_centres(boxes):
@@ -160,14 +182,18 @@ def box_centres(boxes):
 
 def match_features(ref_locations, ref_scales, cand_locations, cand_scales):
     """Index into the candidate of each reference feature with the same (location, scale), or -1."""
-    def key(location, scale):
-        return (round(float(location[0]), LOCATION_KEY_DECIMALS),
-                round(float(location[1]), LOCATION_KEY_DECIMALS),
-                round(float(scale), SCALE_KEY_DECIMALS))
 
-    index = {key(l, s): j for j, (l, s) in enumerate(zip(cand_locations, cand_scales))}
-    return np.array([index.get(key(l, s), -1) for l, s in zip(ref_locations, ref_scales)],
-                    np.int64)
+    def key(location, scale):
+        return (
+            round(float(location[0]), LOCATION_KEY_DECIMALS),
+            round(float(location[1]), LOCATION_KEY_DECIMALS),
+            round(float(scale), SCALE_KEY_DECIMALS),
+        )
+
+    index = {key(loc, s): j for j, (loc, s) in enumerate(zip(cand_locations, cand_scales))}
+    return np.array(
+        [index.get(key(loc, s), -1) for loc, s in zip(ref_locations, ref_scales)], np.int64
+    )
 
 
 def compare_local(ref, cand, abs_thres=None, margin=BORDERLINE_SCORE_MARGIN):
@@ -193,18 +219,33 @@ def compare_local(ref, cand, abs_thres=None, margin=BORDERLINE_SCORE_MARGIN):
         cand_desc = l2_normalize_rows(np.asarray(cand["descriptors"])[idx[ok]])
         desc = float(np.abs(ref_desc - cand_desc).max())
         att = float(np.abs(ref_att[ok] - cand_att[idx[ok]]).max())
-        loc = float(np.abs(np.asarray(ref["locations"], np.float64)[ok]
-                           - np.asarray(cand["locations"], np.float64)[idx[ok]]).max())
+        loc = float(
+            np.abs(
+                np.asarray(ref["locations"], np.float64)[ok]
+                - np.asarray(cand["locations"], np.float64)[idx[ok]]
+            ).max()
+        )
     else:
         desc = att = loc = 0.0
-    return dict(num_reference=len(ref_att), num_candidate=len(cand_att), num_matched=int(ok.sum()),
-                num_missing=missing, num_extra=extra, descriptor_max_abs=desc,
-                attention_max_abs=att, location_max_abs=loc)
+    return dict(
+        num_reference=len(ref_att),
+        num_candidate=len(cand_att),
+        num_matched=int(ok.sum()),
+        num_missing=missing,
+        num_extra=extra,
+        descriptor_max_abs=desc,
+        attention_max_abs=att,
+        location_max_abs=loc,
+    )
 
 
 def raw_to_local(raw):
-    return {"locations": box_centres(raw["boxes"]), "scales": np.asarray(raw["scales"]),
-            "descriptors": raw["features"], "attention": np.asarray(raw["scores"]).reshape(-1)}
+    return {
+        "locations": box_centres(raw["boxes"]),
+        "scales": np.asarray(raw["scales"]),
+        "descriptors": raw["features"],
+        "attention": np.asarray(raw["scores"]).reshape(-1),
+    }
 
 
 def compare_raw_outputs(reference, candidate, abs_thres=None):

@@ -37,8 +37,7 @@ class UnrolledPyramid:
     use_local = True
     use_global = True
 
-    def __init__(self, model, receptive_field=geometry.OFFICIAL_RECEPTIVE_FIELD,
-                 jit_compile=False):
+    def __init__(self, model, receptive_field=geometry.OFFICIAL_RECEPTIVE_FIELD, jit_compile=False):
         self.model = model
         self.receptive_field = receptive_field
         self.jit_compile = jit_compile
@@ -50,13 +49,18 @@ class UnrolledPyramid:
 
     def _function(self, num_scales):
         if num_scales not in self._functions:
-            signature = [tf.TensorSpec([None, None, 3], tf.uint8),
-                         tf.TensorSpec([num_scales], tf.float32),
-                         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
-                         tf.TensorSpec([None], tf.int32)]
+            signature = [
+                tf.TensorSpec([None, None, 3], tf.uint8),
+                tf.TensorSpec([num_scales], tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ]
             self._functions[num_scales] = tf.function(
-                lambda *args: self._extract(num_scales, *args), input_signature=signature,
-                jit_compile=self.jit_compile)
+                lambda *args: self._extract(num_scales, *args),
+                input_signature=signature,
+                jit_compile=self.jit_compile,
+            )
         return self._functions[num_scales]
 
     def _extract(self, num_scales, image, scales, max_feature_num, abs_thres, global_scales_ind):
@@ -78,15 +82,21 @@ class UnrolledPyramid:
             scores.append(kept_scores)
             out_scales.append(tf.ones_like(kept_scores) / scale)
             wanted = tf.reduce_any(tf.equal(global_scales_ind, index))
-            global_descriptors.append(tf.cond(
-                wanted,
-                lambda s=s: model.global_head(model.backbone.call_conv5(s)),
-                lambda: tf.zeros([0, self.global_dim], tf.float32)))
+            global_descriptors.append(
+                tf.cond(
+                    wanted,
+                    lambda s=s: model.global_head(model.backbone.call_conv5(s)),
+                    lambda: tf.zeros([0, self.global_dim], tf.float32),
+                )
+            )
         boxes = tf.concat(boxes, 0)
         scores = tf.concat(scores, 0)
         selected = tf.image.non_max_suppression(
-            boxes, scores, tf.minimum(max_feature_num, tf.shape(boxes)[0]),
-            iou_threshold=NMS_IOU_THRESHOLD)
+            boxes,
+            scores,
+            tf.minimum(max_feature_num, tf.shape(boxes)[0]),
+            iou_threshold=NMS_IOU_THRESHOLD,
+        )
         return {
             "boxes": tf.gather(boxes, selected),
             "features": tf.gather(tf.concat(features, 0), selected),
@@ -98,8 +108,10 @@ class UnrolledPyramid:
     def __call__(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
         scales = np.asarray(scales, np.float32).reshape(-1)
         outputs = self._function(len(scales))(
-            tf.convert_to_tensor(np.asarray(image, np.uint8)), tf.constant(scales),
+            tf.convert_to_tensor(np.asarray(image, np.uint8)),
+            tf.constant(scales),
             tf.constant(int(np.asarray(max_feature_num)), tf.int32),
             tf.constant(np.float32(np.asarray(abs_thres))),
-            tf.constant(np.asarray(global_scales_ind, np.int32).reshape(-1)))
+            tf.constant(np.asarray(global_scales_ind, np.int32).reshape(-1)),
+        )
         return {key: value.numpy() for key, value in outputs.items()}

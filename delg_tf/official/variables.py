@@ -25,13 +25,22 @@ VARIABLES_PREFIX = "variables"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VARIABLE_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # Object-graph edges that alias a variable through a list (not its own name).
-_ALIAS_EDGES = frozenset({"keras_api", "variables", "trainable_variables",
-                          "non_trainable_variables", "layers", "_variables",
-                          "_trainable_variables", "_non_trainable_variables",
-                          "_self_unconditional_checkpoint_dependencies", "signatures"})
+_ALIAS_EDGES = frozenset(
+    {
+        "keras_api",
+        "variables",
+        "trainable_variables",
+        "non_trainable_variables",
+        "layers",
+        "_variables",
+        "_trainable_variables",
+        "_non_trainable_variables",
+        "_self_unconditional_checkpoint_dependencies",
+        "signatures",
+    }
+)
 # Deep enough for _model/backbone/l4a/conv2b/kernel plus Keras wrappers.
 _MAX_OBJECT_DEPTH = 12
-
 
 
 class OfficialModelError(ValueError):
@@ -40,6 +49,7 @@ class OfficialModelError(ValueError):
     (Directories that are not DELG SavedModels at all raise
     `delg_tf.extraction.raw_model.ModelFormatError`.)
     """
+
 
 @dataclasses.dataclass
 class OfficialVariables:
@@ -70,7 +80,8 @@ def checkpoint_prefix(path):
         raise OfficialModelError(
             f"official DELG model {str(path)!r}: expected the checkpoint "
             f"{str(prefix)}.index next to saved_model.pb; it is missing. Extract the whole "
-            f"release tarball (saved_model.pb and the variables/ folder).")
+            f"release tarball (saved_model.pb and the variables/ folder)."
+        )
     return str(prefix)
 
 
@@ -134,7 +145,8 @@ def read_official_variables(path, fmt=None):
         if OBJECT_GRAPH_KEY not in dtypes:
             raise OfficialModelError(
                 f"{prefix}: a TF2 checkpoint must contain {OBJECT_GRAPH_KEY}; it does not. "
-                f"Re-export the model with tf.saved_model.save.")
+                f"Re-export the model with tf.saved_model.save."
+            )
         semantic = semantic_paths_from_object_graph(reader.get_tensor(OBJECT_GRAPH_KEY))
         for key in float_keys:
             names[key] = semantic.get(key, key.replace(VARIABLE_VALUE_SUFFIX, ""))
@@ -146,7 +158,8 @@ def read_official_variables(path, fmt=None):
         if name in tensors:
             raise OfficialModelError(
                 f"{prefix}: two checkpoint keys resolve to the variable {name!r} "
-                f"({keys[name]!r} and {key!r}).")
+                f"({keys[name]!r} and {key!r})."
+            )
         tensors[name] = np.asarray(reader.get_tensor(key))
         keys[name] = key
     return OfficialVariables(path=str(path), format=fmt, tensors=tensors, checkpoint_keys=keys)

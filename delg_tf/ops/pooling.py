@@ -138,8 +138,11 @@ def scale_gem(descriptors, power=SCALE_GEM_P):
     Returns:
       float tensor [B, C].
     """
-    x = tf.stack(descriptors, axis=SCALE_AXIS) if isinstance(descriptors, (list, tuple)) \
+    x = (
+        tf.stack(descriptors, axis=SCALE_AXIS)
+        if isinstance(descriptors, (list, tuple))
         else tf.convert_to_tensor(descriptors)
+    )
     if x.shape.rank != 3:
         raise ValueError(
             f"scale_gem expects descriptors [num_scales, batch, channels], got shape "

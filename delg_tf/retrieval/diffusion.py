@@ -150,7 +150,7 @@ def diffusion_system(
 def query_vectors(
     query_ids: np.ndarray, query_sims: np.ndarray, num_db: int, gamma: float = DEFAULT_GAMMA
 ) -> np.ndarray:
-    """y vectors: y_j = max(s(q, x_j), 0)^gamma on the query's k_q neighbours (``ymake.m``).
+    """Y vectors: y_j = max(s(q, x_j), 0)^gamma on the query's k_q neighbours (``ymake.m``).
 
     Args:
         query_ids: int [Q, k_q] nearest database ids of each query.
@@ -173,7 +173,7 @@ def diffuse(
     tolerance: float = DEFAULT_CG_TOLERANCE,
     max_iterations: int = DEFAULT_CG_ITERATIONS,
 ) -> np.ndarray:
-    """f ~ (I - alpha S)^-1 y by conjugate gradient from f = 0 (``dfs.m``).
+    """F ~ (I - alpha S)^-1 y by conjugate gradient from f = 0 (``dfs.m``).
 
     Stops when ||y - (I - alpha S) f|| <= tolerance ||y|| or after
     ``max_iterations``; the last iterate is returned either way (scipy's
@@ -239,10 +239,13 @@ def diffusion_ranking(
         )
     ids, sims = exact_search(queries, database, query_neighbors, chunk_size)
     y = query_vectors(ids, sims, num_db, gamma)
-    scores = np.stack([diffuse(system, y[q], tolerance, max_iterations)
-                       for q in range(queries.shape[0])], axis=1)
+    scores = np.stack(
+        [diffuse(system, y[q], tolerance, max_iterations) for q in range(queries.shape[0])], axis=1
+    )
     cosine = database @ queries.T
     db_ids = np.arange(num_db)
-    ranks = np.stack([np.lexsort((db_ids, -cosine[:, q], -scores[:, q]))
-                      for q in range(queries.shape[0])], axis=1)
+    ranks = np.stack(
+        [np.lexsort((db_ids, -cosine[:, q], -scores[:, q])) for q in range(queries.shape[0])],
+        axis=1,
+    )
     return ranks.astype(np.int64), scores

@@ -94,9 +94,19 @@ DEFAULT_EF_SEARCH = 128
 DEFAULT_CHUNK_SIZE = 16384  # rows per store read / faiss add (128 MiB at dim 2048).
 NORM_EPS = 1e-12
 # errno values meaning "this folder cannot take the index" (reported as one line).
-OUTPUT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-                           errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
-                           errno.ENOENT})
+OUTPUT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+        errno.ENOENT,
+    }
+)
 BUILD_HINT = "python -m delg_tf.index --features=STORE --index_dir=DIR"
 
 
@@ -123,7 +133,8 @@ def import_faiss():
     except ImportError as e:
         raise FaissMissingError(
             "faiss is not installed: install the optional extra with `pip install "
-            "'delg_tf[faiss]'` (faiss-cpu).") from e
+            "'delg_tf[faiss]'` (faiss-cpu)."
+        ) from e
     return faiss
 
 
@@ -168,13 +179,24 @@ class IndexParams:
         expect_choice("method", self.method, METHODS)
         for name in ("nlist", "pq_m", "train_size"):
             if getattr(self, name) is not None:
-                expect_int(name, getattr(self, name), 1,
-                           fix="or leave it unset (chosen from the data)")
-        for name, minimum in (("nprobe", 1), ("hnsw_m", 2), ("ef_construction", 1),
-                              ("ef_search", 1), ("chunk_size", 1), ("seed", 0)):
+                expect_int(
+                    name, getattr(self, name), 1, fix="or leave it unset (chosen from the data)"
+                )
+        for name, minimum in (
+            ("nprobe", 1),
+            ("hnsw_m", 2),
+            ("ef_construction", 1),
+            ("ef_search", 1),
+            ("chunk_size", 1),
+            ("seed", 0),
+        ):
             expect_int(name, getattr(self, name), minimum)
-        expect(is_int(self.pq_nbits) and 1 <= self.pq_nbits <= MAX_PQ_NBITS, "pq_nbits",
-               f"an integer in [1, {MAX_PQ_NBITS}]", self.pq_nbits)
+        expect(
+            is_int(self.pq_nbits) and 1 <= self.pq_nbits <= MAX_PQ_NBITS,
+            "pq_nbits",
+            f"an integer in [1, {MAX_PQ_NBITS}]",
+            self.pq_nbits,
+        )
 
     def resolve(self, num, dim):
         """The concrete parameters of `method` for N = `num` descriptors of size `dim`.
@@ -189,32 +211,44 @@ class IndexParams:
         if self.method == "flat":
             return {}
         if self.method == "hnsw":
-            return {"hnsw_m": int(self.hnsw_m), "ef_construction": int(self.ef_construction),
-                    "ef_search": int(self.ef_search)}
+            return {
+                "hnsw_m": int(self.hnsw_m),
+                "ef_construction": int(self.ef_construction),
+                "ef_search": int(self.ef_search),
+            }
         nlist = int(self.nlist) if self.nlist is not None else default_nlist(num)
         if nlist > num:
-            raise ConfigError(f"--nlist={nlist} cells for {num} descriptors; use at most "
-                              f"{max(1, num // MIN_TRAIN_POINTS_PER_LIST)} (or leave it "
-                              "unset).", "nlist")
+            raise ConfigError(
+                f"--nlist={nlist} cells for {num} descriptors; use at most "
+                f"{max(1, num // MIN_TRAIN_POINTS_PER_LIST)} (or leave it "
+                "unset).",
+                "nlist",
+            )
         out = {"nlist": nlist, "nprobe": int(min(self.nprobe, nlist))}
         if self.method == "ivf_pq":
             pq_m = int(self.pq_m) if self.pq_m is not None else default_pq_m(dim)
             if dim % pq_m:
-                raise ConfigError(f"--pq_m={pq_m} does not divide the descriptor dimension "
-                                  f"{dim}; pass a divisor of {dim} (or leave it unset).",
-                                  "pq_m")
+                raise ConfigError(
+                    f"--pq_m={pq_m} does not divide the descriptor dimension "
+                    f"{dim}; pass a divisor of {dim} (or leave it unset).",
+                    "pq_m",
+                )
             out.update(pq_m=pq_m, pq_nbits=int(self.pq_nbits))
-        train_size = (int(self.train_size) if self.train_size is not None
-                      else default_train_size(num, nlist, out.get("pq_nbits")))
+        train_size = (
+            int(self.train_size)
+            if self.train_size is not None
+            else default_train_size(num, nlist, out.get("pq_nbits"))
+        )
         train_size = min(train_size, num)
         needed = max(nlist, 2 ** out["pq_nbits"] if "pq_nbits" in out else 0)
         if train_size < needed:
-            what = (f"{nlist} cells" if needed == nlist
-                    else f"2**pq_nbits = {needed} PQ centroids")
+            what = f"{nlist} cells" if needed == nlist else f"2**pq_nbits = {needed} PQ centroids"
             raise ConfigError(
                 f"--train_size={train_size} training descriptors (N = {num}) for {what}; "
                 f"faiss needs at least {needed}: raise --train_size, or lower --nlist / "
-                "--pq_nbits.", "train_size")
+                "--pq_nbits.",
+                "train_size",
+            )
         out["train_size"] = train_size
         return out
 
@@ -227,17 +261,19 @@ def default_nlist(num):
 
 def default_pq_m(dim):
     """`DEFAULT_PQ_CODES` codes, or fewer: the largest divisor of dim that leaves
-    sub-vectors of at least `MIN_PQ_SUBVECTOR_DIM` components."""
+    sub-vectors of at least `MIN_PQ_SUBVECTOR_DIM` components.
+    """
     limit = max(1, min(DEFAULT_PQ_CODES, dim // MIN_PQ_SUBVECTOR_DIM))
     return next(m for m in range(limit, 0, -1) if dim % m == 0)
 
 
 def default_train_size(num, nlist, pq_nbits=None):
     """`TRAIN_POINTS_PER_LIST` per cell and `PQ_TRAIN_POINTS_PER_CODE` per PQ centroid,
-    at most N."""
+    at most N.
+    """
     size = TRAIN_POINTS_PER_LIST * nlist
     if pq_nbits is not None:
-        size = max(size, PQ_TRAIN_POINTS_PER_CODE * 2 ** pq_nbits)
+        size = max(size, PQ_TRAIN_POINTS_PER_CODE * 2**pq_nbits)
     return min(num, size)
 
 
@@ -261,8 +297,9 @@ def _new_faiss_index(faiss, method, dim, params, seed):
     if method == "ivf_flat":
         index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], metric)
     else:
-        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"],
-                                 params["pq_nbits"], metric)
+        index = faiss.IndexIVFPQ(
+            quantizer, dim, params["nlist"], params["pq_m"], params["pq_nbits"], metric
+        )
         index.pq.cp.seed = seed
     index.cp.seed = seed
     index.nprobe = params["nprobe"]
@@ -286,8 +323,13 @@ def _source_entries(files):
     out = []
     for path in files:
         stat = os.stat(path)
-        out.append({"path": str(Path(path).resolve()), "size": int(stat.st_size),
-                    "mtime_ns": int(stat.st_mtime_ns)})
+        out.append(
+            {
+                "path": str(Path(path).resolve()),
+                "size": int(stat.st_size),
+                "mtime_ns": int(stat.st_mtime_ns),
+            }
+        )
     return out
 
 
@@ -327,7 +369,8 @@ def build(features, params: Optional[IndexParams] = None, progress=True) -> "Sto
             raise StoreError(
                 f"feature store {store.description} has "
                 f"{'no images' if not num else 'no global descriptors'}; index a store "
-                "extracted with global features (a local_and_global or global export).")
+                "extracted with global features (a local_and_global or global export)."
+            )
         resolved = params.resolve(num, dim)
         started = time.perf_counter()
         index = _new_faiss_index(faiss, params.method, dim, resolved, params.seed)
@@ -336,30 +379,45 @@ def build(features, params: Optional[IndexParams] = None, progress=True) -> "Sto
             rng = np.random.default_rng(params.seed)
             rows = np.sort(rng.choice(num, size=train_size, replace=False))
             sample = np.empty((train_size, dim), np.float32)
-            pieces = progress_bar(_chunks(train_size, params.chunk_size), "index: train sample",
-                                  "chunk", enabled=progress)
+            pieces = progress_bar(
+                _chunks(train_size, params.chunk_size),
+                "index: train sample",
+                "chunk",
+                enabled=progress,
+            )
             for start, end in pieces:
                 sample[start:end] = store.global_rows(rows[start:end])
             index.train(normalize_rows(sample))
             del sample
-        for start, end in progress_bar(_chunks(num, params.chunk_size), "index: add", "chunk",
-                                       enabled=progress):
+        for start, end in progress_bar(
+            _chunks(num, params.chunk_size), "index: add", "chunk", enabled=progress
+        ):
             index.add(normalize_rows(store.global_rows(np.arange(start, end))))
         manifest = {
-            "format_version": FORMAT_VERSION, "method": params.method, "params": resolved,
-            "metric": METRIC, "normalized": True, "dim": dim, "count": num,
-            "train_size": int(train_size), "seed": int(params.seed),
-            "chunk_size": int(params.chunk_size), "faiss_version": faiss.__version__,
+            "format_version": FORMAT_VERSION,
+            "method": params.method,
+            "params": resolved,
+            "metric": METRIC,
+            "normalized": True,
+            "dim": dim,
+            "count": num,
+            "train_size": int(train_size),
+            "seed": int(params.seed),
+            "chunk_size": int(params.chunk_size),
+            "faiss_version": faiss.__version__,
             "build_seconds": round(time.perf_counter() - started, 3),
-            "store": store.description, "sources": _source_entries(store.files)}
+            "store": store.description,
+            "sources": _source_entries(store.files),
+        }
         return StoreIndex(index, list(store.names), manifest)
     finally:
         if owned:
             store.close()
 
 
-def build_index(features, index_dir, params: Optional[IndexParams] = None, overwrite=False,
-                progress=True) -> Path:
+def build_index(
+    features, index_dir, params: Optional[IndexParams] = None, overwrite=False, progress=True
+) -> Path:
     """Builds the index of a feature store and writes it to `index_dir` (atomic).
 
     Args:
@@ -385,7 +443,8 @@ def build_index(features, index_dir, params: Optional[IndexParams] = None, overw
 def check_output(index_dir, overwrite, probe=False):
     """Raises IndexExistsError if writing `index_dir` is not allowed (see `build_index`);
     with `probe`, also IndexOutputError if its parent cannot take a folder (checked by
-    creating and removing the temporary folder, before a long build)."""
+    creating and removing the temporary folder, before a long build).
+    """
     index_dir = Path(index_dir)
     if probe:
         tmp = atomic.temporary_path(index_dir)
@@ -400,15 +459,21 @@ def check_output(index_dir, overwrite, probe=False):
     if not index_dir.exists() and not index_dir.is_symlink():
         return
     if not index_dir.is_dir():
-        raise IndexExistsError(f"--index_dir {index_dir} is a file; pass a folder path (the "
-                               "index is written as a folder).")
+        raise IndexExistsError(
+            f"--index_dir {index_dir} is a file; pass a folder path (the "
+            "index is written as a folder)."
+        )
     if not overwrite:
-        raise IndexExistsError(f"--index_dir {index_dir} already exists; pass --overwrite to "
-                               "replace it, or choose another folder.")
+        raise IndexExistsError(
+            f"--index_dir {index_dir} already exists; pass --overwrite to "
+            "replace it, or choose another folder."
+        )
     if any(index_dir.iterdir()) and not (index_dir / MANIFEST_FILE).is_file():
-        raise IndexExistsError(f"--index_dir {index_dir} is a non-empty folder without "
-                               f"{MANIFEST_FILE} (not an index); refusing to replace it even "
-                               "with --overwrite: choose another folder.")
+        raise IndexExistsError(
+            f"--index_dir {index_dir} is a non-empty folder without "
+            f"{MANIFEST_FILE} (not an index); refusing to replace it even "
+            "with --overwrite: choose another folder."
+        )
 
 
 def _fsync_file(path):
@@ -419,7 +484,8 @@ def _fsync_file(path):
 def _output_error(error, index_dir):
     return IndexOutputError(
         f"cannot write --index_dir {index_dir} ({os.strerror(error.errno)}); pass a folder "
-        "you can write to (not under a file) on a disk with free space, then rerun.")
+        "you can write to (not under a file) on a disk with free space, then rerun."
+    )
 
 
 class StoreIndex:
@@ -459,7 +525,8 @@ class StoreIndex:
 
     def set_search_params(self, nprobe=None, ef_search=None):
         """Changes the search-time parameters (IVF `nprobe`, HNSW `ef_search`); others
-        ignore them. Returns self."""
+        ignore them. Returns self.
+        """
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
             if value is not None:
                 expect_int(name, value, 1)
@@ -472,8 +539,7 @@ class StoreIndex:
         self.manifest["params"] = params
         return self
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_TOP_K) -> Tuple[np.ndarray,
-                                                                          np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = DEFAULT_TOP_K) -> Tuple[np.ndarray, np.ndarray]:
         """Top-k ids and inner-product scores of L2-normalised queries.
 
         Args:
@@ -487,9 +553,11 @@ class StoreIndex:
         """
         queries = np.array(queries, dtype=np.float32, ndmin=2)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise SearchError(f"queries of shape {queries.shape} for {self._where()} of "
-                              f"dimension {self.dim}; pass [num_queries, {self.dim}] "
-                              "descriptors of the model that extracted the indexed store.")
+            raise SearchError(
+                f"queries of shape {queries.shape} for {self._where()} of "
+                f"dimension {self.dim}; pass [num_queries, {self.dim}] "
+                "descriptors of the model that extracted the indexed store."
+            )
         if isinstance(k, bool) or int(k) < 1:
             raise SearchError(f"k must be >= 1, got {k}.")
         k = min(int(k), self.size)
@@ -534,11 +602,13 @@ class StoreIndex:
                     raise IndexOutputError(
                         f"cannot write the index to --index_dir {index_dir} (faiss: "
                         f"{message[-1] if message else type(e).__name__}); pass a folder "
-                        "you can write to on a disk with free space, then rerun.") from e
+                        "you can write to on a disk with free space, then rerun."
+                    ) from e
                 _fsync_file(tmp / INDEX_FILE)
                 atomic.write_json_atomic(self.names, tmp / NAMES_FILE, ensure_ascii=False)
-                manifest["files"] = {name: (tmp / name).stat().st_size
-                                     for name in (INDEX_FILE, NAMES_FILE)}
+                manifest["files"] = {
+                    name: (tmp / name).stat().st_size for name in (INDEX_FILE, NAMES_FILE)
+                }
                 atomic.write_json_atomic(manifest, tmp / MANIFEST_FILE, ensure_ascii=False)
         except IndexOutputError:
             raise
@@ -590,7 +660,8 @@ class AlignedIndex:
             raise IndexLoadError(
                 f"{len(missing)} image(s) of {what} are not in {index._where()}, e.g. "
                 f"{missing[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a {IMAGE_PREFIX} "
-                f"prefix); rebuild the index from the store holding them ({BUILD_HINT}).")
+                f"prefix); rebuild the index from the store holding them ({BUILD_HINT})."
+            )
         self.to_db = np.full(index.size, -1, np.int64)
         self.to_db[np.asarray(ids, np.int64)] = np.arange(len(ids), dtype=np.int64)
         if np.count_nonzero(self.to_db >= 0) != len(ids):
@@ -599,7 +670,8 @@ class AlignedIndex:
                 if i in seen:
                     raise IndexLoadError(
                         f"{what}: {seen[i]!r} and {name!r} are the same indexed image "
-                        f"{index.names[i]!r}; each database image must appear once.")
+                        f"{index.names[i]!r}; each database image must appear once."
+                    )
                 seen[i] = name
         self.extra = index.size - len(ids)
         self._size = len(ids)
@@ -609,8 +681,7 @@ class AlignedIndex:
         """Number of database images (the list's length)."""
         return self._size
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_TOP_K) -> Tuple[np.ndarray,
-                                                                          np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = DEFAULT_TOP_K) -> Tuple[np.ndarray, np.ndarray]:
         """`StoreIndex.search` with ids = positions in the database list (-1 padding)."""
         if isinstance(k, bool) or int(k) < 1:
             raise SearchError(f"k must be >= 1, got {k}.")
@@ -625,39 +696,45 @@ class AlignedIndex:
 
 
 def _load_error(index_dir, problem):
-    return IndexLoadError(f"index {index_dir}: {problem}; rebuild it ({BUILD_HINT} "
-                          "--overwrite).")
+    return IndexLoadError(f"index {index_dir}: {problem}; rebuild it ({BUILD_HINT} --overwrite).")
 
 
 def read_manifest(index_dir):
     """The manifest dict of an index folder (IndexLoadError if absent or unreadable)."""
     index_dir = Path(index_dir)
     if not index_dir.is_dir():
-        raise IndexLoadError(f"index folder {index_dir} does not exist; build it with "
-                             f"{BUILD_HINT} (DIR = {index_dir}).")
+        raise IndexLoadError(
+            f"index folder {index_dir} does not exist; build it with "
+            f"{BUILD_HINT} (DIR = {index_dir})."
+        )
     path = index_dir / MANIFEST_FILE
     if not path.is_file():
-        raise _load_error(index_dir, f"no {MANIFEST_FILE} (not an index folder, or an "
-                                     "interrupted copy)")
+        raise _load_error(
+            index_dir, f"no {MANIFEST_FILE} (not an index folder, or an interrupted copy)"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _load_error(index_dir, f"{path} is not readable JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise _load_error(index_dir, f"{path} has format_version {version!r}, this code "
-                                     f"reads {FORMAT_VERSION}")
+        raise _load_error(
+            index_dir, f"{path} has format_version {version!r}, this code reads {FORMAT_VERSION}"
+        )
     required = ("method", "dim", "count", "files", "sources")
     absent = [key for key in required if key not in manifest]
     if absent or manifest["method"] not in METHODS:
-        raise _load_error(index_dir, f"{path} lacks {absent} or names an unknown method "
-                                     f"{manifest.get('method')!r}")
+        raise _load_error(
+            index_dir,
+            f"{path} lacks {absent} or names an unknown method {manifest.get('method')!r}",
+        )
     return manifest
 
 
 def changed_sources(manifest):
     """Source store files that are missing or whose size / mtime differ from the
-    manifest: list of (path, reason)."""
+    manifest: list of (path, reason).
+    """
     changed = []
     for source in manifest["sources"]:
         path = Path(source["path"])
@@ -667,14 +744,24 @@ def changed_sources(manifest):
             changed.append((path, "missing"))
             continue
         if stat.st_size != source["size"] or stat.st_mtime_ns != source["mtime_ns"]:
-            changed.append((path, f"size {stat.st_size} / mtime_ns {stat.st_mtime_ns}, "
-                                  f"indexed {source['size']} / {source['mtime_ns']}"))
+            changed.append(
+                (
+                    path,
+                    f"size {stat.st_size} / mtime_ns {stat.st_mtime_ns}, "
+                    f"indexed {source['size']} / {source['mtime_ns']}",
+                )
+            )
     return changed
 
 
-def load_index(index_dir, dim: Optional[int] = None, check_sources: bool = True,
-               nprobe: Optional[int] = None, ef_search: Optional[int] = None,
-               mmap: bool = False) -> StoreIndex:
+def load_index(
+    index_dir,
+    dim: Optional[int] = None,
+    check_sources: bool = True,
+    nprobe: Optional[int] = None,
+    ef_search: Optional[int] = None,
+    mmap: bool = False,
+) -> StoreIndex:
     """Reads an index folder written by `build_index` / `StoreIndex.save`.
 
     Args:
@@ -700,15 +787,19 @@ def load_index(index_dir, dim: Optional[int] = None, check_sources: bool = True,
         if not path.is_file():
             raise _load_error(index_dir, f"{path} is missing")
         if path.stat().st_size != size:
-            raise _load_error(index_dir, f"{path} has {path.stat().st_size} bytes, the "
-                                         f"manifest says {size} (truncated or replaced)")
+            raise _load_error(
+                index_dir,
+                f"{path} has {path.stat().st_size} bytes, the "
+                f"manifest says {size} (truncated or replaced)",
+            )
     if INDEX_FILE not in manifest["files"] or NAMES_FILE not in manifest["files"]:
         raise _load_error(index_dir, f"the manifest lists no {INDEX_FILE} / {NAMES_FILE}")
     if dim is not None and int(dim) != int(manifest["dim"]):
         raise IndexLoadError(
             f"index {index_dir} holds descriptors of dimension {manifest['dim']}, the "
             f"queries / database have {dim}: index the stores of the same model ("
-            f"{BUILD_HINT} --overwrite).")
+            f"{BUILD_HINT} --overwrite)."
+        )
     if check_sources:
         changed = changed_sources(manifest)
         if changed:
@@ -717,7 +808,8 @@ def load_index(index_dir, dim: Optional[int] = None, check_sources: bool = True,
                 f"index {index_dir} was built from {path}, which is {reason} "
                 f"({len(changed)} changed source file(s)); rebuild the index ({BUILD_HINT} "
                 "--overwrite), or load it with check_sources=False if the store was only "
-                "moved.")
+                "moved."
+            )
     try:
         names = json.loads((index_dir / NAMES_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -726,14 +818,24 @@ def load_index(index_dir, dim: Optional[int] = None, check_sources: bool = True,
     try:
         index = faiss.read_index(str(index_dir / INDEX_FILE), flags)
     except RuntimeError as e:
-        raise _load_error(index_dir, f"faiss cannot read {index_dir / INDEX_FILE} "
-                                     f"({str(e).splitlines()[0] if str(e) else e})") from e
+        raise _load_error(
+            index_dir,
+            f"faiss cannot read {index_dir / INDEX_FILE} "
+            f"({str(e).splitlines()[0] if str(e) else e})",
+        ) from e
     count, dim_ = int(manifest["count"]), int(manifest["dim"])
-    if not isinstance(names, list) or len(names) != count or index.ntotal != count or (
-            index.d != dim_):
-        raise _load_error(index_dir, f"the manifest says {count} descriptors of dimension "
-                                     f"{dim_}, the files hold {index.ntotal} of dimension "
-                                     f"{index.d} and {len(names)} names")
+    if (
+        not isinstance(names, list)
+        or len(names) != count
+        or index.ntotal != count
+        or (index.d != dim_)
+    ):
+        raise _load_error(
+            index_dir,
+            f"the manifest says {count} descriptors of dimension "
+            f"{dim_}, the files hold {index.ntotal} of dimension "
+            f"{index.d} and {len(names)} names",
+        )
     loaded = StoreIndex(index, names, manifest, index_dir)
     if nprobe is not None or ef_search is not None:
         loaded.set_search_params(nprobe, ef_search)

@@ -216,7 +216,7 @@ def database_augmentation(
 
 
 def ranking_from_scores(scores: np.ndarray) -> np.ndarray:
-    """revisitop ranking: int64 [N, Q], column q = database ids by decreasing scores[:, q].
+    """Revisitop ranking: int64 [N, Q], column q = database ids by decreasing scores[:, q].
 
     Ties are broken by increasing database id (stable sort).
 

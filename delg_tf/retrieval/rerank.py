@@ -252,7 +252,7 @@ class Reranker:
             )
         out = ranks.copy()
         queries = range(ranks.shape[1])
-        for q in (progress(queries) if progress else queries):
+        for q in progress(queries) if progress else queries:
             col_scores = None if scores is None else np.asarray(scores)[ranks[:, q], q]
             out[:, q] = self.rerank_query(
                 query_features[q], ranks[:, q], db_features, col_scores

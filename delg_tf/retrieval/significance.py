@@ -105,14 +105,18 @@ def log_false_alarms(num_inliers, num_matches, probability: float) -> np.ndarray
         out[ok] = -np.inf
         return out
     kk, nn = k[ok], n[ok]
-    out[ok] = (np.log(nn - AFFINE_SAMPLE_SIZE) + _log_binomial(nn, kk)
-               + _log_binomial(kk, np.float64(AFFINE_SAMPLE_SIZE))
-               + (kk - AFFINE_SAMPLE_SIZE) * np.log(probability))
+    out[ok] = (
+        np.log(nn - AFFINE_SAMPLE_SIZE)
+        + _log_binomial(nn, kk)
+        + _log_binomial(kk, np.float64(AFFINE_SAMPLE_SIZE))
+        + (kk - AFFINE_SAMPLE_SIZE) * np.log(probability)
+    )
     return out
 
 
-def significant_inliers(num_inliers, num_matches, probability: float,
-                        max_false_alarms: float = MAX_FALSE_ALARMS) -> np.ndarray:
+def significant_inliers(
+    num_inliers, num_matches, probability: float, max_false_alarms: float = MAX_FALSE_ALARMS
+) -> np.ndarray:
     """The inlier counts with NFA <= epsilon, 0 for the others.
 
     Args:
@@ -129,8 +133,9 @@ def significant_inliers(num_inliers, num_matches, probability: float,
     return np.where(keep, num_inliers, 0).astype(np.int64)
 
 
-def min_significant_inliers(num_matches: int, probability: float,
-                            max_false_alarms: float = MAX_FALSE_ALARMS) -> Optional[int]:
+def min_significant_inliers(
+    num_matches: int, probability: float, max_false_alarms: float = MAX_FALSE_ALARMS
+) -> Optional[int]:
     """Smallest significant inlier count for n putative matches (None if none is).
 
     For reports: with p = pi 20^2 / (320 x 240) ~ 0.016 and n = 50 it is 12.
@@ -169,8 +174,9 @@ def rerank_query_significant(
     else:
         scores = np.asarray(global_scores, dtype=np.float64).ravel()[:k]
     inliers, matches = reranker.count_matches(query, db_features, shortlist)
-    probability = chance_inlier_probability(query.keypoints,
-                                            reranker.config.ransac_residual_threshold)
+    probability = chance_inlier_probability(
+        query.keypoints, reranker.config.ransac_residual_threshold
+    )
     significant = significant_inliers(inliers, matches, probability)
     order = rerank_order(significant, scores)
     return RerankResult(np.concatenate([shortlist[order], ranking[k:]]), shortlist, significant)

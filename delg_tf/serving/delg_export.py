@@ -35,8 +35,12 @@ from google.protobuf import text_format
 
 from delg_tf import atomic
 from delg_tf.extraction import folded, geometry, pyramid
-from delg_tf.extraction.config import (ASSETS_EXTRA_DIR, CONFIG_ASSET, MIN_EXTRACTION_SIDE,
-                                       ExportConfig)
+from delg_tf.extraction.config import (
+    ASSETS_EXTRA_DIR,
+    CONFIG_ASSET,
+    MIN_EXTRACTION_SIDE,
+    ExportConfig,
+)
 from delg_tf.extraction.raw_model import SIGNATURE_DEFAULT
 from delg_tf.serving import warmup
 
@@ -61,8 +65,11 @@ def resize_scale_factor_tf(height_width, max_image_size, min_image_size, use_squ
     too_large = tf.logical_and(max_size >= 0, largest > max_size)
     too_small = tf.logical_and(min_size >= 0, largest < min_size)
     not_square = tf.logical_and(tf.constant(use_square_images), hw[0] != hw[1])
-    factor = tf.where(too_large, max_size / largest,
-                      tf.where(too_small, min_size / largest, tf.constant(1.0, tf.float64)))
+    factor = tf.where(
+        too_large,
+        max_size / largest,
+        tf.where(too_small, min_size / largest, tf.constant(1.0, tf.float64)),
+    )
     needs_resize = too_large | too_small | not_square
     target = tf.fill([2], largest) if use_square_images else hw
     new_size = tf.where(needs_resize, tf.round(target * factor), hw)
@@ -74,8 +81,7 @@ def _postprocess(raw, scale_factors, use_local, use_global):
     outputs = {}
     if use_global:
         per_scale = tf.nn.l2_normalize(raw["global_descriptors"], axis=1)
-        outputs["global_descriptor"] = tf.nn.l2_normalize(tf.reduce_sum(per_scale, axis=0),
-                                                          axis=0)
+        outputs["global_descriptor"] = tf.nn.l2_normalize(tf.reduce_sum(per_scale, axis=0), axis=0)
     if use_local:
         centers = geometry.box_centers(raw["boxes"])
         outputs["locations"] = centers / tf.cast(scale_factors, tf.float32)
@@ -96,12 +102,14 @@ class DelgServingModule(tf.Module):
     def __init__(self, model, config, name="delg_serving"):
         super().__init__(name=name)
         self._config = config
-        self._pyramid = pyramid.PyramidExtractor(model, mode=config.mode,
-                                                 iou_threshold=config.iou_threshold)
+        self._pyramid = pyramid.PyramidExtractor(
+            model, mode=config.mode, iou_threshold=config.iou_threshold
+        )
         self.extract = self._pyramid.extract
         self.extract_image_bytes = tf.function(
             self._extract_image_bytes,
-            input_signature=[tf.TensorSpec([], tf.string, name=IMAGE_BYTES_INPUT)])
+            input_signature=[tf.TensorSpec([], tf.string, name=IMAGE_BYTES_INPUT)],
+        )
         # Track only the plain tf.Variables the traced functions read (not the
         # Keras objects, not training-only weights such as classifiers).
         used = {}
@@ -126,19 +134,26 @@ class DelgServingModule(tf.Module):
         if config.use_global:
             outputs["global_descriptor"] = tf.zeros([self._pyramid.global_dim], tf.float32)
         if config.use_local:
-            outputs.update(locations=tf.zeros([0, 2]),
-                           descriptors=tf.zeros([0, self._pyramid.local_dim]),
-                           scales=tf.zeros([0]), attention=tf.zeros([0]))
+            outputs.update(
+                locations=tf.zeros([0, 2]),
+                descriptors=tf.zeros([0, self._pyramid.local_dim]),
+                scales=tf.zeros([0]),
+                attention=tf.zeros([0]),
+            )
         return outputs
 
     def _extract_image_bytes(self, image_bytes):
         config = self._config
-        image = tf.io.decode_image(image_bytes, channels=pyramid.IMAGE_CHANNELS, dtype=tf.uint8,
-                                   expand_animations=False)
+        image = tf.io.decode_image(
+            image_bytes, channels=pyramid.IMAGE_CHANNELS, dtype=tf.uint8, expand_animations=False
+        )
         image.set_shape([None, None, pyramid.IMAGE_CHANNELS])
         needs_resize, new_size, scale_factors = resize_scale_factor_tf(
-            tf.shape(image)[0:2], config.max_image_size, config.min_image_size,
-            config.use_square_images)
+            tf.shape(image)[0:2],
+            config.max_image_size,
+            config.min_image_size,
+            config.use_square_images,
+        )
 
         def resized():
             # Bilinear with antialiasing (like Pillow's BILINEAR when shrinking), rounded.
@@ -157,28 +172,34 @@ class DelgServingModule(tf.Module):
 
     def signatures(self):
         """The signatures dict for `tf.saved_model.save`."""
-        return {SIGNATURE_DEFAULT: self.extract.get_concrete_function(),
-                SIGNATURE_IMAGE_BYTES: self.extract_image_bytes.get_concrete_function()}
+        return {
+            SIGNATURE_DEFAULT: self.extract.get_concrete_function(),
+            SIGNATURE_IMAGE_BYTES: self.extract_image_bytes.get_concrete_function(),
+        }
 
 
 def _warmup_requests(config):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (WARMUP_IMAGE_SIDE, WARMUP_IMAGE_SIDE, 3), dtype=np.uint8)
-    default_inputs = {"input_image": image,
-                      "input_scales": np.asarray(config.image_scales, np.float32)}
+    default_inputs = {
+        "input_image": image,
+        "input_scales": np.asarray(config.image_scales, np.float32),
+    }
     if config.use_local:
         default_inputs["input_max_feature_num"] = np.int32(config.max_feature_num)
         default_inputs["input_abs_thres"] = np.float32(config.score_threshold)
     if config.use_global:
-        default_inputs["input_global_scales_ind"] = np.asarray(config.global_scales_ind,
-                                                               np.int32)
+        default_inputs["input_global_scales_ind"] = np.asarray(config.global_scales_ind, np.int32)
     jpeg = tf.io.encode_jpeg(image, quality=WARMUP_JPEG_QUALITY).numpy()
-    return [(SIGNATURE_DEFAULT, default_inputs),
-            (SIGNATURE_IMAGE_BYTES, {IMAGE_BYTES_INPUT: np.array(jpeg, dtype=object)})]
+    return [
+        (SIGNATURE_DEFAULT, default_inputs),
+        (SIGNATURE_IMAGE_BYTES, {IMAGE_BYTES_INPUT: np.array(jpeg, dtype=object)}),
+    ]
 
 
-def export_saved_model(model, export_path, config=None, overwrite=False, fold_batch_norm=True,
-                       compute_dtype="float32"):
+def export_saved_model(
+    model, export_path, config=None, overwrite=False, fold_batch_norm=True, compute_dtype="float32"
+):
     """Exports `model` as a DELG SavedModel (see the module doc).
 
     Args:
@@ -205,14 +226,18 @@ def export_saved_model(model, export_path, config=None, overwrite=False, fold_ba
     if export_path.exists() and not overwrite:
         raise FileExistsError(
             f"export path {export_path} already exists; expected a new directory. "
-            "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path.")
+            "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path."
+        )
     if compute_dtype == folded.BFLOAT16 and folded.bfloat16_convolution_error() is not None:
-        logger.warning("compute_dtype=bfloat16: this machine cannot run bfloat16 convolutions "
-                       "(%s); the export is written, serve it where oneDNN supports bfloat16.",
-                       folded.bfloat16_convolution_error())
+        logger.warning(
+            "compute_dtype=bfloat16: this machine cannot run bfloat16 convolutions "
+            "(%s); the export is written, serve it where oneDNN supports bfloat16.",
+            folded.bfloat16_convolution_error(),
+        )
     with atomic.staged_directory(export_path) as tmp:
-        module = DelgServingModule(folded.inference_model(model, fold_batch_norm, compute_dtype),
-                                   config)
+        module = DelgServingModule(
+            folded.inference_model(model, fold_batch_norm, compute_dtype), config
+        )
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
         extra = tmp / ASSETS_EXTRA_DIR
         if config.warmup:

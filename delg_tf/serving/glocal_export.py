@@ -66,20 +66,22 @@ def export_glocal(model, export_dir, image_size=None, overwrite=False, run_recor
     """
     export_dir = Path(export_dir).absolute()
     if export_dir.exists() and any(export_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"export folder {export_dir} is not empty; choose a new "
-                              f"--export_path, pass --overwrite (overwrite=True) or delete "
-                              f"the old export.")
+        raise FileExistsError(
+            f"export folder {export_dir} is not empty; choose a new "
+            f"--export_path, pass --overwrite (overwrite=True) or delete "
+            f"the old export."
+        )
     if image_size is not None and int(image_size) < 1:
-        raise ValueError(f"image_size must be a positive side in pixels or None, received "
-                         f"{image_size!r}.")
+        raise ValueError(
+            f"image_size must be a positive side in pixels or None, received {image_size!r}."
+        )
     if not model.built:
         model.build()
 
     def embed(images):
         images = tf.cast(images, tf.float32)
         if image_size:
-            images = tf.image.resize(images, [int(image_size), int(image_size)],
-                                     method="bilinear")
+            images = tf.image.resize(images, [int(image_size), int(image_size)], method="bilinear")
         return {EMBEDDING_KEY: model(images, training=False)}
 
     def embed_uint8(image):
@@ -95,19 +97,29 @@ def export_glocal(model, export_dir, image_size=None, overwrite=False, run_recor
     archive.track(model)
     archive.add_endpoint(SIGNATURE_IMAGES, embed, input_signature=[images_spec])
     archive.add_endpoint(SIGNATURE_IMAGES_ALIAS, embed, input_signature=[images_spec])
-    archive.add_endpoint(SIGNATURE_UINT8, embed_uint8, input_signature=[
-        tf.TensorSpec([None, None, RGB_CHANNELS], tf.uint8, name="image")])
-    archive.add_endpoint(SIGNATURE_ENCODED, embed_encoded, input_signature=[
-        tf.TensorSpec([], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        SIGNATURE_UINT8,
+        embed_uint8,
+        input_signature=[tf.TensorSpec([None, None, RGB_CHANNELS], tf.uint8, name="image")],
+    )
+    archive.add_endpoint(
+        SIGNATURE_ENCODED,
+        embed_encoded,
+        input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")],
+    )
     with atomic.staged_directory(export_dir) as tmp:
         archive.write_out(str(tmp), verbose=False)
-        metadata = {"format_version": METADATA_FORMAT_VERSION,
-                    "image_size": int(image_size) if image_size else None,
-                    "embedding_dim": int(model.config.embedding_dim),
-                    "model": model.config.to_dict(), "run": run_record}
+        metadata = {
+            "format_version": METADATA_FORMAT_VERSION,
+            "image_size": int(image_size) if image_size else None,
+            "embedding_dim": int(model.config.embedding_dim),
+            "model": model.config.to_dict(),
+            "run": run_record,
+        }
         (tmp / EXTRA_DIR).mkdir(exist_ok=True)
         (tmp / EXTRA_DIR / METADATA_NAME).write_text(
-            json.dumps(metadata, indent=1, default=str) + "\n", encoding="utf-8")
+            json.dumps(metadata, indent=1, default=str) + "\n", encoding="utf-8"
+        )
     return export_dir
 
 
@@ -122,4 +134,5 @@ def read_export_metadata(export_dir):
 def is_glocal_export(export_dir):
     """True if `export_dir` is a SavedModel written by `export_glocal`."""
     return (Path(export_dir) / "saved_model.pb").is_file() and (
-        Path(export_dir) / EXTRA_DIR / METADATA_NAME).is_file()
+        Path(export_dir) / EXTRA_DIR / METADATA_NAME
+    ).is_file()

@@ -70,13 +70,15 @@ def encode_predict_request(inputs, signature_name, model_name=""):
       bytes.
     """
     spec = _field(_MODEL_SPEC_NAME, model_name.encode("utf-8")) + _field(
-        _MODEL_SPEC_SIGNATURE_NAME, signature_name.encode("utf-8"))
+        _MODEL_SPEC_SIGNATURE_NAME, signature_name.encode("utf-8")
+    )
     message = _field(_PREDICT_REQUEST_MODEL_SPEC, spec)
     for key in sorted(inputs):
         value = inputs[key]
         proto = value if hasattr(value, "SerializeToString") else tf.make_tensor_proto(value)
-        entry = _field(_MAP_KEY, key.encode("utf-8")) + _field(_MAP_VALUE,
-                                                               proto.SerializeToString())
+        entry = _field(_MAP_KEY, key.encode("utf-8")) + _field(
+            _MAP_VALUE, proto.SerializeToString()
+        )
         message += _field(_PREDICT_REQUEST_INPUTS, entry)
     return message
 
@@ -95,14 +97,16 @@ def _parse_fields(data):
         number, wire = tag >> _TAG_WIRE_TYPE_BITS, tag & _TAG_WIRE_TYPE_MASK
         if wire == _WIRE_LENGTH_DELIMITED:
             length, pos = _read_varint(data, pos)
-            yield number, wire, data[pos:pos + length]
+            yield number, wire, data[pos : pos + length]
             pos += length
         elif wire == _WIRE_VARINT:
             value, pos = _read_varint(data, pos)
             yield number, wire, value
         else:
-            raise ValueError(f"unsupported wire type {wire} in a warm-up record "
-                             "(expected only varint and length-delimited fields).")
+            raise ValueError(
+                f"unsupported wire type {wire} in a warm-up record "
+                "(expected only varint and length-delimited fields)."
+            )
 
 
 def _read_varint(data, pos):
@@ -122,7 +126,7 @@ def decode_prediction_log(data):
     Returns:
       (signature_name, {input name: numpy array}).
     """
-    (number, _, predict_log), = [f for f in _parse_fields(data)]
+    ((number, _, predict_log),) = [f for f in _parse_fields(data)]
     if number != _PREDICTION_LOG_PREDICT_LOG:
         raise ValueError(f"expected PredictionLog.predict_log (field 6), found field {number}.")
     request = next(p for n, _, p in _parse_fields(predict_log) if n == _PREDICT_LOG_REQUEST)

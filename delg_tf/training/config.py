@@ -9,6 +9,7 @@ momentum 0.9 and a learning rate decaying linearly to zero at `max_iters`
 
 This module does not import TensorFlow.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from delg_tf.configs import (MODEL_FAMILIES, ConfigError, expect, expect_choice, expect_int,
-                             is_finite, is_int)
+from delg_tf.configs import (
+    MODEL_FAMILIES,
+    ConfigError,
+    expect,
+    expect_choice,
+    expect_int,
+    is_finite,
+    is_int,
+)
 
 DATA_SOURCES = ("gldv2", "embedded", "cub")
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,13 +57,29 @@ CONFIG_FORMAT_VERSION = 1
 # bookkeeping, where the data is read from, or how long training lasts, but not
 # what the checkpoint means. Every other field must match (see
 # `resume_mismatches`).
-RESUMABLE_CHANGES = frozenset({
-    "logdir", "max_iters", "checkpoint_interval", "max_checkpoints_to_keep",
-    "summary_interval", "log_interval", "validation_interval", "validation_steps",
-    "train_file_pattern", "validation_file_pattern", "data_dir", "strategy", "tpu",
-    "init_from", "imagenet_weights", "save_iterator_state", "num_parallel_reads",
-    "deterministic", "intra_op_threads",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "logdir",
+        "max_iters",
+        "checkpoint_interval",
+        "max_checkpoints_to_keep",
+        "summary_interval",
+        "log_interval",
+        "validation_interval",
+        "validation_steps",
+        "train_file_pattern",
+        "validation_file_pattern",
+        "data_dir",
+        "strategy",
+        "tpu",
+        "init_from",
+        "imagenet_weights",
+        "save_iterator_state",
+        "num_parallel_reads",
+        "deterministic",
+        "intra_op_threads",
+    }
+)
 # Intra-op threads of a --deterministic run that sets none: oneDNN and Eigen split a
 # reduction by thread count, so the count must be the same on every machine.
 DETERMINISTIC_INTRA_OP_THREADS = 2
@@ -116,13 +140,15 @@ class TrainConfig:
             is reseeded from the resumed step).
         num_parallel_reads: TFRecord files read in parallel.
         deterministic: TF op determinism (``tf.config.experimental.enable_op_determinism``)
-            and a fixed intra-op thread count (``intra_op_threads``, else 2): two runs with the same config on one
-            machine give identical weights. Machines with other CPU generations still
-            differ (oneDNN picks other floating-point kernels per instruction set).
+            and a fixed intra-op thread count (``intra_op_threads``, else 2): two runs with
+            the same config on one machine give identical weights. Machines with other CPU
+            generations still differ (oneDNN picks other floating-point kernels per
+            instruction set).
         intra_op_threads: threads one TF op may use (0 = TF's default: every core;
             with ``deterministic``, 2). Must be set
             before TensorFlow starts running ops.
     """
+
     logdir: str
     model_family: str = "delg"
     data_source: str = "gldv2"
@@ -167,44 +193,80 @@ class TrainConfig:
         Raises:
             ConfigError: naming the flag, the expected and the received value.
         """
-        expect(bool(self.logdir), "logdir", "a folder for checkpoints and summaries",
-               self.logdir)
+        expect(bool(self.logdir), "logdir", "a folder for checkpoints and summaries", self.logdir)
         expect_choice("model_family", self.model_family, MODEL_FAMILIES)
         expect_choice("data_source", self.data_source, DATA_SOURCES)
         expect_choice("optimizer", self.optimizer, OPTIMIZERS)
         expect_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         expect_choice("strategy", self.strategy, STRATEGIES)
         expect_choice("embedded_preset", self.embedded_preset, EMBEDDED_PRESETS)
-        for name in ("max_iters", "batch_size", "image_size", "checkpoint_interval",
-                     "max_checkpoints_to_keep", "summary_interval", "log_interval",
-                     "validation_steps", "num_parallel_reads"):
+        for name in (
+            "max_iters",
+            "batch_size",
+            "image_size",
+            "checkpoint_interval",
+            "max_checkpoints_to_keep",
+            "summary_interval",
+            "log_interval",
+            "validation_steps",
+            "num_parallel_reads",
+        ):
             expect_int(name, getattr(self, name), 1)
-        for name in ("validation_interval", "warmup_steps", "seed", "embedded_train_landmarks",
-                     "intra_op_threads"):
+        for name in (
+            "validation_interval",
+            "warmup_steps",
+            "seed",
+            "embedded_train_landmarks",
+            "intra_op_threads",
+        ):
             expect_int(name, getattr(self, name), 0)
-        expect(self.warmup_steps < self.max_iters, "warmup_steps",
-               f"fewer steps than --max_iters={self.max_iters}", self.warmup_steps)
-        expect(self.num_classes is None or (is_int(self.num_classes)
-                                            and self.num_classes >= 2),
-               "num_classes", "an integer >= 2, or unset to read it from the data",
-               self.num_classes)
-        expect(is_finite(self.initial_lr) and self.initial_lr > 0, "initial_lr",
-               "a float > 0 (paper: within [3e-4, 1e-2])", self.initial_lr)
-        expect(is_finite(self.momentum) and 0 <= self.momentum < 1, "momentum",
-               "a float in [0, 1)", self.momentum)
-        expect(is_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-               "a float >= 0", self.weight_decay)
+        expect(
+            self.warmup_steps < self.max_iters,
+            "warmup_steps",
+            f"fewer steps than --max_iters={self.max_iters}",
+            self.warmup_steps,
+        )
+        expect(
+            self.num_classes is None or (is_int(self.num_classes) and self.num_classes >= 2),
+            "num_classes",
+            "an integer >= 2, or unset to read it from the data",
+            self.num_classes,
+        )
+        expect(
+            is_finite(self.initial_lr) and self.initial_lr > 0,
+            "initial_lr",
+            "a float > 0 (paper: within [3e-4, 1e-2])",
+            self.initial_lr,
+        )
+        expect(
+            is_finite(self.momentum) and 0 <= self.momentum < 1,
+            "momentum",
+            "a float in [0, 1)",
+            self.momentum,
+        )
+        expect(
+            is_finite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            "a float >= 0",
+            self.weight_decay,
+        )
         if self.data_source == "gldv2":
-            expect(bool(self.train_file_pattern), "train_file_pattern",
-                   "a glob of GLDv2 training TFRecords, e.g. "
-                   "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
-                   "python -m delg_tf.data.build_tfrecords)", self.train_file_pattern)
+            expect(
+                bool(self.train_file_pattern),
+                "train_file_pattern",
+                "a glob of GLDv2 training TFRecords, e.g. "
+                "--train_file_pattern=/data/gldv2/tfrecord/train-* (build them with "
+                "python -m delg_tf.data.build_tfrecords)",
+                self.train_file_pattern,
+            )
         if self.embedded_train_landmarks:
-            expect(self.data_source == "embedded" and self.model_family == "delg",
-                   "embedded_train_landmarks",
-                   "0 unless --data_source=embedded --model_family=delg (Glocal has its own "
-                   "split of the embedded landmarks; other sources have their own data)",
-                   self.embedded_train_landmarks)
+            expect(
+                self.data_source == "embedded" and self.model_family == "delg",
+                "embedded_train_landmarks",
+                "0 unless --data_source=embedded --model_family=delg (Glocal has its own "
+                "split of the embedded landmarks; other sources have their own data)",
+                self.embedded_train_landmarks,
+            )
         if self.strategy != "tpu":
             expect(not self.tpu, "tpu", "empty unless --strategy=tpu", self.tpu)
         return self
@@ -231,16 +293,21 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"unknown training config keys {unknown}; expected a subset of "
-                              f"{sorted(names)}.")
+            raise ConfigError(
+                f"unknown training config keys {unknown}; expected a subset of {sorted(names)}."
+            )
         return cls(**values)
 
 
 def with_train_defaults(saved_train: dict) -> dict:
     """A saved `TrainConfig` dict with the fields added since it was written at their
-    defaults (the behaviour of the run that wrote it)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
+    defaults (the behaviour of the run that wrote it).
+    """
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
     return {**defaults, **saved_train}
 
 
@@ -251,8 +318,11 @@ def resume_mismatches(saved: dict, current: dict, allowed=frozenset()) -> list:
         Sorted list of (key, saved value, current value).
     """
     keys = sorted((set(saved) | set(current)) - set(allowed))
-    return [(k, saved.get(k), current.get(k)) for k in keys
-            if _normalise(saved.get(k)) != _normalise(current.get(k))]
+    return [
+        (k, saved.get(k), current.get(k))
+        for k in keys
+        if _normalise(saved.get(k)) != _normalise(current.get(k))
+    ]
 
 
 def _normalise(value):
@@ -264,8 +334,11 @@ def _normalise(value):
 
 def config_record(config: TrainConfig, model_config) -> dict:
     """The JSON document saved as `<logdir>/config.json`."""
-    return {"format_version": CONFIG_FORMAT_VERSION, "train": config.to_dict(),
-            "model": model_config_to_dict(model_config)}
+    return {
+        "format_version": CONFIG_FORMAT_VERSION,
+        "train": config.to_dict(),
+        "model": model_config_to_dict(model_config),
+    }
 
 
 def model_config_to_dict(model_config) -> dict:
@@ -277,8 +350,10 @@ def model_config_to_dict(model_config) -> dict:
     for method in ("to_dict", "get_config"):
         if hasattr(model_config, method):
             return json.loads(json.dumps(getattr(model_config, method)(), default=str))
-    raise ConfigError(f"cannot serialise the model config {type(model_config).__name__}: "
-                      "expected a dataclass or an object with to_dict()/get_config().")
+    raise ConfigError(
+        f"cannot serialise the model config {type(model_config).__name__}: "
+        "expected a dataclass or an object with to_dict()/get_config()."
+    )
 
 
 def format_flag(name, value) -> Optional[str]:

@@ -21,6 +21,7 @@ A thin adapter over the data room so that the trainer sees one interface:
 
 All batches are (images float32 [B, H, W, 3] in [0, 255], labels int32 [B]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,6 +61,7 @@ class TrainData:
         description: one line saying where the data comes from (for the log).
         num_examples: training examples per epoch, when known.
     """
+
     train: tf.data.Dataset
     validation: Optional[tf.data.Dataset]
     num_classes: Optional[int]
@@ -81,28 +83,46 @@ def _summary(pattern: str) -> dict:
     return {}
 
 
-def _gldv2_datasets(config: TrainConfig, seed: int, train_pattern, validation_pattern,
-                    num_classes=None) -> TrainData:
+def _gldv2_datasets(
+    config: TrainConfig, seed: int, train_pattern, validation_pattern, num_classes=None
+) -> TrainData:
     from delg_tf.data import gldv2
 
     train = gldv2.make_dataset(
-        train_pattern, config.batch_size, image_size=config.image_size,
-        augment=config.augment, shuffle=True, seed=seed, repeat=True, drop_remainder=True,
-        flag_name="train_file_pattern")
+        train_pattern,
+        config.batch_size,
+        image_size=config.image_size,
+        augment=config.augment,
+        shuffle=True,
+        seed=seed,
+        repeat=True,
+        drop_remainder=True,
+        flag_name="train_file_pattern",
+    )
     validation = None
     if validation_pattern and config.validation_interval > 0:
         validation = gldv2.make_dataset(
-            validation_pattern, config.batch_size, image_size=config.image_size,
-            augment=False, shuffle=False, seed=seed, repeat=False, drop_remainder=False,
-            flag_name="validation_file_pattern")
+            validation_pattern,
+            config.batch_size,
+            image_size=config.image_size,
+            augment=False,
+            shuffle=False,
+            seed=seed,
+            repeat=False,
+            drop_remainder=False,
+            flag_name="validation_file_pattern",
+        )
     if num_classes is None and config.num_classes is None:
         # Never scan the records (GLDv2 is ~1.2M images): metadata or --num_classes.
         num_classes = gldv2.infer_num_classes(train_pattern, "train_file_pattern", scan=False)
     summary = _summary(train_pattern)
-    return TrainData(train=train, validation=validation,
-                     num_classes=num_classes or config.num_classes,
-                     description=f"GLDv2 TFRecords --train_file_pattern={train_pattern}",
-                     num_examples=summary.get("num_train"))
+    return TrainData(
+        train=train,
+        validation=validation,
+        num_classes=num_classes or config.num_classes,
+        description=f"GLDv2 TFRecords --train_file_pattern={train_pattern}",
+        num_examples=summary.get("num_train"),
+    )
 
 
 def embedded_tfrecords_dir(data_dir, preset: str, train_landmarks: int = 0) -> Path:
@@ -128,8 +148,10 @@ def write_landmark_subset_csv(train_csv, train_landmarks: int, output_csv) -> in
         fieldnames = reader.fieldnames
         kept = [row for row in reader if int(row[LANDMARK_COLUMN]) < train_landmarks]
     if not kept:
-        raise DataError(f"--embedded_train_landmarks={train_landmarks} keeps no training view "
-                        f"of {train_csv}; use a value >= 1 (0 = all landmarks).")
+        raise DataError(
+            f"--embedded_train_landmarks={train_landmarks} keeps no training view "
+            f"of {train_csv}; use a value >= 1 (0 = all landmarks)."
+        )
     with open(output_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames, lineterminator="\n")
         writer.writeheader()
@@ -139,7 +161,8 @@ def write_landmark_subset_csv(train_csv, train_landmarks: int, output_csv) -> in
 
 def _embedded_tfrecords(config: TrainConfig) -> Path:
     """Builds (once) the embedded dataset and its TFRecords (of the landmarks with id <
-    `embedded_train_landmarks`, or all); returns the shard folder."""
+    `embedded_train_landmarks`, or all); returns the shard folder.
+    """
     from delg_tf.data import build_tfrecords, embedded, gldv2
 
     data_dir = config.resolved_data_dir
@@ -148,8 +171,9 @@ def _embedded_tfrecords(config: TrainConfig) -> Path:
     if (output / gldv2.BUILD_SUMMARY_FILE).is_file():
         logger.info("embedded TFRecords already built in %s", output)
         return output
-    paths = embedded.build_embedded_dataset(embedded_root(data_dir, config.embedded_preset),
-                                            preset=config.embedded_preset)
+    paths = embedded.build_embedded_dataset(
+        embedded_root(data_dir, config.embedded_preset), preset=config.embedded_preset
+    )
     # Built aside and renamed, so a killed build never looks complete.
     tmp = data_dir / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,10 +183,16 @@ def _embedded_tfrecords(config: TrainConfig) -> Path:
         train_csv, num_shards = tmp / "train.csv", EMBEDDED_SUBSET_NUM_SHARDS
         write_landmark_subset_csv(paths.train_csv, landmarks, train_csv)
     shards = tmp / "shards"
-    build_tfrecords.build_tfrecords(build_tfrecords.BuildConfig(
-        train_csv_path=str(train_csv), train_directory=str(paths.train_images_dir),
-        output_directory=str(shards), num_shards=num_shards,
-        validation_split_proportion=VALIDATION_FRACTION, seed=EMBEDDED_SPLIT_SEED))
+    build_tfrecords.build_tfrecords(
+        build_tfrecords.BuildConfig(
+            train_csv_path=str(train_csv),
+            train_directory=str(paths.train_images_dir),
+            output_directory=str(shards),
+            num_shards=num_shards,
+            validation_split_proportion=VALIDATION_FRACTION,
+            seed=EMBEDDED_SPLIT_SEED,
+        )
+    )
     try:
         os.rename(shards, output)
     except OSError:
@@ -213,8 +243,11 @@ def split_holdout(split, fraction: float, seed: int):
 
     def part(mask, suffix):
         return dataclasses.replace(
-            split, name=f"{split.name}{suffix}",
-            paths=[p for p, m in zip(split.paths, mask) if m], labels=split.labels[mask])
+            split,
+            name=f"{split.name}{suffix}",
+            paths=[p for p, m in zip(split.paths, mask) if m],
+            labels=split.labels[mask],
+        )
 
     return part(~held, ""), (part(held, "-validation") if held.any() else None)
 
@@ -225,53 +258,79 @@ def _embedded_metric_datasets(config: TrainConfig, seed: int) -> TrainData:
 
     paths = embedded_metric_paths(config.resolved_data_dir, config.embedded_preset)
     split = cub.embedded_metric_split(paths, "train")
-    train_split, validation_split = split_holdout(split, VALIDATION_FRACTION,
-                                                  EMBEDDED_SPLIT_SEED)
+    train_split, validation_split = split_holdout(split, VALIDATION_FRACTION, EMBEDDED_SPLIT_SEED)
     resize_size = metric_resize_size(config.image_size)
-    train = cub.make_metric_dataset(train_split, config.batch_size, training=True, seed=seed,
-                                    image_size=config.image_size, resize_size=resize_size,
-                                    drop_remainder=True)
+    train = cub.make_metric_dataset(
+        train_split,
+        config.batch_size,
+        training=True,
+        seed=seed,
+        image_size=config.image_size,
+        resize_size=resize_size,
+        drop_remainder=True,
+    )
     validation = None
     if validation_split is not None and config.validation_interval > 0:
         validation = cub.make_metric_dataset(
-            validation_split, config.batch_size, training=False, image_size=config.image_size,
-            resize_size=resize_size, repeat=False, drop_remainder=False)
+            validation_split,
+            config.batch_size,
+            training=False,
+            image_size=config.image_size,
+            resize_size=resize_size,
+            repeat=False,
+            drop_remainder=False,
+        )
     return TrainData(
-        train=train, validation=validation, num_classes=split.num_classes,
-        description=(f"embedded dataset ({config.embedded_preset}) training landmarks "
-                     f"{split.class_ids} ({len(train_split)} views; "
-                     f"{len(validation_split) if validation_split else 0} held out for "
-                     f"validation; the other landmarks are the unseen test classes) "
-                     f"in {paths.root}"),
-        num_examples=len(train_split))
+        train=train,
+        validation=validation,
+        num_classes=split.num_classes,
+        description=(
+            f"embedded dataset ({config.embedded_preset}) training landmarks "
+            f"{split.class_ids} ({len(train_split)} views; "
+            f"{len(validation_split) if validation_split else 0} held out for "
+            f"validation; the other landmarks are the unseen test classes) "
+            f"in {paths.root}"
+        ),
+        num_examples=len(train_split),
+    )
 
 
 def _embedded_datasets(config: TrainConfig, seed: int) -> TrainData:
     if config.model_family == "glocal":
         return _embedded_metric_datasets(config, seed)
     output = _embedded_tfrecords(config)
-    data = _gldv2_datasets(config, seed, str(output / "train-*"),
-                           str(output / "validation-*"))
-    subset = (f" landmarks < {config.embedded_train_landmarks}"
-              if config.embedded_train_landmarks else "")
-    data.description = (f"embedded dataset ({config.embedded_preset}){subset} TFRecords in "
-                        f"{output}")
+    data = _gldv2_datasets(config, seed, str(output / "train-*"), str(output / "validation-*"))
+    subset = (
+        f" landmarks < {config.embedded_train_landmarks}" if config.embedded_train_landmarks else ""
+    )
+    data.description = f"embedded dataset ({config.embedded_preset}){subset} TFRecords in {output}"
     return data
 
 
 def _cub_datasets(config: TrainConfig, seed: int) -> TrainData:
     """CUB-200-2011 classes 1-100 (metric-learning split). No validation batches:
-    the test classes are unseen, Recall@K is `delg_tf.evaluation.glocal`'s job."""
+    the test classes are unseen, Recall@K is `delg_tf.evaluation.glocal`'s job.
+    """
     from delg_tf.data import cub
 
     split = cub.load_cub(config.data_dir, "train", flag="data_dir")
     resize_size = metric_resize_size(config.image_size)
-    train = cub.make_metric_dataset(split, config.batch_size, training=True, seed=seed,
-                                    image_size=config.image_size, resize_size=resize_size,
-                                    drop_remainder=True)
-    return TrainData(train=train, validation=None, num_classes=len(set(split.labels)),
-                     description=f"CUB-200-2011 train split at --data_dir={config.data_dir}",
-                     num_examples=len(split))
+    train = cub.make_metric_dataset(
+        split,
+        config.batch_size,
+        training=True,
+        seed=seed,
+        image_size=config.image_size,
+        resize_size=resize_size,
+        drop_remainder=True,
+    )
+    return TrainData(
+        train=train,
+        validation=None,
+        num_classes=len(set(split.labels)),
+        description=f"CUB-200-2011 train split at --data_dir={config.data_dir}",
+        num_examples=len(split),
+    )
 
 
 def make_train_data(config: TrainConfig, seed: int) -> TrainData:
@@ -286,8 +345,9 @@ def make_train_data(config: TrainConfig, seed: int) -> TrainData:
         DataError: missing/empty data, naming the flag and the fix.
     """
     if config.data_source == "gldv2":
-        return _gldv2_datasets(config, seed, config.train_file_pattern,
-                               config.validation_file_pattern)
+        return _gldv2_datasets(
+            config, seed, config.train_file_pattern, config.validation_file_pattern
+        )
     if config.data_source == "embedded":
         return _embedded_datasets(config, seed)
     return _cub_datasets(config, seed)

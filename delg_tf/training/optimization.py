@@ -6,6 +6,7 @@ reached"; the Glocal Retriever (Kim et al. 2023) trains with AdamW. Used by the
 trainer, and by `delg_tf.training.runs` to rebuild a run's optimizer when it
 restores a checkpoint that holds the optimizer's state.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, decay_steps, warmup_steps=0, kind="linear"):
         if kind not in config_lib.LR_SCHEDULES:
-            raise ValueError(f"schedule kind must be one of {config_lib.LR_SCHEDULES}, "
-                             f"received {kind!r}.")
+            raise ValueError(
+                f"schedule kind must be one of {config_lib.LR_SCHEDULES}, received {kind!r}."
+            )
         self.initial_learning_rate = float(initial_learning_rate)
         self.decay_steps = int(decay_steps)
         self.warmup_steps = int(warmup_steps)
@@ -58,15 +60,19 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
         return decayed
 
     def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "decay_steps": self.decay_steps, "warmup_steps": self.warmup_steps,
-                "kind": self.kind}
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "decay_steps": self.decay_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+        }
 
 
 def make_learning_rate_schedule(config: TrainConfig) -> WarmupDecaySchedule:
     """The schedule named by `config.lr_schedule`, ending at `config.max_iters`."""
-    return WarmupDecaySchedule(config.initial_lr, config.max_iters, config.warmup_steps,
-                               config.lr_schedule)
+    return WarmupDecaySchedule(
+        config.initial_lr, config.max_iters, config.warmup_steps, config.lr_schedule
+    )
 
 
 def make_optimizer(config: TrainConfig, schedule=None) -> keras.optimizers.Optimizer:
@@ -74,8 +80,12 @@ def make_optimizer(config: TrainConfig, schedule=None) -> keras.optimizers.Optim
     schedule = schedule if schedule is not None else make_learning_rate_schedule(config)
     weight_decay = config.weight_decay or None
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
-                                    weight_decay=weight_decay)
-    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                  beta_1=config_lib.DEFAULT_ADAMW_BETA_1,
-                                  beta_2=config_lib.DEFAULT_ADAMW_BETA_2)
+        return keras.optimizers.SGD(
+            learning_rate=schedule, momentum=config.momentum, weight_decay=weight_decay
+        )
+    return keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=config.weight_decay,
+        beta_1=config_lib.DEFAULT_ADAMW_BETA_1,
+        beta_2=config_lib.DEFAULT_ADAMW_BETA_2,
+    )

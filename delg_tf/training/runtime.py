@@ -10,6 +10,7 @@ coordination service (heartbeats, about 10 s) or by the failing collective op; t
 survivors' collective ops then fail with one of `COLLECTIVE_FAILURES`, which the
 trainer reports as `WorkerLostError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,21 @@ TF_CONFIG_VARIABLE = "TF_CONFIG"
 WORKER_SCRATCH_PREFIX = "delg_tf_worker_"
 # What a collective op raises on the survivors when a worker of the cluster is gone
 # (connection reset, missed coordination-service heartbeats, aborted collectives).
-COLLECTIVE_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                       tf.errors.AbortedError, tf.errors.CancelledError)
+COLLECTIVE_FAILURES = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
 FAILURE_DETAIL_CHARS = 200
 _TASK_PATTERN = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
 # Lines of a collective error that say what happened (the first line is usually
 # "Graph execution error:").
-_FAILURE_DETAIL = re.compile(r"connection|socket|heartbeat|unhealthy|deadline|unavailable|"
-                             r"aborted|cancel|crashed|failed to connect", re.IGNORECASE)
+_FAILURE_DETAIL = re.compile(
+    r"connection|socket|heartbeat|unhealthy|deadline|unavailable|"
+    r"aborted|cancel|crashed|failed to connect",
+    re.IGNORECASE,
+)
 
 
 def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
@@ -62,17 +70,21 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ConfigError(f"--strategy must be one of {', '.join(config_lib.STRATEGIES)}; "
-                      f"received {name!r}.")
+    raise ConfigError(
+        f"--strategy must be one of {', '.join(config_lib.STRATEGIES)}; received {name!r}."
+    )
 
 
 def _multi_worker_strategy() -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy of the cluster in TF_CONFIG (checked first)."""
     raw = os.environ.get(TF_CONFIG_VARIABLE, "")
     if not raw:
-        logger.warning("--strategy=multi_worker without %s: this process trains alone; set "
-                       "%s on every worker (docs/readme_training.md, multi-worker training).",
-                       TF_CONFIG_VARIABLE, TF_CONFIG_VARIABLE)
+        logger.warning(
+            "--strategy=multi_worker without %s: this process trains alone; set "
+            "%s on every worker (docs/readme_training.md, multi-worker training).",
+            TF_CONFIG_VARIABLE,
+            TF_CONFIG_VARIABLE,
+        )
         return tf.distribute.MultiWorkerMirroredStrategy()
     try:
         tf_config = json.loads(raw)
@@ -85,13 +97,15 @@ def _multi_worker_strategy() -> tf.distribute.Strategy:
             f"--strategy=multi_worker: {TF_CONFIG_VARIABLE} must be JSON such as "
             '{"cluster": {"worker": ["host0:port", "host1:port"]}, "task": {"type": '
             '"worker", "index": 0}} with the task in the cluster; received '
-            f"{raw[:200]!r}; fix {TF_CONFIG_VARIABLE} of this worker.") from e
+            f"{raw[:200]!r}; fix {TF_CONFIG_VARIABLE} of this worker."
+        ) from e
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def is_chief(strategy) -> bool:
     """True for the worker that writes checkpoints and summaries (the only one when
-    the strategy has no cluster: the chief task, else worker 0 of a chief-less cluster)."""
+    the strategy has no cluster: the chief task, else worker 0 of a chief-less cluster).
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
@@ -103,17 +117,18 @@ def is_chief(strategy) -> bool:
 
 def is_multi_worker(strategy) -> bool:
     """True for a MultiWorkerMirroredStrategy whose TF_CONFIG cluster has two or more
-    training tasks (chief and workers)."""
+    training tasks (chief and workers).
+    """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return False
     spec = strategy.cluster_resolver.cluster_spec()
-    return sum(spec.num_tasks(job) for job in spec.jobs
-               if job in (CHIEF_TASK, WORKER_TASK)) > 1
+    return sum(spec.num_tasks(job) for job in spec.jobs if job in (CHIEF_TASK, WORKER_TASK)) > 1
 
 
 def task_name(strategy) -> str:
     """This worker's task as TensorFlow names it, e.g. "/job:worker/task:1" ("" without
-    a cluster)."""
+    a cluster).
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return ""
@@ -122,14 +137,16 @@ def task_name(strategy) -> str:
 
 def make_worker_scratch_dir(strategy) -> str:
     """A new scratch folder for a non-chief worker's checkpoints (outside --logdir, so
-    that even a killed worker leaves nothing in it)."""
+    that even a killed worker leaves nothing in it).
+    """
     task = task_name(strategy).replace("/job:", "").replace("/task:", "")
     return tempfile.mkdtemp(prefix=f"{WORKER_SCRATCH_PREFIX}{task or 'local'}_")
 
 
 def describe_collective_failure(error, strategy) -> str:
     """`<peer> (<ErrorType>: <what happened>)` for a `COLLECTIVE_FAILURES` error: the
-    other worker named in the message (if any) and its most telling line."""
+    other worker named in the message (if any) and its most telling line.
+    """
     message = getattr(error, "message", None) or str(error)
     own = task_name(strategy)
     peers = [f"/job:{job}/task:{task}" for job, task in _TASK_PATTERN.findall(message)]
@@ -170,8 +187,10 @@ def configure_runtime(config: TrainConfig) -> None:
                 f"{config.deterministic}) cannot be applied: TensorFlow already runs ops in "
                 f"this process with {current or 'its default number of'} intra-op threads; "
                 f"start a new process, or set TF_NUM_INTRAOP_THREADS={threads} before "
-                "TensorFlow is imported.") from e
+                "TensorFlow is imported."
+            ) from e
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-        logger.info("deterministic run: TF op determinism on, %s intra-op threads",
-                    threads or "default")
+        logger.info(
+            "deterministic run: TF op determinism on, %s intra-op threads", threads or "default"
+        )
