@@ -404,6 +404,8 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
     writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
                                 binarized=config.binarize, flush_every=config.flush_every)
     todo = [item for item in shard if item[0] not in writer.done]
+    if extractor is None and todo:  # the images of a corrupted part set aside by the writer
+        extractor = make_extractor(config)
     skipped = len(shard) - len(todo)
     failures = 0
     started = time.time()

@@ -10,12 +10,21 @@ Field usage as tensorflow/models research/delf `feature_io.py` / `datum_io.py`:
 
 Files are written atomically (temporary file + rename). No TensorFlow import.
 
+Checksums: a file written here begins with one extra length-delimited field (number
+`CHECKSUM_FIELD_NUMBER`, unknown to the official messages, so official readers skip it)
+holding the SHA-256 of the rest of the file; the readers check it and refuse a file
+whose bytes changed or that was truncated (`FeatureFileCorruptedError`, one line naming
+the file and the fix). Files without it (official tools, older delg_tf) are read as
+they are: no verification possible (logged once).
+
 Per-image files of many images go to `<folder>/<relative path>.delf` (and
 `.delg_global`), the relative path being `relative_output_path(image name)`:
 image names from a list file may be absolute or hold `..`, and must never put a
 file outside `<folder>` (see `relative_output_path` and `official_file_bases`).
 """
 
+import hashlib
+import logging
 import re
 import unicodedata
 from pathlib import Path, PurePosixPath
@@ -24,6 +33,8 @@ import numpy as np
 
 from delg_tf.atomic import write_bytes_atomic
 from delg_tf.protos import datum_pb2, feature_pb2
+
+logger = logging.getLogger(__name__)
 
 DELF_EXTENSION = ".delf"
 DELG_GLOBAL_EXTENSION = ".delg_global"
@@ -36,6 +47,64 @@ _NAME_SEPARATORS = re.compile(r"[\\/]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _PARENT = ".."
 _CURRENT = "."
+# The checksum field (see the module doc): the largest protobuf field number, far from
+# any official field; wire type 2 (length-delimited), a SHA-256 digest.
+CHECKSUM_FIELD_NUMBER = 2**29 - 1
+_LENGTH_DELIMITED = 2
+_DIGEST_BYTES = hashlib.sha256().digest_size
+_unverified_logged = []
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+# The bytes before the digest: the field's tag, then the digest length.
+CHECKSUM_PREFIX = (_varint(CHECKSUM_FIELD_NUMBER << 3 | _LENGTH_DELIMITED)
+                   + _varint(_DIGEST_BYTES))
+
+
+class FeatureFileCorruptedError(ValueError):
+    """A `.delf` / `.delg_global` file fails its checksum or cannot be parsed."""
+
+
+def with_checksum(body: bytes) -> bytes:
+    """The file bytes of a serialised message: the checksum field, then `body`."""
+    return CHECKSUM_PREFIX + hashlib.sha256(body).digest() + body
+
+
+def _corrupted(path, what, reason):
+    return FeatureFileCorruptedError(
+        f"{path}: corrupted {what} file ({reason}); the features of its image cannot be "
+        "trusted: re-extract that image to rewrite it (`python -m delg_tf.extract "
+        "--write_delf` into a new --output_dir, or the official extract_features.py).")
+
+
+def verified_body(path, what):
+    """The message bytes of file `path` (a `what` file), its checksum checked if it has one.
+
+    Raises:
+      FeatureFileCorruptedError: the checksum does not match (bytes changed, truncated).
+    """
+    data = Path(path).read_bytes()
+    if not data.startswith(CHECKSUM_PREFIX):
+        if not _unverified_logged:
+            _unverified_logged.append(path)
+            logger.info("%s has no checksum (written by the official tools or an older "
+                        "delg_tf): no verification possible; read as it is (the same for "
+                        "other such files).", path)
+        return data
+    start = len(CHECKSUM_PREFIX)
+    digest, body = data[start:start + _DIGEST_BYTES], data[start + _DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise _corrupted(path, what, f"its SHA-256 checksum does not match its {len(data)} "
+                         "bytes: bytes changed or the file is truncated")
+    return body
 
 
 def relative_output_path(name):
@@ -143,18 +212,20 @@ def datum_to_array(datum):
 
 def write_datum(path, array):
     """Writes a `.delg_global` (or any DatumProto) file."""
-    write_bytes_atomic(path, array_to_datum(array).SerializeToString(), parents=True)
+    write_bytes_atomic(path, with_checksum(array_to_datum(array).SerializeToString()),
+                       parents=True)
 
 
 def read_datum(path):
-    """Reads a DatumProto file into a numpy array."""
+    """Reads a DatumProto file into a numpy array (checksum verified if it has one)."""
     datum = datum_pb2.DatumProto()
+    body = verified_body(path, "DatumProto")
     try:
-        datum.ParseFromString(Path(path).read_bytes())
+        datum.ParseFromString(body)
+        return datum_to_array(datum)
     except Exception as e:  # protobuf raises DecodeError (a Message.Error)
-        raise ValueError(f"{path}: not a DatumProto file ({e}); expected a file written by "
-                         "datum_io.WriteToFile / delg_tf.extraction.delf_io.write_datum.") from e
-    return datum_to_array(datum)
+        raise _corrupted(path, "DatumProto", f"it does not parse: {e}; expected a file written "
+                         "by datum_io.WriteToFile / delf_io.write_datum") from e
 
 
 def arrays_to_delf_features(locations, scales, descriptors, attention, orientations=None):
@@ -203,15 +274,18 @@ def delf_features_to_arrays(features):
 def write_delf(path, locations, scales, descriptors, attention, orientations=None):
     """Writes a `.delf` file (official `feature_io.WriteToFile` format)."""
     features = arrays_to_delf_features(locations, scales, descriptors, attention, orientations)
-    write_bytes_atomic(path, features.SerializeToString(), parents=True)
+    write_bytes_atomic(path, with_checksum(features.SerializeToString()), parents=True)
 
 
 def read_delf(path):
-    """Reads a `.delf` file: (locations, scales, descriptors, attention, orientations)."""
+    """Reads a `.delf` file: (locations, scales, descriptors, attention, orientations);
+    its checksum verified if it has one."""
     features = feature_pb2.DelfFeatures()
+    body = verified_body(path, "DelfFeatures (.delf)")
     try:
-        features.ParseFromString(Path(path).read_bytes())
+        features.ParseFromString(body)
+        return delf_features_to_arrays(features)
     except Exception as e:
-        raise ValueError(f"{path}: not a DelfFeatures file ({e}); expected a .delf file "
-                         "written by feature_io.WriteToFile or delf_io.write_delf.") from e
-    return delf_features_to_arrays(features)
+        raise _corrupted(path, "DelfFeatures (.delf)", f"it does not parse: {e}; expected a "
+                         ".delf file written by feature_io.WriteToFile or "
+                         "delf_io.write_delf") from e

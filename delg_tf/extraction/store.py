@@ -23,6 +23,18 @@ run skips them. `consolidate()` merges the parts into one file (again via a
 temporary file and a rename), ordering images by name (or a given order) so that
 an interrupted-and-resumed run gives the same content as an uninterrupted one.
 
+Checksums: every file is written in the HDF5 1.10 format (its metadata -- superblock,
+object headers, chunk indexes -- carries checksums) and every numeric dataset is chunked
+(`CHUNK_BYTES`) with HDF5's fletcher32 filter, which HDF5 verifies on every read of a
+chunk; variable-length strings take no filter, so the names' SHA-256 is in the
+`names_sha256` attribute (`checksums = "fletcher32"` marks such a file). A read of a
+corrupted or truncated file raises `StoreCorruptedError`, one line naming the file, what
+fails, the images concerned (the rows of the bad chunks; every image of the file when
+its names cannot be read) and the fix; never different values. Files written before
+(no `checksums` attribute) still read, with one warning: they cannot be verified. A
+resumed writer verifies every part and moves a corrupted one aside (`*.corrupt`, a
+warning naming it), so its images are extracted again.
+
 Reading: `FeatureStore` is the one reader of this layout. It opens a store file, a
 parts directory, or the shard files of `extract --num_shards` (a list or a glob) as
 one logical store, lazily: names and offsets at open, global descriptors by rows,
@@ -33,6 +45,9 @@ rows for evaluation, re-ranking and the demo.
 
 import collections
 import glob
+import hashlib
+import json
+import logging
 import re
 import threading
 from pathlib import Path
@@ -42,6 +57,8 @@ import numpy as np
 
 from delg_tf import atomic
 from delg_tf.extraction import binarize
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PART_PATTERN = re.compile(r"^part-(\d{6})\.h5$")
@@ -60,10 +77,97 @@ IMAGE_PREFIX = "jpg/"
 MAX_OPEN_FILES = 64  # a parts directory of a +1M-image run has ~16k files.
 READ_BLOCK_ROWS = 4096  # global descriptor rows per HDF5 read.
 STRING_DTYPE = h5py.string_dtype(encoding="utf-8")
+# Integrity (see the module doc): the `checksums` attribute of a verified file, the
+# attribute holding the SHA-256 of its names, the file format (1.10: checksummed
+# metadata) and the target size of a chunk (fletcher32 is verified per chunk; a bad
+# chunk names the images of its rows).
+CHECKSUMS_ATTR = "checksums"
+CHECKSUMS = "fletcher32"
+NAMES_DIGEST_ATTR = "names_sha256"
+HDF5_LIBVER = ("v110", "latest")
+CHUNK_BYTES = 128 * 1024
+# What h5py raises when HDF5 fails to read a file (checksum, truncation, bad object).
+HDF5_READ_ERRORS = (OSError, KeyError, RuntimeError)
+# A corrupted part moved aside by a resumed writer (ignored by readers).
+CORRUPT_SUFFIX = ".corrupt"
+NAMES_IN_MESSAGES = 5
+_warned_unverified = set()
 
 
 class StoreError(ValueError):
     """A feature store is missing, inconsistent or of another format."""
+
+
+class StoreCorruptedError(StoreError):
+    """A store file fails its checksums or cannot be read (truncated, overwritten): one
+    line naming the file, what fails, the images concerned and the fix.
+
+    Attributes:
+      path: the file.
+      what: what fails (part of the message).
+      names: the images whose features cannot be trusted (None: unknown, the whole file).
+    """
+
+    def __init__(self, message, path=None, names=None, what=""):
+        super().__init__(message)
+        self.path = path
+        self.names = names
+        self.what = what
+
+
+def _hdf5_reason(error):
+    """HDF5's one-line reason of a failed read (without h5py's "synchronously")."""
+    text = " ".join(str(error).split()).strip("'\"")
+    return text.replace("synchronously ", "") or type(error).__name__
+
+
+def _is_io_error(error):
+    """True for an OS error (missing file, permissions), not a bad file."""
+    return isinstance(error, OSError) and getattr(error, "errno", None) is not None
+
+
+def _listed(names):
+    shown = ", ".join(repr(n) for n in names[:NAMES_IN_MESSAGES])
+    more = len(names) - NAMES_IN_MESSAGES
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def corruption_error(path, what, names=None):
+    """`StoreCorruptedError` of file `path`: `what` fails; `names` the images concerned
+    (None: every image of the file, whose names cannot be read)."""
+    path = Path(path)
+    if names is None:
+        which = "its image names cannot be read, so every image of this file is affected"
+    else:
+        which = f"the features of {len(names)} image(s) cannot be trusted: {_listed(names)}"
+    kind = "part" if PART_PATTERN.match(path.name) else "file"
+    return StoreCorruptedError(
+        f"feature store {kind} {path} is corrupted ({what}); {which}; fix: delete it and rerun "
+        "the extraction command that wrote it with the same flags (`python -m "
+        "delg_tf.extract` moves a corrupted part aside, extracts its images again and "
+        "rebuilds the store from its parts), or re-extract "
+        f"{'these images' if names is not None else 'every image of the file'}.",
+        path, names, what)
+
+
+def _names_digest(names):
+    return hashlib.sha256(json.dumps(list(names), ensure_ascii=False).encode()).hexdigest()
+
+
+def _is_verified(handle):
+    return handle.attrs.get(CHECKSUMS_ATTR) == CHECKSUMS
+
+
+def _warn_unverified(paths, description):
+    """One warning (per store, per process) for files written without checksums."""
+    paths = [p for p in paths if str(p) not in _warned_unverified]
+    if not paths:
+        return
+    _warned_unverified.update(str(p) for p in paths)
+    logger.warning("%s: %d file(s) (e.g. %s) were written without checksums (by an older "
+                   "delg_tf): no verification possible, a corrupted byte in them would go "
+                   "unnoticed; re-extract (or rerun `python -m delg_tf.extract` on the parts "
+                   "to rebuild the store) to add them.", description, len(paths), paths[0])
 
 
 def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
@@ -104,30 +208,159 @@ def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
     return arrays
 
 
+def _chunk_shape(value):
+    """Chunks of whole rows of about `CHUNK_BYTES` (at least one row; no dimension 0)."""
+    tail = tuple(max(1, int(d)) for d in value.shape[1:])
+    row_bytes = max(1, int(np.prod(tail)) * value.dtype.itemsize)
+    rows = max(1, min(CHUNK_BYTES // row_bytes, int(value.shape[0]) if value.ndim else 1))
+    return (rows,) + tail
+
+
 def _write_h5_atomic(path, arrays, attrs):
-    with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    """Writes a store file (atomic) with its checksums (see the module doc); `attrs`'
+    own checksum attributes, if any, are replaced by this file's."""
+    with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
         for key, value in arrays.items():
             if key == "names":
                 f.create_dataset(key, data=value.astype(object), dtype=STRING_DTYPE)
             else:
-                f.create_dataset(key, data=value)
+                value = np.asarray(value)
+                # An empty dimension is extensible: a chunk cannot exceed a fixed one.
+                f.create_dataset(key, data=value, chunks=_chunk_shape(value), fletcher32=True,
+                                 maxshape=tuple(d or None for d in value.shape))
         for key, value in attrs.items():
             f.attrs[key] = value
+        f.attrs[CHECKSUMS_ATTR] = CHECKSUMS
+        f.attrs[NAMES_DIGEST_ATTR] = _names_digest(_decode_names(arrays["names"]))
 
 
 def _open_h5(path):
     """Read-only handle without HDF5 file locking: files are complete once renamed into
-    place, so readers need no lock (and work on read-only or NFS folders)."""
-    return h5py.File(path, "r", locking=False)
+    place, so readers need no lock (and work on read-only or NFS folders).
+
+    Raises:
+      StoreCorruptedError: the file is truncated or not an HDF5 file.
+    """
+    try:
+        return h5py.File(path, "r", locking=False)
+    except HDF5_READ_ERRORS as e:
+        if _is_io_error(e):
+            raise
+        raise corruption_error(path, f"it cannot be opened: {_hdf5_reason(e)}; the file is "
+                               "truncated or overwritten") from e
+
+
+def _read_names(handle, path):
+    """The image names of an open file, checked against `names_sha256` if it has one.
+
+    Raises:
+      StoreCorruptedError: unreadable names or names not matching their digest.
+    """
+    try:
+        names = _decode_names(handle["names"][()])
+        expected = handle.attrs.get(NAMES_DIGEST_ATTR)
+    except HDF5_READ_ERRORS as e:
+        raise corruption_error(path, f"its 'names' cannot be read: {_hdf5_reason(e)}") from e
+    if expected is not None and _names_digest(names) != expected:
+        raise corruption_error(path, f"its 'names' do not match their SHA-256 "
+                               f"({NAMES_DIGEST_ATTR} attribute)")
+    return names
+
+
+def _bad_row_ranges(dataset, start, end):
+    """[(first, last + 1)] of the chunks of rows [start, end) of `dataset` that fail to
+    read (checksum), one chunk at a time."""
+    step = dataset.chunks[0] if dataset.chunks else max(1, end - start)
+    bad = []
+    for first in range(start - start % step, end, step):
+        last = min(first + step, dataset.shape[0])
+        try:
+            dataset[first:last]
+        except HDF5_READ_ERRORS:
+            bad.append((first, last))
+    return bad
+
+
+def _images_of_rows(handle, key, ranges):
+    """Image positions (in the file) whose rows of dataset `key` meet `ranges`; None if
+    the local offsets needed to tell cannot be read."""
+    if key in LOCAL_DATASETS:
+        try:
+            offsets = np.asarray(handle["local_offsets"][()], np.int64)
+        except HDF5_READ_ERRORS:
+            return None
+        images = set()
+        for first, last in ranges:
+            lo = int(np.searchsorted(offsets, first, side="right")) - 1
+            hi = int(np.searchsorted(offsets, last, side="left"))
+            images.update(k for k in range(max(lo, 0), min(hi, len(offsets) - 1))
+                          if offsets[k + 1] > offsets[k])
+        return sorted(images)
+    if key == "local_offsets":  # offset k bounds images k - 1 and k
+        return sorted({k for first, last in ranges for k in range(first - 1, last)
+                       if 0 <= k < handle["local_offsets"].shape[0] - 1})
+    return sorted({k for first, last in ranges for k in range(first, last)})
+
+
+def read_error(handle, path, key, start, end, error):
+    """`StoreCorruptedError` for a failed read of rows [start, end) of dataset `key` of the
+    open file `handle` at `path`: names the rows of the bad chunks and their images."""
+    reason = _hdf5_reason(error)
+    try:
+        dataset = handle[key]
+        ranges = _bad_row_ranges(dataset, start, end) or [(start, end)]
+        images = _images_of_rows(handle, key, ranges)
+        names = _read_names(handle, path) if images is not None else None
+    except StoreCorruptedError:
+        ranges, names = [(start, end)], None
+    except HDF5_READ_ERRORS:
+        ranges, names = [(start, end)], None
+    else:
+        names = [names[k] for k in images] if names is not None else None
+    rows = ", ".join(f"{a}-{b - 1}" for a, b in ranges[:NAMES_IN_MESSAGES])
+    checksum = " (fletcher32 checksum)" if "filter" in reason else ""
+    return corruption_error(path, f"'{key}' rows {rows} fail to read{checksum}: {reason}",
+                            names)
+
+
+def _read_dataset(handle, path, key):
+    """All of dataset `key` (checksums verified by HDF5); StoreCorruptedError if not."""
+    try:
+        return handle[key][()]
+    except HDF5_READ_ERRORS as e:
+        if _is_io_error(e):
+            raise
+        try:
+            length = handle[key].shape[0] if handle[key].shape else 1
+        except HDF5_READ_ERRORS:
+            length = 0
+        raise read_error(handle, path, key, 0, length, e) from e
 
 
 def _read_h5(path):
+    """({dataset: array}, attrs) of a whole file, every checksum verified (a file without
+    checksums, `attrs[CHECKSUMS_ATTR]` unset, is read as it is)."""
     with _open_h5(path) as f:
-        arrays = {key: f[key][()] for key in f.keys()}
+        names = _read_names(f, path)
+        arrays = {key: _read_dataset(f, path, key) for key in f.keys() if key != "names"}
         attrs = dict(f.attrs)
-    arrays["names"] = np.array([n.decode("utf-8") if isinstance(n, bytes) else n
-                                for n in arrays["names"]], dtype=object)
+    arrays["names"] = np.array(names, dtype=object)
     return arrays, attrs
+
+
+def _unverified(loaded):
+    """The paths of `[(path, (arrays, attrs))]` read from files without checksums."""
+    return [path for path, (_, attrs) in loaded if attrs.get(CHECKSUMS_ATTR) != CHECKSUMS]
+
+
+def _set_aside(part):
+    """Renames a corrupted part to `<part>.corrupt` (`.corrupt.N` if taken); returns it."""
+    target, count = part.with_name(part.name + CORRUPT_SUFFIX), 0
+    while target.exists():
+        count += 1
+        target = part.with_name(f"{part.name}{CORRUPT_SUFFIX}.{count}")
+    part.rename(target)
+    return target
 
 
 def _list_parts(directory):
@@ -148,19 +381,31 @@ def completed_names(directory):
     """
     done = set()
     for part in _list_parts(directory):
-        with _open_h5(part) as f:
-            done.update(_decode_names(f["names"][()]))
+        try:
+            with _open_h5(part) as f:
+                done.update(_read_names(f, part))
+        except StoreCorruptedError:
+            continue  # not done: a writer moves it aside and extracts its images again.
     return done
 
 
 class FeatureStoreWriter:
     """Crash-safe, resumable writer (a directory of atomically written parts).
 
+    Resuming (parts already in `directory`): every part is read once and its checksums
+    verified; a corrupted or truncated part is moved aside (`<part>.corrupt`, listed in
+    `set_aside` and named in a warning with its images), so that its images are not
+    `done` and are extracted again.
+
     Args:
       directory: parts directory (created if missing).
       float16: store descriptors as float16.
       binarized: also store DELG* packed binary local descriptors.
       flush_every: images per part file.
+
+    Attributes:
+      done: names of the images in the complete parts (and those added since).
+      set_aside: [(corrupted part, where it was moved, its names or None)].
     """
 
     def __init__(self, directory, float16=False, binarized=False,
@@ -175,21 +420,43 @@ class FeatureStoreWriter:
         self.done = set()
         self.local_dim = 0
         self.global_dim = 0
+        self.set_aside = []
         parts = _list_parts(self.directory)
+        unverified = []
         for part in parts:
-            with _open_h5(part) as f:
-                self.local_dim = self.local_dim or int(f.attrs["local_dim"])
-                self.global_dim = self.global_dim or int(f.attrs["global_dim"])
-                if bool(f.attrs["float16"]) != self.float16 or (
-                        bool(f.attrs["binarized"]) != self.binarized):
-                    raise StoreError(
-                        f"{part}: written with float16={bool(f.attrs['float16'])}, "
-                        f"binarized={bool(f.attrs['binarized'])}; this run asks for "
-                        f"float16={self.float16}, binarized={self.binarized}. Use the same "
-                        "options to resume, or another output directory.")
-                self.done.update(_decode_names(f["names"][()]))
+            try:
+                arrays, attrs = _read_h5(part)  # every checksum verified
+            except StoreCorruptedError as e:
+                self._set_aside(part, e)
+                continue
+            if attrs.get(CHECKSUMS_ATTR) != CHECKSUMS:
+                unverified.append(part)
+            self.local_dim = self.local_dim or int(attrs["local_dim"])
+            self.global_dim = self.global_dim or int(attrs["global_dim"])
+            if bool(attrs["float16"]) != self.float16 or (
+                    bool(attrs["binarized"]) != self.binarized):
+                raise StoreError(
+                    f"{part}: written with float16={bool(attrs['float16'])}, "
+                    f"binarized={bool(attrs['binarized'])}; this run asks for "
+                    f"float16={self.float16}, binarized={self.binarized}. Use the same "
+                    "options to resume, or another output directory.")
+            self.done.update(arrays["names"])
+        _warn_unverified(unverified, str(self.directory))
         self._next_part = (int(PART_PATTERN.match(parts[-1].name).group(1)) + 1) if parts else 0
         self._pending = []
+
+    def _set_aside(self, part, error):
+        try:
+            with _open_h5(part) as f:
+                names = _read_names(f, part)
+        except StoreCorruptedError:
+            names = None
+        aside = _set_aside(part)
+        self.set_aside.append((part, aside, names))
+        which = (f"its {len(names)} image(s) {_listed(names)} are" if names is not None
+                 else "its images (names unreadable) are")
+        logger.warning("resume: part %s is corrupted (%s); moved it to %s: %s extracted "
+                       "again.", part, error.what, aside, which)
 
     def add(self, name, features):
         """Queues the features (`DelgFeatures` or dict) of one image."""
@@ -293,12 +560,16 @@ def consolidate(parts_directory, output_path, order=None):
 
     Returns:
       Path of the store.
+
+    Raises:
+      StoreCorruptedError: a part fails its checksums (nothing is written).
     """
     parts = _list_parts(parts_directory)
     if not parts:
         raise StoreError(f"{parts_directory}: no complete part files (part-NNNNNN.h5); "
                          "nothing to consolidate.")
     loaded = [_read_h5(p) for p in parts]
+    _warn_unverified(_unverified(zip(parts, loaded)), str(parts_directory))
     arrays = _merge([a for a, _ in loaded])
     names = list(arrays["names"])
     rank = {n: i for i, n in enumerate(order)} if order is not None else {}
@@ -343,22 +614,19 @@ class FeatureStore:
         self.attrs = {}
         self.global_dim = 0
         self._tails = {}  # dataset -> (row shape, dtype, file it is from)
+        unverified = []
         for shard, path in enumerate(self.files):
             with _open_h5(path) as f:
-                if not self.attrs:
-                    self.attrs = dict(f.attrs)
-                missing = [key for key in REQUIRED_DATASETS if key not in f]
-                if missing:
-                    raise StoreError(f"{path}: no {missing} dataset(s); expected a feature store "
-                                     "written by `python -m delg_tf.extract`.")
-                names = _decode_names(f["names"][()])
-                offsets.append(np.asarray(f["local_offsets"][()], np.int64))
-                self._datasets.append(frozenset(f.keys()))
-                for key in ("global_descriptors",) + LOCAL_DATASETS:
-                    if key in f:
-                        self._add_shape(key, f[key], path)
+                try:
+                    names = self._read_file_index(f, path, offsets)
+                except HDF5_READ_ERRORS as e:  # e.g. an object header failing its checksum
+                    raise corruption_error(path, "its layout cannot be read: "
+                                           f"{_hdf5_reason(e)}") from e
+                if not _is_verified(f):
+                    unverified.append(path)
             self.names += names
             shard_of.append(np.full(len(names), shard, np.int32))
+        _warn_unverified(unverified, self.description)
         if "global_descriptors" in self._tails:
             self.global_dim = int(self._tails.pop("global_descriptors")[0][0])
         self._shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
@@ -373,6 +641,23 @@ class FeatureStore:
                 raise StoreError(
                     f"image {name!r} is in {where}; each image must be in one shard: pass the "
                     "shards of one extraction (same --num_shards), or delete the extra file.")
+
+    def _read_file_index(self, f, path, offsets):
+        """Reads the names (returned), local offsets (appended to `offsets`), datasets and
+        row shapes of the open file `f`."""
+        if not self.attrs:
+            self.attrs = dict(f.attrs)
+        missing = [key for key in REQUIRED_DATASETS if key not in f]
+        if missing:
+            raise StoreError(f"{path}: no {missing} dataset(s); expected a feature store "
+                             "written by `python -m delg_tf.extract`.")
+        names = _read_names(f, path)
+        offsets.append(np.asarray(_read_dataset(f, path, "local_offsets"), np.int64))
+        self._datasets.append(frozenset(f.keys()))
+        for key in ("global_descriptors",) + LOCAL_DATASETS:
+            if key in f:
+                self._add_shape(key, f[key], path)
+        return names
 
     def _add_shape(self, key, dataset, path):
         """Records the row shape of dataset `key`; files written before any image had
@@ -452,8 +737,22 @@ class FeatureStore:
                 if shard is None or "global_descriptors" not in self._datasets[shard]:
                     continue
                 rows = indices[where] - self._first[shard]
-                out[where] = _read_rows(self._file(shard)["global_descriptors"], rows)
+                out[where] = self._read(shard, "global_descriptors", int(rows.min()),
+                                        int(rows.max()) + 1,
+                                        lambda dataset, rows=rows: _read_rows(dataset, rows))
         return out
+
+    def _read(self, shard, key, start, end, read):
+        """`read(dataset)` of dataset `key` of file `shard` (caller holds the lock); a
+        failed read (checksum, truncation) raises StoreCorruptedError naming the file and
+        the images of the bad rows among [start, end)."""
+        f = self._file(shard)
+        try:
+            return read(f[key])
+        except HDF5_READ_ERRORS as e:
+            if _is_io_error(e):
+                raise
+            raise read_error(f, self.files[shard], key, start, end, e) from e
 
     def local(self, i, binary=False):
         """Local features of image `i` (position in `names`) as numpy arrays.
@@ -488,14 +787,16 @@ class FeatureStore:
                 if f is None or key not in self._datasets[shard]:
                     out[key] = np.zeros((0,) + tail, dtype)
                 else:
-                    out[key] = np.asarray(f[key][start:end])
+                    out[key] = np.asarray(self._read(shard, key, start, end,
+                                                     lambda d: d[start:end]))
         return out
 
     def image_shape(self, i):
         """(height, width, channels) of image `i` as extracted."""
         shard, row = self._row(int(i))
         with self._lock:
-            return tuple(int(v) for v in self._file(shard)["image_shapes"][row])
+            value = self._read(shard, "image_shapes", row, row + 1, lambda d: d[row])
+        return tuple(int(v) for v in value)
 
     def get(self, name):
         """Features of one image: dict with global_descriptor, locations (y, x),
