@@ -11,11 +11,19 @@ The trainer writes the record (`write_config_files`) and checks a resumed run
 against it (`check_resume_config`); export and evaluation rebuild the model it
 describes (`load_run`), for every model family (DELG, Cao et al. ECCV 2020; Glocal
 Retriever, Kim et al. 2023). This module does not import the training loop.
+
+Damaged checkpoints: TensorFlow stores a CRC32C of every tensor of a checkpoint;
+`restorable_checkpoint` reads every tensor of the newest checkpoint of a logdir back
+(`checkpoint_damage`) and, if one fails (bytes flipped, a truncated or missing file),
+falls back to the previous one (`all_model_checkpoint_paths`) with a warning naming
+both; when none restores, one `CheckpointDamagedError` line names the logdir and the fix.
+The trainer resumes from it and `load_run` restores it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +47,8 @@ FAMILIES_RESTORED_WITH_OPTIMIZER = frozenset({"glocal"})
 STEP_CHECKPOINT_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 CHECKPOINT_INDEX_SUFFIX = ".index"
 ERROR_EXCERPT_CHARS = 200
+# Tensors read back per RestoreV2 call when verifying a checkpoint (bounded memory).
+VERIFY_TENSORS_PER_READ = 64
 
 
 class RunError(ValueError):
@@ -47,6 +57,10 @@ class RunError(ValueError):
 
 class RunNotFoundError(RunError, FileNotFoundError):
     """The run's `config.json` or checkpoint is missing."""
+
+
+class CheckpointDamagedError(RunError):
+    """No checkpoint of a logdir (or the one asked for) can be read back."""
 
 
 def config_path(logdir) -> Path:
@@ -112,16 +126,81 @@ def checkpoint_step(path) -> int:
     return int(tf.train.load_checkpoint(path).get_tensor(STEP_CHECKPOINT_KEY))
 
 
+def checkpoint_damage(path) -> Optional[str]:
+    """None if every tensor of checkpoint `path` reads back (TensorFlow checks each one's
+    CRC32C), else the first line of the failure (data loss, truncated or missing file)."""
+    import tensorflow as tf
+
+    try:
+        dtypes = tf.train.load_checkpoint(path).get_variable_to_dtype_map()
+        names = sorted(dtypes)
+        for start in range(0, len(names), VERIFY_TENSORS_PER_READ):
+            group = names[start:start + VERIFY_TENSORS_PER_READ]
+            # RestoreV2 reads any dtype (the data iterator's state is a DT_VARIANT).
+            tf.raw_ops.RestoreV2(prefix=path, tensor_names=group,
+                                 shape_and_slices=[""] * len(group),
+                                 dtypes=[dtypes[name] for name in group])
+    except (tf.errors.OpError, ValueError, OSError) as e:
+        text = getattr(e, "message", None) or str(e) or type(e).__name__
+        text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:\w+\]", "", text)
+        return " ".join(text.split())[:ERROR_EXCERPT_CHARS]
+    return None
+
+
+def _listed_checkpoints(logdir) -> list:
+    """The checkpoints of `logdir`'s `checkpoint` file, oldest first (newest last)."""
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(str(logdir))
+    if state is None or not state.model_checkpoint_path:
+        return []
+    paths = [p for p in state.all_model_checkpoint_paths if p != state.model_checkpoint_path]
+    return paths + [state.model_checkpoint_path]
+
+
+def restorable_checkpoint(logdir, flag: str = "logdir") -> Optional[str]:
+    """The newest checkpoint of `logdir` that reads back whole (see the module doc).
+
+    A damaged one is skipped for the previous one with a warning naming both.
+
+    Returns:
+      The checkpoint prefix, or None when `logdir` has no checkpoint.
+
+    Raises:
+      CheckpointDamagedError: no listed checkpoint reads back (names `logdir`, the fix).
+    """
+    paths = _listed_checkpoints(logdir)
+    failures = []
+    for path in reversed(paths):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        failures.append(path)
+        older = paths[:len(paths) - len(failures)]
+        logger.warning("checkpoint %s cannot be restored (%s); %s", path, damage,
+                       f"falling back to the previous checkpoint {older[-1]}" if older
+                       else "no previous checkpoint is listed")
+    if not failures:
+        return None
+    raise CheckpointDamagedError(
+        f"--{flag}={logdir}: none of its {len(failures)} checkpoint(s) can be restored "
+        f"({', '.join(failures)}: damaged, see the warnings above); fix: restore them from "
+        "a backup, or move the ckpt-* files and the 'checkpoint' file out of the folder to "
+        "start the run over (or use a new --logdir).")
+
+
 def resolve_checkpoint(logdir, checkpoint: Optional[str] = None,
-                       flag: str = "checkpoint") -> str:
-    """The checkpoint prefix to restore: `checkpoint`, else the latest in `logdir`.
+                       flag: str = "checkpoint", logdir_flag: str = "logdir") -> str:
+    """The checkpoint prefix to restore: `checkpoint`, else the newest restorable one in
+    `logdir` (`restorable_checkpoint`: a damaged one falls back to the previous).
 
     Raises:
       RunNotFoundError: no checkpoint in `logdir`, or `checkpoint` has no `.index` file.
+      CheckpointDamagedError: `checkpoint`, or every checkpoint of `logdir`, is damaged.
     """
     import tensorflow as tf
 
-    path = checkpoint or tf.train.latest_checkpoint(str(logdir))
+    path = checkpoint or restorable_checkpoint(logdir, logdir_flag)
     if path is None:
         raise RunNotFoundError(f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
                                f"train first or pass a checkpoint prefix (--{flag}).")
@@ -129,6 +208,12 @@ def resolve_checkpoint(logdir, checkpoint: Optional[str] = None,
         raise RunNotFoundError(f"checkpoint {path} not found (no {path}"
                                f"{CHECKPOINT_INDEX_SUFFIX}); pass a prefix such as "
                                f"{logdir}/ckpt-N (--{flag}).")
+    if checkpoint:
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointDamagedError(
+                f"--{flag}={path} cannot be restored ({damage}); pass another checkpoint of "
+                f"the run (or none: the newest one of {logdir} that reads back is used).")
     return path
 
 
@@ -173,6 +258,8 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
     Raises:
       RunNotFoundError: no `config.json` or no such checkpoint. RunError: another family
         than `family`, or a checkpoint that does not fit the model of `config.json`.
+      CheckpointDamagedError: `checkpoint`, or every checkpoint of `logdir`, is damaged
+        (a damaged newest one falls back to the previous, with a warning).
     """
     import tensorflow as tf
 
@@ -186,7 +273,7 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
                        f"{family!r} run.")
     if checkpoint == UNTRAINED:
         return untrained_model(record)
-    path = resolve_checkpoint(logdir, checkpoint, checkpoint_flag)
+    path = resolve_checkpoint(logdir, checkpoint, checkpoint_flag, flag)
     model = registry.build_model(actual, record["model"], load_imagenet=False)
     objects = {"model": model}
     if actual in FAMILIES_RESTORED_WITH_OPTIMIZER:
@@ -194,6 +281,11 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
     try:
         status = tf.train.Checkpoint(**objects).restore(path)
         status.expect_partial().assert_existing_objects_matched()
+    except tf.errors.DataLossError as e:
+        raise CheckpointDamagedError(
+            f"checkpoint {path} cannot be restored "
+            f"({' '.join(e.message.split())[:ERROR_EXCERPT_CHARS]}); "
+            "pass another checkpoint of the run.") from e
     except (AssertionError, ValueError, tf.errors.NotFoundError,
             tf.errors.InvalidArgumentError) as e:
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:ERROR_EXCERPT_CHARS]

@@ -58,7 +58,8 @@ from delg_tf.locking import output_lock
 from delg_tf.training import config as config_lib
 from delg_tf.training.config import TrainConfig
 from delg_tf.training.optimization import make_learning_rate_schedule, make_optimizer
-from delg_tf.training.runs import check_resume_config, checkpoint_step, write_config_files
+from delg_tf.training.runs import (CheckpointDamagedError, check_resume_config,
+                                   checkpoint_step, restorable_checkpoint, write_config_files)
 from delg_tf.training.runtime import (COLLECTIVE_FAILURES, configure_runtime,
                                       describe_collective_failure, is_chief, is_multi_worker,
                                       make_strategy, make_worker_scratch_dir, task_name)
@@ -310,7 +311,8 @@ def train(config: TrainConfig, model_config=None, *,
         NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
         WorkerLostError: a worker of a multi-worker run died or froze.
         WorkerTerminatedError: this worker of a multi-worker run received SIGTERM.
-        TrainingError: the workers of a multi-worker run resume from different steps.
+        TrainingError: the workers of a multi-worker run resume from different steps, or
+            no checkpoint of a resumed --logdir reads back.
         LockedError: another run is training into `config.logdir` (one line naming it).
     """
     configure_runtime(config)
@@ -356,7 +358,10 @@ def _train_holding_logdir(config, model_config, model_fn, data_fn, strategy) -> 
                     "to the scratch folder %s (deleted at the end)", task_name(strategy),
                     logdir, write_dir)
 
-    latest = tf.train.latest_checkpoint(str(logdir))
+    try:
+        latest = restorable_checkpoint(logdir)  # a damaged newest one: the previous one
+    except CheckpointDamagedError as e:
+        raise TrainingError(str(e)) from e
     resumed_step = 0
     if latest is not None:
         resumed_step = checkpoint_step(latest)
@@ -579,7 +584,12 @@ def _stop_on_sigterm(logdir, strategy):
 
 
 def _restore(path, model, optimizer, step, iterator):
-    status = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step).restore(path)
+    try:
+        status = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step).restore(path)
+    except tf.errors.DataLossError as e:  # damaged since `restorable_checkpoint` read it
+        first_line = (e.message.splitlines() or [""])[0][:200]
+        raise TrainingError(f"checkpoint {path} cannot be restored ({first_line}); rerun to "
+                            "resume from the previous one.") from e
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:
