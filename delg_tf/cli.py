@@ -27,6 +27,10 @@ So a config's fields, its flags and their help never drift apart.
 for entry modules with several exit codes or messages; or a zero-argument function
 returning one of those, called only when an error happens (for classes of lazily
 imported modules such as `tf.errors.OpError`).
+
+Every entry module reports work stopped at a safe point on SIGTERM / SIGINT
+(`delg_tf.interrupts.Stopped`: saved, resumable) as one `error:` line too, with the
+exit code of the signal (143 / 130), before its own rules.
 """
 
 import dataclasses
@@ -37,6 +41,7 @@ import typing
 from typing import Callable, Optional, Tuple
 
 from delg_tf.configs import ConfigError
+from delg_tf.interrupts import Stopped
 
 # Exit code of every entry module for bad flags / configs (the one definition).
 EXIT_USAGE_ERROR = 2
@@ -102,10 +107,13 @@ def matching_rule(error: BaseException, expected_errors) -> Optional[ErrorRule]:
 
 
 def report_errors(function, *args, expected_errors=DEFAULT_EXPECTED_ERRORS, **kwargs):
-    """Returns `function(*args, **kwargs)`; an expected error exits via `fail`."""
+    """Returns `function(*args, **kwargs)`; an expected error exits via `fail` (as does
+    `Stopped`, with its signal's exit code)."""
     try:
         return function(*args, **kwargs)
     except BaseException as error:  # noqa: B902 - re-raised unless it is expected.
+        if isinstance(error, Stopped):
+            fail(one_line(error), error.exit_code)
         rule = matching_rule(error, expected_errors)
         if rule is None:
             raise

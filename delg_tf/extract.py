@@ -42,6 +42,7 @@ import re
 import time
 from pathlib import Path
 
+from delg_tf import interrupts
 from delg_tf.configs import ConfigError, expect, expect_int, is_int, require
 from delg_tf.locking import output_lock
 from delg_tf.progress import progress_bar
@@ -410,10 +411,15 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
     failures = 0
     started = time.time()
     iterator = progress_bar(todo, "extract", "img", enabled=config.progress)
-    with open(config.error_log, "a", encoding="utf-8") as log, writer:
+    # SIGTERM / SIGINT: the image in progress is finished, the queued ones are flushed to a
+    # complete part (the writer's exit), then `Terminated` / `Interrupted` is raised.
+    with interrupts.stop_requests() as stop, \
+            open(config.error_log, "a", encoding="utf-8") as log, writer:
         if log.tell() == 0:
             log.write(ERROR_LOG_HEADER)
         for name, source, resize_factor in iterator:
+            if stop.requested:
+                break
             try:
                 image = load_image_source(source)
             except ImageLoadError as e:  # a bad image file: logged, skipped.
@@ -433,6 +439,11 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
             writer.add(name, features)
             if config.write_delf:
                 _write_official_files(output_dir, bases[name], features)
+    if stop.requested:
+        raise stop.error(
+            f"extraction stopped by {stop.name}: the {len(writer.done)} image(s) extracted "
+            f"so far are in complete parts in {config.parts_dir} (the store is resumable); "
+            "rerun the same command to extract the others and write the store.")
     extracted = len(todo) - failures
     if shard and extracted + skipped == 0:
         suffix = f" of shard {config.shard_index}/{config.num_shards}" if config.suffix else ""

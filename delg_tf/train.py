@@ -11,7 +11,8 @@ Demo on the embedded photos (a few minutes on a CPU)::
 
     python -m delg_tf.train --flagfile=configs/demo.flags
 
-Rerunning with the same ``--logdir`` resumes from its last checkpoint;
+Rerunning with the same ``--logdir`` resumes from its last checkpoint (SIGTERM or Ctrl-C
+first checkpoints the step reached, then exits 143 / 130: see `delg_tf.interrupts`);
 ``<logdir>/flags.txt`` is a flagfile of the resolved flags of the run.
 
 Flags live only in this module. They come in two groups, turned once into
@@ -35,14 +36,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from delg_tf import cli  # noqa: E402
+from delg_tf import cli, interrupts  # noqa: E402
 from delg_tf.cli import EXIT_USAGE_ERROR  # noqa: E402
 from delg_tf.configs import MODEL_FAMILIES, ConfigError  # noqa: E402
 from delg_tf.training import config as config_lib  # noqa: E402
 from delg_tf.training.config import TrainConfig  # noqa: E402
 
 EXIT_TRAINING_ERROR = 3
-EXIT_INTERRUPTED = 130
+# A second Ctrl-C (the first one checkpoints and stops: `interrupts.Interrupted`).
+EXIT_INTERRUPTED = interrupts.EXIT_INTERRUPTED
 # Placeholder for a model config's required num_classes before the data is read;
 # the trainer replaces it with --num_classes or the value read from the data.
 UNRESOLVED_NUM_CLASSES = 1

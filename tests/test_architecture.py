@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "delg_tf"
 # Lowest first. A room may import the rooms before it, never the ones after it.
 LAYERS = (
-    ("configs", "atomic", "locking", "progress", "protos", "cli"),
+    ("configs", "atomic", "locking", "interrupts", "progress", "protos", "cli"),
     ("ops",),
     ("losses",),
     ("layers",),

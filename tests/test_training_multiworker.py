@@ -3,9 +3,10 @@
 Each worker gets a `TF_CONFIG` naming both (ports picked by binding to port 0 on
 127.0.0.1). Checked: only the chief writes into --logdir; both workers end with the same
 weights (the digest each logs); the run equals a single-process run of the same global
-batch; a killed, terminated (SIGTERM) or frozen worker stops the other one with one clear
-error line within a bounded time; restarting both resumes from the chief's last
-checkpoint; workers that do not share --logdir are refused.
+batch; a killed or frozen worker stops the other one with one clear error line within a
+bounded time; restarting both resumes from the chief's last checkpoint; workers that do not
+share --logdir are refused. A terminated (SIGTERM) worker: tests/test_faults_preemption.py
+(every worker saves the step through TensorFlow's PreemptionCheckpointHandler).
 """
 
 import glob
@@ -236,8 +237,8 @@ def test_workers_with_different_logdirs_are_refused(two_worker_run, tmp_path):
 
 @pytest.mark.parametrize(
     "victim, how",
-    [(0, signal.SIGKILL), (1, signal.SIGSTOP), (1, signal.SIGTERM)],
-    ids=["chief_killed", "worker_frozen", "worker_terminated"],
+    [(0, signal.SIGKILL), (1, signal.SIGSTOP)],
+    ids=["chief_killed", "worker_frozen"],
 )
 def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
     logdir = str(tmp_path / "run")
@@ -253,7 +254,7 @@ def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
         lost_at = time.time()
         if how != signal.SIGSTOP:
             try:
-                victim_code = workers.processes[victim].wait(timeout=SURVIVOR_EXIT_TIMEOUT_S)
+                workers.processes[victim].wait(timeout=SURVIVOR_EXIT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"worker {victim} ignored signal {how}")
         try:
@@ -276,17 +277,8 @@ def test_lost_worker_stops_the_run_then_both_resume(tmp_path, victim, how):
     assert "multi-worker training stopped at step" in errors[0]
     assert "restart every worker of TF_CONFIG" in errors[0]
     assert f"resume from the chief's last checkpoint {logdir}/ckpt-{saved}" in errors[0]
-    if how == signal.SIGTERM:  # The worker stops itself, with its own error line.
-        victim_errors = [
-            line for line in workers.text(victim).splitlines() if line.startswith("error: ")
-        ]
-        assert victim_code == EXIT_TRAINING_ERROR and len(victim_errors) == 1, workers.text(victim)[
-            -3000:
-        ]
-        assert f"/job:worker/task:{victim} received SIGTERM and stopped" in victim_errors[0]
-        assert "restart every worker of TF_CONFIG" in victim_errors[0]
     for scratch in SCRATCH.findall(workers.text(1)):
-        if victim == 1 and how != signal.SIGTERM:  # No chance to clean up.
+        if victim == 1:  # No chance to clean up.
             shutil.rmtree(scratch, ignore_errors=True)
         assert not os.path.exists(scratch)
     print(f"survivor exited {waited:.1f} s after signal {how}: {errors[0]}")

@@ -33,10 +33,20 @@ pipeline and keeps its replicas' slices of each global batch (tf.data DATA shard
 so the global batches are those of a single-process run with the same flags; every
 worker must see the same --logdir (a shared folder), from which all of them resume;
 only the chief writes into it. A lost worker stops the others with `WorkerLostError`.
+
+Preemption: SIGTERM or SIGINT (a scheduler's preemption, `kill <pid>`, Ctrl-C) stops a
+run at the next step boundary: it saves a checkpoint of that step, then raises
+`delg_tf.interrupts.Terminated` / `Interrupted` (exit 143 / 130 from the command line)
+naming it; rerunning the same command resumes from it (with the default strategy the
+data iterator position is in the checkpoint too: the run ends with the weights of an
+uninterrupted one). Damaged checkpoints: the run resumes from the newest checkpoint that
+reads back whole (`delg_tf.training.runs.restorable_checkpoint`, a warning naming the
+damaged one and the previous one used).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -44,6 +54,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,6 +64,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from delg_tf import interrupts
 from delg_tf.configs import ConfigError
 from delg_tf.locking import output_lock
 from delg_tf.training import config as config_lib
@@ -79,6 +91,10 @@ SCALARS_PLUGIN_NAME = "scalars"
 # Added to the data seed per resumed step when the iterator position is not
 # checkpointed, so that a resumed run does not replay the first batches.
 RESEED_MULTIPLIER = 1_000_003
+# Prefix of the (empty) folder given to a multi-worker run's PreemptionCheckpointHandler.
+PREEMPTION_SCRATCH_PREFIX = "delg_tf_preemption_"
+# Name prefix of the handler's thread watching the other workers' preemption notices.
+PREEMPTION_WATCHER_THREAD_PREFIX = "PeerTerminationWatcher-"
 # Hex digits of the weights digest logged at the end of a run.
 WEIGHTS_DIGEST_CHARS = 16
 
@@ -310,9 +326,12 @@ def train(config: TrainConfig, model_config=None, *,
         DataError: missing or empty data.
         NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
         WorkerLostError: a worker of a multi-worker run died or froze.
-        WorkerTerminatedError: this worker of a multi-worker run received SIGTERM.
+        WorkerTerminatedError: this worker of a multi-worker run received SIGTERM before
+            its training loop (in the loop: `interrupts.Terminated`, see below).
         TrainingError: the workers of a multi-worker run resume from different steps, or
             no checkpoint of a resumed --logdir reads back.
+        delg_tf.interrupts.Stopped: SIGTERM / SIGINT; a checkpoint of the step reached
+            was saved (the message names it).
         LockedError: another run is training into `config.logdir` (one line naming it).
     """
     configure_runtime(config)
@@ -321,7 +340,8 @@ def train(config: TrainConfig, model_config=None, *,
             or threading.current_thread() is not threading.main_thread()):
         return _train(config, model_config, model_fn, data_fn, strategy)
     # TensorFlow's coordination service takes SIGTERM over (as a preemption notice that
-    # nothing acts on): without this handler `kill <pid>` would not stop the worker.
+    # nothing acts on): without this handler `kill <pid>` would not stop the worker. In the
+    # training loop the PreemptionCheckpointHandler replaces it (`_preemption_handler`).
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm(config.logdir, strategy))
     try:
         return _train(config, model_config, model_fn, data_fn, strategy)
@@ -465,11 +485,35 @@ def _train_holding_logdir(config, model_config, model_fn, data_fn, strategy) -> 
 
     last_saved = latest
     tic, tic_step = time.perf_counter(), start_step
-    current = start_step
+    current = saved_step = start_step
+    # Single process: SIGTERM / SIGINT are recorded and acted on at the next step boundary.
+    # Multi-worker: TensorFlow's PreemptionCheckpointHandler (see `_preemption_handler`).
+    handlers = contextlib.ExitStack()
+    stop = (interrupts.StopRequest() if multi_worker
+            else handlers.enter_context(interrupts.stop_requests()))
+
+    def save_preemption_checkpoint():
+        nonlocal last_saved, saved_step
+        saved_step = int(step.numpy())
+        last_saved = manager.save(checkpoint_number=saved_step)
+        logger.info("preemption: saved checkpoint %s", last_saved)
+
+    preemption = (_preemption_handler(strategy, save_preemption_checkpoint, handlers)
+                  if multi_worker else None)
     try:
         while current < config.max_iters:
+            if stop.requested:  # a step boundary: save this step, then stop.
+                if saved_step != current:
+                    last_saved = manager.save(checkpoint_number=current)
+                saved = (f"checkpoint {last_saved} saved" if last_saved
+                         else "no step trained, nothing saved")
+                raise stop.error(
+                    f"training stopped by {stop.name} at step {current}/{config.max_iters}: "
+                    f"{saved}; rerun the same command (same --logdir={logdir}) to resume "
+                    f"from step {current}.")
             try:
-                metrics = train_one_step(train_iterator)
+                metrics = (train_one_step(train_iterator) if preemption is None
+                           else preemption.run(train_one_step, train_iterator))
             except (tf.errors.OutOfRangeError, StopIteration) as e:
                 raise _empty_data_error(data, config, current) from e
             current = int(step.numpy())
@@ -502,18 +546,28 @@ def _train_holding_logdir(config, model_config, model_fn, data_fn, strategy) -> 
                 _run_validation(strategy, validate_one_step, data.validation,
                                 config.validation_steps, validation_writer, current)
             if current % config.checkpoint_interval == 0 or current == config.max_iters:
-                last_saved = manager.save(checkpoint_number=current)
+                last_saved, saved_step = manager.save(checkpoint_number=current), current
                 logger.info("saved checkpoint %s", last_saved)
+    except _PreemptionSaved:
+        raise interrupts.Terminated(
+            f"multi-worker training stopped at step {saved_step} on {task_name(strategy)} for "
+            "a preemption notice (SIGTERM to a worker of the cluster): every worker saved "
+            f"that step (the chief into {logdir / f'{CHECKPOINT_PREFIX}-{saved_step}'}); "
+            "restart every worker with the same command to resume from it.",
+            signal.SIGTERM) from None
     except COLLECTIVE_FAILURES as e:
         if not multi_worker:
             raise
         raise _worker_lost_error(e, strategy, logdir, current) from e
     finally:
+        handlers.close()
         for writer in (train_writer, validation_writer):
             if writer is not None:
                 writer.close()
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+    if preemption is not None:
+        _stop_preemption_watchers(preemption)
     task = task_name(strategy)
     logger.info("model weights at step %d: sha256 %s (%d variables)%s", current,
                 weights_digest(model), len(model.weights), f" on {task}" if task else "")
@@ -581,6 +635,75 @@ def _stop_on_sigterm(logdir, strategy):
             f"other workers stop too); {_restart_advice(logdir)}.")
 
     return stop
+
+
+class _PreemptionSaved(Exception):
+    """Raised by the PreemptionCheckpointHandler's exit_fn once the checkpoint is saved."""
+
+
+def _raise_preemption_saved():
+    raise _PreemptionSaved()
+
+
+def _preemption_handler(strategy, save, cleanup: contextlib.ExitStack):
+    """TensorFlow's `PreemptionCheckpointHandler` for a multi-worker run, or None where it
+    does nothing (Google Cloud CPU / TPU VMs: the SIGTERM handler of `train` stays).
+
+    On SIGTERM to any worker, the handler (SIGTERM handler, coordination-service keys)
+    makes every worker agree on the next step, call `save` there (our CheckpointManager:
+    the chief into --logdir, the others into their scratch folders) and then its exit_fn,
+    which raises `_PreemptionSaved`. The handler restores nothing: it gets an empty
+    checkpoint and folder of its own (the trainer restores, damaged checkpoints
+    included), and `save` replaces its saving.
+    """
+    from tensorflow.python.distribute.failure_handling import failure_handling_util
+
+    if failure_handling_util.detect_platform() in (
+            failure_handling_util.PlatformDevice.GCE_CPU,
+            failure_handling_util.PlatformDevice.GCE_TPU):
+        logger.warning("PreemptionCheckpointHandler does nothing on this platform: SIGTERM "
+                       "stops the worker without a checkpoint")
+        return None
+    folder = tempfile.mkdtemp(prefix=PREEMPTION_SCRATCH_PREFIX)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+    config = tf.distribute.experimental.TerminationConfig(exit_fn=_raise_preemption_saved,
+                                                          save_fn=save)
+    _quiet_preemption_watcher_errors()
+    handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver, tf.train.Checkpoint(), os.path.join(folder, "handler"),
+        config)
+    return handler
+
+
+def _quiet_preemption_watcher_errors():
+    """Logs in one line, without a traceback, the TensorFlow error ending the handler's
+    watcher thread when a worker is lost (the coordination service is gone; the main
+    thread reports it as `WorkerLostError`); other threads' errors as before."""
+    previous = threading.excepthook
+    if getattr(previous, "delg_tf_preemption", False):
+        return
+
+    def hook(args):
+        thread = args.thread.name if args.thread is not None else ""
+        if (thread.startswith(PREEMPTION_WATCHER_THREAD_PREFIX)
+                and issubclass(args.exc_type, tf.errors.OpError)):
+            logger.info("%s ended: %s: %s", thread, args.exc_type.__name__,
+                        " ".join(str(args.exc_value).split())[:200])
+            return
+        previous(args)
+
+    hook.delg_tf_preemption = True
+    threading.excepthook = hook
+
+
+def _stop_preemption_watchers(handler):
+    """Ends the handler's watcher thread (blocked on a coordination-service key until the
+    handler is deleted: what its __del__ does) once every worker finished training; left
+    to die with the process after an error (a lost worker may never answer)."""
+    # pylint: disable=protected-access
+    handler._stop_cluster_wise_termination_watcher_thread()
+    handler._stop_poll_termination_signal_thread()
 
 
 def _restore(path, model, optimizer, step, iterator):
