@@ -80,11 +80,17 @@ def as_rules(expected_errors) -> Tuple[ErrorRule, ...]:
     if callable(expected_errors) and not isinstance(expected_errors, type):
         expected_errors = expected_errors()
     if _is_class_or_classes(expected_errors):
-        return (ErrorRule(expected_errors if isinstance(expected_errors, tuple)
-                          else (expected_errors,)),)
-    return tuple(rule if isinstance(rule, ErrorRule)
-                 else ErrorRule(rule if isinstance(rule, tuple) else (rule,))
-                 for rule in expected_errors)
+        return (
+            ErrorRule(
+                expected_errors if isinstance(expected_errors, tuple) else (expected_errors,)
+            ),
+        )
+    return tuple(
+        rule
+        if isinstance(rule, ErrorRule)
+        else ErrorRule(rule if isinstance(rule, tuple) else (rule,))
+        for rule in expected_errors
+    )
 
 
 def print_error(message, exit_code: int = EXIT_USAGE_ERROR) -> int:
@@ -108,7 +114,8 @@ def matching_rule(error: BaseException, expected_errors) -> Optional[ErrorRule]:
 
 def report_errors(function, *args, expected_errors=DEFAULT_EXPECTED_ERRORS, **kwargs):
     """Returns `function(*args, **kwargs)`; an expected error exits via `fail` (as does
-    `Stopped`, with its signal's exit code)."""
+    `Stopped`, with its signal's exit code).
+    """
     try:
         return function(*args, **kwargs)
     except BaseException as error:  # noqa: B902 - re-raised unless it is expected.
@@ -120,8 +127,9 @@ def report_errors(function, *args, expected_errors=DEFAULT_EXPECTED_ERRORS, **kw
         fail(rule.describe(error), rule.exit_code)
 
 
-def run_main(define_flags, main_from_flags, expected_errors=DEFAULT_EXPECTED_ERRORS,
-             flags_parser=None):
+def run_main(
+    define_flags, main_from_flags, expected_errors=DEFAULT_EXPECTED_ERRORS, flags_parser=None
+):
     """Console entry point body: absl `app.run` of `main_from_flags(FLAGS)`.
 
     Args:
@@ -205,18 +213,27 @@ def _type_hint(cls, field):
 
 
 def field_kind(cls, field) -> str:
-    """"bool", "int", "float", "str", "list" (tuples, lists) or "json" (dicts): the flag
-    type of a dataclass field, from its type hint (Optional[X] as X; others "str")."""
+    """The flag type of a dataclass field, from its type hint (Optional[X] as X).
+
+    One of "bool", "int", "float", "str", "list" (tuples, lists) or "json" (dicts); other
+    hints give "str".
+    """
     hint = _type_hint(cls, field)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         hint = args[0]
     origin = typing.get_origin(hint) or hint
-    for kind, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)),
-                        ("str", (str,)), ("list", (tuple, list)), ("json", (dict,))):
+    for kind, types in (
+        ("bool", (bool,)),
+        ("int", (int,)),
+        ("float", (float,)),
+        ("str", (str,)),
+        ("list", (tuple, list)),
+        ("json", (dict,)),
+    ):
         if isinstance(origin, type) and issubclass(origin, types):
             return kind
-    default = (field.default if field.default is not dataclasses.MISSING else None)
+    default = field.default if field.default is not dataclasses.MISSING else None
     if isinstance(default, bool):
         return "bool"
     return "str"
@@ -302,8 +319,14 @@ def define_config_flags(cls, flag_values=None, *, skip=(), choices=None, unset=F
         if unset:
             help_text = f"{help_text.rstrip('.')} (default {format_default(default)})."
             default = None
-        define_flag(flag_values, field_kind(cls, field), field.name, default, help_text,
-                    choices.get(field.name))
+        define_flag(
+            flag_values,
+            field_kind(cls, field),
+            field.name,
+            default,
+            help_text,
+            choices.get(field.name),
+        )
     return flag_values
 
 
@@ -323,15 +346,19 @@ def flag_to_field(cls, field, value):
             return tuple(element(v) for v in value)
         except ValueError as e:
             plural = _ELEMENT_NAMES.get(element, element.__name__)
-            raise ConfigError(f"--{field.name} must be a comma-separated list of {plural}; "
-                              f"received {value!r}.", field.name) from e
+            raise ConfigError(
+                f"--{field.name} must be a comma-separated list of {plural}; received {value!r}.",
+                field.name,
+            ) from e
     if kind == "json":
         try:
             return json.loads(value)
         except ValueError as e:
-            raise ConfigError(f"--{field.name} must be a JSON object such as "
-                              f"'{{\"base_width\": 16}}'; received {value!r}.",
-                              field.name) from e
+            raise ConfigError(
+                f"--{field.name} must be a JSON object such as "
+                f"'{{\"base_width\": 16}}'; received {value!r}.",
+                field.name,
+            ) from e
     return value
 
 

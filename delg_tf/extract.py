@@ -53,8 +53,18 @@ ERROR_LOG_HEADER = "name\treason\tmessage\n"
 EXIT_RUN_ERROR = 3
 DELF_SUBDIR = "delf"
 # errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
-OUTPUT_DIR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-                               errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+OUTPUT_DIR_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+    }
+)
 
 
 class ExtractOutputError(OSError):
@@ -85,7 +95,8 @@ def _is_within(path, folder):
 
 def output_dir_error(error, output_dir):
     """`ExtractOutputError` naming `output_dir` and the fix if `error` (an OSError) is a
-    failure to create or write it, else None."""
+    failure to create or write it, else None.
+    """
     if error.errno not in OUTPUT_DIR_ERRNOS:
         return None
     if error.filename is not None and not _is_within(error.filename, output_dir):
@@ -93,7 +104,8 @@ def output_dir_error(error, output_dir):
     reason = os.strerror(error.errno)
     return ExtractOutputError(
         f"cannot write to --output_dir {output_dir} ({reason}); pass a folder you can write to "
-        "(not under a file) on a disk with free space, then rerun (finished images are kept).")
+        "(not under a file) on a disk with free space, then rerun (finished images are kept)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +148,18 @@ class ExtractConfig:
     def __post_init__(self):
         require(self.output_dir, "output_dir", "where the feature store goes")
         if not self.delf_config and not self.model_path:
-            raise ConfigError("give --delf_config (a DelfConfig .pbtxt) and/or --model_path (a "
-                              "SavedModel directory); received neither.", "model_path")
+            raise ConfigError(
+                "give --delf_config (a DelfConfig .pbtxt) and/or --model_path (a "
+                "SavedModel directory); received neither.",
+                "model_path",
+            )
         expect_int("num_shards", self.num_shards, 1)
-        expect(is_int(self.shard_index) and 0 <= self.shard_index < self.num_shards,
-               "shard_index", f"in [0, --num_shards={self.num_shards})", self.shard_index)
+        expect(
+            is_int(self.shard_index) and 0 <= self.shard_index < self.num_shards,
+            "shard_index",
+            f"in [0, --num_shards={self.num_shards})",
+            self.shard_index,
+        )
         expect_int("flush_every", self.flush_every, 1)
 
     @property
@@ -183,8 +202,11 @@ def list_images(images, image_root=None):
                 path = Path(line)
                 pairs.append((line, path if path.is_absolute() else root / path))
         return pairs
-    raise ConfigError(f"--images {images} does not exist; expected a folder of images or a "
-                      "text file with one image path per line.", "images")
+    raise ConfigError(
+        f"--images {images} does not exist; expected a folder of images or a "
+        "text file with one image path per line.",
+        "images",
+    )
 
 
 def image_item(item):
@@ -205,13 +227,17 @@ def image_item(item):
     if not isinstance(item, tuple):
         return Path(item).name, Path(item), None
     if len(item) not in (2, 3):
-        raise ConfigError(f"image item {item!r}: expected (name, source) or (name, source, "
-                          f"resize_factor), received {len(item)} values.")
+        raise ConfigError(
+            f"image item {item!r}: expected (name, source) or (name, source, "
+            f"resize_factor), received {len(item)} values."
+        )
     name, source = item[:2]
     factor = item[2] if len(item) == 3 else None
     if factor is not None and (not isinstance(factor, numbers.Real) or factor < 0):
-        raise ConfigError(f"image {name!r}: resize_factor must be a number >= 0 or None (the "
-                          f"extractor's default), received {factor!r}.")
+        raise ConfigError(
+            f"image {name!r}: resize_factor must be a number >= 0 or None (the "
+            f"extractor's default), received {factor!r}."
+        )
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
     return name, source, factor
@@ -219,7 +245,8 @@ def image_item(item):
 
 def load_image_source(source):
     """uint8 RGB array [H, W, 3] of an item's source (see `image_item`): a file decoded
-    like the official RgbLoader (alpha dropped), an array as is, a callable's result."""
+    like the official RgbLoader (alpha dropped), an array as is, a callable's result.
+    """
     import numpy as np
 
     from delg_tf.data.images import load_image_rgb
@@ -233,7 +260,8 @@ def load_image_source(source):
 
 def error_log_line(name, error):
     """The error log row of image `name` refused with `error` (an `ImageLoadError`):
-    `name<TAB>reason<TAB>message`, newlines in it turned into spaces, ending in one."""
+    `name<TAB>reason<TAB>message`, newlines in it turned into spaces, ending in one.
+    """
     return f"{name}\t{error.reason}\t{error}\n".replace("\n", " ").rstrip() + "\n"
 
 
@@ -280,7 +308,8 @@ def _model_description(config):
 def error_summary(error):
     """One line of an error: its message's last paragraph (a TF graph execution error
     puts the op's message after the Python stack of the node), first line, without the
-    `[[{{node ...}}]]` / `[Op:...]` tails, plus the node name if TF gives one."""
+    `[[{{node ...}}]]` / `[Op:...]` tails, plus the node name if TF gives one.
+    """
     text = str(getattr(error, "message", None) or error)
     blocks = [block for block in re.split(r"\n\s*\n", text) if block.strip()]
     lines = [line.strip() for line in (blocks[-1] if blocks else "").splitlines()]
@@ -296,12 +325,14 @@ def model_error(error, name, path, config, kept):
         f"the model ({_model_description(config)}) failed on image {name!r} ({path}): "
         f"{type(error).__name__}: {error_summary(error)}; this is a model/runtime error, not "
         f"a bad image (unreadable images go to {config.error_log}): check the model and its "
-        f"config, then rerun (the {kept} image(s) extracted so far are kept).")
+        f"config, then rerun (the {kept} image(s) extracted so far are kept)."
+    )
 
 
 def saved_model_computes_in_bfloat16(path):
     """True if the SavedModel at `path` has bfloat16 convolutions (an export made with
-    `--compute_dtype=bfloat16`); False if not, or if its graph cannot be read."""
+    `--compute_dtype=bfloat16`); False if not, or if its graph cannot be read.
+    """
     from google.protobuf.message import DecodeError
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.protobuf import saved_model_pb2
@@ -322,14 +353,16 @@ def saved_model_computes_in_bfloat16(path):
 def _check_bfloat16_export(model_path):
     """For a bfloat16 export: refuses (BFloat16UnavailableError, one line) where bfloat16
     convolutions cannot run, and logs one warning where this CPU emulates bfloat16 (the
-    graph is only read on such CPUs)."""
+    graph is only read on such CPUs).
+    """
     from delg_tf.extraction import folded
 
     if not model_path:
         return
     emulated = folded.emulated_bfloat16_reason() is not None
-    if (emulated or folded.bfloat16_convolution_error() is not None) and \
-            saved_model_computes_in_bfloat16(model_path):
+    if (
+        emulated or folded.bfloat16_convolution_error() is not None
+    ) and saved_model_computes_in_bfloat16(model_path):
         folded.check_bfloat16_runs(what=f"--model_path={model_path} (a bfloat16 export)")
         folded.warn_if_bfloat16_emulated(folded.BFLOAT16, what=f"--model_path={model_path}")
 
@@ -339,12 +372,17 @@ def _write_official_files(output_dir, relative_base, features):
 
     base = Path(output_dir) / DELF_SUBDIR / relative_base
     if features.attention.size or features.descriptors.size:
-        delf_io.write_delf(base.with_name(base.name + delf_io.DELF_EXTENSION),
-                           features.locations, features.scales, features.descriptors,
-                           features.attention)
+        delf_io.write_delf(
+            base.with_name(base.name + delf_io.DELF_EXTENSION),
+            features.locations,
+            features.scales,
+            features.descriptors,
+            features.attention,
+        )
     if features.global_descriptor.size:
-        delf_io.write_datum(base.with_name(base.name + delf_io.DELG_GLOBAL_EXTENSION),
-                            features.global_descriptor)
+        delf_io.write_datum(
+            base.with_name(base.name + delf_io.DELG_GLOBAL_EXTENSION), features.global_descriptor
+        )
 
 
 def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
@@ -382,7 +420,7 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
         raise ConfigError(f"image names must be unique; duplicated: {duplicated}.")
     # All shards write into the same delf/ folder: names are checked over all of them.
     bases = official_file_bases(names) if config.write_delf else {}
-    shard = items[config.shard_index::config.num_shards]
+    shard = items[config.shard_index :: config.num_shards]
     # The model is loaded before any output folder exists: a missing or broken
     # SavedModel / DelfConfig leaves nothing behind.
     done = completed_names(config.parts_dir)
@@ -391,19 +429,27 @@ def main(config: ExtractConfig, paths=None, extractor=None) -> Path:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # One writer per shard (other shards may run in the same folder); see delg_tf.locking.
-    with output_lock(output_dir, f"--output_dir={output_dir} (shard {config.shard_index}/"
-                     f"{config.num_shards})", name=config.lock_name):
+    with output_lock(
+        output_dir,
+        f"--output_dir={output_dir} (shard {config.shard_index}/{config.num_shards})",
+        name=config.lock_name,
+    ):
         return _extract_shard(config, shard, extractor, bases, output_dir)
 
 
 def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
     """`main` once the shard's lock is held: extracts the images of `shard` not yet in
-    its parts, then consolidates the store."""
+    its parts, then consolidates the store.
+    """
     from delg_tf.data.errors import ImageLoadError
     from delg_tf.extraction.store import FeatureStoreWriter, consolidate
 
-    writer = FeatureStoreWriter(config.parts_dir, float16=config.float16,
-                                binarized=config.binarize, flush_every=config.flush_every)
+    writer = FeatureStoreWriter(
+        config.parts_dir,
+        float16=config.float16,
+        binarized=config.binarize,
+        flush_every=config.flush_every,
+    )
     todo = [item for item in shard if item[0] not in writer.done]
     if extractor is None and todo:  # the images of a corrupted part set aside by the writer
         extractor = make_extractor(config)
@@ -413,8 +459,11 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
     iterator = progress_bar(todo, "extract", "img", enabled=config.progress)
     # SIGTERM / SIGINT: the image in progress is finished, the queued ones are flushed to a
     # complete part (the writer's exit), then `Terminated` / `Interrupted` is raised.
-    with interrupts.stop_requests() as stop, \
-            open(config.error_log, "a", encoding="utf-8") as log, writer:
+    with (
+        interrupts.stop_requests() as stop,
+        open(config.error_log, "a", encoding="utf-8") as log,
+        writer,
+    ):
         if log.tell() == 0:
             log.write(ERROR_LOG_HEADER)
         for name, source, resize_factor in iterator:
@@ -434,8 +483,7 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
                     features = extractor(image, resize_factor=resize_factor)
             except Exception as e:  # noqa: BLE001 - the image is fine: the model failed.
                 # Queued images are flushed to a part when the `with` exits.
-                raise model_error(e, name, describe_source(source), config,
-                                  len(writer.done)) from e
+                raise model_error(e, name, describe_source(source), config, len(writer.done)) from e
             writer.add(name, features)
             if config.write_delf:
                 _write_official_files(output_dir, bases[name], features)
@@ -443,18 +491,22 @@ def _extract_shard(config, shard, extractor, bases, output_dir) -> Path:
         raise stop.error(
             f"extraction stopped by {stop.name}: the {len(writer.done)} image(s) extracted "
             f"so far are in complete parts in {config.parts_dir} (the store is resumable); "
-            "rerun the same command to extract the others and write the store.")
+            "rerun the same command to extract the others and write the store."
+        )
     extracted = len(todo) - failures
     if shard and extracted + skipped == 0:
         suffix = f" of shard {config.shard_index}/{config.num_shards}" if config.suffix else ""
         raise NoImageExtractedError(
             f"all {failures} of {len(shard)} images{suffix} failed, none extracted (no store "
             f"written); the reason of each is in {config.error_log}: check --images / "
-            "--image_root and the image files.")
+            "--image_root and the image files."
+        )
     store = consolidate(config.parts_dir, config.store_path, order=[n for n, _, _ in shard])
-    print(f"extract: shard {config.shard_index}/{config.num_shards}: {len(shard)} images, "
-          f"{extracted} extracted, {skipped} already done, {failures} failed "
-          f"(see {config.error_log}) in {time.time() - started:.1f} s; store: {store}")
+    print(
+        f"extract: shard {config.shard_index}/{config.num_shards}: {len(shard)} images, "
+        f"{extracted} extracted, {skipped} already done, {failures} failed "
+        f"(see {config.error_log}) in {time.time() - started:.1f} s; store: {store}"
+    )
     return store
 
 
@@ -486,9 +538,14 @@ def cli():
     """Console entry point."""
     from delg_tf import cli as runner
 
-    runner.run_main(_define_flags, _main_from_flags, expected_errors=[
-        runner.ErrorRule((ExtractRunError,), EXIT_RUN_ERROR),
-        runner.ErrorRule(runner.DEFAULT_EXPECTED_ERRORS + (ExtractOutputError,))])
+    runner.run_main(
+        _define_flags,
+        _main_from_flags,
+        expected_errors=[
+            runner.ErrorRule((ExtractRunError,), EXIT_RUN_ERROR),
+            runner.ErrorRule(runner.DEFAULT_EXPECTED_ERRORS + (ExtractOutputError,)),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Every `import delg_tf.<room>` / `from delg_tf.<room> import ...` found anywhere in a
 module (also inside functions) must point to a room listed below the importing one.
 """
+
 import ast
 from pathlib import Path
 
@@ -28,8 +29,17 @@ LAYERS = (
     ("visualization",),
 )
 # Entry modules (flags, stages) sit on top of every room.
-ENTRY_MODULES = ("__init__", "train", "export", "extract", "extract_beam", "evaluate",
-                 "convert_official", "demo", "index")
+ENTRY_MODULES = (
+    "__init__",
+    "train",
+    "export",
+    "extract",
+    "extract_beam",
+    "evaluate",
+    "convert_official",
+    "demo",
+    "index",
+)
 # Entry modules that live inside a room's folder.
 ROOM_ENTRY_MODULES = {("data", "build_tfrecords")}
 LEVEL = {room: level for level, rooms in enumerate(LAYERS) for room in rooms}
@@ -77,21 +87,27 @@ def test_imports_point_down():
             if target == source or target in ENTRY_MODULES and target == "__init__":
                 continue
             if LEVEL.get(target, TOP) > LEVEL[source]:
-                violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({source}) "
-                                  f"imports {name} ({target})")
+                violations.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line} ({source}) "
+                    f"imports {name} ({target})"
+                )
     assert not violations, "\n".join(violations)
 
 
-@pytest.mark.parametrize("room, forbidden", [
-    ("extraction", ("serving", "official")),
-    ("matching", ("retrieval",)),
-    ("evaluation", ("training.trainer",)),
-])
+@pytest.mark.parametrize(
+    "room, forbidden",
+    [
+        ("extraction", ("serving", "official")),
+        ("matching", ("retrieval",)),
+        ("evaluation", ("training.trainer",)),
+    ],
+)
 def test_issue_13_directions(room, forbidden):
     for path in sorted((PACKAGE / room).rglob("*.py")):
         for line, _, name in _imports(path):
-            assert not any(name == f"delg_tf.{f}" or name.startswith(f"delg_tf.{f}.")
-                           for f in forbidden), f"{path}:{line} imports {name}"
+            assert not any(
+                name == f"delg_tf.{f}" or name.startswith(f"delg_tf.{f}.") for f in forbidden
+            ), f"{path}:{line} imports {name}"
 
 
 def test_export_does_not_import_evaluation():

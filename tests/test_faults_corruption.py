@@ -11,6 +11,7 @@
   one, `load_run` restores the previous one, both with a warning naming both; none
   restorable: one error naming the logdir.
 """
+
 import glob
 import logging
 import os
@@ -25,8 +26,14 @@ from PIL import Image
 
 from delg_tf import extract
 from delg_tf.extraction import delf_io
-from delg_tf.extraction.store import (CHECKSUMS_ATTR, STRING_DTYPE, FeatureStore,
-                                      FeatureStoreWriter, StoreCorruptedError, consolidate)
+from delg_tf.extraction.store import (
+    CHECKSUMS_ATTR,
+    STRING_DTYPE,
+    FeatureStore,
+    FeatureStoreWriter,
+    StoreCorruptedError,
+    consolidate,
+)
 from delg_tf.protos import feature_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,12 +49,14 @@ FLIPPED_BYTES = 16
 def _features(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, MAX_FEATURES))
-    return {"image_shape": (64, 48, 3),
-            "global_descriptor": rng.normal(size=GLOBAL_DIM).astype(np.float32),
-            "locations": rng.uniform(0, 48, (n, 2)).astype(np.float32),
-            "descriptors": rng.normal(size=(n, LOCAL_DIM)).astype(np.float32),
-            "attention": rng.uniform(0, 2, n).astype(np.float32),
-            "scales": rng.choice([0.5, 1.0, 2.0], n).astype(np.float32)}
+    return {
+        "image_shape": (64, 48, 3),
+        "global_descriptor": rng.normal(size=GLOBAL_DIM).astype(np.float32),
+        "locations": rng.uniform(0, 48, (n, 2)).astype(np.float32),
+        "descriptors": rng.normal(size=(n, LOCAL_DIM)).astype(np.float32),
+        "attention": rng.uniform(0, 2, n).astype(np.float32),
+        "scales": rng.choice([0.5, 1.0, 2.0], n).astype(np.float32),
+    }
 
 
 def _names(count=NUM_IMAGES):
@@ -81,9 +90,14 @@ def _flip_middle_chunk(path, key):
 
 def _run_cli(module, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        env=env,
+    )
 
 
 def _one_error_line(result):
@@ -96,13 +110,23 @@ def _one_error_line(result):
 
 def _evaluate(tmp_path, store_path, output):
     names = _names()
-    gnd = {"imlist": names, "qimlist": names[:3],
-           "gnd": [{"easy": np.array([i]), "hard": np.array([], np.int64),
-                    "junk": np.array([], np.int64)} for i in range(3)]}
+    gnd = {
+        "imlist": names,
+        "qimlist": names[:3],
+        "gnd": [
+            {"easy": np.array([i]), "hard": np.array([], np.int64), "junk": np.array([], np.int64)}
+            for i in range(3)
+        ],
+    }
     gnd_path = tmp_path / "gnd.pkl"
     gnd_path.write_bytes(pickle.dumps(gnd))
-    return _run_cli("delg_tf.evaluate", f"--gnd_path={gnd_path}", f"--db_features={store_path}",
-                    f"--query_features={store_path}", f"--output_json={output}")
+    return _run_cli(
+        "delg_tf.evaluate",
+        f"--gnd_path={gnd_path}",
+        f"--db_features={store_path}",
+        f"--query_features={store_path}",
+        f"--output_json={output}",
+    )
 
 
 def test_flipped_global_descriptors_fail_evaluate_naming_file_and_images(tmp_path, store):
@@ -136,7 +160,7 @@ def test_flipped_local_descriptors_name_the_images_of_the_bad_rows(tmp_path, sto
 
 def test_truncated_store_gives_one_error_naming_the_file(tmp_path, store):
     data = store.read_bytes()
-    store.write_bytes(data[:len(data) // 2])
+    store.write_bytes(data[: len(data) // 2])
     with pytest.raises(StoreCorruptedError, match="truncated"):
         FeatureStore(store)
     error = _one_error_line(_evaluate(tmp_path, store, tmp_path / "eval.json"))
@@ -153,8 +177,15 @@ def test_store_written_without_checksums_reads_with_a_warning(tmp_path, store, c
                 f.create_dataset(key, data=value.astype(object), dtype=STRING_DTYPE)
             else:
                 f.create_dataset(key, data=value)
-        f.attrs.update({"format_version": 1, "float16": False, "binarized": False,
-                        "local_dim": LOCAL_DIM, "global_dim": GLOBAL_DIM})
+        f.attrs.update(
+            {
+                "format_version": 1,
+                "float16": False,
+                "binarized": False,
+                "local_dim": LOCAL_DIM,
+                "global_dim": GLOBAL_DIM,
+            }
+        )
     with caplog.at_level(logging.WARNING):
         opened = FeatureStore(old)
     assert "without checksums" in caplog.text and "no verification possible" in caplog.text
@@ -175,14 +206,18 @@ def _fake_extractor(image):
     return _features(int(np.asarray(image).sum()))
 
 
-def test_resume_moves_a_corrupted_part_aside_and_extracts_its_images_again(tmp_path,
-                                                                           caplog):
+def test_resume_moves_a_corrupted_part_aside_and_extracts_its_images_again(tmp_path, caplog):
     paths = _image_items(tmp_path / "images", 6)
-    config = extract.ExtractConfig(output_dir=str(tmp_path / "out"), model_path="unused",
-                                   flush_every=2, progress=False)
-    clean = extract.main(extract.ExtractConfig(output_dir=str(tmp_path / "clean"),
-                                               model_path="unused", progress=False),
-                         paths=paths, extractor=_fake_extractor)
+    config = extract.ExtractConfig(
+        output_dir=str(tmp_path / "out"), model_path="unused", flush_every=2, progress=False
+    )
+    clean = extract.main(
+        extract.ExtractConfig(
+            output_dir=str(tmp_path / "clean"), model_path="unused", progress=False
+        ),
+        paths=paths,
+        extractor=_fake_extractor,
+    )
     extract.main(config, paths=paths, extractor=_fake_extractor)
     part = config.parts_dir / "part-000001.h5"
     with h5py.File(part, "r") as f:
@@ -203,8 +238,13 @@ def test_resume_moves_a_corrupted_part_aside_and_extracts_its_images_again(tmp_p
 def test_flipped_or_truncated_delf_and_global_files_give_one_error(tmp_path):
     features = _features(1)
     delf, datum = tmp_path / "a.jpg.delf", tmp_path / "a.jpg.delg_global"
-    delf_io.write_delf(delf, features["locations"], features["scales"],
-                       features["descriptors"], features["attention"])
+    delf_io.write_delf(
+        delf,
+        features["locations"],
+        features["scales"],
+        features["descriptors"],
+        features["attention"],
+    )
     delf_io.write_datum(datum, features["global_descriptor"])
     np.testing.assert_array_equal(delf_io.read_delf(delf)[2], features["descriptors"])
     # Official readers skip the checksum field (an unknown field).
@@ -219,7 +259,7 @@ def test_flipped_or_truncated_delf_and_global_files_give_one_error(tmp_path):
             reader(path)
         assert str(path) in str(info.value) and "checksum does not match" in str(info.value)
         assert "re-extract that image" in str(info.value)
-        path.write_bytes(data[:len(data) - 7])
+        path.write_bytes(data[: len(data) - 7])
         with pytest.raises(delf_io.FeatureFileCorruptedError, match="truncated"):
             reader(path)
     # A file without the checksum (official feature_io.WriteToFile) reads as it is.
@@ -230,6 +270,7 @@ def test_flipped_or_truncated_delf_and_global_files_give_one_error(tmp_path):
 # --------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------
+
 
 def _flip_checkpoint(prefix):
     (data,) = glob.glob(f"{prefix}.data-*")
@@ -244,18 +285,28 @@ def _train_config(logdir, max_iters):
 
     from delg_tf.training.config import TrainConfig
 
-    return TrainConfig(logdir=str(logdir), data_source="embedded",
-                       data_dir=embedded_tiny_data_dir(), embedded_preset="tiny",
-                       max_iters=max_iters, batch_size=4, image_size=64,
-                       checkpoint_interval=2, log_interval=2, summary_interval=2,
-                       validation_interval=0, max_checkpoints_to_keep=3)
+    return TrainConfig(
+        logdir=str(logdir),
+        data_source="embedded",
+        data_dir=embedded_tiny_data_dir(),
+        embedded_preset="tiny",
+        max_iters=max_iters,
+        batch_size=4,
+        image_size=64,
+        checkpoint_interval=2,
+        log_interval=2,
+        summary_interval=2,
+        validation_interval=0,
+        max_checkpoints_to_keep=3,
+    )
 
 
 def _model_config():
     from delg_tf.models.delg import DelgModelConfig
 
-    return DelgModelConfig(num_classes=1, backbone="tiny", embedding_dim=16, local_dim=8,
-                           attention_hidden=8)
+    return DelgModelConfig(
+        num_classes=1, backbone="tiny", embedding_dim=16, local_dim=8, attention_hidden=8
+    )
 
 
 def test_flipped_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):

@@ -12,6 +12,7 @@
 * `delg_tf.interrupts.stop_requests` records SIGINT too (exit 130) and a second SIGINT
   raises KeyboardInterrupt.
 """
+
 import os
 import re
 import signal
@@ -35,16 +36,26 @@ TIMEOUT_S = 300
 POLL_S = 0.05
 MAX_ITERS = 30
 STOP_AFTER_STEP = 10
-TRAIN_FLAGS = ("--flagfile=configs/demo.flags", f"--max_iters={MAX_ITERS}",
-               "--checkpoint_interval=1000", "--log_interval=1", "--summary_interval=1000",
-               "--validation_interval=0")
+TRAIN_FLAGS = (
+    "--flagfile=configs/demo.flags",
+    f"--max_iters={MAX_ITERS}",
+    "--checkpoint_interval=1000",
+    "--log_interval=1",
+    "--summary_interval=1000",
+    "--validation_interval=0",
+)
 STOPPED = re.compile(r"training stopped by SIGTERM at step (\d+)/(\d+): checkpoint (\S+) saved")
 DIGEST = re.compile(r"model weights at step (\d+): sha256 (\w+)")
 # Not model state (the object graph; the iterator's serialized state holds file paths).
 NOT_COMPARED = ("_CHECKPOINTABLE_OBJECT_GRAPH", "data_iterator/.ATTRIBUTES/ITERATOR_STATE")
-EXTRACT_CONFIG = ExportConfig(image_scales=(0.5, 1.0), global_scales_ind=(1,),
-                              score_threshold=0.0, max_feature_num=20, max_image_size=64,
-                              warmup=False)
+EXTRACT_CONFIG = ExportConfig(
+    image_scales=(0.5, 1.0),
+    global_scales_ind=(1,),
+    score_threshold=0.0,
+    max_feature_num=20,
+    max_image_size=64,
+    warmup=False,
+)
 NUM_IMAGES = 120
 FLUSH_EVERY = 4
 IMAGE_SIDE = 64
@@ -58,8 +69,13 @@ def _env():
 
 def _start(module, args, log):
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=_env(),
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_for(process, log, predicate, what):
@@ -77,23 +93,42 @@ def _error_lines(text):
 
 def _tensors(prefix):
     reader = tf.train.load_checkpoint(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name not in NOT_COMPARED}
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name not in NOT_COMPARED
+    }
 
 
 def test_sigterm_during_training_checkpoints_the_step_and_the_rerun_matches(tmp_path):
     data = f"--data_dir={tmp_path / 'data'}"
-    clean = subprocess.run([sys.executable, "-m", "delg_tf.train", *TRAIN_FLAGS, data,
-                            f"--logdir={tmp_path / 'clean'}"], cwd=REPO, env=_env(),
-                           capture_output=True, text=True, timeout=TIMEOUT_S)
+    clean = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "delg_tf.train",
+            *TRAIN_FLAGS,
+            data,
+            f"--logdir={tmp_path / 'clean'}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     logdir, log = tmp_path / "stopped", tmp_path / "stopped.log"
     args = [*TRAIN_FLAGS, data, f"--logdir={logdir}"]
     process = _start("delg_tf.train", args, log)
     try:
-        _wait_for(process, log, lambda: f"step {STOP_AFTER_STEP}/{MAX_ITERS}:" in
-                  open(log).read(), f"log line of step {STOP_AFTER_STEP}")
+        _wait_for(
+            process,
+            log,
+            lambda: f"step {STOP_AFTER_STEP}/{MAX_ITERS}:" in open(log).read(),
+            f"log line of step {STOP_AFTER_STEP}",
+        )
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=TIMEOUT_S)
     finally:
@@ -113,11 +148,18 @@ def test_sigterm_during_training_checkpoints_the_step_and_the_rerun_matches(tmp_
     assert checkpoint_step(tf.train.latest_checkpoint(str(logdir))) == stopped_at
     print(f"stopped at step {stopped_at} (SIGTERM after the line of step {STOP_AFTER_STEP})")
 
-    resumed = subprocess.run([sys.executable, "-m", "delg_tf.train", *args], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "delg_tf.train", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint {logdir}/ckpt-{stopped_at} at step {stopped_at}" in (
-        resumed.stderr)
+        resumed.stderr
+    )
     assert "restored the data iterator position" in resumed.stderr
     # Bit-identical final weights and optimizer state (the logged digests agree too).
     assert DIGEST.findall(resumed.stderr) == DIGEST.findall(clean.stderr)
@@ -128,15 +170,18 @@ def test_sigterm_during_training_checkpoints_the_step_and_the_rerun_matches(tmp_
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-def test_sigterm_to_a_worker_checkpoints_the_step_on_every_worker_then_both_resume(
-        tmp_path):
+def test_sigterm_to_a_worker_checkpoints_the_step_on_every_worker_then_both_resume(tmp_path):
     from test_training_multiworker import SCRATCH, WORKERS, Workers, _checkpoint_step
 
     logdir = str(tmp_path / "run")
     workers = Workers(str(tmp_path), [logdir] * WORKERS, "--max_iters=1000000")
     try:
-        _wait_for(workers.processes[0], workers.logs[0],
-                  lambda: _checkpoint_step(logdir) is not None, "first checkpoint")
+        _wait_for(
+            workers.processes[0],
+            workers.logs[0],
+            lambda: _checkpoint_step(logdir) is not None,
+            "first checkpoint",
+        )
         workers.processes[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=TIMEOUT_S) for p in workers.processes]
     finally:
@@ -146,8 +191,10 @@ def test_sigterm_to_a_worker_checkpoints_the_step_on_every_worker_then_both_resu
     saved = _checkpoint_step(logdir)
     for index, text in enumerate(texts):
         (error,) = _error_lines(text)
-        assert (f"multi-worker training stopped at step {saved} on /job:worker/task:{index} "
-                "for a preemption notice") in error
+        assert (
+            f"multi-worker training stopped at step {saved} on /job:worker/task:{index} "
+            "for a preemption notice"
+        ) in error
         assert f"the chief into {logdir}/ckpt-{saved}" in error
         assert "restart every worker with the same command" in error
     for scratch in SCRATCH.findall(texts[1]):
@@ -164,8 +211,9 @@ def test_sigterm_to_a_worker_checkpoints_the_step_on_every_worker_then_both_resu
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    return export_saved_model(TinyDelgStandIn(), tmp_path_factory.mktemp("fx") / "export",
-                              EXTRACT_CONFIG)
+    return export_saved_model(
+        TinyDelgStandIn(), tmp_path_factory.mktemp("fx") / "export", EXTRACT_CONFIG
+    )
 
 
 def _assert_same_store(path_a, path_b):
@@ -176,25 +224,40 @@ def _assert_same_store(path_a, path_b):
 
 
 def test_sigterm_during_extract_flushes_a_part_and_the_rerun_gives_the_same_store(
-        tmp_path, export_dir):
+    tmp_path, export_dir
+):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(NUM_IMAGES):
         Image.fromarray(random_image(IMAGE_SIDE, IMAGE_SIDE, seed=i)).save(
-            images / f"img_{i:04d}.jpg")
-    common = [f"--images={images}", f"--model_path={export_dir}",
-              f"--flush_every={FLUSH_EVERY}", "--noprogress"]
-    clean = subprocess.run([sys.executable, "-m", "delg_tf.extract", *common,
-                            f"--output_dir={tmp_path / 'clean'}"], cwd=REPO, env=_env(),
-                           capture_output=True, text=True, timeout=TIMEOUT_S)
+            images / f"img_{i:04d}.jpg"
+        )
+    common = [
+        f"--images={images}",
+        f"--model_path={export_dir}",
+        f"--flush_every={FLUSH_EVERY}",
+        "--noprogress",
+    ]
+    clean = subprocess.run(
+        [sys.executable, "-m", "delg_tf.extract", *common, f"--output_dir={tmp_path / 'clean'}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     out, log = tmp_path / "stopped", tmp_path / "extract.log"
     parts = out / "features.parts"
     process = _start("delg_tf.extract", [*common, f"--output_dir={out}"], log)
     try:
-        _wait_for(process, log, lambda: parts.is_dir() and len(list(parts.glob("part-*.h5"))),
-                  "first part")
+        _wait_for(
+            process,
+            log,
+            lambda: parts.is_dir() and len(list(parts.glob("part-*.h5"))),
+            "first part",
+        )
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=TIMEOUT_S)
     finally:
@@ -203,9 +266,12 @@ def test_sigterm_during_extract_flushes_a_part_and_the_rerun_gives_the_same_stor
     text = open(log).read()
     assert code == interrupts.EXIT_TERMINATED, text[-3000:]
     (error,) = _error_lines(text)
-    match = re.search(r"extraction stopped by SIGTERM: the (\d+) image\(s\) extracted so far "
-                      rf"are in complete parts in {re.escape(str(parts))} \(the store is "
-                      r"resumable\); rerun the same command", error)
+    match = re.search(
+        r"extraction stopped by SIGTERM: the (\d+) image\(s\) extracted so far "
+        rf"are in complete parts in {re.escape(str(parts))} \(the store is "
+        r"resumable\); rerun the same command",
+        error,
+    )
     assert match, error
     done = int(match.group(1))
     assert 0 < done < NUM_IMAGES
@@ -215,9 +281,14 @@ def test_sigterm_during_extract_flushes_a_part_and_the_rerun_gives_the_same_stor
     assert len(flushed.names) == done
     flushed.arrays()
 
-    resumed = subprocess.run([sys.executable, "-m", "delg_tf.extract", *common,
-                              f"--output_dir={out}"], cwd=REPO, env=_env(),
-                             capture_output=True, text=True, timeout=TIMEOUT_S)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "delg_tf.extract", *common, f"--output_dir={out}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{done} already done" in resumed.stdout
     _assert_same_store(tmp_path / "clean" / "features.h5", out / "features.h5")

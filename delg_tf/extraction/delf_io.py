@@ -65,8 +65,7 @@ def _varint(value):
 
 
 # The bytes before the digest: the field's tag, then the digest length.
-CHECKSUM_PREFIX = (_varint(CHECKSUM_FIELD_NUMBER << 3 | _LENGTH_DELIMITED)
-                   + _varint(_DIGEST_BYTES))
+CHECKSUM_PREFIX = _varint(CHECKSUM_FIELD_NUMBER << 3 | _LENGTH_DELIMITED) + _varint(_DIGEST_BYTES)
 
 
 class FeatureFileCorruptedError(ValueError):
@@ -82,7 +81,8 @@ def _corrupted(path, what, reason):
     return FeatureFileCorruptedError(
         f"{path}: corrupted {what} file ({reason}); the features of its image cannot be "
         "trusted: re-extract that image to rewrite it (`python -m delg_tf.extract "
-        "--write_delf` into a new --output_dir, or the official extract_features.py).")
+        "--write_delf` into a new --output_dir, or the official extract_features.py)."
+    )
 
 
 def verified_body(path, what):
@@ -95,20 +95,27 @@ def verified_body(path, what):
     if not data.startswith(CHECKSUM_PREFIX):
         if not _unverified_logged:
             _unverified_logged.append(path)
-            logger.info("%s has no checksum (written by the official tools or an older "
-                        "delg_tf): no verification possible; read as it is (the same for "
-                        "other such files).", path)
+            logger.info(
+                "%s has no checksum (written by the official tools or an older "
+                "delg_tf): no verification possible; read as it is (the same for "
+                "other such files).",
+                path,
+            )
         return data
     start = len(CHECKSUM_PREFIX)
-    digest, body = data[start:start + _DIGEST_BYTES], data[start + _DIGEST_BYTES:]
+    digest, body = data[start : start + _DIGEST_BYTES], data[start + _DIGEST_BYTES :]
     if hashlib.sha256(body).digest() != digest:
-        raise _corrupted(path, what, f"its SHA-256 checksum does not match its {len(data)} "
-                         "bytes: bytes changed or the file is truncated")
+        raise _corrupted(
+            path,
+            what,
+            f"its SHA-256 checksum does not match its {len(data)} "
+            "bytes: bytes changed or the file is truncated",
+        )
     return body
 
 
 def relative_output_path(name):
-    """Safe relative path (a `PurePosixPath`) for the per-image files of image `name`.
+    r"""Safe relative path (a `PurePosixPath`) for the per-image files of image `name`.
 
     Deterministic, keeps names recognisable and never leaves the output folder:
 
@@ -126,8 +133,10 @@ def relative_output_path(name):
     """
     text = str(name)
     if "\0" in text:
-        raise ValueError(f"image name {name!r} holds a NUL character; no file can be named "
-                         "after it: fix the image list.")
+        raise ValueError(
+            f"image name {name!r} holds a NUL character; no file can be named "
+            "after it: fix the image list."
+        )
     segments = []
     for segment in _NAME_SEPARATORS.split(_DRIVE.sub("", text, count=1)):
         if segment == _PARENT:
@@ -136,8 +145,10 @@ def relative_output_path(name):
         elif segment and segment != _CURRENT:
             segments.append(segment)
     if not segments:
-        raise ValueError(f"image name {name!r} names no file (nothing is left once the root, "
-                         "'.' and '..' segments are resolved): fix the image list.")
+        raise ValueError(
+            f"image name {name!r} names no file (nothing is left once the root, "
+            "'.' and '..' segments are resolved): fix the image list."
+        )
     return PurePosixPath(*segments)
 
 
@@ -174,7 +185,8 @@ def official_file_bases(names, folder="delf"):
                 f"images {owners[key]!r} and {name!r} would both be written to "
                 f"{folder}/{base}{DELF_EXTENSION} (names are mapped inside the folder: root "
                 "and drive dropped, '..' resolved, case and Unicode form ignored); rename "
-                "one of them in the image list.")
+                "one of them in the image list."
+            )
         owners[key] = name
         for parent in list(base.parents)[:-1]:
             folders.setdefault(_collision_key(parent), name)
@@ -185,12 +197,13 @@ def official_file_bases(names, folder="delf"):
                 raise ValueError(
                     f"image {name!r} would be written to {folder}/{base}{extension}, a "
                     f"folder of the files of image {other!r}; rename one of them in the "
-                    "image list.")
+                    "image list."
+                )
     return bases
 
 
 def array_to_datum(array):
-    """numpy array -> DatumProto (uint32 list for unsigned ints, float list otherwise)."""
+    """Numpy array -> DatumProto (uint32 list for unsigned ints, float list otherwise)."""
     array = np.asarray(array)
     datum = datum_pb2.DatumProto()
     if array.dtype in (np.uint8, np.uint16, np.uint32):
@@ -212,8 +225,7 @@ def datum_to_array(datum):
 
 def write_datum(path, array):
     """Writes a `.delg_global` (or any DatumProto) file."""
-    write_bytes_atomic(path, with_checksum(array_to_datum(array).SerializeToString()),
-                       parents=True)
+    write_bytes_atomic(path, with_checksum(array_to_datum(array).SerializeToString()), parents=True)
 
 
 def read_datum(path):
@@ -224,12 +236,16 @@ def read_datum(path):
         datum.ParseFromString(body)
         return datum_to_array(datum)
     except Exception as e:  # protobuf raises DecodeError (a Message.Error)
-        raise _corrupted(path, "DatumProto", f"it does not parse: {e}; expected a file written "
-                         "by datum_io.WriteToFile / delf_io.write_datum") from e
+        raise _corrupted(
+            path,
+            "DatumProto",
+            f"it does not parse: {e}; expected a file written "
+            "by datum_io.WriteToFile / delf_io.write_datum",
+        ) from e
 
 
 def arrays_to_delf_features(locations, scales, descriptors, attention, orientations=None):
-    """numpy arrays -> DelfFeatures proto (official field usage)."""
+    """Numpy arrays -> DelfFeatures proto (official field usage)."""
     locations = np.asarray(locations, np.float32).reshape(-1, 2)
     num = locations.shape[0]
     scales = np.asarray(scales, np.float32).reshape(-1)
@@ -237,12 +253,17 @@ def arrays_to_delf_features(locations, scales, descriptors, attention, orientati
     descriptors = np.asarray(descriptors)
     if orientations is None:
         orientations = np.zeros([num], np.float32)
-    sizes = {"scales": scales.shape[0], "descriptors": descriptors.shape[0] if num else 0,
-             "attention": attention.shape[0], "orientations": len(orientations)}
+    sizes = {
+        "scales": scales.shape[0],
+        "descriptors": descriptors.shape[0] if num else 0,
+        "attention": attention.shape[0],
+        "orientations": len(orientations),
+    }
     wrong = {k: v for k, v in sizes.items() if v != num}
     if wrong:
-        raise ValueError(f"DelfFeatures arrays must all have {num} rows (locations), received "
-                         f"{wrong}.")
+        raise ValueError(
+            f"DelfFeatures arrays must all have {num} rows (locations), received {wrong}."
+        )
     features = feature_pb2.DelfFeatures()
     for i in range(num):
         feature = features.feature.add()
@@ -257,12 +278,17 @@ def arrays_to_delf_features(locations, scales, descriptors, attention, orientati
 
 def delf_features_to_arrays(features):
     """DelfFeatures proto -> (locations [N,2] (y,x), scales, descriptors, attention,
-    orientations)."""
+    orientations).
+    """
     num = len(features.feature)
     if num == 0:
-        return (np.zeros([0, 2], np.float32), np.zeros([0], np.float32),
-                np.zeros([0, 0], np.float32), np.zeros([0], np.float32),
-                np.zeros([0], np.float32))
+        return (
+            np.zeros([0, 2], np.float32),
+            np.zeros([0], np.float32),
+            np.zeros([0, 0], np.float32),
+            np.zeros([0], np.float32),
+            np.zeros([0], np.float32),
+        )
     locations = np.array([[f.y, f.x] for f in features.feature], np.float32)
     scales = np.array([f.scale for f in features.feature], np.float32)
     attention = np.array([f.strength for f in features.feature], np.float32)
@@ -279,13 +305,18 @@ def write_delf(path, locations, scales, descriptors, attention, orientations=Non
 
 def read_delf(path):
     """Reads a `.delf` file: (locations, scales, descriptors, attention, orientations);
-    its checksum verified if it has one."""
+    its checksum verified if it has one.
+    """
     features = feature_pb2.DelfFeatures()
     body = verified_body(path, "DelfFeatures (.delf)")
     try:
         features.ParseFromString(body)
         return delf_features_to_arrays(features)
     except Exception as e:
-        raise _corrupted(path, "DelfFeatures (.delf)", f"it does not parse: {e}; expected a "
-                         ".delf file written by feature_io.WriteToFile or "
-                         "delf_io.write_delf") from e
+        raise _corrupted(
+            path,
+            "DelfFeatures (.delf)",
+            f"it does not parse: {e}; expected a "
+            ".delf file written by feature_io.WriteToFile or "
+            "delf_io.write_delf",
+        ) from e

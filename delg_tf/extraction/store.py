@@ -134,7 +134,8 @@ def _listed(names):
 
 def corruption_error(path, what, names=None):
     """`StoreCorruptedError` of file `path`: `what` fails; `names` the images concerned
-    (None: every image of the file, whose names cannot be read)."""
+    (None: every image of the file, whose names cannot be read).
+    """
     path = Path(path)
     if names is None:
         which = "its image names cannot be read, so every image of this file is affected"
@@ -147,7 +148,10 @@ def corruption_error(path, what, names=None):
         "delg_tf.extract` moves a corrupted part aside, extracts its images again and "
         "rebuilds the store from its parts), or re-extract "
         f"{'these images' if names is not None else 'every image of the file'}.",
-        path, names, what)
+        path,
+        names,
+        what,
+    )
 
 
 def _names_digest(names):
@@ -164,10 +168,15 @@ def _warn_unverified(paths, description):
     if not paths:
         return
     _warned_unverified.update(str(p) for p in paths)
-    logger.warning("%s: %d file(s) (e.g. %s) were written without checksums (by an older "
-                   "delg_tf): no verification possible, a corrupted byte in them would go "
-                   "unnoticed; re-extract (or rerun `python -m delg_tf.extract` on the parts "
-                   "to rebuild the store) to add them.", description, len(paths), paths[0])
+    logger.warning(
+        "%s: %d file(s) (e.g. %s) were written without checksums (by an older "
+        "delg_tf): no verification possible, a corrupted byte in them would go "
+        "unnoticed; re-extract (or rerun `python -m delg_tf.extract` on the parts "
+        "to rebuild the store) to add them.",
+        description,
+        len(paths),
+        paths[0],
+    )
 
 
 def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
@@ -178,24 +187,30 @@ def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
     """
     float_type = np.float16 if float16 else np.float32
     counts = [len(r["scores"]) for r in records]
-    arrays = {"names": np.array([r["name"] for r in records], dtype=object),
-              "image_shapes": np.array([r["image_shape"] for r in records],
-                                       np.int32).reshape(-1, 3),
-              "local_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+    arrays = {
+        "names": np.array([r["name"] for r in records], dtype=object),
+        "image_shapes": np.array([r["image_shape"] for r in records], np.int32).reshape(-1, 3),
+        "local_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    }
     if global_dim:
         rows = np.zeros([len(records), global_dim], np.float32)
         for k, r in enumerate(records):
             value = np.asarray(r["global_descriptor"], np.float32).reshape(-1)
             if value.size not in (0, global_dim):
-                raise StoreError(f"image {r['name']!r}: global descriptor of size {value.size}, "
-                                 f"expected {global_dim} like the rest of the store.")
+                raise StoreError(
+                    f"image {r['name']!r}: global descriptor of size {value.size}, "
+                    f"expected {global_dim} like the rest of the store."
+                )
             if value.size:
                 rows[k] = value
         arrays["global_descriptors"] = rows.astype(float_type)
 
     def cat(key, shape_tail, dtype):
-        parts = [np.asarray(r[key], dtype).reshape((-1,) + shape_tail)
-                 for r, n in zip(records, counts) if n]
+        parts = [
+            np.asarray(r[key], dtype).reshape((-1,) + shape_tail)
+            for r, n in zip(records, counts)
+            if n
+        ]
         return np.concatenate(parts) if parts else np.zeros((0,) + shape_tail, dtype)
 
     arrays["locations"] = cat("locations", (2,), np.float32)
@@ -218,7 +233,8 @@ def _chunk_shape(value):
 
 def _write_h5_atomic(path, arrays, attrs):
     """Writes a store file (atomic) with its checksums (see the module doc); `attrs`'
-    own checksum attributes, if any, are replaced by this file's."""
+    own checksum attributes, if any, are replaced by this file's.
+    """
     with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
         for key, value in arrays.items():
             if key == "names":
@@ -226,8 +242,13 @@ def _write_h5_atomic(path, arrays, attrs):
             else:
                 value = np.asarray(value)
                 # An empty dimension is extensible: a chunk cannot exceed a fixed one.
-                f.create_dataset(key, data=value, chunks=_chunk_shape(value), fletcher32=True,
-                                 maxshape=tuple(d or None for d in value.shape))
+                f.create_dataset(
+                    key,
+                    data=value,
+                    chunks=_chunk_shape(value),
+                    fletcher32=True,
+                    maxshape=tuple(d or None for d in value.shape),
+                )
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs[CHECKSUMS_ATTR] = CHECKSUMS
@@ -246,8 +267,9 @@ def _open_h5(path):
     except HDF5_READ_ERRORS as e:
         if _is_io_error(e):
             raise
-        raise corruption_error(path, f"it cannot be opened: {_hdf5_reason(e)}; the file is "
-                               "truncated or overwritten") from e
+        raise corruption_error(
+            path, f"it cannot be opened: {_hdf5_reason(e)}; the file is truncated or overwritten"
+        ) from e
 
 
 def _read_names(handle, path):
@@ -262,14 +284,16 @@ def _read_names(handle, path):
     except HDF5_READ_ERRORS as e:
         raise corruption_error(path, f"its 'names' cannot be read: {_hdf5_reason(e)}") from e
     if expected is not None and _names_digest(names) != expected:
-        raise corruption_error(path, f"its 'names' do not match their SHA-256 "
-                               f"({NAMES_DIGEST_ATTR} attribute)")
+        raise corruption_error(
+            path, f"its 'names' do not match their SHA-256 ({NAMES_DIGEST_ATTR} attribute)"
+        )
     return names
 
 
 def _bad_row_ranges(dataset, start, end):
     """[(first, last + 1)] of the chunks of rows [start, end) of `dataset` that fail to
-    read (checksum), one chunk at a time."""
+    read (checksum), one chunk at a time.
+    """
     step = dataset.chunks[0] if dataset.chunks else max(1, end - start)
     bad = []
     for first in range(start - start % step, end, step):
@@ -283,7 +307,8 @@ def _bad_row_ranges(dataset, start, end):
 
 def _images_of_rows(handle, key, ranges):
     """Image positions (in the file) whose rows of dataset `key` meet `ranges`; None if
-    the local offsets needed to tell cannot be read."""
+    the local offsets needed to tell cannot be read.
+    """
     if key in LOCAL_DATASETS:
         try:
             offsets = np.asarray(handle["local_offsets"][()], np.int64)
@@ -293,18 +318,28 @@ def _images_of_rows(handle, key, ranges):
         for first, last in ranges:
             lo = int(np.searchsorted(offsets, first, side="right")) - 1
             hi = int(np.searchsorted(offsets, last, side="left"))
-            images.update(k for k in range(max(lo, 0), min(hi, len(offsets) - 1))
-                          if offsets[k + 1] > offsets[k])
+            images.update(
+                k
+                for k in range(max(lo, 0), min(hi, len(offsets) - 1))
+                if offsets[k + 1] > offsets[k]
+            )
         return sorted(images)
     if key == "local_offsets":  # offset k bounds images k - 1 and k
-        return sorted({k for first, last in ranges for k in range(first - 1, last)
-                       if 0 <= k < handle["local_offsets"].shape[0] - 1})
+        return sorted(
+            {
+                k
+                for first, last in ranges
+                for k in range(first - 1, last)
+                if 0 <= k < handle["local_offsets"].shape[0] - 1
+            }
+        )
     return sorted({k for first, last in ranges for k in range(first, last)})
 
 
 def read_error(handle, path, key, start, end, error):
     """`StoreCorruptedError` for a failed read of rows [start, end) of dataset `key` of the
-    open file `handle` at `path`: names the rows of the bad chunks and their images."""
+    open file `handle` at `path`: names the rows of the bad chunks and their images.
+    """
     reason = _hdf5_reason(error)
     try:
         dataset = handle[key]
@@ -319,8 +354,7 @@ def read_error(handle, path, key, start, end, error):
         names = [names[k] for k in images] if names is not None else None
     rows = ", ".join(f"{a}-{b - 1}" for a, b in ranges[:NAMES_IN_MESSAGES])
     checksum = " (fletcher32 checksum)" if "filter" in reason else ""
-    return corruption_error(path, f"'{key}' rows {rows} fail to read{checksum}: {reason}",
-                            names)
+    return corruption_error(path, f"'{key}' rows {rows} fail to read{checksum}: {reason}", names)
 
 
 def _read_dataset(handle, path, key):
@@ -339,7 +373,8 @@ def _read_dataset(handle, path, key):
 
 def _read_h5(path):
     """({dataset: array}, attrs) of a whole file, every checksum verified (a file without
-    checksums, `attrs[CHECKSUMS_ATTR]` unset, is read as it is)."""
+    checksums, `attrs[CHECKSUMS_ATTR]` unset, is read as it is).
+    """
     with _open_h5(path) as f:
         names = _read_names(f, path)
         arrays = {key: _read_dataset(f, path, key) for key in f.keys() if key != "names"}
@@ -408,8 +443,7 @@ class FeatureStoreWriter:
       set_aside: [(corrupted part, where it was moved, its names or None)].
     """
 
-    def __init__(self, directory, float16=False, binarized=False,
-                 flush_every=DEFAULT_FLUSH_EVERY):
+    def __init__(self, directory, float16=False, binarized=False, flush_every=DEFAULT_FLUSH_EVERY):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.float16 = bool(float16)
@@ -434,12 +468,14 @@ class FeatureStoreWriter:
             self.local_dim = self.local_dim or int(attrs["local_dim"])
             self.global_dim = self.global_dim or int(attrs["global_dim"])
             if bool(attrs["float16"]) != self.float16 or (
-                    bool(attrs["binarized"]) != self.binarized):
+                bool(attrs["binarized"]) != self.binarized
+            ):
                 raise StoreError(
                     f"{part}: written with float16={bool(attrs['float16'])}, "
                     f"binarized={bool(attrs['binarized'])}; this run asks for "
                     f"float16={self.float16}, binarized={self.binarized}. Use the same "
-                    "options to resume, or another output directory.")
+                    "options to resume, or another output directory."
+                )
             self.done.update(arrays["names"])
         _warn_unverified(unverified, str(self.directory))
         self._next_part = (int(PART_PATTERN.match(parts[-1].name).group(1)) + 1) if parts else 0
@@ -453,22 +489,33 @@ class FeatureStoreWriter:
             names = None
         aside = _set_aside(part)
         self.set_aside.append((part, aside, names))
-        which = (f"its {len(names)} image(s) {_listed(names)} are" if names is not None
-                 else "its images (names unreadable) are")
-        logger.warning("resume: part %s is corrupted (%s); moved it to %s: %s extracted "
-                       "again.", part, error.what, aside, which)
+        which = (
+            f"its {len(names)} image(s) {_listed(names)} are"
+            if names is not None
+            else "its images (names unreadable) are"
+        )
+        logger.warning(
+            "resume: part %s is corrupted (%s); moved it to %s: %s extracted again.",
+            part,
+            error.what,
+            aside,
+            which,
+        )
 
     def add(self, name, features):
         """Queues the features (`DelgFeatures` or dict) of one image."""
         if name in self.done:
             raise StoreError(f"image {name!r} is already in the store {self.directory}.")
         get = (lambda k: getattr(features, k)) if not isinstance(features, dict) else features.get
-        record = {"name": name, "image_shape": tuple(get("image_shape")),
-                  "global_descriptor": get("global_descriptor"),
-                  "locations": get("locations"), "descriptors": get("descriptors"),
-                  "scores": (get("attention") if get("attention") is not None
-                             else get("scores")),
-                  "scales": get("scales")}
+        record = {
+            "name": name,
+            "image_shape": tuple(get("image_shape")),
+            "global_descriptor": get("global_descriptor"),
+            "locations": get("locations"),
+            "descriptors": get("descriptors"),
+            "scores": (get("attention") if get("attention") is not None else get("scores")),
+            "scales": get("scales"),
+        }
         global_size = np.asarray(record["global_descriptor"]).size
         if global_size and not self.global_dim:
             self.global_dim = int(global_size)
@@ -483,19 +530,24 @@ class FeatureStoreWriter:
         """Writes the queued images as one complete part (atomic)."""
         if not self._pending:
             return
-        arrays = _records_to_arrays(self._pending, self.float16, self.binarized,
-                                    self.local_dim, self.global_dim)
+        arrays = _records_to_arrays(
+            self._pending, self.float16, self.binarized, self.local_dim, self.global_dim
+        )
         path = self.directory / f"part-{self._next_part:06d}.h5"
         _write_h5_atomic(path, arrays, self._attrs(arrays))
         self._next_part += 1
         self._pending = []
 
     def _attrs(self, arrays):
-        return {"format_version": FORMAT_VERSION, "float16": self.float16,
-                "binarized": self.binarized,
-                "local_dim": int(arrays["descriptors"].shape[1]),
-                "global_dim": int(arrays["global_descriptors"].shape[1])
-                if "global_descriptors" in arrays else 0}
+        return {
+            "format_version": FORMAT_VERSION,
+            "float16": self.float16,
+            "binarized": self.binarized,
+            "local_dim": int(arrays["descriptors"].shape[1]),
+            "global_dim": int(arrays["global_descriptors"].shape[1])
+            if "global_descriptors" in arrays
+            else 0,
+        }
 
     def close(self):
         self.flush()
@@ -511,7 +563,8 @@ class FeatureStoreWriter:
 
 def _merge(arrays_list):
     """Concatenates store arrays of several parts (tolerates parts written before the
-    descriptor sizes were known: empty local datasets, no global rows)."""
+    descriptor sizes were known: empty local datasets, no global rows).
+    """
     merged = {}
     offsets, base = [np.zeros(1, np.int64)], 0
     for arrays in arrays_list:
@@ -538,8 +591,11 @@ def _reorder(arrays, order):
     """Reorders images (and their local rows) by the index array `order`."""
     offsets = arrays["local_offsets"]
     counts = np.diff(offsets)
-    rows = (np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
-            if len(order) else np.zeros(0, np.int64)).astype(np.int64)
+    rows = (
+        np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+        if len(order)
+        else np.zeros(0, np.int64)
+    ).astype(np.int64)
     out = {"local_offsets": np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)}
     for key, value in arrays.items():
         if key in ("names", "image_shapes", "global_descriptors"):
@@ -566,8 +622,9 @@ def consolidate(parts_directory, output_path, order=None):
     """
     parts = _list_parts(parts_directory)
     if not parts:
-        raise StoreError(f"{parts_directory}: no complete part files (part-NNNNNN.h5); "
-                         "nothing to consolidate.")
+        raise StoreError(
+            f"{parts_directory}: no complete part files (part-NNNNNN.h5); nothing to consolidate."
+        )
     loaded = [_read_h5(p) for p in parts]
     _warn_unverified(_unverified(zip(parts, loaded)), str(parts_directory))
     arrays = _merge([a for a, _ in loaded])
@@ -620,8 +677,9 @@ class FeatureStore:
                 try:
                     names = self._read_file_index(f, path, offsets)
                 except HDF5_READ_ERRORS as e:  # e.g. an object header failing its checksum
-                    raise corruption_error(path, "its layout cannot be read: "
-                                           f"{_hdf5_reason(e)}") from e
+                    raise corruption_error(
+                        path, f"its layout cannot be read: {_hdf5_reason(e)}"
+                    ) from e
                 if not _is_verified(f):
                     unverified.append(path)
             self.names += names
@@ -637,20 +695,24 @@ class FeatureStore:
             other = self._index.setdefault(name, k)
             if other != k:
                 first, second = self.files[self._shard[other]], self.files[self._shard[k]]
-                where = (f"{first} and {second}" if first != second else f"{first} (twice)")
+                where = f"{first} and {second}" if first != second else f"{first} (twice)"
                 raise StoreError(
                     f"image {name!r} is in {where}; each image must be in one shard: pass the "
-                    "shards of one extraction (same --num_shards), or delete the extra file.")
+                    "shards of one extraction (same --num_shards), or delete the extra file."
+                )
 
     def _read_file_index(self, f, path, offsets):
         """Reads the names (returned), local offsets (appended to `offsets`), datasets and
-        row shapes of the open file `f`."""
+        row shapes of the open file `f`.
+        """
         if not self.attrs:
             self.attrs = dict(f.attrs)
         missing = [key for key in REQUIRED_DATASETS if key not in f]
         if missing:
-            raise StoreError(f"{path}: no {missing} dataset(s); expected a feature store "
-                             "written by `python -m delg_tf.extract`.")
+            raise StoreError(
+                f"{path}: no {missing} dataset(s); expected a feature store "
+                "written by `python -m delg_tf.extract`."
+            )
         names = _read_names(f, path)
         offsets.append(np.asarray(_read_dataset(f, path, "local_offsets"), np.int64))
         self._datasets.append(frozenset(f.keys()))
@@ -661,7 +723,8 @@ class FeatureStore:
 
     def _add_shape(self, key, dataset, path):
         """Records the row shape of dataset `key`; files written before any image had
-        features hold empty (0, 0) datasets, others must agree (same extraction)."""
+        features hold empty (0, 0) datasets, others must agree (same extraction).
+        """
         tail, dtype = tuple(dataset.shape[1:]), dataset.dtype
         if dataset.shape[0] == 0 and not int(np.prod(tail)):
             self._tails.setdefault(key, (tail, dtype, path))
@@ -670,7 +733,8 @@ class FeatureStore:
         if known is not None and int(np.prod(known[0])) and known[0] != tail:
             raise StoreError(
                 f"{path}: '{key}' rows of shape {tail}, but {known[2]} has {known[0]}; the "
-                "files of one store must come from one extraction (same model and options).")
+                "files of one store must come from one extraction (same model and options)."
+            )
         if known is None or not int(np.prod(known[0])):
             self._tails[key] = (tail, dtype, path)
 
@@ -723,7 +787,8 @@ class FeatureStore:
 
     def global_rows(self, indices):
         """f32 [len(indices), D] global descriptors of images `indices` (positions in
-        `names`); zero rows for images of a file without global descriptors."""
+        `names`); zero rows for images of a file without global descriptors.
+        """
         indices = np.asarray(indices, np.int64).reshape(-1)
         out = np.zeros((indices.size, self.global_dim), np.float32)
         if not self.global_dim:
@@ -737,15 +802,20 @@ class FeatureStore:
                 if shard is None or "global_descriptors" not in self._datasets[shard]:
                     continue
                 rows = indices[where] - self._first[shard]
-                out[where] = self._read(shard, "global_descriptors", int(rows.min()),
-                                        int(rows.max()) + 1,
-                                        lambda dataset, rows=rows: _read_rows(dataset, rows))
+                out[where] = self._read(
+                    shard,
+                    "global_descriptors",
+                    int(rows.min()),
+                    int(rows.max()) + 1,
+                    lambda dataset, rows=rows: _read_rows(dataset, rows),
+                )
         return out
 
     def _read(self, shard, key, start, end, read):
         """`read(dataset)` of dataset `key` of file `shard` (caller holds the lock); a
         failed read (checksum, truncation) raises StoreCorruptedError naming the file and
-        the images of the bad rows among [start, end)."""
+        the images of the bad rows among [start, end).
+        """
         f = self._file(shard)
         try:
             return read(f[key])
@@ -770,13 +840,15 @@ class FeatureStore:
         """The `local` arrays of an image without local features."""
         key = BINARY_DESCRIPTORS if binary else "descriptors"
         tail = self._tails[key][0] if key in self._tails else (0,)
-        return (np.zeros((0, 2), np.float32),
-                np.zeros((0,) + tail, np.uint8 if binary else np.float32))
+        return (
+            np.zeros((0, 2), np.float32),
+            np.zeros((0,) + tail, np.uint8 if binary else np.float32),
+        )
 
     def local_arrays(self, i, keys=LOCAL_DATASETS):
         """{dataset: rows of image `i`} for the local datasets `keys` the store has."""
         shard, row = self._row(int(i))
-        start, end = (int(v) for v in self._offsets[shard][row:row + 2])
+        start, end = (int(v) for v in self._offsets[shard][row : row + 2])
         out = {}
         with self._lock:
             f = self._file(shard) if end > start else None
@@ -787,8 +859,9 @@ class FeatureStore:
                 if f is None or key not in self._datasets[shard]:
                     out[key] = np.zeros((0,) + tail, dtype)
                 else:
-                    out[key] = np.asarray(self._read(shard, key, start, end,
-                                                     lambda d: d[start:end]))
+                    out[key] = np.asarray(
+                        self._read(shard, key, start, end, lambda d: d[start:end])
+                    )
         return out
 
     def image_shape(self, i):
@@ -801,7 +874,8 @@ class FeatureStore:
     def get(self, name):
         """Features of one image: dict with global_descriptor, locations (y, x),
         keypoints (x, y), descriptors (float32), scores, scales, image_shape and,
-        if stored, descriptors_binary."""
+        if stored, descriptors_binary.
+        """
         i = self.index(name)
         out = {"image_shape": self.image_shape(i)}
         if self.global_dim:
@@ -861,8 +935,15 @@ class StoreSelection:
         no `descriptors_binary` with `binary`.
     """
 
-    def __init__(self, store, names, binary=False, allow_missing=False,
-                 what="feature store", owns_store=False):
+    def __init__(
+        self,
+        store,
+        names,
+        binary=False,
+        allow_missing=False,
+        what="feature store",
+        owns_store=False,
+    ):
         self.store = store
         self.binary = bool(binary)
         self._owns_store = owns_store
@@ -874,16 +955,19 @@ class StoreSelection:
                 f"{what}: {len(self.missing)} image(s) are not in {where}, e.g. "
                 f"{self.missing[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a "
                 f"{IMAGE_PREFIX} prefix); extract them first or check the store matches the "
-                "dataset.")
+                "dataset."
+            )
         if not store.global_dim:
             raise StoreError(
                 f"{what}: {where} has no global descriptors; extract with global features "
-                "enabled (a local_and_global or global export).")
+                "enabled (a local_and_global or global export)."
+            )
         key = BINARY_DESCRIPTORS if binary else "descriptors"
         if not store.has(key):
             raise StoreError(
                 f"{what}: {where} has no '{key}' dataset; extract with binarisation enabled "
-                "(--binarize) or evaluate without binary descriptors.")
+                "(--binarize) or evaluate without binary descriptors."
+            )
         self._key = key
         found = [k for k, r in enumerate(self._rows) if r is not None]
         self.global_ = np.zeros((len(names), store.global_dim), np.float32)
@@ -894,7 +978,8 @@ class StoreSelection:
 
     def local(self, i):
         """(locations f32 [N, 2] (y, x), descriptors) of image `i` (position in `names`);
-        no rows for a missing image."""
+        no rows for a missing image.
+        """
         row = self._rows[int(i)]
         if row is None:
             return self.store.empty_local(self.binary)
@@ -928,7 +1013,8 @@ def open_selection(source, names, binary=False, allow_missing=False, what="featu
 
 def _read_rows(dataset, rows):
     """dataset[rows] as float32 for `rows` in any order, read in slabs of at most `READ_BLOCK_ROWS`
-    rows (h5py point selections are slow; one slab of the whole file may not fit)."""
+    rows (h5py point selections are slow; one slab of the whole file may not fit).
+    """
     rows = np.asarray(rows, np.int64)
     order = np.argsort(rows, kind="stable")
     out = np.zeros((rows.size,) + tuple(dataset.shape[1:]), np.float32)
@@ -936,7 +1022,7 @@ def _read_rows(dataset, rows):
     while k < rows.size:
         start = int(rows[order[k]])
         end = k + int(np.searchsorted(rows[order[k:]], start + READ_BLOCK_ROWS))
-        block = np.asarray(dataset[start:int(rows[order[end - 1]]) + 1], np.float32)
+        block = np.asarray(dataset[start : int(rows[order[end - 1]]) + 1], np.float32)
         out[order[k:end]] = block[rows[order[k:end]] - start]
         k = end
     return out
@@ -949,11 +1035,13 @@ def _shard_pattern_gaps(files):
         match = SHARD_PATTERN.match(path.name)
         if match:
             seen.setdefault((path.parent, match.group(1), int(match.group(3))), set()).add(
-                int(match.group(2)))
+                int(match.group(2))
+            )
     gaps = []
     for (folder, stem, count), indices in sorted(seen.items()):
-        gaps += [folder / f"{stem}-{i:05d}-of-{count:05d}.h5"
-                 for i in range(count) if i not in indices]
+        gaps += [
+            folder / f"{stem}-{i:05d}-of-{count:05d}.h5" for i in range(count) if i not in indices
+        ]
     return gaps
 
 
@@ -970,36 +1058,52 @@ def store_files(source):
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
         if not files:
-            raise StoreError("an empty list of feature store files; pass an .h5 store, a "
-                             "parts directory or the shard files of an extraction.")
+            raise StoreError(
+                "an empty list of feature store files; pass an .h5 store, a "
+                "parts directory or the shard files of an extraction."
+            )
         absent = [str(p) for p in files if not p.is_file()]
         if absent:
-            raise StoreError(f"feature store shard(s) {absent[:3]} do not exist; expected .h5 "
-                             "files written by `python -m delg_tf.extract`.")
-        return files, (str(files[0]) if len(files) == 1
-                       else f"{len(files)} shard files ({files[0]}, ...)")
+            raise StoreError(
+                f"feature store shard(s) {absent[:3]} do not exist; expected .h5 "
+                "files written by `python -m delg_tf.extract`."
+            )
+        return files, (
+            str(files[0]) if len(files) == 1 else f"{len(files)} shard files ({files[0]}, ...)"
+        )
     path = Path(source)
     if path.is_dir():
         parts = _list_parts(path)
         if not parts:
-            raise StoreError(f"{path}: no complete part files; expected a store directory "
-                             "written by FeatureStoreWriter or an .h5 store file.")
+            raise StoreError(
+                f"{path}: no complete part files; expected a store directory "
+                "written by FeatureStoreWriter or an .h5 store file."
+            )
         return parts, str(path)
     if path.is_file():
         return [path], str(path)
     if any(c in str(path) for c in GLOB_CHARACTERS):
-        files = sorted(Path(p) for p in glob.glob(str(path))
-                       if Path(p).is_file() and not p.endswith(TMP_SUFFIX))
+        files = sorted(
+            Path(p)
+            for p in glob.glob(str(path))
+            if Path(p).is_file() and not p.endswith(TMP_SUFFIX)
+        )
         if not files:
-            raise StoreError(f"feature store pattern {path} matches no file; expected shard "
-                             "files such as OUT/features-00000-of-00004.h5 written by "
-                             "`python -m delg_tf.extract --num_shards=4`.")
+            raise StoreError(
+                f"feature store pattern {path} matches no file; expected shard "
+                "files such as OUT/features-00000-of-00004.h5 written by "
+                "`python -m delg_tf.extract --num_shards=4`."
+            )
         gaps = _shard_pattern_gaps(files)
         if gaps:
-            raise StoreError(f"feature store pattern {path} misses {len(gaps)} shard(s), e.g. "
-                             f"{gaps[0]}; finish their extraction (same --num_shards) or pass "
-                             "the files to use explicitly.")
+            raise StoreError(
+                f"feature store pattern {path} misses {len(gaps)} shard(s), e.g. "
+                f"{gaps[0]}; finish their extraction (same --num_shards) or pass "
+                "the files to use explicitly."
+            )
         return files, str(path)
-    raise StoreError(f"feature store {path} does not exist; expected an .h5 file written by "
-                     "`python -m delg_tf.extract`, a parts directory, or a glob of shard files "
-                     "(OUT/features-*-of-*.h5).")
+    raise StoreError(
+        f"feature store {path} does not exist; expected an .h5 file written by "
+        "`python -m delg_tf.extract`, a parts directory, or a glob of shard files "
+        "(OUT/features-*-of-*.h5)."
+    )

@@ -19,6 +19,7 @@ falls back to the previous one (`all_model_checkpoint_paths`) with a warning nam
 both; when none restores, one `CheckpointDamagedError` line names the logdir and the fix.
 The trainer resumes from it and `load_run` restores it.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,12 +89,14 @@ def read_run_record(logdir, flag: str = "logdir") -> dict:
         raise RunNotFoundError(
             f"{path} not found; --{flag} must be the --logdir of a python -m delg_tf.train "
             "run (config.json + ckpt-N files). Official DELG SavedModels are used directly "
-            "(DelgExtractor.from_saved_model) or converted with delg_tf.convert_official.")
+            "(DelgExtractor.from_saved_model) or converted with delg_tf.convert_official."
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise RunError(f"{path} is not valid JSON ({e}); expected the config.json written "
-                       "by delg_tf.train.") from e
+        raise RunError(
+            f"{path} is not valid JSON ({e}); expected the config.json written by delg_tf.train."
+        ) from e
 
 
 def run_family(record: dict, source=config_lib.CONFIG_JSON_NAME) -> str:
@@ -104,17 +107,21 @@ def run_family(record: dict, source=config_lib.CONFIG_JSON_NAME) -> str:
     """
     family = record.get("train", {}).get("model_family", DEFAULT_FAMILY)
     if family not in MODEL_FAMILIES:
-        raise RunError(f"{source}: model_family {family!r} is not a delg_tf model family; "
-                       f"expected one of {', '.join(MODEL_FAMILIES)}.")
+        raise RunError(
+            f"{source}: model_family {family!r} is not a delg_tf model family; "
+            f"expected one of {', '.join(MODEL_FAMILIES)}."
+        )
     return family
 
 
 def run_train_config(record: dict, source=config_lib.CONFIG_JSON_NAME):
     """The run's `TrainConfig` (fields added since the record was written at their
-    defaults)."""
+    defaults).
+    """
     try:
         return config_lib.TrainConfig.from_dict(
-            config_lib.with_train_defaults(record.get("train", {})))
+            config_lib.with_train_defaults(record.get("train", {}))
+        )
     except ConfigError as e:
         raise RunError(f"{source}: {e}") from e
 
@@ -128,18 +135,22 @@ def checkpoint_step(path) -> int:
 
 def checkpoint_damage(path) -> Optional[str]:
     """None if every tensor of checkpoint `path` reads back (TensorFlow checks each one's
-    CRC32C), else the first line of the failure (data loss, truncated or missing file)."""
+    CRC32C), else the first line of the failure (data loss, truncated or missing file).
+    """
     import tensorflow as tf
 
     try:
         dtypes = tf.train.load_checkpoint(path).get_variable_to_dtype_map()
         names = sorted(dtypes)
         for start in range(0, len(names), VERIFY_TENSORS_PER_READ):
-            group = names[start:start + VERIFY_TENSORS_PER_READ]
+            group = names[start : start + VERIFY_TENSORS_PER_READ]
             # RestoreV2 reads any dtype (the data iterator's state is a DT_VARIANT).
-            tf.raw_ops.RestoreV2(prefix=path, tensor_names=group,
-                                 shape_and_slices=[""] * len(group),
-                                 dtypes=[dtypes[name] for name in group])
+            tf.raw_ops.RestoreV2(
+                prefix=path,
+                tensor_names=group,
+                shape_and_slices=[""] * len(group),
+                dtypes=[dtypes[name] for name in group],
+            )
     except (tf.errors.OpError, ValueError, OSError) as e:
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:\w+\]", "", text)
@@ -176,21 +187,28 @@ def restorable_checkpoint(logdir, flag: str = "logdir") -> Optional[str]:
         if damage is None:
             return path
         failures.append(path)
-        older = paths[:len(paths) - len(failures)]
-        logger.warning("checkpoint %s cannot be restored (%s); %s", path, damage,
-                       f"falling back to the previous checkpoint {older[-1]}" if older
-                       else "no previous checkpoint is listed")
+        older = paths[: len(paths) - len(failures)]
+        logger.warning(
+            "checkpoint %s cannot be restored (%s); %s",
+            path,
+            damage,
+            f"falling back to the previous checkpoint {older[-1]}"
+            if older
+            else "no previous checkpoint is listed",
+        )
     if not failures:
         return None
     raise CheckpointDamagedError(
         f"--{flag}={logdir}: none of its {len(failures)} checkpoint(s) can be restored "
         f"({', '.join(failures)}: damaged, see the warnings above); fix: restore them from "
         "a backup, or move the ckpt-* files and the 'checkpoint' file out of the folder to "
-        "start the run over (or use a new --logdir).")
+        "start the run over (or use a new --logdir)."
+    )
 
 
-def resolve_checkpoint(logdir, checkpoint: Optional[str] = None,
-                       flag: str = "checkpoint", logdir_flag: str = "logdir") -> str:
+def resolve_checkpoint(
+    logdir, checkpoint: Optional[str] = None, flag: str = "checkpoint", logdir_flag: str = "logdir"
+) -> str:
     """The checkpoint prefix to restore: `checkpoint`, else the newest restorable one in
     `logdir` (`restorable_checkpoint`: a damaged one falls back to the previous).
 
@@ -202,18 +220,23 @@ def resolve_checkpoint(logdir, checkpoint: Optional[str] = None,
 
     path = checkpoint or restorable_checkpoint(logdir, logdir_flag)
     if path is None:
-        raise RunNotFoundError(f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
-                               f"train first or pass a checkpoint prefix (--{flag}).")
+        raise RunNotFoundError(
+            f"no checkpoint in {logdir} (no 'checkpoint' file / ckpt-N); "
+            f"train first or pass a checkpoint prefix (--{flag})."
+        )
     if not tf.io.gfile.exists(path + CHECKPOINT_INDEX_SUFFIX):
-        raise RunNotFoundError(f"checkpoint {path} not found (no {path}"
-                               f"{CHECKPOINT_INDEX_SUFFIX}); pass a prefix such as "
-                               f"{logdir}/ckpt-N (--{flag}).")
+        raise RunNotFoundError(
+            f"checkpoint {path} not found (no {path}"
+            f"{CHECKPOINT_INDEX_SUFFIX}); pass a prefix such as "
+            f"{logdir}/ckpt-N (--{flag})."
+        )
     if checkpoint:
         damage = checkpoint_damage(path)
         if damage is not None:
             raise CheckpointDamagedError(
                 f"--{flag}={path} cannot be restored ({damage}); pass another checkpoint of "
-                f"the run (or none: the newest one of {logdir} that reads back is used).")
+                f"the run (or none: the newest one of {logdir} that reads back is used)."
+            )
     return path
 
 
@@ -225,8 +248,9 @@ def untrained_model(record: dict):
 
     keras.utils.set_random_seed(int(record["train"].get("seed", 0)))
     model_config = record["model"]
-    return registry.build_model(run_family(record), model_config,
-                                load_imagenet=bool(model_config.get("imagenet_weights")))
+    return registry.build_model(
+        run_family(record), model_config, load_imagenet=bool(model_config.get("imagenet_weights"))
+    )
 
 
 def _attach_optimizer(model, record: dict, source):
@@ -240,8 +264,14 @@ def _attach_optimizer(model, record: dict, source):
     return optimizer
 
 
-def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] = None,
-             flag: str = "logdir", checkpoint_flag: str = "checkpoint"):
+def load_run(
+    logdir,
+    checkpoint: Optional[str] = None,
+    *,
+    family: Optional[str] = None,
+    flag: str = "logdir",
+    checkpoint_flag: str = "checkpoint",
+):
     """Rebuilds the model of a `delg_tf.train` run and restores its checkpoint.
 
     Args:
@@ -269,8 +299,9 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
     record = read_run_record(logdir, flag)
     actual = run_family(record, source)
     if family is not None and actual != family:
-        raise RunError(f"--{flag}={logdir} is a {actual!r} run ({source}); expected a "
-                       f"{family!r} run.")
+        raise RunError(
+            f"--{flag}={logdir} is a {actual!r} run ({source}); expected a {family!r} run."
+        )
     if checkpoint == UNTRAINED:
         return untrained_model(record)
     path = resolve_checkpoint(logdir, checkpoint, checkpoint_flag, flag)
@@ -285,12 +316,19 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
         raise CheckpointDamagedError(
             f"checkpoint {path} cannot be restored "
             f"({' '.join(e.message.split())[:ERROR_EXCERPT_CHARS]}); "
-            "pass another checkpoint of the run.") from e
-    except (AssertionError, ValueError, tf.errors.NotFoundError,
-            tf.errors.InvalidArgumentError) as e:
+            "pass another checkpoint of the run."
+        ) from e
+    except (
+        AssertionError,
+        ValueError,
+        tf.errors.NotFoundError,
+        tf.errors.InvalidArgumentError,
+    ) as e:
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:ERROR_EXCERPT_CHARS]
-        raise RunError(f"checkpoint {path} does not match the model of {source} "
-                       f"({first_line}); pass a checkpoint of this run.") from e
+        raise RunError(
+            f"checkpoint {path} does not match the model of {source} "
+            f"({first_line}); pass a checkpoint of this run."
+        ) from e
     return model
 
 
@@ -298,11 +336,13 @@ def load_run(logdir, checkpoint: Optional[str] = None, *, family: Optional[str] 
 # Writing the record and checking a resumed run against it (the trainer)
 # --------------------------------------------------------------------------
 
+
 def write_config_files(logdir: Path, record: dict):
     """Writes `config.json` and the re-runnable `flags.txt` into `logdir`."""
     logdir = Path(logdir)
-    write_json_atomic(record, logdir / config_lib.CONFIG_JSON_NAME, indent=2, sort_keys=True,
-                      end="\n")
+    write_json_atomic(
+        record, logdir / config_lib.CONFIG_JSON_NAME, indent=2, sort_keys=True, end="\n"
+    )
     write_text_atomic(logdir / config_lib.FLAGS_TXT_NAME, config_lib.flags_text(record))
 
 
@@ -318,24 +358,30 @@ def check_resume_config(logdir: Path, record: dict):
     logdir = Path(logdir)
     path = logdir / config_lib.CONFIG_JSON_NAME
     if not path.is_file():
-        logger.warning("%s has checkpoints but no %s; resuming without a config check.",
-                       logdir, config_lib.CONFIG_JSON_NAME)
+        logger.warning(
+            "%s has checkpoints but no %s; resuming without a config check.",
+            logdir,
+            config_lib.CONFIG_JSON_NAME,
+        )
         return
     try:
         saved = json.loads(path.read_text())
     except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new "
-                          "--logdir.") from e
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}); restore it or use a new --logdir."
+        ) from e
     saved_train = config_lib.with_train_defaults(saved.get("train", {}))
-    diffs = (config_lib.resume_mismatches(saved_train, record["train"],
-                                          config_lib.RESUMABLE_CHANGES)
-             + config_lib.resume_mismatches(saved.get("model", {}), record["model"],
-                                            config_lib.RESUMABLE_CHANGES))
+    diffs = config_lib.resume_mismatches(
+        saved_train, record["train"], config_lib.RESUMABLE_CHANGES
+    ) + config_lib.resume_mismatches(
+        saved.get("model", {}), record["model"], config_lib.RESUMABLE_CHANGES
+    )
     if diffs:
         listed = "; ".join(f"--{k}: saved {a!r}, received {b!r}" for k, a, b in diffs)
         raise ConfigError(
             f"--logdir={logdir} holds a run with another config ({listed}); resume it with "
-            f"--flagfile={logdir / config_lib.FLAGS_TXT_NAME}, or train in a new --logdir.")
+            f"--flagfile={logdir / config_lib.FLAGS_TXT_NAME}, or train in a new --logdir."
+        )
     changed = config_lib.resume_mismatches(saved_train, record["train"])
     for key, old, new in changed:
         logger.info("resume: --%s changed from %r to %r", key, old, new)
