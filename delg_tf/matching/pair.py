@@ -135,17 +135,35 @@ def match_pair(
     Raises:
         corr.DescriptorMismatchError: descriptor dimensions differ.
     """
-    from delg_tf.matching import colmap_ransac
-
     q_idx, d_idx = corr.find_putative_matches(
-        query.descriptors,
-        db.descriptors,
+        query.descriptors, db.descriptors, **putative_match_options(config)
+    )
+    return verify_pair(query, db, q_idx, d_idx, config)
+
+
+def putative_match_options(config: MatchingConfig) -> dict:
+    """Keyword arguments of ``find_putative_matches(_batch)`` for ``config``."""
+    return dict(
         threshold=None if config.use_ratio_test else config.descriptor_threshold,
         ratio=config.ratio_test_threshold if config.use_ratio_test else None,
         mutual=config.mutual_nearest,
         binary=config.binary_descriptors,
     )
-    # Official DELF convention: fit database -> query locations.
+
+
+def verify_pair(
+    query: LocalFeatures,
+    db: LocalFeatures,
+    q_idx: np.ndarray,
+    d_idx: np.ndarray,
+    config: MatchingConfig = MatchingConfig(),
+) -> PairMatch:
+    """Affine RANSAC on putative matches ``(q_idx, d_idx)``; below ``min_inliers`` scores 0.
+
+    Fits database -> query locations (official DELF convention).
+    """
+    from delg_tf.matching import colmap_ransac
+
     res = colmap_ransac.estimate_affine_ransac(
         db.keypoints[d_idx],
         query.keypoints[q_idx],

@@ -27,7 +27,12 @@ import numpy as np
 
 from delg_tf.matching import correspondences as corr
 from delg_tf.matching.features import LocalFeatures
-from delg_tf.matching.pair import MatchingConfig, limit_blas_threads
+from delg_tf.matching.pair import (
+    MatchingConfig,
+    limit_blas_threads,
+    putative_match_options,
+    verify_pair,
+)
 
 DEFAULT_SHORTLIST_SIZE = 100  # paper Sec. 4.1.
 DEFAULT_NUM_WORKERS = 2
@@ -163,30 +168,14 @@ class Reranker:
 
     def _count_group(self, query: LocalFeatures, feats: Sequence[LocalFeatures]) -> list:
         """(inliers, putative matches) of one group of database images (one pool task)."""
-        from delg_tf.matching import colmap_ransac
-
         config = self.config
         matches = corr.find_putative_matches_batch(
-            query.descriptors,
-            [f.descriptors for f in feats],
-            threshold=None if config.use_ratio_test else config.descriptor_threshold,
-            ratio=config.ratio_test_threshold if config.use_ratio_test else None,
-            mutual=config.mutual_nearest,
-            binary=config.binary_descriptors,
+            query.descriptors, [f.descriptors for f in feats], **putative_match_options(config)
         )
-        counts = []
-        for db, (q_idx, d_idx) in zip(feats, matches):
-            # As match_pair: fit database -> query locations; below min_inliers scores 0.
-            res = colmap_ransac.estimate_affine_ransac(
-                db.keypoints[d_idx],
-                query.keypoints[q_idx],
-                residual_threshold=config.ransac_residual_threshold,
-                iterations=config.ransac_iterations,
-                seed=config.seed,
-            )
-            inliers = res.num_inliers if res.num_inliers >= config.min_inliers else 0
-            counts.append((inliers, int(q_idx.size)))
-        return counts
+        return [
+            (verify_pair(query, db, q_idx, d_idx, config).num_inliers, int(q_idx.size))
+            for db, (q_idx, d_idx) in zip(feats, matches)
+        ]
 
     def rerank_query(
         self,
