@@ -327,3 +327,18 @@ def test_a_name_in_two_shards_is_refused_naming_both_files(tmp_path):
     third = _write_store(tmp_path / "c.parts", other, tmp_path / "c.h5")
     with pytest.raises(ValueError, match=r"global_descriptors.*\(8,\).*a.h5 has \(16,\)"):
         FeatureStore([first, third])
+
+
+def test_names_and_options_of_a_file_by_path_and_by_stream(tmp_path):
+    """The Beam pipeline reads remote shards as streams: same answer as from the path."""
+    import io
+
+    from delg_tf.extraction.store import StoreCorruptedError, file_names_and_options
+
+    records = _records(3)
+    path = _write_store(tmp_path / "parts", records, tmp_path / "s.h5", binarized=True)
+    by_path = file_names_and_options(path)
+    by_stream = file_names_and_options(io.BytesIO(path.read_bytes()), what="remote/s.h5")
+    assert by_path == by_stream == ([n for n, _ in records], {"float16": False, "binarized": True})
+    with pytest.raises(StoreCorruptedError, match="remote/s.h5"):
+        file_names_and_options(io.BytesIO(path.read_bytes()[:500]), what="remote/s.h5")

@@ -351,12 +351,9 @@ def shard_files(output_dir):
 
 def _shard_contents(path):
     """(names, options) of a complete shard file at any `FileSystems` path."""
-    import h5py
-
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
-        with h5py.File(stream, "r") as f:
-            names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in f["names"][()]]
-            return names, _shard_options(f.attrs["float16"], f.attrs["binarized"])
+        names, options = store_lib.file_names_and_options(stream, what=path)
+    return names, _shard_options(options["float16"], options["binarized"])
 
 
 def known_shards(config):

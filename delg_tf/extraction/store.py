@@ -290,6 +290,30 @@ def _read_names(handle, path):
     return names
 
 
+def file_names_and_options(source, what=None):
+    """(names, {"float16": bool, "binarized": bool}) of one store file, names verified.
+
+    Args:
+      source: a path, or a seekable binary file object (e.g. a Beam ``FileSystems``
+        stream of a remote shard).
+      what: the file's name in error messages (default: ``source``).
+
+    Raises:
+      StoreCorruptedError: the file cannot be opened or its names fail their digest.
+    """
+    what = what if what is not None else str(source)
+    handle = _open_h5(source) if isinstance(source, (str, Path)) else None
+    if handle is None:
+        try:
+            handle = h5py.File(source, "r")
+        except HDF5_READ_ERRORS as e:
+            raise corruption_error(what, f"it cannot be opened: {_hdf5_reason(e)}") from e
+    with handle:
+        names = _read_names(handle, what)
+        options = {key: bool(handle.attrs.get(key, False)) for key in ("float16", "binarized")}
+    return names, options
+
+
 def _bad_row_ranges(dataset, start, end):
     """[(first, last + 1)] of the chunks of rows [start, end) of `dataset` that fail to
     read (checksum), one chunk at a time.
