@@ -35,6 +35,7 @@ In float32 only rounding changes (~1e-6 relative); the parity tests
 they are copied at fold time: later changes to the model are not seen.
 """
 
+import functools
 import logging
 import os
 
@@ -163,9 +164,7 @@ class BFloat16UnavailableError(ValueError):
     """bfloat16 convolutions cannot run in this process (CPU / oneDNN configuration)."""
 
 
-_BFLOAT16_PROBE = {}
-
-
+@functools.cache
 def bfloat16_convolution_error():
     """None if this process can run a fused bfloat16 convolution, else the reason.
 
@@ -175,27 +174,25 @@ def bfloat16_convolution_error():
     AVX2-only CPU runs them emulated. Probed once per process with a 3x3 conv + bias +
     ReLU in a ``tf.function`` (the graph form extraction runs).
     """
-    if "error" not in _BFLOAT16_PROBE:
 
-        @tf.function
-        def conv(x, kernel, bias):
-            return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+    @tf.function
+    def conv(x, kernel, bias):
+        return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
 
-        try:
-            conv(
-                tf.ones([1, 8, 8, 16], tf.bfloat16),
-                tf.ones([3, 3, 16, 16], tf.bfloat16),
-                tf.zeros([16], tf.bfloat16),
-            ).numpy()
-            _BFLOAT16_PROBE["error"] = None
-        except tf.errors.OpError as e:
-            lines = [line.strip() for line in e.message.splitlines() if line.strip()]
-            detail = next(
-                (line for line in lines if "primitive" in line),
-                lines[0] if lines else type(e).__name__,
-            )
-            _BFLOAT16_PROBE["error"] = f"{type(e).__name__}: {detail[:200]}"
-    return _BFLOAT16_PROBE["error"]
+    try:
+        conv(
+            tf.ones([1, 8, 8, 16], tf.bfloat16),
+            tf.ones([3, 3, 16, 16], tf.bfloat16),
+            tf.zeros([16], tf.bfloat16),
+        ).numpy()
+    except tf.errors.OpError as e:
+        lines = [line.strip() for line in e.message.splitlines() if line.strip()]
+        detail = next(
+            (line for line in lines if "primitive" in line),
+            lines[0] if lines else type(e).__name__,
+        )
+        return f"{type(e).__name__}: {detail[:200]}"
+    return None
 
 
 def _isa_cap_text(env=None):

@@ -228,11 +228,12 @@ def export_saved_model(
             f"export path {export_path} already exists; expected a new directory. "
             "Pass --overwrite (overwrite=True) to replace it, or choose another --export_path."
         )
-    if compute_dtype == folded.BFLOAT16 and folded.bfloat16_convolution_error() is not None:
+    unavailable = compute_dtype == folded.BFLOAT16 and folded.bfloat16_convolution_error()
+    if unavailable:
         logger.warning(
             "compute_dtype=bfloat16: this machine cannot run bfloat16 convolutions "
             "(%s); the export is written, serve it where oneDNN supports bfloat16.",
-            folded.bfloat16_convolution_error(),
+            unavailable,
         )
     with atomic.staged_directory(export_path) as tmp:
         module = DelgServingModule(
