@@ -19,9 +19,24 @@ import json
 import os
 import shutil
 import uuid
+import errno
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# errno values meaning "this folder cannot take our files" (a permission, a file in the
+# way, a full or read-only disk): reported as one line naming the folder, not as a bug.
+OUTPUT_FOLDER_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+    }
+)
 _RANDOM_CHARS = 8
 
 

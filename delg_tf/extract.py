@@ -36,13 +36,12 @@ evaluation's query crops, passed as arrays, never written to disk).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import re
 import time
 from pathlib import Path
 
-from delg_tf import interrupts
+from delg_tf import atomic, interrupts
 from delg_tf.configs import ConfigError, expect, expect_int, is_int, require
 from delg_tf.locking import output_lock
 from delg_tf.progress import progress_bar
@@ -52,19 +51,6 @@ ERROR_LOG_HEADER = "name\treason\tmessage\n"
 # 2 (`delg_tf.cli.EXIT_USAGE_ERROR`) stays for bad flags / configs / output folders.
 EXIT_RUN_ERROR = 3
 DELF_SUBDIR = "delf"
-# errno values meaning "this folder cannot take our files" (not a bug, not a bad image).
-OUTPUT_DIR_ERRNOS = frozenset(
-    {
-        errno.EACCES,
-        errno.EPERM,
-        errno.ENOTDIR,
-        errno.EEXIST,
-        errno.EISDIR,
-        errno.ENOSPC,
-        errno.EROFS,
-        errno.EDQUOT,
-    }
-)
 
 
 class ExtractOutputError(OSError):
@@ -97,7 +83,7 @@ def output_dir_error(error, output_dir):
     """`ExtractOutputError` naming `output_dir` and the fix if `error` (an OSError) is a
     failure to create or write it, else None.
     """
-    if error.errno not in OUTPUT_DIR_ERRNOS:
+    if error.errno not in atomic.OUTPUT_FOLDER_ERRNOS:
         return None
     if error.filename is not None and not _is_within(error.filename, output_dir):
         return None

@@ -93,20 +93,9 @@ DEFAULT_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 128
 DEFAULT_CHUNK_SIZE = 16384  # rows per store read / faiss add (128 MiB at dim 2048).
 NORM_EPS = 1e-12
-# errno values meaning "this folder cannot take the index" (reported as one line).
-OUTPUT_ERRNOS = frozenset(
-    {
-        errno.EACCES,
-        errno.EPERM,
-        errno.ENOTDIR,
-        errno.EEXIST,
-        errno.EISDIR,
-        errno.ENOSPC,
-        errno.EROFS,
-        errno.EDQUOT,
-        errno.ENOENT,
-    }
-)
+# errno values meaning "this folder cannot take the index" (reported as one line): those
+# of every output folder, and a missing parent.
+OUTPUT_ERRNOS = atomic.OUTPUT_FOLDER_ERRNOS | {errno.ENOENT}
 BUILD_HINT = "python -m delg_tf.index --features=STORE --index_dir=DIR"
 
 
