@@ -114,13 +114,32 @@ def _names(start, end):
     return np.array([f"img_{i:07d}.jpg" for i in range(start, end)], dtype=object)
 
 
-def _write_common(f, start, end, offsets):
-    from delg_tf.extraction.store import FORMAT_VERSION, STRING_DTYPE
+def _open_shard(path):
+    """A new shard file in the store's file format (checksummed metadata)."""
+    import h5py
 
-    f.create_dataset("names", data=_names(start, end), dtype=STRING_DTYPE)
-    f.create_dataset("image_shapes", data=np.tile(np.int32(IMAGE_SHAPE), (end - start, 1)))
-    f.create_dataset("local_offsets", data=offsets)
+    from delg_tf.extraction.store import HDF5_LIBVER
+
+    return h5py.File(path, "w", libver=HDF5_LIBVER)
+
+
+def _create(f, key, shape, dtype, data=None):
+    """A dataset with the store's chunking and fletcher32 checksums."""
+    from delg_tf.extraction.store import dataset_options
+
+    return f.create_dataset(key, shape, dtype, data=data, **dataset_options(shape, dtype))
+
+
+def _write_common(f, start, end, offsets):
+    from delg_tf.extraction.store import FORMAT_VERSION, STRING_DTYPE, checksum_attributes
+
+    names = _names(start, end)
+    f.create_dataset("names", data=names, dtype=STRING_DTYPE)
+    shapes = np.tile(np.int32(IMAGE_SHAPE), (end - start, 1))
+    _create(f, "image_shapes", shapes.shape, shapes.dtype, shapes)
+    _create(f, "local_offsets", offsets.shape, offsets.dtype, offsets)
     f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs.update(checksum_attributes(names))
 
 
 def _finish(tmp, path):
@@ -131,8 +150,6 @@ def _finish(tmp, path):
 
 def write_global_store(folder, num, dim, shards, args):
     """The sharded store of `num` synthetic global descriptors of size `dim`."""
-    import h5py
-
     from delg_tf.progress import progress_bar
 
     centers, basis = _basis(args.seed, dim, args.clusters, args.latent_dim)
@@ -140,16 +157,16 @@ def write_global_store(folder, num, dim, shards, args):
     bounds = _shard_bounds(num, shards)
     handles = []
     for k, (start, end) in enumerate(bounds):
-        f = h5py.File(str(_shard_path(folder, k, shards)) + ".tmp", "w")
+        f = _open_shard(str(_shard_path(folder, k, shards)) + ".tmp")
         _write_common(f, start, end, np.zeros(end - start + 1, np.int64))
-        f.create_dataset("global_descriptors", (end - start, dim), np.float32)
+        _create(f, "global_descriptors", (end - start, dim), np.float32)
         for key, tail, dtype in (
             ("locations", (2,), np.float32),
             ("descriptors", (0,), np.float32),
             ("scores", (), np.float32),
             ("scales", (), np.float32),
         ):
-            f.create_dataset(key, data=np.zeros((0,) + tail, dtype))
+            _create(f, key, (0,) + tail, dtype)
         f.attrs.update({"float16": False, "binarized": False, "local_dim": 0, "global_dim": dim})
         handles.append(f)
     for b, (start, end) in enumerate(progress_bar(blocks, f"bench: write {dim}-D store", "block")):
@@ -173,8 +190,6 @@ def write_global_store(folder, num, dim, shards, args):
 
 def write_local_store(folder, images, features, shards, seed):
     """The sharded DELG* store: `features` binarised local descriptors per image."""
-    import h5py
-
     from delg_tf.progress import progress_bar
 
     for k, (start, end) in enumerate(
@@ -182,23 +197,18 @@ def write_local_store(folder, images, features, shards, seed):
     ):
         n, rows = end - start, (end - start) * features
         tmp = str(_shard_path(folder, k, shards)) + ".tmp"
-        with h5py.File(tmp, "w") as f:
+        with _open_shard(tmp) as f:
             _write_common(f, start, end, np.arange(n + 1, dtype=np.int64) * features)
             datasets = {
-                "locations": f.create_dataset("locations", (rows, 2), np.float32),
-                "descriptors_binary": f.create_dataset(
-                    "descriptors_binary", (rows, LOCAL_DIM // 8), np.uint8
+                "locations": _create(f, "locations", (rows, 2), np.float32),
+                "descriptors_binary": _create(
+                    f, "descriptors_binary", (rows, LOCAL_DIM // 8), np.uint8
                 ),
-                "scores": f.create_dataset("scores", (rows,), np.float32),
-                "scales": f.create_dataset("scales", (rows,), np.float32),
+                "scores": _create(f, "scores", (rows,), np.float32),
+                "scales": _create(f, "scales", (rows,), np.float32),
             }
             # Declared, never written: HDF5 allocates no chunks (see the module docstring).
-            f.create_dataset(
-                "descriptors",
-                (rows, LOCAL_DIM),
-                np.float16,
-                chunks=(min(max(rows, 1), 4096), LOCAL_DIM),
-            )
+            _create(f, "descriptors", (rows, LOCAL_DIM), np.float16)
             f.attrs.update(
                 {"float16": True, "binarized": True, "local_dim": LOCAL_DIM, "global_dim": 0}
             )
@@ -434,7 +444,7 @@ def bench_dimension(dim, args, work_dir):
         "latent_dim": args.latent_dim,
         "spread": args.spread,
         "noise": args.noise,
-        "version": 1,
+        "version": 2,  # 2: checksummed like the stores extract writes.
     }
     ensure_store(
         folder,
@@ -595,7 +605,7 @@ def bench_local(args, work_dir, exact_ids):
                 "features": features,
                 "shards": args.shards,
                 "seed": args.seed,
-                "version": 1,
+                "version": 2,  # 2: checksummed like the stores extract writes.
             },
             lambda: write_local_store(folder, images, features, args.shards, args.seed),
             args.fresh,

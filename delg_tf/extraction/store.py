@@ -223,12 +223,29 @@ def _records_to_arrays(records, float16, binarized, local_dim=0, global_dim=0):
     return arrays
 
 
-def _chunk_shape(value):
+def chunk_shape(shape, dtype):
     """Chunks of whole rows of about `CHUNK_BYTES` (at least one row; no dimension 0)."""
-    tail = tuple(max(1, int(d)) for d in value.shape[1:])
-    row_bytes = max(1, int(np.prod(tail)) * value.dtype.itemsize)
-    rows = max(1, min(CHUNK_BYTES // row_bytes, int(value.shape[0]) if value.ndim else 1))
+    tail = tuple(max(1, int(d)) for d in shape[1:])
+    row_bytes = max(1, int(np.prod(tail)) * np.dtype(dtype).itemsize)
+    rows = max(1, min(CHUNK_BYTES // row_bytes, int(shape[0]) if len(shape) else 1))
     return (rows,) + tail
+
+
+def dataset_options(shape, dtype):
+    """`h5py.Group.create_dataset` keywords of a checksummed numeric dataset of a store
+    (for writers that fill a store file incrementally; see the module doc).
+    """
+    # An empty dimension is extensible: a chunk cannot exceed a fixed one.
+    return {
+        "chunks": chunk_shape(shape, dtype),
+        "fletcher32": True,
+        "maxshape": tuple(d or None for d in shape),
+    }
+
+
+def checksum_attributes(names):
+    """The file attributes that mark a store file as checksummed, for its `names`."""
+    return {CHECKSUMS_ATTR: CHECKSUMS, NAMES_DIGEST_ATTR: _names_digest(_decode_names(names))}
 
 
 def _write_h5_atomic(path, arrays, attrs):
@@ -241,18 +258,10 @@ def _write_h5_atomic(path, arrays, attrs):
                 f.create_dataset(key, data=value.astype(object), dtype=STRING_DTYPE)
             else:
                 value = np.asarray(value)
-                # An empty dimension is extensible: a chunk cannot exceed a fixed one.
-                f.create_dataset(
-                    key,
-                    data=value,
-                    chunks=_chunk_shape(value),
-                    fletcher32=True,
-                    maxshape=tuple(d or None for d in value.shape),
-                )
+                f.create_dataset(key, data=value, **dataset_options(value.shape, value.dtype))
         for key, value in attrs.items():
             f.attrs[key] = value
-        f.attrs[CHECKSUMS_ATTR] = CHECKSUMS
-        f.attrs[NAMES_DIGEST_ATTR] = _names_digest(_decode_names(arrays["names"]))
+        f.attrs.update(checksum_attributes(arrays["names"]))
 
 
 def _open_h5(path):
