@@ -275,7 +275,9 @@ def _parse_flags(argv):
 def cli():
     """Console entry point."""
     from delg_tf import cli as runner
+    from delg_tf.retrieval.index import quiet_faiss_loader
 
+    quiet_faiss_loader()
     runner.run_main(
         _define_flags, _main_from_flags, expected_errors=EXPECTED_ERRORS, flags_parser=_parse_flags
     )

@@ -31,11 +31,11 @@ from delg_tf.retrieval.index import (
     IndexOutputError,
     IndexParams,
     build_index,
+    quiet_faiss_loader,
     read_manifest,
 )
 
 BYTES_PER_MIB = 2**20
-FAISS_LOADER_LOGGER = "faiss.loader"
 PARAMS_FIELD = "params"  # IndexConfig field holding IndexParams (whose fields are flags).
 
 
@@ -131,12 +131,9 @@ EXPECTED_ERRORS = (
 
 def cli():
     """Console entry point."""
-    import logging
-
     from delg_tf import cli as runner
 
-    # faiss logs which CPU build it loads at INFO, which absl's handler would print.
-    logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)
+    quiet_faiss_loader()
     runner.run_config_main(_define_flags, _config_from_flags, main, expected_errors=EXPECTED_ERRORS)
 
 

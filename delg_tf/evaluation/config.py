@@ -85,6 +85,10 @@ class EvaluateConfig:
         top_k: 0: rank the whole database (revisitop layout [num_db, num_queries]);
             K > 0: keep the global top K per query (memory [K, num_queries], for +1M
             distractors) and score the truncated ranking.
+        index_dir: A global index folder (python -m delg_tf.index over the database
+            store) searched for the top --top_k instead of an index built from the
+            descriptors with --search_method (needs --top_k > 0; not with --dba, which
+            changes the indexed descriptors; alphaQE searches it again).
         rerank: Re-ranking of the global ranking: none; ransac (paper: the top
             --shortlist_size by RANSAC inliers, ties by global similarity);
             superglobal (SuperGlobal MDescAug + RerankwMDA of the top --superglobal_m,
@@ -122,6 +126,7 @@ class EvaluateConfig:
     allow_truncated_ranks: bool = False
     search_method: str = "exact"
     top_k: int = FULL_RANKING
+    index_dir: str = ""
     rerank: str = RERANK_RANSAC
     query_expansion: str = QUERY_EXPANSION_NONE
     aqe_neighbours: int = DEFAULT_AQE_NEIGHBOURS
@@ -164,6 +169,25 @@ class EvaluateConfig:
             self.kappas,
         )
         self._check_postprocessing()
+        self._check_index()
+
+    def _check_index(self):
+        if not self.index_dir:
+            return
+        expect(
+            self.top_k != FULL_RANKING,
+            "top_k",
+            "an integer > 0 with --index_dir (a faiss index returns each query's top k)",
+            self.top_k,
+            fix="set --top_k (e.g. 100, or >= --superglobal_m with --rerank=superglobal)",
+        )
+        expect(
+            self.dba == DBA_OFF,
+            "dba",
+            "0 with --index_dir (DBA changes the database descriptors the index holds)",
+            self.dba,
+            fix="drop --index_dir to search the augmented descriptors, or --dba",
+        )
 
     def _check_postprocessing(self):
         expect_choice("rerank", self.rerank, RERANK_METHODS)

@@ -571,6 +571,7 @@ def evaluate_dataset(config: DatasetEvalConfig, extractor: Optional[Callable] = 
             output_json=None,
             progress=progress,
             verbose=config.verbose,
+            db_names=names,
         )
     timings.update(evaluation.timings)
     results = {

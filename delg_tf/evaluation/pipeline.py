@@ -320,6 +320,7 @@ def global_ranking(
     query_global: np.ndarray,
     config: EvaluateConfig,
     normalized: bool = False,
+    index=None,
 ):
     """Ranks the database for every query by global similarity (cosine).
 
@@ -327,7 +328,9 @@ def global_ranking(
     layout). Otherwise a :class:`~delg_tf.retrieval.search.GlobalIndex`
     (``config.search_method``) returns the top-k of each query only, so memory is
     ``O(k * num_queries)`` instead of ``O(num_db * num_queries)`` (+1M distractors).
-    Ties are broken by increasing database id in both cases.
+    Ties are broken by increasing database id in both cases. With ``index`` (an index
+    loaded from disk, :func:`open_index`) the top-k comes from it and ``db_global`` is
+    not searched.
 
     Args:
         db_global: float [num_db, D].
@@ -335,12 +338,24 @@ def global_ranking(
         config: ``search_method`` and ``top_k``.
         normalized: the rows are L2-normalised already (the exact full ranking then
             uses them as they are: ``database @ queries.T``).
+        index: optional :class:`~delg_tf.retrieval.index.AlignedIndex` over the
+            database (ids = database positions; needs ``config.top_k`` > 0).
 
     Returns:
         (ranks int64 [R, num_queries], scores float32 [R, num_queries] aligned with
         ranks, truncated bool). Approximate indexes may pad a column with -1.
     """
     num_db = db_global.shape[0]
+    if index is not None:
+        if config.top_k == FULL_RANKING:
+            raise FeatureInputError(
+                "a loaded index returns each query's top k: set --top_k > 0 with --index_dir."
+            )
+        k = min(config.top_k, index.size)
+        ids, scores = index.search(query_global, k)
+        ranks = np.ascontiguousarray(ids.T)
+        truncated = k < num_db or bool((ranks == MISSING_ID).any())
+        return ranks, np.ascontiguousarray(scores.T), truncated
     if config.top_k == FULL_RANKING and config.search_method == "exact":
         if not normalized:
             query_global, db_global = (
@@ -435,6 +450,7 @@ def postprocess(
     binary: bool = False,
     progress: Optional[Callable] = None,
     timer: Optional[StageTimer] = None,
+    index=None,
 ) -> PostprocessedRanking:
     """DBA and alphaQE, then the re-ranker, on the global ranking (``ranks``, ``scores``).
 
@@ -461,6 +477,8 @@ def postprocess(
         binary: packed-bit local descriptors (DELG*).
         progress: optional iterator wrapper over queries (RANSAC).
         timer: records every stage (:data:`STAGE_DBA` ... :data:`STAGE_DIFFUSION`).
+        index: the loaded index of :func:`global_ranking`, searched again with the
+            alphaQE queries (DBA is refused with one: it changes the database side).
 
     Returns:
         PostprocessedRanking.
@@ -471,8 +489,19 @@ def postprocess(
     if config.dba != DBA_OFF or config.query_expansion == QUERY_EXPANSION_AQE:
         database, queries = expand_descriptors(db_global, query_global, config, timer)
         normalized = True
+        if index is not None and config.dba != DBA_OFF:
+            raise FeatureInputError(
+                "--dba changes the database descriptors, a loaded index holds the original "
+                "ones: drop --index_dir or --dba."
+            )
         ranks, scores, truncated = timer.run(
-            STAGE_SEARCH_EXPANDED, global_ranking, database, queries, config, normalized=True
+            STAGE_SEARCH_EXPANDED,
+            global_ranking,
+            database,
+            queries,
+            config,
+            normalized=True,
+            index=index,
         )
         out.expanded = (ranks, scores, truncated)
         out.ranks = ranks
@@ -526,6 +555,7 @@ def evaluate_features(
     progress: Optional[Callable] = None,
     verbose: bool = True,
     extra_json: Optional[Mapping] = None,
+    index=None,
 ) -> FeaturesEvaluation:
     """Global-only vs post-processed (DBA, alphaQE, re-ranking) revisitop evaluation.
 
@@ -552,6 +582,8 @@ def evaluate_features(
         progress: optional iterator wrapper (e.g. tqdm) over queries.
         verbose: print the results table.
         extra_json: more top-level entries for the JSON (e.g. dataset, failed images).
+        index: optional index loaded from disk (:func:`open_index`) searched instead
+            of ``config.search_method`` (see :func:`global_ranking`).
 
     Returns:
         FeaturesEvaluation.
@@ -588,7 +620,7 @@ def evaluate_features(
         )
     timer = StageTimer(len(gnd))
     ranks, scores, truncated = timer.run(
-        STAGE_SEARCH, global_ranking, db_global, query_global, config
+        STAGE_SEARCH, global_ranking, db_global, query_global, config, index=index
     )
     results = {"global": evaluate_revisitop(ranks, gnd, config.kappas)}
     post = postprocess(
@@ -602,6 +634,7 @@ def evaluate_features(
         binary,
         progress=progress,
         timer=timer,
+        index=index,
     )
     ranked = ranks
     if post.expanded is not None:
@@ -770,8 +803,18 @@ def evaluate_store_features(
     progress: Optional[Callable] = None,
     verbose: bool = True,
     extra_json: Optional[Mapping] = None,
+    db_names: Optional[Sequence[str]] = None,
 ) -> FeaturesEvaluation:
-    """:func:`evaluate_features` on opened stores; database local features read on demand."""
+    """:func:`evaluate_features` on opened stores; database local features read on demand.
+
+    With ``config.index_dir`` the global search is that index (:func:`open_index`,
+    aligned with ``db_names``, the database list ``db`` was opened with).
+    """
+    index = None
+    if config.index_dir:
+        if db_names is None:
+            raise FeatureInputError("--index_dir needs the database names the store was read with.")
+        index = open_index(config.index_dir, db_names, db.global_.shape[1], db.missing)
     return evaluate_features(
         db.global_,
         queries.global_,
@@ -784,6 +827,32 @@ def evaluate_store_features(
         progress=progress,
         verbose=verbose,
         extra_json=extra_json,
+        index=index,
+    )
+
+
+def open_index(index_dir, db_names: Sequence[str], dim: int, missing: Sequence[str] = ()):
+    """The index folder of ``python -m delg_tf.index``, with ids = positions in ``db_names``.
+
+    Args:
+        index_dir: the index folder (``--index_dir``).
+        db_names: database names in dataset order (revisitop ``imlist``, then the
+            distractors).
+        dim: descriptor dimension of the evaluated features (the queries').
+        missing: names without features (failed extractions): not required in the
+            index, never retrieved.
+
+    Returns:
+        :class:`~delg_tf.retrieval.index.AlignedIndex`.
+
+    Raises:
+        IndexLoadError: see :func:`~delg_tf.retrieval.index.load_index`; a database
+            image is not in the index.
+    """
+    from delg_tf.retrieval.index import load_index
+
+    return load_index(index_dir, dim=dim).aligned(
+        db_names, what=f"the database list ({len(db_names)} images)", missing=missing
     )
 
 
@@ -821,5 +890,7 @@ def evaluate_stores(
         StoreFeatures(db_store, cfg["imlist"], binary, what="--db_features") as db,
         StoreFeatures(query_store, cfg["qimlist"], binary, what="--query_features") as queries,
     ):
-        evaluate_store_features(cfg["gnd"], db, queries, config, output_json, progress)
+        evaluate_store_features(
+            cfg["gnd"], db, queries, config, output_json, progress, db_names=cfg["imlist"]
+        )
     return Path(output_json)

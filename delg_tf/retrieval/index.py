@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import time
@@ -77,6 +78,7 @@ INDEX_FILE = "index.faiss"
 NAMES_FILE = "names.json"
 MANIFEST_FILE = "manifest.json"
 METRIC = "inner_product"
+FAISS_LOADER_LOGGER = "faiss.loader"
 
 DEFAULT_METHOD = "flat"
 NLIST_PER_SQRT_N = 4  # faiss guidance: nlist between 4 sqrt(N) and 16 sqrt(N).
@@ -113,6 +115,13 @@ class IndexExistsError(FileExistsError):
 
 class FaissMissingError(ImportError):
     """faiss is not installed."""
+
+
+def quiet_faiss_loader():
+    """Entry modules: faiss logs which CPU build it loads at INFO on import, which absl's
+    handler would print on every run; keep its loader at WARNING.
+    """
+    logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)
 
 
 def import_faiss():
@@ -561,9 +570,11 @@ class StoreIndex:
         ids, scores = self.search(queries, k)
         return [[self.names[i] for i in row if i >= 0] for row in ids], scores
 
-    def aligned(self, db_names: Sequence[str], what="the database list") -> "AlignedIndex":
+    def aligned(
+        self, db_names: Sequence[str], what="the database list", missing: Sequence[str] = ()
+    ) -> "AlignedIndex":
         """A view searching with ids = positions in `db_names` (see `AlignedIndex`)."""
-        return AlignedIndex(self, db_names, what)
+        return AlignedIndex(self, db_names, what, missing)
 
     def save(self, index_dir, overwrite=False) -> Path:
         """Writes the index folder with `delg_tf.atomic.staged_directory`: the files go
@@ -625,12 +636,21 @@ class AlignedIndex:
       index: a `StoreIndex`.
       db_names: database image names in dataset order.
       what: how the list is named in messages.
+      missing: names of `db_names` known to have no features (failed extractions):
+        they may be absent from the index and are then never retrieved.
 
     Raises:
-      IndexLoadError: a name is not in the index, or two names resolve to one image.
+      IndexLoadError: a name (not in `missing`) is not in the index, or two names
+        resolve to one image.
     """
 
-    def __init__(self, index: StoreIndex, db_names: Sequence[str], what="the database list"):
+    def __init__(
+        self,
+        index: StoreIndex,
+        db_names: Sequence[str],
+        what="the database list",
+        missing: Sequence[str] = (),
+    ):
         from delg_tf.extraction.store import IMAGE_NAME_SUFFIXES, IMAGE_PREFIX
 
         self.base = index
@@ -644,25 +664,31 @@ class AlignedIndex:
             return None
 
         ids = [resolve(name) for name in db_names]
-        missing = [n for n, i in zip(db_names, ids) if i is None]
-        if missing:
+        known_missing = set(missing)
+        absent = [n for n, i in zip(db_names, ids) if i is None and n not in known_missing]
+        if absent:
             raise IndexLoadError(
-                f"{len(missing)} image(s) of {what} are not in {index._where()}, e.g. "
-                f"{missing[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a {IMAGE_PREFIX} "
+                f"{len(absent)} image(s) of {what} are not in {index._where()}, e.g. "
+                f"{absent[:3]} (tried suffixes {IMAGE_NAME_SUFFIXES} and a {IMAGE_PREFIX} "
                 f"prefix); rebuild the index from the store holding them ({BUILD_HINT})."
             )
+        found = [(i, pos) for pos, i in enumerate(ids) if i is not None]
         self.to_db = np.full(index.size, -1, np.int64)
-        self.to_db[np.asarray(ids, np.int64)] = np.arange(len(ids), dtype=np.int64)
-        if np.count_nonzero(self.to_db >= 0) != len(ids):
+        if found:
+            rows, positions = np.asarray(found, np.int64).T
+            self.to_db[rows] = positions
+        if np.count_nonzero(self.to_db >= 0) != len(found):
             seen = {}
             for name, i in zip(db_names, ids):
+                if i is None:
+                    continue
                 if i in seen:
                     raise IndexLoadError(
                         f"{what}: {seen[i]!r} and {name!r} are the same indexed image "
                         f"{index.names[i]!r}; each database image must appear once."
                     )
                 seen[i] = name
-        self.extra = index.size - len(ids)
+        self.extra = index.size - len(found)
         self._size = len(ids)
 
     @property
