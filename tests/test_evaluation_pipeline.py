@@ -161,6 +161,7 @@ def test_config_record_is_flat_with_the_flag_keys():
         "binary_descriptors": True,
         "search_method": "exact",
         "top_k": 0,
+        "index_dir": "",
         "rerank": "ransac",
         "query_expansion": "none",
         "aqe_neighbours": 2,
