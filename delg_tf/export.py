@@ -4,7 +4,8 @@
         [--delf_config=r50delg_gld_config.pbtxt] [--image_scales=0.25,...,2.0] \
         [--global_scales_ind=3,4,5] [--max_feature_num=1000] [--score_threshold=175] \
         [--max_image_size=1024] [--min_image_size=-1] [--use_square_images] \
-        [--noexport_local | --noexport_global]
+        [--noexport_local | --noexport_global] \
+        [--superglobal=gem_plus,regional_gem,scale_gem,relu_plus | --superglobal=all]
 
 `--checkpoint_dir` is a `delg_tf.train` logdir (its `config.json` says how to
 build the model; the latest checkpoint, or `--checkpoint`, is restored by
@@ -13,6 +14,9 @@ export's `serving_default` signature is the official DELG one (see
 `delg_tf.serving.delg_export`); the config values are the defaults baked into
 the `serving_image_bytes` signature and `assets.extra/delf_config.pbtxt`
 (start from `--delf_config`, then the individual flags override).
+`--superglobal` bakes SuperGlobal pooling modules (Shao et al. ICCV 2023) into the
+global descriptor (`delg_tf.extraction.superglobal`; recorded in
+`assets.extra/delg_tf_superglobal.json`); default none, the DELG pooling.
 
 The model family is read from `config.json` (`train.model_family`). A Glocal
 Retriever run (`--model_family=glocal`) is exported with
@@ -60,6 +64,7 @@ DELG_ONLY_FLAGS = (
     "warmup",
     "fold_batch_norm",
     "compute_dtype",
+    "superglobal",
 )
 
 
@@ -200,10 +205,11 @@ def _export(config: ExportRunConfig) -> Path:
         fold_batch_norm=config.fold_batch_norm,
         compute_dtype=config.compute_dtype,
     )
+    superglobal = ",".join(config.export.superglobal) or "none"
     print(
         f"export: wrote {path} (mode {config.export.mode}, compute dtype "
-        f"{config.compute_dtype}, signatures {delg_export.SIGNATURE_DEFAULT}, "
-        f"{delg_export.SIGNATURE_IMAGE_BYTES})"
+        f"{config.compute_dtype}, superglobal {superglobal}, signatures "
+        f"{delg_export.SIGNATURE_DEFAULT}, {delg_export.SIGNATURE_IMAGE_BYTES})"
     )
     return path
 

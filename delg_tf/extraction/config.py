@@ -13,12 +13,18 @@ converter (official):
 * DelfConfig reading: `load_delf_config` (proto, `.pbtxt` path or pbtxt text),
   `read_export_config` (the config asset `assets.extra/delf_config.pbtxt` of a
   delg_tf export) and `saved_model_delf_config` (that asset, else the official
-  defaults).
+  defaults);
+* the SuperGlobal extraction options (Shao et al., ICCV 2023) baked into an export
+  (`ExportConfig.superglobal`, `canonical_superglobal`) and the reading of their
+  asset `assets.extra/delg_tf_superglobal.json` (`read_superglobal_asset`; written
+  by the export with `delg_tf.extraction.superglobal.superglobal_asset`), which the
+  official DelfConfig has no field for.
 
 No TensorFlow import.
 """
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Tuple
@@ -51,6 +57,23 @@ MODEL_PATH_PLACEHOLDER = "MODEL_PATH"
 # Names ending like this are DelfConfig files, never inline pbtxt text.
 CONFIG_FILE_SUFFIXES = (".pbtxt", ".txt", ".prototxt", ".config", ".cfg")
 
+# SuperGlobal modules (Shao et al., "Global Features are All You Need for Image
+# Retrieval and Reranking", ICCV 2023), in their canonical order; see
+# `delg_tf.extraction.superglobal` for what each computes and where.
+GEM_PLUS = "gem_plus"
+REGIONAL_GEM = "regional_gem"
+SCALE_GEM = "scale_gem"
+RELU_PLUS = "relu_plus"
+SUPERGLOBAL_MODULES = (GEM_PLUS, REGIONAL_GEM, SCALE_GEM, RELU_PLUS)
+SUPERGLOBAL_ALL = "all"  # --superglobal=all: every module.
+# The asset recording them in an export (the official DelfConfig has no field for them).
+SUPERGLOBAL_ASSET = "delg_tf_superglobal.json"
+SUPERGLOBAL_ASSET_MODULES_KEY = "modules"
+# The host-side aggregation of the per-scale global descriptors (after per-scale L2):
+# the official sum, or Scale-GeM's element-wise max.
+AGGREGATION_SUM = "sum"
+AGGREGATION_MAX = "max"
+
 
 def mode_uses_local(mode):
     """True if `mode` (one of `MODES`) has local features."""
@@ -67,6 +90,68 @@ def mode_of(use_local, use_global):
     if use_local and use_global:
         return "local_and_global"
     return "local" if use_local else "global"
+
+
+def canonical_superglobal(modules, mode="local_and_global", field="superglobal", owner=None):
+    """Validated SuperGlobal modules in the canonical order of `SUPERGLOBAL_MODULES`.
+
+    Args:
+      modules: a subset of `SUPERGLOBAL_MODULES` (any order), or ("all",) for every
+        module; a comma-separated string is split.
+      mode: the extraction mode; the modules act on the global descriptor, so
+        "local" refuses any.
+      field: how messages name the option (the flag / field).
+      owner: see `delg_tf.configs.field_name` (None: the flag `--<field>`).
+
+    Returns:
+      tuple of module names, canonical order (() = the paper's DELG pooling).
+
+    Raises:
+      ConfigError: unknown names (listed with the valid ones), duplicates, or
+        modules with mode "local".
+    """
+    if isinstance(modules, str):
+        modules = [m for m in modules.split(",") if m]
+    names = [str(m).strip() for m in modules]
+    valid = f"a subset of {', '.join(SUPERGLOBAL_MODULES)} (comma-separated) or {SUPERGLOBAL_ALL}"
+    if SUPERGLOBAL_ALL in names:
+        expect(
+            names == [SUPERGLOBAL_ALL],
+            field,
+            valid,
+            names,
+            owner=owner,
+            fix=f"'{SUPERGLOBAL_ALL}' already names every module",
+        )
+        names = list(SUPERGLOBAL_MODULES)
+    unknown = [m for m in names if m not in SUPERGLOBAL_MODULES]
+    expect(not unknown, field, valid, names, owner=owner, fix=f"unknown: {', '.join(unknown)}")
+    duplicates = sorted({m for m in names if names.count(m) > 1})
+    expect(
+        not duplicates,
+        field,
+        f"{valid}, each at most once",
+        names,
+        owner=owner,
+        fix=f"repeated: {', '.join(duplicates)}",
+    )
+    expect(
+        not names or mode != "local",
+        field,
+        "empty when only local features are extracted (the SuperGlobal modules change "
+        "the global descriptor)",
+        names,
+        owner=owner,
+        fix="keep the global descriptor (drop --noexport_global) or drop the modules",
+    )
+    return tuple(m for m in SUPERGLOBAL_MODULES if m in names)
+
+
+def global_aggregation(modules):
+    """How the per-scale global descriptors are combined (after per-scale L2) for
+    SuperGlobal `modules`: `AGGREGATION_MAX` with Scale-GeM, else `AGGREGATION_SUM`.
+    """
+    return AGGREGATION_MAX if SCALE_GEM in modules else AGGREGATION_SUM
 
 
 _OWNER = "ExportConfig"  # how error messages name its fields.
@@ -93,6 +178,12 @@ class ExportConfig:
       min_image_size: Resize smaller images to this side on the host (-1 = none).
       use_square_images: Resize images to a square of their largest side.
       warmup: Write the TF Serving warm-up requests (DELG).
+      superglobal: SuperGlobal pooling modules (Shao et al. ICCV 2023) baked into the
+        global descriptor: a comma-separated subset of gem_plus (GeM power 4.6),
+        regional_gem (5x5 Lp-2.5 pool mixed 0.5/0.5 with conv5, before GeM),
+        scale_gem (max over the global scales of the L2-normalised descriptors
+        instead of their sum), relu_plus (residual outputs of conv2_x..conv4_x
+        clamped at 0.014 on the global path), or all. Empty: the DELG pooling.
     """
 
     mode: str = "local_and_global"
@@ -105,9 +196,11 @@ class ExportConfig:
     min_image_size: int = NO_SIZE_LIMIT
     use_square_images: bool = False
     warmup: bool = True
+    superglobal: Tuple[str, ...] = ()
 
     def __post_init__(self):
         expect_choice("mode", self.mode, MODES, owner=_OWNER)
+        object.__setattr__(self, "superglobal", canonical_superglobal(self.superglobal, self.mode))
         expect(
             bool(self.image_scales) and min(self.image_scales) > 0,
             "image_scales",
@@ -240,6 +333,37 @@ def read_export_config(export_path):
     text_format.Parse(path.read_text(), config)
     config.model_path = str(Path(export_path))
     return config
+
+
+def superglobal_asset_path(export_path):
+    """Where an export records its SuperGlobal modules (`SUPERGLOBAL_ASSET` in assets.extra)."""
+    return Path(export_path) / ASSETS_EXTRA_DIR / SUPERGLOBAL_ASSET
+
+
+def read_superglobal_asset(export_path):
+    """The SuperGlobal modules recorded in an export (`SUPERGLOBAL_ASSET`), or () without one.
+
+    Raises:
+      ValueError: the asset is not a JSON object whose "modules" lists known modules
+        (the message names the file).
+    """
+    path = superglobal_asset_path(export_path)
+    if not path.is_file():
+        return ()
+    try:
+        asset = json.loads(path.read_text())
+        modules = asset[SUPERGLOBAL_ASSET_MODULES_KEY]
+        if not isinstance(modules, list):
+            raise TypeError(f"{SUPERGLOBAL_ASSET_MODULES_KEY!r} is {type(modules).__name__}")
+        return canonical_superglobal(
+            modules, field=SUPERGLOBAL_ASSET_MODULES_KEY, owner=SUPERGLOBAL_ASSET
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: expected a JSON object with {SUPERGLOBAL_ASSET_MODULES_KEY!r}: a list of "
+            f"{', '.join(SUPERGLOBAL_MODULES)} (written by python -m delg_tf.export "
+            f"--superglobal); {error}; re-export the model."
+        ) from error
 
 
 def saved_model_delf_config(export_path, use_local, use_global):

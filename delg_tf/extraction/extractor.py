@@ -10,13 +10,16 @@ and `utils.ResizeImage`:
 2. images smaller than 10 px on a side after resizing give empty features;
 3. one call of the model's raw function (official inputs, see `raw_model`);
 4. global: L2-normalise each scale's descriptor, sum, L2-normalise
-   (optional PCA as the official code);
+   (optional PCA as the official code); with SuperGlobal's Scale-GeM (an export
+   made with ``--superglobal=scale_gem``, read from its asset by `raw_model`, or
+   `from_model(..., superglobal=...)`) the element-wise max over the scales
+   replaces the sum (`raw_fn.global_aggregation`);
 5. local: location = centre of the receptive box / scale factors, (y, x) in
    original-image pixels (unless `use_resized_coordinates`); descriptors
    L2-normalised (optional PCA then L2); attention = scores.
 
 Constructors: `from_saved_model(path, config=None)`, `from_config(pbtxt)`,
-`from_model(model, config=None)` (in memory, via `PyramidExtractor`).
+`from_model(model, config=None, superglobal=())` (in memory, via `PyramidExtractor`).
 """
 
 import dataclasses
@@ -28,6 +31,7 @@ from PIL import Image
 
 from delg_tf.extraction import config as config_lib
 from delg_tf.extraction import folded, geometry, pyramid, raw_model
+from delg_tf.extraction import superglobal as superglobal_lib
 
 
 @dataclasses.dataclass
@@ -137,6 +141,16 @@ def _l2_normalize(x, axis):
     return x / np.sqrt(np.maximum(square_sum, np.float32(1e-12)))
 
 
+def _aggregate(per_scale, aggregation):
+    """Final global descriptor [D] from the post-processed per-scale rows [G, D]:
+    l2(sum) (official), or l2(element-wise max) for SuperGlobal's Scale-GeM
+    (`config.AGGREGATION_MAX`); no rows give zeros.
+    """
+    if aggregation == config_lib.AGGREGATION_MAX and len(per_scale):
+        return _l2_normalize(np.max(per_scale, axis=0), axis=0)
+    return _l2_normalize(np.sum(per_scale, axis=0), axis=0)
+
+
 def _post_process(descriptors, use_pca, pca):
     """Official `PostProcessDescriptors`: L2, optional PCA (+whitening) then L2."""
     out = _l2_normalize(descriptors, axis=1)
@@ -178,6 +192,8 @@ class DelgExtractor:
                 "invalid config: at least one of use_local_features / "
                 "use_global_features must be true."
             )
+        # sum (official) or max (SuperGlobal Scale-GeM) of the per-scale descriptors.
+        self.global_aggregation = getattr(raw_fn, "global_aggregation", config_lib.AGGREGATION_SUM)
         self.image_scales = np.asarray(
             list(config.image_scales) or config_lib.DEFAULT_IMAGE_SCALES, np.float32
         )
@@ -234,7 +250,14 @@ class DelgExtractor:
         return cls(raw_model.load_raw_extraction_fn(path), config)
 
     @classmethod
-    def from_model(cls, model, config=None, fold_batch_norm=True, compute_dtype="float32"):
+    def from_model(
+        cls,
+        model,
+        config=None,
+        fold_batch_norm=True,
+        compute_dtype="float32",
+        superglobal=(),
+    ):
         """From an in-memory DELG model (`DelgModel`), via `PyramidExtractor`.
 
         `fold_batch_norm`: run the batch-norm-folded view of a `DelgModel`
@@ -242,6 +265,10 @@ class DelgExtractor:
         rounding, faster on CPU). False runs the Keras layers themselves.
         `compute_dtype="bfloat16"`: backbone convolutions in bfloat16 (folded graph
         only; ~1.8x faster on AVX512_BF16 CPUs, not within official parity).
+        `superglobal`: SuperGlobal modules (names of
+        `config.SUPERGLOBAL_MODULES`, as `ExportConfig.superglobal` /
+        ``--superglobal``; `delg_tf.extraction.superglobal`), the same computation
+        as an export made with them.
         """
         config = (
             config_lib.load_delf_config(config)
@@ -249,14 +276,17 @@ class DelgExtractor:
             else (config_lib.ExportConfig().to_delf_config(""))
         )
         mode = config_lib.mode_of(config.use_local_features, config.use_global_features)
+        modules = config_lib.canonical_superglobal(superglobal, mode)
         inference = folded.inference_model(model, fold_batch_norm, compute_dtype)
         if compute_dtype == folded.BFLOAT16:
             folded.check_bfloat16_runs()
         extractor = pyramid.PyramidExtractor(
-            inference, mode=mode, iou_threshold=config.delf_local_config.iou_threshold
+            superglobal_lib.superglobal_inference(inference, modules),
+            mode=mode,
+            iou_threshold=config.delf_local_config.iou_threshold,
         )
         raw_fn = raw_model.from_function(
-            extractor.extract, extractor.use_local, extractor.use_global
+            extractor.extract, extractor.use_local, extractor.use_global, superglobal=modules
         )
         instance = cls(raw_fn, config)
         instance.pyramid = extractor
@@ -321,7 +351,7 @@ class DelgExtractor:
             per_scale = _post_process(
                 raw["global_descriptors"], config.delf_global_config.use_pca, self.global_pca
             )
-            global_descriptor = _l2_normalize(np.sum(per_scale, axis=0), axis=0)
+            global_descriptor = _aggregate(per_scale, self.global_aggregation)
         if self.use_local:
             boxes = raw["boxes"].astype(np.float32)
             locations = geometry.box_centers(boxes)

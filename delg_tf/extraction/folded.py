@@ -307,7 +307,12 @@ def _folded_conv_bn(layer, name):
 
 
 class FoldedBottleneck(tf.Module):
-    """A `resnet.Bottleneck` with folded batch norm (same function)."""
+    """A `resnet.Bottleneck` with folded batch norm (same function).
+
+    Called as ``block(x, activation=tf.nn.relu)``: `activation` is applied to the
+    residual sum shortcut(x) + F(x) (the ReLU of the unit; SuperGlobal's ReLU+ passes
+    `delg_tf.ops.pooling.relu_plus`, `delg_tf.extraction.superglobal`).
+    """
 
     def __init__(self, block, name):
         super().__init__(name=name)
@@ -328,11 +333,11 @@ class FoldedBottleneck(tf.Module):
             return x[:, :: self.strides, :: self.strides, :]
         return x
 
-    def __call__(self, x):
+    def __call__(self, x, activation=tf.nn.relu):
         y = x
         for conv in self.convs:
             y = conv(y)
-        return tf.nn.relu(self._shortcut(x) + y)
+        return activation(self._shortcut(x) + y)
 
     def can_subsample(self):
         """True if `subsampled` applies: a stride-1 unit of 1x1 / kxk / 1x1 convolutions."""
@@ -346,19 +351,22 @@ class FoldedBottleneck(tf.Module):
             and (self.shortcut is None or self.shortcut.kernel_size == 1)
         )
 
-    def subsampled(self, x, stride):
-        """``self(x)[:, ::stride, ::stride, :]``, evaluating only the kept cells."""
+    def subsampled(self, x, stride, activation=tf.nn.relu):
+        """``self(x, activation)[:, ::stride, ::stride, :]``, evaluating only the kept cells."""
         first, middle, last = self.convs
         y = last(middle.subsampled(first(x), stride))
         kept = x[:, ::stride, ::stride, :]
         shortcut = self.shortcut(kept) if self.shortcut is not None else kept
-        return tf.nn.relu(shortcut + y)
+        return activation(shortcut + y)
 
 
 class FoldedResNet(tf.Module):
     """`resnet.ResNet` inference with folded batch norm (same call API).
 
-    Computes in `compute_dtype`; outputs are float32.
+    Computes in `compute_dtype`; outputs are float32. `call_to_conv4(images,
+    residual_activation=f)` applies `f` instead of the ReLU to the residual sums of
+    the conv2_x..conv4_x units (the stem keeps its ReLU; conv5_x is `call_conv5`,
+    always ReLU); SuperGlobal's ReLU+ (`delg_tf.extraction.superglobal`).
     """
 
     def __init__(self, resnet, compute_dtype="float32", name="backbone"):
@@ -377,7 +385,7 @@ class FoldedResNet(tf.Module):
         self.conv4_subsample = resnet.conv4_subsample
         self.feature_channels = resnet.feature_channels
 
-    def call_to_conv4(self, images, training=False):
+    def call_to_conv4(self, images, training=False, residual_activation=tf.nn.relu):
         del training
         outputs = {}
         x = self.stem(tf.cast(images, self.compute_dtype))
@@ -387,15 +395,17 @@ class FoldedResNet(tf.Module):
         x = tf.nn.max_pool2d(x, self.pool1_size, self.pool1_strides, self.pool1_padding)
         for name, blocks in zip(("conv2", "conv3"), self.stages[:2]):
             for block in blocks:
-                x = block(x)
+                x = block(x, residual_activation)
             outputs[name] = x
         conv4_blocks = self.stages[2]
         subsample_last = self.conv4_subsample and conv4_blocks[-1].can_subsample()
         for block in conv4_blocks[:-1] if subsample_last else conv4_blocks:
-            x = block(x)
+            x = block(x, residual_activation)
         if subsample_last:
             # Only S (the subsampled map) is returned for these layouts.
-            outputs["conv4"] = conv4_blocks[-1].subsampled(x, CONV4_SUBSAMPLE_STRIDE)
+            outputs["conv4"] = conv4_blocks[-1].subsampled(
+                x, CONV4_SUBSAMPLE_STRIDE, residual_activation
+            )
         elif self.conv4_subsample:
             outputs["conv4"] = x[:, ::CONV4_SUBSAMPLE_STRIDE, ::CONV4_SUBSAMPLE_STRIDE, :]
         else:
@@ -422,7 +432,9 @@ class FoldedDelg(tf.Module):
     Same inference API and outputs as the model: `preprocess` (uint8 RGB ->
     normalised), `backbone.call_to_conv4` / `backbone.call_conv5`, `local_head(S)
     -> (attention [B, h, w, 1], descriptors [B, h, w, C_T])`, `global_head(D) ->
-    [B, C_F]` (GeM + whitening, not normalised).
+    [B, C_F]` (GeM + whitening, not normalised), i.e. `whiten(gem_pool(D))`, its two
+    parts (`gem_pool(D [B, h, w, C_D]) -> [B, C_D]` with the model's power,
+    `whiten([B, C_D]) -> [B, C_F]`, the FC F, b_F of eq. 1).
 
     Reference: Cao, Araujo, Sim, "Unifying Deep Local and Global Features for
     Image Search", ECCV 2020, Sec. 3 (the heads) and 4.1 (the extraction setup).
@@ -468,10 +480,15 @@ class FoldedDelg(tf.Module):
         logits = self.attention_conv2(self.attention_conv1(source))
         return tf.nn.softplus(logits), descriptors
 
+    def gem_pool(self, d):
+        return pooling.gem(d, power=self.gem_power, eps=self.gem_eps)
+
+    def whiten(self, pooled):
+        return tf.nn.bias_add(tf.matmul(pooled, self.whitening_kernel), self.whitening_bias)
+
     def global_head(self, d, training=False):
         del training
-        pooled = pooling.gem(d, power=self.gem_power, eps=self.gem_eps)
-        return tf.nn.bias_add(tf.matmul(pooled, self.whitening_kernel), self.whitening_bias)
+        return self.whiten(self.gem_pool(d))
 
 
 def fold_delg_model(model, compute_dtype="float32"):

@@ -26,7 +26,12 @@ f32[N,128] raw, `scales` f32[N] = 1 / pyramid scale, `scores` f32[N,1] attention
 
 The model is duck-typed: `preprocess(images)`, `backbone.call_to_conv4(x)["conv4"]`,
 `backbone.call_conv5(s)`, `local_head(s) -> (attention_prob, descriptors)`,
-`global_head(d) -> [B, D]` (`delg_tf.models.delg.DelgModel`).
+`global_head(d) -> [B, D]` (`delg_tf.models.delg.DelgModel`), and optionally
+`global_backbone` (same API as `backbone`): when it is another object than
+`backbone` (SuperGlobal's ReLU+, `delg_tf.extraction.superglobal`), the global
+scales run their own pass of it from the resized image, and the local path keeps
+`backbone`'s conv4 (in local_and_global mode the backbone then runs twice at each
+global scale).
 """
 
 import numpy as np
@@ -174,6 +179,9 @@ class PyramidExtractor:
         use_local, use_global = self.use_local, self.use_global
         rf = self.receptive_field
         local_dim, global_dim = self.local_dim, self.global_dim
+        global_backbone = getattr(model, "global_backbone", model.backbone)
+        # The local path's conv4 serves the global scales unless they have their own pass.
+        share_conv4 = global_backbone is model.backbone
         image_hw = tf.cast(tf.shape(image)[0:2], tf.float32)
         normalized = model.preprocess(tf.expand_dims(image, 0))
         num_scales = tf.shape(scales)[0]
@@ -187,8 +195,8 @@ class PyramidExtractor:
             def compute():
                 conv4 = s
                 if conv4 is None:
-                    conv4 = model.backbone.call_to_conv4(resize(index)[1])["conv4"]
-                descriptor = model.global_head(model.backbone.call_conv5(conv4))
+                    conv4 = global_backbone.call_to_conv4(resize(index)[1])["conv4"]
+                descriptor = model.global_head(global_backbone.call_conv5(conv4))
                 return tf.reshape(tf.cast(descriptor, tf.float32), [1, global_dim])
 
             is_global = tf.reduce_any(tf.equal(global_scales_ind, index))
@@ -212,7 +220,10 @@ class PyramidExtractor:
                 out_scales = tf.concat([out_scales, tf.ones_like(kept_scores) / scale], 0)
                 scores = tf.concat([scores, kept_scores], 0)
                 if use_global:
-                    global_descriptors = tf.concat([global_descriptors, global_at(index, s)], 0)
+                    shared = s if share_conv4 else None
+                    global_descriptors = tf.concat(
+                        [global_descriptors, global_at(index, shared)], 0
+                    )
             else:
                 global_descriptors = tf.concat([global_descriptors, global_at(index)], 0)
             return index + 1, boxes, features, out_scales, scores, global_descriptors

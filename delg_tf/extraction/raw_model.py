@@ -17,12 +17,20 @@ from the model itself, never from a config flag; a DelfConfig's
   `boxes:0` ...) via `.prune`, as the official extractor
   (``delf/python/extractor.py``, ``is_tf2_exported: false``) does
   (`load_tf1_extraction_fn`).
+
+The SuperGlobal modules a delg_tf export was made with (its asset
+`assets.extra/delg_tf_superglobal.json`, `config.read_superglobal_asset`; () for
+every other SavedModel) come with the function as `RawExtractionFn.superglobal`,
+so the host-side post-processing (`DelgExtractor`) aggregates the per-scale
+global descriptors as the export does (Scale-GeM: max instead of sum).
 """
 
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from delg_tf.extraction import config as config_lib
 
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURE_DEFAULT = "serving_default"
@@ -126,14 +134,23 @@ class RawExtractionFn:
       use_global: the model returns global descriptors.
       model_format: `FORMAT_TF2`, `FORMAT_TF1` or `FORMAT_IN_MEMORY` (informative).
       owner: object kept alive with the function (the loaded SavedModel).
+      superglobal: the SuperGlobal modules baked into the model
+        (`config.SUPERGLOBAL_MODULES` names; () for the DELG pooling).
+
+    Attributes:
+      global_aggregation: how the L2-normalised per-scale global descriptors are
+        combined, `config.AGGREGATION_SUM` (official) or `AGGREGATION_MAX`
+        (Scale-GeM).
     """
 
-    def __init__(self, fn, use_local, use_global, model_format, owner=None):
+    def __init__(self, fn, use_local, use_global, model_format, owner=None, superglobal=()):
         self._fn = fn
         self.use_local = use_local
         self.use_global = use_global
         self.model_format = model_format
         self._owner = owner
+        self.superglobal = tuple(superglobal)
+        self.global_aggregation = config_lib.global_aggregation(self.superglobal)
 
     def __call__(self, image, scales, max_feature_num, abs_thres, global_scales_ind):
         image, scales, max_feature_num, abs_thres, global_scales_ind = validate_raw_inputs(
@@ -153,9 +170,15 @@ class RawExtractionFn:
         return {k: np.asarray(v) for k, v in outputs.items()}
 
 
-def from_function(fn, use_local=True, use_global=True, model_format=FORMAT_IN_MEMORY):
-    """Wraps an in-memory function with official input names (e.g. `PyramidExtractor.extract`)."""
-    return RawExtractionFn(fn, use_local, use_global, model_format)
+def from_function(
+    fn, use_local=True, use_global=True, model_format=FORMAT_IN_MEMORY, superglobal=()
+):
+    """Wraps an in-memory function with official input names (e.g. `PyramidExtractor.extract`).
+
+    `superglobal`: the SuperGlobal modules the function computes with (see
+    `RawExtractionFn`).
+    """
+    return RawExtractionFn(fn, use_local, use_global, model_format, superglobal=superglobal)
 
 
 def read_saved_model_proto(path):
@@ -216,7 +239,7 @@ def detect_format(path):
     )
 
 
-def _tf2_fn(loaded, path):
+def _tf2_fn(loaded, path, superglobal=()):
     signature = loaded.signatures[SIGNATURE_DEFAULT]
     inputs = set(signature.structured_input_signature[1])
     if IMAGE_INPUT not in inputs:
@@ -226,7 +249,9 @@ def _tf2_fn(loaded, path):
         )
     use_local = all(name in inputs for name in LOCAL_INPUTS)
     use_global = GLOBAL_INPUT in inputs
-    return RawExtractionFn(signature, use_local, use_global, FORMAT_TF2, owner=loaded)
+    return RawExtractionFn(
+        signature, use_local, use_global, FORMAT_TF2, owner=loaded, superglobal=superglobal
+    )
 
 
 def load_tf1_extraction_fn(path):
@@ -270,10 +295,11 @@ def load_raw_extraction_fn(path):
       path: SavedModel directory.
 
     Returns:
-      `RawExtractionFn`.
+      `RawExtractionFn` (with the export's SuperGlobal modules, `superglobal`).
 
     Raises:
       ModelFormatError: not a DELG SavedModel.
+      ValueError: its SuperGlobal asset is unreadable (names the file).
     """
     path = str(path)
     if not tf.saved_model.contains_saved_model(path):
@@ -283,5 +309,6 @@ def load_raw_extraction_fn(path):
             "or an extracted official DELG tarball."
         )
     if detect_format(path) == FORMAT_TF2:
-        return _tf2_fn(tf.saved_model.load(path), path)
+        superglobal = config_lib.read_superglobal_asset(path)
+        return _tf2_fn(tf.saved_model.load(path), path, superglobal)
     return load_tf1_extraction_fn(path)

@@ -20,12 +20,24 @@
 * `assets.extra/tf_serving_warmup_requests` (one request per signature) and
   `assets.extra/delf_config.pbtxt` (the baked-in DelfConfig, `model_path` ".").
 
+SuperGlobal pooling (`ExportConfig.superglobal`, Shao et al. ICCV 2023;
+`delg_tf.extraction.superglobal`): GeM+, regional-GeM and ReLU+ change the values
+of the raw per-scale `global_descriptors` of `serving_default` (its inputs,
+outputs, names, dtypes and shapes stay the official ones); Scale-GeM changes the
+aggregation of `serving_image_bytes` (per-scale L2, element-wise max over the
+scales, L2, instead of the sum). An export with modules also has
+`assets.extra/delg_tf_superglobal.json` (`{"modules": [...], "aggregation": ...,
+parameters}`), from which `DelgExtractor.from_saved_model` learns the aggregation;
+the official DelfConfig asset is unchanged. Without modules (the default) the
+export is the DELG one, without that asset.
+
 Only `tf.Variable`s and traced functions are saved: loading needs TensorFlow
 only (no delg_tf, no Keras objects). The export is written to a temporary
 directory next to `export_path` and renamed when complete; an existing export is
 refused unless `overwrite=True`.
 """
 
+import json
 import logging
 from pathlib import Path
 
@@ -34,12 +46,15 @@ import tensorflow as tf
 from google.protobuf import text_format
 
 from delg_tf import atomic
-from delg_tf.extraction import folded, geometry, pyramid
+from delg_tf.extraction import folded, geometry, pyramid, superglobal
 from delg_tf.extraction.config import (
+    AGGREGATION_SUM,
     ASSETS_EXTRA_DIR,
     CONFIG_ASSET,
     MIN_EXTRACTION_SIDE,
+    SUPERGLOBAL_ASSET,
     ExportConfig,
+    global_aggregation,
 )
 from delg_tf.extraction.raw_model import SIGNATURE_DEFAULT
 from delg_tf.serving import warmup
@@ -76,12 +91,24 @@ def resize_scale_factor_tf(height_width, max_image_size, min_image_size, use_squ
     return needs_resize, tf.cast(new_size, tf.int32), new_size / hw
 
 
-def _postprocess(raw, scale_factors, use_local, use_global):
-    """Official extractor post-processing of raw outputs (TF)."""
+def _postprocess(raw, scale_factors, use_local, use_global, aggregation=AGGREGATION_SUM):
+    """Official extractor post-processing of raw outputs (TF).
+
+    Global: per-scale L2, then sum (official) or, for SuperGlobal's Scale-GeM
+    (`aggregation` "max"), element-wise max, then L2
+    (`superglobal.aggregate_global_descriptors`).
+    """
     outputs = {}
     if use_global:
         per_scale = tf.nn.l2_normalize(raw["global_descriptors"], axis=1)
-        outputs["global_descriptor"] = tf.nn.l2_normalize(tf.reduce_sum(per_scale, axis=0), axis=0)
+        if aggregation == AGGREGATION_SUM:
+            outputs["global_descriptor"] = tf.nn.l2_normalize(
+                tf.reduce_sum(per_scale, axis=0), axis=0
+            )
+        else:
+            outputs["global_descriptor"] = superglobal.aggregate_global_descriptors(
+                per_scale, aggregation
+            )
     if use_local:
         centers = geometry.box_centers(raw["boxes"])
         outputs["locations"] = centers / tf.cast(scale_factors, tf.float32)
@@ -96,14 +123,18 @@ class DelgServingModule(tf.Module):
 
     Args:
       model: DELG model with the inference API (see `delg_tf.extraction.pyramid`).
-      config: `delg_tf.extraction.config.ExportConfig`.
+      config: `delg_tf.extraction.config.ExportConfig` (its `superglobal` modules
+        wrap `model`, `superglobal.superglobal_inference`).
     """
 
     def __init__(self, model, config, name="delg_serving"):
         super().__init__(name=name)
         self._config = config
+        self._aggregation = global_aggregation(config.superglobal)
         self._pyramid = pyramid.PyramidExtractor(
-            model, mode=config.mode, iou_threshold=config.iou_threshold
+            superglobal.superglobal_inference(model, config.superglobal),
+            mode=config.mode,
+            iou_threshold=config.iou_threshold,
         )
         self.extract = self._pyramid.extract
         self.extract_image_bytes = tf.function(
@@ -166,7 +197,9 @@ class DelgServingModule(tf.Module):
         def extract():
             inputs = self._default_inputs()
             raw = self.extract(input_image=image, **inputs)
-            return _postprocess(raw, scale_factors, config.use_local, config.use_global)
+            return _postprocess(
+                raw, scale_factors, config.use_local, config.use_global, self._aggregation
+            )
 
         return tf.cond(large_enough, extract, self._empty_outputs)
 
@@ -206,7 +239,7 @@ def export_saved_model(
       model: DELG model with the inference API (`delg_tf.models.delg.DelgModel`).
       export_path: target directory (must not exist unless `overwrite`).
       config: `delg_tf.extraction.config.ExportConfig` (defaults: official DELG R50
-        values).
+        values; `superglobal` for SuperGlobal pooling, see the module doc).
       overwrite: replace an existing export.
       fold_batch_norm: export the batch-norm-folded graph of a `DelgModel`
         (`delg_tf.extraction.folded`: same outputs up to float rounding, faster on
@@ -245,4 +278,7 @@ def export_saved_model(
             warmup.write_warmup_file(tmp, _warmup_requests(config))
         extra.mkdir(exist_ok=True)
         (extra / CONFIG_ASSET).write_text(text_format.MessageToString(config.to_delf_config()))
+        if config.superglobal:
+            asset = superglobal.superglobal_asset(config.superglobal)
+            (extra / SUPERGLOBAL_ASSET).write_text(json.dumps(asset, indent=2) + "\n")
     return export_path
