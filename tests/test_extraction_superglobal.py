@@ -372,6 +372,10 @@ def test_host_extractor_learns_the_aggregation_and_equals_from_model(
         in_memory(image).global_descriptor, features.global_descriptor, atol=1e-6
     )
     np.testing.assert_array_equal(in_memory(image).locations, features.locations)
+    # The DelfConfig route of `python -m delg_tf.extract --delf_config` reads it too.
+    by_config = DelgExtractor.from_config(config_lib.config_asset_path(path), model_path=str(path))
+    assert by_config.global_aggregation == "max"
+    np.testing.assert_array_equal(by_config(image).global_descriptor, features.global_descriptor)
 
 
 def test_folded_and_keras_exports_agree(model, exports, image):
