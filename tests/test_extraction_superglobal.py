@@ -263,6 +263,15 @@ def test_asset_round_trip_and_bad_asset(tmp_path):
     asset = json.loads(path.read_text())
     assert asset["gem_plus_p"] == GEM_PLUS_P and asset["relu_plus_threshold"] == RELU_PLUS_FLOOR
     assert asset["aggregation"] == "max"
+    # ExportConfig round trip: the DelfConfig asset plus the SuperGlobal asset (scales
+    # exact in float32, the DelfConfig field type).
+    config = dataclasses.replace(CONFIG, image_scales=(0.5, 1.0, 1.5), superglobal=ALL)
+    again = config_lib.ExportConfig.from_delf_config(
+        config.to_delf_config(),
+        warmup=CONFIG.warmup,
+        superglobal=config_lib.read_superglobal_asset(tmp_path),
+    )
+    assert again == config
     path.write_text(json.dumps({"modules": ["gem_plus", "mac"]}))
     with pytest.raises(ValueError, match=f"{path}.*modules.*mac"):
         config_lib.read_superglobal_asset(tmp_path)

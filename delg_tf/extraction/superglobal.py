@@ -284,8 +284,3 @@ def superglobal_inference(model, modules=()):
     """
     modules = config_lib.canonical_superglobal(modules)
     return SuperGlobalInference(model, modules) if modules else model
-
-
-def aggregation_of(model):
-    """The global aggregation of an inference model (`AGGREGATION_SUM` unless SuperGlobal)."""
-    return getattr(model, "aggregation", config_lib.AGGREGATION_SUM)
