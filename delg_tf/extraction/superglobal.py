@@ -1,6 +1,6 @@
 """SuperGlobal pooling at extraction time: an inference view of a DELG model.
 
-Shao, Chen, Zhang, Yang, Huang, Xu, "Global Features are All You Need for Image
+Shao, Chen, Karpur, Cui, Araujo, Cao, "Global Features are All You Need for Image
 Retrieval and Reranking", ICCV 2023 (code: github.com/ShihaoShao-GH/SuperGlobal,
 commit 6db11a7, ``model/resnet.py`` and ``modules/coarse_retrieval/``). Four
 training-free modules, each an option of the export (`ExportConfig.superglobal`,
