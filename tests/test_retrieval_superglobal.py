@@ -149,3 +149,181 @@ def test_errors_name_the_problem(data):
         sg.superglobal_rerank(q, db, top_m=-3)
     with pytest.raises(SearchError, match="queries rows must be L2-normalised"):
         sg.superglobal_rerank(3 * q, db)
+
+
+# --- Fast path: offline neighbour graph + batched online re-ranking -------------------
+
+
+def brute_force_graph(X, L):
+    """float64 top-L other rows of each row, ties by increasing id, and the next value."""
+    X = X.astype(np.float64)
+    sims = X @ X.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : X.shape[0] - 1]
+    values = np.take_along_axis(sims, order, axis=1)
+    keep = min(L, X.shape[0] - 1)
+    tail = values[:, keep] if keep < X.shape[0] - 1 else np.full(X.shape[0], -np.inf)
+    return order[:, :keep], values[:, :keep], tail
+
+
+def fast(q, db, M, K, beta, list_size=sg.DEFAULT_LIST_SIZE, ranks=None, normalized=True):
+    graph = sg.build_neighbor_graph(db, list_size=list_size, normalized=normalized)
+    if ranks is None:
+        ranks = np.argsort(-(l2_normalize(db) @ q.T), axis=0, kind="stable")
+    stats = {}
+    out, scores = sg.superglobal_rerank_graph(q, db, ranks, graph, M, K, beta, stats=stats)
+    return out, scores, stats
+
+
+def duplicated_data(seed=5, num_distinct=40, dim=8):
+    """Database of exact copies (2-6 of each vector), queries near some of them."""
+    rng = np.random.default_rng(seed)
+    base = l2_normalize(rng.normal(size=(num_distinct, dim)))
+    copies = rng.integers(2, 7, num_distinct)
+    db = np.repeat(base, copies, axis=0)[rng.permutation(copies.sum())]
+    q = l2_normalize(base[:6] + 0.3 * rng.normal(size=(6, dim)))
+    return q, db
+
+
+@pytest.mark.parametrize("list_size", [1, 5, 32, 400])
+def test_neighbor_graph_is_the_brute_force_top_l(data, list_size):
+    _, db = data
+    graph = sg.build_neighbor_graph(db, list_size=list_size, normalized=True, chunk_size=64)
+    ids, sims, tail = brute_force_graph(db, list_size)
+    np.testing.assert_array_equal(graph.ids, ids)
+    np.testing.assert_allclose(graph.sims, sims, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(graph.tail, tail, rtol=0, atol=1e-12)
+    assert graph.list_size == min(list_size, NUM_DB - 1)
+
+
+def test_neighbor_graph_normalises_like_l2_normalize(data):
+    _, db = data
+    scaled = db * np.random.default_rng(3).uniform(0.5, 4.0, (NUM_DB, 1))
+    graph = sg.build_neighbor_graph(scaled, list_size=10)
+    ids, sims, _ = brute_force_graph(l2_normalize(scaled), 10)
+    np.testing.assert_array_equal(graph.ids, ids)
+    np.testing.assert_allclose(graph.sims, sims, atol=1e-12)
+    rows = np.arange(5)
+    np.testing.assert_array_equal(
+        graph.unit_rows(scaled, rows), l2_normalize(scaled)[rows].astype(np.float64)
+    )
+
+
+@pytest.mark.parametrize(
+    "M, K, beta, list_size",
+    [(40, 9, 0.15, 32), (25, 3, 0.5, 3), (60, 0, 0.15, 1), (12, 30, 0.15, 32), (400, 9, 0.15, 9)],
+)
+def test_fast_path_matches_reference_and_transcription(data, M, K, beta, list_size):
+    q, db = data
+    ranks, scores, stats = fast(q, db, M, K, beta, max(list_size, min(K, NUM_DB - 1)))
+    ref_ranks, ref_scores = sg.superglobal_rerank(q, db, top_m=M, num_neighbors=K, beta=beta)
+    oracle_ranks, oracle_scores = reference_superglobal(db, q, M, K, beta)
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_array_equal(ranks, oracle_ranks)
+    np.testing.assert_allclose(scores, oracle_scores, atol=1e-6)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
+    assert sum(stats.values()) == NUM_Q * min(M, NUM_DB)
+
+
+def test_fast_path_uses_every_stage(data):
+    """Short lists (L = K) leave rows to stage 2 (K found further down the list) and 3."""
+    q, db = data
+    _, _, stats = fast(q, db, 40, 5, 0.15, list_size=8)
+    assert stats["stage 1"] > 0 and stats["stage 2"] > 0 and stats["stage 3"] > 0, stats
+
+
+def test_fast_path_unnormalised_database(data):
+    q, db = data
+    scaled = db * np.random.default_rng(4).uniform(0.5, 4.0, (NUM_DB, 1)).astype(np.float32)
+    ranks, scores, _ = fast(q, scaled, 40, 9, 0.15, normalized=False)
+    ref_ranks, ref_scores = sg.superglobal_rerank(q, l2_normalize(scaled), top_m=40)
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_array_equal(scores, ref_scores)
+
+
+@pytest.mark.parametrize("K, list_size", [(3, 32), (9, 9), (9, 64)])
+def test_fast_path_exact_duplicates_and_ties(K, list_size):
+    """Exact copies: tied neighbours at the K-th place, tied refined and final scores;
+    ties resolve by shortlist position as in the reference and the transcription."""
+    q, db = duplicated_data()
+    M = 60
+    ranks, scores, stats = fast(q, db, M, K, 0.15, list_size)
+    ref_ranks, ref_scores = sg.superglobal_rerank(q, db, top_m=M, num_neighbors=K)
+    oracle_ranks, _ = reference_superglobal(db, q, M, K, 0.15)
+    assert np.any(np.diff(ref_scores, axis=0) == 0), "the data should produce exact ties"
+    assert stats["stage 3"] > 0, stats
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_array_equal(ranks, oracle_ranks)
+    np.testing.assert_array_equal(scores, ref_scores)
+
+
+def test_fast_path_m_larger_than_database_and_small_batches(data, monkeypatch):
+    q, db = data
+    small = db[:120]
+    ref_ranks, ref_scores = reference_superglobal(
+        small, q, sg.DEFAULT_TOP_M, sg.DEFAULT_NUM_NEIGHBORS, sg.DEFAULT_BETA
+    )
+    ranks, scores, _ = fast(q, small, sg.DEFAULT_TOP_M, sg.DEFAULT_NUM_NEIGHBORS, sg.DEFAULT_BETA)
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
+    # Batches of one or two queries: shortlists no longer cover the whole database.
+    monkeypatch.setattr(sg, "BATCH_ELEMENTS", 60)
+    assert sg._batch_size(NUM_DB, 40, NUM_Q) == 1
+    ranks, _, _ = fast(q, db, 40, 9, 0.15)
+    np.testing.assert_array_equal(ranks, reference_superglobal(db, q, 40, 9, 0.15)[0])
+
+
+def test_fast_path_truncated_ranks_with_missing_results(data):
+    """Columns of different lengths ending with -1, some shorter than K + 1 or empty."""
+    q, db = data
+    K, M = 9, 30
+    initial = np.argsort(-(db @ q.T), axis=0, kind="stable")[:50]
+    lengths = [50, 40, 30, 12, 10, 5, 1, 0]
+    ranks = initial.copy()
+    for j, n in enumerate(lengths):
+        ranks[n:, j] = -1
+    out, scores, stats = fast(q, db, M, K, 0.15, ranks=ranks)
+    assert stats["small"] == 5 + 1
+    for j, n in enumerate(lengths):
+        expected = ranks[:, j].copy()
+        if n:
+            column, column_scores = sg.superglobal_rerank(
+                q[j : j + 1], db, top_m=M, num_neighbors=K, ranks=ranks[:n, j : j + 1]
+            )
+            expected[:n] = column[:, 0]
+            np.testing.assert_array_equal(scores[: min(n, M), j], column_scores[:, 0])
+        np.testing.assert_array_equal(out[:, j], expected)
+        assert np.all(scores[min(n, M) :, j] == 0)
+
+
+def test_fast_path_k_zero_and_m_zero_one(data):
+    q, db = data
+    initial = np.argsort(-(db @ q.T), axis=0, kind="stable")
+    for M in (0, 1, 2):
+        ranks, scores, _ = fast(q, db, M, 0, 0.15)
+        ref_ranks, ref_scores = sg.superglobal_rerank(q, db, top_m=M, num_neighbors=0)
+        np.testing.assert_array_equal(ranks, ref_ranks)
+        np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(fast(q, db, 0, 9, 0.15)[0], initial)
+
+
+def test_fast_path_errors_name_the_problem(data):
+    q, db = data
+    graph = sg.build_neighbor_graph(db, list_size=4, normalized=True)
+    ranks = np.argsort(-(db @ q.T), axis=0, kind="stable")
+    with pytest.raises(SearchError, match="graph was built for 250 database images.*has 100"):
+        sg.superglobal_rerank_graph(q, db[:100], ranks, graph)
+    with pytest.raises(SearchError, match="graph lists hold 4 neighbours, num_neighbors=9"):
+        sg.superglobal_rerank_graph(q, db, ranks, graph)
+    gap = ranks.copy()
+    gap[3, 0] = -1
+    with pytest.raises(SearchError, match=r"\(-1\) only at the end of a column"):
+        sg.superglobal_rerank_graph(q, db, gap, graph, num_neighbors=2)
+    twice = ranks.copy()
+    twice[1, 0] = twice[0, 0]
+    with pytest.raises(SearchError, match="database id twice"):
+        sg.superglobal_rerank_graph(q, db, twice, graph, num_neighbors=2)
+    with pytest.raises(SearchError, match=r"ranks must be an integer array \[R, Q\]"):
+        sg.superglobal_rerank_graph(q, db, ranks[:, :3], graph, num_neighbors=2)
+    with pytest.raises(SearchError, match="list_size must be an integer >= 0, got -1"):
+        sg.build_neighbor_graph(db, list_size=-1)

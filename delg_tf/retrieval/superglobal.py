@@ -37,13 +37,56 @@ where it is not:
 
 numpy only. The per-query cost is O(M^2 D) for the shortlist Gram matrix plus
 O(M^2 log M) for the neighbour sort; memory O(M^2 + M D).
+
+Fast path (:func:`build_neighbor_graph` offline, :func:`superglobal_rerank_graph`
+online, numpy + scipy.sparse): the same ranking without any shortlist Gram matrix.
+
+* Offline, once per database: every database image's L most similar other database
+  images with their similarities (exact brute force in chunks, ties by increasing
+  id), and ``tail``, the similarity of its (L + 1)-th (an upper bound for every image
+  outside its list; -inf when the list holds all N - 1 others).
+* Linearity: with c_i = 1 + sum_j beta s_ij, q . d'_i = (q . d_i + sum_j beta s_ij q . d_j)
+  / c_i and likewise q' . d'_i, so only the similarities of q and q' to the
+  shortlisted images are needed (two matrix products with the union of the batch's
+  shortlists), refined descriptors are formed for the K + 1 images of q' only.
+* Neighbours inside the shortlist, certified from the graph, in three stages per
+  shortlisted image d_i of a query:
+  1. its first K list members are all in the shortlist and s_iK > s_i(K+1) (the next
+     list entry, or ``tail``): then they are the K most similar shortlisted images,
+     whatever the order of ties among them, and d'_i is the same for every query
+     (one sparse product for all of them);
+  2. otherwise its first K list members that are in the shortlist, when at least K
+     are and the K-th of them is strictly more similar than the next one in the
+     shortlist and than ``tail`` (so no shortlisted image outside the list, and no
+     tie, can change the set);
+  3. otherwise the exact computation of that row (d_i . shortlist, stable sort: ties
+     by shortlist position, as in :func:`refine_shortlist`).
+  Only the neighbour *set* matters (the weighted sum does not depend on the order),
+  and a tie at the K-th place always goes to stage 3, so the tie rules are those of
+  the module docstring.
+* The top K + 1 of step 3 are selected with ties by shortlist position (threshold
+  by partition, then positions), the final order is lexicographic on (-S, -r,
+  position), which is what :func:`rerank_shortlist` computes.
+
+Exactness: the fast path evaluates the same formulas with a different order of
+floating-point operations (similarities from another matrix product, float64
+accumulation), so its scores differ from :func:`superglobal_rerank`'s float32
+ones by rounding (~1e-7). Its ranking is identical whenever no decision (the K-th
+neighbour, the (K + 1)-th refined score, the final order) is closer than that
+rounding; exact ties between bit-identical descriptors (duplicates) resolve by
+the same position rules (tests/test_retrieval_superglobal.py checks both against
+the reference and a float64 transcription of the authors' code).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import numpy as np
+import scipy.sparse
 
 from delg_tf.retrieval.query_expansion import (
     check_normalized,
@@ -57,6 +100,12 @@ DEFAULT_NUM_NEIGHBORS = 9  # K neighbours besides the image itself (code: self.K
 DEFAULT_BETA = 0.15  # neighbour weight factor.
 SELF_WEIGHT = 1.0  # weight of d_i in its own refinement.
 SCORE_AVERAGE = 0.5  # final score = mean of the two similarities.
+DEFAULT_LIST_SIZE = 32  # L: offline neighbours kept per database image (>= K).
+GRAPH_CHUNK_SIZE = 1024  # database rows per offline matrix product.
+BATCH_ELEMENTS = 1 << 21  # online: queries x union-of-shortlists entries per batch.
+SINGLE_THREAD_MACS = 1 << 24  # online products below this run on one BLAS thread.
+MISSING_ID = -1  # padding of truncated rankings (faiss).
+NORM_EPS = 1e-12  # as delg_tf.retrieval.search.l2_normalize: zero rows stay zero.
 
 
 def _check_count(name: str, value: int) -> int:
@@ -78,12 +127,13 @@ def refine_shortlist(
     Cost: O(M^2 D + M^2 log M).
 
     Args:
-        shortlist: float32 [M, D] descriptors d_1..d_M, L2-normalised rows.
+        shortlist: float [M, D] descriptors d_1..d_M, L2-normalised rows.
         num_neighbors: K >= 0 (0 returns the shortlist unchanged).
         beta: neighbour weight factor (paper: 0.15).
 
     Returns:
-        float32 [M, D] refined descriptors d' (weighted means, not unit length).
+        [M, D] refined descriptors d' (weighted means, not unit length), the dtype
+        of ``shortlist``.
     """
     size = shortlist.shape[0]
     k = min(num_neighbors, size - 1)
@@ -122,21 +172,25 @@ def superglobal_scores(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Final SuperGlobal scores S_i = (q . d'_i + q' . d'_i) / 2 of one shortlist.
 
+    Computed in float64 (the float32 inputs are exact in it), so the ranking is that
+    of exact arithmetic unless two decisions are within ~1e-15.
+
     Args:
-        query: float32 [D] q, unit length.
-        shortlist: float32 [M, D] its top-M database descriptors, unit rows, M >= 1.
+        query: float [D] q, unit length.
+        shortlist: float [M, D] its top-M database descriptors, unit rows, M >= 1.
         num_neighbors: K.
         beta: neighbour weight factor.
 
     Returns:
-        (final float32 [M], refined float32 [M]): S_i and r_i = q . d'_i, both in
+        (final float64 [M], refined float64 [M]): S_i and r_i = q . d'_i, both in
         the row order of ``shortlist``.
     """
+    shortlist = np.asarray(shortlist, dtype=np.float64)
     refined = refine_shortlist(shortlist, num_neighbors, beta)
-    refined_scores = refined @ query
+    refined_scores = refined @ np.asarray(query, dtype=np.float64)
     expanded = expand_query(refined, refined_scores, num_neighbors)
     final = SCORE_AVERAGE * (refined_scores + refined @ expanded)
-    return final.astype(np.float32), refined_scores.astype(np.float32)
+    return final, refined_scores
 
 
 def rerank_shortlist(final: np.ndarray, refined: np.ndarray) -> np.ndarray:
@@ -223,3 +277,546 @@ def superglobal_rerank(
         ranks[:size, q] = shortlist_ids[order]
         scores[:, q] = final[order]
     return ranks, scores
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborGraph:
+    """Offline database-side neighbour lists of :func:`superglobal_rerank_graph`.
+
+    Attributes:
+        ids: int32 [N, L'] the L' = min(L, N - 1) most similar other database images of
+            each image, by decreasing similarity, ties by increasing id.
+        sims: float64 [N, L'] their similarities (of the L2-normalised rows).
+        tail: float64 [N] the similarity of the (L' + 1)-th most similar image, an upper
+            bound for every image outside the list (-inf when it holds all N - 1 others).
+        norms: float32 [N] max(||x_n||, eps) of each row as given (ones when the rows
+            were declared normalised): the rows read online are divided by it, which
+            is exactly :func:`~delg_tf.retrieval.search.l2_normalize`.
+    """
+
+    ids: np.ndarray
+    sims: np.ndarray
+    tail: np.ndarray
+    norms: np.ndarray
+    _matrices: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_db(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def list_size(self) -> int:
+        return int(self.ids.shape[1])
+
+    def unit_rows(self, database: np.ndarray, ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """float64 [len(ids), D]: rows ``ids`` (None: all) of ``database``, L2-normalised."""
+        if ids is None:
+            rows = np.asarray(database, dtype=np.float32) / self.norms[:, None]
+        else:
+            rows = np.asarray(database[ids], dtype=np.float32) / self.norms[ids][:, None]
+        return rows.astype(np.float64)
+
+    def prepare(self, num_neighbors: int, beta: float) -> None:
+        """Builds (offline) the sparse refinement of the whole database for K, beta.
+
+        :func:`superglobal_rerank_graph` uses it for every batch whose shortlists
+        cover the whole database; other batches build the part they need online.
+        """
+        _blas_controller()  # the one-time scan of the loaded BLAS libraries, offline.
+        key = (int(num_neighbors), float(beta))
+        if key[0] > 0 and key not in self._matrices:
+            first = self.ids[:, : key[0]].astype(np.int64)
+            self._matrices[key] = _refinement(self, np.arange(self.num_db), first, *key)
+
+
+def build_neighbor_graph(
+    database: np.ndarray,
+    list_size: int = DEFAULT_LIST_SIZE,
+    normalized: bool = False,
+    chunk_size: int = GRAPH_CHUNK_SIZE,
+    num_neighbors: Optional[int] = None,
+    beta: float = DEFAULT_BETA,
+) -> NeighborGraph:
+    """Offline top-L neighbour lists of every database image (brute force, exact).
+
+    Database side of the fast SuperGlobal path (module docstring); like DBA's
+    neighbour search it costs O(N^2 D) once per database (float64 products of
+    ``chunk_size`` rows with all N), memory O(N (L + D) + chunk_size N).
+
+    Args:
+        database: float [N, D] descriptors (rows L2-normalised when ``normalized``,
+            else normalised here as :func:`~delg_tf.retrieval.search.l2_normalize`).
+        list_size: L >= 1 neighbours kept per image (needs L >= K of the re-ranking;
+            a longer list lets more rows skip the exact fallback).
+        normalized: the rows are unit length already.
+        chunk_size: database rows per matrix product.
+        num_neighbors: K of the re-ranking to come, if known: its sparse refinement
+            of the whole database is built here too (:meth:`NeighborGraph.prepare`).
+        beta: neighbour weight factor of the re-ranking to come.
+
+    Returns:
+        NeighborGraph.
+    """
+    database = np.asarray(database, dtype=np.float32)
+    if database.ndim != 2 or database.shape[0] == 0:
+        raise SearchError(
+            f"database must be a non-empty 2-D array [num_db, dim], got shape {database.shape}."
+        )
+    list_size = _check_count("list_size", list_size)
+    chunk_size = _check_count("chunk_size", chunk_size)
+    if list_size < 1 or chunk_size < 1:
+        raise SearchError(
+            f"list_size and chunk_size must be >= 1, got {list_size} and {chunk_size}."
+        )
+    num_db = database.shape[0]
+    if normalized:
+        norms = np.ones(num_db, dtype=np.float32)
+    else:
+        norms = np.maximum(np.linalg.norm(database, axis=1), np.float32(NORM_EPS))
+    unit = (database / norms[:, None]).astype(np.float64)
+    keep = min(list_size, num_db - 1)
+    candidates = min(keep + 1, num_db - 1)  # the list and the tail bound.
+    ids = np.zeros((num_db, keep), dtype=np.int32)
+    sims = np.zeros((num_db, keep))
+    tail = np.full(num_db, -np.inf)
+    for start in range(0, num_db, chunk_size):
+        block = unit[start : start + chunk_size] @ unit.T
+        rows = np.arange(start, start + block.shape[0])
+        block[rows - start, rows] = -np.inf  # the image itself.
+        if candidates < num_db - 1:
+            top = np.argpartition(-block, candidates - 1, axis=1)[:, :candidates]
+        else:
+            top = np.broadcast_to(np.arange(num_db), block.shape)
+        values = np.take_along_axis(block, top, axis=1)
+        order = np.lexsort((top, -values), axis=-1)[:, :candidates]
+        top = np.take_along_axis(top, order, axis=1)
+        values = np.take_along_axis(values, order, axis=1)
+        ids[rows] = top[:, :keep]
+        sims[rows] = values[:, :keep]
+        if candidates > keep:
+            tail[rows] = values[:, keep]
+    graph = NeighborGraph(ids=ids, sims=sims, tail=tail, norms=norms.astype(np.float32))
+    if num_neighbors is not None:
+        graph.prepare(_check_count("num_neighbors", num_neighbors), beta)
+    return graph
+
+
+def graph_is_cheaper(num_db: int, num_queries: int, top_m: int = DEFAULT_TOP_M) -> bool:
+    """Whether the offline graph (N^2 similarities) costs no more than the reference's
+    per-query shortlist Gram matrices (Q M^2), i.e. N^2 <= Q min(M, N)^2.
+
+    Args:
+        num_db: N.
+        num_queries: Q.
+        top_m: M.
+
+    Returns:
+        bool.
+    """
+    shortlist = min(top_m, num_db)
+    return num_db * num_db <= num_queries * shortlist * shortlist
+
+
+def _refinement(graph: NeighborGraph, union: np.ndarray, first: np.ndarray, k: int, beta: float):
+    """Sparse MDescAug of the union's rows with their first K list members (stage 1).
+
+    Row u of ``refine`` holds 1 / c_u at u and beta s_uj / c_u at its first K list
+    members j (c_u = 1 + sum_j beta s_uj), so ``refine @ (x . d)`` = x . d' for every
+    row whose neighbours in the shortlist are those K; row and column U are a dummy
+    (padding). ``adjacency`` has a 1 at each of those members inside the union.
+
+    Args:
+        graph: NeighborGraph.
+        union: int64 [U] database ids of the rows.
+        first: int64 [U, K] union columns of their first K list members (-1 outside).
+        k: K >= 1.
+        beta: neighbour weight factor.
+
+    Returns:
+        (refine csr [U + 1, U + 1], adjacency csr [U + 1, U + 1], full bool [U + 1]:
+        all K members in the union and s_uK > the next list similarity / tail).
+    """
+    size = union.size
+    inside = first >= 0
+    sims = graph.sims[union, :k]
+    bound = graph.sims[union, k] if graph.list_size > k else graph.tail[union]
+    full = np.zeros(size + 1, dtype=bool)
+    full[:size] = np.all(inside, axis=1) & (sims[:, k - 1] > bound)
+    weights = np.where(inside, beta * sims, 0.0)
+    norm = SELF_WEIGHT + beta * sims.sum(axis=1, keepdims=True)
+    indices = np.full((size + 1, k + 1), size, dtype=np.int64)
+    indices[:size, 0] = np.arange(size)
+    indices[:size, 1:] = np.where(inside, first, size)
+    data = np.zeros((size + 1, k + 1))
+    data[:size, :1] = SELF_WEIGHT / norm
+    data[:size, 1:] = weights / norm
+    ones = np.zeros((size + 1, k + 1))
+    ones[:size, 1:] = inside
+    indptr = np.arange(0, indices.size + 1, k + 1)
+    shape = (size + 1, size + 1)
+    refine = scipy.sparse.csr_matrix((data.ravel(), indices.ravel(), indptr), shape=shape)
+    adjacency = scipy.sparse.csr_matrix((ones.ravel(), indices.ravel(), indptr), shape=shape)
+    return refine, adjacency, full
+
+
+def _batch_rerank(
+    queries: np.ndarray,
+    ids: np.ndarray,
+    database: np.ndarray,
+    graph: NeighborGraph,
+    num_neighbors: int,
+    beta: float,
+    inverse: np.ndarray,
+    stats: dict,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Fast SuperGlobal of a batch of c queries whose shortlists have M_q > K rows.
+
+    Args:
+        queries: float64 [c, D] unit rows.
+        ids: int64 [c, Mx] shortlists (database ids), padded with -1 after M_q.
+        database: [N, D] rows as given to :func:`build_neighbor_graph`.
+        graph: its NeighborGraph.
+        num_neighbors: K.
+        beta: neighbour weight factor.
+        inverse: int64 [N + 1] all -1; holds the column of each database id in the
+            union U of the batch's shortlists while this runs (U at index N, the
+            padding's dummy column), all -1 again on return.
+        stats: counts of shortlist rows per stage, updated.
+
+    Returns:
+        (order int64 [c, Mx]: shortlist positions, best first, padding last;
+        final float64 [c, Mx]: S in that order, -inf for padding).
+    """
+    k = num_neighbors
+    count, width = ids.shape
+    num_db = graph.num_db
+    valid = ids >= 0
+    mark = np.zeros(num_db + 1, dtype=bool)
+    mark[ids] = True  # padding -1 marks the dummy slot N
+    mark[num_db] = False
+    union = np.flatnonzero(mark)
+    size = union.size
+    inverse[union] = np.arange(size)
+    inverse[num_db] = size
+    try:
+        cols = inverse[ids]  # union column of each shortlist row, padding -> U
+        flat = cols * count + np.arange(count)[:, None]  # into [U + 1, c] arrays
+        member = np.zeros((size + 1) * count)
+        member[flat] = 1.0
+        member = member.reshape(size + 1, count)
+        member[size] = 0.0
+        num_valid = int(np.count_nonzero(valid))
+        if np.count_nonzero(member) != num_valid:
+            raise SearchError(
+                "ranks hold a database id twice in one query's shortlist; each column "
+                "must be a ranking (distinct ids)."
+            )
+        rows_u = graph.unit_rows(database, None if size == num_db else union)
+        sims_q = np.zeros((size + 1, count))
+        np.matmul(rows_u, queries.T, out=sims_q[:size])  # q . d of the union
+        if k > 0:
+            if size == num_db:
+                graph.prepare(k, beta)
+                refine, adjacency, full = graph._matrices[(k, beta)]
+            else:
+                first = inverse[graph.ids[union, :k]]
+                refine, adjacency, full = _refinement(graph, union, first, k, beta)
+            found_k = adjacency @ member  # graph neighbours in each shortlist, [U + 1, c]
+            found_k[~full] = -1.0
+            found_k[size] = k  # padding: nothing to do
+            certified = np.take(found_k, flat) == k
+            refined = np.take(refine @ sims_q, flat)
+        else:
+            certified = np.ones(ids.shape, dtype=bool)
+            refined = np.take(sims_q, flat)
+        oq, op = np.nonzero(~certified)
+        stats["stage 1"] = stats.get("stage 1", 0) + num_valid - oq.size
+        over_ids = np.zeros((oq.size, k), dtype=np.int64)
+        over_w = np.zeros((oq.size, k))
+        if oq.size:
+            _fill_uncertified(
+                oq, op, ids, cols, member, rows_u, graph, k, beta, inverse, over_ids, over_w, stats
+            )
+            own = cols[oq, op]
+            over_cols = inverse[over_ids]
+            over_norm = SELF_WEIGHT + over_w.sum(axis=1)
+            refined[oq, op] = (
+                sims_q[own, oq] + (over_w * sims_q[over_cols, oq[:, None]]).sum(axis=1)
+            ) / over_norm
+        if num_valid < refined.size:
+            refined[~valid] = -np.inf
+        over_index = np.full((count, width), -1, dtype=np.int64)
+        over_index[oq, op] = np.arange(oq.size)
+        expanded = _expanded_queries(
+            refined, cols, over_index, over_ids, over_w, rows_u, graph, k, beta, inverse
+        )
+        sims_x = np.zeros((size + 1, count))
+        np.matmul(rows_u, expanded.T, out=sims_x[:size])  # q' . d of the union
+        second = np.take(refine @ sims_x, flat) if k > 0 else np.take(sims_x, flat)
+        if oq.size:
+            second[oq, op] = (
+                sims_x[own, oq] + (over_w * sims_x[over_cols, oq[:, None]]).sum(axis=1)
+            ) / over_norm
+        final = SCORE_AVERAGE * (refined + second)
+        if num_valid < final.size:
+            final[~valid] = -np.inf
+        return _final_order(final, refined)
+    finally:
+        inverse[union] = MISSING_ID
+        inverse[num_db] = MISSING_ID
+
+
+def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions by decreasing S, ties by decreasing r, then by position (as rerank_shortlist).
+
+    One unstable sort; the rows where it meets equal finite scores are sorted again
+    lexicographically.
+
+    Args:
+        final: float64 [c, Mx] S (-inf padding).
+        refined: float64 [c, Mx] r (-inf padding).
+
+    Returns:
+        (order int64 [c, Mx], final in that order).
+    """
+    order = np.argsort(-final, axis=1)
+    ranked = np.take_along_axis(final, order, axis=1)
+    ties = np.any((ranked[:, 1:] == ranked[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
+    if ties.any():
+        order[ties] = np.lexsort((-refined[ties], -final[ties]), axis=-1)
+        ranked[ties] = np.take_along_axis(final[ties], order[ties], axis=1)
+    return order, ranked
+
+
+def _fill_uncertified(
+    oq, op, ids, cols, member, rows_u, graph, k, beta, inverse, over_ids, over_w, stats
+):
+    """Neighbours and weights of the rows stage 1 did not certify (stages 2 and 3).
+
+    Args:
+        oq: int [n] batch query of each row.
+        op: int [n] its shortlist position.
+        ids: int64 [c, Mx] shortlists (database ids, -1 padding).
+        cols: int64 [c, Mx] the same as columns of the union U.
+        member: float64 [U + 1, c] 1 where a union image is in a query's shortlist.
+        rows_u: float64 [U, D] the union's unit rows.
+        graph: NeighborGraph.
+        k: K >= 1.
+        beta: neighbour weight factor.
+        inverse: int64 [N + 1] union column of each database id (-1 outside).
+        over_ids: int64 [n, K] filled in place: the K neighbours (database ids).
+        over_w: float64 [n, K] filled in place: their weights beta * s.
+        stats: counts of rows per stage, updated.
+    """
+    own = ids[oq, op]
+    width = graph.list_size
+    listed = graph.ids[own]
+    listed_cols = inverse[listed]
+    dummy = member.shape[0] - 1  # the zero row: not in any shortlist
+    look = np.where(listed_cols >= 0, listed_cols, dummy) * member.shape[1] + oq[:, None]
+    found = np.take(member, look) > 0
+    rank = np.cumsum(found, axis=1)
+    total = rank[:, -1]
+    sims = graph.sims.reshape(-1)
+    start = own * width
+    kth = np.take(sims, start + np.argmax(rank >= k, axis=1))
+    after = np.where(total > k, np.take(sims, start + np.argmax(rank > k, axis=1)), -np.inf)
+    ok = (total >= k) & (kth > graph.tail[own]) & (kth > after)
+    chosen = found & (rank <= k)
+    chosen[~ok] = False
+    rows, slots = np.nonzero(chosen)
+    over_ids[ok] = listed[rows, slots].reshape(-1, k)
+    over_w[ok] = beta * np.take(sims, start[rows] + slots).reshape(-1, k)
+    exact = np.flatnonzero(~ok)
+    stats["stage 2"] = stats.get("stage 2", 0) + oq.size - exact.size
+    stats["stage 3"] = stats.get("stage 3", 0) + exact.size
+    for q in np.unique(oq[exact]):
+        rows = exact[oq[exact] == q]
+        size = int(np.count_nonzero(ids[q] != MISSING_ID))
+        shortlist = rows_u[cols[q, :size]]
+        positions = op[rows]
+        gram = shortlist[positions] @ shortlist.T
+        gram[np.arange(positions.size), positions] = -np.inf
+        nearest = np.argsort(-gram, axis=1, kind="stable")[:, :k]
+        over_ids[rows] = ids[q, nearest]
+        over_w[rows] = beta * np.take_along_axis(gram, nearest, axis=1)
+
+
+def _expanded_queries(refined, cols, over_index, over_ids, over_w, rows_u, graph, k, beta, inverse):
+    """The expanded query q' of each batch query: max of its K + 1 best refined rows.
+
+    Ties at the (K + 1)-th place by shortlist position (as :func:`expand_query`).
+
+    Args:
+        refined: float64 [c, Mx] r, -inf for padding (M_q >= K + 1).
+        cols: int64 [c, Mx] shortlists as union columns.
+        over_index: int64 [c, Mx] row of ``over_ids`` of a position, -1 = stage 1.
+        over_ids: int64 [n, K] neighbours (database ids) of the rows stage 1 did not
+            certify.
+        over_w: float64 [n, K] their weights.
+        rows_u: float64 [U, D] unit rows of the union.
+        graph: NeighborGraph.
+        k: K.
+        beta: neighbour weight factor.
+        inverse: int64 [N + 1] union column of each database id.
+
+    Returns:
+        float64 [c, D].
+    """
+    count = refined.shape[0]
+    top = k + 1
+    threshold = -np.partition(-refined, top - 1, axis=1)[:, top - 1 : top]
+    above = refined > threshold
+    tied = refined == threshold
+    need = top - above.sum(axis=1, keepdims=True)
+    take = above | (tied & (np.cumsum(tied, axis=1) <= need))
+    tq, tp = np.nonzero(take)
+    own = cols[tq, tp]
+    members = np.empty((own.size, k + 1), dtype=np.int64)
+    coef = np.empty((own.size, k + 1))
+    members[:, 0] = own
+    coef[:, 0] = SELF_WEIGHT
+    if k > 0:
+        union_ids = np.flatnonzero(inverse[:-1] >= 0)
+        members[:, 1:] = inverse[graph.ids[union_ids[own], :k]]
+        coef[:, 1:] = beta * graph.sims[union_ids[own], :k]
+        slot = over_index[tq, tp]
+        has = slot >= 0
+        members[has, 1:] = inverse[over_ids[slot[has]]]
+        coef[has, 1:] = over_w[slot[has]]
+    coef /= coef.sum(axis=1, keepdims=True)
+    indptr = np.arange(0, members.size + 1, k + 1)
+    combine = scipy.sparse.csr_matrix(
+        (coef.ravel(), members.ravel(), indptr), shape=(own.size, rows_u.shape[0])
+    )
+    return (combine @ rows_u).reshape(count, top, -1).max(axis=1)
+
+
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def superglobal_rerank_graph(
+    queries: np.ndarray,
+    database: np.ndarray,
+    ranks: np.ndarray,
+    graph: NeighborGraph,
+    top_m: int = DEFAULT_TOP_M,
+    num_neighbors: int = DEFAULT_NUM_NEIGHBORS,
+    beta: float = DEFAULT_BETA,
+    stats: Optional[dict] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """SuperGlobal re-ranking of every query at once with an offline neighbour graph.
+
+    The ranking of :func:`superglobal_rerank` (module docstring: fast path, exactness)
+    on the valid prefix of each column of ``ranks``, reading only the shortlisted
+    database rows. Shortlists of at most K rows use :func:`superglobal_scores`.
+
+    Cost: per batch of c queries (:func:`_batch_size`) two matrix products with the
+    union U of their shortlists, O(c U D), sparse products O(c U K), the final sorts
+    O(c M log M), O(L) per row that stage 1 does not certify and O(M D) per row of
+    stage 3; no O(M^2) term. Memory O(c U + U (L + D)). BLAS runs on one thread when
+    a batch's products are small (waking a second one costs more than it saves).
+
+    Args:
+        queries: float [Q, D], L2-normalised rows.
+        database: float [N, D] rows as given to :func:`build_neighbor_graph`.
+        ranks: int [R, Q] initial ranking (revisitop layout), database ids; a column may
+            end with -1 (missing results).
+        graph: :func:`build_neighbor_graph` of ``database``.
+        top_m: shortlist size M >= 0.
+        num_neighbors: K >= 0, <= ``graph.list_size`` (or the lists hold every image).
+        beta: neighbour weight factor >= 0.
+        stats: optional dict, receives the number of shortlist rows whose neighbours
+            came from ``"stage 1"``, ``"stage 2"``, ``"stage 3"`` and ``"small"``
+            (shortlists of at most K rows).
+
+    Returns:
+        (ranks int64 [R, Q], shortlist_scores float32 [M', Q]) as
+        :func:`superglobal_rerank` (M' = min(M, R)); scores after a column's valid
+        shortlist are 0.
+    """
+    stats = {} if stats is None else stats
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or getattr(database, "ndim", 0) != 2:
+        raise SearchError(
+            f"queries and database must be 2-D [N, D], got {queries.shape} and "
+            f"{getattr(database, 'shape', None)}."
+        )
+    check_same_dim(queries, database)
+    if graph.num_db != database.shape[0]:
+        raise SearchError(
+            f"graph was built for {graph.num_db} database images, the database has "
+            f"{database.shape[0]}; build_neighbor_graph(database) again."
+        )
+    top_m = _check_count("top_m", top_m)
+    k = _check_count("num_neighbors", num_neighbors)
+    if beta < 0:
+        raise SearchError(f"beta must be >= 0, got {beta}.")
+    if graph.list_size < min(k, graph.num_db - 1):
+        raise SearchError(
+            f"graph lists hold {graph.list_size} neighbours, num_neighbors={k} needs "
+            f"at least {min(k, graph.num_db - 1)}; build_neighbor_graph(list_size=...)."
+        )
+    ranks = np.asarray(ranks)
+    num_q = queries.shape[0]
+    if ranks.ndim != 2 or ranks.shape[1] != num_q or not np.issubdtype(ranks.dtype, np.integer):
+        raise SearchError(
+            f"ranks must be an integer array [R, Q] (revisitop layout, one column per query, "
+            f"Q = {num_q}), got {ranks.dtype} {ranks.shape}; transpose search ids [Q, R]."
+        )
+    out = ranks.astype(np.int64, copy=True)
+    size = min(top_m, out.shape[0])
+    scores = np.zeros((size, num_q), dtype=np.float32)
+    if size == 0 or num_q == 0:
+        return out, scores
+    head = out[:size]
+    sizes = np.count_nonzero(head != MISSING_ID, axis=0)
+    if np.any((head >= 0) != (np.arange(size)[:, None] < sizes)) or head.max() >= graph.num_db:
+        raise SearchError(
+            f"ranks must hold database ids in [0, {graph.num_db}) with missing results "
+            f"(-1) only at the end of a column, got values in [{head.min()}, {head.max()}]."
+        )
+    for q in np.flatnonzero((sizes >= 1) & (sizes <= k)):
+        shortlist_ids = head[: sizes[q], q].copy()
+        final, refined = superglobal_scores(
+            queries[q], graph.unit_rows(database, shortlist_ids), k, beta
+        )
+        order = rerank_shortlist(final, refined)
+        out[: sizes[q], q] = shortlist_ids[order]
+        scores[: sizes[q], q] = final[order]
+        stats["small"] = stats.get("small", 0) + int(sizes[q])
+    batched = np.flatnonzero(sizes > k)
+    step = _batch_size(graph.num_db, size, batched.size)
+    inverse = np.full(graph.num_db + 1, MISSING_ID, dtype=np.int64)
+    small = step * min(graph.num_db, step * size) * queries.shape[1] <= SINGLE_THREAD_MACS
+    with _blas_controller().limit(limits=1, user_api="blas") if small else contextlib.nullcontext():
+        for start in range(0, batched.size, step):
+            chunk = batched[start : start + step]
+            width = int(sizes[chunk].max())
+            shortlists = np.ascontiguousarray(head[:width, chunk].T)
+            order, final = _batch_rerank(
+                queries[chunk].astype(np.float64),
+                shortlists,
+                database,
+                graph,
+                k,
+                beta,
+                inverse,
+                stats,
+            )
+            # Padding (-1, score -inf) sorts last, where the column holds -1 already.
+            out[:width, chunk] = np.take_along_axis(shortlists, order, axis=1).T
+            scores[:width, chunk] = np.where(np.isfinite(final), final, 0.0).T
+    return out, scores
+
+
+def _batch_size(num_db: int, top_m: int, num_queries: int) -> int:
+    """Queries per batch c: halved from all until c * min(N, c M) <= BATCH_ELEMENTS."""
+    count = max(1, num_queries)
+    while count > 1 and count * min(num_db, count * top_m) > BATCH_ELEMENTS:
+        count = (count + 1) // 2
+    return count
