@@ -243,16 +243,19 @@ def test_json_records_stages_parameters_and_timings(data, tmp_path):
         "dba",
         "aqe",
         "search_expanded",
+        "superglobal_graph",
         "superglobal",
         "ransac",
     ]
     for stage in stages:
         assert stage["seconds"] >= 0
         assert stage["ms_per_query"] == pytest.approx(1000 * stage["seconds"] / len(gnd))
-        assert stage["offline"] == (stage["stage"] == "dba")
+        assert stage["offline"] == (stage["stage"] in ("dba", "superglobal_graph"))
         assert saved["timings"][stage["stage"] + "_s"] == pytest.approx(stage["seconds"])
     assert saved["timings"]["rerank_s"] == pytest.approx(
-        saved["timings"]["superglobal_s"] + saved["timings"]["ransac_s"]
+        saved["timings"]["superglobal_graph_s"]
+        + saved["timings"]["superglobal_s"]
+        + saved["timings"]["ransac_s"]
     )
     assert post["skipped"] == []
     assert saved["config"]["rerank"] == "superglobal+ransac"
@@ -362,6 +365,7 @@ def test_stores_and_end_to_end_use_the_postprocessing(data, tmp_path):
         "search",
         "aqe",
         "search_expanded",
+        "superglobal_graph",
         "superglobal",
         "ransac",
     ]

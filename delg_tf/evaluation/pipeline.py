@@ -57,14 +57,16 @@ STAGE_SEARCH = "search"  # global search with the descriptors as given (the "glo
 STAGE_DBA = "dba"
 STAGE_AQE = "aqe"
 STAGE_SEARCH_EXPANDED = "search_expanded"  # global search after DBA / alphaQE.
+STAGE_SUPERGLOBAL_GRAPH = "superglobal_graph"  # database-side neighbour lists (fast path).
 STAGE_SUPERGLOBAL = "superglobal"
 STAGE_RANSAC = "ransac"
 STAGE_RANSAC_FUSED = "ransac_fused"
 STAGE_DIFFUSION_GRAPH = "diffusion_graph"
 STAGE_DIFFUSION = "diffusion"
 # Database-side stages, run once for every query (their ms/query is amortised).
-OFFLINE_STAGES = (STAGE_DBA, STAGE_DIFFUSION_GRAPH)
+OFFLINE_STAGES = (STAGE_DBA, STAGE_SUPERGLOBAL_GRAPH, STAGE_DIFFUSION_GRAPH)
 RERANK_STAGES = (
+    STAGE_SUPERGLOBAL_GRAPH,
     STAGE_SUPERGLOBAL,
     STAGE_RANSAC,
     STAGE_RANSAC_FUSED,
@@ -214,13 +216,17 @@ def superglobal_ranking(
     query_global: np.ndarray,
     config: EvaluateConfig,
     normalized: bool = False,
+    graph=None,
 ) -> np.ndarray:
     """SuperGlobal re-ranking (MDescAug + RerankwMDA) of the top ``superglobal_m`` of each column.
 
     The computation of :func:`delg_tf.retrieval.superglobal.superglobal_rerank`
     (``superglobal_k`` neighbours, ``superglobal_beta``) per query, on the valid
     prefix of each column (a truncated ranking may end with -1), reading only the
-    shortlisted database rows, so a +1M database is never normalised whole.
+    shortlisted database rows, so a +1M database is never normalised whole. With
+    ``graph`` (:func:`~delg_tf.retrieval.superglobal.build_neighbor_graph` of
+    ``db_global``, same ``normalized``) the same ranking by the batched fast path
+    :func:`~delg_tf.retrieval.superglobal.superglobal_rerank_graph`.
 
     Args:
         ranks: int [R, num_queries] initial ranking.
@@ -229,16 +235,22 @@ def superglobal_ranking(
         config: ``superglobal_m``, ``superglobal_k``, ``superglobal_beta``.
         normalized: the descriptors are already L2-normalised (else each shortlist
             row is normalised, as :func:`~delg_tf.retrieval.search.l2_normalize`).
+        graph: optional NeighborGraph of ``db_global`` (None: per-query reference).
 
     Returns:
         int64 [R, num_queries]: re-ranked shortlists, the rest unchanged.
     """
     from delg_tf.retrieval import superglobal as sg
 
-    out = np.array(ranks, dtype=np.int64, copy=True)
     queries = (
         np.asarray(query_global, np.float32) if normalized else search.l2_normalize(query_global)
     )
+    if graph is not None:
+        k, beta = config.superglobal_k, config.superglobal_beta
+        return sg.superglobal_rerank_graph(
+            queries, db_global, ranks, graph, config.superglobal_m, k, beta
+        )[0]
+    out = np.array(ranks, dtype=np.int64, copy=True)
     for q in range(out.shape[1]):
         valid = int(np.count_nonzero(out[:, q] != MISSING_ID))
         size = min(config.superglobal_m, valid)
@@ -508,8 +520,28 @@ def postprocess(
     has_local = db_local is not None and query_local is not None and config.shortlist_size > 0
     rerank_scores = scores
     if config.rerank in SUPERGLOBAL_RERANKERS:
+        from delg_tf.retrieval import superglobal as sg
+
+        graph = None  # offline neighbour lists when cheaper than the per-query Gram matrices
+        if sg.graph_is_cheaper(len(database), len(queries), config.superglobal_m):
+            k, beta = config.superglobal_k, config.superglobal_beta
+            graph = timer.run(
+                STAGE_SUPERGLOBAL_GRAPH,
+                sg.build_neighbor_graph,
+                database,
+                normalized=normalized,
+                num_neighbors=k,
+                beta=beta,
+            )
         ranks = timer.run(
-            STAGE_SUPERGLOBAL, superglobal_ranking, ranks, database, queries, config, normalized
+            STAGE_SUPERGLOBAL,
+            superglobal_ranking,
+            ranks,
+            database,
+            queries,
+            config,
+            normalized,
+            graph,
         )
         out.ranks = out.reranked = ranks
         rerank_scores = None  # RANSAC ties keep the SuperGlobal order.
