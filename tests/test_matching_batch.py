@@ -187,3 +187,232 @@ def test_error_bound_covers_the_measured_difference():
         float(np.einsum("ij,ij->i", query, query).max()), float(half.max()), 128
     )
     assert np.abs(batched.astype(np.float64) - per_pair).max() <= bound < 1e-4
+
+
+# --- The bfloat16 screen (TensorFlow / oneDNN) -------------------------------------------
+
+SCREEN_MODES = [m for m in MODES if m[0] is not None and m[2] is None]
+SCREEN_MODES_KEYS = {(t, r) for t, _, r in SCREEN_MODES}
+
+
+def _screen_or_skip():
+    reason = corr.bfloat16_screen_error()
+    if reason is not None:
+        pytest.skip(f"bfloat16 screen unavailable: {reason}")
+
+
+@pytest.mark.parametrize("threshold,mutual,ratio", MODES)
+def test_screened_float_equals_per_pair(float_data, threshold, mutual, ratio):
+    _screen_or_skip()
+    query, dbs = float_data
+    kwargs = dict(threshold=threshold, mutual=mutual, ratio=ratio)
+    stats = corr.BatchMatchStats()
+    got = corr.find_putative_matches_batch(query, dbs, screen=True, stats=stats, **kwargs)
+    _assert_same(got, query, dbs, **kwargs)
+    non_empty = sum(db.shape[0] > 0 for db in dbs)
+    assert stats.screened_pairs == (non_empty if (threshold, ratio) in SCREEN_MODES_KEYS else 0)
+
+
+def _bf16_round(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), as float32 (numpy oracle)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def _bf16_truncate(x):
+    """float32 truncated to bfloat16 (the screen's inputs), as float32 (numpy oracle)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def _from_bits(bits):
+    """float32 values of uint16 bfloat16 bit patterns."""
+    return (np.asarray(bits, dtype=np.uint32) << 16).view(np.float32)
+
+
+def test_bfloat16_bits_truncate():
+    x = np.array([[1.0, -1.0, 1.0 + 2**-7, 1.0 + 2**-8, 3.1415927, -(2.0**-130), 0.0]], np.float32)
+    got = _from_bits(corr._bfloat16_bits(x))
+    np.testing.assert_array_equal(got, _bf16_truncate(x))
+    assert np.all(np.abs(got - x) <= corr.BFLOAT16_ROUNDOFF * np.abs(x))
+    rng = np.random.default_rng(12)
+    y = rng.normal(size=(50, 128)).astype(np.float32) * 10.0 ** rng.integers(-20, 20, (50, 1))
+    assert np.all(np.abs(_from_bits(corr._bfloat16_bits(y)) - y) <= 2**-7 * np.abs(y))
+
+
+def test_screen_maxima_within_the_bound():
+    _screen_or_skip()
+    rng = np.random.default_rng(7)
+    query = syn.random_unit(rng, 300, 128)
+    query[:20] *= rng.uniform(1e-3, 30.0, size=(20, 1)).astype(np.float32)
+    query[20:40, :4] *= 50.0  # a few dominant components
+    dbs = [syn.random_unit(rng, n, 128) for n in (500, 37, 1)]
+    dbs.append(syn.perturb_descriptors(rng, query[:200]) * 3.0)
+    dbs.append(-query[:80])  # every dot product negative
+    got = corr._screen_maxima(query, dbs)
+    q_norm = np.linalg.norm(query.astype(np.float64), axis=1)
+    for k, db in enumerate(dbs):
+        exact = (query.astype(np.float64) @ db.astype(np.float64).T).max(axis=1)
+        bound = corr.bfloat16_screen_error_bound(
+            q_norm, float(np.linalg.norm(db.astype(np.float64), axis=1).max()), 128
+        )
+        assert np.all(np.abs(got[:, k] - exact) <= bound), k
+        # Independent oracle: truncated bfloat16 inputs, float64 accumulation, bfloat16
+        # output rounded to nearest.
+        oracle = _bf16_round(
+            (_bf16_truncate(query).astype(np.float64) @ _bf16_truncate(db).astype(np.float64).T)
+            .max(axis=1)
+            .astype(np.float32)
+        )
+        np.testing.assert_allclose(got[:, k], oracle, rtol=2**-7, atol=1e-6)
+
+
+def test_screen_at_and_near_the_threshold():
+    # Nearest neighbours at squared distance 1 - eps: the screen must leave rows within
+    # its bound open and the result must be the per-pair one, closed rows included.
+    _screen_or_skip()
+    rng = np.random.default_rng(8)
+    query = syn.random_unit(rng, 400, 128)
+    offsets = syn.random_unit(rng, 400, 128)
+    offsets -= np.sum(offsets * query, axis=1, keepdims=True) * query
+    offsets /= np.linalg.norm(offsets, axis=1, keepdims=True)
+    dbs = []
+    for eps in (-0.1, -0.02, -0.005, -1e-6, 0.0, 1e-6, 0.005, 0.02, 0.1):
+        cos = 0.5 + eps  # |q - d|^2 = 2 - 2 cos
+        near = (cos * query + np.sqrt(1 - cos**2) * offsets).astype(np.float32)
+        dbs.append(np.concatenate([near[::3], syn.random_unit(rng, 300, 128)]))
+    for mutual in (False, True):
+        stats = corr.BatchMatchStats()
+        got = corr.find_putative_matches_batch(
+            query, dbs, threshold=1.0, mutual=mutual, screen=True, stats=stats
+        )
+        _assert_same(got, query, dbs, threshold=1.0, mutual=mutual)
+        assert stats.screened_pairs == len(dbs)
+        assert stats.open_rows < stats.screened_rows  # the far images close rows
+    # Far below the threshold (eps = -0.1) every near row is closed by the screen.
+    stats = corr.BatchMatchStats()
+    corr.find_putative_matches_batch(query, dbs[:1], screen=True, stats=stats)
+    assert stats.open_rows < 10
+
+
+def test_screen_duplicates_ties_and_sizes():
+    _screen_or_skip()
+    rng = np.random.default_rng(9)
+    query = syn.random_unit(rng, 120, 128)
+    query[100:120] = query[0:20]  # duplicated query rows: reverse (mutual) ties
+    base = syn.perturb_descriptors(rng, query[:60])
+    dbs = [
+        np.concatenate([base, base]),  # duplicated database rows: nearest-neighbour ties
+        query[:30].copy(),  # exact copies
+        base[:1],
+        np.zeros((0, 128), np.float32),
+        np.concatenate([base[:40], syn.random_unit(rng, 900, 128)]),  # widest image
+        -query[:50],  # far on the other side
+        (base[:50] * 1e-3).astype(np.float32),
+    ]
+    for threshold, mutual, _ in SCREEN_MODES:
+        kwargs = dict(threshold=threshold, mutual=mutual)
+        got = corr.find_putative_matches_batch(query, dbs, screen=True, **kwargs)
+        _assert_same(got, query, dbs, **kwargs)
+
+
+def test_screen_groups_and_large_thresholds(float_data, monkeypatch):
+    _screen_or_skip()
+    query, dbs = float_data
+    for threshold in (1.0, 1.5, 2.0, 5.0):  # cutoffs at and below zero similarity
+        _assert_same(
+            corr.find_putative_matches_batch(query, dbs, threshold=threshold, screen=True),
+            query,
+            dbs,
+            threshold=threshold,
+        )
+    # Screen calls in groups of about one image, rows recomputed in chunks of 7.
+    monkeypatch.setattr(corr, "MAX_DISTANCE_MATRIX_ENTRIES", 7 * 60)
+    for threshold, mutual, _ in SCREEN_MODES:
+        kwargs = dict(threshold=threshold, mutual=mutual)
+        got = corr.find_putative_matches_batch(query, dbs, screen=True, **kwargs)
+        _assert_same(got, query, dbs, **kwargs)
+
+
+def test_screen_on_synthetic_shortlist_closes_most_rows():
+    _screen_or_skip()
+    rng = np.random.default_rng(10)
+    query, pairs, _ = syn.make_shortlist(rng, 12, 2, num_features=1000)
+    dbs = [p.features.descriptors for p in pairs]
+    for mutual in (False, True):
+        stats = corr.BatchMatchStats()
+        got = corr.find_putative_matches_batch(
+            query.descriptors, dbs, mutual=mutual, screen=True, stats=stats
+        )
+        _assert_same(got, query.descriptors, dbs, mutual=mutual)
+        assert stats.fallback_pairs == 0 and stats.screened_pairs == 12
+        # Open rows: only those within a few bounds of the threshold (cosine 0.5).
+        q64 = query.descriptors.astype(np.float64)
+        near = sum(int(np.sum((q64 @ db.T.astype(np.float64)).max(axis=1) > 0.45)) for db in dbs)
+        assert stats.open_rows <= near < 0.5 * stats.screened_rows
+
+
+def test_screen_dtypes_scales_and_nan():
+    _screen_or_skip()
+    rng = np.random.default_rng(11)
+    query = syn.random_unit(rng, 30, 128)
+    dbs = [syn.perturb_descriptors(rng, query[:20]), syn.random_unit(rng, 10, 128)]
+    for scale, dtype in ((1.0, np.float64), (10.0, np.float32), (1e-3, np.float16)):
+        q, d = (query * scale).astype(dtype), [(x * scale).astype(dtype) for x in dbs]
+        for threshold in (1.0 * scale, 0.7 * scale):
+            got = corr.find_putative_matches_batch(
+                q, d, threshold=threshold, mutual=True, screen=True
+            )
+            _assert_same(got, q, d, threshold=threshold, mutual=True)
+    bad = dbs[0].copy()
+    bad[3, 0] = np.nan
+    stats = corr.BatchMatchStats()
+    got = corr.find_putative_matches_batch(query, [bad, dbs[1]], screen=True, stats=stats)
+    _assert_same(got, query, [bad, dbs[1]])
+    assert stats.fallback_pairs == 1
+
+
+def test_screen_required_but_unavailable(monkeypatch):
+    monkeypatch.setattr(corr, "bfloat16_screen_error", lambda: "ImportError: no tensorflow")
+    q = syn.random_unit(np.random.default_rng(0), 5, 8)
+    with pytest.raises(RuntimeError, match="screen=True.*no tensorflow.*screen=None or False"):
+        corr.find_putative_matches_batch(q, [q], screen=True)
+    stats = corr.BatchMatchStats()
+    got = corr.find_putative_matches_batch(q, [q], stats=stats)  # default: exact path
+    _assert_same(got, q, [q])
+    assert stats.screened_pairs == 0
+
+
+def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch):
+    # A kernel keeping its running sum in bfloat16 breaks the bound's premise: the probe
+    # must refuse it (and accept the numpy float64-accumulation oracle).
+    def fake(accumulate_in_bfloat16):
+        class Out:
+            def __init__(self, value):
+                self.value = value
+
+            def numpy(self):
+                return self.value
+
+        def screen(query, db, offsets):
+            q = _from_bits(query)
+            out = np.empty((q.shape[0], offsets.size - 1), np.float32)
+            for k in range(offsets.size - 1):
+                d = _from_bits(db[offsets[k] : offsets[k + 1]])
+                if accumulate_in_bfloat16:
+                    acc = np.zeros((q.shape[0], d.shape[0]), np.float32)
+                    for c in range(q.shape[1]):
+                        acc = _bf16_round(acc + q[:, c : c + 1] * d[:, c][None, :])
+                else:
+                    acc = (q.astype(np.float64) @ d.T.astype(np.float64)).astype(np.float32)
+                out[:, k] = _bf16_round(acc).max(axis=1)
+            return Out(out)
+
+        return lambda: screen
+
+    probe = corr.bfloat16_screen_error.__wrapped__
+    monkeypatch.setattr(corr, "_bfloat16_screen_function", fake(False))
+    assert probe() is None
+    monkeypatch.setattr(corr, "_bfloat16_screen_function", fake(True))
+    assert "does not accumulate in float32" in probe()

@@ -101,7 +101,8 @@ def _binary(features):
     ids=["default", "mutual", "ratio", "min_inliers", "binary"],
 )
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_batched_inliers_and_ranking_equal_match_pair(shortlist, config, num_workers):
+@pytest.mark.parametrize("screen", [None, False], ids=["screen", "float32"])
+def test_batched_inliers_and_ranking_equal_match_pair(shortlist, config, num_workers, screen):
     query, pairs, _ = shortlist
     feats = _with_small_images(query, [p.features for p in pairs])
     if config.binary_descriptors:
@@ -110,7 +111,9 @@ def test_batched_inliers_and_ranking_equal_match_pair(shortlist, config, num_wor
     reference = np.array([match_pair(query, f, config).num_inliers for f in feats])
     assert reference.max() > 0
     scores = np.random.default_rng(0).permutation(len(feats)).astype(float)
-    with rr.Reranker(config, shortlist_size=len(feats), num_workers=num_workers) as reranker:
+    with rr.Reranker(
+        config, shortlist_size=len(feats), num_workers=num_workers, screen=screen
+    ) as reranker:
         np.testing.assert_array_equal(reranker.count_inliers(query, feats, ids), reference)
         res = reranker.rerank_query(query, ids[::-1], lambda i: feats[i], scores[::-1])
     np.testing.assert_array_equal(res.num_inliers, reference[::-1])

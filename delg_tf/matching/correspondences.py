@@ -20,14 +20,24 @@ packed format, its unpacking and the reference Hamming distance are those of
 with exactly the arrays of :func:`find_putative_matches` (the per-pair
 reference) for every image: float similarities come from a product rounded
 differently, so each of its decisions is certified against a rigorous float32
-rounding bound and the rare uncertain image is recomputed per pair.
+rounding bound and the rare uncertain image is recomputed per pair. With a
+distance threshold (and no ratio test) it first *screens* the shortlist with one
+bfloat16 matrix product through TensorFlow / oneDNN (AMX or AVX512_BF16 where the
+CPU has them): a rigorous bound on that product's error proves, for most
+(query row, image) pairs, that the row's nearest neighbour is beyond the
+threshold, so only the remaining rows get the certified float32 product
+(:func:`bfloat16_screen_error_bound`, :func:`bfloat16_screen_error`).
 
-numpy only (and the numpy-only ``delg_tf.extraction.binarize``).
+numpy only (and the numpy-only ``delg_tf.extraction.binarize``); TensorFlow is
+imported lazily, by the screen only, and is optional (without it, or where the
+screen's probe fails, the batched path runs without the screen).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +54,15 @@ FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 ERROR_BOUND_SAFETY = 1.25
 # Absolute term of that bound (float32 underflow of tiny products).
 ERROR_BOUND_ABSOLUTE = 1e-30
+# Relative error of rounding a float32 to bfloat16 (8 significant bits) by any rounding:
+# below one unit in the last place, 2^-7 relative (to nearest: 2^-8). The screen truncates
+# its inputs; oneDNN rounds its output to nearest.
+BFLOAT16_ROUNDOFF = 2.0**-7
+# Images an open row must be recomputed for, as a fraction of the query rows, above which
+# the screen gains nothing for that image and the whole image takes the float32 product.
+SCREEN_MAX_OPEN_FRACTION = 0.5
+# Rows per max-pool window of the screen's reduction (1000 features: 40 windows).
+SCREEN_POOL_WINDOW = 25
 
 
 class DescriptorMismatchError(ValueError):
@@ -301,10 +320,17 @@ class BatchMatchStats:
         pairs: image pairs matched.
         fallback_pairs: float pairs recomputed by :func:`find_putative_matches`
             because a decision was within the rounding bound of the batched product.
+        screened_pairs: pairs that went through the bfloat16 screen.
+        screened_rows: query rows of those pairs.
+        open_rows: of those, the rows the screen could not rule out (the float32
+            product ran for them).
     """
 
     pairs: int = 0
     fallback_pairs: int = 0
+    screened_pairs: int = 0
+    screened_rows: int = 0
+    open_rows: int = 0
 
 
 def _gamma(n: int) -> float:
@@ -381,6 +407,8 @@ def _certified_float_matches(
     mutual: bool,
     ratio: Optional[float],
     workspace: List[np.ndarray],
+    rows: Optional[np.ndarray] = None,
+    prepared_db: Optional[Tuple[np.ndarray, np.ndarray]] = None,
 ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Putative matches of one float pair from ``[q, 1] @ [d, -|d|^2/2].T``, or None.
 
@@ -392,18 +420,38 @@ def _certified_float_matches(
     (near-ties, e.g. duplicated descriptors, values at the threshold, NaN): the
     caller then runs the per-pair function. ``workspace`` holds one reusable
     float32 buffer for the similarities (grown when needed).
+
+    ``rows`` (sorted query row indices, default all) restricts the product to those
+    rows; the caller guarantees that the per-pair function keeps no other row (the
+    bfloat16 screen proves it). Those rows take ``q @ d.T - |d|^2/2`` (two steps, as
+    the per-pair path; cheaper than building ``[d, -|d|^2/2]`` for few rows). The
+    reverse test of ``mutual`` then compares against every query row through a
+    separate product with the needed database columns. ``prepared_db`` is
+    ``_prepare_db(db, binary=False)`` when the caller has it.
     """
-    nq, dim = q_aug.shape[0], q_aug.shape[1] - 1
-    d, half_db_sq = _prepare_db(db, binary=False)
+    nq_all, dim = q_aug.shape[0], q_aug.shape[1] - 1
+    augmented = rows is None
+    if rows is None:
+        rows = np.arange(nq_all)
+        q_rows = q_aug
+    else:
+        q_rows = q_aug[rows, :dim]
+    q_sq_rows = q_sq[rows]
+    nq = rows.size
+    d, half_db_sq = _prepare_db(db, binary=False) if prepared_db is None else prepared_db
     nd = d.shape[0]
     if ratio is not None and nd < 2:
         return _empty_matches()
-    if mutual and nq * nd > MAX_DISTANCE_MATRIX_ENTRIES:
+    if nq == 0:
+        return _empty_matches()
+    all_rows = nq == nq_all
+    if mutual and all_rows and nq * nd > MAX_DISTANCE_MATRIX_ENTRIES:
         return None  # the reverse test needs whole columns: per-pair path.
     err = similarity_error_bound(float(q_sq.max()), float(half_db_sq.max()), dim)
-    d_aug = np.empty((nd, dim + 1), dtype=np.float32)
-    d_aug[:, :dim] = d
-    d_aug[:, dim] = -half_db_sq
+    if augmented:
+        d_aug = np.empty((nd, dim + 1), dtype=np.float32)
+        d_aug[:, :dim] = d
+        d_aug[:, dim] = -half_db_sq
     chunk = max(1, MAX_DISTANCE_MATRIX_ENTRIES // nd)
     if workspace[0].size < min(chunk, nq) * nd:
         workspace[0] = np.empty(min(chunk, nq) * nd, dtype=np.float32)
@@ -415,28 +463,34 @@ def _certified_float_matches(
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
         sim = workspace[0][: (stop - start) * nd].reshape(stop - start, nd)
-        np.matmul(q_aug[start:stop], d_aug.T, out=sim)  # [c, nd] ~ q.d - |d|^2/2
-        rows = np.arange(stop - start)
+        if augmented:
+            np.matmul(q_rows[start:stop], d_aug.T, out=sim)  # [c, nd] ~ q.d - |d|^2/2
+        else:
+            np.matmul(q_rows[start:stop], d.T, out=sim)
+            sim -= half_db_sq
+        local = np.arange(stop - start)
         idx = np.argmax(sim, axis=1)
         nn1[start:stop] = idx
-        best[start:stop] = sim[rows, idx]
-        d1_low, d1_high = _sq_distance_bounds(q_sq[start:stop], best[start:stop], err, dim)
+        best[start:stop] = sim[local, idx]
+        d1_low, d1_high = _sq_distance_bounds(q_sq_rows[start:stop], best[start:stop], err, dim)
         part = np.full(stop - start, _TRUE, dtype=np.int8)
         if sq_threshold is not None:
             part = _tri_state(d1_high < sq_threshold, d1_low >= sq_threshold)
         # The second best: for the ratio test of every row, else to certify the
         # nearest neighbour of the rows that may be kept.
         if nd > 1 and ratio is not None:
-            sim[rows, idx] = -np.inf
+            sim[local, idx] = -np.inf
             second[start:stop] = sim.max(axis=1)
-            sim[rows, idx] = best[start:stop]
+            sim[local, idx] = best[start:stop]
         elif nd > 1:
             cand = np.flatnonzero(part != _FALSE)
             others = sim[cand]
             others[np.arange(cand.size), idx[cand]] = -np.inf
             second[start + cand] = others.max(axis=1)
         if ratio is not None:
-            d2_low, d2_high = _sq_distance_bounds(q_sq[start:stop], second[start:stop], err, dim)
+            d2_low, d2_high = _sq_distance_bounds(
+                q_sq_rows[start:stop], second[start:stop], err, dim
+            )
             rel = 4.0 * np.finfo(np.float64).eps
             with np.errstate(invalid="ignore"):
                 lhs_low, lhs_high = np.sqrt(d1_low) * (1 - rel), np.sqrt(d1_high) * (1 + rel)
@@ -454,23 +508,229 @@ def _certified_float_matches(
             return None
         state[start:stop] = part
     if mutual:
-        open_rows = np.flatnonzero(state != _FALSE)
+        open_rows = np.flatnonzero(state != _FALSE)  # positions in ``rows``
         if open_rows.size:
-            # Single chunk (checked above): ``sim`` holds every row.
             cols, pos = np.unique(nn1[open_rows], return_inverse=True)
-            block = sim[:, cols]
+            if all_rows and nq <= chunk:
+                block = sim[:, cols]  # single chunk: ``sim`` holds every query row.
+            else:
+                block = q_aug[:, :dim] @ d[cols].T  # [nq_all, cols], every query row.
+                block -= half_db_sq[cols]
             top_row = np.argmax(block, axis=0)
             top = block[top_row, np.arange(cols.size)]
             block[top_row, np.arange(cols.size)] = -np.inf
-            runner_up = block.max(axis=0) if nq > 1 else np.full(cols.size, -np.inf)
-            other = np.where(top_row[pos] == open_rows, runner_up[pos], top[pos])
+            runner_up = block.max(axis=0) if nq_all > 1 else np.full(cols.size, -np.inf)
+            other = np.where(top_row[pos] == rows[open_rows], runner_up[pos], top[pos])
             mine = best[open_rows].astype(np.float64)
             mutual_state = _tri_state(mine - other > 2.0 * err, other - mine > 2.0 * err)
             if np.any(mutual_state == _UNSURE):
                 return None
             state[open_rows] = mutual_state
-    q_idx = np.flatnonzero(state == _TRUE).astype(np.int64)
-    return q_idx, nn1[q_idx]
+    keep = np.flatnonzero(state == _TRUE)
+    return rows[keep].astype(np.int64), nn1[keep]
+
+
+def bfloat16_screen_error_bound(q_norm: np.ndarray, d_norm_max: float, dim: int) -> np.ndarray:
+    """Bound on |q.d - screen| of the bfloat16 screen, per query row.
+
+    The screen rounds float32 ``q`` and ``d`` to bfloat16 (``|x^ - x| <= rho |x|``
+    per component, rho = :data:`BFLOAT16_ROUNDOFF`, whatever the rounding), so
+    ``|q.d - q^.d^| <= sum_k |q_k d_k| ((1 + rho)^2 - 1) <= (2 rho + rho^2) |q| |d|``.
+    bfloat16 products are exact in float32, and oneDNN accumulates bfloat16 matrix
+    products in float32 (documented; :func:`bfloat16_screen_error` probes it), in any
+    order within ``gamma_dim (1 + rho)^2 |q| |d|``; the result is rounded to
+    bfloat16 once more (``rho`` relative). Multiplied by :data:`ERROR_BOUND_SAFETY`
+    (norms evaluated in floating point), plus :data:`ERROR_BOUND_ABSOLUTE` (denormals,
+    which AVX512_BF16 flushes to zero).
+
+    Args:
+        q_norm: float [Nq] query row norms ``|q|``.
+        d_norm_max: largest database row norm ``|d|`` of the image.
+        dim: descriptor dimension.
+
+    Returns:
+        float64 [Nq] bounds (NaN or inf for non-finite descriptors).
+    """
+    rho = BFLOAT16_ROUNDOFF
+    gamma = _gamma(dim)
+    inputs = 2.0 * rho + rho * rho
+    accumulate = gamma * (1.0 + rho) ** 2
+    output = rho * (1.0 + gamma) * (1.0 + rho) ** 2
+    norms = np.asarray(q_norm, dtype=np.float64) * float(d_norm_max)
+    return ERROR_BOUND_SAFETY * (inputs + accumulate + output) * norms + ERROR_BOUND_ABSOLUTE
+
+
+@functools.cache
+def _bfloat16_screen_function():
+    """The TensorFlow graph of the screen: per (query row, image) bfloat16 row maxima.
+
+    One call takes the query [Nq, D] and the database rows of K images concatenated
+    [N, D], both as bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`; each
+    image padded to a multiple of :data:`SCREEN_POOL_WINDOW` rows by repeating its
+    last row, which leaves its maximum unchanged), and the K + 1 row offsets of the
+    images, and returns float32 [Nq, K]. Each image is one
+    ``[Nd_k, D] @ [D, Nq]`` bfloat16 product, reduced over its rows by a max pool
+    (oneDNN, windows of :data:`SCREEN_POOL_WINDOW` rows) then a max; a while loop
+    takes the images one by one, so each [Nd_k, Nq] block stays in cache.
+    """
+    import tensorflow as tf
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.uint16),
+            tf.TensorSpec([None, None], tf.uint16),
+            tf.TensorSpec([None], tf.int32),
+        ]
+    )
+    def screen(query, db, offsets):
+        q = tf.bitcast(query, tf.bfloat16)
+        d = tf.bitcast(db, tf.bfloat16)
+        num_images = tf.size(offsets) - 1
+        maxima = tf.TensorArray(tf.bfloat16, size=num_images, element_shape=[None])
+        window = [1, SCREEN_POOL_WINDOW]
+
+        def body(k, maxima):
+            sim = tf.matmul(d[offsets[k] : offsets[k + 1]], q, transpose_b=True)  # [Nd_k, Nq]
+            pooled = tf.nn.max_pool2d(sim[None, None], window, window, "VALID")
+            return k + 1, maxima.write(k, tf.reduce_max(pooled[0, 0], axis=0))
+
+        _, maxima = tf.while_loop(lambda k, _: k < num_images, body, (0, maxima))
+        return tf.transpose(tf.cast(maxima.stack(), tf.float32))
+
+    return screen
+
+
+def _padded_rows(num_rows: int) -> int:
+    """``num_rows`` rounded up to a multiple of :data:`SCREEN_POOL_WINDOW`."""
+    return -(-num_rows // SCREEN_POOL_WINDOW) * SCREEN_POOL_WINDOW
+
+
+def _bfloat16_bits(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """uint16 [N, D] bit patterns of float32 ``x`` [N, D] truncated to bfloat16 (high halves).
+
+    Truncation is within :data:`BFLOAT16_ROUNDOFF` relative of ``x``; it is one strided
+    copy of half the bytes. ``out`` (uint16 [N, D]) receives the result when given.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    halves = x.view(np.uint16).reshape(x.shape[0], x.shape[1], 2)
+    high = halves[:, :, 1] if sys.byteorder == "little" else halves[:, :, 0]
+    if out is None:
+        return np.ascontiguousarray(high)
+    out[...] = high
+    return out
+
+
+def _screen_maxima(q: np.ndarray, dbs: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 [Nq, K] bfloat16 maxima of ``q . d`` over each image's rows (TensorFlow).
+
+    Images (non-empty) are sent in groups of at most
+    :data:`MAX_DISTANCE_MATRIX_ENTRIES` database entries.
+    """
+    screen = _bfloat16_screen_function()
+    nq, dim = q.shape
+    q_bits = _bfloat16_bits(q)
+    out = np.empty((nq, len(dbs)), dtype=np.float32)
+    max_rows = MAX_DISTANCE_MATRIX_ENTRIES // dim
+    start = 0
+    while start < len(dbs):
+        stop, rows = start + 1, _padded_rows(dbs[start].shape[0])
+        while stop < len(dbs) and rows + _padded_rows(dbs[stop].shape[0]) <= max_rows:
+            rows += _padded_rows(dbs[stop].shape[0])
+            stop += 1
+        offsets = np.zeros(stop - start + 1, dtype=np.int32)
+        offsets[1:] = np.cumsum([_padded_rows(db.shape[0]) for db in dbs[start:stop]])
+        stacked = np.empty((rows, dim), dtype=np.uint16)
+        for k, db in enumerate(dbs[start:stop]):
+            first, last, end = offsets[k], offsets[k] + db.shape[0], offsets[k + 1]
+            _bfloat16_bits(db, stacked[first:last])
+            stacked[last:end] = stacked[last - 1]
+        out[:, start:stop] = screen(q_bits, stacked, offsets).numpy()
+        start = stop
+    return out
+
+
+# Probe of the screen: a row whose float32 accumulation gives 2^8 + 127 = 383 (rounded
+# to bfloat16: 384, truncated: 382) where a bfloat16 running sum gives 256; the 256 at
+# several positions.
+_PROBE_DIM = 128
+_PROBE_BIG = 256.0
+
+
+@functools.cache
+def bfloat16_screen_error() -> Optional[str]:
+    """None if the bfloat16 screen can run in this process, else the reason.
+
+    Probed once per process: TensorFlow must import, and the screen's product must
+    accumulate in float32 (the premise of :func:`bfloat16_screen_error_bound`): rows
+    of one 256 and 127 ones, the 256 at several positions, must give 383 rounded to
+    bfloat16 (384 or 382), not the 256 of a bfloat16 running sum; random unit descriptors must
+    stay within the bound. On failure the batched path runs without the screen.
+
+    Returns:
+        None, or a one-line reason (the exception or the wrong value).
+    """
+    try:
+        positions = np.arange(0, _PROBE_DIM, 7)
+        query = np.ones((positions.size, _PROBE_DIM), dtype=np.float32)
+        query[np.arange(positions.size), positions] = _PROBE_BIG
+        got = _screen_maxima(query, [np.ones((1, _PROBE_DIM), dtype=np.float32)])[:, 0]
+        if not np.all(np.abs(got - (_PROBE_BIG + _PROBE_DIM - 1)) == 1):
+            return f"bfloat16 matmul does not accumulate in float32: got {sorted(set(got))}"
+        rng = np.random.default_rng(0)
+        q = rng.normal(size=(64, _PROBE_DIM)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        d = rng.normal(size=(8 * SCREEN_POOL_WINDOW, _PROBE_DIM)).astype(np.float32)
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        exact = (q.astype(np.float64) @ d.T.astype(np.float64)).max(axis=1)
+        bound = bfloat16_screen_error_bound(np.ones(64), 1.0, _PROBE_DIM)
+        got = _screen_maxima(q, [d])[:, 0]
+        if not np.all(np.abs(got - exact) <= bound):
+            return "bfloat16 matmul error exceeds bfloat16_screen_error_bound"
+    except Exception as e:  # noqa: BLE001 - any failure (no TensorFlow, no kernel) disables it.
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def screened_open_rows(
+    q: np.ndarray,
+    q_sq: np.ndarray,
+    dbs: Sequence[np.ndarray],
+    sq_threshold: float,
+) -> Tuple[List[np.ndarray], List[Tuple[np.ndarray, np.ndarray]]]:
+    """Per image, the query rows the per-pair function might keep (all others: proven not).
+
+    Row i of image k is closed when even the largest per-pair similarity it could have,
+    ``m_ik + E_i - min_j |d_j|^2/2 + err`` (``m_ik`` the bfloat16 screen's maximum of
+    ``q_i . d_j``, ``E_i`` :func:`bfloat16_screen_error_bound`, ``err``
+    :func:`similarity_error_bound` of the per-pair float32 product), gives a squared
+    distance ``>= sq_threshold`` (through the same interval as the certified path), so
+    the strict threshold test of :func:`find_putative_matches` rejects it.
+
+    Args:
+        q: float32 [Nq, D] query descriptors.
+        q_sq: float32 [Nq] their squared norms (``einsum("ij,ij->i", q, q)``).
+        dbs: K non-empty database descriptor arrays [Nd_k, D].
+        sq_threshold: squared L2 distance threshold.
+
+    Returns:
+        (K sorted int64 arrays of open query rows, the K ``_prepare_db`` outputs).
+    """
+    dim = q.shape[1]
+    maxima = _screen_maxima(q, [db.astype(np.float32, copy=False) for db in dbs])
+    q_norm = np.sqrt(q_sq.astype(np.float64))
+    open_rows, prepared = [], []
+    for k, db in enumerate(dbs):
+        prepared.append(_prepare_db(db, binary=False))
+        half_db_sq = prepared[-1][1]
+        half_max = float(half_db_sq.max())
+        err = similarity_error_bound(float(q_sq.max()), half_max, dim)
+        screen_err = bfloat16_screen_error_bound(q_norm, np.sqrt(2.0 * half_max), dim)
+        half_min = float(half_db_sq.min()) * (1.0 - 2.0 * _gamma(dim))
+        upper = maxima[:, k].astype(np.float64) + screen_err - half_min + err
+        low, _ = _sq_distance_bounds(q_sq, upper, 0.0, dim)
+        with np.errstate(invalid="ignore"):
+            open_rows.append(np.flatnonzero(~(low >= sq_threshold)))
+    return open_rows, prepared
 
 
 def find_putative_matches_batch(
@@ -481,6 +741,7 @@ def find_putative_matches_batch(
     ratio: Optional[float] = None,
     binary: bool = False,
     stats: Optional[BatchMatchStats] = None,
+    screen: Optional[bool] = None,
 ) -> List[Tuple[np.ndarray, np.ndarray]]:
     """:func:`find_putative_matches` of one query against many database images.
 
@@ -490,8 +751,18 @@ def find_putative_matches_batch(
     pass; since that product rounds differently from the per-pair one, every
     decision is certified against :func:`similarity_error_bound`, and an image
     with an uncertain decision (a near-tie such as duplicated descriptors, a
-    distance at the threshold) is recomputed by the per-pair function. Binary
-    descriptors: ±1 products are exact integers in float32 whatever the
+    distance at the threshold) is recomputed by the per-pair function.
+
+    With a distance threshold and no ratio test, the bfloat16 screen (on by default
+    where :func:`bfloat16_screen_error` finds it works) first computes every image's
+    ``q . d`` in one bfloat16 product and proves, with
+    :func:`bfloat16_screen_error_bound`, that most query rows have no database row
+    within the threshold (only pairs with ``q.d - |d|^2/2 > (|q|^2 - t^2)/2``, i.e.
+    cosine > 0.5 for unit descriptors and t = 1, can match); the float32 product
+    then runs only for the other rows (and, with ``mutual``, for the database
+    columns their nearest neighbours are), with the same certification. The result
+    never depends on the screen, the CPU or the kernel used: only the time does.
+    Binary descriptors: ±1 products are exact integers in float32 whatever the
     summation order, so the per-pair computation runs with the query unpacked
     once. Memory: like the per-pair function, at most
     :data:`MAX_DISTANCE_MATRIX_ENTRIES` similarities at once.
@@ -500,7 +771,10 @@ def find_putative_matches_batch(
         query_descriptors: as in :func:`find_putative_matches`.
         db_descriptors: sequence of database descriptor arrays (one per image).
         threshold, mutual, ratio, binary: as in :func:`find_putative_matches`.
-        stats: optional counters, incremented (pairs, per-pair fallbacks).
+        stats: optional counters, incremented (pairs, per-pair fallbacks, screen rows).
+        screen: use the bfloat16 screen where it applies (float descriptors, a
+            threshold, no ratio test): None = if :func:`bfloat16_screen_error` is None;
+            False = never; True = as None, but raise if that probe fails.
 
     Returns:
         One (query_idx, db_idx) pair of int64 arrays per database image.
@@ -508,6 +782,7 @@ def find_putative_matches_batch(
     Raises:
         DescriptorMismatchError, ValueError: as :func:`find_putative_matches`,
             for the first offending image.
+        RuntimeError: ``screen=True`` where the screen cannot run (names the reason).
     """
     pairs = [_validated_pair(query_descriptors, db, binary) for db in db_descriptors]
     if stats is not None:
@@ -534,9 +809,36 @@ def find_putative_matches_batch(
     q_aug[:, :-1] = q
     q_aug[:, -1] = 1.0
     workspace = [np.empty(0, dtype=np.float32)]
+    open_rows, prepared = {}, {}
+    if screen is not False:
+        reason = bfloat16_screen_error()
+        if reason is not None and screen:
+            raise RuntimeError(
+                f"find_putative_matches_batch(screen=True): the bfloat16 screen cannot run "
+                f"here ({reason}); pass screen=None or False."
+            )
+        if reason is None and sq_threshold is not None and ratio is None:
+            dbs = [pairs[k][1] for k in todo]
+            rows_list, prepared_list = screened_open_rows(q, q_offset, dbs, sq_threshold)
+            open_rows, prepared = dict(zip(todo, rows_list)), dict(zip(todo, prepared_list))
     for k in todo:
+        rows = open_rows.get(k)
+        if rows is not None and rows.size > SCREEN_MAX_OPEN_FRACTION * q.shape[0]:
+            rows = None  # most rows open: the whole product costs the same.
+        if stats is not None and k in open_rows:
+            stats.screened_pairs += 1
+            stats.screened_rows += q.shape[0]
+            stats.open_rows += q.shape[0] if rows is None else rows.size
         got = _certified_float_matches(
-            q_aug, q_offset, pairs[k][1], sq_threshold, mutual, ratio, workspace
+            q_aug,
+            q_offset,
+            pairs[k][1],
+            sq_threshold,
+            mutual,
+            ratio,
+            workspace,
+            rows,
+            prepared.get(k),
         )
         if got is None:
             if stats is not None:

@@ -13,7 +13,11 @@ finds the putative matches of the whole group against the query at once
 (:func:`delg_tf.matching.correspondences.find_putative_matches_batch`, the same
 matches as :func:`delg_tf.matching.pair.match_pair`), then runs the RANSAC of
 each pair, so at most one group's features per worker are held in memory.
-While the pool runs, the BLAS library is limited to one thread per worker
+That call first screens the group with one bfloat16 product (TensorFlow / oneDNN,
+AMX where available) whose rigorous error bound rules out most query rows, then
+runs the certified float32 product on the rest; it falls back to float32 alone
+where the screen cannot run, with the same matches either way. While the pool
+runs, the BLAS library is limited to one thread per worker
 (:func:`delg_tf.matching.pair.limit_blas_threads`; measured in ``bench/rerank.py``).
 """
 
@@ -88,6 +92,10 @@ class Reranker:
         config: matching parameters.
         shortlist_size: number of top global results to verify (paper: 100).
         num_workers: threads (1 = run in the calling thread).
+        screen: the bfloat16 screen of
+            :func:`~delg_tf.matching.correspondences.find_putative_matches_batch`
+            (None: where it can run, the default; False: float32 only; True: raise
+            where it cannot run). The inlier counts do not depend on it.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class Reranker:
         config: MatchingConfig = MatchingConfig(),
         shortlist_size: int = DEFAULT_SHORTLIST_SIZE,
         num_workers: int = DEFAULT_NUM_WORKERS,
+        screen: Optional[bool] = None,
     ):
         if shortlist_size < 0 or num_workers < 1:
             raise ValueError(
@@ -104,6 +113,7 @@ class Reranker:
         self.config = config
         self.shortlist_size = shortlist_size
         self.num_workers = num_workers
+        self.screen = screen
         self._pool = ThreadPoolExecutor(num_workers) if num_workers > 1 else None
 
     def close(self):
@@ -170,7 +180,10 @@ class Reranker:
         """(inliers, putative matches) of one group of database images (one pool task)."""
         config = self.config
         matches = corr.find_putative_matches_batch(
-            query.descriptors, [f.descriptors for f in feats], **putative_match_options(config)
+            query.descriptors,
+            [f.descriptors for f in feats],
+            screen=self.screen,
+            **putative_match_options(config),
         )
         return [
             (verify_pair(query, db, q_idx, d_idx, config).num_inliers, int(q_idx.size))
