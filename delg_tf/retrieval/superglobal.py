@@ -491,6 +491,7 @@ def _batch_rerank(
     count, width = ids.shape
     num_db = graph.num_db
     valid = ids >= 0
+    num_valid = int(np.count_nonzero(valid))
     mark = np.zeros(num_db + 1, dtype=bool)
     mark[ids] = True  # padding -1 marks the dummy slot N
     mark[num_db] = False
@@ -499,13 +500,12 @@ def _batch_rerank(
     inverse[union] = np.arange(size)
     inverse[num_db] = size
     try:
-        cols = inverse[ids]  # union column of each shortlist row, padding -> U
+        cols = np.take(inverse, ids)  # union column of each shortlist row, padding -> U
         flat = cols * count + np.arange(count)[:, None]  # into [U + 1, c] arrays
         member = np.zeros((size + 1) * count)
         member[flat] = 1.0
         member = member.reshape(size + 1, count)
         member[size] = 0.0
-        num_valid = int(np.count_nonzero(valid))
         if np.count_nonzero(member) != num_valid:
             raise SearchError(
                 "ranks hold a database id twice in one query's shortlist; each column "
@@ -519,43 +519,58 @@ def _batch_rerank(
                 graph.prepare(k, beta)
                 refine, adjacency, full = graph._matrices[(k, beta)]
             else:
-                first = inverse[graph.ids[union, :k]]
+                first = np.take(inverse, graph.ids[union, :k])
                 refine, adjacency, full = _refinement(graph, union, first, k, beta)
             found_k = adjacency @ member  # graph neighbours in each shortlist, [U + 1, c]
             found_k[~full] = -1.0
             found_k[size] = k  # padding: nothing to do
-            certified = np.take(found_k, flat) == k
+            over = np.flatnonzero(np.take(found_k, flat) != k)
             refined = np.take(refine @ sims_q, flat)
         else:
-            certified = np.ones(ids.shape, dtype=bool)
+            refine = None
+            over = np.zeros(0, dtype=np.int64)
             refined = np.take(sims_q, flat)
-        oq, op = np.nonzero(~certified)
-        stats["stage 1"] = stats.get("stage 1", 0) + num_valid - oq.size
-        over_ids = np.zeros((oq.size, k), dtype=np.int64)
-        over_w = np.zeros((oq.size, k))
-        if oq.size:
+        stats["stage 1"] = stats.get("stage 1", 0) + num_valid - over.size
+        oq, op = np.divmod(over, width)
+        over_ids = np.zeros((over.size, k), dtype=np.int64)
+        over_w = np.zeros((over.size, k))
+        if over.size:
             _fill_uncertified(
-                oq, op, ids, cols, member, rows_u, graph, k, beta, inverse, over_ids, over_w, stats
+                over,
+                oq,
+                op,
+                ids,
+                cols,
+                member,
+                rows_u,
+                graph,
+                k,
+                beta,
+                inverse,
+                over_ids,
+                over_w,
+                stats,
             )
-            own = cols[oq, op]
-            over_cols = inverse[over_ids]
+            own = np.take(cols, over)
+            over_cols = np.take(inverse, over_ids)
             over_norm = SELF_WEIGHT + over_w.sum(axis=1)
-            refined[oq, op] = (
-                sims_q[own, oq] + (over_w * sims_q[over_cols, oq[:, None]]).sum(axis=1)
+            at_q = oq[:, None]
+            refined.flat[over] = (
+                np.take(sims_q, own * count + oq)
+                + (over_w * np.take(sims_q, over_cols * count + at_q)).sum(axis=1)
             ) / over_norm
         if num_valid < refined.size:
             refined[~valid] = -np.inf
-        over_index = np.full((count, width), -1, dtype=np.int64)
-        over_index[oq, op] = np.arange(oq.size)
         expanded = _expanded_queries(
-            refined, cols, over_index, over_ids, over_w, rows_u, graph, k, beta, inverse
+            refined, cols, refine, over, over_ids, over_w, rows_u, k, inverse
         )
         sims_x = np.zeros((size + 1, count))
         np.matmul(rows_u, expanded.T, out=sims_x[:size])  # q' . d of the union
         second = np.take(refine @ sims_x, flat) if k > 0 else np.take(sims_x, flat)
-        if oq.size:
-            second[oq, op] = (
-                sims_x[own, oq] + (over_w * sims_x[over_cols, oq[:, None]]).sum(axis=1)
+        if over.size:
+            second.flat[over] = (
+                np.take(sims_x, own * count + oq)
+                + (over_w * np.take(sims_x, over_cols * count + at_q)).sum(axis=1)
             ) / over_norm
         final = SCORE_AVERAGE * (refined + second)
         if num_valid < final.size:
@@ -569,8 +584,9 @@ def _batch_rerank(
 def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Positions by decreasing S, ties by decreasing r, then by position (as rerank_shortlist).
 
-    One unstable sort; the rows where it meets equal finite scores are sorted again
-    lexicographically.
+    One integer sort of keys that hold the high bits of -S (as order-preserving int64)
+    above the position; a row where two consecutive keys share those high bits (an
+    exact tie, or S within ~2^-43 relative) is sorted again exactly, lexicographically.
 
     Args:
         final: float64 [c, Mx] S (-inf padding).
@@ -579,9 +595,15 @@ def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np
     Returns:
         (order int64 [c, Mx], final in that order).
     """
-    order = np.argsort(-final, axis=1)
-    ranked = np.take_along_axis(final, order, axis=1)
-    ties = np.any((ranked[:, 1:] == ranked[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
+    count, width = final.shape
+    bits = max(1, (width - 1).bit_length())
+    raw = (-final).view(np.int64)
+    monotone = raw ^ ((raw >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))  # int order = float order
+    keys = np.sort(((monotone >> bits) << bits) | np.arange(width), axis=1)
+    order = keys & ((1 << bits) - 1)
+    ranked = np.take(final, order + np.arange(0, final.size, width)[:, None])
+    high = keys >> bits
+    ties = np.any((high[:, 1:] == high[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
     if ties.any():
         order[ties] = np.lexsort((-refined[ties], -final[ties]), axis=-1)
         ranked[ties] = np.take_along_axis(final[ties], order[ties], axis=1)
@@ -589,13 +611,14 @@ def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np
 
 
 def _fill_uncertified(
-    oq, op, ids, cols, member, rows_u, graph, k, beta, inverse, over_ids, over_w, stats
+    over, oq, op, ids, cols, member, rows_u, graph, k, beta, inverse, over_ids, over_w, stats
 ):
     """Neighbours and weights of the rows stage 1 did not certify (stages 2 and 3).
 
     Args:
-        oq: int [n] batch query of each row.
-        op: int [n] its shortlist position.
+        over: int64 [n] flat index of each row in the [c, Mx] batch arrays.
+        oq: int64 [n] its batch query.
+        op: int64 [n] its shortlist position.
         ids: int64 [c, Mx] shortlists (database ids, -1 padding).
         cols: int64 [c, Mx] the same as columns of the union U.
         member: float64 [U + 1, c] 1 where a union image is in a query's shortlist.
@@ -608,27 +631,21 @@ def _fill_uncertified(
         over_w: float64 [n, K] filled in place: their weights beta * s.
         stats: counts of rows per stage, updated.
     """
-    own = ids[oq, op]
-    width = graph.list_size
-    listed = graph.ids[own]
-    listed_cols = inverse[listed]
-    dummy = member.shape[0] - 1  # the zero row: not in any shortlist
-    look = np.where(listed_cols >= 0, listed_cols, dummy) * member.shape[1] + oq[:, None]
-    found = np.take(member, look) > 0
-    rank = np.cumsum(found, axis=1)
-    total = rank[:, -1]
-    sims = graph.sims.reshape(-1)
-    start = own * width
-    kth = np.take(sims, start + np.argmax(rank >= k, axis=1))
-    after = np.where(total > k, np.take(sims, start + np.argmax(rank > k, axis=1)), -np.inf)
-    ok = (total >= k) & (kth > graph.tail[own]) & (kth > after)
-    chosen = found & (rank <= k)
-    chosen[~ok] = False
-    rows, slots = np.nonzero(chosen)
-    over_ids[ok] = listed[rows, slots].reshape(-1, k)
-    over_w[ok] = beta * np.take(sims, start[rows] + slots).reshape(-1, k)
+    own = np.take(ids, over)
+    ok = np.zeros(over.size, dtype=bool)
+    window = min(2 * k, graph.list_size)  # a short window first, then the whole list
+    for width in sorted({window, graph.list_size}):
+        rows = np.flatnonzero(~ok)
+        if rows.size == 0:
+            break
+        found, near, weights = _listed_neighbours(
+            np.take(own, rows), np.take(oq, rows), member, graph, k, beta, inverse, width
+        )
+        ok[rows[found]] = True
+        over_ids[rows[found]] = near
+        over_w[rows[found]] = weights
     exact = np.flatnonzero(~ok)
-    stats["stage 2"] = stats.get("stage 2", 0) + oq.size - exact.size
+    stats["stage 2"] = stats.get("stage 2", 0) + over.size - exact.size
     stats["stage 3"] = stats.get("stage 3", 0) + exact.size
     for q in np.unique(oq[exact]):
         rows = exact[oq[exact] == q]
@@ -642,7 +659,83 @@ def _fill_uncertified(
         over_w[rows] = beta * np.take_along_axis(gram, nearest, axis=1)
 
 
-def _expanded_queries(refined, cols, over_index, over_ids, over_w, rows_u, graph, k, beta, inverse):
+def _listed_neighbours(own, oq, member, graph, k, beta, inverse, width):
+    """Stage 2: the first K shortlisted images among the first ``width`` list entries.
+
+    They are the K nearest shortlisted images when the K-th of them is strictly more
+    similar than the next shortlisted one in the window and than every image after
+    the window (the (width + 1)-th list similarity, or ``tail`` for the whole list).
+
+    Args:
+        own: int64 [n] database ids of the rows.
+        oq: int64 [n] their batch query.
+        member: float64 [U + 1, c] 1 where a union image is in a query's shortlist
+            (row U all zero).
+        graph: NeighborGraph.
+        k: K >= 1.
+        beta: neighbour weight factor.
+        inverse: int64 [N + 1] union column of each database id (-1 outside).
+        width: list entries looked at, K <= width <= L.
+
+    Returns:
+        (ok bool [n], neighbours int64 [n_ok, K] database ids, weights float64
+        [n_ok, K] beta * s) for the rows certified.
+    """
+    listed = np.take(graph.ids, own, axis=0)[:, :width]
+    listed_sims = np.ascontiguousarray(np.take(graph.sims, own, axis=0)[:, :width])
+    if width < graph.list_size:
+        bound = np.take(graph.sims[:, width], own)
+    else:
+        bound = np.take(graph.tail, own)
+    listed_cols = np.take(inverse, listed)
+    dummy = member.shape[0] - 1  # the zero row: not in any shortlist
+    look = np.where(listed_cols >= 0, listed_cols, dummy) * member.shape[1] + oq[:, None]
+    found = np.take(member, look) > 0
+    running = np.cumsum(found.ravel()).reshape(found.shape)
+    rank = running - (running[:, :1] - found[:, :1])  # found so far in each row
+    total = rank[:, -1]
+    base = np.arange(0, found.size, width)
+    kth = np.take(listed_sims, base + np.argmax(rank >= k, axis=1))
+    after = np.take(listed_sims, base + np.argmax(rank > k, axis=1))
+    after[total <= k] = -np.inf
+    ok = (total >= k) & (kth > bound) & (kth > after)
+    chosen = found & (rank <= k)
+    chosen[~ok] = False
+    picked = np.flatnonzero(chosen)
+    near = np.take(listed, picked).reshape(-1, k).astype(np.int64)
+    return ok, near, beta * np.take(listed_sims, picked).reshape(-1, k)
+
+
+def _top_positions(refined: np.ndarray, top: int) -> np.ndarray:
+    """The ``top`` positions of each row with the largest r, ties by position.
+
+    Args:
+        refined: float64 [c, Mx] r (-inf padding), at least ``top`` finite per row.
+        top: K + 1.
+
+    Returns:
+        int64 [c, top] positions (in no particular order).
+    """
+    count, width = refined.shape
+    if width == top:
+        return np.broadcast_to(np.arange(width), refined.shape)
+    negated = -refined
+    part = np.partition(negated, top, axis=1)
+    worst = part[:, :top].max(axis=1)  # the (K + 1)-th largest r, negated
+    tied = worst == part[:, top]
+    chosen = np.flatnonzero(negated <= worst[:, None]) % width  # K + 1 per untied row
+    if not tied.any():
+        return chosen.reshape(count, top)
+    # The (K + 1)-th place is shared: positions decide, as in expand_query.
+    threshold = worst[:, None]
+    above = negated < threshold
+    equal = negated == threshold
+    need = top - above.sum(axis=1, keepdims=True)
+    take = above | (equal & (np.cumsum(equal, axis=1) <= need))
+    return (np.flatnonzero(take) % width).reshape(count, top)
+
+
+def _expanded_queries(refined, cols, refine, over, over_ids, over_w, rows_u, k, inverse):
     """The expanded query q' of each batch query: max of its K + 1 best refined rows.
 
     Ties at the (K + 1)-th place by shortlist position (as :func:`expand_query`).
@@ -650,42 +743,38 @@ def _expanded_queries(refined, cols, over_index, over_ids, over_w, rows_u, graph
     Args:
         refined: float64 [c, Mx] r, -inf for padding (M_q >= K + 1).
         cols: int64 [c, Mx] shortlists as union columns.
-        over_index: int64 [c, Mx] row of ``over_ids`` of a position, -1 = stage 1.
-        over_ids: int64 [n, K] neighbours (database ids) of the rows stage 1 did not
-            certify.
+        refine: the batch's sparse refinement (:func:`_refinement`), None when K = 0.
+        over: int64 [n] flat batch index of the rows stage 1 did not certify (sorted).
+        over_ids: int64 [n, K] their neighbours (database ids).
         over_w: float64 [n, K] their weights.
         rows_u: float64 [U, D] unit rows of the union.
-        graph: NeighborGraph.
         k: K.
-        beta: neighbour weight factor.
         inverse: int64 [N + 1] union column of each database id.
 
     Returns:
         float64 [c, D].
     """
-    count = refined.shape[0]
+    count, width = refined.shape
     top = k + 1
-    threshold = -np.partition(-refined, top - 1, axis=1)[:, top - 1 : top]
-    above = refined > threshold
-    tied = refined == threshold
-    need = top - above.sum(axis=1, keepdims=True)
-    take = above | (tied & (np.cumsum(tied, axis=1) <= need))
-    tq, tp = np.nonzero(take)
-    own = cols[tq, tp]
-    members = np.empty((own.size, k + 1), dtype=np.int64)
-    coef = np.empty((own.size, k + 1))
-    members[:, 0] = own
-    coef[:, 0] = SELF_WEIGHT
-    if k > 0:
-        union_ids = np.flatnonzero(inverse[:-1] >= 0)
-        members[:, 1:] = inverse[graph.ids[union_ids[own], :k]]
-        coef[:, 1:] = beta * graph.sims[union_ids[own], :k]
-        slot = over_index[tq, tp]
-        has = slot >= 0
-        members[has, 1:] = inverse[over_ids[slot[has]]]
-        coef[has, 1:] = over_w[slot[has]]
-    coef /= coef.sum(axis=1, keepdims=True)
-    indptr = np.arange(0, members.size + 1, k + 1)
+    chosen = (_top_positions(refined, top) + np.arange(0, refined.size, width)[:, None]).ravel()
+    own = np.take(cols, chosen)
+    if k == 0:
+        members = own[:, None]
+        coef = np.ones((own.size, 1))
+    else:  # stage-1 rows: the prepared refinement rows; the others from their lists
+        members = np.take(refine.indices.reshape(-1, top), own, axis=0)
+        coef = np.take(refine.data.reshape(-1, top), own, axis=0)
+        slot = np.searchsorted(over, chosen)
+        has = np.zeros(own.size, dtype=bool)
+        if over.size:
+            has = (slot < over.size) & (np.take(over, np.minimum(slot, over.size - 1)) == chosen)
+        if has.any():
+            weights = over_w[slot[has]]
+            norm = SELF_WEIGHT + weights.sum(axis=1, keepdims=True)
+            members[has, 1:] = np.take(inverse, over_ids[slot[has]])
+            coef[has, :1] = SELF_WEIGHT / norm
+            coef[has, 1:] = weights / norm
+    indptr = np.arange(0, members.size + 1, top)
     combine = scipy.sparse.csr_matrix(
         (coef.ravel(), members.ravel(), indptr), shape=(own.size, rows_u.shape[0])
     )
@@ -809,7 +898,8 @@ def superglobal_rerank_graph(
                 stats,
             )
             # Padding (-1, score -inf) sorts last, where the column holds -1 already.
-            out[:width, chunk] = np.take_along_axis(shortlists, order, axis=1).T
+            base = np.arange(0, shortlists.size, width)[:, None]
+            out[:width, chunk] = np.take(shortlists, order + base).T
             scores[:width, chunk] = np.where(np.isfinite(final), final, 0.0).T
     return out, scores
 
