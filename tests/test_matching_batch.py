@@ -241,31 +241,62 @@ def test_bfloat16_bits_truncate():
     assert np.all(np.abs(_from_bits(corr._bfloat16_bits(y)) - y) <= 2**-7 * np.abs(y))
 
 
-def test_screen_maxima_within_the_bound():
+def test_bfloat16_product_within_the_bound():
     _screen_or_skip()
     rng = np.random.default_rng(7)
     query = syn.random_unit(rng, 300, 128)
     query[:20] *= rng.uniform(1e-3, 30.0, size=(20, 1)).astype(np.float32)
     query[20:40, :4] *= 50.0  # a few dominant components
-    dbs = [syn.random_unit(rng, n, 128) for n in (500, 37, 1)]
+    dbs = [syn.random_unit(rng, 500, 128), syn.random_unit(rng, 1, 128)]
     dbs.append(syn.perturb_descriptors(rng, query[:200]) * 3.0)
-    dbs.append(-query[:80])  # every dot product negative
-    got = corr._screen_maxima(query, dbs)
+    dbs.append(-query[:80])
+    product = corr._bfloat16_product_function()
     q_norm = np.linalg.norm(query.astype(np.float64), axis=1)
-    for k, db in enumerate(dbs):
-        exact = (query.astype(np.float64) @ db.astype(np.float64).T).max(axis=1)
+    for db in dbs:
+        got = product(corr._bfloat16_bits(query), corr._bfloat16_bits(db)).numpy().T
+        exact = query.astype(np.float64) @ db.astype(np.float64).T
         bound = corr.bfloat16_screen_error_bound(
             q_norm, float(np.linalg.norm(db.astype(np.float64), axis=1).max()), 128
         )
-        assert np.all(np.abs(got[:, k] - exact) <= bound), k
+        assert np.all(np.abs(got - exact) <= bound[:, None])
         # Independent oracle: truncated bfloat16 inputs, float64 accumulation, bfloat16
         # output rounded to nearest.
         oracle = _bf16_round(
-            (_bf16_truncate(query).astype(np.float64) @ _bf16_truncate(db).astype(np.float64).T)
-            .max(axis=1)
-            .astype(np.float32)
+            (
+                _bf16_truncate(query).astype(np.float64) @ _bf16_truncate(db).astype(np.float64).T
+            ).astype(np.float32)
         )
-        np.testing.assert_allclose(got[:, k], oracle, rtol=2**-7, atol=1e-6)
+        np.testing.assert_allclose(got, oracle, rtol=2**-7, atol=1e-6)
+
+
+def test_bfloat16_floor_bits():
+    x = np.array([1.0, -1.0, 0.3, -0.3, 1.0 + 2**-9, -(1.0 + 2**-9), 0.0, 1e-3, -1e-30, 1e5])
+    got = _from_bits(corr._bfloat16_floor_bits(x)).astype(np.float64)
+    assert np.all(got <= x)
+    # The next bfloat16 up (one more unit in the last place away from -inf) is above x.
+    bits = corr._bfloat16_floor_bits(x).astype(np.int64)
+    up = np.where(got < 0, bits - 1, bits + 1)
+    up = np.where(got == 0, 1, up)  # the smallest positive bfloat16
+    assert np.all(_from_bits(up.astype(np.uint16)).astype(np.float64) > x)
+
+
+def test_screen_candidates_against_the_product():
+    _screen_or_skip()
+    rng = np.random.default_rng(13)
+    query = syn.random_unit(rng, 200, 128)
+    dbs = [syn.perturb_descriptors(rng, query[:50]), syn.random_unit(rng, 300, 128), query[:3]]
+    cuts = rng.uniform(0.1, 0.6, size=(len(dbs), 200))
+    got = corr._screen_candidates(query, dbs, cuts, max_entries=200 * 300)
+    product = corr._bfloat16_product_function()
+    for k, db in enumerate(dbs):
+        sims = product(corr._bfloat16_bits(query), corr._bfloat16_bits(db)).numpy().T
+        cut = _from_bits(corr._bfloat16_floor_bits(cuts[k]))
+        ref_q, ref_d = np.nonzero(sims >= cut[:, None])  # row-major: sorted by query row
+        np.testing.assert_array_equal(got[k][0], ref_q)
+        np.testing.assert_array_equal(got[k][1], ref_d)
+    # More entries than allowed: None for that image only.
+    few = corr._screen_candidates(query, dbs, np.full((3, 200), -10.0), max_entries=200 * 3)
+    assert few[0] is None and few[1] is None and few[2][0].size == 200 * 3
 
 
 def test_screen_at_and_near_the_threshold():
@@ -347,6 +378,7 @@ def test_screen_on_synthetic_shortlist_closes_most_rows():
         )
         _assert_same(got, query.descriptors, dbs, mutual=mutual)
         assert stats.fallback_pairs == 0 and stats.screened_pairs == 12
+        assert stats.unscreened_pairs == 0 and stats.screen_entries >= stats.open_rows
         # Open rows: only those within a few bounds of the threshold (cosine 0.5).
         q64 = query.descriptors.astype(np.float64)
         near = sum(int(np.sum((q64 @ db.T.astype(np.float64)).max(axis=1) > 0.45)) for db in dbs)
@@ -358,7 +390,10 @@ def test_screen_dtypes_scales_and_nan():
     rng = np.random.default_rng(11)
     query = syn.random_unit(rng, 30, 128)
     dbs = [syn.perturb_descriptors(rng, query[:20]), syn.random_unit(rng, 10, 128)]
-    for scale, dtype in ((1.0, np.float64), (10.0, np.float32), (1e-3, np.float16)):
+    scales = ((1.0, np.float64), (10.0, np.float32), (1e-3, np.float16))
+    # Denormal components and squared norms (flushed to zero by bfloat16 kernels), huge.
+    scales += ((1e-19, np.float32), (1e-30, np.float32), (1e15, np.float32))
+    for scale, dtype in scales:
         q, d = (query * scale).astype(dtype), [(x * scale).astype(dtype) for x in dbs]
         for threshold in (1.0 * scale, 0.7 * scale):
             got = corr.find_putative_matches_batch(
@@ -395,24 +430,21 @@ def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch):
             def numpy(self):
                 return self.value
 
-        def screen(query, db, offsets):
-            q = _from_bits(query)
-            out = np.empty((q.shape[0], offsets.size - 1), np.float32)
-            for k in range(offsets.size - 1):
-                d = _from_bits(db[offsets[k] : offsets[k + 1]])
-                if accumulate_in_bfloat16:
-                    acc = np.zeros((q.shape[0], d.shape[0]), np.float32)
-                    for c in range(q.shape[1]):
-                        acc = _bf16_round(acc + q[:, c : c + 1] * d[:, c][None, :])
-                else:
-                    acc = (q.astype(np.float64) @ d.T.astype(np.float64)).astype(np.float32)
-                out[:, k] = _bf16_round(acc).max(axis=1)
-            return Out(out)
+        def product(query, db):
+            q, d = _from_bits(query), _from_bits(db)
+            if accumulate_in_bfloat16:
+                acc = np.zeros((d.shape[0], q.shape[0]), np.float32)
+                for c in range(q.shape[1]):
+                    acc = _bf16_round(acc + d[:, c : c + 1] * q[:, c][None, :])
+            else:
+                acc = (d.astype(np.float64) @ q.T.astype(np.float64)).astype(np.float32)
+            return Out(_bf16_round(acc))
 
-        return lambda: screen
+        return lambda: product
 
     probe = corr.bfloat16_screen_error.__wrapped__
-    monkeypatch.setattr(corr, "_bfloat16_screen_function", fake(False))
-    assert probe() is None
-    monkeypatch.setattr(corr, "_bfloat16_screen_function", fake(True))
+    monkeypatch.setattr(corr, "_bfloat16_product_function", fake(True))
     assert "does not accumulate in float32" in probe()
+    monkeypatch.setattr(corr, "_bfloat16_product_function", fake(False))
+    if corr.bfloat16_screen_error() is None:  # the probe also runs the screen's graph
+        assert probe() is None

@@ -21,12 +21,12 @@ with exactly the arrays of :func:`find_putative_matches` (the per-pair
 reference) for every image: float similarities come from a product rounded
 differently, so each of its decisions is certified against a rigorous float32
 rounding bound and the rare uncertain image is recomputed per pair. With a
-distance threshold (and no ratio test) it first *screens* the shortlist with one
-bfloat16 matrix product through TensorFlow / oneDNN (AMX or AVX512_BF16 where the
-CPU has them): a rigorous bound on that product's error proves, for most
-(query row, image) pairs, that the row's nearest neighbour is beyond the
-threshold, so only the remaining rows get the certified float32 product
-(:func:`bfloat16_screen_error_bound`, :func:`bfloat16_screen_error`).
+distance threshold (and no ratio test) it first *screens* the shortlist with
+bfloat16 matrix products through TensorFlow / oneDNN (AMX or AVX512_BF16 where the
+CPU has them): a rigorous bound on their error (:func:`bfloat16_screen_error_bound`)
+proves that all but a few (query row, db row) entries are beyond the threshold, and
+only those few are recomputed and certified (:func:`screened_matches`;
+:func:`bfloat16_screen_error` probes whether the screen can run).
 
 numpy only (and the numpy-only ``delg_tf.extraction.binarize``); TensorFlow is
 imported lazily, by the screen only, and is optional (without it, or where the
@@ -58,11 +58,9 @@ ERROR_BOUND_ABSOLUTE = 1e-30
 # below one unit in the last place, 2^-7 relative (to nearest: 2^-8). The screen truncates
 # its inputs; oneDNN rounds its output to nearest.
 BFLOAT16_ROUNDOFF = 2.0**-7
-# Images an open row must be recomputed for, as a fraction of the query rows, above which
-# the screen gains nothing for that image and the whole image takes the float32 product.
-SCREEN_MAX_OPEN_FRACTION = 0.5
-# Rows per max-pool window of the screen's reduction (1000 features: 40 windows).
-SCREEN_POOL_WINDOW = 25
+# Most screen entries (query row, db row) per query row on average, for one image, above
+# which the image takes the float32 product instead (e.g. thresholds near sqrt(2)).
+SCREEN_MAX_ENTRIES_PER_ROW = 16
 
 
 class DescriptorMismatchError(ValueError):
@@ -322,8 +320,10 @@ class BatchMatchStats:
             because a decision was within the rounding bound of the batched product.
         screened_pairs: pairs that went through the bfloat16 screen.
         screened_rows: query rows of those pairs.
-        open_rows: of those, the rows the screen could not rule out (the float32
-            product ran for them).
+        open_rows: of those, the rows with screen entries (possible matches).
+        screen_entries: the (query row, db row) entries recomputed after the screen.
+        unscreened_pairs: pairs that took the float32 product of every row (no screen,
+            or a screen decision not certain).
     """
 
     pairs: int = 0
@@ -331,6 +331,8 @@ class BatchMatchStats:
     screened_pairs: int = 0
     screened_rows: int = 0
     open_rows: int = 0
+    screen_entries: int = 0
+    unscreened_pairs: int = 0
 
 
 def _gamma(n: int) -> float:
@@ -407,8 +409,6 @@ def _certified_float_matches(
     mutual: bool,
     ratio: Optional[float],
     workspace: List[np.ndarray],
-    rows: Optional[np.ndarray] = None,
-    prepared_db: Optional[Tuple[np.ndarray, np.ndarray]] = None,
 ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Putative matches of one float pair from ``[q, 1] @ [d, -|d|^2/2].T``, or None.
 
@@ -420,38 +420,18 @@ def _certified_float_matches(
     (near-ties, e.g. duplicated descriptors, values at the threshold, NaN): the
     caller then runs the per-pair function. ``workspace`` holds one reusable
     float32 buffer for the similarities (grown when needed).
-
-    ``rows`` (sorted query row indices, default all) restricts the product to those
-    rows; the caller guarantees that the per-pair function keeps no other row (the
-    bfloat16 screen proves it). Those rows take ``q @ d.T - |d|^2/2`` (two steps, as
-    the per-pair path; cheaper than building ``[d, -|d|^2/2]`` for few rows). The
-    reverse test of ``mutual`` then compares against every query row through a
-    separate product with the needed database columns. ``prepared_db`` is
-    ``_prepare_db(db, binary=False)`` when the caller has it.
     """
-    nq_all, dim = q_aug.shape[0], q_aug.shape[1] - 1
-    augmented = rows is None
-    if rows is None:
-        rows = np.arange(nq_all)
-        q_rows = q_aug
-    else:
-        q_rows = q_aug[rows, :dim]
-    q_sq_rows = q_sq[rows]
-    nq = rows.size
-    d, half_db_sq = _prepare_db(db, binary=False) if prepared_db is None else prepared_db
+    nq, dim = q_aug.shape[0], q_aug.shape[1] - 1
+    d, half_db_sq = _prepare_db(db, binary=False)
     nd = d.shape[0]
     if ratio is not None and nd < 2:
         return _empty_matches()
-    if nq == 0:
-        return _empty_matches()
-    all_rows = nq == nq_all
-    if mutual and all_rows and nq * nd > MAX_DISTANCE_MATRIX_ENTRIES:
+    if mutual and nq * nd > MAX_DISTANCE_MATRIX_ENTRIES:
         return None  # the reverse test needs whole columns: per-pair path.
     err = similarity_error_bound(float(q_sq.max()), float(half_db_sq.max()), dim)
-    if augmented:
-        d_aug = np.empty((nd, dim + 1), dtype=np.float32)
-        d_aug[:, :dim] = d
-        d_aug[:, dim] = -half_db_sq
+    d_aug = np.empty((nd, dim + 1), dtype=np.float32)
+    d_aug[:, :dim] = d
+    d_aug[:, dim] = -half_db_sq
     chunk = max(1, MAX_DISTANCE_MATRIX_ENTRIES // nd)
     if workspace[0].size < min(chunk, nq) * nd:
         workspace[0] = np.empty(min(chunk, nq) * nd, dtype=np.float32)
@@ -463,34 +443,28 @@ def _certified_float_matches(
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
         sim = workspace[0][: (stop - start) * nd].reshape(stop - start, nd)
-        if augmented:
-            np.matmul(q_rows[start:stop], d_aug.T, out=sim)  # [c, nd] ~ q.d - |d|^2/2
-        else:
-            np.matmul(q_rows[start:stop], d.T, out=sim)
-            sim -= half_db_sq
-        local = np.arange(stop - start)
+        np.matmul(q_aug[start:stop], d_aug.T, out=sim)  # [c, nd] ~ q.d - |d|^2/2
+        rows = np.arange(stop - start)
         idx = np.argmax(sim, axis=1)
         nn1[start:stop] = idx
-        best[start:stop] = sim[local, idx]
-        d1_low, d1_high = _sq_distance_bounds(q_sq_rows[start:stop], best[start:stop], err, dim)
+        best[start:stop] = sim[rows, idx]
+        d1_low, d1_high = _sq_distance_bounds(q_sq[start:stop], best[start:stop], err, dim)
         part = np.full(stop - start, _TRUE, dtype=np.int8)
         if sq_threshold is not None:
             part = _tri_state(d1_high < sq_threshold, d1_low >= sq_threshold)
         # The second best: for the ratio test of every row, else to certify the
         # nearest neighbour of the rows that may be kept.
         if nd > 1 and ratio is not None:
-            sim[local, idx] = -np.inf
+            sim[rows, idx] = -np.inf
             second[start:stop] = sim.max(axis=1)
-            sim[local, idx] = best[start:stop]
+            sim[rows, idx] = best[start:stop]
         elif nd > 1:
             cand = np.flatnonzero(part != _FALSE)
             others = sim[cand]
             others[np.arange(cand.size), idx[cand]] = -np.inf
             second[start + cand] = others.max(axis=1)
         if ratio is not None:
-            d2_low, d2_high = _sq_distance_bounds(
-                q_sq_rows[start:stop], second[start:stop], err, dim
-            )
+            d2_low, d2_high = _sq_distance_bounds(q_sq[start:stop], second[start:stop], err, dim)
             rel = 4.0 * np.finfo(np.float64).eps
             with np.errstate(invalid="ignore"):
                 lhs_low, lhs_high = np.sqrt(d1_low) * (1 - rel), np.sqrt(d1_high) * (1 + rel)
@@ -508,26 +482,23 @@ def _certified_float_matches(
             return None
         state[start:stop] = part
     if mutual:
-        open_rows = np.flatnonzero(state != _FALSE)  # positions in ``rows``
+        open_rows = np.flatnonzero(state != _FALSE)
         if open_rows.size:
+            # Single chunk (checked above): ``sim`` holds every row.
             cols, pos = np.unique(nn1[open_rows], return_inverse=True)
-            if all_rows and nq <= chunk:
-                block = sim[:, cols]  # single chunk: ``sim`` holds every query row.
-            else:
-                block = q_aug[:, :dim] @ d[cols].T  # [nq_all, cols], every query row.
-                block -= half_db_sq[cols]
+            block = sim[:, cols]
             top_row = np.argmax(block, axis=0)
             top = block[top_row, np.arange(cols.size)]
             block[top_row, np.arange(cols.size)] = -np.inf
-            runner_up = block.max(axis=0) if nq_all > 1 else np.full(cols.size, -np.inf)
-            other = np.where(top_row[pos] == rows[open_rows], runner_up[pos], top[pos])
+            runner_up = block.max(axis=0) if nq > 1 else np.full(cols.size, -np.inf)
+            other = np.where(top_row[pos] == open_rows, runner_up[pos], top[pos])
             mine = best[open_rows].astype(np.float64)
             mutual_state = _tri_state(mine - other > 2.0 * err, other - mine > 2.0 * err)
             if np.any(mutual_state == _UNSURE):
                 return None
             state[open_rows] = mutual_state
-    keep = np.flatnonzero(state == _TRUE)
-    return rows[keep].astype(np.int64), nn1[keep]
+    q_idx = np.flatnonzero(state == _TRUE).astype(np.int64)
+    return q_idx, nn1[q_idx]
 
 
 def bfloat16_screen_error_bound(q_norm: np.ndarray, d_norm_max: float, dim: int) -> np.ndarray:
@@ -540,8 +511,9 @@ def bfloat16_screen_error_bound(q_norm: np.ndarray, d_norm_max: float, dim: int)
     products in float32 (documented; :func:`bfloat16_screen_error` probes it), in any
     order within ``gamma_dim (1 + rho)^2 |q| |d|``; the result is rounded to
     bfloat16 once more (``rho`` relative). Multiplied by :data:`ERROR_BOUND_SAFETY`
-    (norms evaluated in floating point), plus :data:`ERROR_BOUND_ABSOLUTE` (denormals,
-    which AVX512_BF16 flushes to zero).
+    (norms evaluated in floating point), plus ``dim 2^-126 (|q| + |d| + 1)`` for
+    denormal inputs and products (AVX512_BF16 and AMX flush them to zero: each lost
+    term is below ``2^-126`` times a component) and :data:`ERROR_BOUND_ABSOLUTE`.
 
     Args:
         q_norm: float [Nq] query row norms ``|q|``.
@@ -556,22 +528,43 @@ def bfloat16_screen_error_bound(q_norm: np.ndarray, d_norm_max: float, dim: int)
     inputs = 2.0 * rho + rho * rho
     accumulate = gamma * (1.0 + rho) ** 2
     output = rho * (1.0 + gamma) * (1.0 + rho) ** 2
-    norms = np.asarray(q_norm, dtype=np.float64) * float(d_norm_max)
-    return ERROR_BOUND_SAFETY * (inputs + accumulate + output) * norms + ERROR_BOUND_ABSOLUTE
+    q_norm = np.asarray(q_norm, dtype=np.float64)
+    norms = q_norm * float(d_norm_max)
+    denormals = dim * 2.0**-126 * (q_norm + float(d_norm_max) + 1.0)
+    relative = inputs + accumulate + output
+    return ERROR_BOUND_SAFETY * (relative * norms + denormals) + ERROR_BOUND_ABSOLUTE
+
+
+@functools.cache
+def _bfloat16_product_function():
+    """TensorFlow graph: float32 [Nd, Nq] bfloat16 product ``d @ q.T`` (for the probe).
+
+    Takes bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`), as the screen.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None], tf.uint16)
+
+    @tf.function(input_signature=[spec, spec])
+    def product(query, db):
+        q, d = tf.bitcast(query, tf.bfloat16), tf.bitcast(db, tf.bfloat16)
+        return tf.cast(tf.matmul(d, q, transpose_b=True), tf.float32)
+
+    return product
 
 
 @functools.cache
 def _bfloat16_screen_function():
-    """The TensorFlow graph of the screen: per (query row, image) bfloat16 row maxima.
+    """TensorFlow graph of the screen: the (image, db row, query row) entries above a cut.
 
     One call takes the query [Nq, D] and the database rows of K images concatenated
-    [N, D], both as bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`; each
-    image padded to a multiple of :data:`SCREEN_POOL_WINDOW` rows by repeating its
-    last row, which leaves its maximum unchanged), and the K + 1 row offsets of the
-    images, and returns float32 [Nq, K]. Each image is one
-    ``[Nd_k, D] @ [D, Nq]`` bfloat16 product, reduced over its rows by a max pool
-    (oneDNN, windows of :data:`SCREEN_POOL_WINDOW` rows) then a max; a while loop
-    takes the images one by one, so each [Nd_k, Nq] block stays in cache.
+    [N, D], both as bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`), the
+    K + 1 row offsets of the images, the cuts as bfloat16 bits [K, Nq] and the most
+    entries an image may return. A while loop takes the images one by one (each
+    [Nd_k, Nq] block stays in cache): one ``[Nd_k, D] @ [D, Nq]`` bfloat16 product
+    (oneDNN), the entries ``>=`` the query row's cut, and their positions if there
+    are at most that many. Returns (int64 [M, 2] stacked db row and query row of the
+    entries, int32 [K] entries per image, -1 where there were too many).
     """
     import tensorflow as tf
 
@@ -580,29 +573,31 @@ def _bfloat16_screen_function():
             tf.TensorSpec([None, None], tf.uint16),
             tf.TensorSpec([None, None], tf.uint16),
             tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.uint16),
+            tf.TensorSpec([], tf.int32),
         ]
     )
-    def screen(query, db, offsets):
+    def screen(query, db, offsets, cuts, max_entries):
         q = tf.bitcast(query, tf.bfloat16)
         d = tf.bitcast(db, tf.bfloat16)
+        cut = tf.bitcast(cuts, tf.bfloat16)
         num_images = tf.size(offsets) - 1
-        maxima = tf.TensorArray(tf.bfloat16, size=num_images, element_shape=[None])
-        window = [1, SCREEN_POOL_WINDOW]
+        found = tf.TensorArray(tf.int64, size=num_images, element_shape=[None, 2])
+        counts = tf.TensorArray(tf.int32, size=num_images, element_shape=[])
 
-        def body(k, maxima):
+        def body(k, found, counts):
             sim = tf.matmul(d[offsets[k] : offsets[k + 1]], q, transpose_b=True)  # [Nd_k, Nq]
-            pooled = tf.nn.max_pool2d(sim[None, None], window, window, "VALID")
-            return k + 1, maxima.write(k, tf.reduce_max(pooled[0, 0], axis=0))
+            above = sim >= cut[k][None, :]
+            count = tf.reduce_sum(tf.cast(above, tf.int32))
+            fits = count <= max_entries
+            where = tf.cond(fits, lambda: tf.where(above), lambda: tf.zeros([0, 2], dtype=tf.int64))
+            where += tf.cast(tf.stack([offsets[k], 0]), tf.int64)[None, :]
+            return k + 1, found.write(k, where), counts.write(k, tf.where(fits, count, -1))
 
-        _, maxima = tf.while_loop(lambda k, _: k < num_images, body, (0, maxima))
-        return tf.transpose(tf.cast(maxima.stack(), tf.float32))
+        _, found, counts = tf.while_loop(lambda k, *_: k < num_images, body, (0, found, counts))
+        return found.concat(), counts.stack()
 
     return screen
-
-
-def _padded_rows(num_rows: int) -> int:
-    """``num_rows`` rounded up to a multiple of :data:`SCREEN_POOL_WINDOW`."""
-    return -(-num_rows // SCREEN_POOL_WINDOW) * SCREEN_POOL_WINDOW
 
 
 def _bfloat16_bits(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -620,38 +615,21 @@ def _bfloat16_bits(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarra
     return out
 
 
-def _screen_maxima(q: np.ndarray, dbs: Sequence[np.ndarray]) -> np.ndarray:
-    """float32 [Nq, K] bfloat16 maxima of ``q . d`` over each image's rows (TensorFlow).
-
-    Images (non-empty) are sent in groups of at most
-    :data:`MAX_DISTANCE_MATRIX_ENTRIES` database entries.
-    """
-    screen = _bfloat16_screen_function()
-    nq, dim = q.shape
-    q_bits = _bfloat16_bits(q)
-    out = np.empty((nq, len(dbs)), dtype=np.float32)
-    max_rows = MAX_DISTANCE_MATRIX_ENTRIES // dim
-    start = 0
-    while start < len(dbs):
-        stop, rows = start + 1, _padded_rows(dbs[start].shape[0])
-        while stop < len(dbs) and rows + _padded_rows(dbs[stop].shape[0]) <= max_rows:
-            rows += _padded_rows(dbs[stop].shape[0])
-            stop += 1
-        offsets = np.zeros(stop - start + 1, dtype=np.int32)
-        offsets[1:] = np.cumsum([_padded_rows(db.shape[0]) for db in dbs[start:stop]])
-        stacked = np.empty((rows, dim), dtype=np.uint16)
-        for k, db in enumerate(dbs[start:stop]):
-            first, last, end = offsets[k], offsets[k] + db.shape[0], offsets[k + 1]
-            _bfloat16_bits(db, stacked[first:last])
-            stacked[last:end] = stacked[last - 1]
-        out[:, start:stop] = screen(q_bits, stacked, offsets).numpy()
-        start = stop
-    return out
+def _bfloat16_floor_bits(x: np.ndarray) -> np.ndarray:
+    """uint16 bit patterns of the largest bfloat16 ``<= x`` (float64 array, finite)."""
+    x32 = x.astype(np.float32)
+    x32 = np.where(x32.astype(np.float64) > x, np.nextafter(x32, np.float32(-np.inf)), x32)
+    bits = x32.view(np.uint32)
+    low = bits & np.uint32(0xFFFF)
+    high = (bits >> 16).astype(np.uint16)
+    # Truncation rounds toward zero: a negative value with dropped bits goes one step down.
+    step_down = (x32 < 0) & (low != 0)
+    return np.where(step_down, high + np.uint16(1), high).astype(np.uint16)
 
 
 # Probe of the screen: a row whose float32 accumulation gives 2^8 + 127 = 383 (rounded
-# to bfloat16: 384, truncated: 382) where a bfloat16 running sum gives 256; the 256 at
-# several positions.
+# to nearest bfloat16: 384) where a bfloat16 running sum gives 256; the 256 at several
+# positions.
 _PROBE_DIM = 128
 _PROBE_BIG = 256.0
 
@@ -660,77 +638,243 @@ _PROBE_BIG = 256.0
 def bfloat16_screen_error() -> Optional[str]:
     """None if the bfloat16 screen can run in this process, else the reason.
 
-    Probed once per process: TensorFlow must import, and the screen's product must
+    Probed once per process: TensorFlow must import, and its bfloat16 product must
     accumulate in float32 (the premise of :func:`bfloat16_screen_error_bound`): rows
     of one 256 and 127 ones, the 256 at several positions, must give 383 rounded to
-    bfloat16 (384 or 382), not the 256 of a bfloat16 running sum; random unit descriptors must
-    stay within the bound. On failure the batched path runs without the screen.
+    bfloat16 (384), not the 256 of a bfloat16 running sum; random unit descriptors
+    must stay within the bound; and the screen's graph must run. On failure the
+    batched path runs without the screen.
 
     Returns:
         None, or a one-line reason (the exception or the wrong value).
     """
     try:
+        product = _bfloat16_product_function()
         positions = np.arange(0, _PROBE_DIM, 7)
         query = np.ones((positions.size, _PROBE_DIM), dtype=np.float32)
         query[np.arange(positions.size), positions] = _PROBE_BIG
-        got = _screen_maxima(query, [np.ones((1, _PROBE_DIM), dtype=np.float32)])[:, 0]
-        if not np.all(np.abs(got - (_PROBE_BIG + _PROBE_DIM - 1)) == 1):
+        ones = np.ones((1, _PROBE_DIM), dtype=np.float32)
+        got = product(_bfloat16_bits(query), _bfloat16_bits(ones)).numpy()[0]
+        if not np.all(got == _PROBE_BIG + _PROBE_DIM):
             return f"bfloat16 matmul does not accumulate in float32: got {sorted(set(got))}"
         rng = np.random.default_rng(0)
         q = rng.normal(size=(64, _PROBE_DIM)).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        d = rng.normal(size=(8 * SCREEN_POOL_WINDOW, _PROBE_DIM)).astype(np.float32)
+        d = rng.normal(size=(256, _PROBE_DIM)).astype(np.float32)
         d /= np.linalg.norm(d, axis=1, keepdims=True)
-        exact = (q.astype(np.float64) @ d.T.astype(np.float64)).max(axis=1)
+        exact = q.astype(np.float64) @ d.T.astype(np.float64)
         bound = bfloat16_screen_error_bound(np.ones(64), 1.0, _PROBE_DIM)
-        got = _screen_maxima(q, [d])[:, 0]
-        if not np.all(np.abs(got - exact) <= bound):
+        got = product(_bfloat16_bits(q), _bfloat16_bits(d)).numpy().T
+        if not np.all(np.abs(got - exact) <= bound[:, None]):
             return "bfloat16 matmul error exceeds bfloat16_screen_error_bound"
+        _screen_candidates(q, [d], np.zeros((1, 64)), max_entries=64 * 256)
     except Exception as e:  # noqa: BLE001 - any failure (no TensorFlow, no kernel) disables it.
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return None
 
 
-def screened_open_rows(
+def _screen_candidates(
+    q: np.ndarray, dbs: Sequence[np.ndarray], cuts: np.ndarray, max_entries: int
+) -> List[Optional[Tuple[np.ndarray, np.ndarray]]]:
+    """Per image, the (query row, db row) entries whose bfloat16 ``q . d`` is >= the cut.
+
+    Args:
+        q: float32 [Nq, D] query descriptors.
+        dbs: K non-empty float32 database arrays [Nd_k, D].
+        cuts: float64 [K, Nq] cuts (finite), rounded down to bfloat16.
+        max_entries: most entries per image (more: None for that image).
+
+    Returns:
+        K items: (query rows, db rows) int64 arrays sorted by query row then db row,
+        or None where the image had more than ``max_entries`` entries.
+    """
+    screen = _bfloat16_screen_function()
+    nq, dim = q.shape
+    q_bits = _bfloat16_bits(q)
+    cut_bits = _bfloat16_floor_bits(cuts)
+    out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = []
+    max_rows = max(1, MAX_DISTANCE_MATRIX_ENTRIES // dim)
+    start = 0
+    while start < len(dbs):
+        stop, rows = start + 1, dbs[start].shape[0]
+        while stop < len(dbs) and rows + dbs[stop].shape[0] <= max_rows:
+            rows += dbs[stop].shape[0]
+            stop += 1
+        offsets = np.zeros(stop - start + 1, dtype=np.int32)
+        offsets[1:] = np.cumsum([db.shape[0] for db in dbs[start:stop]])
+        stacked = np.empty((rows, dim), dtype=np.uint16)
+        for k, db in enumerate(dbs[start:stop]):
+            _bfloat16_bits(db, stacked[offsets[k] : offsets[k + 1]])
+        found, counts = screen(
+            q_bits, stacked, offsets, cut_bits[start:stop], np.int32(max_entries)
+        )
+        found, counts = found.numpy(), counts.numpy()
+        first = 0
+        for k in range(stop - start):
+            if counts[k] < 0:
+                out.append(None)
+                continue
+            block = found[first : first + counts[k]]
+            first += counts[k]
+            q_rows, d_rows = block[:, 1], block[:, 0] - offsets[k]
+            order = np.lexsort((d_rows, q_rows))
+            out.append((q_rows[order], d_rows[order]))
+        start = stop
+    return out
+
+
+def _screen_upper_similarity(q_sq: np.ndarray, sq_threshold: float, dim: int) -> np.ndarray:
+    """float64 [Nq]: per-pair similarities ``s < U`` give squared distances ``>= sq_threshold``.
+
+    ``U`` solves ``low(U) = sq_threshold`` for the lower end ``low`` of
+    ``_sq_distance_bounds`` (the interval of the per-pair path's float32 distance),
+    then is lowered until ``low(U) >= sq_threshold`` holds when evaluated.
+    """
+    q_sq = q_sq.astype(np.float64)
+    unit = FLOAT32_UNIT_ROUNDOFF
+    upper = (q_sq * (1.0 - 2.0 * _gamma(dim) - 2.0 * unit) - sq_threshold) / (2.0 + 4.0 * unit)
+    for _ in range(64):
+        low, _ = _sq_distance_bounds(q_sq, upper, 0.0, dim)
+        bad = ~(low >= sq_threshold)
+        if not np.any(bad):
+            return upper
+        upper[bad] -= 1e-7 * np.abs(upper[bad]) + 1e-30
+    raise FloatingPointError("could not bound the screen's cut (non-finite norms?)")
+
+
+def screened_matches(
     q: np.ndarray,
     q_sq: np.ndarray,
     dbs: Sequence[np.ndarray],
     sq_threshold: float,
-) -> Tuple[List[np.ndarray], List[Tuple[np.ndarray, np.ndarray]]]:
-    """Per image, the query rows the per-pair function might keep (all others: proven not).
+    mutual: bool,
+    stats: Optional["BatchMatchStats"] = None,
+) -> List[Optional[Tuple[np.ndarray, np.ndarray]]]:
+    """:func:`find_putative_matches` (threshold, optional mutual) through the bfloat16 screen.
 
-    Row i of image k is closed when even the largest per-pair similarity it could have,
-    ``m_ik + E_i - min_j |d_j|^2/2 + err`` (``m_ik`` the bfloat16 screen's maximum of
-    ``q_i . d_j``, ``E_i`` :func:`bfloat16_screen_error_bound`, ``err``
-    :func:`similarity_error_bound` of the per-pair float32 product), gives a squared
-    distance ``>= sq_threshold`` (through the same interval as the certified path), so
-    the strict threshold test of :func:`find_putative_matches` rejects it.
+    Per image, every per-pair decision involves only entries with a per-pair
+    similarity ``s = q.d - |d|^2/2 >= U`` (a kept row's nearest neighbour has
+    ``s >= U_i``, :func:`_screen_upper_similarity`; with ``mutual``, a competing query
+    row of that column too, so the image takes one ``U = min_i U_i``). The screen
+    returns the entries whose bfloat16 ``q.d`` is at least ``U - E - err + min_j
+    |d_j|^2/2`` (:func:`bfloat16_screen_error_bound` ``E``, :func:`similarity_error_bound`
+    ``err``; the cut rounded down to bfloat16), a superset of those. Only they are
+    recomputed (float64 dot products of the float32 descriptors, within ``err`` of the
+    per-pair float32 values) and certified like :func:`_certified_float_matches`: the
+    threshold test through ``_sq_distance_bounds``, the nearest neighbour by a gap
+    ``> 2 err`` to the row's other entries, the reverse nearest neighbour by a gap ``>
+    2 err`` to the column's other entries. Rows without entries are certainly not kept.
 
     Args:
         q: float32 [Nq, D] query descriptors.
         q_sq: float32 [Nq] their squared norms (``einsum("ij,ij->i", q, q)``).
         dbs: K non-empty database descriptor arrays [Nd_k, D].
-        sq_threshold: squared L2 distance threshold.
+        sq_threshold: squared L2 distance threshold (strict).
+        mutual: also require mutual nearest neighbours.
+        stats: optional counters (screened pairs and rows, open rows, entries).
 
     Returns:
-        (K sorted int64 arrays of open query rows, the K ``_prepare_db`` outputs).
+        K items: (query_idx, db_idx) int64 arrays equal to the per-pair function's, or
+        None where a decision is not certain or the screen does not apply (non-finite
+        values, more than :data:`SCREEN_MAX_ENTRIES_PER_ROW` entries per query row).
     """
-    dim = q.shape[1]
-    maxima = _screen_maxima(q, [db.astype(np.float32, copy=False) for db in dbs])
+    nq, dim = q.shape
+    q64 = q.astype(np.float64)
     q_norm = np.sqrt(q_sq.astype(np.float64))
-    open_rows, prepared = [], []
+    results: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None] * len(dbs)
+    if not np.all(np.isfinite(q_sq)):
+        return results
+    upper = _screen_upper_similarity(q_sq, sq_threshold, dim)
+    if mutual:
+        upper = np.full(nq, upper.min())
+    todo, prepared, cuts = [], [], []
     for k, db in enumerate(dbs):
-        prepared.append(_prepare_db(db, binary=False))
-        half_db_sq = prepared[-1][1]
+        d, half_db_sq = _prepare_db(db, binary=False)
         half_max = float(half_db_sq.max())
+        if not np.isfinite(half_max):
+            continue
         err = similarity_error_bound(float(q_sq.max()), half_max, dim)
         screen_err = bfloat16_screen_error_bound(q_norm, np.sqrt(2.0 * half_max), dim)
+        if mutual:
+            screen_err = np.full(nq, screen_err.max())
         half_min = float(half_db_sq.min()) * (1.0 - 2.0 * _gamma(dim))
-        upper = maxima[:, k].astype(np.float64) + screen_err - half_min + err
-        low, _ = _sq_distance_bounds(q_sq, upper, 0.0, dim)
-        with np.errstate(invalid="ignore"):
-            open_rows.append(np.flatnonzero(~(low >= sq_threshold)))
-    return open_rows, prepared
+        todo.append(k)
+        prepared.append((d, half_db_sq, err))
+        cuts.append(upper - screen_err + half_min - err)
+    if not todo:
+        return results
+    candidates = _screen_candidates(
+        q,
+        [prepared[n][0] for n in range(len(todo))],
+        np.stack(cuts),
+        SCREEN_MAX_ENTRIES_PER_ROW * nq,
+    )
+    for k, (d, half_db_sq, err), found in zip(todo, prepared, candidates):
+        if stats is not None:
+            stats.screened_pairs += 1
+            stats.screened_rows += nq
+        if found is None:
+            continue
+        q_rows, d_rows = found
+        if stats is not None:
+            stats.open_rows += np.unique(q_rows).size
+            stats.screen_entries += q_rows.size
+        results[k] = _certify_entries(
+            q64, q_sq, d, half_db_sq, err, q_rows, d_rows, sq_threshold, mutual
+        )
+    return results
+
+
+def _certify_entries(
+    q64: np.ndarray,
+    q_sq: np.ndarray,
+    d: np.ndarray,
+    half_db_sq: np.ndarray,
+    err: float,
+    q_rows: np.ndarray,
+    d_rows: np.ndarray,
+    sq_threshold: float,
+    mutual: bool,
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The certified decisions of :func:`screened_matches` for one image, or None."""
+    if q_rows.size == 0:
+        return _empty_matches()
+    dim = q64.shape[1]
+    values = np.einsum("ij,ij->i", q64[q_rows], d[d_rows].astype(np.float64))
+    values -= half_db_sq[d_rows]
+    # Per query row (entries sorted by row): best, its db row, second best.
+    order = np.lexsort((-values, q_rows))
+    rows_sorted, values_sorted, cols_sorted = q_rows[order], values[order], d_rows[order]
+    first = np.flatnonzero(np.r_[True, rows_sorted[1:] != rows_sorted[:-1]])
+    rows, best, nn1 = rows_sorted[first], values_sorted[first], cols_sorted[first]
+    has_second = np.r_[first[1:], rows_sorted.size] - first > 1
+    second = np.full(rows.size, -np.inf)
+    second[has_second] = values_sorted[first[has_second] + 1]
+    d1_low, d1_high = _sq_distance_bounds(q_sq[rows], best, err, dim)
+    state = _tri_state(d1_high < sq_threshold, d1_low >= sq_threshold)
+    open_rows = state != _FALSE
+    state[open_rows & ~(best - second > 2.0 * err)] = _UNSURE
+    if np.any(state == _UNSURE):
+        return None
+    if mutual and np.any(state == _TRUE):
+        # Per db column: the best query row among its entries and the runner-up value.
+        order = np.lexsort((-values, d_rows))
+        cols_c, values_c, rows_c = d_rows[order], values[order], q_rows[order]
+        first_c = np.flatnonzero(np.r_[True, cols_c[1:] != cols_c[:-1]])
+        has_second_c = np.r_[first_c[1:], cols_c.size] - first_c > 1
+        runner_up = np.full(first_c.size, -np.inf)
+        runner_up[has_second_c] = values_c[first_c[has_second_c] + 1]
+        kept = np.flatnonzero(state == _TRUE)
+        pos = np.searchsorted(cols_c[first_c], nn1[kept])
+        top_row, top = rows_c[first_c][pos], values_c[first_c][pos]
+        other = np.where(top_row == rows[kept], runner_up[pos], top)
+        mine = best[kept]
+        mutual_state = _tri_state(mine - other > 2.0 * err, other - mine > 2.0 * err)
+        if np.any(mutual_state == _UNSURE):
+            return None
+        state[kept] = mutual_state
+    keep = state == _TRUE
+    return rows[keep].astype(np.int64), nn1[keep].astype(np.int64)
 
 
 def find_putative_matches_batch(
@@ -755,13 +899,13 @@ def find_putative_matches_batch(
 
     With a distance threshold and no ratio test, the bfloat16 screen (on by default
     where :func:`bfloat16_screen_error` finds it works) first computes every image's
-    ``q . d`` in one bfloat16 product and proves, with
-    :func:`bfloat16_screen_error_bound`, that most query rows have no database row
-    within the threshold (only pairs with ``q.d - |d|^2/2 > (|q|^2 - t^2)/2``, i.e.
-    cosine > 0.5 for unit descriptors and t = 1, can match); the float32 product
-    then runs only for the other rows (and, with ``mutual``, for the database
-    columns their nearest neighbours are), with the same certification. The result
-    never depends on the screen, the CPU or the kernel used: only the time does.
+    ``q . d`` by a bfloat16 product and keeps only the entries that
+    :func:`bfloat16_screen_error_bound` cannot rule out (only pairs with ``q.d -
+    |d|^2/2 > (|q|^2 - t^2)/2``, i.e. cosine > 0.5 for unit descriptors and t = 1, can
+    match); those are recomputed and every decision certified
+    (:func:`screened_matches`). An image with an uncertain decision takes the float32
+    product above, then the per-pair function if needed. The result never depends
+    on the screen, the CPU or the kernel used: only the time does.
     Binary descriptors: ±1 products are exact integers in float32 whatever the
     summation order, so the per-pair computation runs with the query unpacked
     once. Memory: like the per-pair function, at most
@@ -809,7 +953,7 @@ def find_putative_matches_batch(
     q_aug[:, :-1] = q
     q_aug[:, -1] = 1.0
     workspace = [np.empty(0, dtype=np.float32)]
-    open_rows, prepared = {}, {}
+    screened = {}
     if screen is not False:
         reason = bfloat16_screen_error()
         if reason is not None and screen:
@@ -819,26 +963,16 @@ def find_putative_matches_batch(
             )
         if reason is None and sq_threshold is not None and ratio is None:
             dbs = [pairs[k][1] for k in todo]
-            rows_list, prepared_list = screened_open_rows(q, q_offset, dbs, sq_threshold)
-            open_rows, prepared = dict(zip(todo, rows_list)), dict(zip(todo, prepared_list))
+            got = screened_matches(q, q_offset, dbs, sq_threshold, mutual, stats)
+            screened = {k: g for k, g in zip(todo, got) if g is not None}
     for k in todo:
-        rows = open_rows.get(k)
-        if rows is not None and rows.size > SCREEN_MAX_OPEN_FRACTION * q.shape[0]:
-            rows = None  # most rows open: the whole product costs the same.
-        if stats is not None and k in open_rows:
-            stats.screened_pairs += 1
-            stats.screened_rows += q.shape[0]
-            stats.open_rows += q.shape[0] if rows is None else rows.size
+        if k in screened:
+            results[k] = screened[k]
+            continue
+        if stats is not None:
+            stats.unscreened_pairs += 1
         got = _certified_float_matches(
-            q_aug,
-            q_offset,
-            pairs[k][1],
-            sq_threshold,
-            mutual,
-            ratio,
-            workspace,
-            rows,
-            prepared.get(k),
+            q_aug, q_offset, pairs[k][1], sq_threshold, mutual, ratio, workspace
         )
         if got is None:
             if stats is not None:

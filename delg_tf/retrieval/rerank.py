@@ -13,10 +13,11 @@ finds the putative matches of the whole group against the query at once
 (:func:`delg_tf.matching.correspondences.find_putative_matches_batch`, the same
 matches as :func:`delg_tf.matching.pair.match_pair`), then runs the RANSAC of
 each pair, so at most one group's features per worker are held in memory.
-That call first screens the group with one bfloat16 product (TensorFlow / oneDNN,
-AMX where available) whose rigorous error bound rules out most query rows, then
-runs the certified float32 product on the rest; it falls back to float32 alone
-where the screen cannot run, with the same matches either way. While the pool
+That call first screens the group with bfloat16 products (TensorFlow / oneDNN,
+AMX where available) whose rigorous error bound rules out all but a few
+descriptor pairs, which are recomputed and certified; it falls back to the
+float32 product where the screen cannot run or decide, with the same matches
+either way. While the pool
 runs, the BLAS library is limited to one thread per worker
 (:func:`delg_tf.matching.pair.limit_blas_threads`; measured in ``bench/rerank.py``).
 """
