@@ -443,8 +443,27 @@ def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch):
         return lambda: product
 
     probe = corr.bfloat16_screen_error.__wrapped__
+    monkeypatch.setattr(corr, "_child_probe_error", lambda: None)
     monkeypatch.setattr(corr, "_bfloat16_product_function", fake(True))
     assert "does not accumulate in float32" in probe()
     monkeypatch.setattr(corr, "_bfloat16_product_function", fake(False))
     if corr.bfloat16_screen_error() is None:  # the probe also runs the screen's graph
         assert probe() is None
+
+
+def test_child_probe_reports_an_aborting_kernel(monkeypatch):
+    # TensorFlow aborts the process where oneDNN has no bfloat16 matmul: the probe runs
+    # the graphs in a child first and reports its exit instead of dying.
+    monkeypatch.setattr(corr, "_CHILD_PROBE", "import os; os.abort()")
+    reason = corr._child_probe_error()
+    assert reason is not None and "ends a child process (exit code" in reason
+    monkeypatch.setattr(corr, "_CHILD_PROBE", "print('ok')")
+    assert corr._child_probe_error() is None
+
+
+def test_child_probe_under_an_avx2_cap(monkeypatch):
+    # An AVX-512 CPU capped at AVX2 has no oneDNN bfloat16 matmul (the child aborts); an
+    # AVX2-only CPU may run it emulated. Either way the parent survives and gets a verdict.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    reason = corr._child_probe_error()
+    assert reason is None or "ends a child process" in reason

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -627,6 +629,47 @@ def _bfloat16_floor_bits(x: np.ndarray) -> np.ndarray:
     return np.where(step_down, high + np.uint16(1), high).astype(np.uint16)
 
 
+# The screen's graphs on tiny inputs, run in a child process first: where oneDNN cannot
+# create a bfloat16 matmul (e.g. ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU) TensorFlow
+# aborts the whole process instead of raising.
+_CHILD_PROBE = """
+import numpy as np
+from delg_tf.matching import correspondences as c
+q = np.ones((4, 128), np.float32)
+c._bfloat16_product_function()(c._bfloat16_bits(q), c._bfloat16_bits(q)).numpy()
+c._screen_candidates(q, [q], np.zeros((1, 4)), 16)
+print("ok")
+"""
+# Seconds the child probe may take (it imports TensorFlow: a few seconds).
+CHILD_PROBE_TIMEOUT = 300
+
+
+def _child_probe_error() -> Optional[str]:
+    """None if the screen's graphs run in a child process with this environment."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD_PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_PROBE_TIMEOUT,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"child probe failed: {type(e).__name__}: {e}"
+    if done.returncode != 0 or done.stdout.strip().splitlines()[-1:] != ["ok"]:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        detail = next((line for line in reversed(lines) if "what()" in line or "Error" in line), "")
+        return (
+            f"a bfloat16 matmul ends a child process (exit code {done.returncode}"
+            f"{': ' + detail[:200] if detail else ''})"
+        )
+    return None
+
+
 # Probe of the screen: a row whose float32 accumulation gives 2^8 + 127 = 383 (rounded
 # to nearest bfloat16: 384) where a bfloat16 running sum gives 256; the 256 at several
 # positions.
@@ -638,7 +681,9 @@ _PROBE_BIG = 256.0
 def bfloat16_screen_error() -> Optional[str]:
     """None if the bfloat16 screen can run in this process, else the reason.
 
-    Probed once per process: TensorFlow must import, and its bfloat16 product must
+    Probed once per process: the screen's graphs must run in a child process (a
+    TensorFlow that cannot create a bfloat16 matmul aborts instead of raising, e.g.
+    under ``ONEDNN_MAX_CPU_ISA=AVX2``), TensorFlow must import, and its bfloat16 product must
     accumulate in float32 (the premise of :func:`bfloat16_screen_error_bound`): rows
     of one 256 and 127 ones, the 256 at several positions, must give 383 rounded to
     bfloat16 (384), not the 256 of a bfloat16 running sum; random unit descriptors
@@ -648,6 +693,9 @@ def bfloat16_screen_error() -> Optional[str]:
     Returns:
         None, or a one-line reason (the exception or the wrong value).
     """
+    child = _child_probe_error()
+    if child is not None:
+        return child
     try:
         product = _bfloat16_product_function()
         positions = np.arange(0, _PROBE_DIM, 7)
