@@ -205,7 +205,7 @@ def test_neighbor_graph_normalises_like_l2_normalize(data):
     np.testing.assert_allclose(graph.sims, sims, atol=1e-12)
     rows = np.arange(5)
     np.testing.assert_array_equal(
-        graph.unit_rows(scaled, rows), l2_normalize(scaled)[rows].astype(np.float64)
+        graph.unit_rows(rows), l2_normalize(scaled)[rows].astype(np.float64)
     )
 
 

@@ -41,41 +41,54 @@ O(M^2 log M) for the neighbour sort; memory O(M^2 + M D).
 Fast path (:func:`build_neighbor_graph` offline, :func:`superglobal_rerank_graph`
 online, numpy + scipy.sparse): the same ranking without any shortlist Gram matrix.
 
-* Offline, once per database: every database image's L most similar other database
-  images with their similarities (exact brute force in chunks, ties by increasing
-  id), and ``tail``, the similarity of its (L + 1)-th (an upper bound for every image
-  outside its list; -inf when the list holds all N - 1 others).
+* Offline, once per database (:func:`build_neighbor_graph`, O(N^2 D), used by the
+  evaluation only when that costs no more than the reference's per-query Gram
+  matrices, :func:`graph_is_cheaper`): every database image's L most similar other
+  database images with their similarities (exact float64 brute force in chunks, ties
+  by increasing id), ``tail``, the similarity of its (L + 1)-th (an upper bound for
+  every image outside its list; -inf when the list holds all N - 1 others), the
+  L2-normalised rows in float64 and, for the K and beta to come, the sparse
+  refinement matrix of stage 1 below.
 * Linearity: with c_i = 1 + sum_j beta s_ij, q . d'_i = (q . d_i + sum_j beta s_ij q . d_j)
   / c_i and likewise q' . d'_i, so only the similarities of q and q' to the
   shortlisted images are needed (two matrix products with the union of the batch's
-  shortlists), refined descriptors are formed for the K + 1 images of q' only.
+  shortlists, all queries of a batch at once); refined descriptors are formed for the
+  K + 1 images of q' only.
 * Neighbours inside the shortlist, certified from the graph, in three stages per
   shortlisted image d_i of a query:
   1. its first K list members are all in the shortlist and s_iK > s_i(K+1) (the next
      list entry, or ``tail``): then they are the K most similar shortlisted images,
      whatever the order of ties among them, and d'_i is the same for every query
      (one sparse product for all of them);
-  2. otherwise its first K list members that are in the shortlist, when at least K
-     are and the K-th of them is strictly more similar than the next one in the
-     shortlist and than ``tail`` (so no shortlisted image outside the list, and no
-     tie, can change the set);
+  2. otherwise its first K list members that are in the shortlist, looking at the
+     first 2K list entries and then at all L, when at least K are found and the K-th
+     of them is strictly more similar than the next shortlisted one in that window
+     and than every image after it (the next list similarity, or ``tail``): no
+     shortlisted image outside the window, and no tie, can change the set;
   3. otherwise the exact computation of that row (d_i . shortlist, stable sort: ties
      by shortlist position, as in :func:`refine_shortlist`).
   Only the neighbour *set* matters (the weighted sum does not depend on the order),
   and a tie at the K-th place always goes to stage 3, so the tie rules are those of
   the module docstring.
-* The top K + 1 of step 3 are selected with ties by shortlist position (threshold
-  by partition, then positions), the final order is lexicographic on (-S, -r,
-  position), which is what :func:`rerank_shortlist` computes.
+* The top K + 1 of step 3 are selected with ties by shortlist position (partition,
+  then positions when the (K + 1)-th place is shared), the final order is
+  lexicographic on (-S, -r, position), which is what :func:`rerank_shortlist`
+  computes (one integer sort of the high bits of -S with the position; rows where two
+  keys share those bits are sorted again exactly).
 
-Exactness: the fast path evaluates the same formulas with a different order of
-floating-point operations (similarities from another matrix product, float64
-accumulation), so its scores differ from :func:`superglobal_rerank`'s float32
-ones by rounding (~1e-7). Its ranking is identical whenever no decision (the K-th
-neighbour, the (K + 1)-th refined score, the final order) is closer than that
-rounding; exact ties between bit-identical descriptors (duplicates) resolve by
-the same position rules (tests/test_retrieval_superglobal.py checks both against
-the reference and a float64 transcription of the authors' code).
+Exactness: both :func:`superglobal_scores` (the per-query reference) and the fast
+path compute in float64 from the same L2-normalised float32 rows (those of
+:func:`~delg_tf.retrieval.search.l2_normalize`), in a different order of
+operations (the fast path's similarities come from other matrix products), so
+their scores differ by float64 rounding (~1e-16) and their rankings are identical
+unless two decisions (the K-th neighbour, the (K + 1)-th refined score, the final
+order) are within that rounding of each other without being exactly equal; exact
+ties, such as those between bit-identical descriptors (duplicates), resolve by the
+same position rules. tests/test_retrieval_superglobal.py checks the fast path
+against the reference and the float64 transcription of the authors' code on random
+data and on data of exact duplicates (tied neighbours and scores), with truncated
+rankings, M larger than the database, K = 0 and every stage exercised. (A float32
+computation would differ from both at near-ties of ~1e-7.)
 """
 
 from __future__ import annotations
@@ -83,7 +96,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Optional, Tuple
+import threading
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import scipy.sparse
@@ -279,6 +293,21 @@ def superglobal_rerank(
     return ranks, scores
 
 
+class _Buffers(threading.local):
+    """Work arrays of the online re-ranking, reused across calls (one set per thread):
+    fresh arrays of this size cost page faults on every call.
+    """
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        array = self.arrays.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = self.arrays[name] = np.empty(shape, dtype=dtype)
+        return array
+
+
 @dataclasses.dataclass(frozen=True)
 class NeighborGraph:
     """Offline database-side neighbour lists of :func:`superglobal_rerank_graph`.
@@ -289,16 +318,22 @@ class NeighborGraph:
         sims: float64 [N, L'] their similarities (of the L2-normalised rows).
         tail: float64 [N] the similarity of the (L' + 1)-th most similar image, an upper
             bound for every image outside the list (-inf when it holds all N - 1 others).
-        norms: float32 [N] max(||x_n||, eps) of each row as given (ones when the rows
-            were declared normalised): the rows read online are divided by it, which
-            is exactly :func:`~delg_tf.retrieval.search.l2_normalize`.
+        unit: float64 [N, D] the rows L2-normalised exactly as
+            :func:`~delg_tf.retrieval.search.l2_normalize` (float32 division, then
+            widened; the rows as given when declared normalised): the online
+            re-ranking reads its shortlisted rows here (an offline copy, like DBA's
+            augmented database; N is small whenever the graph pays off, see
+            :func:`graph_is_cheaper`).
     """
 
     ids: np.ndarray
     sims: np.ndarray
     tail: np.ndarray
-    norms: np.ndarray
+    unit: np.ndarray
     _matrices: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _buffers: "_Buffers" = dataclasses.field(
+        default_factory=lambda: _Buffers(), compare=False, repr=False
+    )
 
     @property
     def num_db(self) -> int:
@@ -308,13 +343,9 @@ class NeighborGraph:
     def list_size(self) -> int:
         return int(self.ids.shape[1])
 
-    def unit_rows(self, database: np.ndarray, ids: Optional[np.ndarray] = None) -> np.ndarray:
-        """float64 [len(ids), D]: rows ``ids`` (None: all) of ``database``, L2-normalised."""
-        if ids is None:
-            rows = np.asarray(database, dtype=np.float32) / self.norms[:, None]
-        else:
-            rows = np.asarray(database[ids], dtype=np.float32) / self.norms[ids][:, None]
-        return rows.astype(np.float64)
+    def unit_rows(self, ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """float64 [len(ids), D]: the normalised rows ``ids`` (None: all, no copy)."""
+        return self.unit if ids is None else np.take(self.unit, ids, axis=0)
 
     def prepare(self, num_neighbors: int, beta: float) -> None:
         """Builds (offline) the sparse refinement of the whole database for K, beta.
@@ -395,7 +426,7 @@ def build_neighbor_graph(
         sims[rows] = values[:, :keep]
         if candidates > keep:
             tail[rows] = values[:, keep]
-    graph = NeighborGraph(ids=ids, sims=sims, tail=tail, norms=norms.astype(np.float32))
+    graph = NeighborGraph(ids=ids, sims=sims, tail=tail, unit=unit)
     if num_neighbors is not None:
         graph.prepare(_check_count("num_neighbors", num_neighbors), beta)
     return graph
@@ -450,7 +481,7 @@ def _refinement(graph: NeighborGraph, union: np.ndarray, first: np.ndarray, k: i
     data = np.zeros((size + 1, k + 1))
     data[:size, :1] = SELF_WEIGHT / norm
     data[:size, 1:] = weights / norm
-    ones = np.zeros((size + 1, k + 1))
+    ones = np.zeros((size + 1, k + 1), dtype=np.float32)
     ones[:size, 1:] = inside
     indptr = np.arange(0, indices.size + 1, k + 1)
     shape = (size + 1, size + 1)
@@ -462,7 +493,6 @@ def _refinement(graph: NeighborGraph, union: np.ndarray, first: np.ndarray, k: i
 def _batch_rerank(
     queries: np.ndarray,
     ids: np.ndarray,
-    database: np.ndarray,
     graph: NeighborGraph,
     num_neighbors: int,
     beta: float,
@@ -473,21 +503,22 @@ def _batch_rerank(
 
     Args:
         queries: float64 [c, D] unit rows.
-        ids: int64 [c, Mx] shortlists (database ids), padded with -1 after M_q.
-        database: [N, D] rows as given to :func:`build_neighbor_graph`.
-        graph: its NeighborGraph.
+        ids: int [c, Mx] shortlists (database ids), padded with -1 after M_q.
+        graph: the database's NeighborGraph.
         num_neighbors: K.
         beta: neighbour weight factor.
-        inverse: int64 [N + 1] all -1; holds the column of each database id in the
+        inverse: int [N + 1] all -1; holds the column of each database id in the
             union U of the batch's shortlists while this runs (U at index N, the
             padding's dummy column), all -1 again on return.
         stats: counts of shortlist rows per stage, updated.
 
     Returns:
         (order int64 [c, Mx]: shortlist positions, best first, padding last;
-        final float64 [c, Mx]: S in that order, -inf for padding).
+        final float64 [c, Mx]: S in that order, -inf for padding), both buffers of
+        ``graph`` that the next batch overwrites.
     """
     k = num_neighbors
+    buffer = graph._buffers.get
     count, width = ids.shape
     num_db = graph.num_db
     valid = ids >= 0
@@ -501,8 +532,9 @@ def _batch_rerank(
     inverse[num_db] = size
     try:
         cols = np.take(inverse, ids)  # union column of each shortlist row, padding -> U
-        flat = cols * count + np.arange(count)[:, None]  # into [U + 1, c] arrays
-        member = np.zeros((size + 1) * count)
+        flat = cols * count + np.arange(count, dtype=cols.dtype)[:, None]  # into [U + 1, c]
+        member = buffer("member", ((size + 1) * count,), np.float32)
+        member.fill(0.0)
         member[flat] = 1.0
         member = member.reshape(size + 1, count)
         member[size] = 0.0
@@ -511,8 +543,9 @@ def _batch_rerank(
                 "ranks hold a database id twice in one query's shortlist; each column "
                 "must be a ranking (distinct ids)."
             )
-        rows_u = graph.unit_rows(database, None if size == num_db else union)
-        sims_q = np.zeros((size + 1, count))
+        rows_u = graph.unit_rows(None if size == num_db else union)
+        sims_q = buffer("sims_q", (size + 1, count), np.float64)
+        sims_q[size] = 0.0
         np.matmul(rows_u, queries.T, out=sims_q[:size])  # q . d of the union
         if k > 0:
             if size == num_db:
@@ -525,11 +558,11 @@ def _batch_rerank(
             found_k[~full] = -1.0
             found_k[size] = k  # padding: nothing to do
             over = np.flatnonzero(np.take(found_k, flat) != k)
-            refined = np.take(refine @ sims_q, flat)
+            refined = np.take(refine @ sims_q, flat, out=buffer("refined", flat.shape, np.float64))
         else:
             refine = None
             over = np.zeros(0, dtype=np.int64)
-            refined = np.take(sims_q, flat)
+            refined = np.take(sims_q, flat, out=buffer("refined", flat.shape, np.float64))
         stats["stage 1"] = stats.get("stage 1", 0) + num_valid - over.size
         oq, op = np.divmod(over, width)
         over_ids = np.zeros((over.size, k), dtype=np.int64)
@@ -564,24 +597,30 @@ def _batch_rerank(
         expanded = _expanded_queries(
             refined, cols, refine, over, over_ids, over_w, rows_u, k, inverse
         )
-        sims_x = np.zeros((size + 1, count))
+        sims_x = buffer("sims_x", (size + 1, count), np.float64)
+        sims_x[size] = 0.0
         np.matmul(rows_u, expanded.T, out=sims_x[:size])  # q' . d of the union
-        second = np.take(refine @ sims_x, flat) if k > 0 else np.take(sims_x, flat)
+        second = np.take(
+            refine @ sims_x if k > 0 else sims_x, flat, out=buffer("second", flat.shape, np.float64)
+        )
         if over.size:
             second.flat[over] = (
                 np.take(sims_x, own * count + oq)
                 + (over_w * np.take(sims_x, over_cols * count + at_q)).sum(axis=1)
             ) / over_norm
-        final = SCORE_AVERAGE * (refined + second)
+        final = np.add(refined, second, out=second)
+        final *= SCORE_AVERAGE
         if num_valid < final.size:
             final[~valid] = -np.inf
-        return _final_order(final, refined)
+        return _final_order(final, refined, buffer)
     finally:
         inverse[union] = MISSING_ID
         inverse[num_db] = MISSING_ID
 
 
-def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _final_order(
+    final: np.ndarray, refined: np.ndarray, buffer: Callable
+) -> Tuple[np.ndarray, np.ndarray]:
     """Positions by decreasing S, ties by decreasing r, then by position (as rerank_shortlist).
 
     One integer sort of keys that hold the high bits of -S (as order-preserving int64)
@@ -591,19 +630,29 @@ def _final_order(final: np.ndarray, refined: np.ndarray) -> Tuple[np.ndarray, np
     Args:
         final: float64 [c, Mx] S (-inf padding).
         refined: float64 [c, Mx] r (-inf padding).
+        buffer: ``NeighborGraph._buffers.get`` (reused arrays).
 
     Returns:
-        (order int64 [c, Mx], final in that order).
+        (order int64 [c, Mx], final in that order), buffers.
     """
     count, width = final.shape
     bits = max(1, (width - 1).bit_length())
-    raw = (-final).view(np.int64)
-    monotone = raw ^ ((raw >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))  # int order = float order
-    keys = np.sort(((monotone >> bits) << bits) | np.arange(width), axis=1)
-    order = keys & ((1 << bits) - 1)
-    ranked = np.take(final, order + np.arange(0, final.size, width)[:, None])
-    high = keys >> bits
-    ties = np.any((high[:, 1:] == high[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
+    keys = buffer("keys", final.shape, np.int64)
+    np.negative(final, out=keys.view(np.float64))
+    order = np.right_shift(keys, 63, out=buffer("order", final.shape, np.int64))
+    order &= np.int64(0x7FFFFFFFFFFFFFFF)
+    keys ^= order  # now the integer order is the float order of -S
+    keys >>= bits
+    keys <<= bits
+    keys |= np.arange(width)
+    keys.sort(axis=1)
+    np.bitwise_and(keys, (1 << bits) - 1, out=order)
+    base = np.arange(0, final.size, width)[:, None]
+    order += base
+    ranked = np.take(final, order, out=buffer("ranked", final.shape, np.float64))
+    order -= base
+    keys >>= bits
+    ties = np.any((keys[:, 1:] == keys[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
     if ties.any():
         order[ties] = np.lexsort((-refined[ties], -final[ties]), axis=-1)
         ranked[ties] = np.take_along_axis(final[ties], order[ties], axis=1)
@@ -619,14 +668,14 @@ def _fill_uncertified(
         over: int64 [n] flat index of each row in the [c, Mx] batch arrays.
         oq: int64 [n] its batch query.
         op: int64 [n] its shortlist position.
-        ids: int64 [c, Mx] shortlists (database ids, -1 padding).
-        cols: int64 [c, Mx] the same as columns of the union U.
-        member: float64 [U + 1, c] 1 where a union image is in a query's shortlist.
+        ids: int [c, Mx] shortlists (database ids, -1 padding).
+        cols: int [c, Mx] the same as columns of the union U.
+        member: float32 [U + 1, c] 1 where a union image is in a query's shortlist.
         rows_u: float64 [U, D] the union's unit rows.
         graph: NeighborGraph.
         k: K >= 1.
         beta: neighbour weight factor.
-        inverse: int64 [N + 1] union column of each database id (-1 outside).
+        inverse: int [N + 1] union column of each database id (-1 outside).
         over_ids: int64 [n, K] filled in place: the K neighbours (database ids).
         over_w: float64 [n, K] filled in place: their weights beta * s.
         stats: counts of rows per stage, updated.
@@ -669,12 +718,12 @@ def _listed_neighbours(own, oq, member, graph, k, beta, inverse, width):
     Args:
         own: int64 [n] database ids of the rows.
         oq: int64 [n] their batch query.
-        member: float64 [U + 1, c] 1 where a union image is in a query's shortlist
+        member: float32 [U + 1, c] 1 where a union image is in a query's shortlist
             (row U all zero).
         graph: NeighborGraph.
         k: K >= 1.
         beta: neighbour weight factor.
-        inverse: int64 [N + 1] union column of each database id (-1 outside).
+        inverse: int [N + 1] union column of each database id (-1 outside).
         width: list entries looked at, K <= width <= L.
 
     Returns:
@@ -742,14 +791,14 @@ def _expanded_queries(refined, cols, refine, over, over_ids, over_w, rows_u, k, 
 
     Args:
         refined: float64 [c, Mx] r, -inf for padding (M_q >= K + 1).
-        cols: int64 [c, Mx] shortlists as union columns.
+        cols: int [c, Mx] shortlists as union columns.
         refine: the batch's sparse refinement (:func:`_refinement`), None when K = 0.
         over: int64 [n] flat batch index of the rows stage 1 did not certify (sorted).
         over_ids: int64 [n, K] their neighbours (database ids).
         over_w: float64 [n, K] their weights.
         rows_u: float64 [U, D] unit rows of the union.
         k: K.
-        inverse: int64 [N + 1] union column of each database id.
+        inverse: int [N + 1] union column of each database id.
 
     Returns:
         float64 [c, D].
@@ -801,18 +850,23 @@ def superglobal_rerank_graph(
     """SuperGlobal re-ranking of every query at once with an offline neighbour graph.
 
     The ranking of :func:`superglobal_rerank` (module docstring: fast path, exactness)
-    on the valid prefix of each column of ``ranks``, reading only the shortlisted
-    database rows. Shortlists of at most K rows use :func:`superglobal_scores`.
+    on the valid prefix of each column of ``ranks``, reading the shortlisted rows from
+    the graph's normalised copy (``graph.unit``). Shortlists of at most K rows use
+    :func:`superglobal_scores`. Not thread-safe per graph beyond its per-thread work
+    arrays (each thread gets its own).
 
     Cost: per batch of c queries (:func:`_batch_size`) two matrix products with the
     union U of their shortlists, O(c U D), sparse products O(c U K), the final sorts
     O(c M log M), O(L) per row that stage 1 does not certify and O(M D) per row of
     stage 3; no O(M^2) term. Memory O(c U + U (L + D)). BLAS runs on one thread when
     a batch's products are small (waking a second one costs more than it saves).
+    The returned arrays are new; the large work arrays are kept in the graph and
+    reused by the next call (fresh ones would cost page faults on every call).
 
     Args:
         queries: float [Q, D], L2-normalised rows.
-        database: float [N, D] rows as given to :func:`build_neighbor_graph`.
+        database: float [N, D] the database the graph was built from (its shape is
+            checked; its rows are read from ``graph.unit``).
         ranks: int [R, Q] initial ranking (revisitop layout), database ids; a column may
             end with -1 (missing results).
         graph: :func:`build_neighbor_graph` of ``database``.
@@ -871,26 +925,24 @@ def superglobal_rerank_graph(
         )
     for q in np.flatnonzero((sizes >= 1) & (sizes <= k)):
         shortlist_ids = head[: sizes[q], q].copy()
-        final, refined = superglobal_scores(
-            queries[q], graph.unit_rows(database, shortlist_ids), k, beta
-        )
+        final, refined = superglobal_scores(queries[q], graph.unit_rows(shortlist_ids), k, beta)
         order = rerank_shortlist(final, refined)
         out[: sizes[q], q] = shortlist_ids[order]
         scores[: sizes[q], q] = final[order]
         stats["small"] = stats.get("small", 0) + int(sizes[q])
     batched = np.flatnonzero(sizes > k)
     step = _batch_size(graph.num_db, size, batched.size)
-    inverse = np.full(graph.num_db + 1, MISSING_ID, dtype=np.int64)
+    index = np.int32 if graph.num_db < np.iinfo(np.int32).max else np.int64
+    inverse = np.full(graph.num_db + 1, MISSING_ID, dtype=index)
     small = step * min(graph.num_db, step * size) * queries.shape[1] <= SINGLE_THREAD_MACS
     with _blas_controller().limit(limits=1, user_api="blas") if small else contextlib.nullcontext():
         for start in range(0, batched.size, step):
             chunk = batched[start : start + step]
             width = int(sizes[chunk].max())
-            shortlists = np.ascontiguousarray(head[:width, chunk].T)
+            shortlists = head[:width, chunk].T.astype(index)
             order, final = _batch_rerank(
                 queries[chunk].astype(np.float64),
                 shortlists,
-                database,
                 graph,
                 k,
                 beta,
