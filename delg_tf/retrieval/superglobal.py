@@ -350,14 +350,22 @@ class NeighborGraph:
     def prepare(self, num_neighbors: int, beta: float) -> None:
         """Builds (offline) the sparse refinement of the whole database for K, beta.
 
-        :func:`superglobal_rerank_graph` uses it for every batch whose shortlists
+        That is the stage-1 matrix of :func:`_refinement` and the refined descriptor
+        of every image with its first K list members (``refine @ unit``).
+        :func:`superglobal_rerank_graph` uses them for every batch whose shortlists
         cover the whole database; other batches build the part they need online.
+
+        Args:
+            num_neighbors: K.
+            beta: neighbour weight factor.
         """
         _blas_controller()  # the one-time scan of the loaded BLAS libraries, offline.
         key = (int(num_neighbors), float(beta))
         if key[0] > 0 and key not in self._matrices:
             first = self.ids[:, : key[0]].astype(np.int64)
-            self._matrices[key] = _refinement(self, np.arange(self.num_db), first, *key)
+            refine, adjacency, full = _refinement(self, np.arange(self.num_db), first, *key)
+            padded = np.vstack([self.unit, np.zeros((1, self.unit.shape[1]))])
+            self._matrices[key] = (refine, adjacency, full, refine @ padded)
 
 
 def build_neighbor_graph(
@@ -550,17 +558,18 @@ def _batch_rerank(
         if k > 0:
             if size == num_db:
                 graph.prepare(k, beta)
-                refine, adjacency, full = graph._matrices[(k, beta)]
+                refine, adjacency, full, descriptors = graph._matrices[(k, beta)]
             else:
                 first = np.take(inverse, graph.ids[union, :k])
                 refine, adjacency, full = _refinement(graph, union, first, k, beta)
+                descriptors = None
             found_k = adjacency @ member  # graph neighbours in each shortlist, [U + 1, c]
             found_k[~full] = -1.0
             found_k[size] = k  # padding: nothing to do
             over = np.flatnonzero(np.take(found_k, flat) != k)
             refined = np.take(refine @ sims_q, flat, out=buffer("refined", flat.shape, np.float64))
         else:
-            refine = None
+            refine = descriptors = None
             over = np.zeros(0, dtype=np.int64)
             refined = np.take(sims_q, flat, out=buffer("refined", flat.shape, np.float64))
         stats["stage 1"] = stats.get("stage 1", 0) + num_valid - over.size
@@ -595,7 +604,7 @@ def _batch_rerank(
         if num_valid < refined.size:
             refined[~valid] = -np.inf
         expanded = _expanded_queries(
-            refined, cols, refine, over, over_ids, over_w, rows_u, k, inverse
+            refined, cols, refine, descriptors, over, over_ids, over_w, rows_u, k, inverse
         )
         sims_x = buffer("sims_x", (size + 1, count), np.float64)
         sims_x[size] = 0.0
@@ -652,7 +661,10 @@ def _final_order(
     ranked = np.take(final, order, out=buffer("ranked", final.shape, np.float64))
     order -= base
     keys >>= bits
-    ties = np.any((keys[:, 1:] == keys[:, :-1]) & np.isfinite(ranked[:, 1:]), axis=1)
+    ties = keys[:, 1:] == keys[:, :-1]
+    if not np.isfinite(ranked[:, -1]).all():  # padding (-inf, sorted last) ties harmlessly
+        ties &= np.isfinite(ranked[:, 1:])
+    ties = ties.any(axis=1)
     if ties.any():
         order[ties] = np.lexsort((-refined[ties], -final[ties]), axis=-1)
         ranked[ties] = np.take_along_axis(final[ties], order[ties], axis=1)
@@ -784,7 +796,9 @@ def _top_positions(refined: np.ndarray, top: int) -> np.ndarray:
     return (np.flatnonzero(take) % width).reshape(count, top)
 
 
-def _expanded_queries(refined, cols, refine, over, over_ids, over_w, rows_u, k, inverse):
+def _expanded_queries(
+    refined, cols, refine, descriptors, over, over_ids, over_w, rows_u, k, inverse
+):
     """The expanded query q' of each batch query: max of its K + 1 best refined rows.
 
     Ties at the (K + 1)-th place by shortlist position (as :func:`expand_query`).
@@ -793,6 +807,8 @@ def _expanded_queries(refined, cols, refine, over, over_ids, over_w, rows_u, k, 
         refined: float64 [c, Mx] r, -inf for padding (M_q >= K + 1).
         cols: int [c, Mx] shortlists as union columns.
         refine: the batch's sparse refinement (:func:`_refinement`), None when K = 0.
+        descriptors: float64 [U + 1, D] ``refine @ rows`` prepared offline (the
+            refined descriptors of the stage-1 rows), or None.
         over: int64 [n] flat batch index of the rows stage 1 did not certify (sorted).
         over_ids: int64 [n, K] their neighbours (database ids).
         over_w: float64 [n, K] their weights.
@@ -808,26 +824,33 @@ def _expanded_queries(refined, cols, refine, over, over_ids, over_w, rows_u, k, 
     chosen = (_top_positions(refined, top) + np.arange(0, refined.size, width)[:, None]).ravel()
     own = np.take(cols, chosen)
     if k == 0:
-        members = own[:, None]
-        coef = np.ones((own.size, 1))
-    else:  # stage-1 rows: the prepared refinement rows; the others from their lists
-        members = np.take(refine.indices.reshape(-1, top), own, axis=0)
-        coef = np.take(refine.data.reshape(-1, top), own, axis=0)
+        return np.take(rows_u, own, axis=0).reshape(count, top, -1).max(axis=1)
+    # Stage-1 rows: the prepared refinement rows; the others from their own lists.
+    members = np.take(refine.indices.reshape(-1, top), own, axis=0)
+    coef = np.take(refine.data.reshape(-1, top), own, axis=0)
+    has = np.zeros(own.size, dtype=bool)
+    if over.size:
         slot = np.searchsorted(over, chosen)
-        has = np.zeros(own.size, dtype=bool)
-        if over.size:
-            has = (slot < over.size) & (np.take(over, np.minimum(slot, over.size - 1)) == chosen)
+        has = (slot < over.size) & (np.take(over, np.minimum(slot, over.size - 1)) == chosen)
+        weights = over_w[slot[has]]
+        norm = SELF_WEIGHT + weights.sum(axis=1, keepdims=True)
+        members[has, 1:] = np.take(inverse, over_ids[slot[has]])
+        coef[has, :1] = SELF_WEIGHT / norm
+        coef[has, 1:] = weights / norm
+    if descriptors is None:
+        vectors = _combine(coef, members, rows_u)
+    else:
+        vectors = np.take(descriptors, own, axis=0)
         if has.any():
-            weights = over_w[slot[has]]
-            norm = SELF_WEIGHT + weights.sum(axis=1, keepdims=True)
-            members[has, 1:] = np.take(inverse, over_ids[slot[has]])
-            coef[has, :1] = SELF_WEIGHT / norm
-            coef[has, 1:] = weights / norm
-    indptr = np.arange(0, members.size + 1, top)
-    combine = scipy.sparse.csr_matrix(
-        (coef.ravel(), members.ravel(), indptr), shape=(own.size, rows_u.shape[0])
-    )
-    return (combine @ rows_u).reshape(count, top, -1).max(axis=1)
+            vectors[has] = _combine(coef[has], members[has], rows_u)
+    return vectors.reshape(count, top, -1).max(axis=1)
+
+
+def _combine(coef: np.ndarray, members: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float64 [n, D]: row i = sum_j coef[i, j] rows[members[i, j]] (one sparse product)."""
+    indptr = np.arange(0, members.size + 1, members.shape[1])
+    shape = (members.shape[0], rows.shape[0])
+    return scipy.sparse.csr_matrix((coef.ravel(), members.ravel(), indptr), shape=shape) @ rows
 
 
 @functools.cache
