@@ -940,12 +940,21 @@ def superglobal_rerank_graph(
     if size == 0 or num_q == 0:
         return out, scores
     head = out[:size]
-    sizes = np.count_nonzero(head != MISSING_ID, axis=0)
-    if np.any((head >= 0) != (np.arange(size)[:, None] < sizes)) or head.max() >= graph.num_db:
+    low, high = int(head.min()), int(head.max())
+    if low < MISSING_ID or high >= graph.num_db:
         raise SearchError(
             f"ranks must hold database ids in [0, {graph.num_db}) with missing results "
-            f"(-1) only at the end of a column, got values in [{head.min()}, {head.max()}]."
+            f"(-1) only at the end of a column, got values in [{low}, {high}]."
         )
+    sizes = np.full(num_q, size)
+    if low == MISSING_ID:
+        missing = head == MISSING_ID
+        sizes -= np.count_nonzero(missing, axis=0)
+        if np.any(missing != (np.arange(size)[:, None] >= sizes)):
+            raise SearchError(
+                f"ranks must hold database ids in [0, {graph.num_db}) with missing results "
+                "(-1) only at the end of a column, got a -1 followed by an id."
+            )
     for q in np.flatnonzero((sizes >= 1) & (sizes <= k)):
         shortlist_ids = head[: sizes[q], q].copy()
         final, refined = superglobal_scores(queries[q], graph.unit_rows(shortlist_ids), k, beta)
