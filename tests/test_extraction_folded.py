@@ -9,22 +9,16 @@ import tensorflow as tf
 
 from delg_tf.extraction import folded
 from delg_tf.extraction.extractor import DelgExtractor
-from delg_tf.extraction.testing import TinyDelgStandIn, random_image
-from delg_tf.models.delg import DelgModel, DelgModelConfig
+from delg_tf.extraction.testing import (
+    TINY_DELG_CONFIG,
+    TinyDelgStandIn,
+    random_image,
+    tiny_delg_model,
+)
 from delg_tf.serving import delg_export
 
-# Two conv4 units, so the last one is an identity unit (the one that is evaluated
-# only at the kept cells in the stride-16 layouts).
-BACKBONE_KWARGS = {"units": (1, 1, 2, 1)}
-TINY = dict(
-    num_classes=3,
-    backbone="tiny",
-    embedding_dim=16,
-    local_dim=8,
-    attention_hidden=8,
-    arcface_scale_init=4.0,
-    backbone_kwargs=BACKBONE_KWARGS,
-)
+# TINY_DELG_CONFIG has two conv4 units, so the last one is an identity unit (the one
+# that is evaluated only at the kept cells in the stride-16 layouts).
 SCALES = (0.5, 1.0, 1.4142135)
 CONFIG = delg_export.ExportConfig(
     image_scales=SCALES,
@@ -37,25 +31,8 @@ CONFIG = delg_export.ExportConfig(
 RELATIVE_TOL = 1e-5
 
 
-def _randomize_batch_norm(model, seed):
-    """Non-trivial frozen statistics (fresh BN layers would fold to the identity)."""
-    rng = np.random.default_rng(seed)
-    for variable in model.variables:
-        name = variable.path
-        shape = variable.shape
-        if "moving_mean" in name or name.endswith("beta"):
-            variable.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
-        elif "moving_variance" in name:
-            variable.assign(rng.uniform(0.5, 2.0, shape).astype(np.float32))
-        elif name.endswith("gamma"):
-            variable.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-
-
 def _model(seed=0, **overrides):
-    model = DelgModel(DelgModelConfig(**{**TINY, **overrides}))
-    model.build()
-    _randomize_batch_norm(model, seed)
-    return model
+    return tiny_delg_model(seed, **overrides)
 
 
 def _assert_close(got, want, what):
@@ -90,8 +67,8 @@ def test_folded_view_computes_the_keras_model(overrides, height, width):
     ):
         _assert_close(got, want, what)
     _assert_close(view.global_head(d_keras), model.global_head(d_keras), "global head")
-    assert view.local_descriptor_dim == TINY["local_dim"]
-    assert view.global_descriptor_dim == TINY["embedding_dim"]
+    assert view.local_descriptor_dim == TINY_DELG_CONFIG["local_dim"]
+    assert view.global_descriptor_dim == TINY_DELG_CONFIG["embedding_dim"]
 
 
 def test_the_stride16_layouts_evaluate_the_last_conv4_unit_only_at_kept_cells():

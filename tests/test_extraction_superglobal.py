@@ -19,25 +19,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from no_delg_tf import BLOCK_DELG_TF_IMPORTS
 
-from delg_tf import export as export_entry
 from delg_tf.configs import ConfigError
 from delg_tf.extraction import config as config_lib
 from delg_tf.extraction import folded, pyramid, superglobal
 from delg_tf.extraction.extractor import DelgExtractor
-from delg_tf.extraction.testing import random_image
-from delg_tf.models import registry
-from delg_tf.models.delg import DelgModel, DelgModelConfig
+from delg_tf.extraction.testing import random_image, tiny_delg_model
 from delg_tf.serving import delg_export
 
-TINY = dict(
-    num_classes=3,
-    backbone="tiny",
-    embedding_dim=16,
-    local_dim=8,
-    attention_hidden=8,
-    arcface_scale_init=4.0,
-    backbone_kwargs={"units": (1, 1, 2, 1)},
-)
 SCALES = (0.5, 1.0, 1.4142135)
 GLOBAL_SCALES_IND = (1, 2)  # conv5 maps of 5x6 and 8x9 cells for IMAGE_SHAPE.
 IMAGE_SHAPE = (160, 192)
@@ -62,24 +50,8 @@ RELU_PLUS_FLOOR = 0.014
 SUBPROCESS_TIMEOUT_S = 300
 
 
-def _randomize_batch_norm(model, seed):
-    """Non-trivial frozen statistics (fresh BN layers would fold to the identity)."""
-    rng = np.random.default_rng(seed)
-    for variable in model.variables:
-        name, shape = variable.path, variable.shape
-        if "moving_mean" in name or name.endswith("beta"):
-            variable.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
-        elif "moving_variance" in name:
-            variable.assign(rng.uniform(0.5, 2.0, shape).astype(np.float32))
-        elif name.endswith("gamma"):
-            variable.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-
-
 def _model(seed=0, **overrides):
-    model = DelgModel(DelgModelConfig(**{**TINY, **overrides}))
-    model.build()
-    _randomize_batch_norm(model, seed)
-    return model
+    return tiny_delg_model(seed, **overrides)
 
 
 def _relative_error(got, want):
@@ -456,54 +428,3 @@ def test_global_mode_and_small_images(model):
     raw, final = oracle_global(model, image, ALL, global_scales_ind=(0, 1, 2))
     _assert_close(extractor.raw(image)["global_descriptors"], raw, "raw")
     _assert_close(extractor(image).global_descriptor, final, "final")
-
-
-# -------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def logdir(tmp_path_factory):
-    config = DelgModelConfig(num_classes=5, backbone="tiny", attention_hidden=16)
-    model = registry.build_model("delg", config, load_imagenet=False)
-    directory = tmp_path_factory.mktemp("logdir")
-    tf.train.CheckpointManager(
-        tf.train.Checkpoint(model=model), str(directory), 1, checkpoint_name="ckpt"
-    ).save(1)
-    (directory / "config.json").write_text(
-        json.dumps({"train": {"model_family": "delg"}, "model": config.to_dict()})
-    )
-    return directory
-
-
-def _export_cli(logdir, export_path, *flags):
-    args = [
-        sys.executable,
-        "-m",
-        "delg_tf.export",
-        f"--checkpoint_dir={logdir}",
-        f"--export_path={export_path}",
-        "--image_scales=0.5,1",
-        "--global_scales_ind=0,1",
-        "--nowarmup",
-        *flags,
-    ]
-    return subprocess.run(args, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
-
-
-def test_export_cli_flag(logdir, tmp_path):
-    done = _export_cli(logdir, tmp_path / "sg", "--superglobal=scale_gem,gem_plus")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "superglobal gem_plus,scale_gem" in done.stdout
-    assert config_lib.read_superglobal_asset(tmp_path / "sg") == ("gem_plus", "scale_gem")
-    assert config_lib.read_export_config(tmp_path / "sg").delf_global_config.image_scales_ind
-    for flag, message in [
-        ("--superglobal=gem_plus,rgem", "--superglobal must be a subset of gem_plus,"),
-        ("--superglobal=all,gem_plus", "'all' already names every module"),
-    ]:
-        bad = _export_cli(logdir, tmp_path / "bad", flag)
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
-        assert bad.stderr.count("error:") == 1 and "Traceback" not in bad.stderr
-    local = _export_cli(logdir, tmp_path / "bad", "--noexport_global", "--superglobal=all")
-    assert local.returncode == 2 and "--noexport_global" in local.stderr, local.stderr[-2000:]
-    assert not (tmp_path / "bad").exists()
-    assert "superglobal" in export_entry.DELG_ONLY_FLAGS

@@ -15,7 +15,11 @@ from delg_tf.extraction.extractor import DelgExtractor
 from delg_tf.extraction.testing import random_image
 from delg_tf.models import registry
 from delg_tf.models.delg import DelgModelConfig
-from delg_tf.extraction.config import ExportConfig
+from delg_tf.extraction.config import (
+    ExportConfig,
+    read_export_config,
+    read_superglobal_asset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,39 @@ def test_export_cli_flags_and_errors(logdir, tmp_path):
             fold_batch_norm=False,
             compute_dtype="bfloat16",
         )
+
+
+def _export_cli(checkpoint_dir, export_path, *flags):
+    """`python -m delg_tf.export` of the run in `checkpoint_dir` at two scales, no warm-up."""
+    args = [
+        sys.executable,
+        "-m",
+        "delg_tf.export",
+        f"--checkpoint_dir={checkpoint_dir}",
+        f"--export_path={export_path}",
+        "--image_scales=0.5,1",
+        "--global_scales_ind=0,1",
+        "--nowarmup",
+        *flags,
+    ]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def test_export_cli_superglobal_flag(logdir, tmp_path):
+    directory, _ = logdir
+    done = _export_cli(directory, tmp_path / "sg", "--superglobal=scale_gem,gem_plus")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "superglobal gem_plus,scale_gem" in done.stdout
+    assert read_superglobal_asset(tmp_path / "sg") == ("gem_plus", "scale_gem")
+    assert read_export_config(tmp_path / "sg").delf_global_config.image_scales_ind
+    for flag, message in [
+        ("--superglobal=gem_plus,rgem", "--superglobal must be a subset of gem_plus,"),
+        ("--superglobal=all,gem_plus", "'all' already names every module"),
+    ]:
+        bad = _export_cli(directory, tmp_path / "bad", flag)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+        assert bad.stderr.count("error:") == 1 and "Traceback" not in bad.stderr
+    local = _export_cli(directory, tmp_path / "bad", "--noexport_global", "--superglobal=all")
+    assert local.returncode == 2 and "--noexport_global" in local.stderr, local.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
+    assert "superglobal" in export_entry.DELG_ONLY_FLAGS

@@ -261,7 +261,10 @@ class Bottleneck(keras.layers.Layer):
         ceil = lambda n: None if n is None else -(-n // self.strides)  # noqa: E731
         return (b, ceil(h), ceil(w), self.width * BOTTLENECK_EXPANSION)
 
-    def call(self, x, training=False):
+    def call(self, x, training=False, activation=tf.nn.relu):
+        """shortcut(x) + F(x), then `activation` (the unit's ReLU; an inference-time
+        replacement such as SuperGlobal's ReLU+, `delg_tf.ops.pooling.relu_plus`).
+        """
         if self.shortcut is not None:
             shortcut = self.shortcut(x, training=training)
         elif self.strides > 1:
@@ -272,7 +275,7 @@ class Bottleneck(keras.layers.Layer):
         y = self.conv_1(x, training=training)
         y = self.conv_2(y, training=training)
         y = self.conv_3(y, training=training)
-        return tf.nn.relu(shortcut + y)
+        return activation(shortcut + y)
 
     def get_config(self):
         config = super().get_config()
@@ -404,8 +407,12 @@ class ResNet(keras.Model):
             },
         }
 
-    def call_to_conv4(self, images, training=False):
-        """Runs conv1..conv4. Returns a dict with "conv1".."conv4" (S = "conv4")."""
+    def call_to_conv4(self, images, training=False, residual_activation=tf.nn.relu):
+        """Runs conv1..conv4. Returns a dict with "conv1".."conv4" (S = "conv4").
+
+        `residual_activation` replaces the ReLU on the residual sums of the conv2_x ..
+        conv4_x units (the stem keeps its ReLU), e.g. SuperGlobal's ReLU+ at inference.
+        """
         outputs = {}
         x = self.stem(images, training=training)
         outputs["conv1"] = x
@@ -414,7 +421,7 @@ class ResNet(keras.Model):
         x = self.pool1(x)
         for name, blocks in zip(STAGE_NAMES[:3], self.stages[:3]):
             for block in blocks:
-                x = block(x, training=training)
+                x = block(x, training=training, activation=residual_activation)
             outputs[name] = x
         if self.conv4_subsample:
             outputs["conv4"] = x[:, ::2, ::2, :]

@@ -139,20 +139,6 @@ def regional_gem_or_identity(d):
     return tf.cond(fits, lambda: pooling.regional_gem(d), lambda: tf.identity(d))
 
 
-def _keras_bottleneck(block, x, activation):
-    """`resnet.Bottleneck.call` (inference) with `activation` on the residual sum."""
-    if block.shortcut is not None:
-        shortcut = block.shortcut(x, training=False)
-    elif block.strides > 1:
-        shortcut = x[:, :: block.strides, :: block.strides, :]
-    else:
-        shortcut = x
-    y = block.conv_1(x, training=False)
-    y = block.conv_2(y, training=False)
-    y = block.conv_3(y, training=False)
-    return activation(shortcut + y)
-
-
 class ReluPlusBackbone:
     """The global-path backbone with ReLU+ (see the module doc): same call API.
 
@@ -177,22 +163,7 @@ class ReluPlusBackbone:
 
     def call_to_conv4(self, images, training=False):
         del training
-        backbone = self.backbone
-        if isinstance(backbone, folded.FoldedResNet):
-            return backbone.call_to_conv4(images, residual_activation=pooling.relu_plus)
-        outputs = {}
-        x = backbone.stem(images, training=False)
-        outputs["conv1"] = x
-        if backbone.pool1_pad is not None:
-            x = backbone.pool1_pad(x)
-        x = backbone.pool1(x)
-        for name, blocks in zip(("conv2", "conv3", "conv4"), backbone.stages):
-            for block in blocks:
-                x = _keras_bottleneck(block, x, pooling.relu_plus)
-            outputs[name] = x
-        if backbone.conv4_subsample:
-            outputs["conv4"] = x[:, ::2, ::2, :]
-        return outputs
+        return self.backbone.call_to_conv4(images, residual_activation=pooling.relu_plus)
 
     def call_conv5(self, s, training=False):
         del training

@@ -105,3 +105,55 @@ def random_image(height, width, seed=0):
     channels = [127.5 + 100.0 * np.sin(xx / (7.0 + 3 * c) + yy / (11.0 + c) + c) for c in range(3)]
     image = np.stack(channels, axis=-1) + rng.normal(0.0, 10.0, (height, width, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def randomize_batch_norm(model, seed):
+    """Non-trivial frozen batch-norm statistics and affine parameters of `model`.
+
+    Fresh BN layers (mean 0, variance 1, gamma 1, beta 0) fold to the identity, which
+    would hide folding or ordering mistakes; this draws moving means and betas from
+    N(0, 0.1), moving variances from U(0.5, 2) and gammas from U(0.5, 1.5).
+
+    Args:
+      model: a built Keras model (e.g. a `delg_tf.models.delg.DelgModel`).
+      seed: numpy seed.
+    """
+    rng = np.random.default_rng(seed)
+    for variable in model.variables:
+        name, shape = variable.path, variable.shape
+        if "moving_mean" in name or name.endswith("beta"):
+            variable.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
+        elif "moving_variance" in name:
+            variable.assign(rng.uniform(0.5, 2.0, shape).astype(np.float32))
+        elif name.endswith("gamma"):
+            variable.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
+
+
+# A small real `DelgModel` (ResNet "tiny" with one unit per stage but two in conv4).
+TINY_DELG_CONFIG = dict(
+    num_classes=3,
+    backbone="tiny",
+    embedding_dim=16,
+    local_dim=8,
+    attention_hidden=8,
+    arcface_scale_init=4.0,
+    backbone_kwargs={"units": (1, 1, 2, 1)},
+)
+
+
+def tiny_delg_model(seed=0, **overrides):
+    """A built `DelgModel` of `TINY_DELG_CONFIG` (with `overrides`), random BN statistics.
+
+    Args:
+      seed: seed of `randomize_batch_norm` (the other weights: Keras initialisers).
+      **overrides: `DelgModelConfig` fields replacing those of `TINY_DELG_CONFIG`.
+
+    Returns:
+      `delg_tf.models.delg.DelgModel`.
+    """
+    from delg_tf.models.delg import DelgModel, DelgModelConfig
+
+    model = DelgModel(DelgModelConfig(**{**TINY_DELG_CONFIG, **overrides}))
+    model.build()
+    randomize_batch_norm(model, seed)
+    return model
