@@ -295,7 +295,8 @@ def test_screen_candidates_against_the_product():
         np.testing.assert_array_equal(got[k][0], ref_q)
         np.testing.assert_array_equal(got[k][1], ref_d)
     # More entries than allowed: None for that image only.
-    few = corr._screen_candidates(query, dbs, np.full((3, 200), -10.0), max_entries=200 * 3)
+    limit = 200 * corr.SCREEN_POOL_WINDOW  # entries are counted by pooled windows
+    few = corr._screen_candidates(query, dbs, np.full((3, 200), -10.0), max_entries=limit)
     assert few[0] is None and few[1] is None and few[2][0].size == 200 * 3
 
 

@@ -63,6 +63,10 @@ BFLOAT16_ROUNDOFF = 2.0**-7
 # Most screen entries (query row, db row) per query row on average, for one image, above
 # which the image takes the float32 product instead (e.g. thresholds near sqrt(2)).
 SCREEN_MAX_ENTRIES_PER_ROW = 16
+# Database rows per max-pool window of the screen (1000 features: 50 windows).
+SCREEN_POOL_WINDOW = 20
+# Byte alignment TensorFlow (Eigen) requires of the buffers it shares with numpy.
+TENSOR_ALIGNMENT = 64
 
 
 class DescriptorMismatchError(ValueError):
@@ -557,44 +561,66 @@ def _bfloat16_product_function():
 
 @functools.cache
 def _bfloat16_screen_function():
-    """TensorFlow graph of the screen: the (image, db row, query row) entries above a cut.
+    """TensorFlow graph of the screen: the (db row, query row) entries above a cut.
 
     One call takes the query [Nq, D] and the database rows of K images concatenated
-    [N, D], both as bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`), the
-    K + 1 row offsets of the images, the cuts as bfloat16 bits [K, Nq] and the most
-    entries an image may return. A while loop takes the images one by one (each
-    [Nd_k, Nq] block stays in cache): one ``[Nd_k, D] @ [D, Nq]`` bfloat16 product
-    (oneDNN), the entries ``>=`` the query row's cut, and their positions if there
-    are at most that many. Returns (int64 [M, 2] stacked db row and query row of the
+    [N, D], both as bfloat16 bit patterns in uint16 (:func:`_bfloat16_bits`; each
+    image padded to a multiple of :data:`SCREEN_POOL_WINDOW` rows by repeating its
+    last row), the K + 1 padded row offsets, the K real row counts, the cuts as
+    bfloat16 bits [K, Nq] and the most entries an image may return. A while loop
+    takes the images one by one (each [Nd_k, Nq] block stays in cache): one
+    ``[Nd_k, D] @ [D, Nq]`` bfloat16 product (oneDNN), a max pool over windows of
+    :data:`SCREEN_POOL_WINDOW` db rows (oneDNN), the windows whose maximum reaches
+    the query row's cut, and in those windows the entries that reach it (real rows
+    only). Returns (int64 [M, 2] db row within its image and query row of the
     entries, int32 [K] entries per image, -1 where there were too many).
     """
     import tensorflow as tf
+
+    window = SCREEN_POOL_WINDOW
 
     @tf.function(
         input_signature=[
             tf.TensorSpec([None, None], tf.uint16),
             tf.TensorSpec([None, None], tf.uint16),
             tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None, None], tf.uint16),
             tf.TensorSpec([], tf.int32),
         ]
     )
-    def screen(query, db, offsets, cuts, max_entries):
+    def screen(query, db, offsets, sizes, cuts, max_entries):
         q = tf.bitcast(query, tf.bfloat16)
         d = tf.bitcast(db, tf.bfloat16)
         cut = tf.bitcast(cuts, tf.bfloat16)
         num_images = tf.size(offsets) - 1
         found = tf.TensorArray(tf.int64, size=num_images, element_shape=[None, 2])
         counts = tf.TensorArray(tf.int32, size=num_images, element_shape=[])
+        steps = tf.range(window, dtype=tf.int64)[None, :]
+
+        def entries(sim, pooled, cut_k, size):
+            hits = tf.where(pooled >= cut_k[None, :])  # [m, 2] (window, query row)
+            db_rows = hits[:, :1] * window + steps  # [m, window]
+            q_rows = tf.broadcast_to(hits[:, 1:], tf.shape(db_rows))
+            pos = tf.stack([db_rows, q_rows], axis=-1)
+            keep = (tf.gather_nd(sim, pos) >= tf.gather(cut_k, q_rows)) & (
+                db_rows < tf.cast(size, tf.int64)
+            )
+            return tf.boolean_mask(pos, keep)
 
         def body(k, found, counts):
             sim = tf.matmul(d[offsets[k] : offsets[k + 1]], q, transpose_b=True)  # [Nd_k, Nq]
-            above = sim >= cut[k][None, :]
-            count = tf.reduce_sum(tf.cast(above, tf.int32))
-            fits = count <= max_entries
-            where = tf.cond(fits, lambda: tf.where(above), lambda: tf.zeros([0, 2], dtype=tf.int64))
-            where += tf.cast(tf.stack([offsets[k], 0]), tf.int64)[None, :]
-            return k + 1, found.write(k, where), counts.write(k, tf.where(fits, count, -1))
+            pooled = tf.nn.max_pool2d(sim[None, None], [1, window], [1, window], "VALID")
+            pooled = pooled[0, 0]  # [Nd_k / window, Nq]
+            num_windows = tf.reduce_sum(tf.cast(pooled >= cut[k][None, :], tf.int32))
+            fits = num_windows * window <= max_entries
+            got = tf.cond(
+                fits,
+                lambda: entries(sim, pooled, cut[k], sizes[k]),
+                lambda: tf.zeros([0, 2], dtype=tf.int64),
+            )
+            count = tf.where(fits, tf.shape(got)[0], -1)
+            return k + 1, found.write(k, got), counts.write(k, count)
 
         _, found, counts = tf.while_loop(lambda k, *_: k < num_images, body, (0, found, counts))
         return found.concat(), counts.stack()
@@ -602,19 +628,41 @@ def _bfloat16_screen_function():
     return screen
 
 
+def _padded_rows(num_rows: int) -> int:
+    """``num_rows`` rounded up to a multiple of :data:`SCREEN_POOL_WINDOW`."""
+    return -(-num_rows // SCREEN_POOL_WINDOW) * SCREEN_POOL_WINDOW
+
+
 def _bfloat16_bits(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """uint16 [N, D] bit patterns of float32 ``x`` [N, D] truncated to bfloat16 (high halves).
 
-    Truncation is within :data:`BFLOAT16_ROUNDOFF` relative of ``x``; it is one strided
-    copy of half the bytes. ``out`` (uint16 [N, D]) receives the result when given.
+    Truncation is within :data:`BFLOAT16_ROUNDOFF` relative of ``x``; it is one pass
+    (a 16-bit shift of the float32 bits). ``out`` (uint16 [N, D]) receives the result
+    when given.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    halves = x.view(np.uint16).reshape(x.shape[0], x.shape[1], 2)
-    high = halves[:, :, 1] if sys.byteorder == "little" else halves[:, :, 0]
     if out is None:
-        return np.ascontiguousarray(high)
-    out[...] = high
+        out = np.empty(x.shape, dtype=np.uint16)
+    np.right_shift(x.view(np.uint32), np.uint32(16), out=out, casting="unsafe")
     return out
+
+
+def _aligned_empty(shape: Tuple[int, int], dtype) -> np.ndarray:
+    """np.empty aligned to :data:`TENSOR_ALIGNMENT` bytes (TensorFlow may alias it)."""
+    itemsize = np.dtype(dtype).itemsize
+    size = int(np.prod(shape)) * itemsize
+    raw = np.empty(size + TENSOR_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % TENSOR_ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _as_tensor(array: np.ndarray):
+    """A TensorFlow tensor sharing ``array``'s memory (DLPack) when aligned, else a copy."""
+    import tensorflow as tf
+
+    if array.ctypes.data % TENSOR_ALIGNMENT == 0 and array.flags.c_contiguous:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    return tf.convert_to_tensor(array)
 
 
 def _bfloat16_floor_bits(x: np.ndarray) -> np.ndarray:
@@ -738,23 +786,33 @@ def _screen_candidates(
     """
     screen = _bfloat16_screen_function()
     nq, dim = q.shape
-    q_bits = _bfloat16_bits(q)
+    # Row offsets are multiples of SCREEN_POOL_WINDOW rows of 2 * dim bytes: every image's
+    # block of the aligned buffers stays aligned when TensorFlow slices it.
+    q_bits = _as_tensor(_bfloat16_bits(q, _aligned_empty((nq, dim), np.uint16)))
     cut_bits = _bfloat16_floor_bits(cuts)
     out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = []
     max_rows = max(1, MAX_DISTANCE_MATRIX_ENTRIES // dim)
     start = 0
     while start < len(dbs):
-        stop, rows = start + 1, dbs[start].shape[0]
-        while stop < len(dbs) and rows + dbs[stop].shape[0] <= max_rows:
-            rows += dbs[stop].shape[0]
+        stop, rows = start + 1, _padded_rows(dbs[start].shape[0])
+        while stop < len(dbs) and rows + _padded_rows(dbs[stop].shape[0]) <= max_rows:
+            rows += _padded_rows(dbs[stop].shape[0])
             stop += 1
+        sizes = np.array([db.shape[0] for db in dbs[start:stop]], dtype=np.int32)
         offsets = np.zeros(stop - start + 1, dtype=np.int32)
-        offsets[1:] = np.cumsum([db.shape[0] for db in dbs[start:stop]])
-        stacked = np.empty((rows, dim), dtype=np.uint16)
+        offsets[1:] = np.cumsum([_padded_rows(n) for n in sizes])
+        stacked = _aligned_empty((rows, dim), np.uint16)
         for k, db in enumerate(dbs[start:stop]):
-            _bfloat16_bits(db, stacked[offsets[k] : offsets[k + 1]])
+            last = offsets[k] + sizes[k]
+            _bfloat16_bits(db, stacked[offsets[k] : last])
+            stacked[last : offsets[k + 1]] = stacked[last - 1]
         found, counts = screen(
-            q_bits, stacked, offsets, cut_bits[start:stop], np.int32(max_entries)
+            q_bits,
+            _as_tensor(stacked),
+            offsets,
+            sizes,
+            cut_bits[start:stop],
+            np.int32(max_entries),
         )
         found, counts = found.numpy(), counts.numpy()
         first = 0
@@ -764,7 +822,7 @@ def _screen_candidates(
                 continue
             block = found[first : first + counts[k]]
             first += counts[k]
-            q_rows, d_rows = block[:, 1], block[:, 0] - offsets[k]
+            q_rows, d_rows = block[:, 1], block[:, 0]
             order = np.lexsort((d_rows, q_rows))
             out.append((q_rows[order], d_rows[order]))
         start = stop

@@ -41,9 +41,11 @@ from delg_tf.matching.pair import (
 
 DEFAULT_SHORTLIST_SIZE = 100  # paper Sec. 4.1.
 DEFAULT_NUM_WORKERS = 2
-# Pool tasks per worker in count_inliers (groups of shortlist images): several, so that
-# slow pairs (many putative matches) balance out across workers.
-TASKS_PER_WORKER = 4
+# Pool tasks per worker in count_inliers (groups of shortlist images). One: each task's
+# bfloat16 screen is one TensorFlow call with a fixed cost, and fewer, larger calls won over
+# the balance of several smaller groups (top-100 of bench/rerank.py on 2 cores: 87 ms per
+# query with 1 task per worker, 103 ms with 4, 116 ms with 8).
+TASKS_PER_WORKER = 1
 
 
 def rerank_order(num_inliers: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
