@@ -31,7 +31,7 @@ average (the machine may be shared: timings are noisy). Usage:
     python bench/rerank.py            # top-100, ~1 min on 2 CPU cores
     python bench/rerank.py --quick    # top-25, a few seconds
     python bench/rerank.py --ransac_seeds=0,1,2   # the baseline's RANSAC with 3 seeds
-    python bench/rerank.py --no_baseline   # delg_tf rows only (the baseline takes ~30-50 s)
+    python bench/rerank.py --no_baseline   # delg_tf rows only (the baseline: tens of s)
 
 ``--data_seed`` generates the features; ``--ransac_seeds`` seed skimage's RANSAC in the
 baseline (the first one for the table, every one for the per-positive lines, which rerun
