@@ -443,7 +443,7 @@ def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch):
 
         return lambda: product
 
-    probe = corr.bfloat16_screen_error.__wrapped__
+    probe = corr._bfloat16_screen_probe.__wrapped__
     monkeypatch.setattr(corr, "_child_probe_error", lambda: None)
     monkeypatch.setattr(corr, "_bfloat16_product_function", fake(True))
     assert "does not accumulate in float32" in probe()

@@ -40,6 +40,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -725,8 +726,24 @@ _PROBE_DIM = 128
 _PROBE_BIG = 256.0
 
 
-@functools.cache
+# Serialises the first probe (Reranker workers may ask at the same time).
+_PROBE_LOCK = threading.Lock()
+
+
 def bfloat16_screen_error() -> Optional[str]:
+    """None if the bfloat16 screen can run in this process, else the reason.
+
+    See :func:`_bfloat16_screen_probe` (run once per process, under a lock).
+
+    Returns:
+        None, or a one-line reason.
+    """
+    with _PROBE_LOCK:
+        return _bfloat16_screen_probe()
+
+
+@functools.cache
+def _bfloat16_screen_probe() -> Optional[str]:
     """None if the bfloat16 screen can run in this process, else the reason.
 
     Probed once per process: the screen's graphs must run in a child process (a
