@@ -803,8 +803,8 @@ def _screen_candidates(
     """
     screen = _bfloat16_screen_function()
     nq, dim = q.shape
-    # Row offsets are multiples of SCREEN_POOL_WINDOW rows of 2 * dim bytes: every image's
-    # block of the aligned buffers stays aligned when TensorFlow slices it.
+    # The buffers shared with TensorFlow are aligned; it copies the image blocks it slices
+    # out of them where those are not (rows of other widths than 128).
     q_bits = _as_tensor(_bfloat16_bits(q, _aligned_empty((nq, dim), np.uint16)))
     cut_bits = _bfloat16_floor_bits(cuts)
     out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = []
