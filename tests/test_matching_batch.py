@@ -468,3 +468,18 @@ def test_child_probe_under_an_avx2_cap(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     reason = corr._child_probe_error()
     assert reason is None or "ends a child process" in reason
+
+
+def test_screen_runs_by_default_only_where_it_pays_off():
+    """The default rule: large float products (the paper's 1000 x 1000 x 128) are
+    screened, small or low-dimensional ones (the demo's ~200 x 32) are not."""
+    assert corr.screen_pays_off((1000, 128), [1000] * 100)
+    assert not corr.screen_pays_off((200, 32), [197] * 100)
+    assert not corr.screen_pays_off((1000, 32), [1000] * 100)  # dimension too low
+    assert not corr.screen_pays_off((300, 128), [300] * 100)
+    assert not corr.screen_pays_off((1000, 128), [])
+    rng = np.random.default_rng(3)
+    small = rng.normal(size=(50, 32)).astype(np.float32)
+    stats = corr.BatchMatchStats()
+    corr.find_putative_matches_batch(small, [small, small], stats=stats)
+    assert stats.unscreened_pairs == 2  # not screened by default

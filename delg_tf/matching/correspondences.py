@@ -68,6 +68,13 @@ SCREEN_MAX_ENTRIES_PER_ROW = 16
 SCREEN_POOL_WINDOW = 20
 # Byte alignment TensorFlow (Eigen) requires of the buffers it shares with numpy.
 TENSOR_ALIGNMENT = 64
+# When the screen runs by default (screen=None): descriptors of at least this dimension
+# and on average at least this many float32 multiply-adds (query rows x database rows x
+# dimension) per image. Below, the float32 product alone is faster on this package's CPUs
+# (the screen's fixed cost per call dominates; at 32 dimensions its error bound leaves
+# too many pairs to recompute); the matches are the same either way.
+SCREEN_MIN_DIM = 64
+SCREEN_MIN_MULTIPLY_ADDS_PER_IMAGE = 20_000_000
 
 
 class DescriptorMismatchError(ValueError):
@@ -1040,8 +1047,9 @@ def find_putative_matches_batch(
         threshold, mutual, ratio, binary: as in :func:`find_putative_matches`.
         stats: optional counters, incremented (pairs, per-pair fallbacks, screen rows).
         screen: use the bfloat16 screen where it applies (float descriptors, a
-            threshold, no ratio test): None = if :func:`bfloat16_screen_error` is None;
-            False = never; True = as None, but raise if that probe fails.
+            threshold, no ratio test): None = where it pays off
+            (:func:`screen_pays_off`) and :func:`bfloat16_screen_error` is None;
+            False = never; True = always where it applies, raise if that probe fails.
 
     Returns:
         One (query_idx, db_idx) pair of int64 arrays per database image.
@@ -1077,7 +1085,8 @@ def find_putative_matches_batch(
     q_aug[:, -1] = 1.0
     workspace = [np.empty(0, dtype=np.float32)]
     screened = {}
-    if screen is not False:
+    worth_it = screen or screen_pays_off(q.shape, [pairs[k][1].shape[0] for k in todo])
+    if screen is not False and worth_it:
         reason = bfloat16_screen_error()
         if reason is not None and screen:
             raise RuntimeError(
@@ -1105,6 +1114,28 @@ def find_putative_matches_batch(
             )
         results[k] = got
     return results
+
+
+def screen_pays_off(query_shape: Tuple[int, int], db_rows: Sequence[int]) -> bool:
+    """True if the bfloat16 screen is expected to be faster than the float32 product.
+
+    The default rule of ``find_putative_matches_batch(screen=None)``: dimension
+    >= :data:`SCREEN_MIN_DIM` and on average >= :data:`SCREEN_MIN_MULTIPLY_ADDS_PER_IMAGE`
+    multiply-adds per image (e.g. the paper's 1000 x 1000 x 128 descriptors; not 200
+    features of 32 dimensions). Only speed depends on it, never the matches.
+
+    Args:
+        query_shape: (query rows, dimension).
+        db_rows: database rows of each image.
+
+    Returns:
+        bool.
+    """
+    rows, dim = int(query_shape[0]), int(query_shape[1])
+    if dim < SCREEN_MIN_DIM or not db_rows:
+        return False
+    mean_rows = float(np.mean(db_rows))
+    return rows * mean_rows * dim >= SCREEN_MIN_MULTIPLY_ADDS_PER_IMAGE
 
 
 def find_putative_matches_kdtree(

@@ -97,8 +97,10 @@ class Reranker:
         num_workers: threads (1 = run in the calling thread).
         screen: the bfloat16 screen of
             :func:`~delg_tf.matching.correspondences.find_putative_matches_batch`
-            (None: where it can run, the default; False: float32 only; True: raise
-            where it cannot run). The inlier counts do not depend on it.
+            (None: where it can run and pays off, the default, see
+            :func:`~delg_tf.matching.correspondences.screen_pays_off`; False: float32
+            only; True: always, raise where it cannot run). The inlier counts do not
+            depend on it.
     """
 
     def __init__(
