@@ -1,5 +1,9 @@
 """find_putative_matches_batch against its oracle, the per-pair find_putative_matches."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -8,6 +12,11 @@ from delg_tf.matching import correspondences as corr
 from delg_tf.matching import synthetic as syn
 
 DIM = 32
+# One bfloat16 matmul through TensorFlow / oneDNN (aborts where oneDNN has none).
+BFLOAT16_MATMUL = (
+    "import tensorflow as tf; x = tf.ones([64, 128], tf.bfloat16); "
+    "print(float(tf.reduce_sum(tf.matmul(x, x, transpose_b=True))))"
+)
 # (threshold, mutual, ratio): the paper's threshold, mutual, ratio test, both, plain NN,
 # and thresholds that keep or drop almost everything.
 MODES = [
@@ -195,15 +204,61 @@ SCREEN_MODES = [m for m in MODES if m[0] is not None and m[2] is None]
 SCREEN_MODES_KEYS = {(t, r) for t, _, r in SCREEN_MODES}
 
 
-def _screen_or_skip():
-    reason = corr.bfloat16_screen_error()
-    if reason is not None:
-        pytest.skip(f"bfloat16 screen unavailable: {reason}")
+class _Result:
+    """What the TensorFlow graphs return: `.numpy()` gives the array."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def numpy(self):
+        return self.value
+
+
+def _numpy_bfloat16_product(query_bits, db_bits):
+    """Model of `corr._bfloat16_product_function()`: bfloat16 inputs (bit patterns),
+    products summed in float64 (at least as exact as oneDNN's float32 accumulation),
+    the [Nd, Nq] result rounded to nearest bfloat16."""
+    q, d = _from_bits(np.asarray(query_bits)), _from_bits(np.asarray(db_bits))
+    return _Result(_bf16_round((d.astype(np.float64) @ q.T.astype(np.float64)).astype(np.float32)))
+
+
+def _numpy_bfloat16_screen(query, db, offsets, sizes, cuts, max_entries):
+    """Model of `corr._bfloat16_screen_function()` (its docstring is the contract): per
+    image the (db row, query row) entries whose bfloat16 product reaches the query row's
+    cut, real rows only; -1 where the windows of `SCREEN_POOL_WINDOW` rows whose maximum
+    reaches the cut hold more than `max_entries` entries."""
+    window = corr.SCREEN_POOL_WINDOW
+    cut_values = _from_bits(np.asarray(cuts))
+    found, counts = [], []
+    for k in range(len(offsets) - 1):
+        block = np.asarray(db)[offsets[k] : offsets[k + 1]]
+        sim = _numpy_bfloat16_product(query, block).numpy()  # [padded rows, Nq]
+        pooled = sim.reshape(-1, window, sim.shape[1]).max(axis=1)
+        if np.sum(pooled >= cut_values[k][None, :]) * window > max_entries:
+            found.append(np.zeros((0, 2), np.int64))
+            counts.append(-1)
+            continue
+        d_rows, q_rows = np.nonzero(sim[: sizes[k]] >= cut_values[k][None, :])
+        found.append(np.stack([d_rows, q_rows], axis=1).astype(np.int64))
+        counts.append(len(d_rows))
+    return _Result(np.concatenate(found)), _Result(np.asarray(counts, np.int32))
+
+
+@pytest.fixture
+def bfloat16_kernels(monkeypatch):
+    """The screen's kernels: TensorFlow's where they run; elsewhere (no bfloat16 matmul in
+    oneDNN, e.g. ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU) the numpy models above, so
+    the screen's bound, certification and fallbacks are tested on every CPU."""
+    if corr.bfloat16_screen_error() is None:
+        return "tensorflow"
+    monkeypatch.setattr(corr, "_bfloat16_product_function", lambda: _numpy_bfloat16_product)
+    monkeypatch.setattr(corr, "_bfloat16_screen_function", lambda: _numpy_bfloat16_screen)
+    monkeypatch.setattr(corr, "bfloat16_screen_error", lambda: None)
+    return "numpy"
 
 
 @pytest.mark.parametrize("threshold,mutual,ratio", MODES)
-def test_screened_float_equals_per_pair(float_data, threshold, mutual, ratio):
-    _screen_or_skip()
+def test_screened_float_equals_per_pair(float_data, threshold, mutual, ratio, bfloat16_kernels):
     query, dbs = float_data
     kwargs = dict(threshold=threshold, mutual=mutual, ratio=ratio)
     stats = corr.BatchMatchStats()
@@ -241,8 +296,7 @@ def test_bfloat16_bits_truncate():
     assert np.all(np.abs(_from_bits(corr._bfloat16_bits(y)) - y) <= 2**-7 * np.abs(y))
 
 
-def test_bfloat16_product_within_the_bound():
-    _screen_or_skip()
+def test_bfloat16_product_within_the_bound(bfloat16_kernels):
     rng = np.random.default_rng(7)
     query = syn.random_unit(rng, 300, 128)
     query[:20] *= rng.uniform(1e-3, 30.0, size=(20, 1)).astype(np.float32)
@@ -280,8 +334,7 @@ def test_bfloat16_floor_bits():
     assert np.all(_from_bits(up.astype(np.uint16)).astype(np.float64) > x)
 
 
-def test_screen_candidates_against_the_product():
-    _screen_or_skip()
+def test_screen_candidates_against_the_product(bfloat16_kernels):
     rng = np.random.default_rng(13)
     query = syn.random_unit(rng, 200, 128)
     dbs = [syn.perturb_descriptors(rng, query[:50]), syn.random_unit(rng, 300, 128), query[:3]]
@@ -300,10 +353,9 @@ def test_screen_candidates_against_the_product():
     assert few[0] is None and few[1] is None and few[2][0].size == 200 * 3
 
 
-def test_screen_at_and_near_the_threshold():
+def test_screen_at_and_near_the_threshold(bfloat16_kernels):
     # Nearest neighbours at squared distance 1 - eps: the screen must leave rows within
     # its bound open and the result must be the per-pair one, closed rows included.
-    _screen_or_skip()
     rng = np.random.default_rng(8)
     query = syn.random_unit(rng, 400, 128)
     offsets = syn.random_unit(rng, 400, 128)
@@ -328,8 +380,7 @@ def test_screen_at_and_near_the_threshold():
     assert stats.open_rows < 10
 
 
-def test_screen_duplicates_ties_and_sizes():
-    _screen_or_skip()
+def test_screen_duplicates_ties_and_sizes(bfloat16_kernels):
     rng = np.random.default_rng(9)
     query = syn.random_unit(rng, 120, 128)
     query[100:120] = query[0:20]  # duplicated query rows: reverse (mutual) ties
@@ -349,8 +400,7 @@ def test_screen_duplicates_ties_and_sizes():
         _assert_same(got, query, dbs, **kwargs)
 
 
-def test_screen_groups_and_large_thresholds(float_data, monkeypatch):
-    _screen_or_skip()
+def test_screen_groups_and_large_thresholds(float_data, monkeypatch, bfloat16_kernels):
     query, dbs = float_data
     for threshold in (1.0, 1.5, 2.0, 5.0):  # cutoffs at and below zero similarity
         _assert_same(
@@ -367,8 +417,7 @@ def test_screen_groups_and_large_thresholds(float_data, monkeypatch):
         _assert_same(got, query, dbs, **kwargs)
 
 
-def test_screen_on_synthetic_shortlist_closes_most_rows():
-    _screen_or_skip()
+def test_screen_on_synthetic_shortlist_closes_most_rows(bfloat16_kernels):
     rng = np.random.default_rng(10)
     query, pairs, _ = syn.make_shortlist(rng, 12, 2, num_features=1000)
     dbs = [p.features.descriptors for p in pairs]
@@ -386,8 +435,7 @@ def test_screen_on_synthetic_shortlist_closes_most_rows():
         assert stats.open_rows <= near < 0.5 * stats.screened_rows
 
 
-def test_screen_dtypes_scales_and_nan():
-    _screen_or_skip()
+def test_screen_dtypes_scales_and_nan(bfloat16_kernels):
     rng = np.random.default_rng(11)
     query = syn.random_unit(rng, 30, 128)
     dbs = [syn.perturb_descriptors(rng, query[:20]), syn.random_unit(rng, 10, 128)]
@@ -420,36 +468,22 @@ def test_screen_required_but_unavailable(monkeypatch):
     assert stats.screened_pairs == 0
 
 
-def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch):
+def test_screen_probe_rejects_a_bfloat16_accumulation(monkeypatch, bfloat16_kernels):
     # A kernel keeping its running sum in bfloat16 breaks the bound's premise: the probe
     # must refuse it (and accept the numpy float64-accumulation oracle).
-    def fake(accumulate_in_bfloat16):
-        class Out:
-            def __init__(self, value):
-                self.value = value
-
-            def numpy(self):
-                return self.value
-
-        def product(query, db):
-            q, d = _from_bits(query), _from_bits(db)
-            if accumulate_in_bfloat16:
-                acc = np.zeros((d.shape[0], q.shape[0]), np.float32)
-                for c in range(q.shape[1]):
-                    acc = _bf16_round(acc + d[:, c : c + 1] * q[:, c][None, :])
-            else:
-                acc = (d.astype(np.float64) @ q.T.astype(np.float64)).astype(np.float32)
-            return Out(_bf16_round(acc))
-
-        return lambda: product
+    def bfloat16_accumulation(query, db):
+        q, d = _from_bits(query), _from_bits(db)
+        acc = np.zeros((d.shape[0], q.shape[0]), np.float32)
+        for c in range(q.shape[1]):
+            acc = _bf16_round(acc + d[:, c : c + 1] * q[:, c][None, :])
+        return _Result(_bf16_round(acc))
 
     probe = corr._bfloat16_screen_probe.__wrapped__
     monkeypatch.setattr(corr, "_child_probe_error", lambda: None)
-    monkeypatch.setattr(corr, "_bfloat16_product_function", fake(True))
+    monkeypatch.setattr(corr, "_bfloat16_product_function", lambda: bfloat16_accumulation)
     assert "does not accumulate in float32" in probe()
-    monkeypatch.setattr(corr, "_bfloat16_product_function", fake(False))
-    if corr.bfloat16_screen_error() is None:  # the probe also runs the screen's graph
-        assert probe() is None
+    monkeypatch.setattr(corr, "_bfloat16_product_function", lambda: _numpy_bfloat16_product)
+    assert probe() is None  # it also runs the screen's graph (bfloat16_kernels)
 
 
 def test_child_probe_reports_an_aborting_kernel(monkeypatch):
@@ -464,10 +498,21 @@ def test_child_probe_reports_an_aborting_kernel(monkeypatch):
 
 def test_child_probe_under_an_avx2_cap(monkeypatch):
     # An AVX-512 CPU capped at AVX2 has no oneDNN bfloat16 matmul (the child aborts); an
-    # AVX2-only CPU may run it emulated. Either way the parent survives and gets a verdict.
+    # AVX2-only CPU may run it emulated. The parent survives, and its verdict is that of
+    # an independent child running one bfloat16 matmul in the same environment.
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     reason = corr._child_probe_error()
-    assert reason is None or "ends a child process" in reason
+    matmul = subprocess.run(
+        [sys.executable, "-c", BFLOAT16_MATMUL],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=corr.CHILD_PROBE_TIMEOUT,
+    )
+    if matmul.returncode == 0:
+        assert reason is None, reason
+    else:
+        assert reason is not None and "ends a child process" in reason, reason
 
 
 def test_screen_runs_by_default_only_where_it_pays_off():
