@@ -252,6 +252,21 @@ def split_holdout(split, fraction: float, seed: int):
     return part(~held, ""), (part(held, "-validation") if held.any() else None)
 
 
+def _metric_training_dataset(split, config: TrainConfig, seed: int):
+    """The shuffled, augmented, repeated Glocal training batches of a metric split."""
+    from delg_tf.data import cub
+
+    return cub.make_metric_dataset(
+        split,
+        config.batch_size,
+        training=True,
+        seed=seed,
+        image_size=config.image_size,
+        resize_size=metric_resize_size(config.image_size),
+        drop_remainder=True,
+    )
+
+
 def _embedded_metric_datasets(config: TrainConfig, seed: int) -> TrainData:
     """Glocal on the embedded dataset: training landmarks only (metric-learning split)."""
     from delg_tf.data import cub
@@ -259,16 +274,7 @@ def _embedded_metric_datasets(config: TrainConfig, seed: int) -> TrainData:
     paths = embedded_metric_paths(config.resolved_data_dir, config.embedded_preset)
     split = cub.embedded_metric_split(paths, "train")
     train_split, validation_split = split_holdout(split, VALIDATION_FRACTION, EMBEDDED_SPLIT_SEED)
-    resize_size = metric_resize_size(config.image_size)
-    train = cub.make_metric_dataset(
-        train_split,
-        config.batch_size,
-        training=True,
-        seed=seed,
-        image_size=config.image_size,
-        resize_size=resize_size,
-        drop_remainder=True,
-    )
+    train = _metric_training_dataset(train_split, config, seed)
     validation = None
     if validation_split is not None and config.validation_interval > 0:
         validation = cub.make_metric_dataset(
@@ -276,7 +282,7 @@ def _embedded_metric_datasets(config: TrainConfig, seed: int) -> TrainData:
             config.batch_size,
             training=False,
             image_size=config.image_size,
-            resize_size=resize_size,
+            resize_size=metric_resize_size(config.image_size),
             repeat=False,
             drop_remainder=False,
         )
@@ -314,16 +320,7 @@ def _cub_datasets(config: TrainConfig, seed: int) -> TrainData:
     from delg_tf.data import cub
 
     split = cub.load_cub(config.data_dir, "train", flag="data_dir")
-    resize_size = metric_resize_size(config.image_size)
-    train = cub.make_metric_dataset(
-        split,
-        config.batch_size,
-        training=True,
-        seed=seed,
-        image_size=config.image_size,
-        resize_size=resize_size,
-        drop_remainder=True,
-    )
+    train = _metric_training_dataset(split, config, seed)
     return TrainData(
         train=train,
         validation=None,
