@@ -13,7 +13,7 @@ from delg_tf.evaluation.recall_at_k import recall_at_k
 from delg_tf.models.glocal import GlocalModelConfig
 from delg_tf.training import data as training_data
 from delg_tf.training import trainer
-from delg_tf.training.config import TrainConfig
+from training_helpers import short_embedded_run
 
 IMAGE_SIZE = 64
 STEPS = 150
@@ -27,25 +27,14 @@ def _recall_at_1(model, dataset):
 
 
 def test_training_on_embedded_landmarks_raises_recall_at_1(tmp_path):
-    config = TrainConfig(
-        logdir=str(tmp_path / "run"),
-        model_family="glocal",
-        data_source="embedded",
+    config = short_embedded_run(
+        tmp_path / "run",
+        tmp_path / "data",
+        STEPS,
         embedded_preset=PRESET,
-        data_dir=str(tmp_path / "data"),
         batch_size=BATCH_SIZE,
         image_size=IMAGE_SIZE,
-        optimizer="adamw",
-        initial_lr=1e-3,
-        weight_decay=1e-4,
-        lr_schedule="constant",
-        max_iters=STEPS,
-        checkpoint_interval=STEPS,
-        summary_interval=STEPS,
-        log_interval=STEPS,
-        validation_interval=0,
-        seed=0,
-    ).validate()
+    )
     trainer.train(config, GlocalModelConfig(backbone="tiny", aux_epochs=1))
 
     paths = training_data.embedded_metric_paths(config.data_dir, PRESET)

@@ -22,8 +22,8 @@ from delg_tf.evaluation.recall_at_k import RECALL_KS, recall_at_k
 from delg_tf.models.glocal import GlocalModelConfig
 from delg_tf.training import data as training_data
 from delg_tf.training import trainer
-from delg_tf.training.config import TrainConfig
 from no_delg_tf import BLOCK_DELG_TF_IMPORTS
+from training_helpers import short_embedded_run
 
 IMAGE_SIZE = 64
 STEPS = 2
@@ -47,27 +47,15 @@ _RELOAD_SCRIPT = BLOCK_DELG_TF_IMPORTS + textwrap.dedent("""
 
 def _config(tmp, family="glocal", **overrides):
     values = dict(
-        logdir=str(tmp / f"{family}_run"),
         model_family=family,
-        data_source="embedded",
         embedded_preset=PRESET,
-        data_dir=str(tmp / "data"),
         batch_size=BATCH_SIZE,
         image_size=IMAGE_SIZE,
-        optimizer="adamw",
-        initial_lr=1e-3,
-        weight_decay=1e-4,
-        lr_schedule="constant",
-        max_iters=STEPS,
-        checkpoint_interval=STEPS,
-        summary_interval=STEPS,
-        log_interval=STEPS,
         validation_interval=STEPS,
         validation_steps=1,
-        seed=0,
     )
     values.update(overrides)
-    return TrainConfig(**values).validate()
+    return short_embedded_run(tmp / f"{family}_run", tmp / "data", STEPS, **values)
 
 
 @pytest.fixture(scope="module")

@@ -5,32 +5,21 @@ import numpy as np
 from delg_tf.evaluation.glocal import load_glocal_run
 from delg_tf.models.glocal import GlocalModelConfig
 from delg_tf.training import trainer
-from delg_tf.training.config import TrainConfig
+from training_helpers import short_embedded_run
 
 IMAGE_SIZE = 64
 STEPS = 4
 
 
 def test_trainer_runs_glocal_and_run_restores(tmp_path):
-    config = TrainConfig(
-        logdir=str(tmp_path / "run"),
-        model_family="glocal",
-        data_source="embedded",
+    config = short_embedded_run(
+        tmp_path / "run",
+        tmp_path / "data",
+        STEPS,
         embedded_preset="tiny",
-        data_dir=str(tmp_path / "data"),
         batch_size=8,
         image_size=IMAGE_SIZE,
-        optimizer="adamw",
-        initial_lr=1e-3,
-        weight_decay=1e-4,
-        lr_schedule="constant",
-        max_iters=STEPS,
-        checkpoint_interval=STEPS,
-        summary_interval=STEPS,
-        log_interval=STEPS,
-        validation_interval=0,
-        seed=0,
-    ).validate()
+    )
     model_config = GlocalModelConfig(
         num_classes=1, backbone="tiny", local_dim=16, embedding_dim=8, aux_epochs=1
     )

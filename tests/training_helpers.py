@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from delg_tf.training.config import TrainConfig
 from delg_tf.training.data import TrainData
 
 STANDIN_CLASSES = 3
@@ -165,3 +166,30 @@ def read_scalars(event_dir):
                 number = float(tf.make_ndarray(value.tensor))
                 scalars.setdefault(value.tag, []).append((event.step, number))
     return scalars
+
+
+def short_embedded_run(logdir, data_dir, steps, **overrides):
+    """The validated `TrainConfig` of a short Glocal run on the embedded data.
+
+    AdamW at a constant 1e-3 (weight decay 1e-4), `steps` iterations with one
+    checkpoint, summary and log at the end, no validation, seed 0; `overrides`
+    replace any field (e.g. `embedded_preset`, `batch_size`, `image_size`).
+    """
+    values = dict(
+        logdir=str(logdir),
+        model_family="glocal",
+        data_source="embedded",
+        data_dir=str(data_dir),
+        optimizer="adamw",
+        initial_lr=1e-3,
+        weight_decay=1e-4,
+        lr_schedule="constant",
+        max_iters=steps,
+        checkpoint_interval=steps,
+        summary_interval=steps,
+        log_interval=steps,
+        validation_interval=0,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values).validate()
