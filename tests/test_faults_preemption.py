@@ -67,6 +67,18 @@ def _env():
     return env
 
 
+def _run(module, args):
+    """`python -m module args` to the end, in the repository, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
 def _start(module, args, log):
     with open(log, "w") as out:
         return subprocess.Popen(
@@ -102,21 +114,7 @@ def _tensors(prefix):
 
 def test_sigterm_during_training_checkpoints_the_step_and_the_rerun_matches(tmp_path):
     data = f"--data_dir={tmp_path / 'data'}"
-    clean = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "delg_tf.train",
-            *TRAIN_FLAGS,
-            data,
-            f"--logdir={tmp_path / 'clean'}",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    clean = _run("delg_tf.train", [*TRAIN_FLAGS, data, f"--logdir={tmp_path / 'clean'}"])
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     logdir, log = tmp_path / "stopped", tmp_path / "stopped.log"
@@ -148,14 +146,7 @@ def test_sigterm_during_training_checkpoints_the_step_and_the_rerun_matches(tmp_
     assert checkpoint_step(tf.train.latest_checkpoint(str(logdir))) == stopped_at
     print(f"stopped at step {stopped_at} (SIGTERM after the line of step {STOP_AFTER_STEP})")
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "delg_tf.train", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    resumed = _run("delg_tf.train", args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint {logdir}/ckpt-{stopped_at} at step {stopped_at}" in (
         resumed.stderr
@@ -238,14 +229,7 @@ def test_sigterm_during_extract_flushes_a_part_and_the_rerun_gives_the_same_stor
         f"--flush_every={FLUSH_EVERY}",
         "--noprogress",
     ]
-    clean = subprocess.run(
-        [sys.executable, "-m", "delg_tf.extract", *common, f"--output_dir={tmp_path / 'clean'}"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    clean = _run("delg_tf.extract", [*common, f"--output_dir={tmp_path / 'clean'}"])
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     out, log = tmp_path / "stopped", tmp_path / "extract.log"
@@ -281,14 +265,7 @@ def test_sigterm_during_extract_flushes_a_part_and_the_rerun_gives_the_same_stor
     assert len(flushed.names) == done
     flushed.arrays()
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "delg_tf.extract", *common, f"--output_dir={out}"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    resumed = _run("delg_tf.extract", [*common, f"--output_dir={out}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{done} already done" in resumed.stdout
     _assert_same_store(tmp_path / "clean" / "features.h5", out / "features.h5")
